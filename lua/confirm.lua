@@ -1,0 +1,65 @@
+-- confirm.lua: turn a live hold into a sale, or record the payment as a compensation.
+--
+-- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
+-- KEYS[4] fg:{sku}:outbox KEYS[5] fg:{sku}:r:<rid>
+-- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref   ARGV[4] id for a new compensation
+--
+-- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
+--   {'confirmed', view...}                      first confirm, or the same payment_ref again
+--   {'already_confirmed', compensation_id, view...}      confirmed with another payment_ref
+--   {'reservation_expired', compensation_id, view...}    deadline passed (swept or not)
+--   {'reservation_cancelled', compensation_id, view...}
+--   {'not_found'}
+--
+-- Invariants: a reservation is confirmed at most once; the confirmation and its outbox
+-- event are written in one step; every refused payment yields exactly one
+-- compensation per (reservation, payment_ref), however often it is retried.
+local meta, used, deadlines, outbox, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local rid, sku, payment_ref, new_compensation_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = now_ms()
+
+local r = redis.call('HMGET', rkey, 'status', 'expires_at', 'payment_ref', 'user', 'quantity')
+local status = r[1]
+if not status then
+  return { 'not_found' }
+end
+
+local function refused(code, reason)
+  local compensation_id = compensate(outbox, rkey, rid, sku, payment_ref, reason, new_compensation_id, now)
+  local reply = view(rkey, rid, now)
+  table.insert(reply, 1, compensation_id)
+  table.insert(reply, 1, code)
+  return reply
+end
+
+if status == 'confirmed' then
+  if r[3] == payment_ref then
+    local reply = view(rkey, rid, now)
+    table.insert(reply, 1, 'confirmed')
+    return reply
+  end
+  return refused('already_confirmed', 'duplicate_payment')
+end
+if is_live(status) and now >= tonumber(r[2]) then
+  release(meta, used, deadlines, rkey, rid, 'expired', now)
+  status = 'expired'
+end
+if status == 'expired' then
+  return refused('reservation_expired', 'expired')
+end
+if status == 'cancelled' then
+  return refused('reservation_cancelled', 'cancelled')
+end
+
+-- A live hold within its deadline: the sale.
+local quantity = tonumber(r[5])
+redis.call('HSET', rkey, 'status', 'confirmed', 'payment_ref', payment_ref, 'ended_at', now)
+redis.call('HINCRBY', meta, 'held', -quantity)
+redis.call('HINCRBY', meta, 'sold', quantity)
+redis.call('ZREM', deadlines, rid)
+redis.call('PEXPIRE', rkey, RETENTION_MS)
+redis.call('XADD', outbox, '*', 'type', 'confirmed', 'reservation_id', rid, 'sku', sku,
+  'user_id', r[4], 'quantity', r[5], 'payment_ref', payment_ref, 'at', now)
+local reply = view(rkey, rid, now)
+table.insert(reply, 1, 'confirmed')
+return reply

@@ -1,0 +1,105 @@
+-- lib.lua: the reservation state machine shared by every script.
+-- It is prepended to each script in lua/ at build time (see src/scripts.rs), so
+-- every transition of a hold lives here, in one place, and runs atomically
+-- inside whichever script calls it.
+--
+-- Key layout of one SKU (all share the hash tag {sku}, so one cluster slot):
+--   fg:{sku}:meta        HASH   stock_total available held sold per_user_limit
+--                                hold_ms starts_at ends_at (ms since epoch, '' = none)
+--   fg:{sku}:used        HASH   user id -> held + paying + confirmed quantity
+--   fg:{sku}:deadlines   ZSET   reservation id scored by expires_at (ms): live holds
+--   fg:{sku}:outbox      STREAM confirmed / compensation events for the flush worker
+--   fg:{sku}:r:<rid>     HASH   one reservation: user quantity status expires_at
+--                                created_at payment_ref comp:<payment_ref> -> compensation id
+--   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = idempotency TTL
+--
+-- Invariant kept by every function below: available + held + sold == stock_total
+-- and available >= 0; a live hold (held|paying) is counted in `held`, in `used`
+-- and in `deadlines`, and leaves all three exactly once.
+
+-- Terminal reservations stay readable this long (ms); must exceed the largest
+-- idempotency TTL (src/limits.rs asserts it), so a replay always finds its hold.
+local RETENTION_MS = 8 * 86400 * 1000
+
+-- One clock decides every deadline: the Redis server's.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- 'fg:{sku}:meta' -> 'fg:{sku}:'
+local function sku_prefix(meta_key)
+  return string.sub(meta_key, 1, #meta_key - 4)
+end
+
+local function is_live(status)
+  return status == 'held' or status == 'paying'
+end
+
+-- Ends a live hold as `final_status` ('cancelled' or 'expired') and returns its
+-- units to `available`. Returns false (and changes nothing) when it is not live,
+-- which is what makes a release happen exactly once.
+local function release(meta, used, deadlines, rkey, rid, final_status, now)
+  local r = redis.call('HMGET', rkey, 'status', 'user', 'quantity')
+  if not is_live(r[1]) then
+    return false
+  end
+  local quantity = tonumber(r[3])
+  redis.call('HSET', rkey, 'status', final_status, 'ended_at', now)
+  redis.call('HINCRBY', meta, 'held', -quantity)
+  redis.call('HINCRBY', meta, 'available', quantity)
+  if redis.call('HINCRBY', used, r[2], -quantity) <= 0 then
+    redis.call('HDEL', used, r[2])
+  end
+  redis.call('ZREM', deadlines, rid)
+  redis.call('PEXPIRE', rkey, RETENTION_MS)
+  return true
+end
+
+-- Expires up to `limit` holds whose deadline has passed. Returns how many.
+local function expire_due(meta, used, deadlines, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)
+  local prefix = sku_prefix(meta)
+  local released = 0
+  for _, rid in ipairs(due) do
+    if release(meta, used, deadlines, prefix .. 'r:' .. rid, rid, 'expired', now) then
+      released = released + 1
+    else
+      -- not live (or gone): it must not stay in the index of live holds
+      redis.call('ZREM', deadlines, rid)
+    end
+  end
+  return released
+end
+
+-- The status a caller sees: a live hold past its deadline is expired at once,
+-- even before anything has returned its stock.
+local function effective_status(status, expires_at, now)
+  if is_live(status) and now >= tonumber(expires_at) then
+    return 'expired'
+  end
+  return status
+end
+
+-- Reservation view: {rid, user, quantity, status, expires_at, created_at, payment_ref}
+local function view(rkey, rid, now)
+  local r = redis.call('HMGET', rkey, 'user', 'quantity', 'status', 'expires_at', 'created_at', 'payment_ref')
+  return { rid, r[1], r[2], effective_status(r[3], r[4], now), r[4], r[5], r[6] or '' }
+end
+
+-- Records one compensation per (reservation, payment_ref) and appends its outbox
+-- event in the same step. Returns the compensation id (the existing one on retries).
+local function compensate(outbox, rkey, rid, sku, payment_ref, reason, new_id, now)
+  local field = 'comp:' .. payment_ref
+  local existing = redis.call('HGET', rkey, field)
+  if existing then
+    return existing
+  end
+  local r = redis.call('HMGET', rkey, 'user', 'quantity')
+  redis.call('HSET', rkey, field, new_id)
+  redis.call('XADD', outbox, '*', 'type', 'compensation', 'id', new_id, 'reservation_id', rid,
+    'sku', sku, 'user_id', r[1], 'quantity', r[2], 'payment_ref', payment_ref,
+    'reason', reason, 'at', now)
+  return new_id
+end
+

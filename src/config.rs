@@ -1,0 +1,250 @@
+//! Command line and environment: every flag also reads a `FLASHGATE_*` variable.
+//! Parsing and validation only; nothing here connects to anything.
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use std::time::Duration;
+
+use crate::limits;
+
+#[derive(Debug, Parser)]
+#[command(name = "flashgate", version, about = "Flash-sale reservation gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// HTTP API, plus the background worker unless --no-worker.
+    Serve(ServeArgs),
+    /// Only the worker: sweep expired holds, flush the outbox, reconcile.
+    Worker(WorkerArgs),
+    /// One reconciliation pass, for cron. Exit 0 no drift, 1 drift found, 2 could not run.
+    Reconcile(ReconcileArgs),
+    /// Apply the embedded migrations to FLASHGATE_DATABASE_URL.
+    Migrate(DatabaseArgs),
+    /// Print a user JWT signed with FLASHGATE_JWT_SECRET.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// A redis:// URL, or a comma-separated list of cluster nodes with --redis-cluster.
+    #[arg(
+        long,
+        env = "FLASHGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    #[arg(long, env = "FLASHGATE_REDIS_CLUSTER", default_value = "0",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub redis_cluster: bool,
+    /// Replicas that must acknowledge a confirm or compensation (Redis WAIT) before it is answered.
+    #[arg(long, env = "FLASHGATE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+    #[arg(long, env = "FLASHGATE_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_wait_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    #[arg(
+        long,
+        env = "FLASHGATE_DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/flashgate"
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// How often expired holds are swept (the contract's upper bound on their return).
+    #[arg(long, env = "FLASHGATE_SWEEP_INTERVAL_MS", default_value_t = 1000)]
+    pub sweep_interval_ms: u64,
+    #[arg(
+        long,
+        env = "FLASHGATE_RECONCILE_INTERVAL_SECONDS",
+        default_value_t = 60
+    )]
+    pub reconcile_interval_seconds: u64,
+    #[arg(long, env = "FLASHGATE_RECONCILE_REPAIR", default_value = "1",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub reconcile_repair: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "FLASHGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Run only the HTTP API; run `flashgate worker` elsewhere.
+    #[arg(long, env = "FLASHGATE_NO_WORKER", default_value = "0",
+          value_parser = BoolishValueParser::new(), action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "1")]
+    pub no_worker: bool,
+    #[arg(long, env = "FLASHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    #[arg(long, env = "FLASHGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: String,
+    #[arg(long, env = "FLASHGATE_PAYMENT_GRACE_SECONDS", default_value_t = 300)]
+    pub payment_grace_seconds: u64,
+    #[arg(
+        long,
+        env = "FLASHGATE_IDEMPOTENCY_TTL_SECONDS",
+        default_value_t = 86_400
+    )]
+    pub idempotency_ttl_seconds: u64,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    /// Check only this SKU.
+    #[arg(long)]
+    pub sku: Option<String>,
+    /// Repair what is found (MySQL wins for sales).
+    #[arg(long)]
+    pub repair: bool,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    #[arg(long)]
+    pub sub: String,
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_seconds: u64,
+    #[arg(long, env = "FLASHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+}
+
+/// What the gateway's reservation logic needs, validated.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub payment_grace: Duration,
+    pub idempotency_ttl: Duration,
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
+}
+
+impl GatewaySettings {
+    pub fn from_serve_args(args: &ServeArgs) -> Result<GatewaySettings, String> {
+        if args.payment_grace_seconds == 0 || args.payment_grace_seconds > limits::HOLD_SECONDS_MAX
+        {
+            return Err(format!(
+                "FLASHGATE_PAYMENT_GRACE_SECONDS must be 1..={}",
+                limits::HOLD_SECONDS_MAX
+            ));
+        }
+        if args.idempotency_ttl_seconds == 0
+            || args.idempotency_ttl_seconds > limits::IDEMPOTENCY_TTL_MAX_SECONDS
+        {
+            return Err(format!(
+                "FLASHGATE_IDEMPOTENCY_TTL_SECONDS must be 1..={} (reservations are kept {} s)",
+                limits::IDEMPOTENCY_TTL_MAX_SECONDS,
+                limits::RESERVATION_RETENTION_SECONDS
+            ));
+        }
+        Ok(GatewaySettings {
+            payment_grace: Duration::from_secs(args.payment_grace_seconds),
+            idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
+            wait_replicas: args.redis.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(args.redis.redis_wait_timeout_ms),
+        })
+    }
+}
+
+/// Secrets shorter than this are refused: an HS256 key should be at least 256 bits,
+/// and a short service token can be guessed.
+pub const SECRET_MIN_LEN: usize = 16;
+
+pub fn check_secret(name: &str, value: &str) -> Result<(), String> {
+    if value.len() < SECRET_MIN_LEN {
+        return Err(format!("{name} must be at least {SECRET_MIN_LEN} bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flashgate").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn serve_reads_flags_and_defaults() {
+        let cli = parse(&[
+            "serve",
+            "--jwt-secret",
+            "0123456789abcdef0123",
+            "--service-token",
+            "tok",
+            "--no-worker",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(args.no_worker);
+        assert_eq!(args.payment_grace_seconds, 300);
+        assert_eq!(args.idempotency_ttl_seconds, 86_400);
+        assert!(args.worker.reconcile_repair);
+        let settings = GatewaySettings::from_serve_args(&args).unwrap();
+        assert_eq!(settings.payment_grace, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let cli = parse(&[
+            "serve",
+            "--jwt-secret",
+            "x",
+            "--service-token",
+            "y",
+            "--idempotency-ttl-seconds",
+            "99999999",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(GatewaySettings::from_serve_args(&args).is_err());
+        assert!(check_secret("FLASHGATE_JWT_SECRET", &args.jwt_secret).is_err());
+        assert!(parse(&["serve", "--sweep-interval-ms", "abc"]).is_err());
+        assert!(parse(&["reconcile", "--redis-cluster", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn reconcile_and_token_parse() {
+        let cli = parse(&["reconcile", "--sku", "s1", "--repair"]).unwrap();
+        let Command::Reconcile(args) = cli.command else {
+            panic!("not reconcile")
+        };
+        assert_eq!(args.sku.as_deref(), Some("s1"));
+        assert!(args.repair);
+        let cli = parse(&["token", "--sub", "alice", "--jwt-secret", "s"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Token(t) if t.sub == "alice" && t.ttl_seconds == 3600)
+        );
+    }
+}

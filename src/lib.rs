@@ -1,0 +1,20 @@
+//! flashgate: a flash-sale reservation gateway. Holds are taken atomically by Lua
+//! scripts in Redis (`store`, `lua/`); a worker flushes confirmed sales and
+//! compensations to MySQL (`worker`, `db`) and a reconciler repairs drift (`reconcile`).
+//! See ARCHITECTURE.md for the map.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod gateway;
+pub mod http;
+pub mod ids;
+pub mod keys;
+pub mod limits;
+pub mod reconcile;
+pub mod reservation;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,52 @@
+//! Every bound flashgate enforces, each with the reason it has that value.
+//! Other modules take their numbers from here, never from literals of their own.
+
+use std::time::Duration;
+
+/// SKU ids are part of every Redis key of the SKU and of reservation ids (contract).
+pub const SKU_ID_MAX_LEN: usize = 64;
+/// JWT `sub` is the user id; it is stored in MySQL `VARCHAR(64)` columns (contract).
+pub const USER_ID_MAX_LEN: usize = 64;
+/// `Idempotency-Key` header, 1..=128 visible ASCII (contract).
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 128;
+/// `payment_ref`, 1..=128 visible ASCII (contract); stored in MySQL `VARCHAR(128)`.
+pub const PAYMENT_REF_MAX_LEN: usize = 128;
+/// Largest stock of one SKU: Redis counters are i64 and Lua numbers are doubles,
+/// so stay far below 2^53 where both are exact.
+pub const STOCK_MAX: u64 = 1_000_000_000_000;
+/// Quantity per reservation is a `u32` in the contract.
+pub const QUANTITY_MAX: u64 = u32::MAX as u64;
+/// Hold and grace durations: a day is longer than any checkout.
+pub const HOLD_SECONDS_MAX: u64 = 86_400;
+/// Request bodies are a few small fields; anything larger is hostile.
+pub const REQUEST_BODY_MAX_BYTES: usize = 16 * 1024;
+/// Expired holds the reserve script may give back before answering `sold_out`:
+/// enough to refill a hot SKU, few enough to keep one script call short.
+pub const RESERVE_RECLAIM_BATCH: u32 = 16;
+/// Expired holds one sweep script call returns; the sweeper repeats until none are due.
+/// Bounded so one call never blocks Redis for long.
+pub const SWEEP_BATCH: u32 = 500;
+/// Outbox events written to MySQL in one transaction.
+pub const FLUSH_BATCH: usize = 500;
+/// An outbox event pending this long on a consumer is taken over (XAUTOCLAIM): the
+/// consumer is presumed dead. Far above one batch's flush time.
+pub const FLUSH_CLAIM_IDLE: Duration = Duration::from_secs(30);
+/// Terminal reservations stay in Redis this long (mirrors RETENTION_MS in lua/lib.lua).
+pub const RESERVATION_RETENTION_SECONDS: u64 = 8 * 86_400;
+/// Idempotency keys must not outlive the reservation they point to.
+pub const IDEMPOTENCY_TTL_MAX_SECONDS: u64 = 7 * 86_400;
+/// One Redis round trip slower than this means Redis is in trouble: answer 503.
+pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connecting to Redis.
+pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// MySQL pool: enough for the admin path, the flush worker and reconciliation.
+pub const MYSQL_POOL_MAX: u32 = 16;
+/// Waiting for a MySQL connection longer than this means MySQL is in trouble.
+pub const MYSQL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Compensations listed per page (contract).
+pub const COMPENSATIONS_PAGE_DEFAULT: u32 = 100;
+pub const COMPENSATIONS_PAGE_MAX: u32 = 1000;
+
+const _: () = assert!(IDEMPOTENCY_TTL_MAX_SECONDS < RESERVATION_RETENTION_SECONDS);
+const _: () = assert!(COMPENSATIONS_PAGE_DEFAULT <= COMPENSATIONS_PAGE_MAX);
+const _: () = assert!(STOCK_MAX < (1u64 << 53));

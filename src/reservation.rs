@@ -1,0 +1,204 @@
+//! The words of the contract as types: reservation states, the views callers get,
+//! and the refusals a client can act on (each with its stable code).
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Held,
+    Paying,
+    Confirmed,
+    Cancelled,
+    Expired,
+}
+
+impl Status {
+    pub fn parse(raw: &str) -> Option<Status> {
+        Some(match raw {
+            "held" => Status::Held,
+            "paying" => Status::Paying,
+            "confirmed" => Status::Confirmed,
+            "cancelled" => Status::Cancelled,
+            "expired" => Status::Expired,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Held => "held",
+            Status::Paying => "paying",
+            Status::Confirmed => "confirmed",
+            Status::Cancelled => "cancelled",
+            Status::Expired => "expired",
+        }
+    }
+}
+
+/// One reservation as the scripts report it; times in ms since the epoch (Redis clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub reservation_id: String,
+    pub sku: String,
+    pub user_id: String,
+    pub quantity: u64,
+    pub status: Status,
+    pub expires_at_ms: i64,
+    pub created_at_ms: i64,
+    pub payment_ref: Option<String>,
+}
+
+/// One SKU's definition and counters in Redis; times in ms since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sku {
+    pub sku: String,
+    pub stock_total: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+    pub per_user_limit: u64,
+    pub hold_seconds: u64,
+    pub starts_at_ms: Option<i64>,
+    pub ends_at_ms: Option<i64>,
+}
+
+/// A SKU definition as an operator writes it (`PUT /v1/admin/skus/{sku}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkuDefinition {
+    pub stock_total: u64,
+    pub per_user_limit: u64,
+    pub hold_seconds: u64,
+    pub starts_at_ms: Option<i64>,
+    pub ends_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompensationReason {
+    Expired,
+    Cancelled,
+    DuplicatePayment,
+}
+
+impl CompensationReason {
+    pub fn parse(raw: &str) -> Option<CompensationReason> {
+        Some(match raw {
+            "expired" => CompensationReason::Expired,
+            "cancelled" => CompensationReason::Cancelled,
+            "duplicate_payment" => CompensationReason::DuplicatePayment,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompensationReason::Expired => "expired",
+            CompensationReason::Cancelled => "cancelled",
+            CompensationReason::DuplicatePayment => "duplicate_payment",
+        }
+    }
+}
+
+/// A payment that could not become a sale, as recorded in MySQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compensation {
+    pub id: String,
+    pub reservation_id: String,
+    pub sku: String,
+    pub user_id: String,
+    pub quantity: u64,
+    pub payment_ref: String,
+    pub reason: CompensationReason,
+    pub resolved: bool,
+    pub created_at_ms: i64,
+}
+
+/// Business outcomes a client can act on; each has a stable contract code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotFound,
+    SoldOut,
+    LimitExceeded,
+    NotStarted,
+    Ended,
+    IdempotencyKeyReused,
+    AlreadyConfirmed,
+    PaymentInProgress,
+    ReservationExpired,
+    ReservationCancelled,
+    StockBelowCommitted,
+}
+
+impl Refusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::SoldOut => "sold_out",
+            Refusal::LimitExceeded => "limit_exceeded",
+            Refusal::NotStarted => "not_started",
+            Refusal::Ended => "ended",
+            Refusal::IdempotencyKeyReused => "idempotency_key_reused",
+            Refusal::AlreadyConfirmed => "already_confirmed",
+            Refusal::PaymentInProgress => "payment_in_progress",
+            Refusal::ReservationExpired => "reservation_expired",
+            Refusal::ReservationCancelled => "reservation_cancelled",
+            Refusal::StockBelowCommitted => "stock_below_committed",
+        }
+    }
+
+    /// The refusal a script reply code stands for.
+    pub fn from_code(code: &str) -> Option<Refusal> {
+        Some(match code {
+            "not_found" => Refusal::NotFound,
+            "sold_out" => Refusal::SoldOut,
+            "limit_exceeded" => Refusal::LimitExceeded,
+            "not_started" => Refusal::NotStarted,
+            "ended" => Refusal::Ended,
+            "idempotency_key_reused" => Refusal::IdempotencyKeyReused,
+            "already_confirmed" => Refusal::AlreadyConfirmed,
+            "payment_in_progress" => Refusal::PaymentInProgress,
+            "reservation_expired" => Refusal::ReservationExpired,
+            "reservation_cancelled" => Refusal::ReservationCancelled,
+            "stock_below_committed" => Refusal::StockBelowCommitted,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_codes_round_trip() {
+        let all = [
+            Refusal::NotFound,
+            Refusal::SoldOut,
+            Refusal::LimitExceeded,
+            Refusal::NotStarted,
+            Refusal::Ended,
+            Refusal::IdempotencyKeyReused,
+            Refusal::AlreadyConfirmed,
+            Refusal::PaymentInProgress,
+            Refusal::ReservationExpired,
+            Refusal::ReservationCancelled,
+            Refusal::StockBelowCommitted,
+        ];
+        for refusal in all {
+            assert_eq!(Refusal::from_code(refusal.code()), Some(refusal));
+        }
+        assert_eq!(Refusal::from_code("created"), None);
+    }
+
+    #[test]
+    fn status_and_reason_words_round_trip() {
+        for s in ["held", "paying", "confirmed", "cancelled", "expired"] {
+            assert_eq!(Status::parse(s).unwrap().as_str(), s);
+        }
+        for r in ["expired", "cancelled", "duplicate_payment"] {
+            assert_eq!(CompensationReason::parse(r).unwrap().as_str(), r);
+        }
+        assert_eq!(Status::parse("HELD"), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! Wiring: builds the gateway from settings and runs the HTTP server (and the worker)
+//! until a shutdown signal. Takes an already bound listener, so tests use port 0.
+
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::Authenticator;
+use crate::config::{self, GatewaySettings, ServeArgs};
+use crate::gateway::Gateway;
+use crate::http::{self, AppState};
+use crate::worker::Worker;
+use crate::{db, store, telemetry};
+
+pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
+    config::check_secret("FLASHGATE_JWT_SECRET", &args.jwt_secret).map_err(anyhow::Error::msg)?;
+    config::check_secret("FLASHGATE_SERVICE_TOKEN", &args.service_token)
+        .map_err(anyhow::Error::msg)?;
+    let settings = GatewaySettings::from_serve_args(args).map_err(anyhow::Error::msg)?;
+    let redis = store::connect(&args.redis).await?;
+    let pool = db::connect(&args.database.database_url)?;
+    let gateway = Gateway::new(store::Store::new(redis), pool, settings);
+    Ok(Arc::new(AppState {
+        gateway,
+        auth: Authenticator::new(&args.jwt_secret, &args.service_token),
+        prometheus: telemetry::prometheus(),
+    }))
+}
+
+/// Serves until `shutdown` turns true; the worker (unless `--no-worker`) stops with it
+/// after finishing its current step.
+pub async fn run(
+    listener: TcpListener,
+    args: ServeArgs,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let state = build_state(&args).await?;
+    if let Err(e) = state.gateway.store.load_scripts().await {
+        tracing::warn!(error = %e, "Redis not reachable at start; /readyz answers 503 until it is");
+    }
+    let worker = (!args.no_worker).then(|| {
+        let worker = Worker::new(state.gateway.store.clone(), state.gateway.db.clone());
+        tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
+    });
+    let mut http_shutdown = shutdown.clone();
+    tracing::info!(listen = %listener.local_addr()?, "flashgate serving");
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(async move {
+            let _ = http_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    if let Some(worker) = worker {
+        worker.await?;
+    }
+    Ok(())
+}
+
+/// Turns true on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler installs");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}

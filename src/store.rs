@@ -1,0 +1,613 @@
+//! Redis: the connection (single node or cluster, reconnecting, with timeouts) and one
+//! typed wrapper per script in `lua/`. Raw script replies never leave this module.
+//! Only these scripts change a SKU's stock keys.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use std::sync::LazyLock;
+
+use crate::config::RedisArgs;
+use crate::error::{Error, Result};
+use crate::ids::SkuId;
+use crate::keys::{SkuKeys, FLUSH_GROUP, SKU_INDEX};
+use crate::limits;
+use crate::reservation::{Refusal, Reservation, Sku, SkuDefinition, Status};
+
+/// The shared state machine, prepended to every script.
+const LUA_LIB: &str = include_str!("../lua/lib.lua");
+
+fn script(source: &str) -> Script {
+    Script::new(&format!("{LUA_LIB}\n{source}"))
+}
+
+/// Every script, compiled once; invoked by EVALSHA and reloaded on NOSCRIPT.
+pub struct Scripts {
+    pub reserve: Script,
+    pub confirm: Script,
+    pub cancel: Script,
+    pub payment_pending: Script,
+    pub sweep: Script,
+    pub view: Script,
+    pub load_sku: Script,
+    pub snapshot: Script,
+    pub repair: Script,
+}
+
+pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    reserve: script(include_str!("../lua/reserve.lua")),
+    confirm: script(include_str!("../lua/confirm.lua")),
+    cancel: script(include_str!("../lua/cancel.lua")),
+    payment_pending: script(include_str!("../lua/payment_pending.lua")),
+    sweep: script(include_str!("../lua/sweep.lua")),
+    view: script(include_str!("../lua/view.lua")),
+    load_sku: script(include_str!("../lua/load_sku.lua")),
+    snapshot: script(include_str!("../lua/snapshot.lua")),
+    repair: script(include_str!("../lua/repair.lua")),
+});
+
+/// One multiplexed connection, cloned per request (no pool checkout round trip).
+/// The single-node manager reconnects by itself after a Redis restart; the cluster
+/// connection follows slot moves and failovers.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub async fn connect(args: &RedisArgs) -> Result<RedisConnection> {
+    if args.redis_cluster {
+        let nodes: Vec<&str> = args.redis_url.split(',').map(str::trim).collect();
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .response_timeout(limits::REDIS_RESPONSE_TIMEOUT)
+            .connection_timeout(limits::REDIS_CONNECT_TIMEOUT)
+            .build()?;
+        return Ok(RedisConnection::Cluster(
+            client.get_async_connection().await?,
+        ));
+    }
+    let client = redis::Client::open(args.redis_url.as_str())?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(std::time::Duration::from_millis(500));
+    // Lazy: the gateway starts (and answers /readyz 503) while Redis is still down.
+    Ok(RedisConnection::Single(
+        ConnectionManager::new_lazy_with_config(client, config)?,
+    ))
+}
+
+/// What the reserve script decided.
+#[derive(Debug)]
+pub enum ReserveOutcome {
+    Created(Reservation),
+    Replayed(Reservation),
+}
+
+/// What the confirm script decided.
+#[derive(Debug)]
+pub enum ConfirmOutcome {
+    Confirmed(Reservation),
+    /// The payment cannot become a sale; a compensation with this id exists for it.
+    Refused {
+        refusal: Refusal,
+        compensation_id: String,
+    },
+}
+
+/// One outbox entry as read from the stream.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub stream_id: String,
+    pub fields: StreamId,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: RedisConnection,
+}
+
+impl Store {
+    pub fn new(conn: RedisConnection) -> Store {
+        Store { conn }
+    }
+
+    pub fn connection(&self) -> RedisConnection {
+        self.conn.clone()
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Loads every script (readiness: the first request after a restart needs no reload).
+    pub async fn load_scripts(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let s = &*SCRIPTS;
+        for script in [
+            &s.reserve,
+            &s.confirm,
+            &s.cancel,
+            &s.payment_pending,
+            &s.sweep,
+            &s.view,
+            &s.load_sku,
+            &s.snapshot,
+            &s.repair,
+        ] {
+            script.prepare_invoke().load_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn reserve(
+        &self,
+        sku: &SkuId,
+        user_id: &str,
+        quantity: u64,
+        idempotency_key: &str,
+        reservation_id: &str,
+        idempotency_ttl_ms: u64,
+    ) -> Result<ReserveOutcome> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = SCRIPTS
+            .reserve
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .key(keys.idempotency(user_id, idempotency_key))
+            .key(keys.reservation(reservation_id))
+            .arg(user_id)
+            .arg(quantity)
+            .arg(reservation_id)
+            .arg(idempotency_ttl_ms)
+            .arg(limits::RESERVE_RECLAIM_BATCH)
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("created") => Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?)),
+            Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
+            _ => Err(refusal_of(&reply)),
+        }
+    }
+
+    pub async fn confirm(
+        &self,
+        sku: &SkuId,
+        reservation_id: &str,
+        payment_ref: &str,
+        new_compensation_id: &str,
+    ) -> Result<ConfirmOutcome> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = SCRIPTS
+            .confirm
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .key(&keys.outbox)
+            .key(keys.reservation(reservation_id))
+            .arg(reservation_id)
+            .arg(sku.as_str())
+            .arg(payment_ref)
+            .arg(new_compensation_id)
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("confirmed") => Ok(ConfirmOutcome::Confirmed(parse_view(sku, &reply[1..])?)),
+            Some(
+                code @ ("already_confirmed" | "reservation_expired" | "reservation_cancelled"),
+            ) => Ok(ConfirmOutcome::Refused {
+                refusal: Refusal::from_code(code).expect("listed above"),
+                compensation_id: reply.get(1).cloned().unwrap_or_default(),
+            }),
+            _ => Err(refusal_of(&reply)),
+        }
+    }
+
+    /// `caller_user_id` None is the service.
+    pub async fn cancel(
+        &self,
+        sku: &SkuId,
+        reservation_id: &str,
+        caller_user_id: Option<&str>,
+    ) -> Result<Reservation> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = SCRIPTS
+            .cancel
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .key(keys.reservation(reservation_id))
+            .arg(reservation_id)
+            .arg(caller_user_id.unwrap_or(""))
+            .invoke_async(&mut conn)
+            .await?;
+        ok_view(sku, &reply)
+    }
+
+    pub async fn payment_pending(
+        &self,
+        sku: &SkuId,
+        reservation_id: &str,
+        payment_ref: &str,
+        grace_ms: u64,
+    ) -> Result<Reservation> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = SCRIPTS
+            .payment_pending
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .key(keys.reservation(reservation_id))
+            .arg(reservation_id)
+            .arg(payment_ref)
+            .arg(grace_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        ok_view(sku, &reply)
+    }
+
+    pub async fn reservation(&self, sku: &SkuId, reservation_id: &str) -> Result<Reservation> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = SCRIPTS
+            .view
+            .key(keys.reservation(reservation_id))
+            .arg(reservation_id)
+            .invoke_async(&mut conn)
+            .await?;
+        ok_view(sku, &reply)
+    }
+
+    /// Expires at most one batch of due holds; returns (expired, still due).
+    pub async fn sweep(&self, sku: &SkuId) -> Result<(u64, u64)> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        Ok(SCRIPTS
+            .sweep
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .arg(limits::SWEEP_BATCH)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Creates or redefines the SKU in Redis; `sold_in_mysql` seeds `sold` only when
+    /// Redis has no state for it (first load, or after a data loss).
+    pub async fn load_sku(
+        &self,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+        sold_in_mysql: u64,
+    ) -> Result<Sku> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        // Indexed first: a SKU that exists must never be missed by the sweeper.
+        let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
+        let reply: Vec<String> = SCRIPTS
+            .load_sku
+            .key(&keys.meta)
+            .arg(definition.stock_total)
+            .arg(definition.per_user_limit)
+            .arg(definition.hold_seconds * 1000)
+            .arg(optional_ms(definition.starts_at_ms))
+            .arg(optional_ms(definition.ends_at_ms))
+            .arg(sold_in_mysql)
+            .invoke_async(&mut conn)
+            .await?;
+        if reply.first().map(String::as_str) != Some("ok") {
+            return Err(refusal_of(&reply));
+        }
+        self.ensure_outbox_group(sku).await?;
+        self.sku(sku).await
+    }
+
+    pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&keys.meta)
+            .arg(&[
+                "stock_total",
+                "available",
+                "held",
+                "sold",
+                "per_user_limit",
+                "hold_ms",
+                "starts_at",
+                "ends_at",
+            ])
+            .query_async(&mut conn)
+            .await?;
+        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends)] =
+            <[Option<String>; 8]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
+        else {
+            return Err(Error::Refused(Refusal::NotFound));
+        };
+        Ok(Sku {
+            sku: sku.to_string(),
+            stock_total: number(&stock_total)?,
+            available: number(&available)?,
+            held: number(&held)?,
+            sold: number(&sold)?,
+            per_user_limit: number(&limit)?,
+            hold_seconds: number(&hold_ms)? / 1000,
+            starts_at_ms: parse_optional_ms(&starts)?,
+            ends_at_ms: parse_optional_ms(&ends)?,
+        })
+    }
+
+    pub async fn sku_ids(&self) -> Result<Vec<SkuId>> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn.smembers(SKU_INDEX).await?;
+        Ok(raw.iter().filter_map(|s| SkuId::parse(s)).collect())
+    }
+
+    pub async fn ensure_outbox_group(&self, sku: &SkuId) -> Result<()> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = conn
+            .xgroup_create_mkstream(&keys.outbox, FLUSH_GROUP, "0")
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Entries left pending by a consumer idle past FLUSH_CLAIM_IDLE, then new ones.
+    pub async fn read_outbox(
+        &self,
+        sku: &SkuId,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let claimed: redis::streams::StreamAutoClaimReply = conn
+            .xautoclaim_options(
+                &keys.outbox,
+                FLUSH_GROUP,
+                consumer,
+                limits::FLUSH_CLAIM_IDLE.as_millis() as u64,
+                "0-0",
+                StreamAutoClaimOptions::default().count(count),
+            )
+            .await?;
+        let mut entries: Vec<OutboxEntry> = claimed
+            .claimed
+            .into_iter()
+            .map(|fields| OutboxEntry {
+                stream_id: fields.id.clone(),
+                fields,
+            })
+            .collect();
+        if entries.len() < count {
+            let options = StreamReadOptions::default()
+                .group(FLUSH_GROUP, consumer)
+                .count(count - entries.len());
+            let reply: Option<StreamReadReply> = conn
+                .xread_options(&[&keys.outbox], &[">"], &options)
+                .await?;
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                entries.extend(key.ids.into_iter().map(|fields| OutboxEntry {
+                    stream_id: fields.id.clone(),
+                    fields,
+                }));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Acknowledges flushed entries, then trims the stream below what every group
+    /// has acknowledged (never an entry some group still has to flush).
+    pub async fn ack_outbox(&self, sku: &SkuId, stream_ids: &[String]) -> Result<()> {
+        if stream_ids.is_empty() {
+            return Ok(());
+        }
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let _: usize = conn.xack(&keys.outbox, FLUSH_GROUP, stream_ids).await?;
+        self.trim_outbox(sku).await
+    }
+
+    pub async fn trim_outbox(&self, sku: &SkuId) -> Result<()> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let groups: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&keys.outbox).await?;
+        let mut floor: Option<StreamPosition> = None;
+        for group in &groups.groups {
+            let bound = if group.pending > 0 {
+                let pending: redis::streams::StreamPendingReply =
+                    conn.xpending(&keys.outbox, &group.name).await?;
+                match pending {
+                    redis::streams::StreamPendingReply::Data(data) => data.start_id,
+                    _ => group.last_delivered_id.clone(),
+                }
+            } else {
+                // Everything up to and including last_delivered is acknowledged;
+                // MINID keeps that one entry, which is harmless.
+                group.last_delivered_id.clone()
+            };
+            let position = StreamPosition::parse(&bound);
+            floor = Some(match floor {
+                Some(f) if f <= position => f,
+                _ => position,
+            });
+        }
+        if let Some(floor) = floor {
+            let options = redis::streams::StreamTrimOptions::minid(
+                redis::streams::StreamTrimmingMode::Approx,
+                floor.to_string(),
+            );
+            let _: usize = conn.xtrim_options(&keys.outbox, &options).await?;
+        }
+        Ok(())
+    }
+
+    /// Events written to the outbox and not yet acknowledged by the flush group.
+    pub async fn outbox_backlog(&self, sku: &SkuId) -> Result<u64> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+            conn.xinfo_groups(&keys.outbox).await;
+        let Ok(groups) = groups else { return Ok(0) };
+        let mut backlog = 0u64;
+        for group in groups.groups.iter().filter(|g| g.name == FLUSH_GROUP) {
+            backlog += group.pending as u64 + group.lag.unwrap_or(0) as u64;
+        }
+        Ok(backlog)
+    }
+
+    /// Redis WAIT: true when `replicas` acknowledged every write of this connection.
+    pub async fn wait_for_replicas(&self, replicas: u32, timeout_ms: u64) -> Result<bool> {
+        if replicas == 0 {
+            return Ok(true);
+        }
+        let mut conn = self.conn.clone();
+        let acknowledged: u32 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(acknowledged >= replicas)
+    }
+}
+
+/// A stream entry id `<ms>-<seq>`, ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamPosition(u64, u64);
+
+impl StreamPosition {
+    fn parse(raw: &str) -> StreamPosition {
+        let (ms, seq) = raw.split_once('-').unwrap_or((raw, "0"));
+        StreamPosition(ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    }
+}
+
+impl std::fmt::Display for StreamPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+fn optional_ms(ms: Option<i64>) -> String {
+    ms.map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn parse_optional_ms(raw: &str) -> Result<Option<i64>> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(|_| bad_reply("timestamp"))
+}
+
+fn number(raw: &str) -> Result<u64> {
+    raw.parse().map_err(|_| bad_reply("counter"))
+}
+
+fn bad_reply(what: &str) -> Error {
+    Error::Internal(format!("unexpected script reply ({what})"))
+}
+
+/// A reply whose first element is a refusal code.
+fn refusal_of(reply: &[String]) -> Error {
+    match reply.first().and_then(|code| Refusal::from_code(code)) {
+        Some(refusal) => Error::Refused(refusal),
+        None => bad_reply(reply.first().map(String::as_str).unwrap_or("empty")),
+    }
+}
+
+/// `{'ok', view...}` → the view; `{code, ...}` → that refusal.
+fn ok_view(sku: &SkuId, reply: &[String]) -> Result<Reservation> {
+    match reply.first().map(String::as_str) {
+        Some("ok") => parse_view(sku, &reply[1..]),
+        _ => Err(refusal_of(reply)),
+    }
+}
+
+/// view = rid, user, quantity, status, expires_at, created_at, payment_ref
+fn parse_view(sku: &SkuId, view: &[String]) -> Result<Reservation> {
+    let [rid, user, quantity, status, expires_at, created_at, payment_ref] = view else {
+        return Err(bad_reply("view arity"));
+    };
+    Ok(Reservation {
+        reservation_id: rid.clone(),
+        sku: sku.to_string(),
+        user_id: user.clone(),
+        quantity: number(quantity)?,
+        status: Status::parse(status).ok_or_else(|| bad_reply("status"))?,
+        expires_at_ms: expires_at.parse().map_err(|_| bad_reply("expires_at"))?,
+        created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
+        payment_ref: (!payment_ref.is_empty()).then(|| payment_ref.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_positions_order_numerically() {
+        assert!(StreamPosition::parse("10-0") > StreamPosition::parse("9-5"));
+        assert!(StreamPosition::parse("10-10") > StreamPosition::parse("10-9"));
+        assert_eq!(StreamPosition::parse("5-3").to_string(), "5-3");
+    }
+
+    #[test]
+    fn views_decode_and_bad_replies_are_internal_errors() {
+        let sku = SkuId::parse("s").unwrap();
+        let view: Vec<String> = ["r", "u", "2", "paying", "100", "50", "pay-1"]
+            .map(String::from)
+            .to_vec();
+        let r = parse_view(&sku, &view).unwrap();
+        assert_eq!(r.status, Status::Paying);
+        assert_eq!(r.payment_ref.as_deref(), Some("pay-1"));
+        assert!(matches!(
+            parse_view(&sku, &view[1..]),
+            Err(Error::Internal(_))
+        ));
+        let reply = vec!["sold_out".to_string()];
+        assert!(matches!(
+            refusal_of(&reply),
+            Error::Refused(Refusal::SoldOut)
+        ));
+        assert!(matches!(refusal_of(&["weird".into()]), Error::Internal(_)));
+    }
+}

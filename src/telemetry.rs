@@ -1,0 +1,133 @@
+//! Logs and metrics. Metric names live here, so every module counts the same way.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Request latency buckets (seconds): the reserve path answers in well under a millisecond
+/// when healthy; the tail up to a few seconds shows timeouts.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The process-wide recorder; installed once (tests build many apps in one process).
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("flashgate_request_duration_seconds".into()),
+                    LATENCY_BUCKETS,
+                )
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("a metrics recorder is installed once");
+            describe();
+            let upkeep = handle.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        upkeep.run_upkeep();
+                    }
+                });
+            }
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        "flashgate_requests_total",
+        "HTTP requests by route and outcome code"
+    );
+    describe_histogram!(
+        "flashgate_request_duration_seconds",
+        "HTTP request latency by route"
+    );
+    describe_gauge!("flashgate_available_stock", "Units available per SKU");
+    describe_counter!(
+        "flashgate_transitions_total",
+        "Reservation state changes by the state entered"
+    );
+    describe_counter!(
+        "flashgate_compensations_total",
+        "Payments answered refund_required, by refusal"
+    );
+    describe_gauge!(
+        "flashgate_compensations_open",
+        "Open compensations in MySQL"
+    );
+    describe_counter!("flashgate_expired_total", "Holds expired by the sweeper");
+    describe_counter!(
+        "flashgate_flushed_events_total",
+        "Outbox events written to MySQL"
+    );
+    describe_gauge!("flashgate_outbox_backlog", "Outbox events not yet in MySQL");
+    describe_gauge!(
+        "flashgate_reconcile_drift",
+        "Drift found per SKU at the last reconcile"
+    );
+    describe_gauge!(
+        "flashgate_reconcile_last_run_seconds",
+        "Unix time of the last reconciliation"
+    );
+}
+
+pub fn request(route: &str, outcome: &str, elapsed: Duration) {
+    counter!("flashgate_requests_total", "route" => route.to_owned(), "outcome" => outcome.to_owned())
+        .increment(1);
+    histogram!("flashgate_request_duration_seconds", "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn transition(to: &str) {
+    counter!("flashgate_transitions_total", "to" => to.to_owned()).increment(1);
+}
+
+pub fn compensation_recorded(refusal: &str) {
+    counter!("flashgate_compensations_total", "refusal" => refusal.to_owned()).increment(1);
+}
+
+pub fn available_stock(sku: &str, available: u64) {
+    gauge!("flashgate_available_stock", "sku" => sku.to_owned()).set(available as f64);
+}
+
+pub fn expired(count: u64) {
+    counter!("flashgate_expired_total").increment(count);
+    counter!("flashgate_transitions_total", "to" => "expired").increment(count);
+}
+
+pub fn flushed(count: u64) {
+    counter!("flashgate_flushed_events_total").increment(count);
+}
+
+pub fn outbox_backlog(events: u64) {
+    gauge!("flashgate_outbox_backlog").set(events as f64);
+}
+
+pub fn open_compensations(count: i64) {
+    gauge!("flashgate_compensations_open").set(count as f64);
+}
+
+pub fn reconcile_drift(sku: &str, findings: usize) {
+    gauge!("flashgate_reconcile_drift", "sku" => sku.to_owned()).set(findings as f64);
+}
+
+pub fn reconcile_ran(unix_seconds: f64) {
+    gauge!("flashgate_reconcile_last_run_seconds").set(unix_seconds);
+}
+
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("FLASHGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
