@@ -88,7 +88,9 @@ pub async fn spawn_app_with(args: ServeArgs) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (shutdown, rx) = watch::channel(false);
-    let state = flashgate::server::build_state(&args).await.expect("gateway builds");
+    let state = flashgate::server::build_state(&args)
+        .await
+        .expect("gateway builds");
     let store = state.gateway.store.clone();
     let db = state.gateway.db.clone();
     tokio::spawn(flashgate::server::run(listener, args, rx));
@@ -165,7 +167,13 @@ impl TestApp {
             .unwrap()
     }
 
-    pub async fn reserve(&self, sku: &str, user: &str, key: &str, quantity: u64) -> (StatusCode, Value) {
+    pub async fn reserve(
+        &self,
+        sku: &str,
+        user: &str,
+        key: &str,
+        quantity: u64,
+    ) -> (StatusCode, Value) {
         body(self.reserve_raw(sku, user, key, quantity).await).await
     }
 

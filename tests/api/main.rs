@@ -1,0 +1,9 @@
+//! Black-box tests of the HTTP contract against the real Redis and MariaDB.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod input;
+mod lifecycle;
+mod races;
+mod reserve;
