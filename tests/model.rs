@@ -1,0 +1,398 @@
+//! Property test: random sequences of reserve / confirm / cancel / payment-pending /
+//! time passing / sweep, run against the real Redis scripts and against a simple
+//! in-memory model of the contract; the two must agree, and the invariants must hold,
+//! after every step.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use flashgate::error::Error;
+use flashgate::ids::{self, SkuId};
+use flashgate::keys::SkuKeys;
+use flashgate::reservation::{Refusal, SkuDefinition, Status};
+use flashgate::store::{ConfirmOutcome, ReserveOutcome, Store};
+use proptest::prelude::*;
+use std::collections::{HashMap, HashSet};
+
+const USERS: usize = 3;
+const PER_USER_LIMIT: u64 = 3;
+const GRACE_MS: u64 = 300_000;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve {
+        user: usize,
+        key: usize,
+        quantity: u64,
+    },
+    Confirm {
+        pick: usize,
+        payment: usize,
+    },
+    Cancel {
+        pick: usize,
+        by_owner: bool,
+    },
+    PaymentPending {
+        pick: usize,
+    },
+    /// Every live hold's deadline passes.
+    TimePasses,
+    Sweep,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..USERS, 0..3usize, 1..=2u64).prop_map(|(user, key, quantity)| Op::Reserve { user, key, quantity }),
+        3 => (any::<usize>(), 0..2usize).prop_map(|(pick, payment)| Op::Confirm { pick, payment }),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(pick, by_owner)| Op::Cancel { pick, by_owner }),
+        2 => any::<usize>().prop_map(|pick| Op::PaymentPending { pick }),
+        1 => Just(Op::TimePasses),
+        1 => Just(Op::Sweep),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct Hold {
+    id: String,
+    user: String,
+    quantity: u64,
+    status: Status,
+    /// The deadline has passed (only meaningful while held/paying).
+    overdue: bool,
+    payment_ref: Option<String>,
+}
+
+impl Hold {
+    fn live(&self) -> bool {
+        matches!(self.status, Status::Held | Status::Paying)
+    }
+    fn effective(&self) -> Status {
+        if self.live() && self.overdue {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    stock_total: u64,
+    available: u64,
+    held: u64,
+    sold: u64,
+    used: HashMap<String, u64>,
+    keys: HashMap<(String, usize), usize>,
+    holds: Vec<Hold>,
+    compensations: HashSet<(String, String)>,
+}
+
+impl Model {
+    fn release(&mut self, index: usize, to: Status) {
+        let hold = &mut self.holds[index];
+        assert!(hold.live());
+        hold.status = to;
+        self.available += hold.quantity;
+        self.held -= hold.quantity;
+        *self.used.get_mut(&hold.user).unwrap() -= hold.quantity;
+    }
+
+    fn expire_overdue(&mut self) {
+        for i in 0..self.holds.len() {
+            if self.holds[i].live() && self.holds[i].overdue {
+                self.release(i, Status::Expired);
+            }
+        }
+    }
+}
+
+struct Harness {
+    store: Store,
+    sku: SkuId,
+    model: Model,
+}
+
+impl Harness {
+    async fn step(&mut self, op: &Op) {
+        let m = &mut self.model;
+        match op.clone() {
+            Op::Reserve {
+                user,
+                key,
+                quantity,
+            } => {
+                let user = format!("user{user}");
+                let rid = ids::new_reservation_id(&self.sku);
+                let got = self
+                    .store
+                    .reserve(
+                        &self.sku,
+                        &user,
+                        quantity,
+                        &format!("key{key}"),
+                        &rid,
+                        60_000,
+                    )
+                    .await;
+                let expected: Result<Option<usize>, Refusal> = match m
+                    .keys
+                    .get(&(user.clone(), key))
+                {
+                    Some(&i) if m.holds[i].quantity != quantity => {
+                        Err(Refusal::IdempotencyKeyReused)
+                    }
+                    Some(&i) => Ok(Some(i)),
+                    None if m.used.get(&user).copied().unwrap_or(0) + quantity > PER_USER_LIMIT => {
+                        Err(Refusal::LimitExceeded)
+                    }
+                    None => {
+                        if m.available < quantity {
+                            m.expire_overdue(); // the script's reclaim (batches here are small)
+                        }
+                        if m.available < quantity {
+                            Err(Refusal::SoldOut)
+                        } else {
+                            Ok(None)
+                        }
+                    }
+                };
+                match (expected, got) {
+                    (Ok(Some(i)), Ok(ReserveOutcome::Replayed(r))) => {
+                        assert_eq!(r.reservation_id, m.holds[i].id);
+                        assert_eq!(r.status, m.holds[i].effective());
+                    }
+                    (Ok(None), Ok(ReserveOutcome::Created(r))) => {
+                        assert_eq!(
+                            (r.reservation_id.as_str(), r.status),
+                            (rid.as_str(), Status::Held)
+                        );
+                        m.available -= quantity;
+                        m.held += quantity;
+                        *m.used.entry(user.clone()).or_default() += quantity;
+                        m.keys.insert((user.clone(), key), m.holds.len());
+                        m.holds.push(Hold {
+                            id: rid,
+                            user,
+                            quantity,
+                            status: Status::Held,
+                            overdue: false,
+                            payment_ref: None,
+                        });
+                    }
+                    (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
+                    (expected, got) => panic!("reserve: model {expected:?}, redis {got:?}"),
+                }
+            }
+            Op::Confirm { pick, payment } => {
+                let Some(i) = pick_hold(m, pick) else { return };
+                let payment_ref = format!("pay{payment}");
+                let got = self
+                    .store
+                    .confirm(
+                        &self.sku,
+                        &m.holds[i].id,
+                        &payment_ref,
+                        &ids::new_compensation_id(),
+                    )
+                    .await
+                    .unwrap();
+                if m.holds[i].live() && m.holds[i].overdue {
+                    m.release(i, Status::Expired);
+                }
+                let hold = &m.holds[i];
+                let expected = match hold.status {
+                    Status::Confirmed if hold.payment_ref.as_deref() == Some(&payment_ref) => None,
+                    Status::Confirmed => Some(Refusal::AlreadyConfirmed),
+                    Status::Expired => Some(Refusal::ReservationExpired),
+                    Status::Cancelled => Some(Refusal::ReservationCancelled),
+                    Status::Held | Status::Paying => None,
+                };
+                match (expected, got) {
+                    (None, ConfirmOutcome::Confirmed(r)) => {
+                        assert_eq!(r.status, Status::Confirmed);
+                        if m.holds[i].live() {
+                            let q = m.holds[i].quantity;
+                            m.held -= q;
+                            m.sold += q;
+                            m.holds[i].status = Status::Confirmed;
+                            m.holds[i].payment_ref = Some(payment_ref);
+                        }
+                    }
+                    (Some(refusal), ConfirmOutcome::Refused { refusal: got, .. }) => {
+                        assert_eq!(refusal, got);
+                        m.compensations.insert((m.holds[i].id.clone(), payment_ref));
+                    }
+                    (expected, got) => panic!("confirm: model {expected:?}, redis {got:?}"),
+                }
+            }
+            Op::Cancel { pick, by_owner } => {
+                let Some(i) = pick_hold(m, pick) else { return };
+                let caller = by_owner.then(|| m.holds[i].user.clone());
+                let got = self
+                    .store
+                    .cancel(&self.sku, &m.holds[i].id, caller.as_deref())
+                    .await;
+                let hold = m.holds[i].clone();
+                let expected = if hold.live() && hold.overdue {
+                    m.release(i, Status::Expired);
+                    Ok(Status::Expired)
+                } else if hold.status == Status::Paying && by_owner {
+                    Err(Refusal::PaymentInProgress)
+                } else if hold.live() {
+                    m.release(i, Status::Cancelled);
+                    Ok(Status::Cancelled)
+                } else if hold.status == Status::Confirmed {
+                    Err(Refusal::AlreadyConfirmed)
+                } else {
+                    Ok(hold.status)
+                };
+                match (expected, got) {
+                    (Ok(status), Ok(r)) => assert_eq!(r.status, status),
+                    (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
+                    (expected, got) => panic!("cancel: model {expected:?}, redis {got:?}"),
+                }
+            }
+            Op::PaymentPending { pick } => {
+                let Some(i) = pick_hold(m, pick) else { return };
+                let got = self
+                    .store
+                    .payment_pending(&self.sku, &m.holds[i].id, "pay0", GRACE_MS)
+                    .await;
+                let hold = m.holds[i].clone();
+                let expected = if hold.live() && hold.overdue {
+                    m.release(i, Status::Expired);
+                    Err(Refusal::ReservationExpired)
+                } else {
+                    match hold.status {
+                        Status::Held | Status::Paying => {
+                            m.holds[i].status = Status::Paying;
+                            Ok(())
+                        }
+                        Status::Expired => Err(Refusal::ReservationExpired),
+                        Status::Cancelled => Err(Refusal::ReservationCancelled),
+                        Status::Confirmed => Err(Refusal::AlreadyConfirmed),
+                    }
+                };
+                match (expected, got) {
+                    (Ok(()), Ok(r)) => assert_eq!(r.status, Status::Paying),
+                    (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
+                    (expected, got) => panic!("payment-pending: model {expected:?}, redis {got:?}"),
+                }
+            }
+            Op::TimePasses => {
+                let keys = SkuKeys::new(&self.sku);
+                let mut conn = self.store.connection();
+                let (seconds, _micros): (i64, i64) =
+                    redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+                let past = seconds * 1000 - 1;
+                for hold in m.holds.iter_mut().filter(|h| h.live()) {
+                    hold.overdue = true;
+                    let _: () = redis::pipe()
+                        .hset(keys.reservation(&hold.id), "expires_at", past)
+                        .ignore()
+                        .zadd(&keys.deadlines, &hold.id, past)
+                        .ignore()
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+            Op::Sweep => {
+                let (expired, still_due) = self.store.sweep(&self.sku).await.unwrap();
+                let due = m.holds.iter().filter(|h| h.live() && h.overdue).count() as u64;
+                assert_eq!((expired, still_due), (due, 0));
+                m.expire_overdue();
+            }
+        }
+        self.check().await;
+    }
+
+    /// Redis agrees with the model, and the invariants hold.
+    async fn check(&self) {
+        let m = &self.model;
+        let sku = self.store.sku(&self.sku).await.unwrap();
+        assert_eq!(
+            sku.available + sku.held + sku.sold,
+            sku.stock_total,
+            "invariant 1"
+        );
+        assert_eq!(
+            (sku.available, sku.held, sku.sold),
+            (m.available, m.held, m.sold),
+            "counters"
+        );
+        for hold in &m.holds {
+            let r = self.store.reservation(&self.sku, &hold.id).await.unwrap();
+            assert_eq!(r.status, hold.effective(), "status of {}", hold.id);
+        }
+        let keys = SkuKeys::new(&self.sku);
+        let mut conn = self.store.connection();
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&keys.outbox)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut confirmed = 0;
+        let mut compensations = HashSet::new();
+        for entry in entries.ids {
+            match entry.get::<String>("type").as_deref() {
+                Some("confirmed") => confirmed += 1,
+                Some("compensation") => {
+                    assert!(
+                        compensations.insert((
+                            entry.get::<String>("reservation_id").unwrap(),
+                            entry.get::<String>("payment_ref").unwrap(),
+                        )),
+                        "one compensation per (reservation, payment_ref)"
+                    );
+                }
+                other => panic!("unknown outbox event {other:?}"),
+            }
+        }
+        let confirmed_holds = m
+            .holds
+            .iter()
+            .filter(|h| h.status == Status::Confirmed)
+            .count();
+        assert_eq!(confirmed, confirmed_holds, "one outbox event per sale");
+        assert_eq!(compensations, m.compensations, "invariant 5");
+    }
+}
+
+fn pick_hold(m: &Model, pick: usize) -> Option<usize> {
+    (!m.holds.is_empty()).then(|| pick % m.holds.len())
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn redis_scripts_follow_the_contract_model(stock in 1..6u64, ops in prop::collection::vec(op(), 1..40)) {
+        runtime().block_on(async {
+            let store = Store::new(flashgate::store::connect(&common::serve_args(&common::redis_url(), "").redis).await.unwrap());
+            let sku = SkuId::parse(&common::unique_sku("model")).unwrap();
+            let definition = SkuDefinition { stock_total: stock, per_user_limit: PER_USER_LIMIT, hold_seconds: 600, starts_at_ms: None, ends_at_ms: None };
+            store.load_sku(&sku, &definition, 0).await.unwrap();
+            let model = Model { stock_total: stock, available: stock, ..Model::default() };
+            let mut harness = Harness { store, sku, model };
+            harness.check().await;
+            for op in &ops {
+                harness.step(op).await;
+            }
+            assert_eq!(harness.model.stock_total, stock);
+        });
+    }
+}
