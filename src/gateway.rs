@@ -11,6 +11,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
 use crate::reservation::{Compensation, Refusal, Reservation, Sku, SkuDefinition};
+use crate::sold_out::SoldOutFlags;
 use crate::store::{ConfirmOutcome, ReserveOutcome, Store};
 use crate::telemetry;
 
@@ -19,6 +20,7 @@ pub struct Gateway {
     pub store: Store,
     pub db: MySqlPool,
     pub settings: GatewaySettings,
+    sold_out: std::sync::Arc<SoldOutFlags>,
 }
 
 /// A reservation id that is not ours is simply not found.
@@ -32,6 +34,7 @@ impl Gateway {
             store,
             db,
             settings,
+            sold_out: Default::default(),
         }
     }
 
@@ -43,6 +46,9 @@ impl Gateway {
         quantity: u64,
         idempotency_key: &str,
     ) -> Result<(Reservation, bool)> {
+        if self.sold_out.is_sold_out(sku, quantity) {
+            return Err(Error::Refused(Refusal::SoldOut));
+        }
         let reservation_id = ids::new_reservation_id(sku);
         let outcome = self
             .store
@@ -54,8 +60,11 @@ impl Gateway {
                 &reservation_id,
                 self.settings.idempotency_ttl.as_millis() as u64,
             )
-            .await?;
-        Ok(match outcome {
+            .await;
+        if let Err(Error::Refused(Refusal::SoldOut)) = &outcome {
+            self.sold_out.raise(sku, quantity);
+        }
+        Ok(match outcome? {
             ReserveOutcome::Created(r) => {
                 telemetry::transition("held");
                 (r, false)
@@ -98,6 +107,7 @@ impl Gateway {
             .store
             .cancel(&sku, reservation_id, caller.user_id())
             .await?;
+        self.sold_out.lower(&sku);
         telemetry::transition(r.status.as_str());
         Ok(r)
     }
@@ -139,6 +149,7 @@ impl Gateway {
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
         let loaded = self.store.load_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
+        self.sold_out.lower(sku);
         telemetry::available_stock(sku.as_str(), loaded.available);
         Ok(loaded)
     }

@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use crate::auth::{Authenticator, Caller};
@@ -35,23 +35,38 @@ pub struct AppState {
 
 type SharedState = Arc<AppState>;
 
+/// Every route, also the label of its request metrics.
+const ROUTES: [&str; 12] = [
+    "/v1/admin/skus/{sku}",
+    "/v1/skus/{sku}",
+    "/v1/skus/{sku}/reservations",
+    "/v1/reservations/{id}",
+    "/v1/reservations/{id}/cancel",
+    "/v1/reservations/{id}/payment-pending",
+    "/v1/reservations/{id}/confirm",
+    "/v1/compensations",
+    "/v1/compensations/{id}/resolve",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
 pub fn router(state: SharedState) -> Router {
+    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, resolve, health, ready, metrics] =
+        ROUTES;
     Router::new()
-        .route("/v1/admin/skus/{sku}", put(define_sku))
-        .route("/v1/skus/{sku}", get(get_sku))
-        .route("/v1/skus/{sku}/reservations", post(reserve))
-        .route("/v1/reservations/{id}", get(get_reservation))
-        .route("/v1/reservations/{id}/cancel", post(cancel))
-        .route(
-            "/v1/reservations/{id}/payment-pending",
-            post(payment_pending),
-        )
-        .route("/v1/reservations/{id}/confirm", post(confirm))
-        .route("/v1/compensations", get(list_compensations))
-        .route("/v1/compensations/{id}/resolve", post(resolve_compensation))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
+        .route(admin_sku, put(define_sku))
+        .route(sku, get(get_sku))
+        .route(reservations, post(reserve))
+        .route(reservation, get(get_reservation))
+        .route(cancel_route, post(cancel))
+        .route(pending, post(payment_pending))
+        .route(confirm_route, post(confirm))
+        .route(compensations, get(list_compensations))
+        .route(resolve, post(resolve_compensation))
+        .route(health, get(healthz))
+        .route(ready, get(readyz))
+        .route(metrics, get(render_metrics))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -78,6 +93,8 @@ pub struct Problem {
     code: &'static str,
     detail: String,
     extra: Option<Map<String, Value>>,
+    /// The rendered body, when it is the same for every request (refusals).
+    rendered: Option<Bytes>,
 }
 
 impl Problem {
@@ -87,7 +104,42 @@ impl Problem {
             code,
             detail: detail.into(),
             extra: None,
+            rendered: None,
         }
+    }
+
+    fn body(&self) -> Value {
+        let mut body = json!({
+            "type": format!("https://flashgate.dev/problems/{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        if let (Some(extra), Some(object)) = (&self.extra, body.as_object_mut()) {
+            object.extend(extra.clone());
+        }
+        body
+    }
+
+    /// Refusals are answered often (a sold-out burst): their bodies are rendered once.
+    fn refused(refusal: Refusal) -> Problem {
+        fn plain(refusal: Refusal) -> Problem {
+            Problem::new(
+                refusal_status(refusal),
+                refusal.code(),
+                refusal_detail(refusal),
+            )
+        }
+        static RENDERED: LazyLock<HashMap<&'static str, Bytes>> = LazyLock::new(|| {
+            Refusal::ALL
+                .into_iter()
+                .map(|r| (r.code(), Bytes::from(plain(r).body().to_string())))
+                .collect()
+        });
+        let mut problem = plain(refusal);
+        problem.rendered = RENDERED.get(refusal.code()).cloned();
+        problem
     }
 
     fn invalid(detail: impl Into<String>) -> Problem {
@@ -142,11 +194,7 @@ impl From<Error> for Problem {
         match err {
             Error::InvalidRequest(detail) => Problem::invalid(detail),
             Error::Unauthorized => Problem::unauthorized(),
-            Error::Refused(refusal) => Problem::new(
-                refusal_status(refusal),
-                refusal.code(),
-                refusal_detail(refusal),
-            ),
+            Error::Refused(refusal) => Problem::refused(refusal),
             Error::RefundRequired {
                 refusal,
                 compensation_id,
@@ -184,17 +232,11 @@ impl From<Error> for Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let mut body = json!({
-            "type": format!("https://flashgate.dev/problems/{}", self.code),
-            "title": self.status.canonical_reason().unwrap_or("error"),
-            "status": self.status.as_u16(),
-            "code": self.code,
-            "detail": self.detail,
-        });
-        if let (Some(extra), Some(object)) = (self.extra, body.as_object_mut()) {
-            object.extend(extra);
-        }
-        let mut response = (self.status, Json(body)).into_response();
+        let body = match &self.rendered {
+            Some(rendered) => rendered.clone(),
+            None => Bytes::from(self.body().to_string()),
+        };
+        let mut response = (self.status, body).into_response();
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
@@ -224,7 +266,9 @@ async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> 
             Problem::new(status, code, status.canonical_reason().unwrap_or("error")).into_response()
         };
     let outcome = response.extensions().get::<Outcome>().map_or("ok", |o| o.0);
-    let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
+    let route = matched
+        .and_then(|m| ROUTES.into_iter().find(|r| *r == m.as_str()))
+        .unwrap_or("unmatched");
     telemetry::request(route, outcome, started.elapsed());
     response
 }

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod reconcile;
 pub mod reservation;
 pub mod server;
+pub mod sold_out;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

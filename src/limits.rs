@@ -50,3 +50,11 @@ pub const COMPENSATIONS_PAGE_MAX: u32 = 1000;
 const _: () = assert!(IDEMPOTENCY_TTL_MAX_SECONDS < RESERVATION_RETENTION_SECONDS);
 const _: () = assert!(COMPENSATIONS_PAGE_DEFAULT <= COMPENSATIONS_PAGE_MAX);
 const _: () = assert!(STOCK_MAX < (1u64 << 53));
+
+/// How long a gateway answers `sold_out` from its local flag without asking Redis.
+/// Stock that comes back (cancel, expiry, restock) must be sellable through every
+/// gateway within 1 s (contract); a short flag also bounds how long a replay of an
+/// idempotency key can be answered `sold_out` by the flag.
+pub const SOLD_OUT_FLAG_TTL: Duration = Duration::from_millis(200);
+
+const _: () = assert!(SOLD_OUT_FLAG_TTL.as_millis() < 1000);

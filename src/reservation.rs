@@ -131,6 +131,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 11] = [
+        Refusal::NotFound,
+        Refusal::SoldOut,
+        Refusal::LimitExceeded,
+        Refusal::NotStarted,
+        Refusal::Ended,
+        Refusal::IdempotencyKeyReused,
+        Refusal::AlreadyConfirmed,
+        Refusal::PaymentInProgress,
+        Refusal::ReservationExpired,
+        Refusal::ReservationCancelled,
+        Refusal::StockBelowCommitted,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Refusal::NotFound => "not_found",
@@ -172,19 +186,7 @@ mod tests {
 
     #[test]
     fn refusal_codes_round_trip() {
-        let all = [
-            Refusal::NotFound,
-            Refusal::SoldOut,
-            Refusal::LimitExceeded,
-            Refusal::NotStarted,
-            Refusal::Ended,
-            Refusal::IdempotencyKeyReused,
-            Refusal::AlreadyConfirmed,
-            Refusal::PaymentInProgress,
-            Refusal::ReservationExpired,
-            Refusal::ReservationCancelled,
-            Refusal::StockBelowCommitted,
-        ];
+        let all = Refusal::ALL;
         for refusal in all {
             assert_eq!(Refusal::from_code(refusal.code()), Some(refusal));
         }

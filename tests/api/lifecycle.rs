@@ -33,7 +33,7 @@ async fn confirm_sells_once_and_a_retried_webhook_gets_the_same_answer() {
         (view["sold"].as_u64(), view["held"].as_u64()),
         (Some(1), Some(0))
     );
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(app.mysql_sold(&sku).await, 1);
     assert_eq!(app.mysql_sales_count(&sku).await, 1);
     let compensations = app.compensations(&format!("status=open&sku={sku}")).await;
@@ -90,7 +90,7 @@ async fn confirm_after_cancel_or_deadline_requires_a_refund() {
         (view["available"].as_u64(), view["sold"].as_u64()),
         (Some(5), Some(0))
     );
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(app.mysql_compensations(&sku).await, 2);
     let reasons: Vec<_> = app
         .compensations(&format!("sku={sku}"))
@@ -194,7 +194,7 @@ async fn payment_pending_extends_the_deadline_once_and_refuses_without_compensat
         (status, &problem["code"]),
         (StatusCode::CONFLICT, &json!("reservation_cancelled"))
     );
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(
         app.mysql_compensations(&sku).await,
         0,
@@ -234,8 +234,8 @@ async fn expired_holds_return_their_stock_by_sweep_or_by_the_next_reserve() {
     );
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let report = app.worker.sweep_once().await.unwrap();
-    assert!(report.expired >= 1);
+    // Another test's sweeper may get there first; the stock must be back either way.
+    app.worker.sweep_once().await.unwrap();
     let view = app.assert_stock_adds_up(&sku).await;
     assert_eq!(
         (view["available"].as_u64(), view["held"].as_u64()),
@@ -258,7 +258,7 @@ async fn compensations_are_listed_oldest_first_and_resolved_idempotently() {
         let (_, problem) = app.confirm(&id, &format!("pay-{user}")).await;
         ids.push(problem["compensation_id"].as_str().unwrap().to_owned());
     }
-    app.flush().await;
+    app.flush(&sku).await;
     let listed = app
         .compensations(&format!("status=open&sku={sku}&limit=2"))
         .await;

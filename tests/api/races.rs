@@ -76,7 +76,7 @@ async fn cancel_and_confirm_fired_at_once_end_each_hold_exactly_one_way() {
     let view = app.assert_stock_adds_up(&sku).await;
     assert_eq!(view["sold"].as_u64(), Some(confirmed as u64));
     assert_eq!(view["available"].as_u64(), Some(cancelled as u64));
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(app.mysql_sold(&sku).await, confirmed as u64);
     assert_eq!(app.mysql_compensations(&sku).await, cancelled as i64);
 }
@@ -105,7 +105,7 @@ async fn the_same_confirm_webhook_twenty_times_at_once_sells_once() {
     }
     let view = app.assert_stock_adds_up(&sku).await;
     assert_eq!(view["sold"], 1);
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(app.mysql_sales_count(&sku).await, 1);
     assert_eq!(app.mysql_compensations(&sku).await, 0);
 }
@@ -163,7 +163,7 @@ async fn confirm_racing_the_deadline_either_sells_or_refunds() {
     let view = app.assert_stock_adds_up(&sku).await;
     assert_eq!(view["sold"].as_u64(), Some(sold));
     assert_eq!(view["held"], 0);
-    app.flush().await;
+    app.flush(&sku).await;
     assert_eq!(app.mysql_sold(&sku).await, sold);
     assert_eq!(app.mysql_compensations(&sku).await, refunded);
 }

@@ -16,7 +16,7 @@ pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
 
 pub fn redis_url() -> String {
-    std::env::var("FLASHGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
+    std::env::var("FLASHGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/1".into())
 }
 
 pub fn database_url() -> String {
@@ -249,9 +249,18 @@ impl TestApp {
         value["items"].as_array().unwrap().clone()
     }
 
-    /// Writes every outbox event to MySQL.
-    pub async fn flush(&self) {
-        self.worker.flush_all().await.expect("flush");
+    /// Writes every outbox event of this SKU to MySQL. Only this SKU: other tests
+    /// flush theirs at the same time, and entries they hold are not ours to wait on.
+    pub async fn flush(&self, sku: &str) {
+        let sku = Self::sku_id(sku);
+        for _ in 0..1000 {
+            self.worker.flush_sku(&sku).await.expect("flush");
+            if self.store.outbox_backlog(&sku).await.expect("backlog") == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the outbox of {sku} did not drain");
     }
 
     /// The contract's invariant 1, read from the API; returns the SKU view.
