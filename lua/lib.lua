@@ -103,3 +103,59 @@ local function compensate(outbox, rkey, rid, sku, payment_ref, reason, new_id, n
   return new_id
 end
 
+
+-- Takes a hold for one request, or says why not (the body of reserve.lua and
+-- reserve_batch.lua). Returns the reply of reserve.lua:
+--   {'created'|'replayed', rid, user, quantity, status, expires_at, created_at, payment_ref}
+--   or {refusal code}.
+-- A rejection writes nothing but the reclaim of already expired holds; one idempotency
+-- key creates at most one hold; available never goes below 0.
+local function reserve_hold(meta, used, deadlines, idem_key, rkey, user, quantity, rid,
+                            idem_ttl_ms, reclaim_limit, now)
+  local prior = redis.call('GET', idem_key)
+  if prior then
+    local space = string.find(prior, ' ', 1, true)
+    if tonumber(string.sub(prior, 1, space - 1)) ~= quantity then
+      return { 'idempotency_key_reused' }
+    end
+    local prior_rid = string.sub(prior, space + 1)
+    local reply = view(sku_prefix(meta) .. 'r:' .. prior_rid, prior_rid, now)
+    table.insert(reply, 1, 'replayed')
+    return reply
+  end
+
+  local m = redis.call('HMGET', meta, 'available', 'per_user_limit', 'hold_ms', 'starts_at', 'ends_at')
+  if not m[1] then
+    return { 'not_found' }
+  end
+  if m[4] ~= '' and now < tonumber(m[4]) then
+    return { 'not_started' }
+  end
+  if m[5] ~= '' and now >= tonumber(m[5]) then
+    return { 'ended' }
+  end
+  local already = tonumber(redis.call('HGET', used, user) or '0')
+  if already + quantity > tonumber(m[2]) then
+    return { 'limit_exceeded' }
+  end
+  local available = tonumber(m[1])
+  if available < quantity then
+    -- The sweeper may lag: give back what has expired before saying no.
+    if expire_due(meta, used, deadlines, now, reclaim_limit) > 0 then
+      available = tonumber(redis.call('HGET', meta, 'available'))
+    end
+    if available < quantity then
+      return { 'sold_out' }
+    end
+  end
+
+  local expires_at = now + tonumber(m[3])
+  redis.call('HINCRBY', meta, 'available', -quantity)
+  redis.call('HINCRBY', meta, 'held', quantity)
+  redis.call('HINCRBY', used, user, quantity)
+  redis.call('HSET', rkey, 'user', user, 'quantity', quantity, 'status', 'held',
+    'expires_at', expires_at, 'created_at', now)
+  redis.call('ZADD', deadlines, expires_at, rid)
+  redis.call('SET', idem_key, quantity .. ' ' .. rid, 'PX', idem_ttl_ms)
+  return { 'created', rid, user, tostring(quantity), 'held', tostring(expires_at), tostring(now), '' }
+end

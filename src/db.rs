@@ -2,7 +2,7 @@
 //! reconciliation audit. Never called on the reserve path.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder, Row, Transaction};
 use std::collections::HashSet;
 
@@ -78,23 +78,24 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
     .bind(sku.as_str())
     .fetch_optional(pool)
     .await?;
-    row.map(|row| {
-        Ok(SkuRecord {
-            definition: SkuDefinition {
-                stock_total: row.try_get("stock_total")?,
-                per_user_limit: row.try_get::<u32, _>("per_user_limit")? as u64,
-                hold_seconds: row.try_get::<u32, _>("hold_seconds")? as u64,
-                starts_at_ms: row
-                    .try_get::<Option<NaiveDateTime>, _>("starts_at")?
-                    .map(datetime_to_ms),
-                ends_at_ms: row
-                    .try_get::<Option<NaiveDateTime>, _>("ends_at")?
-                    .map(datetime_to_ms),
-            },
-            sold: row.try_get("sold")?,
-        })
+    row.map(|row| sku_record_from_row(&row)).transpose()
+}
+
+fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
+    Ok(SkuRecord {
+        definition: SkuDefinition {
+            stock_total: row.try_get("stock_total")?,
+            per_user_limit: row.try_get::<u32, _>("per_user_limit")? as u64,
+            hold_seconds: row.try_get::<u32, _>("hold_seconds")? as u64,
+            starts_at_ms: row
+                .try_get::<Option<NaiveDateTime>, _>("starts_at")?
+                .map(datetime_to_ms),
+            ends_at_ms: row
+                .try_get::<Option<NaiveDateTime>, _>("ends_at")?
+                .map(datetime_to_ms),
+        },
+        sold: row.try_get("sold")?,
     })
-    .transpose()
 }
 
 /// One outbox event, as the flush writes it.
@@ -111,15 +112,22 @@ pub enum OutboxEvent {
     Compensation(Compensation),
 }
 
-/// Writes a batch of events in one transaction. Replayed events change nothing (the
-/// primary key of `sales`, the unique key of `compensations`); `skus.sold` is then
-/// recomputed from `sales` for every SKU the batch touched.
+/// Writes a batch of events in one transaction, exactly once in effect.
+///
+/// For every SKU with confirmations in the batch the `skus` row is locked first (in SKU
+/// order, so concurrent batches cannot deadlock on it): flushes of one SKU, and the
+/// reconciler's check of it, run one at a time. Under that lock the sales already
+/// recorded are looked up; only the others are inserted (a plain INSERT: a duplicate
+/// here would be a bug and fails the batch rather than miscount), and `skus.sold`
+/// grows by exactly their quantity. So `sold` stays equal to `SUM(sales.quantity)`
+/// in O(batch), and a replayed event changes nothing. Compensations are idempotent
+/// by their keys (`INSERT IGNORE`).
 pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
-    let sales: Vec<_> = events
+    let mut seen = HashSet::new();
+    let sales: Vec<Sale<'_>> = events
         .iter()
         .filter_map(|e| match e {
             OutboxEvent::Confirmed {
@@ -129,38 +137,63 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()
                 quantity,
                 payment_ref,
                 at_ms,
-            } => Some((reservation_id, sku, user_id, quantity, payment_ref, at_ms)),
+            } => Some(Sale {
+                reservation_id,
+                sku,
+                user_id,
+                quantity: *quantity,
+                payment_ref,
+                at_ms: *at_ms,
+            }),
             OutboxEvent::Compensation(_) => None,
         })
+        // One sale per reservation, whatever the batch holds.
+        .filter(|s| seen.insert(s.reservation_id))
         .collect();
+    let mut tx = pool.begin().await?;
     if !sales.is_empty() {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT IGNORE INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at) ",
-        );
-        insert.push_values(
-            &sales,
-            |mut row, (rid, sku, user, quantity, payment_ref, at)| {
-                row.push_bind(*rid)
-                    .push_bind(*sku)
-                    .push_bind(*user)
-                    .push_bind(**quantity)
-                    .push_bind(*payment_ref)
-                    .push_bind(ms_to_datetime(**at));
-            },
-        );
-        insert.build().execute(&mut *tx).await?;
-        let mut touched: Vec<&String> = sales.iter().map(|s| s.1).collect();
-        touched.sort();
-        touched.dedup();
-        for sku in touched {
-            sqlx::query(
-                "UPDATE skus SET sold = (SELECT COALESCE(SUM(quantity), 0) FROM sales WHERE sku = ?)
-                 WHERE sku = ?",
-            )
-            .bind(sku)
-            .bind(sku)
-            .execute(&mut *tx)
-            .await?;
+        let mut skus: Vec<&str> = sales.iter().map(|s| s.sku).collect();
+        skus.sort_unstable();
+        skus.dedup();
+        for sku in &skus {
+            sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
+                .bind(*sku)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let rids: Vec<&str> = sales.iter().map(|s| s.reservation_id).collect();
+        let recorded = recorded_sales(&mut tx, &rids, None).await?;
+        let new: Vec<&Sale<'_>> = sales
+            .iter()
+            .filter(|s| !recorded.contains(s.reservation_id))
+            .collect();
+        if !new.is_empty() {
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at) ",
+            );
+            insert.push_values(&new, |mut row, s| {
+                row.push_bind(s.reservation_id)
+                    .push_bind(s.sku)
+                    .push_bind(s.user_id)
+                    .push_bind(s.quantity)
+                    .push_bind(s.payment_ref)
+                    .push_bind(ms_to_datetime(s.at_ms));
+            });
+            insert.build().execute(&mut *tx).await?;
+            for sku in &skus {
+                let added: u64 = new
+                    .iter()
+                    .filter(|s| s.sku == *sku)
+                    .map(|s| s.quantity)
+                    .sum();
+                if added > 0 {
+                    sqlx::query("UPDATE skus SET sold = sold + ? WHERE sku = ?")
+                        .bind(added)
+                        .bind(*sku)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
         }
     }
     let compensations: Vec<&Compensation> = events
@@ -189,6 +222,44 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// One confirmation of a batch, borrowed from its event.
+struct Sale<'a> {
+    reservation_id: &'a str,
+    sku: &'a str,
+    user_id: &'a str,
+    quantity: u64,
+    payment_ref: &'a str,
+    at_ms: i64,
+}
+
+/// Which of these reservations MySQL records as sales (confirmed before `before_ms`,
+/// when given).
+async fn recorded_sales(
+    conn: &mut MySqlConnection,
+    reservation_ids: &[&str],
+    before_ms: Option<i64>,
+) -> Result<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in reservation_ids.chunks(1000) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT reservation_id FROM sales WHERE reservation_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for rid in chunk {
+            list.push_bind(*rid);
+        }
+        query.push(")");
+        if let Some(before_ms) = before_ms {
+            query
+                .push(" AND confirmed_at < ")
+                .push_bind(ms_to_datetime(before_ms));
+        }
+        let rows: Vec<String> = query.build_query_scalar().fetch_all(&mut *conn).await?;
+        found.extend(rows);
+    }
+    Ok(found)
 }
 
 const COMPENSATION_COLUMNS: &str =
@@ -273,42 +344,72 @@ pub async fn sku_ids(pool: &MySqlPool) -> Result<Vec<String>> {
         .await?)
 }
 
-/// Units of the SKU MySQL records as confirmed before `before_ms`.
-pub async fn sold_before(pool: &MySqlPool, sku: &SkuId, before_ms: i64) -> Result<u64> {
-    let total: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED) FROM sales WHERE sku = ? AND confirmed_at < ?",
+/// Opens the transaction the reconciler checks one SKU in: REPEATABLE READ, so all its
+/// plain reads see one snapshot of `sales`.
+pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, MySql>> {
+    // Applies to the next transaction of this connection only.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *conn)
+        .await?;
+    Ok(sqlx::Connection::begin(conn).await?)
+}
+
+/// The SKU's row, locked until the transaction ends: no flush of the SKU commits and
+/// no admin write of it applies meanwhile (both lock the same row first).
+pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
+    let row = sqlx::query(
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold
+         FROM skus WHERE sku = ? FOR UPDATE",
     )
     .bind(sku.as_str())
-    .bind(ms_to_datetime(before_ms))
-    .fetch_one(pool)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(total.max(0) as u64)
+    row.map(|row| sku_record_from_row(&row)).transpose()
 }
 
-/// Which of these reservations MySQL has as sales.
-pub async fn flushed_sales(pool: &MySqlPool, reservation_ids: &[&str]) -> Result<HashSet<String>> {
-    let mut found = HashSet::new();
-    for chunk in reservation_ids.chunks(1000) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT reservation_id FROM sales WHERE reservation_id IN (",
-        );
-        let mut list = query.separated(", ");
-        for rid in chunk {
-            list.push_bind(*rid);
-        }
-        query.push(")");
-        let rows: Vec<String> = query.build_query_scalar().fetch_all(pool).await?;
-        found.extend(rows);
-    }
-    Ok(found)
+/// Units of the SKU MySQL records as sold: (all of them, those confirmed before `before_ms`).
+pub async fn sales_totals(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+    before_ms: i64,
+) -> Result<(u64, u64)> {
+    let (total, before): (i64, i64) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED),
+                CAST(COALESCE(SUM(CASE WHEN confirmed_at < ? THEN quantity ELSE 0 END), 0) AS SIGNED)
+         FROM sales WHERE sku = ?",
+    )
+    .bind(ms_to_datetime(before_ms))
+    .bind(sku.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((total.max(0) as u64, before.max(0) as u64))
 }
 
-pub async fn sold_per_user(pool: &MySqlPool, sku: &SkuId) -> Result<Vec<(String, i64)>> {
+/// Which of these reservations MySQL records as sales confirmed before `before_ms`.
+pub async fn sales_recorded_before(
+    conn: &mut MySqlConnection,
+    reservation_ids: &[&str],
+    before_ms: i64,
+) -> Result<HashSet<String>> {
+    recorded_sales(conn, reservation_ids, Some(before_ms)).await
+}
+
+/// Sets the derived `skus.sold` (the reconciler, when it differs from the sales rows).
+pub async fn set_sold(conn: &mut MySqlConnection, sku: &SkuId, sold: u64) -> Result<()> {
+    sqlx::query("UPDATE skus SET sold = ? WHERE sku = ?")
+        .bind(sold)
+        .bind(sku.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn sold_per_user(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(
         "SELECT user_id, CAST(SUM(quantity) AS SIGNED) FROM sales WHERE sku = ? GROUP BY user_id",
     )
     .bind(sku.as_str())
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?)
 }
 

@@ -26,6 +26,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The same error for another caller (one failed batch call answers many requests).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidRequest(detail) => Error::InvalidRequest(detail.clone()),
+            Error::Unauthorized => Error::Unauthorized,
+            Error::Refused(refusal) => Error::Refused(*refusal),
+            Error::RefundRequired {
+                refusal,
+                compensation_id,
+            } => Error::RefundRequired {
+                refusal: *refusal,
+                compensation_id: compensation_id.clone(),
+            },
+            Error::Unavailable(detail) => Error::Unavailable(detail.clone()),
+            Error::Internal(detail) => Error::Internal(detail.clone()),
+        }
+    }
+}
+
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Error {
         // Any failure to talk to Redis (refused, dropped, timed out, loading, failing

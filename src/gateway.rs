@@ -6,21 +6,24 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
+use crate::batcher::ReserveBatcher;
 use crate::config::GatewaySettings;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
 use crate::reservation::{Compensation, Refusal, Reservation, Sku, SkuDefinition};
 use crate::sold_out::SoldOutFlags;
-use crate::store::{ConfirmOutcome, ReserveOutcome, Store};
+use crate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, Store};
 use crate::telemetry;
+use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct Gateway {
     pub store: Store,
     pub db: MySqlPool,
     pub settings: GatewaySettings,
-    sold_out: std::sync::Arc<SoldOutFlags>,
+    sold_out: Arc<SoldOutFlags>,
+    reserves: Arc<ReserveBatcher>,
 }
 
 /// A reservation id that is not ours is simply not found.
@@ -30,11 +33,16 @@ fn sku_of(reservation_id: &str) -> Result<SkuId> {
 
 impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
+        let reserves = Arc::new(ReserveBatcher::new(
+            store.clone(),
+            settings.idempotency_ttl.as_millis() as u64,
+        ));
         Gateway {
             store,
             db,
             settings,
             sold_out: Default::default(),
+            reserves,
         }
     }
 
@@ -49,18 +57,13 @@ impl Gateway {
         if self.sold_out.is_sold_out(sku, quantity) {
             return Err(Error::Refused(Refusal::SoldOut));
         }
-        let reservation_id = ids::new_reservation_id(sku);
-        let outcome = self
-            .store
-            .reserve(
-                sku,
-                user_id,
-                quantity,
-                idempotency_key,
-                &reservation_id,
-                self.settings.idempotency_ttl.as_millis() as u64,
-            )
-            .await;
+        let request = ReserveRequest {
+            user_id: user_id.to_owned(),
+            quantity,
+            idempotency_key: idempotency_key.to_owned(),
+            reservation_id: ids::new_reservation_id(sku),
+        };
+        let outcome = self.reserves.reserve(sku, request).await;
         if let Err(Error::Refused(Refusal::SoldOut)) = &outcome {
             self.sold_out.raise(sku, quantity);
         }

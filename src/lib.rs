@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for the map.
 
 pub mod auth;
+pub mod batcher;
 pub mod config;
 pub mod db;
 pub mod error;

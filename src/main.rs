@@ -7,6 +7,11 @@ use flashgate::config::{Cli, Command};
 use flashgate::ids::SkuId;
 use flashgate::{auth, db, reconcile, server, store, telemetry, worker};
 
+// glibc malloc was a fifth of the gateway's CPU under load (perf); mimalloc's
+// thread-local free lists suit the many small, short-lived request allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

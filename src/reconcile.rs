@@ -1,12 +1,24 @@
 //! Reconciliation: finds drift between Redis (the live sale) and MySQL (the record)
 //! and, when asked, repairs it with MySQL winning for sales. Returns a report; the
 //! caller prints it and picks the exit code. Every finding is audited in MySQL.
+//!
+//! Soundness while sales go on. One SKU is checked inside one MySQL transaction that
+//! first locks the SKU's `skus` row: the flush of that SKU (which locks the same row
+//! before writing sales) and admin writes of it wait until the check is done. Then
+//! one Redis snapshot (an atomic script, at Redis time T) gives the counters and the
+//! confirmations still in the outbox; every other confirmation was either made after
+//! T (its `confirmed_at` is >= T) or trimmed from the outbox before T, which happens
+//! only after MySQL committed it. So the units Redis counted as sold at T are exactly
+//!
+//!   MySQL sales confirmed before T + outbox confirmations MySQL does not have (before T)
+//!
+//! read from one MySQL snapshot; confirms racing with the check never show as drift.
 
 use redis::AsyncCommands;
-use sqlx::mysql::MySqlPool;
+use sqlx::mysql::{MySqlConnection, MySqlPool};
 use std::collections::HashSet;
 
-use crate::db;
+use crate::db::{self, SkuRecord};
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::keys::SkuKeys;
@@ -18,19 +30,27 @@ use crate::telemetry;
 const SNAPSHOT_CAP: u64 = 100_000;
 /// Holds this far past their deadline and still counted are ghosts: the sweeper
 /// (interval 1 s by default) should have returned them long ago.
-const GHOST_AFTER_MS: i64 = 10_000;
+pub const GHOST_AFTER_MS: i64 = 10_000;
+/// Sweep batches the repair runs at most to return ghost holds before recounting.
+const REPAIR_SWEEP_ROUNDS: usize = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub sku: String,
-    /// `redis_state_missing`, `equation_broken`, `held_mismatch`, `sold_behind_mysql`,
-    /// `sold_ahead_of_mysql`, `stock_total_mismatch`, `ghost_holds`, `overcommitted`,
-    /// `check_skipped`
+    /// `redis_state_missing`, `mysql_record_missing`, `equation_broken`, `held_mismatch`,
+    /// `ghost_holds`, `stock_total_mismatch`, `mysql_sold_mismatch`, `sold_behind_mysql`,
+    /// `sold_ahead_of_mysql`, `overcommitted`, `check_skipped`
     pub kind: &'static str,
     pub detail: String,
     pub before: String,
     pub after: Option<String>,
     pub repaired: bool,
+}
+
+impl Finding {
+    pub fn is_drift(&self) -> bool {
+        self.kind != "check_skipped"
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -41,7 +61,7 @@ pub struct ReconcileReport {
 
 impl ReconcileReport {
     pub fn drift_found(&self) -> bool {
-        self.findings.iter().any(|f| f.kind != "check_skipped")
+        self.findings.iter().any(Finding::is_drift)
     }
 
     /// 0 no drift, 1 drift found (repaired or not). (2, could not run, is an Err.)
@@ -64,9 +84,11 @@ struct Snapshot {
     sold: i64,
     /// None when there were too many holds to count.
     live_held: Option<i64>,
-    overdue: i64,
+    /// Holds more than GHOST_AFTER_MS past their deadline.
+    ghosts: i64,
+    /// Confirmations whose events are in the outbox (reservation id, quantity);
     /// None when the outbox was too long to read.
-    unflushed_confirms: Option<Vec<(String, i64)>>,
+    outbox_confirms: Option<Vec<(String, i64)>>,
 }
 
 impl Snapshot {
@@ -87,17 +109,22 @@ async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
         .key(&keys.deadlines)
         .key(&keys.outbox)
         .arg(SNAPSHOT_CAP)
+        .arg(GHOST_AFTER_MS)
         .invoke_async(&mut conn)
         .await?;
+    parse_snapshot(&reply)
+}
+
+fn parse_snapshot(reply: &[String]) -> Result<Option<Snapshot>> {
     if reply.first().map(String::as_str) != Some("ok") {
         return Ok(None);
     }
-    let bad = || Error::Internal("unexpected snapshot reply".into());
+    let bad = || Error::Internal(format!("unexpected snapshot reply {reply:?}"));
     let n = |i: usize| -> Result<i64> { reply.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
     let live_held = n(6)?;
-    let outbox_complete = n(8)? == 1;
+    let outbox_complete = n(9)? == 1;
     let mut confirms = Vec::new();
-    for pair in reply[9..].chunks(2) {
+    for pair in reply[10..].chunks(2) {
         let [rid, quantity] = pair else {
             return Err(bad());
         };
@@ -110,8 +137,8 @@ async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
         held: n(4)?,
         sold: n(5)?,
         live_held: (live_held >= 0).then_some(live_held),
-        overdue: n(7)?,
-        unflushed_confirms: outbox_complete.then_some(confirms),
+        ghosts: n(8)?,
+        outbox_confirms: outbox_complete.then_some(confirms),
     }))
 }
 
@@ -140,7 +167,10 @@ pub async fn run(
     let mut report = ReconcileReport::default();
     for sku in &skus {
         let findings = reconcile_sku(store, pool, sku, repair).await?;
-        telemetry::reconcile_drift(sku.as_str(), findings.len());
+        telemetry::reconcile_drift(
+            sku.as_str(),
+            findings.iter().filter(|f| f.is_drift()).count(),
+        );
         for finding in &findings {
             db::audit(pool, finding).await?;
             tracing::warn!(sku = %finding.sku, kind = finding.kind, detail = %finding.detail,
@@ -159,37 +189,96 @@ pub async fn run(
     Ok(report)
 }
 
+/// Checks (and repairs) one SKU inside one MySQL transaction holding the SKU's row lock.
 async fn reconcile_sku(
     store: &Store,
     pool: &MySqlPool,
     sku: &SkuId,
     repair: bool,
 ) -> Result<Vec<Finding>> {
-    let record = db::sku_record(pool, sku).await?;
-    let Some(snap) = snapshot(store, sku).await? else {
-        let Some(record) = record else {
-            return Ok(Vec::new()); // indexed in Redis but defined nowhere: nothing to compare
-        };
-        let mut finding = Finding {
-            sku: sku.to_string(),
-            kind: "redis_state_missing",
-            detail: "MySQL defines the SKU but Redis has no state for it".into(),
-            before: "missing".into(),
-            after: None,
-            repaired: false,
-        };
-        if repair {
-            let loaded = store.load_sku(sku, &record.definition, record.sold).await?;
-            restore_per_user_usage(store, pool, sku).await?;
-            finding.after = Some(format!(
-                "stock_total={} available={} held={} sold={}",
-                loaded.stock_total, loaded.available, loaded.held, loaded.sold
-            ));
-            finding.repaired = true;
-        }
-        return Ok(vec![finding]);
-    };
+    let mut conn = pool.acquire().await?;
+    let mut tx = db::begin_check(&mut conn).await?;
+    let findings = check_sku(store, &mut tx, sku, repair).await?;
+    tx.commit().await?;
+    Ok(findings)
+}
 
+async fn check_sku(
+    store: &Store,
+    tx: &mut MySqlConnection,
+    sku: &SkuId,
+    repair: bool,
+) -> Result<Vec<Finding>> {
+    let record = db::lock_sku_record(tx, sku).await?;
+    let snap = snapshot(store, sku).await?;
+    match (snap, record) {
+        // Indexed in Redis but defined nowhere: nothing to compare.
+        (None, None) => Ok(Vec::new()),
+        (None, Some(record)) => restore_missing(store, tx, sku, &record, repair).await,
+        (Some(snap), record) => compare(store, tx, sku, snap, record, repair).await,
+    }
+}
+
+/// Redis lost the SKU (a restart without persistence, a wipe): rebuild it from MySQL,
+/// with every unit MySQL records as sold counted as sold, so none is sold twice.
+async fn restore_missing(
+    store: &Store,
+    tx: &mut MySqlConnection,
+    sku: &SkuId,
+    record: &SkuRecord,
+    repair: bool,
+) -> Result<Vec<Finding>> {
+    let mut finding = Finding {
+        sku: sku.to_string(),
+        kind: "redis_state_missing",
+        detail: format!(
+            "MySQL defines the SKU (stock_total={} sold={}) but Redis has no state for it",
+            record.definition.stock_total, record.sold
+        ),
+        before: "missing".into(),
+        after: None,
+        repaired: false,
+    };
+    if repair {
+        let (sold, _) = db::sales_totals(tx, sku, 0).await?;
+        store.load_sku(sku, &record.definition, sold).await?;
+        // Per-user limits must still count what each user bought (where Redis lost it).
+        let keys = SkuKeys::new(sku);
+        let mut conn = store.connection();
+        for (user, quantity) in db::sold_per_user(tx, sku).await? {
+            let _: bool = conn.hset_nx(&keys.used, user, quantity).await?;
+        }
+        if sold != record.sold {
+            db::set_sold(tx, sku, sold).await?;
+        }
+        // Only the counters may be gone (a partial loss): recount the holds that
+        // survived and count the confirmations still waiting in the outbox as sold.
+        let floor = match snapshot(store, sku).await? {
+            Some(snap) => match &snap.outbox_confirms {
+                Some(confirms) => expected_sold(tx, sku, &snap, confirms).await?.0,
+                None => sold,
+            },
+            None => sold,
+        };
+        let (code, after) =
+            repair_counters(store, sku, record.definition.stock_total, floor).await?;
+        finding.after = Some(after.clone());
+        finding.repaired = true;
+        if code == "overcommitted" {
+            return Ok(vec![finding, overcommitted(sku, "missing".into(), after)]);
+        }
+    }
+    Ok(vec![finding])
+}
+
+async fn compare(
+    store: &Store,
+    tx: &mut MySqlConnection,
+    sku: &SkuId,
+    snap: Snapshot,
+    record: Option<SkuRecord>,
+    repair: bool,
+) -> Result<Vec<Finding>> {
     let mut findings = Vec::new();
     let mut finding = |kind: &'static str, detail: String| {
         findings.push(Finding {
@@ -215,88 +304,134 @@ async fn reconcile_sku(
         Some(_) => {}
         None => finding("check_skipped", "too many live holds to count".into()),
     }
-    let overdue_ghosts = if snap.overdue > 0 {
-        count_ghosts(store, sku, snap.now_ms - GHOST_AFTER_MS).await?
-    } else {
-        0
-    };
-    if overdue_ghosts > 0 {
+    if snap.ghosts > 0 {
         finding(
             "ghost_holds",
-            format!("{overdue_ghosts} holds more than {GHOST_AFTER_MS} ms past their deadline still counted"),
+            format!(
+                "{} holds more than {GHOST_AFTER_MS} ms past their deadline still counted",
+                snap.ghosts
+            ),
         );
     }
-    let mut sold_floor = None;
-    if let Some(record) = &record {
-        if record.definition.stock_total as i64 != snap.stock_total {
-            finding(
-                "stock_total_mismatch",
-                format!("MySQL stock_total {}", record.definition.stock_total),
-            );
-        }
-        match &snap.unflushed_confirms {
-            Some(confirms) => {
-                let rids: Vec<&str> = confirms.iter().map(|(rid, _)| rid.as_str()).collect();
-                let flushed = db::flushed_sales(pool, &rids).await?;
-                let unflushed: i64 = confirms
-                    .iter()
-                    .filter(|(rid, _)| !flushed.contains(rid))
-                    .map(|(_, q)| q)
-                    .sum();
-                // Only sales confirmed before the snapshot count: later ones may
-                // have been flushed since, and are not in the snapshot's `sold`.
-                let mysql_sold = db::sold_before(pool, sku, snap.now_ms).await? as i64;
-                let expected = mysql_sold + unflushed;
-                sold_floor = Some(expected);
-                if snap.sold < expected {
-                    finding(
-                        "sold_behind_mysql",
-                        format!(
-                            "Redis sold {} < MySQL sold {mysql_sold} + unflushed {unflushed}",
-                            snap.sold
-                        ),
-                    );
-                } else if snap.sold > expected {
-                    finding(
-                        "sold_ahead_of_mysql",
-                        format!("Redis sold {} > MySQL sold {mysql_sold} + unflushed {unflushed}: confirmations missing from the record", snap.sold),
-                    );
-                }
+    let Some(record) = record else {
+        finding(
+            "mysql_record_missing",
+            "Redis has state for a SKU MySQL does not define; not repaired (define it again)"
+                .into(),
+        );
+        return Ok(findings);
+    };
+    if record.definition.stock_total as i64 != snap.stock_total {
+        finding(
+            "stock_total_mismatch",
+            format!("MySQL stock_total {}", record.definition.stock_total),
+        );
+    }
+    // One MySQL snapshot for all of this (REPEATABLE READ; and the row lock keeps
+    // flushes of this SKU out until the check is done).
+    let (mysql_sold, _) = db::sales_totals(tx, sku, snap.now_ms).await?;
+    let mut mysql_sold_fix = None;
+    if mysql_sold != record.sold {
+        finding(
+            "mysql_sold_mismatch",
+            format!(
+                "MySQL skus.sold {} but its sales add up to {mysql_sold}",
+                record.sold
+            ),
+        );
+        mysql_sold_fix = Some(mysql_sold);
+    }
+    let mut sold_floor = mysql_sold;
+    match &snap.outbox_confirms {
+        Some(confirms) => {
+            let (expected, sold_before_snapshot, unflushed) =
+                expected_sold(tx, sku, &snap, confirms).await?;
+            sold_floor = expected;
+            let expected = expected as i64;
+            if snap.sold < expected {
+                finding(
+                    "sold_behind_mysql",
+                    format!(
+                        "Redis sold {} < MySQL sold {sold_before_snapshot} + unflushed {unflushed}",
+                        snap.sold
+                    ),
+                );
+            } else if snap.sold > expected {
+                finding(
+                    "sold_ahead_of_mysql",
+                    format!(
+                        "Redis sold {} > MySQL sold {sold_before_snapshot} + unflushed {unflushed}: \
+                         confirmations missing from the record; not repaired (MySQL cannot \
+                         invent sales, and selling those units again could oversell)",
+                        snap.sold
+                    ),
+                );
             }
-            None => finding("check_skipped", "outbox too long to compare sold".into()),
         }
+        None => finding("check_skipped", "outbox too long to compare sold".into()),
     }
 
-    let drift = findings.iter().any(|f| f.kind != "check_skipped");
-    if repair && drift {
-        if let Some(record) = &record {
-            let floor = sold_floor.unwrap_or(record.sold as i64).max(0) as u64;
-            let after = repair_counters(store, sku, record.definition.stock_total, floor).await?;
-            let overcommitted = after.0 == "overcommitted";
-            for f in findings.iter_mut().filter(|f| f.kind != "check_skipped") {
-                f.after = Some(after.1.clone());
-                // Sales MySQL never recorded cannot be invented: reported, not repaired.
-                f.repaired = f.kind != "sold_ahead_of_mysql";
-            }
-            if overcommitted {
-                findings.push(Finding {
-                    sku: sku.to_string(),
-                    kind: "overcommitted",
-                    detail: "held + sold exceed MySQL stock_total; available set to 0".into(),
-                    before: snap.counters(),
-                    after: Some(after.1),
-                    repaired: false,
-                });
+    let drift = findings.iter().any(Finding::is_drift);
+    if !(repair && drift) {
+        return Ok(findings);
+    }
+    if snap.ghosts > 0 {
+        // Return every overdue hold first (bounded batches), then recount.
+        for _ in 0..REPAIR_SWEEP_ROUNDS {
+            let (expired, still_due) = store.sweep(sku).await?;
+            if still_due == 0 || expired == 0 {
+                break;
             }
         }
+    }
+    let (code, after) =
+        repair_counters(store, sku, record.definition.stock_total, sold_floor).await?;
+    if let Some(sold) = mysql_sold_fix {
+        db::set_sold(tx, sku, sold).await?;
+    }
+    for f in findings.iter_mut().filter(|f| f.is_drift()) {
+        f.after = Some(after.clone());
+        // Sales MySQL never recorded cannot be invented: reported, not repaired.
+        f.repaired = f.kind != "sold_ahead_of_mysql";
+    }
+    if code == "overcommitted" {
+        findings.push(overcommitted(sku, snap.counters(), after));
     }
     Ok(findings)
 }
 
-async fn count_ghosts(store: &Store, sku: &SkuId, older_than_ms: i64) -> Result<i64> {
-    let keys = SkuKeys::new(sku);
-    let mut conn = store.connection();
-    Ok(conn.zcount(&keys.deadlines, "-inf", older_than_ms).await?)
+fn overcommitted(sku: &SkuId, before: String, after: String) -> Finding {
+    Finding {
+        sku: sku.to_string(),
+        kind: "overcommitted",
+        detail: "held + sold exceed MySQL stock_total; available set to 0".into(),
+        before,
+        after: Some(after),
+        repaired: false,
+    }
+}
+
+/// What Redis `sold` must be at the snapshot's instant T: the sales MySQL records as
+/// confirmed before T, plus the confirmations in the snapshot's outbox MySQL does not
+/// have (as of before T). Returns (expected, MySQL part, unflushed part).
+async fn expected_sold(
+    tx: &mut MySqlConnection,
+    sku: &SkuId,
+    snap: &Snapshot,
+    outbox_confirms: &[(String, i64)],
+) -> Result<(u64, u64, u64)> {
+    let (_, sold_before) = db::sales_totals(tx, sku, snap.now_ms).await?;
+    let rids: Vec<&str> = outbox_confirms
+        .iter()
+        .map(|(rid, _)| rid.as_str())
+        .collect();
+    let recorded = db::sales_recorded_before(tx, &rids, snap.now_ms).await?;
+    let unflushed: u64 = outbox_confirms
+        .iter()
+        .filter(|(rid, _)| !recorded.contains(rid))
+        .map(|(_, q)| (*q).max(0) as u64)
+        .sum();
+    Ok((sold_before + unflushed, sold_before, unflushed))
 }
 
 /// Returns (reply code, "stock_total=.. available=.. held=.. sold=..").
@@ -329,12 +464,38 @@ async fn repair_counters(
     ))
 }
 
-/// After Redis lost a SKU, per-user limits must still count what each user bought.
-async fn restore_per_user_usage(store: &Store, pool: &MySqlPool, sku: &SkuId) -> Result<()> {
-    let keys = SkuKeys::new(sku);
-    let mut conn = store.connection();
-    for (user, quantity) in db::sold_per_user(pool, sku).await? {
-        let _: () = conn.hset(&keys.used, user, quantity).await?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
     }
-    Ok(())
+
+    #[test]
+    fn snapshots_parse() {
+        assert!(parse_snapshot(&reply(&["missing"])).unwrap().is_none());
+        let snap = parse_snapshot(&reply(&[
+            "ok", "1000", "10", "5", "3", "2", "3", "1", "0", "1", "r1", "1", "r2", "1",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (snap.stock_total, snap.available, snap.held, snap.sold),
+            (10, 5, 3, 2)
+        );
+        assert_eq!(snap.live_held, Some(3));
+        assert_eq!(snap.outbox_confirms.unwrap().len(), 2);
+        let snap = parse_snapshot(&reply(&[
+            "ok", "1", "1", "1", "0", "0", "-1", "0", "0", "0",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((snap.live_held, snap.outbox_confirms), (None, None));
+        assert!(parse_snapshot(&reply(&["ok", "1", "x"])).is_err());
+        assert!(parse_snapshot(&reply(&[
+            "ok", "1", "1", "1", "0", "0", "0", "0", "0", "1", "r1"
+        ]))
+        .is_err());
+    }
 }

@@ -24,6 +24,7 @@ fn script(source: &str) -> Script {
 /// Every script, compiled once; invoked by EVALSHA and reloaded on NOSCRIPT.
 pub struct Scripts {
     pub reserve: Script,
+    pub reserve_batch: Script,
     pub confirm: Script,
     pub cancel: Script,
     pub payment_pending: Script,
@@ -36,6 +37,7 @@ pub struct Scripts {
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: script(include_str!("../lua/reserve.lua")),
+    reserve_batch: script(include_str!("../lua/reserve_batch.lua")),
     confirm: script(include_str!("../lua/confirm.lua")),
     cancel: script(include_str!("../lua/cancel.lua")),
     payment_pending: script(include_str!("../lua/payment_pending.lua")),
@@ -106,6 +108,16 @@ pub async fn connect(args: &RedisArgs) -> Result<RedisConnection> {
     ))
 }
 
+/// One reserve request as the scripts take it.
+#[derive(Debug, Clone)]
+pub struct ReserveRequest {
+    pub user_id: String,
+    pub quantity: u64,
+    pub idempotency_key: String,
+    /// The id the hold gets if one is created.
+    pub reservation_id: String,
+}
+
 /// What the reserve script decided.
 #[derive(Debug)]
 pub enum ReserveOutcome {
@@ -157,6 +169,7 @@ impl Store {
         let s = &*SCRIPTS;
         for script in [
             &s.reserve,
+            &s.reserve_batch,
             &s.confirm,
             &s.cancel,
             &s.payment_pending,
@@ -174,10 +187,7 @@ impl Store {
     pub async fn reserve(
         &self,
         sku: &SkuId,
-        user_id: &str,
-        quantity: u64,
-        idempotency_key: &str,
-        reservation_id: &str,
+        request: &ReserveRequest,
         idempotency_ttl_ms: u64,
     ) -> Result<ReserveOutcome> {
         let keys = SkuKeys::new(sku);
@@ -187,20 +197,51 @@ impl Store {
             .key(&keys.meta)
             .key(&keys.used)
             .key(&keys.deadlines)
-            .key(keys.idempotency(user_id, idempotency_key))
-            .key(keys.reservation(reservation_id))
-            .arg(user_id)
-            .arg(quantity)
-            .arg(reservation_id)
+            .key(keys.idempotency(&request.user_id, &request.idempotency_key))
+            .key(keys.reservation(&request.reservation_id))
+            .arg(&request.user_id)
+            .arg(request.quantity)
+            .arg(&request.reservation_id)
             .arg(idempotency_ttl_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .invoke_async(&mut conn)
             .await?;
-        match reply.first().map(String::as_str) {
-            Some("created") => Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?)),
-            Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
-            _ => Err(refusal_of(&reply)),
+        reserve_outcome(sku, &reply)
+    }
+
+    /// Several reserves of one SKU in one script call, decided in order; one outcome
+    /// per request, exactly as `reserve` called once per request would give.
+    pub async fn reserve_many(
+        &self,
+        sku: &SkuId,
+        requests: &[ReserveRequest],
+        idempotency_ttl_ms: u64,
+    ) -> Result<Vec<Result<ReserveOutcome>>> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let mut invocation = SCRIPTS.reserve_batch.prepare_invoke();
+        invocation
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .arg(idempotency_ttl_ms)
+            .arg(limits::RESERVE_RECLAIM_BATCH);
+        for request in requests {
+            invocation
+                .key(keys.idempotency(&request.user_id, &request.idempotency_key))
+                .key(keys.reservation(&request.reservation_id))
+                .arg(&request.user_id)
+                .arg(request.quantity)
+                .arg(&request.reservation_id);
         }
+        let replies: Vec<Vec<String>> = invocation.invoke_async(&mut conn).await?;
+        if replies.len() != requests.len() {
+            return Err(bad_reply("batch arity"));
+        }
+        Ok(replies
+            .iter()
+            .map(|reply| reserve_outcome(sku, reply))
+            .collect())
     }
 
     pub async fn confirm(
@@ -551,6 +592,14 @@ fn refusal_of(reply: &[String]) -> Error {
     match reply.first().and_then(|code| Refusal::from_code(code)) {
         Some(refusal) => Error::Refused(refusal),
         None => bad_reply(reply.first().map(String::as_str).unwrap_or("empty")),
+    }
+}
+
+fn reserve_outcome(sku: &SkuId, reply: &[String]) -> Result<ReserveOutcome> {
+    match reply.first().map(String::as_str) {
+        Some("created") => Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?)),
+        Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
+        _ => Err(refusal_of(reply)),
     }
 }
 

@@ -1,20 +1,50 @@
 //! Background work, each step callable on its own so tests can drive it without
 //! sleeping: `sweep_once` returns the stock of expired holds, `flush_once` writes the
 //! outbox to MySQL. `run` loops them until shutdown; an in-flight step finishes first.
+//!
+//! The flush, per SKU stream, in the consumer group `flush`:
+//! 1. entries already delivered to this consumer and not acknowledged (a batch whose
+//!    MySQL write or XACK failed) are retried first, at once;
+//! 2. else entries pending on another consumer idle for `claim_idle` (a worker that
+//!    died mid-batch) are taken over with XAUTOCLAIM;
+//! 3. else new entries are read.
+//!
+//! A batch is written in one MySQL transaction (idempotently: see `db::apply_events`)
+//! and acknowledged only after the commit, so a crash anywhere leaves its entries
+//! pending, to be written again by whoever takes them over; writing twice changes
+//! nothing. The stream is trimmed only below what every group has acknowledged.
 
+use redis::Value;
 use sqlx::mysql::MySqlPool;
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::WorkerSettings;
 use crate::db::{self, OutboxEvent};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::SkuId;
+use crate::keys::{SkuKeys, FLUSH_GROUP};
 use crate::limits;
 use crate::reconcile;
 use crate::reservation::{Compensation, CompensationReason};
 use crate::store::{OutboxEntry, Store};
 use crate::telemetry;
+
+/// Overrides `limits::FLUSH_CLAIM_IDLE` (milliseconds): how long an entry must sit
+/// unacknowledged on another consumer before this worker takes it over. Keep it far
+/// above one batch's flush time, or live workers steal from each other (harmless, as
+/// the flush is idempotent, but wasted work).
+pub const CLAIM_IDLE_ENV: &str = "FLASHGATE_FLUSH_CLAIM_IDLE_MS";
+/// First retry delay of a failing flush (MySQL down); doubles up to the maximum.
+const FLUSH_BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between two flush attempts while MySQL is down: bounds how long the
+/// backlog waits after MySQL is back.
+const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest the worker keeps flushing after shutdown was asked for.
+const FINAL_FLUSH_LIMIT: Duration = Duration::from_secs(10);
+/// XAUTOCLAIM calls per batch: each scans at most 10 x COUNT pending entries.
+const AUTOCLAIM_ROUNDS: usize = 4;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -31,8 +61,20 @@ pub struct FlushReport {
 pub struct Worker {
     pub store: Store,
     pub db: MySqlPool,
-    /// Consumer name in the outbox group: unique per process.
+    /// Consumer name in the outbox group: unique per process (and per `Worker`), so a
+    /// restarted worker never mistakes a dead one's entries for its own; it takes
+    /// them over once they are `claim_idle` old.
     pub consumer: String,
+    /// Entries pending this long on another consumer are taken over (XAUTOCLAIM).
+    pub claim_idle: Duration,
+}
+
+fn claim_idle_from_env() -> Duration {
+    std::env::var(CLAIM_IDLE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(limits::FLUSH_CLAIM_IDLE)
 }
 
 impl Worker {
@@ -46,7 +88,13 @@ impl Worker {
             store,
             db,
             consumer,
+            claim_idle: claim_idle_from_env(),
         }
+    }
+
+    pub fn with_claim_idle(mut self, claim_idle: Duration) -> Worker {
+        self.claim_idle = claim_idle;
+        self
     }
 
     /// Expires every due hold of every SKU, one bounded batch per script call.
@@ -68,27 +116,50 @@ impl Worker {
         Ok(report)
     }
 
-    /// Flushes at most one batch per SKU; call until `flushed == 0` to drain.
+    /// Flushes at most one batch per SKU; call until `flushed == 0` to drain. A SKU
+    /// whose flush fails does not hold the others back: every SKU gets its batch, then
+    /// the first failure is returned (an outage of MySQL or Redis ends the pass's flushing).
     pub async fn flush_once(&self) -> Result<FlushReport> {
+        let (report, failure) = self.flush_pass().await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// One batch per SKU; Err only when the SKUs cannot even be listed.
+    async fn flush_pass(&self) -> Result<(FlushReport, Option<Error>)> {
         let mut report = FlushReport::default();
+        let mut failure = None;
         let mut backlog = 0;
+        let mut outage = false;
         for sku in self.store.sku_ids().await? {
-            report.flushed += self.flush_sku(&sku).await?;
+            // After an outage of MySQL or Redis, every other SKU would only wait for
+            // the same timeouts: the pass just measures the backlog from there on.
+            if !outage {
+                match self.flush_sku(&sku).await {
+                    Ok(flushed) => report.flushed += flushed,
+                    Err(e @ Error::Unavailable(_)) => {
+                        outage = true;
+                        failure = Some(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(sku = %sku, error = %e, "flush of one SKU failed");
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
             backlog += self.store.outbox_backlog(&sku).await.unwrap_or(0);
         }
         telemetry::flushed(report.flushed);
         telemetry::outbox_backlog(backlog);
-        Ok(report)
+        Ok((report, failure))
     }
 
     /// One transaction per batch; XACK only after the commit, so a crash anywhere
     /// leaves the events pending, to be claimed and written again (idempotently).
     pub async fn flush_sku(&self, sku: &SkuId) -> Result<u64> {
-        self.store.ensure_outbox_group(sku).await?;
-        let entries = self
-            .store
-            .read_outbox(sku, &self.consumer, limits::FLUSH_BATCH)
-            .await?;
+        let entries = self.read_batch(sku).await?;
         if entries.is_empty() {
             return Ok(0);
         }
@@ -96,8 +167,8 @@ impl Worker {
         for entry in &entries {
             match parse_event(entry) {
                 Some(event) => events.push(event),
-                // A malformed entry can never be written; keeping it would block
-                // nothing (entries are independent) but would be retried forever.
+                // A malformed (or deleted) entry can never be written; keeping it
+                // pending would retry it forever. Logged, and acknowledged below.
                 None => {
                     tracing::error!(stream_id = %entry.stream_id, sku = %sku, "skipping malformed outbox entry")
                 }
@@ -109,66 +180,278 @@ impl Worker {
         Ok(ids.len() as u64)
     }
 
-    /// Drains the outbox completely (tests and shutdown).
-    pub async fn flush_all(&self) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let report = self.flush_once().await?;
-            if report.flushed == 0 {
-                return Ok(total);
-            }
-            total += report.flushed;
+    /// This consumer's unacknowledged entries first, then entries a dead consumer left
+    /// pending, then new ones: at most one batch.
+    async fn read_batch(&self, sku: &SkuId) -> Result<Vec<OutboxEntry>> {
+        let own = self.read_group(sku, "0").await?;
+        if !own.is_empty() {
+            return Ok(own);
         }
+        let claimed = self.autoclaim(sku).await?;
+        if !claimed.is_empty() {
+            tracing::info!(sku = %sku, entries = claimed.len(), consumer = %self.consumer,
+                "took over outbox entries left pending by an idle consumer");
+            return Ok(claimed);
+        }
+        self.read_group(sku, ">").await
     }
 
-    /// Loops sweep, flush and reconcile until `shutdown` turns true. Failures are
-    /// logged and retried with backoff: a MySQL outage delays the flush, never sales.
-    pub async fn run(self, settings: WorkerSettings, mut shutdown: watch::Receiver<bool>) {
+    /// XREADGROUP from `id` ("0": this consumer's pending entries; ">": new ones).
+    async fn read_group(&self, sku: &SkuId, id: &str) -> Result<Vec<OutboxEntry>> {
+        let keys = SkuKeys::new(sku);
+        let command = || {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(FLUSH_GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(limits::FLUSH_BATCH)
+                .arg("STREAMS")
+                .arg(&keys.outbox)
+                .arg(id);
+            cmd
+        };
+        let mut conn = self.store.connection();
+        let reply: Value = match command().query_async(&mut conn).await {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // The group (or the stream) is gone, e.g. after Redis lost data: the
+                // group starts from the beginning of whatever the stream holds.
+                self.store.ensure_outbox_group(sku).await?;
+                command().query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        // [[key, [entry...]]] or nil
+        let mut entries = Vec::new();
+        if let Value::Array(streams) = reply {
+            for stream in streams {
+                if let Value::Array(mut parts) = stream {
+                    if parts.len() == 2 {
+                        entries.extend(parse_entries(parts.remove(1))?);
+                    }
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// XAUTOCLAIM: entries pending on any consumer for at least `claim_idle`.
+    async fn autoclaim(&self, sku: &SkuId) -> Result<Vec<OutboxEntry>> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.store.connection();
+        let mut cursor = "0-0".to_string();
+        let mut claimed = Vec::new();
+        for _ in 0..AUTOCLAIM_ROUNDS {
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&keys.outbox)
+                .arg(FLUSH_GROUP)
+                .arg(&self.consumer)
+                .arg(self.claim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(limits::FLUSH_BATCH - claimed.len())
+                .query_async(&mut conn)
+                .await
+                .or_else(|e| match e.code() {
+                    // No stream or no group yet: nothing pending anywhere.
+                    Some("NOGROUP") => Ok(Value::Nil),
+                    _ => Err(e),
+                })?;
+            // [next cursor, [entry...], [deleted id...]]
+            let Value::Array(mut parts) = reply else {
+                break;
+            };
+            if parts.len() < 2 {
+                return Err(bad_stream_reply("XAUTOCLAIM"));
+            }
+            claimed.extend(parse_entries(parts.remove(1))?);
+            cursor = string_of(&parts[0]).ok_or_else(|| bad_stream_reply("XAUTOCLAIM cursor"))?;
+            if cursor == "0-0" || claimed.len() >= limits::FLUSH_BATCH {
+                break;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Drains the outbox completely (tests and shutdown). Err when some SKU could not
+    /// be flushed (after the others were drained as far as they go).
+    pub async fn flush_all(&self) -> Result<u64> {
+        let (stop, _) = watch::channel(false);
+        self.drain(&stop.subscribe()).await
+    }
+
+    /// Runs the sweeper, the flush and the reconciler side by side until `shutdown`
+    /// turns true, each on its own clock: a MySQL outage (a flush backing off, a
+    /// reconcile waiting) never delays the return of expired stock, and sales go on.
+    pub async fn run(self, settings: WorkerSettings, shutdown: watch::Receiver<bool>) {
         let sweep_every = Duration::from_millis(settings.sweep_interval_ms.max(10));
         let reconcile_every = Duration::from_secs(settings.reconcile_interval_seconds.max(1));
-        let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
-        let mut flush_backoff = Duration::ZERO;
-        let mut next_flush = tokio::time::Instant::now();
-        tracing::info!(consumer = %self.consumer, "worker started");
+        tracing::info!(consumer = %self.consumer, claim_idle = ?self.claim_idle, "worker started");
+        tokio::join!(
+            self.sweep_loop(sweep_every, shutdown.clone()),
+            self.flush_loop(sweep_every, shutdown.clone()),
+            self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
+        );
+        // What was confirmed before shutdown goes to MySQL now if it can, within a
+        // bound: gateways may still be confirming. Cutting a batch short is safe (it
+        // stays pending, and another worker takes it over).
+        match tokio::time::timeout(FINAL_FLUSH_LIMIT, self.flush_all()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "final flush failed; events stay in the outbox")
+            }
+            Err(_) => tracing::warn!("final flush cut short; events stay in the outbox"),
+        }
+        tracing::info!("worker stopped");
+    }
+
+    async fn sweep_loop(&self, every: Duration, mut shutdown: watch::Receiver<bool>) {
         while !*shutdown.borrow() {
             if let Err(e) = self.sweep_once().await {
                 tracing::warn!(error = %e, "sweep failed");
             }
-            if tokio::time::Instant::now() >= next_flush {
-                match self.flush_all().await {
-                    Ok(_) => flush_backoff = Duration::ZERO,
-                    Err(e) => {
-                        flush_backoff =
-                            (flush_backoff * 2).clamp(sweep_every, Duration::from_secs(30));
-                        tracing::warn!(error = %e, retry_in = ?flush_backoff, "flush failed");
-                    }
-                }
-                next_flush = tokio::time::Instant::now() + flush_backoff;
-            }
-            if let Ok(count) = db::open_compensations(&self.db).await {
-                telemetry::open_compensations(count);
-            }
-            if tokio::time::Instant::now() >= next_reconcile {
-                next_reconcile = tokio::time::Instant::now() + reconcile_every;
-                match reconcile::run(&self.store, &self.db, None, settings.reconcile_repair).await {
-                    Ok(report) if report.drift_found() => {
-                        tracing::warn!(findings = report.findings.len(), "reconcile found drift")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "reconcile could not run"),
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(sweep_every) => {}
-                _ = shutdown.changed() => {}
+            if !sleep_or_shutdown(every, &mut shutdown).await {
+                break;
             }
         }
-        // What was confirmed before shutdown goes to MySQL now if it can.
-        if let Err(e) = self.flush_all().await {
-            tracing::warn!(error = %e, "final flush failed; events stay in the outbox");
-        }
-        tracing::info!("worker stopped");
     }
+
+    /// Drains the outbox every `every`; while it fails (MySQL or Redis down) retries
+    /// with exponential backoff from FLUSH_BACKOFF_MIN to FLUSH_BACKOFF_MAX. Nothing is
+    /// dropped: unwritten entries stay pending and are retried first.
+    async fn flush_loop(&self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::ZERO;
+        while !*shutdown.borrow() {
+            let wait = match self.drain(&shutdown).await {
+                Ok(_) => {
+                    if !backoff.is_zero() {
+                        tracing::info!("flush recovered");
+                    }
+                    backoff = Duration::ZERO;
+                    if let Ok(count) = db::open_compensations(&self.db).await {
+                        telemetry::open_compensations(count);
+                    }
+                    every
+                }
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(FLUSH_BACKOFF_MIN, FLUSH_BACKOFF_MAX);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "flush failed");
+                    backoff
+                }
+            };
+            if !sleep_or_shutdown(wait, &mut shutdown).await {
+                break;
+            }
+        }
+    }
+
+    /// Flushes batch after batch while any SKU makes progress (a failing SKU does not
+    /// stop the others); stops between batches when shutdown is asked for. Err when,
+    /// at the end, some SKU still failed.
+    async fn drain(&self, shutdown: &watch::Receiver<bool>) -> Result<u64> {
+        let mut total = 0;
+        while !*shutdown.borrow() {
+            let (report, failure) = self.flush_pass().await?;
+            total += report.flushed;
+            if report.flushed == 0 {
+                return match failure {
+                    Some(e) => Err(e),
+                    None => Ok(total),
+                };
+            }
+        }
+        Ok(total)
+    }
+
+    async fn reconcile_loop(
+        &self,
+        every: Duration,
+        repair: bool,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            if !sleep_or_shutdown(every, &mut shutdown).await {
+                break;
+            }
+            match reconcile::run(&self.store, &self.db, None, repair).await {
+                Ok(report) if report.drift_found() => {
+                    tracing::warn!(findings = report.findings.len(), "reconcile found drift")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reconcile could not run"),
+            }
+        }
+    }
+}
+
+/// Sleeps `wait`; false when shutdown was asked for (or can no longer be signalled).
+async fn sleep_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => !*shutdown.borrow(),
+        changed = shutdown.changed() => changed.is_ok() && !*shutdown.borrow(),
+    }
+}
+
+fn bad_stream_reply(what: &str) -> Error {
+    Error::Internal(format!("unexpected {what} reply"))
+}
+
+fn string_of(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `[[id, [field, value, ...] | nil], ...]`; a nil body is an entry deleted from the
+/// stream while pending, kept with no fields (so it is acknowledged, not retried).
+fn parse_entries(value: Value) -> Result<Vec<OutboxEntry>> {
+    let Value::Array(items) = value else {
+        return Ok(Vec::new());
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(parts) = item else {
+            return Err(bad_stream_reply("stream entry"));
+        };
+        let mut parts = parts.into_iter();
+        let id = parts
+            .next()
+            .as_ref()
+            .and_then(string_of)
+            .ok_or_else(|| bad_stream_reply("stream entry id"))?;
+        let mut map = HashMap::new();
+        match parts.next() {
+            Some(Value::Array(fields)) => {
+                let mut fields = fields.into_iter();
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    let name = string_of(&name).ok_or_else(|| bad_stream_reply("field name"))?;
+                    map.insert(name, value);
+                }
+            }
+            Some(Value::Map(pairs)) => {
+                for (name, value) in pairs {
+                    let name = string_of(&name).ok_or_else(|| bad_stream_reply("field name"))?;
+                    map.insert(name, value);
+                }
+            }
+            _ => {}
+        }
+        entries.push(OutboxEntry {
+            stream_id: id.clone(),
+            fields: redis::streams::StreamId {
+                id,
+                map,
+                milliseconds_elapsed_from_delivery: None,
+                delivered_count: None,
+            },
+        });
+    }
+    Ok(entries)
 }
 
 fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
@@ -196,5 +479,53 @@ fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
             created_at_ms: at_ms,
         })),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn stream_entries_parse_including_deleted_ones() {
+        let value = Value::Array(vec![
+            Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![
+                    bulk("type"),
+                    bulk("confirmed"),
+                    bulk("reservation_id"),
+                    bulk("r"),
+                    bulk("sku"),
+                    bulk("s"),
+                    bulk("user_id"),
+                    bulk("u"),
+                    bulk("quantity"),
+                    bulk("2"),
+                    bulk("payment_ref"),
+                    bulk("p"),
+                    bulk("at"),
+                    bulk("5"),
+                ]),
+            ]),
+            Value::Array(vec![bulk("2-0"), Value::Nil]),
+        ]);
+        let entries = parse_entries(value).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(matches!(
+            parse_event(&entries[0]),
+            Some(OutboxEvent::Confirmed {
+                quantity: 2,
+                at_ms: 5,
+                ..
+            })
+        ));
+        assert_eq!(entries[1].stream_id, "2-0");
+        assert!(parse_event(&entries[1]).is_none());
+        assert!(parse_entries(Value::Nil).unwrap().is_empty());
     }
 }

@@ -10,7 +10,7 @@ use flashgate::error::Error;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::{Refusal, SkuDefinition, Status};
-use flashgate::store::{ConfirmOutcome, ReserveOutcome, Store};
+use flashgate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, Store};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -20,6 +20,8 @@ const GRACE_MS: u64 = 300_000;
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Several reserves in one reserve_batch.lua call, decided in order.
+    ReserveBatch(Vec<(usize, usize, u64)>),
     Reserve {
         user: usize,
         key: usize,
@@ -44,6 +46,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..USERS, 0..3usize, 1..=2u64).prop_map(|(user, key, quantity)| Op::Reserve { user, key, quantity }),
+        2 => prop::collection::vec((0..USERS, 0..3usize, 1..=2u64), 2..6).prop_map(Op::ReserveBatch),
         3 => (any::<usize>(), 0..2usize).prop_map(|(pick, payment)| Op::Confirm { pick, payment }),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(pick, by_owner)| Op::Cancel { pick, by_owner }),
         2 => any::<usize>().prop_map(|pick| Op::PaymentPending { pick }),
@@ -122,66 +125,23 @@ impl Harness {
                 key,
                 quantity,
             } => {
-                let user = format!("user{user}");
-                let rid = ids::new_reservation_id(&self.sku);
-                let got = self
+                let request = reserve_request(&self.sku, user, key, quantity);
+                let got = self.store.reserve(&self.sku, &request, 60_000).await;
+                expect_reserve(m, &request, key, got);
+            }
+            Op::ReserveBatch(items) => {
+                let requests: Vec<ReserveRequest> = items
+                    .iter()
+                    .map(|&(user, key, quantity)| reserve_request(&self.sku, user, key, quantity))
+                    .collect();
+                let outcomes = self
                     .store
-                    .reserve(
-                        &self.sku,
-                        &user,
-                        quantity,
-                        &format!("key{key}"),
-                        &rid,
-                        60_000,
-                    )
-                    .await;
-                let expected: Result<Option<usize>, Refusal> = match m
-                    .keys
-                    .get(&(user.clone(), key))
-                {
-                    Some(&i) if m.holds[i].quantity != quantity => {
-                        Err(Refusal::IdempotencyKeyReused)
-                    }
-                    Some(&i) => Ok(Some(i)),
-                    None if m.used.get(&user).copied().unwrap_or(0) + quantity > PER_USER_LIMIT => {
-                        Err(Refusal::LimitExceeded)
-                    }
-                    None => {
-                        if m.available < quantity {
-                            m.expire_overdue(); // the script's reclaim (batches here are small)
-                        }
-                        if m.available < quantity {
-                            Err(Refusal::SoldOut)
-                        } else {
-                            Ok(None)
-                        }
-                    }
-                };
-                match (expected, got) {
-                    (Ok(Some(i)), Ok(ReserveOutcome::Replayed(r))) => {
-                        assert_eq!(r.reservation_id, m.holds[i].id);
-                        assert_eq!(r.status, m.holds[i].effective());
-                    }
-                    (Ok(None), Ok(ReserveOutcome::Created(r))) => {
-                        assert_eq!(
-                            (r.reservation_id.as_str(), r.status),
-                            (rid.as_str(), Status::Held)
-                        );
-                        m.available -= quantity;
-                        m.held += quantity;
-                        *m.used.entry(user.clone()).or_default() += quantity;
-                        m.keys.insert((user.clone(), key), m.holds.len());
-                        m.holds.push(Hold {
-                            id: rid,
-                            user,
-                            quantity,
-                            status: Status::Held,
-                            overdue: false,
-                            payment_ref: None,
-                        });
-                    }
-                    (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
-                    (expected, got) => panic!("reserve: model {expected:?}, redis {got:?}"),
+                    .reserve_many(&self.sku, &requests, 60_000)
+                    .await
+                    .unwrap();
+                assert_eq!(outcomes.len(), requests.len());
+                for ((request, &(_, key, _)), got) in requests.iter().zip(&items).zip(outcomes) {
+                    expect_reserve(m, request, key, got);
                 }
             }
             Op::Confirm { pick, payment } => {
@@ -359,6 +319,72 @@ impl Harness {
             .count();
         assert_eq!(confirmed, confirmed_holds, "one outbox event per sale");
         assert_eq!(compensations, m.compensations, "invariant 5");
+    }
+}
+
+fn reserve_request(sku: &SkuId, user: usize, key: usize, quantity: u64) -> ReserveRequest {
+    ReserveRequest {
+        user_id: format!("user{user}"),
+        quantity,
+        idempotency_key: format!("key{key}"),
+        reservation_id: ids::new_reservation_id(sku),
+    }
+}
+
+/// Applies one reserve to the model and checks Redis decided the same.
+fn expect_reserve(
+    m: &mut Model,
+    request: &ReserveRequest,
+    key: usize,
+    got: Result<ReserveOutcome, Error>,
+) {
+    let (user, quantity, rid) = (
+        request.user_id.clone(),
+        request.quantity,
+        request.reservation_id.clone(),
+    );
+    let expected: Result<Option<usize>, Refusal> = match m.keys.get(&(user.clone(), key)) {
+        Some(&i) if m.holds[i].quantity != quantity => Err(Refusal::IdempotencyKeyReused),
+        Some(&i) => Ok(Some(i)),
+        None if m.used.get(&user).copied().unwrap_or(0) + quantity > PER_USER_LIMIT => {
+            Err(Refusal::LimitExceeded)
+        }
+        None => {
+            if m.available < quantity {
+                m.expire_overdue(); // the script's reclaim (batches here are small)
+            }
+            if m.available < quantity {
+                Err(Refusal::SoldOut)
+            } else {
+                Ok(None)
+            }
+        }
+    };
+    match (expected, got) {
+        (Ok(Some(i)), Ok(ReserveOutcome::Replayed(r))) => {
+            assert_eq!(r.reservation_id, m.holds[i].id);
+            assert_eq!(r.status, m.holds[i].effective());
+        }
+        (Ok(None), Ok(ReserveOutcome::Created(r))) => {
+            assert_eq!(
+                (r.reservation_id.as_str(), r.status),
+                (rid.as_str(), Status::Held)
+            );
+            m.available -= quantity;
+            m.held += quantity;
+            *m.used.entry(user.clone()).or_default() += quantity;
+            m.keys.insert((user.clone(), key), m.holds.len());
+            m.holds.push(Hold {
+                id: rid,
+                user,
+                quantity,
+                status: Status::Held,
+                overdue: false,
+                payment_ref: None,
+            });
+        }
+        (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
+        (expected, got) => panic!("reserve: model {expected:?}, redis {got:?}"),
     }
 }
 

@@ -1,0 +1,232 @@
+//! The Rust Redis clients' known pitfalls, each with Redis restarted (or stopped, or
+//! hung) under a running gateway: a multiplexed connection that never reconnects
+//! (redis-rs #1190), scripts not reloaded on NOSCRIPT (#1394), and a request that
+//! waits forever while Redis is down (deadpool #452).
+
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{self, body, spawn_app_with, unique_sku, TestApp, SERVICE_TOKEN};
+use crate::support::*;
+
+/// Only as a hang detector: far above the gateway's own Redis timeouts (1 s connect,
+/// 2 s response), far below "forever".
+const HANG: Duration = Duration::from_secs(5);
+
+async fn app_on(redis: &RedisServer) -> TestApp {
+    spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await
+}
+
+/// Retries `attempt` until it answers `want` (a 503 meanwhile is fine); returns how long
+/// it took. Panics after `within`.
+async fn until_status<F, Fut>(within: Duration, want: StatusCode, mut attempt: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (StatusCode, Value)>,
+{
+    let started = Instant::now();
+    let mut unavailable = 0;
+    loop {
+        let (status, view) = attempt().await;
+        if status == want {
+            eprintln!(
+                "{want} after {:?} and {unavailable} answers 503",
+                started.elapsed()
+            );
+            return started.elapsed();
+        }
+        unavailable += 1;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{view}");
+        assert!(
+            started.elapsed() < within,
+            "still {status} after {within:?}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_reconnects_after_redis_restarts() {
+    let mut redis = RedisServer::start(Some("everysec")).await;
+    let app = app_on(&redis).await;
+    let sku = unique_sku("pit-reconnect");
+    app.create_sku(&sku, json!({ "stock": 100, "per_user_limit": 1 }))
+        .await;
+    app.hold(&sku, "before").await;
+
+    for (round, kill) in [(0, false), (1, true)] {
+        if kill {
+            redis.kill(); // everysec: the hold made a second ago may be lost; fine here
+        } else {
+            redis.stop(); // clean: AOF fsynced
+        }
+        redis.restart().await;
+        // Requests succeed again without restarting the gateway.
+        let user = format!("after-{round}");
+        let took = until_status(Duration::from_secs(10), StatusCode::CREATED, || {
+            app.reserve(&sku, &user, "k", 1)
+        })
+        .await;
+        assert!(took < HANG, "reconnect took {took:?}");
+        // And keep succeeding: no flapping connection.
+        for i in 0..20 {
+            let (status, view) = app
+                .reserve(&sku, &format!("steady-{round}-{i}"), "k", 1)
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{view}");
+        }
+        assert_equation(&app.store, &sku).await;
+    }
+    // The harness's own store (another connection manager) reconnected as well.
+    app.store.ping().await.expect("store reconnects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_reload_after_script_flush_and_restart() {
+    let mut redis = RedisServer::start(Some("everysec")).await;
+    let app = app_on(&redis).await;
+    let sku = unique_sku("pit-noscript");
+    app.create_sku(&sku, json!({ "stock": 100, "per_user_limit": 1 }))
+        .await;
+    let rid = app.hold(&sku, "a").await;
+
+    // SCRIPT FLUSH: the very next script call must succeed (EVALSHA, NOSCRIPT, load, retry).
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, view) = app.reserve(&sku, "b", "k-b", 1).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "first reserve after SCRIPT FLUSH: {view}"
+    );
+
+    // A restart empties the script cache too. Wait for the connection with a plain
+    // read (HMGET, no script, and not /readyz, which would load the scripts), then
+    // the first script call must succeed at once.
+    redis.stop();
+    redis.restart().await;
+    until_status(Duration::from_secs(10), StatusCode::OK, || async {
+        body(
+            app.client
+                .get(app.url(&format!("/v1/skus/{sku}")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    })
+    .await;
+    let mut conn = redis.client().await;
+    let loaded: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(flashgate::store::SCRIPTS.confirm.get_hash())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        loaded,
+        vec![false],
+        "the restarted Redis has no scripts yet"
+    );
+    let (status, view) = app.confirm(&rid, "pay-a").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "first confirm after restart: {view}"
+    );
+    assert_eq!(view["status"], "confirmed");
+    let (status, view) = app.reserve(&sku, "c", "k-c", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_equation(&app.store, &sku).await;
+}
+
+/// Sends one request and times it; panics if it is not a 503 problem+json
+/// `unavailable` within HANG.
+async fn assert_unavailable_in_bounded_time(response: impl std::future::Future<Output = Response>) {
+    let started = Instant::now();
+    let response = tokio::time::timeout(HANG * 2, response)
+        .await
+        .expect("the request hangs");
+    let elapsed = started.elapsed();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let (status, view) = body(response).await;
+    eprintln!("{status} after {elapsed:?}");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{view}");
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    assert_eq!(view["code"], "unavailable", "{view}");
+    assert_eq!(view["status"], 503, "{view}");
+    assert!(elapsed < HANG, "answered only after {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answer_503_in_bounded_time_while_redis_is_down_or_hung() {
+    let mut redis = RedisServer::start(Some("everysec")).await;
+    let app = app_on(&redis).await;
+    let sku = unique_sku("pit-down");
+    app.create_sku(&sku, json!({ "stock": 100, "per_user_limit": 1 }))
+        .await;
+    let rid = app.hold(&sku, "a").await;
+
+    // Down: connection refused.
+    redis.stop();
+    for _ in 0..3 {
+        assert_unavailable_in_bounded_time(app.reserve_raw(&sku, "b", "k-b", 1)).await;
+    }
+    assert_unavailable_in_bounded_time(
+        app.client
+            .post(app.url(&format!("/v1/reservations/{rid}/confirm")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({ "payment_ref": "pay-a" }))
+            .send()
+            .map(Result::unwrap),
+    )
+    .await;
+    let readyz = tokio::time::timeout(HANG, app.client.get(app.url("/readyz")).send())
+        .await
+        .expect("readyz hangs")
+        .unwrap();
+    assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
+    redis.restart().await;
+    until_status(Duration::from_secs(10), StatusCode::CREATED, || {
+        app.reserve(&sku, "b", "k-b", 1)
+    })
+    .await;
+
+    // Hung: the process is stopped (SIGSTOP), so connections open but nothing answers.
+    // (Should the assertion fail, the guard SIGKILLs the stopped process.)
+    redis.pause();
+    assert_unavailable_in_bounded_time(app.reserve_raw(&sku, "c", "k-c", 1)).await;
+    redis.resume();
+    // The timed-out reserve may have run once Redis woke up; a retry with the same
+    // key is safe either way: one hold for user c, and the counters add up.
+    let (status, view) = until_status_value(&app, &sku, "c", "k-c").await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    let (_, _, held, _) = assert_equation(&app.store, &sku).await;
+    assert_eq!(held, 3, "holds of a, b and c exactly once");
+}
+
+async fn until_status_value(
+    app: &TestApp,
+    sku: &str,
+    user: &str,
+    key: &str,
+) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, view) = app.reserve(sku, user, key, 1).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            return (status, view);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,275 @@
+//! The flush worker killed in the middle of a batch: a new consumer takes over what
+//! the dead one left pending, and every event is in MySQL exactly once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flashgate::db::OutboxEvent;
+use flashgate::worker::Worker;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use serde_json::json;
+
+use crate::common::{self, spawn_app_with, unique_sku};
+use crate::support::*;
+use crate::{confirm_many, reserve_many};
+
+/// Short, so the test does not wait limits::FLUSH_CLAIM_IDLE (30 s); still far above
+/// one batch's flush time here.
+const CLAIM_IDLE_MS: u64 = 1_000;
+
+async fn sales_ids(db: &sqlx::MySqlPool, sku: &str) -> HashSet<String> {
+    sqlx::query_scalar("SELECT reservation_id FROM sales WHERE sku = ?")
+        .bind(sku)
+        .fetch_all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_mid_batch_leaves_each_event_in_mysql_exactly_once() {
+    const SALES: usize = 2_500;
+    let redis = RedisServer::start(None).await;
+    let app =
+        Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
+    let db = shared_db().await;
+    let sku = unique_sku("crash-worker");
+    app.create_sku(&sku, json!({ "stock": SALES, "per_user_limit": 1 }))
+        .await;
+    let rids = reserve_many(&app, &sku, "u", SALES).await;
+    let (ok, failed) = confirm_many(app.clone(), rids, 16).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let ok: HashSet<String> = ok.into_iter().collect();
+    let mut conn = redis.client().await;
+    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, SALES as u64));
+
+    // Kill a worker while it holds a batch: read (pending) and not yet acknowledged.
+    let logs = TempDir::new("worker-kill");
+    let mut stranded = 0;
+    for _attempt in 0..5 {
+        let mut worker = WorkerProc::start(
+            &redis.url(),
+            &common::database_url(),
+            logs.path(),
+            CLAIM_IDLE_MS,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // Some batches done, one in flight.
+            let (pending, lag) = outbox_unacked(&mut conn, &sku).await;
+            if pending > 0 && lag <= (SALES / 2) as u64 {
+                break;
+            }
+            assert!(
+                lag > 0,
+                "the worker flushed everything before it could be killed"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "worker never read a batch:\n{}",
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worker.proc.kill();
+        let (pending, _) = outbox_unacked(&mut conn, &sku).await;
+        if pending > 0 {
+            stranded = pending;
+            break;
+        }
+    }
+    assert!(stranded > 0, "no kill landed inside a batch");
+    let already_written = sales_ids(&db, &sku).await.len();
+    assert!(already_written < SALES, "the kill came too late");
+    eprintln!("killed mid-batch: {stranded} entries pending on the dead consumer, {already_written} sales already in MySQL");
+
+    // A new worker (a new consumer) takes over and finishes.
+    let mut worker = WorkerProc::start(
+        &redis.url(),
+        &common::database_url(),
+        logs.path(),
+        CLAIM_IDLE_MS,
+    );
+    eventually(Duration::from_secs(30), "outbox drained", || {
+        let mut conn = conn.clone();
+        let sku = sku.clone();
+        async move { outbox_unacked(&mut conn, &sku).await == (0, 0) }
+    })
+    .await;
+    let log = worker.log();
+    assert!(
+        log.contains("took over outbox entries"),
+        "no takeover logged:\n{log}"
+    );
+    worker.proc.terminate(Duration::from_secs(10));
+
+    let (rows, sum, sold) = mysql_sales(&db, &sku).await;
+    assert_eq!(
+        (rows, sum, sold),
+        (SALES as i64, SALES as i64, SALES as u64)
+    );
+    assert_eq!(
+        sales_ids(&db, &sku).await,
+        ok,
+        "MySQL sales = confirms answered 200"
+    );
+    let (_, available, held, redis_sold) = assert_equation(&app.store, &sku).await;
+    assert_eq!((available, held, redis_sold), (0, 0, SALES as u64));
+    // Nothing is left pending on any consumer, dead or alive.
+    let consumers: redis::streams::StreamInfoConsumersReply = conn
+        .xinfo_consumers(format!("fg:{{{sku}}}:outbox"), "flush")
+        .await
+        .unwrap();
+    assert!(consumers.consumers.len() >= 2);
+    assert!(consumers.consumers.iter().all(|c| c.pending == 0));
+    let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}
+
+/// The worst instant to die, made deterministic: a consumer committed its batch to
+/// MySQL and died before XACK. The takeover writes the batch again, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
+    const SALES: usize = 200;
+    const DEAD_BATCH: usize = 50;
+    let redis = RedisServer::start(None).await;
+    let app =
+        Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
+    let db = shared_db().await;
+    let sku = unique_sku("crash-unacked");
+    app.create_sku(&sku, json!({ "stock": SALES, "per_user_limit": 1 }))
+        .await;
+    let rids = reserve_many(&app, &sku, "u", SALES).await;
+    let (ok, _) = confirm_many(app.clone(), rids, 16).await;
+    assert_eq!(ok.len(), SALES);
+
+    // The dead consumer: reads a batch, commits it, never acknowledges.
+    let mut conn = redis.client().await;
+    let outbox = format!("fg:{{{sku}}}:outbox");
+    let reply: StreamReadReply = conn
+        .xread_options(
+            &[&outbox],
+            &[">"],
+            &StreamReadOptions::default()
+                .group("flush", "dead-consumer")
+                .count(DEAD_BATCH),
+        )
+        .await
+        .unwrap();
+    let events: Vec<OutboxEvent> = reply.keys[0]
+        .ids
+        .iter()
+        .map(|entry| {
+            let field = |name: &str| entry.get::<String>(name).unwrap();
+            assert_eq!(field("type"), "confirmed");
+            OutboxEvent::Confirmed {
+                reservation_id: field("reservation_id"),
+                sku: field("sku"),
+                user_id: field("user_id"),
+                quantity: field("quantity").parse().unwrap(),
+                payment_ref: field("payment_ref"),
+                at_ms: field("at").parse().unwrap(),
+            }
+        })
+        .collect();
+    assert_eq!(events.len(), DEAD_BATCH);
+    flashgate::db::apply_events(&db, &events).await.unwrap();
+    assert_eq!(
+        outbox_unacked(&mut conn, &sku).await,
+        (DEAD_BATCH as u64, (SALES - DEAD_BATCH) as u64)
+    );
+
+    // A live worker: the new entries at once; the dead consumer's only once idle.
+    let worker =
+        Worker::new(app.store.clone(), db.clone()).with_claim_idle(Duration::from_millis(2_000));
+    worker.flush_all().await.unwrap();
+    assert_eq!(
+        outbox_unacked(&mut conn, &sku).await,
+        (DEAD_BATCH as u64, 0),
+        "not idle long enough yet"
+    );
+    assert_eq!(
+        mysql_sales(&db, &sku).await,
+        (SALES as i64, SALES as i64, SALES as u64)
+    );
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let flushed = worker.flush_all().await.unwrap();
+    assert_eq!(
+        flushed, DEAD_BATCH as u64,
+        "the dead consumer's batch is taken over"
+    );
+    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
+    // Written twice, recorded once.
+    assert_eq!(
+        mysql_sales(&db, &sku).await,
+        (SALES as i64, SALES as i64, SALES as u64)
+    );
+    // And the stream is trimmed only below what was acknowledged: nothing pending lost.
+    let left: usize = conn.xlen(&outbox).await.unwrap();
+    assert!(left <= SALES);
+    let report = flashgate::reconcile::run(
+        &app.store,
+        &db,
+        Some(&flashgate::ids::SkuId::parse(&sku).unwrap()),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+}
+
+/// Several workers at once on one SKU's outbox (the contract allows it): each batch
+/// goes to one of them, and `skus.sold` stays the sum of the sales rows, with no
+/// failed batch (concurrent flushes of one SKU serialise on its row, never deadlock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_workers_flush_one_sku_exactly_once() {
+    const SALES: usize = 1_200;
+    let redis = RedisServer::start(None).await;
+    let app =
+        Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
+    let db = shared_db().await;
+    let sku = unique_sku("crash-workers");
+    app.create_sku(&sku, json!({ "stock": SALES, "per_user_limit": 1 }))
+        .await;
+    let rids = reserve_many(&app, &sku, "u", SALES).await;
+    let (ok, failed) = confirm_many(app.clone(), rids, 16).await;
+    assert!(failed.is_empty(), "{failed:?}");
+
+    let sku_id = flashgate::ids::SkuId::parse(&sku).unwrap();
+    let flushes: Vec<_> = (0..4)
+        .map(|_| {
+            let worker = Worker::new(app.store.clone(), db.clone());
+            let sku_id = sku_id.clone();
+            tokio::spawn(async move {
+                let mut total = 0;
+                loop {
+                    // Small batches would be nicer; FLUSH_BATCH is what it is: keep
+                    // several workers busy by flushing until nothing is left.
+                    let flushed = worker.flush_sku(&sku_id).await.expect("no batch fails");
+                    if flushed == 0 {
+                        return total;
+                    }
+                    total += flushed;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for flush in flushes {
+        total += flush.await.unwrap();
+    }
+    assert_eq!(
+        total, SALES as u64,
+        "each entry flushed by exactly one worker"
+    );
+    let mut conn = redis.client().await;
+    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
+    assert_eq!(
+        mysql_sales(&db, &sku).await,
+        (SALES as i64, SALES as i64, SALES as u64)
+    );
+    assert_eq!(sales_ids(&db, &sku).await, ok.into_iter().collect());
+}
