@@ -5,13 +5,15 @@
 -- ARGV[4] starts_at ms or ''   ARGV[5] ends_at ms or ''
 -- ARGV[6] units sold according to MySQL, used only when Redis has no state for the SKU
 --
--- Replies: {'ok', stock_total, available, held, sold}
+-- Replies: {'ok', stock_total, available, held, sold}       redefined
+--          {'created', stock_total, available, held, sold}  Redis had no state for it
 --          {'stock_below_committed', held, sold}   nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write.
 local meta = KEYS[1]
 local stock_total = tonumber(ARGV[1])
 local m = redis.call('HMGET', meta, 'held', 'sold')
+local created = not m[2]
 local held, sold = tonumber(m[1] or '0'), tonumber(m[2] or ARGV[6])
 if stock_total < held + sold then
   return { 'stock_below_committed', held, sold }
@@ -19,4 +21,4 @@ end
 local available = stock_total - held - sold
 redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
   'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4], 'ends_at', ARGV[5])
-return { 'ok', stock_total, available, held, sold }
+return { created and 'created' or 'ok', stock_total, available, held, sold }

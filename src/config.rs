@@ -71,6 +71,17 @@ pub struct WorkerSettings {
     #[arg(long, env = "FLASHGATE_RECONCILE_REPAIR", default_value = "1",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub reconcile_repair: bool,
+    /// Outbox entries pending this long on another (presumably dead) worker are taken
+    /// over. Keep it far above one batch's flush time, or live workers steal each
+    /// other's batches (harmless, the flush is idempotent, but wasted work).
+    #[arg(long, env = "FLASHGATE_FLUSH_CLAIM_IDLE_MS", default_value_t = crate::limits::FLUSH_CLAIM_IDLE.as_millis() as u64)]
+    pub flush_claim_idle_ms: u64,
+}
+
+impl WorkerSettings {
+    pub fn flush_claim_idle(&self) -> Duration {
+        Duration::from_millis(self.flush_claim_idle_ms.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -150,7 +150,13 @@ impl Gateway {
     pub async fn define_sku(&self, sku: &SkuId, definition: &SkuDefinition) -> Result<Sku> {
         let mut tx = self.db.begin().await?;
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
-        let loaded = self.store.load_sku(sku, definition, sold_in_mysql).await?;
+        let (loaded, created) = self.store.load_sku(sku, definition, sold_in_mysql).await?;
+        if created && sold_in_mysql > 0 {
+            // Redis lost this SKU (a wipe before any reconcile): its buyers' limits
+            // must still count what they bought.
+            let bought = db::sold_per_user(&mut tx, sku).await?;
+            self.store.restore_usage(sku, &bought).await?;
+        }
         tx.commit().await?;
         self.sold_out.lower(sku);
         telemetry::available_stock(sku.as_str(), loaded.available);

@@ -36,6 +36,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let redis = store::Store::new(store::connect(&args.redis).await?);
             let pool = db::connect(&args.database.database_url)?;
             worker::Worker::new(redis, pool)
+                .with_claim_idle(args.worker.flush_claim_idle())
                 .run(args.worker, server::shutdown_signal())
                 .await;
         }

@@ -14,7 +14,6 @@
 //!
 //! read from one MySQL snapshot; confirms racing with the check never show as drift.
 
-use redis::AsyncCommands;
 use sqlx::mysql::{MySqlConnection, MySqlPool};
 use std::collections::HashSet;
 
@@ -242,12 +241,9 @@ async fn restore_missing(
     if repair {
         let (sold, _) = db::sales_totals(tx, sku, 0).await?;
         store.load_sku(sku, &record.definition, sold).await?;
-        // Per-user limits must still count what each user bought (where Redis lost it).
-        let keys = SkuKeys::new(sku);
-        let mut conn = store.connection();
-        for (user, quantity) in db::sold_per_user(tx, sku).await? {
-            let _: bool = conn.hset_nx(&keys.used, user, quantity).await?;
-        }
+        store
+            .restore_usage(sku, &db::sold_per_user(tx, sku).await?)
+            .await?;
         if sold != record.sold {
             db::set_sold(tx, sku, sold).await?;
         }

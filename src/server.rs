@@ -39,7 +39,8 @@ pub async fn run(
         tracing::warn!(error = %e, "Redis not reachable at start; /readyz answers 503 until it is");
     }
     let worker = (!args.no_worker).then(|| {
-        let worker = Worker::new(state.gateway.store.clone(), state.gateway.db.clone());
+        let worker = Worker::new(state.gateway.store.clone(), state.gateway.db.clone())
+            .with_claim_idle(args.worker.flush_claim_idle());
         tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
     });
     let mut http_shutdown = shutdown.clone();

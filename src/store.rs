@@ -3,7 +3,7 @@
 //! Only these scripts change a SKU's stock keys.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::StreamId;
 use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use std::sync::LazyLock;
 
@@ -57,15 +57,26 @@ pub enum RedisConnection {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
-impl ConnectionLike for RedisConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+/// A command sent on a connection that dropped under it (Redis restarted, failed
+/// over) is sent once more, on the connection the manager has re-established: the
+/// first command after a restart would otherwise fail although Redis is back. Safe
+/// because every command we send is idempotent for its caller: reserve by idempotency
+/// key, confirm by payment_ref (and the same compensation id), cancel and
+/// payment-pending by state, the rest are reads or absolute writes. A timeout is not
+/// retried: Redis is there but slow, and waiting twice would only double the wait.
+fn worth_retrying(err: &redis::RedisError) -> bool {
+    err.is_connection_dropped() && !err.is_timeout()
+}
+
+impl RedisConnection {
+    fn send<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Single(c) => c.req_packed_command(cmd),
             RedisConnection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
-    fn req_packed_commands<'a>(
+    fn send_pipeline<'a>(
         &'a mut self,
         pipeline: &'a Pipeline,
         offset: usize,
@@ -75,6 +86,31 @@ impl ConnectionLike for RedisConnection {
             RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            match self.send(cmd).await {
+                Err(e) if worth_retrying(&e) => self.send(cmd).await,
+                other => other,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            match self.send_pipeline(pipeline, offset, count).await {
+                Err(e) if worth_retrying(&e) => self.send_pipeline(pipeline, offset, count).await,
+                other => other,
+            }
+        })
     }
 
     fn get_db(&self) -> i64 {
@@ -350,13 +386,14 @@ impl Store {
     }
 
     /// Creates or redefines the SKU in Redis; `sold_in_mysql` seeds `sold` only when
-    /// Redis has no state for it (first load, or after a data loss).
+    /// Redis has no state for it (first load, or after a data loss). Returns the SKU
+    /// and whether Redis had no state for it.
     pub async fn load_sku(
         &self,
         sku: &SkuId,
         definition: &SkuDefinition,
         sold_in_mysql: u64,
-    ) -> Result<Sku> {
+    ) -> Result<(Sku, bool)> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         // Indexed first: a SKU that exists must never be missed by the sweeper.
@@ -372,11 +409,24 @@ impl Store {
             .arg(sold_in_mysql)
             .invoke_async(&mut conn)
             .await?;
-        if reply.first().map(String::as_str) != Some("ok") {
-            return Err(refusal_of(&reply));
-        }
+        let created = match reply.first().map(String::as_str) {
+            Some("ok") => false,
+            Some("created") => true,
+            _ => return Err(refusal_of(&reply)),
+        };
         self.ensure_outbox_group(sku).await?;
-        self.sku(sku).await
+        Ok((self.sku(sku).await?, created))
+    }
+
+    /// Per-user usage from the record, where Redis has none (after a data loss):
+    /// limits must still count what each user bought. Never overwrites a count.
+    pub async fn restore_usage(&self, sku: &SkuId, bought: &[(String, i64)]) -> Result<()> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        for (user, quantity) in bought {
+            let _: bool = conn.hset_nx(&keys.used, user, quantity).await?;
+        }
+        Ok(())
     }
 
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
@@ -430,50 +480,6 @@ impl Store {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => Ok(other?),
         }
-    }
-
-    /// Entries left pending by a consumer idle past FLUSH_CLAIM_IDLE, then new ones.
-    pub async fn read_outbox(
-        &self,
-        sku: &SkuId,
-        consumer: &str,
-        count: usize,
-    ) -> Result<Vec<OutboxEntry>> {
-        let keys = SkuKeys::new(sku);
-        let mut conn = self.conn.clone();
-        let claimed: redis::streams::StreamAutoClaimReply = conn
-            .xautoclaim_options(
-                &keys.outbox,
-                FLUSH_GROUP,
-                consumer,
-                limits::FLUSH_CLAIM_IDLE.as_millis() as u64,
-                "0-0",
-                StreamAutoClaimOptions::default().count(count),
-            )
-            .await?;
-        let mut entries: Vec<OutboxEntry> = claimed
-            .claimed
-            .into_iter()
-            .map(|fields| OutboxEntry {
-                stream_id: fields.id.clone(),
-                fields,
-            })
-            .collect();
-        if entries.len() < count {
-            let options = StreamReadOptions::default()
-                .group(FLUSH_GROUP, consumer)
-                .count(count - entries.len());
-            let reply: Option<StreamReadReply> = conn
-                .xread_options(&[&keys.outbox], &[">"], &options)
-                .await?;
-            for key in reply.map(|r| r.keys).unwrap_or_default() {
-                entries.extend(key.ids.into_iter().map(|fields| OutboxEntry {
-                    stream_id: fields.id.clone(),
-                    fields,
-                }));
-            }
-        }
-        Ok(entries)
     }
 
     /// Acknowledges flushed entries, then trims the stream below what every group

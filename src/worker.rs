@@ -31,11 +31,6 @@ use crate::reservation::{Compensation, CompensationReason};
 use crate::store::{OutboxEntry, Store};
 use crate::telemetry;
 
-/// Overrides `limits::FLUSH_CLAIM_IDLE` (milliseconds): how long an entry must sit
-/// unacknowledged on another consumer before this worker takes it over. Keep it far
-/// above one batch's flush time, or live workers steal from each other (harmless, as
-/// the flush is idempotent, but wasted work).
-pub const CLAIM_IDLE_ENV: &str = "FLASHGATE_FLUSH_CLAIM_IDLE_MS";
 /// First retry delay of a failing flush (MySQL down); doubles up to the maximum.
 const FLUSH_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two flush attempts while MySQL is down: bounds how long the
@@ -69,14 +64,6 @@ pub struct Worker {
     pub claim_idle: Duration,
 }
 
-fn claim_idle_from_env() -> Duration {
-    std::env::var(CLAIM_IDLE_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(limits::FLUSH_CLAIM_IDLE)
-}
-
 impl Worker {
     pub fn new(store: Store, db: MySqlPool) -> Worker {
         let consumer = format!(
@@ -88,7 +75,7 @@ impl Worker {
             store,
             db,
             consumer,
-            claim_idle: claim_idle_from_env(),
+            claim_idle: limits::FLUSH_CLAIM_IDLE,
         }
     }
 

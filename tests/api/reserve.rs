@@ -314,3 +314,40 @@ async fn two_thousand_users_race_for_one_hundred_units() {
         (Some(0), Some(100))
     );
 }
+
+#[tokio::test]
+async fn redefining_a_sku_redis_lost_restores_sold_and_per_user_usage_from_mysql() {
+    let app = spawn_app().await;
+    let sku = unique_sku("lost");
+    app.create_sku(&sku, json!({"stock": 5, "per_user_limit": 1}))
+        .await;
+    let id = app.hold(&sku, "buyer").await;
+    app.confirm(&id, "pay").await;
+    app.flush(&sku).await;
+    // Redis loses every key of this SKU (a wipe, a restart without persistence).
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys.meta)
+        .arg(&keys.used)
+        .arg(&keys.deadlines)
+        .arg(&keys.outbox)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let view = app
+        .create_sku(&sku, json!({"stock": 5, "per_user_limit": 1}))
+        .await;
+    assert_eq!(
+        (view["sold"].as_u64(), view["available"].as_u64()),
+        (Some(1), Some(4))
+    );
+    let (status, problem) = app.reserve(&sku, "buyer", "again", 1).await;
+    assert_eq!(
+        (status, &problem["code"]),
+        (StatusCode::CONFLICT, &json!("limit_exceeded"))
+    );
+    let (status, _) = app.reserve(&sku, "newcomer", "k", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    app.assert_stock_adds_up(&sku).await;
+}

@@ -60,6 +60,7 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
             sweep_interval_ms: 1000,
             reconcile_interval_seconds: 60,
             reconcile_repair: true,
+            flush_claim_idle_ms: 30_000,
         },
     }
 }

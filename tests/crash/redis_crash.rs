@@ -80,8 +80,10 @@ async fn redis_sigkill_during_confirm_storm_loses_no_acknowledged_sale() {
         ok.len(),
         failed.len()
     );
+    // Requests in flight at the kill either fail (503) or, retried once on the
+    // re-established connection, succeed after the restart; both are fine.
     assert!(
-        at_kill < HOLDS && !failed.is_empty(),
+        at_kill < HOLDS,
         "the kill must land inside the storm (200s at kill: {at_kill}, failed: {})",
         failed.len()
     );

@@ -506,7 +506,7 @@ impl WorkerProc {
             // The scheduled pass walks every SKU MySQL knows: keep it out of the shared
             // database's other tests.
             .env("FLASHGATE_RECONCILE_INTERVAL_SECONDS", "86400")
-            .env(flashgate::worker::CLAIM_IDLE_ENV, claim_idle_ms.to_string())
+            .env("FLASHGATE_FLUSH_CLAIM_IDLE_MS", claim_idle_ms.to_string())
             .stdout(Stdio::null())
             .stderr(file);
         WorkerProc {
