@@ -9,6 +9,7 @@
 mod common;
 mod support;
 
+mod cluster;
 mod mysql_outage;
 mod reconcile;
 mod redis_crash;

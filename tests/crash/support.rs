@@ -13,7 +13,7 @@ use sqlx::mysql::MySqlPool;
 
 pub const FLASHGATE: &str = env!("CARGO_BIN_EXE_flashgate");
 
-fn tool(env: &str, default: &str) -> String {
+pub fn tool(env: &str, default: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| default.into())
 }
 

@@ -1,0 +1,147 @@
+//! The same scripts on Redis Cluster: three primaries, SKUs spread over their slots,
+//! every key of a SKU in one slot thanks to the `{sku}` hash tag.
+
+use crate::common::*;
+use crate::support::{free_port, tool, Proc, TempDir};
+use flashgate::reconcile;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct ClusterNode {
+    port: u16,
+    _dir: TempDir,
+    _proc: Proc,
+}
+
+fn start_node() -> ClusterNode {
+    let port = free_port();
+    let dir = TempDir::new("cluster");
+    let mut command = Command::new(tool("FLASHGATE_TEST_REDIS_SERVER", "/usr/bin/redis-server"));
+    command
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--cluster-config-file")
+        .arg(dir.path().join("nodes.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let proc = Proc::spawn("redis-server (cluster)", &mut command);
+    ClusterNode {
+        port,
+        _dir: dir,
+        _proc: proc,
+    }
+}
+
+async fn cluster_state_ok(port: u16) -> bool {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    let info: redis::RedisResult<String> = redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut conn)
+        .await;
+    info.is_ok_and(|i| i.contains("cluster_state:ok"))
+}
+
+#[tokio::test]
+async fn the_scripts_run_unchanged_on_redis_cluster() {
+    let nodes: Vec<ClusterNode> = (0..3).map(|_| start_node()).collect();
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    // Wait until every node accepts connections, then join them.
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            assert!(Instant::now() < deadline, "cluster node did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let created = Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"))
+        .arg("--cluster")
+        .arg("create")
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("redis-cli runs");
+    assert!(created.success(), "redis-cli --cluster create failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        while !cluster_state_ok(node.port).await {
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let urls: Vec<String> = addresses.iter().map(|a| format!("redis://{a}")).collect();
+    let mut args = serve_args(&urls.join(","), &database_url());
+    args.redis.redis_cluster = true;
+    let app = spawn_app_with(args).await;
+    let (status, ready) = body(app.client.get(app.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    // Enough SKUs that their slots land on every node.
+    let skus: Vec<String> = (0..6).map(|_| unique_sku("cluster")).collect();
+    for sku in &skus {
+        app.create_sku(sku, json!({"stock": 3, "hold_seconds": 1}))
+            .await;
+        let sold = app.hold(sku, "buyer").await;
+        let (status, view) = app.confirm(&sold, "pay").await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        let cancelled = app.hold(sku, "canceller").await;
+        let (status, _) = app.cancel(&cancelled, SERVICE_TOKEN).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, problem) = app.confirm(&cancelled, "late-pay").await;
+        assert_eq!(
+            (status, &problem["refund_required"]),
+            (StatusCode::CONFLICT, &json!(true))
+        );
+        app.hold(sku, "abandoner").await;
+        // Batched: several reserves of one SKU at once.
+        let racers: Vec<String> = (0..4).map(|i| format!("racer{i}")).collect();
+        let answers =
+            futures::future::join_all(racers.iter().map(|user| app.reserve(sku, user, "k", 1)))
+                .await;
+        assert_eq!(
+            answers
+                .iter()
+                .filter(|(s, _)| *s == StatusCode::CREATED)
+                .count(),
+            1
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.worker.sweep_once().await.unwrap();
+    for sku in &skus {
+        let view = app.assert_stock_adds_up(sku).await;
+        assert_eq!(
+            (view["sold"].as_u64(), view["held"].as_u64()),
+            (Some(1), Some(0)),
+            "{view}"
+        );
+        app.flush(sku).await;
+        assert_eq!(app.mysql_sold(sku).await, 1);
+        assert_eq!(app.mysql_compensations(sku).await, 1);
+        let report = reconcile::run(&app.store, &app.db, Some(&TestApp::sku_id(sku)), false)
+            .await
+            .unwrap();
+        assert_eq!(report.exit_code(), 0, "{:?}", report.findings);
+    }
+}
