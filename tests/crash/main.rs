@@ -14,6 +14,7 @@ mod mysql_outage;
 mod reconcile;
 mod redis_crash;
 mod redis_pitfalls;
+mod redis_replicas;
 mod wipe;
 mod worker_kill;
 

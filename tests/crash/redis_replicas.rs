@@ -1,0 +1,79 @@
+//! FLASHGATE_REDIS_WAIT_REPLICAS: a confirm is answered only once a replica has it;
+//! when no replica acknowledges in time the answer is 503 and a retry with the same
+//! payment_ref is safe (one sale, no compensation).
+
+use crate::common::*;
+use crate::support::RedisServer;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn replication_up(replica: &RedisServer) -> bool {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut replica.client().await)
+        .await
+        .unwrap_or_default();
+    info.contains("master_link_status:up")
+}
+
+#[tokio::test]
+async fn confirms_wait_for_a_replica_and_a_timed_out_wait_is_safe_to_retry() {
+    let primary = RedisServer::start(Some("everysec")).await;
+    let replica = RedisServer::start(None).await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.port)
+        .query_async(&mut replica.client().await)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replication_up(&replica).await {
+        assert!(Instant::now() < deadline, "replication did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut args = serve_args(&primary.url(), &database_url());
+    args.redis.redis_wait_replicas = 1;
+    args.redis.redis_wait_timeout_ms = 300;
+    let app = spawn_app_with(args).await;
+    let sku = unique_sku("wait");
+    app.create_sku(&sku, json!({"stock": 3})).await;
+
+    let first = app.hold(&sku, "w1").await;
+    let (status, view) = app.confirm(&first, "pay-1").await;
+    assert_eq!(
+        (status, &view["status"]),
+        (StatusCode::OK, &json!("confirmed")),
+        "{view}"
+    );
+
+    // The replica stops acknowledging: the confirm is applied on the primary but not
+    // answered 200.
+    let second = app.hold(&sku, "w2").await;
+    replica.pause();
+    let started = Instant::now();
+    let (status, problem) = app.confirm(&second, "pay-2").await;
+    replica.resume();
+    assert_eq!(
+        (status, &problem["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("unavailable"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "WAIT is bounded by its timeout"
+    );
+    // The retry with the same payment_ref is the same sale, not a refund.
+    let (status, view) = app.confirm(&second, "pay-2").await;
+    assert_eq!(
+        (status, &view["status"]),
+        (StatusCode::OK, &json!("confirmed")),
+        "{view}"
+    );
+
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["sold"], 2);
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 2);
+    assert_eq!(app.mysql_compensations(&sku).await, 0);
+}
