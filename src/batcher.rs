@@ -88,32 +88,27 @@ impl ReserveBatcher {
         }
     }
 
-    async fn execute(&self, sku: &SkuId, mut batch: Vec<Waiting>) {
-        if batch.len() == 1 {
-            let Waiting { request, reply } = batch.remove(0);
-            let outcome = self
+    async fn execute(&self, sku: &SkuId, batch: Vec<Waiting>) {
+        let (requests, replies): (Vec<ReserveRequest>, Vec<_>) =
+            batch.into_iter().map(|w| (w.request, w.reply)).unzip();
+        let outcomes = if let [request] = requests.as_slice() {
+            vec![
+                self.store
+                    .reserve(sku, request, self.idempotency_ttl_ms)
+                    .await,
+            ]
+        } else {
+            match self
                 .store
-                .reserve(sku, &request, self.idempotency_ttl_ms)
-                .await;
+                .reserve_many(sku, &requests, self.idempotency_ttl_ms)
+                .await
+            {
+                Ok(outcomes) => outcomes,
+                Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
+            }
+        };
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
             let _ = reply.send(outcome);
-            return;
-        }
-        let requests: Vec<ReserveRequest> = batch.iter().map(|w| w.request.clone()).collect();
-        match self
-            .store
-            .reserve_many(sku, &requests, self.idempotency_ttl_ms)
-            .await
-        {
-            Ok(outcomes) => {
-                for (waiting, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = waiting.reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                for waiting in batch {
-                    let _ = waiting.reply.send(Err(e.duplicate()));
-                }
-            }
         }
     }
 }
