@@ -54,7 +54,14 @@ impl Gateway {
         quantity: u64,
         idempotency_key: &str,
     ) -> Result<(Reservation, bool)> {
-        if self.sold_out.is_sold_out(sku, quantity) {
+        // The flag spares the script, not the replay: a key that created a hold
+        // still gets its reservation back (one cheap EXISTS instead of the script).
+        if self.sold_out.is_sold_out(sku, quantity)
+            && !self
+                .store
+                .idempotency_key_exists(sku, user_id, idempotency_key)
+                .await?
+        {
             return Err(Error::Refused(Refusal::SoldOut));
         }
         let request = ReserveRequest {

@@ -245,6 +245,18 @@ impl Store {
         reserve_outcome(sku, &reply)
     }
 
+    /// Whether this user's idempotency key for the SKU is recorded (it created a hold).
+    pub async fn idempotency_key_exists(
+        &self,
+        sku: &SkuId,
+        user_id: &str,
+        key: &str,
+    ) -> Result<bool> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(keys.idempotency(user_id, key)).await?)
+    }
+
     /// Several reserves of one SKU in one script call, decided in order; one outcome
     /// per request, exactly as `reserve` called once per request would give.
     pub async fn reserve_many(

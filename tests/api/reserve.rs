@@ -351,3 +351,56 @@ async fn redefining_a_sku_redis_lost_restores_sold_and_per_user_usage_from_mysql
     assert_eq!(status, StatusCode::CREATED);
     app.assert_stock_adds_up(&sku).await;
 }
+
+#[tokio::test]
+async fn a_replay_is_answered_even_while_the_sold_out_flag_is_up() {
+    let app = spawn_app().await;
+    let sku = unique_sku("flag");
+    app.create_sku(&sku, json!({"stock": 1})).await;
+    let (status, first) = app.reserve(&sku, "winner", "w-key", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Redis answers sold_out once: this gateway raises its local flag.
+    let (status, problem) = app.reserve(&sku, "loser", "l-key", 1).await;
+    assert_eq!(
+        (status, &problem["code"]),
+        (StatusCode::CONFLICT, &json!("sold_out"))
+    );
+    let replay = app.reserve_raw(&sku, "winner", "w-key", 1).await;
+    assert_eq!(replay.status(), StatusCode::CREATED);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let (_, replayed) = body(replay).await;
+    assert_eq!(replayed["reservation_id"], first["reservation_id"]);
+    // Stock that comes back is sellable again: a cancel through this gateway lowers the flag.
+    let id = first["reservation_id"].as_str().unwrap();
+    app.cancel(id, &user_token("winner")).await;
+    let (status, _) = app.reserve(&sku, "loser", "l-key", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn stock_returned_through_another_gateway_is_sellable_within_a_second() {
+    let first = spawn_app().await;
+    let second = spawn_app().await;
+    let sku = unique_sku("two-gateways");
+    first.create_sku(&sku, json!({"stock": 1})).await;
+    let id = first.hold(&sku, "holder").await;
+    let (status, _) = second.reserve(&sku, "waiter", "k", 1).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the second gateway's flag is now up"
+    );
+    first.cancel(&id, SERVICE_TOKEN).await;
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _) = second.reserve(&sku, "waiter", "k", 1).await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "still sold out after 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
