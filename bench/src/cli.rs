@@ -1,0 +1,501 @@
+//! Flags (every one also reads an environment variable) and their validation.
+//! Parsing only: nothing here connects to anything.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where results go unless --output-dir says otherwise: `bench/results/` of this
+/// checkout, whatever the working directory (it is gitignored).
+const DEFAULT_OUTPUT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results");
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "flashgate-bench",
+    version,
+    about = "Flash-sale load test for a running flashgate gateway, with validation and baselines",
+    long_about = "Drives a running flashgate gateway over HTTP with a flash sale (many users, a \
+burst on a few SKUs, pay / cancel / abandon / retry / duplicate webhooks), then validates the \
+result against the API and MySQL, and measures the same reserve path straight against MariaDB \
+(--baseline mysql) and straight against Redis with redis-benchmark (--baseline redis).\n\n\
+Exit status: 0 everything held, 1 a validation check failed (or a target was missed with \
+--enforce-targets), 2 the run could not be done."
+)]
+pub struct Args {
+    /// Gateway base URL (plain http).
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_BASE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub base_url: String,
+
+    /// HS256 secret the gateway verifies user JWTs with.
+    #[arg(long, env = "FLASHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+
+    /// Service token: SKU setup, payment webhooks, validation reads.
+    #[arg(long, env = "FLASHGATE_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: String,
+
+    /// The gateway's Redis (command statistics, redis-benchmark baseline).
+    #[arg(
+        long,
+        env = "FLASHGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6390"
+    )]
+    pub redis_url: String,
+
+    /// The gateway's MySQL/MariaDB (validation; the MySQL baseline creates bench_* tables there).
+    #[arg(
+        long,
+        env = "FLASHGATE_DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3316/flashgate",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Closed loop: this many clients, each sending its next request when the last answered.
+    /// Also the concurrency of the MySQL baseline and of redis-benchmark.
+    #[arg(
+        short = 'c',
+        long,
+        env = "FLASHGATE_BENCH_CONCURRENCY",
+        default_value_t = 256
+    )]
+    pub concurrency: usize,
+
+    /// Open loop: start this many user flows per second whatever the answers (each flow
+    /// starts with a reserve); latencies count from the intended send time, so a stalled
+    /// gateway shows up in them (no coordinated omission). Omit for closed loop.
+    #[arg(long, env = "FLASHGATE_BENCH_RATE")]
+    pub rate: Option<f64>,
+
+    /// Open loop: most flows in flight at once; past it new flows wait (and their
+    /// latency, counted from the intended time, grows).
+    #[arg(long, env = "FLASHGATE_BENCH_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Length of the reserve and mixed phases and of the MySQL baseline (e.g. 15s, 2m).
+    #[arg(long, env = "FLASHGATE_BENCH_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Length of the sold-out phase.
+    #[arg(long, env = "FLASHGATE_BENCH_SOLDOUT_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub soldout_duration: Duration,
+
+    /// Unrecorded load before the first phase (warms connections, allocator and caches).
+    #[arg(long, env = "FLASHGATE_BENCH_WARMUP", default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Phases to run, in this order: reserve (pure reserves on a SKU with huge stock),
+    /// soldout (reserves on a sold-out SKU, with a reopen check), mixed (the flash sale).
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_PHASES",
+        value_delimiter = ',',
+        default_value = "reserve,soldout,mixed"
+    )]
+    pub phases: Vec<PhaseName>,
+
+    /// Baselines in the same run: mysql, redis (redis-benchmark EVALSHA), all, none.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_BASELINE",
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    pub baseline: Vec<BaselineName>,
+
+    /// Mixed phase: number of SKUs on sale at once (the burst is spread evenly).
+    #[arg(long, env = "FLASHGATE_BENCH_SKUS", default_value_t = 2)]
+    pub skus: usize,
+
+    /// Mixed phase: stock of each SKU.
+    #[arg(long, env = "FLASHGATE_BENCH_STOCK", default_value_t = 2000)]
+    pub stock: u64,
+
+    /// Mixed phase: hold duration of each SKU; abandoned holds expire after it, and the
+    /// validation waits for that.
+    #[arg(long, env = "FLASHGATE_BENCH_HOLD_SECONDS", default_value_t = 5)]
+    pub hold_seconds: u64,
+
+    /// Mixed phase: units per reservation.
+    #[arg(long, env = "FLASHGATE_BENCH_QUANTITY", default_value_t = 1)]
+    pub quantity: u64,
+
+    /// Sold-out phase: stock of its SKU (gone in the first milliseconds).
+    #[arg(long, env = "FLASHGATE_BENCH_SOLDOUT_STOCK", default_value_t = 100)]
+    pub soldout_stock: u64,
+
+    /// Sold-out phase: holds cancelled half-way; each unit must be sold again within 1 s.
+    #[arg(long, env = "FLASHGATE_BENCH_REOPEN_UNITS", default_value_t = 10)]
+    pub reopen_units: u64,
+
+    /// Mixed phase, share of holds that are paid (payment webhook → confirm).
+    #[arg(long, env = "FLASHGATE_BENCH_PAY", default_value_t = 0.6)]
+    pub pay: f64,
+
+    /// Mixed phase, share of holds the user cancels.
+    #[arg(long, env = "FLASHGATE_BENCH_CANCEL", default_value_t = 0.2)]
+    pub cancel: f64,
+
+    /// Mixed phase, share of holds abandoned to expire (pay + cancel + abandon = 1).
+    #[arg(long, env = "FLASHGATE_BENCH_ABANDON", default_value_t = 0.2)]
+    pub abandon: f64,
+
+    /// Share of reserves sent again with the same Idempotency-Key: after a 201 it must
+    /// replay (201, Idempotent-Replayed, same reservation); after a sold_out it may
+    /// succeed (a refusal records nothing) or be refused again.
+    #[arg(long, env = "FLASHGATE_BENCH_RETRY_RATIO", default_value_t = 0.1)]
+    pub retry_ratio: f64,
+
+    /// Share of paid holds whose webhook is delivered twice with the same payment_ref
+    /// (→ 200 again) and once more with another payment_ref (→ 409 refund_required).
+    #[arg(long, env = "FLASHGATE_BENCH_DUP_WEBHOOK_RATIO", default_value_t = 0.2)]
+    pub dup_webhook_ratio: f64,
+
+    /// Share of paid holds that go through payment-pending before confirm.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_PAYMENT_PENDING_RATIO",
+        default_value_t = 0.3
+    )]
+    pub payment_pending_ratio: f64,
+
+    /// Share of cancelled (at once) and abandoned (at validation) holds that are paid
+    /// anyway, late: → 409 reservation_cancelled / reservation_expired, refund_required.
+    #[arg(long, env = "FLASHGATE_BENCH_LATE_PAY_RATIO", default_value_t = 0.3)]
+    pub late_pay_ratio: f64,
+
+    /// Seed of every random choice (printed; random by default).
+    #[arg(long, env = "FLASHGATE_BENCH_SEED")]
+    pub seed: Option<u64>,
+
+    /// Prefix of the SKU ids this run creates (each run adds a unique suffix).
+    #[arg(long, env = "FLASHGATE_BENCH_SKU_PREFIX", default_value = "bench")]
+    pub sku_prefix: String,
+
+    /// Gateway process to read RSS and CPU from; found by the listening port when omitted.
+    #[arg(long, env = "FLASHGATE_BENCH_GATEWAY_PID")]
+    pub gateway_pid: Option<u32>,
+
+    /// redis-benchmark binary.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_REDIS_BENCHMARK",
+        default_value = "redis-benchmark"
+    )]
+    pub redis_benchmark: String,
+
+    /// Requests redis-benchmark sends (per path: success and sold-out).
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_REDIS_BENCHMARK_REQUESTS",
+        default_value_t = 200_000
+    )]
+    pub redis_benchmark_requests: u64,
+
+    /// Per-request timeout; a timed-out request counts as an error.
+    #[arg(long, env = "FLASHGATE_BENCH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// How long the validation waits for the outbox to drain to MySQL.
+    #[arg(long, env = "FLASHGATE_BENCH_FLUSH_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub flush_timeout: Duration,
+
+    /// The gateway's sweep interval (ms): expired holds must be back in `available`
+    /// within it after their deadline (checked with 0.5 s of slack).
+    #[arg(long, env = "FLASHGATE_SWEEP_INTERVAL_MS", default_value_t = 1000)]
+    pub sweep_interval_ms: u64,
+
+    /// Reservations read back one by one through the API at validation.
+    #[arg(long, env = "FLASHGATE_BENCH_VALIDATE_SAMPLE", default_value_t = 2000)]
+    pub validate_sample: usize,
+
+    /// Threads of the load generator (it shares the machine with the gateway and Redis).
+    #[arg(long, env = "FLASHGATE_BENCH_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
+    /// Where the JSON report and the SVG chart go.
+    #[arg(long, env = "FLASHGATE_BENCH_OUTPUT_DIR", default_value = DEFAULT_OUTPUT_DIR)]
+    pub output_dir: PathBuf,
+
+    /// Exit 1 when a performance target is missed (not only on a failed validation).
+    #[arg(long, env = "FLASHGATE_BENCH_ENFORCE_TARGETS")]
+    pub enforce_targets: bool,
+
+    /// No progress bars.
+    #[arg(long, env = "FLASHGATE_BENCH_NO_PROGRESS")]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseName {
+    Reserve,
+    Soldout,
+    Mixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum BaselineName {
+    Mysql,
+    Redis,
+    All,
+    None,
+}
+
+/// The gateway's address, split out of --base-url.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `host:port`, for the Host header and for connecting.
+    pub authority: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    pub prefix: String,
+}
+
+impl Args {
+    /// Checks everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=20_000).contains(&self.concurrency),
+            "--concurrency must be within 1..=20000"
+        );
+        if let Some(rate) = self.rate {
+            ensure!(
+                rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0,
+                "--rate must be within (0, 1000000] flows per second"
+            );
+        }
+        ensure!(
+            self.max_in_flight >= 1,
+            "--max-in-flight must be at least 1"
+        );
+        ensure!(!self.duration.is_zero(), "--duration must be positive");
+        ensure!(
+            !self.soldout_duration.is_zero(),
+            "--soldout-duration must be positive"
+        );
+        ensure!(!self.phases.is_empty(), "--phases names no phase");
+        let unique: BTreeSet<_> = self.phases.iter().collect();
+        ensure!(
+            unique.len() == self.phases.len(),
+            "--phases repeats a phase"
+        );
+        ensure!(
+            (1..=100).contains(&self.skus),
+            "--skus must be within 1..=100"
+        );
+        ensure!(
+            (1..=1_000_000_000_000).contains(&self.stock),
+            "--stock must be within 1..=10^12"
+        );
+        ensure!(
+            (1..=86_400).contains(&self.hold_seconds),
+            "--hold-seconds must be within 1..=86400"
+        );
+        ensure!(
+            (1..=1000).contains(&self.quantity),
+            "--quantity must be within 1..=1000"
+        );
+        ensure!(
+            (1..=1_000_000).contains(&self.soldout_stock),
+            "--soldout-stock must be within 1..=1000000"
+        );
+        ensure!(
+            self.reopen_units <= self.soldout_stock,
+            "--reopen-units cannot exceed --soldout-stock"
+        );
+        for (name, value) in [
+            ("--pay", self.pay),
+            ("--cancel", self.cancel),
+            ("--abandon", self.abandon),
+            ("--retry-ratio", self.retry_ratio),
+            ("--dup-webhook-ratio", self.dup_webhook_ratio),
+            ("--payment-pending-ratio", self.payment_pending_ratio),
+            ("--late-pay-ratio", self.late_pay_ratio),
+        ] {
+            ensure!(
+                value.is_finite() && (0.0..=1.0).contains(&value),
+                "{name} must be within 0..=1"
+            );
+        }
+        let sum = self.pay + self.cancel + self.abandon;
+        ensure!(
+            (sum - 1.0).abs() < 1e-6,
+            "--pay + --cancel + --abandon must add up to 1 (they add up to {sum})"
+        );
+        ensure!(
+            !self.sku_prefix.is_empty()
+                && self.sku_prefix.len() <= 24
+                && self
+                    .sku_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "--sku-prefix must be 1..=24 characters of [A-Za-z0-9_-]"
+        );
+        ensure!(
+            self.jwt_secret.len() >= 8,
+            "--jwt-secret / FLASHGATE_JWT_SECRET is missing or too short"
+        );
+        ensure!(
+            !self.service_token.is_empty(),
+            "--service-token / FLASHGATE_SERVICE_TOKEN is missing"
+        );
+        ensure!(
+            (1..=10_000_000).contains(&self.redis_benchmark_requests),
+            "--redis-benchmark-requests must be within 1..=10000000"
+        );
+        ensure!(!self.timeout.is_zero(), "--timeout must be positive");
+        ensure!(
+            (1..=64).contains(&self.threads),
+            "--threads must be within 1..=64"
+        );
+        ensure!(
+            self.redis_url.starts_with("redis://"),
+            "--redis-url must be a redis:// URL (single node)"
+        );
+        ensure!(
+            self.database_url.starts_with("mysql://")
+                || self.database_url.starts_with("mariadb://"),
+            "--database-url must be a mysql:// URL"
+        );
+        self.target()?;
+        Ok(())
+    }
+
+    pub fn target(&self) -> Result<Target> {
+        let rest = self
+            .base_url
+            .strip_prefix("http://")
+            .context("--base-url must start with http:// (the harness speaks plain HTTP/1.1)")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        ensure!(!authority.is_empty(), "--base-url has no host");
+        let port = match authority.rsplit_once(':') {
+            Some((_, port)) if !authority.ends_with(']') => port
+                .parse::<u16>()
+                .with_context(|| format!("--base-url has a bad port: {port:?}"))?,
+            _ => 80,
+        };
+        let authority = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_string()
+        } else {
+            format!("{authority}:{port}")
+        };
+        Ok(Target {
+            authority,
+            port,
+            prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub fn wants_baseline(&self, which: BaselineName) -> bool {
+        if self.baseline.contains(&BaselineName::None) {
+            return false;
+        }
+        self.baseline.contains(&BaselineName::All) || self.baseline.contains(&which)
+    }
+
+    pub fn mode(&self) -> String {
+        match self.rate {
+            Some(rate) => format!(
+                "open loop at {rate} flows/s (max {} in flight)",
+                self.max_in_flight
+            ),
+            None => format!("closed loop, {} clients", self.concurrency),
+        }
+    }
+}
+
+/// `250ms`, `15s`, `2m`, `1h`, or a bare number of seconds (fractions allowed).
+pub fn parse_duration(raw: &str) -> Result<Duration> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: f64 = number
+        .parse()
+        .with_context(|| format!("not a duration: {raw:?} (try 500ms, 15s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => bail!("unknown duration unit {other:?} in {raw:?} (ms, s, m, h)"),
+    };
+    ensure!(
+        seconds.is_finite() && (0.0..=86_400.0).contains(&seconds),
+        "duration out of range: {raw:?}"
+    );
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "flashgate-bench",
+            "--jwt-secret",
+            "0123456789abcdef",
+            "--service-token",
+            "svc",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let a = args(&[]);
+        a.validate().unwrap();
+        let t = a.target().unwrap();
+        assert_eq!(t.authority, "127.0.0.1:8080");
+        assert_eq!(t.port, 8080);
+        assert!(a.wants_baseline(BaselineName::Mysql));
+        assert!(a.wants_baseline(BaselineName::Redis));
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(args(&["--pay", "0.9"]).validate().is_err());
+        assert!(args(&["--concurrency", "0"]).validate().is_err());
+        assert!(args(&["--base-url", "https://x"]).validate().is_err());
+        assert!(args(&["--sku-prefix", "a b"]).validate().is_err());
+        assert!(args(&["--rate=-1"]).validate().is_err());
+        assert!(args(&["--phases", "mixed,mixed"]).validate().is_err());
+        let a = args(&["--baseline", "none"]);
+        assert!(!a.wants_baseline(BaselineName::Mysql));
+        let a = args(&[
+            "--baseline",
+            "mysql",
+            "--base-url",
+            "http://localhost:9000/api/",
+        ]);
+        assert!(!a.wants_baseline(BaselineName::Redis));
+        let t = a.target().unwrap();
+        assert_eq!(
+            (t.authority.as_str(), t.port, t.prefix.as_str()),
+            ("localhost:9000", 9000, "/api")
+        );
+    }
+}

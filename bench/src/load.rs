@@ -1,0 +1,596 @@
+//! The load: user flows (reserve, then pay / cancel / abandon, with retries and
+//! duplicate webhooks) driven closed-loop by N clients or open-loop at a rate, and the
+//! ledger of what the gateway acknowledged, which the validation checks afterwards.
+
+use bytes::Bytes;
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+use crate::cli::Args;
+use crate::client::{Answer, Auth, Client, Fields};
+use crate::gateway::TokenMinter;
+use crate::stats::{intern, Endpoint, Recorder};
+
+/// How long minted user tokens live: longer than any run.
+const TOKEN_TTL_SECONDS: u64 = 6 * 3600;
+/// Violations kept verbatim for the report (all are counted).
+const VIOLATION_SAMPLES: usize = 20;
+/// Open loop: a flow due before the end may start this late (timer granularity, a
+/// busy machine) and still count; later ones count as never sent.
+pub const DISPATCH_GRACE: Duration = Duration::from_millis(100);
+const RESERVE_BODY: &str = r#"{"quantity":1}"#;
+
+/// Everything the harness knows a SKU went through, from the gateway's answers.
+#[derive(Debug, Default)]
+pub struct SkuLedger {
+    /// Units of 201 `created` answers.
+    pub created_units: u64,
+    /// Units of reserves that failed in transport: they may or may not hold stock.
+    pub ambiguous_reserve_units: u64,
+    /// Reservations answered 200 `confirmed`: id → (payment_ref, quantity).
+    pub confirmed: HashMap<String, (String, u64)>,
+    /// Confirms that failed in transport (may or may not have been applied): id → quantity.
+    pub ambiguous_confirms: HashMap<String, u64>,
+    /// Every 409 answer with refund_required: (compensation id, reservation id, payment_ref, code).
+    pub refunds: Vec<(String, String, String, String)>,
+    pub cancelled: Vec<String>,
+    /// Holds left to expire: (reservation id, when the 201 arrived).
+    pub abandoned: Vec<(String, Instant)>,
+    /// Sold-out phase: every created hold, and when its 201 arrived.
+    pub holds: Vec<(String, Instant)>,
+    /// Sold-out phase: when each reopen cancel was answered.
+    pub reopen_cancels: Vec<Instant>,
+}
+
+#[derive(Default)]
+pub struct Violations {
+    pub count: AtomicU64,
+    pub samples: Mutex<Vec<String>>,
+}
+
+impl Violations {
+    pub fn add(&self, what: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.samples.lock().unwrap();
+        if samples.len() < VIOLATION_SAMPLES {
+            samples.push(what);
+        }
+    }
+}
+
+pub struct Ctx {
+    pub args: Args,
+    pub client: Client,
+    pub run_id: String,
+    pub seed: u64,
+    pub run_start: Instant,
+    minter: TokenMinter,
+    flows: AtomicU64,
+    pub ledger: Mutex<HashMap<String, SkuLedger>>,
+    pub violations: Violations,
+}
+
+impl Ctx {
+    pub fn new(args: Args, client: Client, run_id: String, seed: u64) -> Ctx {
+        Ctx {
+            minter: TokenMinter::new(&args.jwt_secret),
+            args,
+            client,
+            run_id,
+            seed,
+            run_start: Instant::now(),
+            flows: AtomicU64::new(0),
+            ledger: Mutex::new(HashMap::new()),
+            violations: Violations::default(),
+        }
+    }
+
+    pub fn with_ledger<T>(&self, sku: &str, f: impl FnOnce(&mut SkuLedger) -> T) -> T {
+        let mut ledger = self.ledger.lock().unwrap();
+        f(ledger.entry(sku.to_string()).or_default())
+    }
+
+    /// A fresh user (id and token) and a flow number for keys and payment refs.
+    fn new_user(&self) -> (u64, String, String) {
+        let n = self.flows.fetch_add(1, Ordering::Relaxed);
+        let user = format!("u{n}");
+        let token = self.minter.mint(&user, TOKEN_TTL_SECONDS);
+        (n, user, token)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call(
+        &self,
+        rec: &Recorder,
+        endpoint: Endpoint,
+        method: Method,
+        path: &str,
+        auth: Auth<'_>,
+        key: Option<&str>,
+        body: Option<Bytes>,
+        started: Instant,
+    ) -> (Answer, Fields) {
+        let answer = self.client.send(method, path, auth, key, body).await;
+        let fields = answer.fields();
+        rec.record(
+            endpoint,
+            started.elapsed(),
+            answer.status,
+            label(endpoint, &answer, &fields),
+        );
+        (answer, fields)
+    }
+
+    async fn reserve(
+        &self,
+        rec: &Recorder,
+        sku: &str,
+        token: &str,
+        key: &str,
+        quantity: u64,
+        started: Instant,
+    ) -> (Answer, Fields) {
+        let body = if quantity == 1 {
+            Bytes::from_static(RESERVE_BODY.as_bytes())
+        } else {
+            Bytes::from(format!(r#"{{"quantity":{quantity}}}"#))
+        };
+        self.call(
+            rec,
+            Endpoint::Reserve,
+            Method::POST,
+            &format!("/v1/skus/{sku}/reservations"),
+            Auth::Bearer(token),
+            Some(key),
+            Some(body),
+            started,
+        )
+        .await
+    }
+
+    pub async fn confirm(&self, rec: &Recorder, rid: &str, payment_ref: &str) -> (Answer, Fields) {
+        self.call(
+            rec,
+            Endpoint::Confirm,
+            Method::POST,
+            &format!("/v1/reservations/{rid}/confirm"),
+            Auth::Service,
+            None,
+            Some(Bytes::from(format!(r#"{{"payment_ref":"{payment_ref}"}}"#))),
+            Instant::now(),
+        )
+        .await
+    }
+
+    pub async fn cancel(&self, rec: &Recorder, rid: &str, auth: Auth<'_>) -> (Answer, Fields) {
+        self.call(
+            rec,
+            Endpoint::Cancel,
+            Method::POST,
+            &format!("/v1/reservations/{rid}/cancel"),
+            auth,
+            None,
+            None,
+            Instant::now(),
+        )
+        .await
+    }
+
+    fn payment_ref(&self, n: u64, suffix: &str) -> String {
+        format!("pay-{}-{n}{suffix}", self.run_id)
+    }
+
+    /// Files a 409 refund_required answer in the ledger; false if it is not one.
+    pub fn note_refund(
+        &self,
+        sku: &str,
+        rid: &str,
+        payment_ref: &str,
+        answer: &Answer,
+        fields: &Fields,
+    ) -> bool {
+        if answer.status != 409 || fields.refund_required != Some(true) {
+            return false;
+        }
+        let Some(compensation_id) = fields.compensation_id.clone() else {
+            return false;
+        };
+        let code = fields.code.clone().unwrap_or_default();
+        self.with_ledger(sku, |l| {
+            l.refunds.push((
+                compensation_id,
+                rid.to_string(),
+                payment_ref.to_string(),
+                code,
+            ))
+        });
+        true
+    }
+}
+
+/// The outcome label of an answer.
+fn label(endpoint: Endpoint, answer: &Answer, fields: &Fields) -> &'static str {
+    if let Some(error) = answer.error {
+        return intern(error);
+    }
+    if (200..300).contains(&answer.status) {
+        if endpoint == Endpoint::Reserve && answer.status == 201 {
+            return if answer.replayed {
+                "replayed"
+            } else {
+                "created"
+            };
+        }
+        return Answer::state(fields).map_or("ok", intern);
+    }
+    let code = fields.code.as_deref().unwrap_or("other");
+    if fields.refund_required == Some(true) {
+        return match code {
+            "already_confirmed" => "already_confirmed+refund",
+            "reservation_expired" => "reservation_expired+refund",
+            "reservation_cancelled" => "reservation_cancelled+refund",
+            _ => "other+refund",
+        };
+    }
+    intern(code)
+}
+
+/// What each flow of a phase does.
+pub enum Workload {
+    /// Reserves by fresh users on one SKU with stock to spare: the hot path.
+    Reserve { sku: String },
+    /// Reserves by fresh users on a SKU that is sold out (after its first units).
+    SoldOut { sku: String },
+    /// The flash sale: reserve, then pay / cancel / abandon, retries, duplicate webhooks.
+    Mixed { skus: Vec<String> },
+}
+
+impl Workload {
+    async fn flow(&self, ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, intended: Instant) {
+        match self {
+            Workload::Reserve { sku } => reserve_only(ctx, rec, sku, intended, false).await,
+            Workload::SoldOut { sku } => reserve_only(ctx, rec, sku, intended, true).await,
+            Workload::Mixed { skus } => {
+                let sku = &skus[rng.random_range(0..skus.len())];
+                mixed(ctx, rec, rng, sku, intended).await
+            }
+        }
+    }
+}
+
+async fn reserve_only(ctx: &Ctx, rec: &Recorder, sku: &str, intended: Instant, track: bool) {
+    let (n, _user, token) = ctx.new_user();
+    let key = format!("k{n}");
+    let (answer, fields) = ctx.reserve(rec, sku, &token, &key, 1, intended).await;
+    match answer.status {
+        201 if !answer.replayed => {
+            let at = Instant::now();
+            ctx.with_ledger(sku, |l| {
+                l.created_units += 1;
+                if track {
+                    l.holds
+                        .push((fields.reservation_id.clone().unwrap_or_default(), at));
+                }
+            });
+        }
+        409 if fields.code.as_deref() == Some("sold_out") => {}
+        0 => ctx.with_ledger(sku, |l| l.ambiguous_reserve_units += 1),
+        _ => ctx.violations.add(format!(
+            "reserve by a fresh user on {sku}: {}",
+            answer.text()
+        )),
+    }
+}
+
+async fn mixed(ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, sku: &str, intended: Instant) {
+    let args = &ctx.args;
+    let quantity = args.quantity;
+    let (n, _user, token) = ctx.new_user();
+    let key = format!("k{n}");
+    let (answer, fields) = ctx
+        .reserve(rec, sku, &token, &key, quantity, intended)
+        .await;
+    let rid = match (
+        answer.status,
+        answer.replayed,
+        fields.reservation_id.clone(),
+    ) {
+        (201, false, Some(rid)) => rid,
+        (409, _, _) if fields.code.as_deref() == Some("sold_out") => {
+            // The user presses "try again" with the same key: a refusal recorded
+            // nothing, so it may succeed now (stock came back) or be refused again.
+            if rng.random_bool(args.retry_ratio) {
+                let (again, again_fields) = ctx
+                    .reserve(rec, sku, &token, &key, quantity, Instant::now())
+                    .await;
+                match (again.status, again.replayed, again_fields.reservation_id) {
+                    (201, false, Some(rid)) => {
+                        // Stock came back: the hold is real; let it expire.
+                        ctx.with_ledger(sku, |l| {
+                            l.created_units += quantity;
+                            l.abandoned.push((rid, Instant::now()));
+                        });
+                    }
+                    (409, _, _) if again_fields.code.as_deref() == Some("sold_out") => {}
+                    (0, _, _) => ctx.with_ledger(sku, |l| l.ambiguous_reserve_units += quantity),
+                    _ => ctx.violations.add(format!(
+                        "retry after sold_out with the same Idempotency-Key on {sku}: {}",
+                        again.text()
+                    )),
+                }
+            }
+            return;
+        }
+        (0, _, _) => {
+            ctx.with_ledger(sku, |l| l.ambiguous_reserve_units += quantity);
+            return;
+        }
+        _ => {
+            ctx.violations.add(format!(
+                "reserve by a fresh user on {sku}: {}",
+                answer.text()
+            ));
+            return;
+        }
+    };
+    ctx.with_ledger(sku, |l| l.created_units += quantity);
+
+    // The client did not see the answer: it sends the same request again.
+    if rng.random_bool(args.retry_ratio) {
+        let (again, again_fields) = ctx
+            .reserve(rec, sku, &token, &key, quantity, Instant::now())
+            .await;
+        let same = again_fields.reservation_id.as_deref() == Some(rid.as_str());
+        let replayed = again.status == 201 && again.replayed && same;
+        if !replayed && !again.is_transport_error() {
+            ctx.violations.add(format!(
+                "retry of reserve {rid} with the same Idempotency-Key: {}",
+                again.text()
+            ));
+        }
+    }
+
+    let roll: f64 = rng.random();
+    if roll < args.pay {
+        let payment_ref = ctx.payment_ref(n, "");
+        if rng.random_bool(args.payment_pending_ratio) {
+            let (pending, pending_fields) = ctx
+                .call(
+                    rec,
+                    Endpoint::PaymentPending,
+                    Method::POST,
+                    &format!("/v1/reservations/{rid}/payment-pending"),
+                    Auth::Service,
+                    None,
+                    Some(Bytes::from(format!(r#"{{"payment_ref":"{payment_ref}"}}"#))),
+                    Instant::now(),
+                )
+                .await;
+            let ok = pending.status == 200 && Answer::state(&pending_fields) == Some("paying");
+            let late = pending.status == 409
+                && pending_fields.code.as_deref() == Some("reservation_expired");
+            if !ok && !late && !pending.is_transport_error() {
+                ctx.violations.add(format!(
+                    "payment-pending of live hold {rid}: {}",
+                    pending.text()
+                ));
+            }
+        }
+        let (confirm, confirm_fields) = ctx.confirm(rec, &rid, &payment_ref).await;
+        if confirm.status == 200 && Answer::state(&confirm_fields) == Some("confirmed") {
+            ctx.with_ledger(sku, |l| {
+                l.confirmed
+                    .insert(rid.clone(), (payment_ref.clone(), quantity))
+            });
+        } else if confirm.is_transport_error() {
+            ctx.with_ledger(sku, |l| l.ambiguous_confirms.insert(rid.clone(), quantity));
+            return;
+        } else if ctx.note_refund(sku, &rid, &payment_ref, &confirm, &confirm_fields)
+            && confirm_fields.code.as_deref() == Some("reservation_expired")
+        {
+            // Paid after the hold ran out (a slow run): refunded, legitimately.
+            return;
+        } else {
+            ctx.violations
+                .add(format!("confirm of live hold {rid}: {}", confirm.text()));
+            return;
+        }
+        if rng.random_bool(args.dup_webhook_ratio) {
+            // The payment provider delivers the same webhook twice...
+            let (again, again_fields) = ctx.confirm(rec, &rid, &payment_ref).await;
+            let confirmed =
+                again.status == 200 && Answer::state(&again_fields) == Some("confirmed");
+            if !confirmed && !again.is_transport_error() {
+                ctx.violations.add(format!(
+                    "repeated confirm of {rid} with the same payment_ref: {}",
+                    again.text()
+                ));
+            }
+            // ...and a second, different payment arrives for the same hold.
+            let other_ref = ctx.payment_ref(n, "-dup");
+            let (other, other_fields) = ctx.confirm(rec, &rid, &other_ref).await;
+            let refunded = ctx.note_refund(sku, &rid, &other_ref, &other, &other_fields);
+            let duplicate = refunded && other_fields.code.as_deref() == Some("already_confirmed");
+            if !duplicate && !other.is_transport_error() {
+                ctx.violations.add(format!(
+                    "confirm of confirmed {rid} with another payment_ref: {}",
+                    other.text()
+                ));
+            }
+        }
+    } else if roll < args.pay + args.cancel {
+        let (cancel, cancel_fields) = ctx.cancel(rec, &rid, Auth::Bearer(&token)).await;
+        let state = Answer::state(&cancel_fields);
+        if cancel.status == 200 && matches!(state, Some("cancelled" | "expired")) {
+            ctx.with_ledger(sku, |l| l.cancelled.push(rid.clone()));
+        } else {
+            if !cancel.is_transport_error() {
+                ctx.violations.add(format!(
+                    "cancel of live hold {rid} by its owner: {}",
+                    cancel.text()
+                ));
+            }
+            return;
+        }
+        if rng.random_bool(args.late_pay_ratio) {
+            // The payment went through after all: it must be refunded.
+            let late_ref = ctx.payment_ref(n, "-late");
+            let (late, late_fields) = ctx.confirm(rec, &rid, &late_ref).await;
+            let refunded = ctx.note_refund(sku, &rid, &late_ref, &late, &late_fields);
+            if !refunded && !late.is_transport_error() {
+                ctx.violations
+                    .add(format!("payment after cancel of {rid}: {}", late.text()));
+            }
+        }
+    } else {
+        let at = Instant::now();
+        ctx.with_ledger(sku, |l| l.abandoned.push((rid, at)));
+    }
+}
+
+/// Runs `workload` for `duration`: closed loop (`--concurrency` clients) or open loop
+/// (`--rate` flows per second). Returns the recorder and the phase's wall time.
+pub async fn run_phase(
+    ctx: &Arc<Ctx>,
+    workload: Arc<Workload>,
+    title: &str,
+    phase_index: u64,
+    duration: Duration,
+    open_loop: bool,
+) -> (Arc<Recorder>, Duration) {
+    let start = Instant::now();
+    let rec = Arc::new(Recorder::new(start));
+    let deadline = start + duration;
+    let bar = progress_bar(ctx, title, duration);
+    let ticker = {
+        let rec = rec.clone();
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = Instant::now();
+                let requests = rec.requests.load(Ordering::Relaxed);
+                let rate = (requests - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, requests);
+                bar.set_position(
+                    now.duration_since(start)
+                        .as_millis()
+                        .min(duration.as_millis()) as u64,
+                );
+                bar.set_message(format!(
+                    "{rate:>8.0} req/s  {requests} requests  {} errors",
+                    rec.errors.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+
+    let seed = ctx.seed ^ (phase_index << 48);
+    if let (true, Some(rate)) = (open_loop, ctx.args.rate) {
+        let permits = Arc::new(Semaphore::new(ctx.args.max_in_flight));
+        let mut tasks = tokio::task::JoinSet::new();
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let total = (duration.as_secs_f64() * rate).ceil() as u64;
+        let mut i: u64 = 0;
+        loop {
+            let intended = start + interval.mul_f64(i as f64);
+            if intended >= deadline || Instant::now() >= deadline + DISPATCH_GRACE {
+                rec.unsent.store(total.saturating_sub(i), Ordering::Relaxed);
+                break;
+            }
+            if intended > Instant::now() {
+                tokio::time::sleep_until(intended.into()).await;
+            }
+            let permit = match tokio::time::timeout_at(
+                (deadline + DISPATCH_GRACE).into(),
+                permits.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(permit) => permit.expect("never closed"),
+                Err(_) => {
+                    rec.unsent.store(total.saturating_sub(i), Ordering::Relaxed);
+                    break;
+                }
+            };
+            let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
+            tasks.spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed ^ i);
+                workload.flow(&ctx, &rec, &mut rng, intended).await;
+                drop(permit);
+            });
+            i += 1;
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+    } else {
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..ctx.args.concurrency as u64 {
+            let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
+            tasks.spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed ^ worker);
+                while Instant::now() < deadline {
+                    workload.flow(&ctx, &rec, &mut rng, Instant::now()).await;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+    let elapsed = start.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    (rec, elapsed)
+}
+
+fn progress_bar(ctx: &Ctx, title: &str, duration: Duration) -> ProgressBar {
+    if ctx.args.no_progress || duration < Duration::from_secs(3) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(
+        Some(duration.as_millis() as u64),
+        ProgressDrawTarget::stderr_with_hz(4),
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>9} [{bar:30.cyan/blue}] {elapsed:>4}/{duration:4} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(title.to_string());
+    bar
+}
+
+/// Sold-out phase: half-way, cancel `units` of the phase's holds (as the service) and
+/// note when each cancel was answered; the stock must be sold again within 1 s.
+pub async fn reopen(ctx: Arc<Ctx>, sku: String, units: u64, after: Duration) {
+    tokio::time::sleep(after).await;
+    let rids: Vec<String> = ctx.with_ledger(&sku, |l| {
+        l.holds
+            .iter()
+            .take(units as usize)
+            .map(|(rid, _)| rid.clone())
+            .collect()
+    });
+    let rec = Recorder::new(Instant::now());
+    for rid in rids {
+        let (answer, fields) = ctx.cancel(&rec, &rid, Auth::Service).await;
+        if answer.status == 200 && Answer::state(&fields) == Some("cancelled") {
+            let at = Instant::now();
+            ctx.with_ledger(&sku, |l| l.reopen_cancels.push(at));
+        } else {
+            ctx.violations.add(format!(
+                "reopen: cancel of hold {rid} on sold-out {sku}: {}",
+                answer.text()
+            ));
+        }
+    }
+}
