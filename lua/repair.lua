@@ -4,6 +4,8 @@
 -- ARGV[1] stock_total (MySQL, the source of truth)
 -- ARGV[2] sold floor: MySQL sold + confirmed events not yet flushed
 -- ARGV[3] most due holds to expire first
+-- ARGV[4] most live holds to recount; above that `held` is kept as it is (a recount
+--         would keep Redis busy too long)
 --
 -- Reply: {'ok', stock_total, available, held, sold}
 --        {'overcommitted', stock_total, available, held, sold}  held + sold > stock_total:
@@ -21,13 +23,16 @@ local now = now_ms()
 expire_due(meta, used, deadlines, now, tonumber(ARGV[3]))
 
 local prefix = sku_prefix(meta)
-local held = 0
-for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
-  local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
-  if is_live(r[1]) then
-    held = held + tonumber(r[2])
-  else
-    redis.call('ZREM', deadlines, rid)
+local held = tonumber(redis.call('HGET', meta, 'held') or '0')
+if redis.call('ZCARD', deadlines) <= tonumber(ARGV[4]) then
+  held = 0
+  for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
+    local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
+    if is_live(r[1]) then
+      held = held + tonumber(r[2])
+    else
+      redis.call('ZREM', deadlines, rid)
+    end
   end
 end
 local stock_total = tonumber(ARGV[1])

@@ -546,12 +546,17 @@ impl Store {
         let mut conn = self.conn.clone();
         let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
             conn.xinfo_groups(&keys.outbox).await;
-        let Ok(groups) = groups else { return Ok(0) };
-        let mut backlog = 0u64;
-        for group in groups.groups.iter().filter(|g| g.name == FLUSH_GROUP) {
-            backlog += group.pending as u64 + group.lag.unwrap_or(0) as u64;
+        let Ok(groups) = groups else { return Ok(0) }; // no stream: nothing written yet
+        match groups.groups.iter().find(|g| g.name == FLUSH_GROUP) {
+            Some(group) => match group.lag {
+                Some(lag) => Ok(group.pending as u64 + lag as u64),
+                // Redis cannot always tell the lag (after deletions): count the
+                // stream, an overestimate that never hides an unflushed event.
+                None => Ok(group.pending as u64 + conn.xlen::<_, u64>(&keys.outbox).await?),
+            },
+            // Events written before the group existed (after a wipe): all unflushed.
+            None => Ok(conn.xlen(&keys.outbox).await?),
         }
-        Ok(backlog)
     }
 
     /// Redis WAIT: true when `replicas` acknowledged every write of this connection.

@@ -17,6 +17,9 @@ struct ClusterNode {
 
 fn start_node() -> ClusterNode {
     let port = free_port();
+    // The bus port would default to port + 10000, outside the ports free_port hands
+    // out (and possibly in the ephemeral range): pick it the same way.
+    let bus_port = free_port();
     let dir = TempDir::new("cluster");
     let mut command = Command::new(tool("FLASHGATE_TEST_REDIS_SERVER", "/usr/bin/redis-server"));
     command
@@ -29,6 +32,7 @@ fn start_node() -> ClusterNode {
             "",
         ])
         .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+        .args(["--cluster-port", &bus_port.to_string()])
         .arg("--dir")
         .arg(dir.path())
         .arg("--cluster-config-file")
@@ -77,11 +81,14 @@ async fn the_scripts_run_unchanged_on_redis_cluster() {
         .arg("create")
         .args(&addresses)
         .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .expect("redis-cli runs");
-    assert!(created.success(), "redis-cli --cluster create failed");
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&created.stdout),
+        String::from_utf8_lossy(&created.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     for node in &nodes {
         while !cluster_state_ok(node.port).await {
