@@ -56,6 +56,22 @@ local function release(meta, used, deadlines, rkey, rid, final_status, now)
   return true
 end
 
+-- Units held by the live holds in the deadline index; with `prune`, entries that are
+-- not live any more are removed from the index (never when called by a read-only script).
+local function count_live_held(meta, deadlines, prune)
+  local prefix = sku_prefix(meta)
+  local held = 0
+  for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
+    local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
+    if is_live(r[1]) then
+      held = held + tonumber(r[2])
+    elseif prune then
+      redis.call('ZREM', deadlines, rid)
+    end
+  end
+  return held
+end
+
 -- Expires up to `limit` holds whose deadline has passed. Returns how many.
 local function expire_due(meta, used, deadlines, now, limit)
   local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)

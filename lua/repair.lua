@@ -22,18 +22,9 @@ end
 local now = now_ms()
 expire_due(meta, used, deadlines, now, tonumber(ARGV[3]))
 
-local prefix = sku_prefix(meta)
 local held = tonumber(redis.call('HGET', meta, 'held') or '0')
 if redis.call('ZCARD', deadlines) <= tonumber(ARGV[4]) then
-  held = 0
-  for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
-    local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
-    if is_live(r[1]) then
-      held = held + tonumber(r[2])
-    else
-      redis.call('ZREM', deadlines, rid)
-    end
-  end
+  held = count_live_held(meta, deadlines, true)
 end
 local stock_total = tonumber(ARGV[1])
 local sold = math.max(tonumber(redis.call('HGET', meta, 'sold') or '0'), tonumber(ARGV[2]))

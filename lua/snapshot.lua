@@ -25,17 +25,10 @@ if not m[1] then
   return { 'missing' }
 end
 local now = now_ms()
-local prefix = sku_prefix(meta)
 
 local live_held = -1
 if redis.call('ZCARD', deadlines) <= cap then
-  live_held = 0
-  for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
-    local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
-    if is_live(r[1]) then
-      live_held = live_held + tonumber(r[2])
-    end
-  end
+  live_held = count_live_held(meta, deadlines, false)
 end
 local overdue = redis.call('ZCOUNT', deadlines, '-inf', now)
 local ghosts = redis.call('ZCOUNT', deadlines, '-inf', now - ghost_after)

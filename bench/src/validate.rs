@@ -155,7 +155,9 @@ pub async fn run(
         match returned_at {
             // A long run's last abandoned hold may have expired long before this check
             // began: all we can tell is that it was back when first looked at.
-            Some(_) if back_at_first_poll && check_started.saturating_duration_since(since) > bound => {
+            Some(_)
+                if back_at_first_poll && check_started.saturating_duration_since(since) > bound =>
+            {
                 checks.add(
                     "expired holds return to available in time",
                     true,

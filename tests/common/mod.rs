@@ -185,10 +185,11 @@ impl TestApp {
         value["reservation_id"].as_str().unwrap().to_owned()
     }
 
-    pub async fn confirm(&self, id: &str, payment_ref: &str) -> (StatusCode, Value) {
+    /// A payment webhook (`confirm` or `payment-pending`) from the service.
+    async fn payment_call(&self, id: &str, action: &str, payment_ref: &str) -> (StatusCode, Value) {
         body(
             self.client
-                .post(self.url(&format!("/v1/reservations/{id}/confirm")))
+                .post(self.url(&format!("/v1/reservations/{id}/{action}")))
                 .bearer_auth(SERVICE_TOKEN)
                 .json(&json!({ "payment_ref": payment_ref }))
                 .send()
@@ -198,17 +199,12 @@ impl TestApp {
         .await
     }
 
+    pub async fn confirm(&self, id: &str, payment_ref: &str) -> (StatusCode, Value) {
+        self.payment_call(id, "confirm", payment_ref).await
+    }
+
     pub async fn payment_pending(&self, id: &str, payment_ref: &str) -> (StatusCode, Value) {
-        body(
-            self.client
-                .post(self.url(&format!("/v1/reservations/{id}/payment-pending")))
-                .bearer_auth(SERVICE_TOKEN)
-                .json(&json!({ "payment_ref": payment_ref }))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
+        self.payment_call(id, "payment-pending", payment_ref).await
     }
 
     /// `bearer` is a user token or the service token.
