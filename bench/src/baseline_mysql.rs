@@ -14,9 +14,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
-use crate::load::DISPATCH_GRACE;
+use crate::load::dispatch_open_loop;
 use crate::stats::{Endpoint, Recorder};
 
 const SCHEMA: [&str; 3] = [
@@ -261,51 +260,31 @@ pub async fn run(
             // Open loop, like the gateway phases: a reservation every 1/rate s whatever
             // the answers, latency from the intended start, connections from the pool.
             drop(conns);
-            let permits = Arc::new(Semaphore::new(max_in_flight));
-            let interval = Duration::from_secs_f64(1.0 / rate);
-            let total = (duration.as_secs_f64() * rate).ceil() as u64;
-            let mut i: u64 = 0;
-            loop {
-                let intended = start + interval.mul_f64(i as f64);
-                if intended >= deadline || Instant::now() >= deadline + DISPATCH_GRACE {
-                    shared
-                        .rec
-                        .unsent
-                        .store(total.saturating_sub(i), Ordering::Relaxed);
-                    break;
-                }
-                if intended > Instant::now() {
-                    tokio::time::sleep_until(intended.into()).await;
-                }
-                let permit = match tokio::time::timeout_at(
-                    (deadline + DISPATCH_GRACE).into(),
-                    permits.clone().acquire_owned(),
-                )
-                .await
-                {
-                    Ok(permit) => permit.expect("never closed"),
-                    Err(_) => {
-                        shared
-                            .rec
-                            .unsent
-                            .store(total.saturating_sub(i), Ordering::Relaxed);
-                        break;
-                    }
-                };
-                let (shared, pool) = (shared.clone(), pool.clone());
-                tasks.spawn(async move {
-                    if let Ok(mut conn) = pool.acquire().await {
-                        shared.one(&mut conn, intended).await;
-                    } else {
-                        shared
-                            .rec
-                            .record(Endpoint::MysqlReserve, intended.elapsed(), 0, "error");
-                    }
-                    drop(permit);
-                });
-                i += 1;
-                while tasks.try_join_next().is_some() {}
-            }
+            let unsent = dispatch_open_loop(
+                start,
+                deadline,
+                rate,
+                max_in_flight,
+                |_, intended, permit| {
+                    let (shared, pool) = (shared.clone(), pool.clone());
+                    tasks.spawn(async move {
+                        if let Ok(mut conn) = pool.acquire().await {
+                            shared.one(&mut conn, intended).await;
+                        } else {
+                            shared.rec.record(
+                                Endpoint::MysqlReserve,
+                                intended.elapsed(),
+                                0,
+                                "error",
+                            );
+                        }
+                        drop(permit);
+                    });
+                    while tasks.try_join_next().is_some() {}
+                },
+            )
+            .await;
+            shared.rec.unsent.store(unsent, Ordering::Relaxed);
         }
     }
     while tasks.join_next().await.is_some() {}

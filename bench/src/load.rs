@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cli::Args;
 use crate::client::{Answer, Auth, Client, Fields};
@@ -495,41 +495,24 @@ pub async fn run_phase(
 
     let seed = ctx.seed ^ (phase_index << 48);
     if let (true, Some(rate)) = (open_loop, ctx.args.rate) {
-        let permits = Arc::new(Semaphore::new(ctx.args.max_in_flight));
         let mut tasks = tokio::task::JoinSet::new();
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        let total = (duration.as_secs_f64() * rate).ceil() as u64;
-        let mut i: u64 = 0;
-        loop {
-            let intended = start + interval.mul_f64(i as f64);
-            if intended >= deadline || Instant::now() >= deadline + DISPATCH_GRACE {
-                rec.unsent.store(total.saturating_sub(i), Ordering::Relaxed);
-                break;
-            }
-            if intended > Instant::now() {
-                tokio::time::sleep_until(intended.into()).await;
-            }
-            let permit = match tokio::time::timeout_at(
-                (deadline + DISPATCH_GRACE).into(),
-                permits.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(permit) => permit.expect("never closed"),
-                Err(_) => {
-                    rec.unsent.store(total.saturating_sub(i), Ordering::Relaxed);
-                    break;
-                }
-            };
-            let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
-            tasks.spawn(async move {
-                let mut rng = StdRng::seed_from_u64(seed ^ i);
-                workload.flow(&ctx, &rec, &mut rng, intended).await;
-                drop(permit);
-            });
-            i += 1;
-            while tasks.try_join_next().is_some() {}
-        }
+        let unsent = dispatch_open_loop(
+            start,
+            deadline,
+            rate,
+            ctx.args.max_in_flight,
+            |i, intended, permit| {
+                let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
+                tasks.spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(seed ^ i);
+                    workload.flow(&ctx, &rec, &mut rng, intended).await;
+                    drop(permit);
+                });
+                while tasks.try_join_next().is_some() {}
+            },
+        )
+        .await;
+        rec.unsent.store(unsent, Ordering::Relaxed);
         while tasks.join_next().await.is_some() {}
     } else {
         let mut tasks = tokio::task::JoinSet::new();
@@ -548,6 +531,42 @@ pub async fn run_phase(
     ticker.abort();
     bar.finish_and_clear();
     (rec, elapsed)
+}
+
+/// Open loop: starts flow `i` at `start + i / rate` whatever the answers (latency is
+/// measured from that intended time), with at most `max_in_flight` flows running;
+/// `start_flow(i, intended, permit)` must hold the permit until its flow ends. Returns
+/// how many flows of the phase were never started.
+pub async fn dispatch_open_loop(
+    start: Instant,
+    deadline: Instant,
+    rate: f64,
+    max_in_flight: usize,
+    mut start_flow: impl FnMut(u64, Instant, OwnedSemaphorePermit),
+) -> u64 {
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (deadline.saturating_duration_since(start).as_secs_f64() * rate).ceil() as u64;
+    let mut i: u64 = 0;
+    loop {
+        let intended = start + interval.mul_f64(i as f64);
+        if intended >= deadline || Instant::now() >= deadline + DISPATCH_GRACE {
+            return total.saturating_sub(i);
+        }
+        if intended > Instant::now() {
+            tokio::time::sleep_until(intended.into()).await;
+        }
+        let acquired = tokio::time::timeout_at(
+            (deadline + DISPATCH_GRACE).into(),
+            permits.clone().acquire_owned(),
+        )
+        .await;
+        let Ok(Ok(permit)) = acquired else {
+            return total.saturating_sub(i);
+        };
+        start_flow(i, intended, permit);
+        i += 1;
+    }
 }
 
 fn progress_bar(ctx: &Ctx, title: &str, duration: Duration) -> ProgressBar {
