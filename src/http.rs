@@ -660,7 +660,7 @@ async fn resolve_compensation(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CompensationView>> {
     if id.len() > 64 {
-        return Err(Refusal::NotFound).map_err(|r| Error::Refused(r).into());
+        return Err(Error::Refused(Refusal::NotFound).into());
     }
     Ok(Json(state.gateway.resolve_compensation(&id).await?.into()))
 }

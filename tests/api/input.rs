@@ -438,6 +438,8 @@ async fn hostile_input_gets_a_4xx_problem_and_changes_nothing() {
         assert_eq!(status, StatusCode::NOT_FOUND, "{bogus}");
         let (status, _) = app.cancel(bogus, &user).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{bogus}");
+        let (status, _) = app.payment_pending(bogus, "pay").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{bogus}");
     }
     let (status, _) = app.cancel(&id, &user_token("someone-else")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
