@@ -1,33 +1,49 @@
-//! A lean HTTP/1.1 client for one gateway: keep-alive connections straight on hyper,
-//! kept in a stack (a closed-loop client finds the connection it just gave back; the
-//! pool grows to the concurrency and no further), Nagle off. A request that fails or
-//! times out drops its connection; the next one dials a new one.
+//! A lean HTTP/1.1 client for one gateway, written for the load phases: the harness
+//! shares the machine's cores with the gateway and Redis, so every microsecond it
+//! spends per request is taken from what it measures. A request is formatted straight
+//! into one buffer and written with one call; the answer is read into a per-connection
+//! buffer and parsed with `httparse` in the same task (no connection task, no channel,
+//! no header map). Keep-alive connections are kept in a stack (a closed-loop client
+//! finds the one it just gave back; the pool grows to the concurrency and no further),
+//! Nagle off. A request that fails or times out drops its connection; the next one
+//! dials a new one. No pipelining: one request in flight per connection, as a browser
+//! or an app sends them.
 
 use anyhow::{anyhow, Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+pub use http::Method;
+use http::StatusCode;
 use serde::Deserialize;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cli::Target;
 
-type Sender = SendRequest<Full<Bytes>>;
+/// Response headers read at most; the gateway sends about ten.
+const MAX_RESPONSE_HEADERS: usize = 32;
+/// A response head larger than this is not a gateway's.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed.
+    read: BytesMut,
+    /// The request being written (reused).
+    write: Vec<u8>,
+}
 
 pub struct Client {
     addr: SocketAddr,
-    host: HeaderValue,
+    authority: String,
     prefix: String,
-    service_auth: HeaderValue,
+    service_token: String,
     timeout: Duration,
-    idle: Mutex<Vec<Sender>>,
+    idle: Mutex<Vec<Connection>>,
     /// Connections dialled so far.
     pub opened: AtomicU64,
 }
@@ -117,45 +133,36 @@ impl Client {
             .with_context(|| format!("resolving {}", target.authority))?
             .next()
             .ok_or_else(|| anyhow!("{} resolves to no address", target.authority))?;
+        if !is_header_value(service_token) {
+            return Err(anyhow!("the service token is not a valid header value"));
+        }
         Ok(Client {
             addr,
-            host: HeaderValue::from_str(&target.authority)?,
+            authority: target.authority.clone(),
             prefix: target.prefix.clone(),
-            service_auth: HeaderValue::from_str(&format!("Bearer {service_token}"))
-                .context("the service token is not a valid header value")?,
+            service_token: service_token.to_string(),
             timeout,
             idle: Mutex::new(Vec::new()),
             opened: AtomicU64::new(0),
         })
     }
 
-    async fn connect(&self) -> Result<Sender, &'static str> {
+    async fn connect(&self) -> Result<Connection, &'static str> {
         self.opened.fetch_add(1, Ordering::Relaxed);
         let stream = TcpStream::connect(self.addr).await.map_err(|_| "connect")?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| "handshake")?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        Ok(Connection {
+            stream,
+            read: BytesMut::with_capacity(4096),
+            write: Vec::with_capacity(1024),
+        })
     }
 
-    async fn checkout(&self) -> Result<Sender, &'static str> {
-        loop {
-            let idle = self.idle.lock().unwrap().pop();
-            match idle {
-                Some(mut sender) => {
-                    if sender.is_closed() {
-                        continue;
-                    }
-                    if sender.ready().await.is_ok() {
-                        return Ok(sender);
-                    }
-                }
-                None => return self.connect().await,
-            }
+    async fn checkout(&self) -> Result<Connection, &'static str> {
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(connection) => Ok(connection),
+            None => self.connect().await,
         }
     }
 
@@ -165,7 +172,7 @@ impl Client {
         let mut opened = Vec::with_capacity(connections);
         for _ in 0..connections {
             match self.connect().await {
-                Ok(sender) => opened.push(sender),
+                Ok(connection) => opened.push(connection),
                 Err(_) => break,
             }
         }
@@ -200,62 +207,50 @@ impl Client {
         idempotency_key: Option<&str>,
         body: Option<Bytes>,
     ) -> Result<Answer, &'static str> {
-        let uri = if self.prefix.is_empty() {
-            path.to_string()
-        } else {
-            format!("{}{path}", self.prefix)
+        let token = match auth {
+            Auth::None => None,
+            Auth::Service => Some(self.service_token.as_str()),
+            Auth::Bearer(token) => Some(token),
         };
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(HOST, self.host.clone());
-        match auth {
-            Auth::None => {}
-            Auth::Service => request = request.header(AUTHORIZATION, self.service_auth.clone()),
-            Auth::Bearer(token) => {
-                let value =
-                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "header")?;
-                request = request.header(AUTHORIZATION, value);
-            }
+        if !token.is_none_or(is_header_value) || !idempotency_key.is_none_or(is_header_value) {
+            return Err("header");
+        }
+        let mut connection = self.checkout().await?;
+        let request = &mut connection.write;
+        request.clear();
+        let _ = write!(
+            request,
+            "{method} {}{path} HTTP/1.1\r\nhost: {}\r\n",
+            self.prefix, self.authority
+        );
+        if let Some(token) = token {
+            let _ = write!(request, "authorization: Bearer {token}\r\n");
         }
         if let Some(key) = idempotency_key {
-            request = request.header("idempotency-key", key);
+            let _ = write!(request, "idempotency-key: {key}\r\n");
         }
-        let body = match body {
-            Some(b) => {
-                request =
-                    request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                b
+        match &body {
+            Some(body) => {
+                let _ = write!(
+                    request,
+                    "content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                request.extend_from_slice(body);
             }
-            None => Bytes::new(),
-        };
-        let request = request.body(Full::new(body)).map_err(|_| "request")?;
-        let mut sender = self.checkout().await?;
-        let response = sender.send_request(request).await.map_err(|_| "send")?;
-        let status = response.status();
-        let replayed = response
-            .headers()
-            .get("idempotent-replayed")
-            .is_some_and(|v| v.as_bytes() == b"true");
-        let keep_alive = !response
-            .headers()
-            .get(hyper::header::CONNECTION)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| "body")?
-            .to_bytes();
-        if keep_alive {
-            self.idle.lock().unwrap().push(sender);
+            None if method == Method::GET => request.extend_from_slice(b"\r\n"),
+            None => request.extend_from_slice(b"content-length: 0\r\n\r\n"),
         }
-        Ok(Answer {
-            status: status.as_u16(),
-            replayed,
-            body,
-            error: None,
-        })
+        connection
+            .stream
+            .write_all(&connection.write)
+            .await
+            .map_err(|_| "send")?;
+        let (answer, keep_alive) = read_response(&mut connection).await?;
+        if keep_alive {
+            self.idle.lock().unwrap().push(connection);
+        }
+        Ok(answer)
     }
 
     pub async fn get_sku(&self, sku: &str) -> Result<SkuView> {
@@ -305,7 +300,143 @@ impl Client {
     }
 }
 
+/// Reads one response off the connection: its status, the headers the harness looks
+/// at, and the body (Content-Length or chunked). Returns whether the connection may
+/// be reused.
+async fn read_response(connection: &mut Connection) -> Result<(Answer, bool), &'static str> {
+    let (status, replayed, keep_alive, framing, head_len) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&connection.read) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let status = response.code.ok_or("status")?;
+                let mut replayed = false;
+                let mut keep_alive = response.version == Some(1);
+                let mut framing = Framing::UntilClose;
+                for header in response.headers.iter() {
+                    let name = header.name;
+                    if name.eq_ignore_ascii_case("content-length") {
+                        let length = std::str::from_utf8(header.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse().ok())
+                            .ok_or("content-length")?;
+                        framing = Framing::Length(length);
+                    } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                        if header.value.eq_ignore_ascii_case(b"chunked") {
+                            framing = Framing::Chunked;
+                        }
+                    } else if name.eq_ignore_ascii_case("idempotent-replayed") {
+                        replayed = header.value == b"true";
+                    } else if name.eq_ignore_ascii_case("connection") {
+                        keep_alive = !header.value.eq_ignore_ascii_case(b"close");
+                    }
+                }
+                // Informational answers (100 Continue) carry no body: skip them.
+                if (100..200).contains(&status) {
+                    connection.read.advance(head_len);
+                    continue;
+                }
+                break (status, replayed, keep_alive, framing, head_len);
+            }
+            Ok(httparse::Status::Partial) => {
+                if connection.read.len() > MAX_RESPONSE_HEAD_BYTES {
+                    return Err("response head too large");
+                }
+                fill(connection).await?;
+            }
+            Err(_) => return Err("bad response"),
+        }
+    };
+    connection.read.advance(head_len);
+    let body = match framing {
+        Framing::Length(length) => {
+            while connection.read.len() < length {
+                fill(connection).await?;
+            }
+            connection.read.split_to(length).freeze()
+        }
+        Framing::Chunked => read_chunked(connection).await?,
+        Framing::UntilClose => {
+            while fill(connection).await.is_ok() {}
+            return Ok((
+                Answer::ok(status, replayed, connection.read.split().freeze()),
+                false,
+            ));
+        }
+    };
+    Ok((Answer::ok(status, replayed, body), keep_alive))
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Reads more bytes into the connection's buffer; an end of stream is an error.
+async fn fill(connection: &mut Connection) -> Result<(), &'static str> {
+    if connection.read.capacity() - connection.read.len() < 1024 {
+        connection.read.reserve(4096);
+    }
+    match connection.stream.read_buf(&mut connection.read).await {
+        Ok(0) => Err("connection closed"),
+        Ok(_) => Ok(()),
+        Err(_) => Err("receive"),
+    }
+}
+
+/// A chunked body: `<hex size>[;ext]\r\n<data>\r\n` ... `0\r\n[trailers]\r\n`.
+async fn read_chunked(connection: &mut Connection) -> Result<Bytes, &'static str> {
+    let mut body = BytesMut::new();
+    loop {
+        let line_end = loop {
+            if let Some(at) = connection.read.windows(2).position(|w| w == b"\r\n") {
+                break at;
+            }
+            fill(connection).await?;
+        };
+        let line = std::str::from_utf8(&connection.read[..line_end]).map_err(|_| "chunk")?;
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "chunk size")?;
+        connection.read.advance(line_end + 2);
+        if size == 0 {
+            // Trailers, if any, end with an empty line.
+            loop {
+                if let Some(at) = connection.read.windows(2).position(|w| w == b"\r\n") {
+                    connection.read.advance(at + 2);
+                    if at == 0 {
+                        return Ok(body.freeze());
+                    }
+                } else {
+                    fill(connection).await?;
+                }
+            }
+        }
+        while connection.read.len() < size + 2 {
+            fill(connection).await?;
+        }
+        body.extend_from_slice(&connection.read[..size]);
+        connection.read.advance(size + 2);
+    }
+}
+
+/// Visible ASCII and spaces: what may go into a header line as is.
+fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b))
+}
+
 impl Answer {
+    fn ok(status: u16, replayed: bool, body: Bytes) -> Answer {
+        Answer {
+            status,
+            replayed,
+            body,
+            error: None,
+        }
+    }
+
     fn failed(error: &'static str) -> Answer {
         Answer {
             status: 0,
@@ -313,5 +444,74 @@ impl Answer {
             body: Bytes::new(),
             error: Some(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A server that answers each request with the next canned response, written in
+    /// small pieces so that the parser sees partial heads and bodies.
+    async fn canned(responses: Vec<&'static [u8]>) -> Client {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            for response in responses {
+                let _ = stream.read(&mut buf).await.unwrap();
+                for piece in response.chunks(7) {
+                    stream.write_all(piece).await.unwrap();
+                    stream.flush().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let target = Target {
+            authority: addr.to_string(),
+            port: addr.port(),
+            prefix: String::new(),
+        };
+        Client::new(&target, "svc", Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_length_and_chunked_bodies_on_one_connection() {
+        let client = canned(vec![
+            b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\nidempotent-replayed: true\r\n\r\nhello",
+            b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nrest of it",
+        ])
+        .await;
+        let first = client
+            .send(Method::POST, "/a", Auth::Service, Some("k"), None)
+            .await;
+        assert_eq!((first.status, first.replayed), (201, true));
+        assert_eq!(&first.body[..], b"hello");
+        let second = client.send(Method::GET, "/b", Auth::None, None, None).await;
+        assert_eq!((second.status, second.replayed), (409, false));
+        assert_eq!(&second.body[..], b"abcde");
+        let third = client.send(Method::GET, "/c", Auth::None, None, None).await;
+        assert_eq!(third.status, 200);
+        assert_eq!(&third.body[..], b"rest of it");
+        assert_eq!(
+            client.opened.load(Ordering::Relaxed),
+            1,
+            "keep-alive reused the connection"
+        );
+        assert!(client.idle.lock().unwrap().is_empty(), "closed: not reused");
+    }
+
+    #[tokio::test]
+    async fn a_header_value_with_a_line_break_is_refused_before_sending() {
+        let client = canned(vec![]).await;
+        let answer = client
+            .send(Method::GET, "/", Auth::Bearer("a\r\nb"), None, None)
+            .await;
+        assert_eq!((answer.status, answer.error), (0, Some("header")));
     }
 }

@@ -2,8 +2,8 @@
 //! duplicate webhooks) driven closed-loop by N clients or open-loop at a rate, and the
 //! ledger of what the gateway acknowledged, which the validation checks afterwards.
 
+use crate::client::Method;
 use bytes::Bytes;
-use hyper::Method;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -188,7 +188,7 @@ async fn run(args: Args) -> Result<bool> {
     let client = client::Client::new(&target, &args.service_token, args.timeout).await?;
     let ready = client
         .send(
-            hyper::Method::GET,
+            client::Method::GET,
             "/readyz",
             client::Auth::None,
             None,

@@ -2,8 +2,8 @@
 //! ledger) with what the API and MySQL hold. Every check is named, and any failed one
 //! makes the run exit 1.
 
+use crate::client::Method;
 use anyhow::Result;
-use hyper::Method;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
