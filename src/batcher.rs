@@ -1,56 +1,67 @@
-//! Per-SKU micro-batching of reserves. The first reserve of an idle SKU runs at once
-//! (no added latency); reserves that arrive while RESERVE_BATCHES_IN_FLIGHT calls of
-//! that SKU are running wait and go together in the next call, which decides them in
-//! order exactly as single calls would. No task outlives the work: a SKU's queue is
+//! Per-SKU micro-batching. The first request of an idle SKU runs at once (no added
+//! latency); requests that arrive while BATCHES_IN_FLIGHT calls of that SKU are running
+//! wait and go together in the next call. No task outlives the work: a SKU's queue is
 //! dropped as soon as it is empty.
+//!
+//! Two kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
+//! order, exactly as single calls would) and, while a SKU's sold-out flag is up, the
+//! idempotency probes that tell a replay from a refusal (one `MGET` per batch).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
-use crate::limits::{RESERVE_BATCHES_IN_FLIGHT, RESERVE_BATCH_MAX};
+use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
 use crate::store::{ReserveOutcome, ReserveRequest, Store};
 
-struct Waiting {
-    request: ReserveRequest,
-    reply: oneshot::Sender<Result<ReserveOutcome>>,
+/// What one batch call does: one outcome per request, in order.
+pub trait BatchWork: Send + Sync + 'static {
+    type Request: Send + 'static;
+    type Outcome: Send + 'static;
+    fn run(
+        &self,
+        sku: &SkuId,
+        requests: Vec<Self::Request>,
+    ) -> impl Future<Output = Vec<Result<Self::Outcome>>> + Send;
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Waiting>,
-    /// Runner tasks of this SKU; each runs one script call at a time.
+struct Waiting<W: BatchWork> {
+    request: W::Request,
+    reply: oneshot::Sender<Result<W::Outcome>>,
+}
+
+struct Queue<W: BatchWork> {
+    waiting: Vec<Waiting<W>>,
+    /// Runner tasks of this SKU; each runs one call at a time.
     runners: usize,
 }
 
-pub struct ReserveBatcher {
-    store: Store,
-    idempotency_ttl_ms: u64,
-    queues: Mutex<HashMap<SkuId, Queue>>,
+pub struct Batcher<W: BatchWork> {
+    work: W,
+    queues: Mutex<HashMap<SkuId, Queue<W>>>,
 }
 
-impl ReserveBatcher {
-    pub fn new(store: Store, idempotency_ttl_ms: u64) -> ReserveBatcher {
-        ReserveBatcher {
-            store,
-            idempotency_ttl_ms,
+impl<W: BatchWork> Batcher<W> {
+    pub fn new(work: W) -> Batcher<W> {
+        Batcher {
+            work,
             queues: Mutex::new(HashMap::new()),
         }
     }
 
-    pub async fn reserve(
-        self: &Arc<Self>,
-        sku: &SkuId,
-        request: ReserveRequest,
-    ) -> Result<ReserveOutcome> {
+    pub async fn submit(self: &Arc<Self>, sku: &SkuId, request: W::Request) -> Result<W::Outcome> {
         let (reply, answer) = oneshot::channel();
         let start_runner = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = queues.entry(sku.clone()).or_default();
+            let queue = queues.entry(sku.clone()).or_insert_with(|| Queue {
+                waiting: Vec::new(),
+                runners: 0,
+            });
             queue.waiting.push(Waiting { request, reply });
-            let start = queue.runners < RESERVE_BATCHES_IN_FLIGHT;
+            let start = queue.runners < BATCHES_IN_FLIGHT;
             if start {
                 queue.runners += 1;
             }
@@ -63,13 +74,13 @@ impl ReserveBatcher {
         }
         answer
             .await
-            .unwrap_or_else(|_| Err(Error::Internal("reserve batch runner stopped".into())))
+            .unwrap_or_else(|_| Err(Error::Internal("batch runner stopped".into())))
     }
 
     /// Takes batches off the SKU's queue until it is empty.
     async fn run(self: Arc<Self>, sku: SkuId) {
         loop {
-            let batch: Vec<Waiting> = {
+            let batch: Vec<Waiting<W>> = {
                 let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(queue) = queues.get_mut(&sku) else {
                     return;
@@ -81,34 +92,61 @@ impl ReserveBatcher {
                     }
                     return;
                 }
-                let take = queue.waiting.len().min(RESERVE_BATCH_MAX);
+                let take = queue.waiting.len().min(BATCH_MAX);
                 queue.waiting.drain(..take).collect()
             };
-            self.execute(&sku, batch).await;
+            let (requests, replies): (Vec<W::Request>, Vec<_>) =
+                batch.into_iter().map(|w| (w.request, w.reply)).unzip();
+            let outcomes = self.work.run(&sku, requests).await;
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
         }
     }
+}
 
-    async fn execute(&self, sku: &SkuId, batch: Vec<Waiting>) {
-        let (requests, replies): (Vec<ReserveRequest>, Vec<_>) =
-            batch.into_iter().map(|w| (w.request, w.reply)).unzip();
-        let outcomes = if let [request] = requests.as_slice() {
-            vec![
+/// Reserves: a batch of one runs `reserve.lua`, more run `reserve_batch.lua`.
+pub struct Reserves {
+    pub store: Store,
+    pub idempotency_ttl_ms: u64,
+}
+
+impl BatchWork for Reserves {
+    type Request = ReserveRequest;
+    type Outcome = ReserveOutcome;
+
+    async fn run(&self, sku: &SkuId, requests: Vec<ReserveRequest>) -> Vec<Result<ReserveOutcome>> {
+        if let [request] = requests.as_slice() {
+            return vec![
                 self.store
                     .reserve(sku, request, self.idempotency_ttl_ms)
                     .await,
-            ]
-        } else {
-            match self
-                .store
-                .reserve_many(sku, &requests, self.idempotency_ttl_ms)
-                .await
-            {
-                Ok(outcomes) => outcomes,
-                Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
-            }
-        };
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
+            ];
+        }
+        match self
+            .store
+            .reserve_many(sku, &requests, self.idempotency_ttl_ms)
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// Idempotency probes: (user id, key) → whether that key created a hold.
+pub struct IdempotencyProbes {
+    pub store: Store,
+}
+
+impl BatchWork for IdempotencyProbes {
+    type Request = (String, String);
+    type Outcome = bool;
+
+    async fn run(&self, sku: &SkuId, requests: Vec<(String, String)>) -> Vec<Result<bool>> {
+        match self.store.idempotency_keys_exist(sku, &requests).await {
+            Ok(found) => found.into_iter().map(Ok).collect(),
+            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
         }
     }
 }

@@ -6,7 +6,7 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::ReserveBatcher;
+use crate::batcher::{Batcher, IdempotencyProbes, Reserves};
 use crate::config::GatewaySettings;
 use crate::db;
 use crate::error::{Error, Result};
@@ -23,7 +23,8 @@ pub struct Gateway {
     pub db: MySqlPool,
     pub settings: GatewaySettings,
     sold_out: Arc<SoldOutFlags>,
-    reserves: Arc<ReserveBatcher>,
+    reserves: Arc<Batcher<Reserves>>,
+    replay_probes: Arc<Batcher<IdempotencyProbes>>,
 }
 
 /// A reservation id that is not ours is simply not found.
@@ -33,16 +34,20 @@ fn sku_of(reservation_id: &str) -> Result<SkuId> {
 
 impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
-        let reserves = Arc::new(ReserveBatcher::new(
-            store.clone(),
-            settings.idempotency_ttl.as_millis() as u64,
-        ));
+        let reserves = Arc::new(Batcher::new(Reserves {
+            store: store.clone(),
+            idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+        }));
+        let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
+            store: store.clone(),
+        }));
         Gateway {
             store,
             db,
             settings,
             sold_out: Default::default(),
             reserves,
+            replay_probes,
         }
     }
 
@@ -55,11 +60,11 @@ impl Gateway {
         idempotency_key: &str,
     ) -> Result<(Reservation, bool)> {
         // The flag spares the script, not the replay: a key that created a hold
-        // still gets its reservation back (one cheap EXISTS instead of the script).
+        // still gets its reservation back. The probes of a burst share one MGET.
         if self.sold_out.is_sold_out(sku, quantity)
             && !self
-                .store
-                .idempotency_key_exists(sku, user_id, idempotency_key)
+                .replay_probes
+                .submit(sku, (user_id.to_owned(), idempotency_key.to_owned()))
                 .await?
         {
             return Err(Error::Refused(Refusal::SoldOut));
@@ -70,7 +75,7 @@ impl Gateway {
             idempotency_key: idempotency_key.to_owned(),
             reservation_id: ids::new_reservation_id(sku),
         };
-        let outcome = self.reserves.reserve(sku, request).await;
+        let outcome = self.reserves.submit(sku, request).await;
         if let Err(Error::Refused(Refusal::SoldOut)) = &outcome {
             self.sold_out.raise(sku, quantity);
         }

@@ -59,9 +59,9 @@ pub const SOLD_OUT_FLAG_TTL: Duration = Duration::from_millis(200);
 
 const _: () = assert!(SOLD_OUT_FLAG_TTL.as_millis() < 1000);
 
-/// Reserves of one SKU decided in one script call at most: bounds how long one call
-/// keeps Redis busy (about 20 µs of script time per reserve).
-pub const RESERVE_BATCH_MAX: usize = 64;
-/// Script calls of one SKU in flight at once: while they run, new reserves gather
-/// into the next batch; more than one keeps Redis busy during the round trips.
-pub const RESERVE_BATCHES_IN_FLIGHT: usize = 4;
+/// Requests of one SKU decided in one Redis call at most (see `batcher`): bounds how
+/// long one call keeps Redis busy (about 20 µs of script time per reserve).
+pub const BATCH_MAX: usize = 64;
+/// Calls of one SKU in flight at once: while they run, new requests gather into the
+/// next batch; more than one keeps Redis busy during the round trips.
+pub const BATCHES_IN_FLIGHT: usize = 4;

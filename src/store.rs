@@ -245,16 +245,24 @@ impl Store {
         reserve_outcome(sku, &reply)
     }
 
-    /// Whether this user's idempotency key for the SKU is recorded (it created a hold).
-    pub async fn idempotency_key_exists(
+    /// For each (user id, idempotency key) of the SKU: whether it is recorded (it
+    /// created a hold). One MGET: the keys share the SKU's slot.
+    pub async fn idempotency_keys_exist(
         &self,
         sku: &SkuId,
-        user_id: &str,
-        key: &str,
-    ) -> Result<bool> {
+        user_keys: &[(String, String)],
+    ) -> Result<Vec<bool>> {
         let keys = SkuKeys::new(sku);
+        let mut mget = redis::cmd("MGET");
+        for (user_id, key) in user_keys {
+            mget.arg(keys.idempotency(user_id, key));
+        }
         let mut conn = self.conn.clone();
-        Ok(conn.exists(keys.idempotency(user_id, key)).await?)
+        let values: Vec<Option<Vec<u8>>> = mget.query_async(&mut conn).await?;
+        if values.len() != user_keys.len() {
+            return Err(bad_reply("MGET arity"));
+        }
+        Ok(values.iter().map(Option::is_some).collect())
     }
 
     /// Several reserves of one SKU in one script call, decided in order; one outcome

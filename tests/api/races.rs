@@ -220,3 +220,53 @@ async fn sweepers_and_lazy_reclaim_racing_release_each_hold_once() {
     assert_eq!(view["held"], 200, "each expired hold released exactly once");
     assert_eq!(view["available"].as_u64(), Some(count as u64 - 200));
 }
+
+#[tokio::test]
+async fn replays_and_refusals_racing_under_the_sold_out_flag_are_told_apart() {
+    let app = Arc::new(spawn_app().await);
+    let sku = unique_sku("flag-burst");
+    let winners = 50;
+    app.create_sku(&sku, json!({"stock": winners})).await;
+    let mut first_ids = Vec::new();
+    for i in 0..winners {
+        let (status, view) = app.reserve(&sku, &format!("w-{i}"), "key", 1).await;
+        assert_eq!(status, StatusCode::CREATED);
+        first_ids.push(view["reservation_id"].clone());
+    }
+    let losers = 250;
+    let barrier = Arc::new(Barrier::new(winners + losers + 1));
+    let tasks: Vec<_> = (0..winners + losers)
+        .map(|i| {
+            let (app, sku, barrier) = (app.clone(), sku.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let user = if i < winners {
+                    format!("w-{i}")
+                } else {
+                    format!("l-{i}")
+                };
+                barrier.wait().await;
+                let response = app.reserve_raw(&sku, &user, "key", 1).await;
+                let replayed = response.headers().get("idempotent-replayed").is_some();
+                let (status, view) = body(response).await;
+                (i, status, replayed, view)
+            })
+        })
+        .collect();
+    // Redis refuses once, and the burst (already waiting) goes at once: the flag is
+    // up for it (200 ms), so replays and refusals share probe batches.
+    let (status, _) = app.reserve(&sku, "late", "key", 1).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    barrier.wait().await;
+    for answer in join_all(tasks).await {
+        let (i, status, replayed, view) = answer.unwrap();
+        if i < winners {
+            assert_eq!((status, replayed), (StatusCode::CREATED, true), "{view}");
+            assert_eq!(view["reservation_id"], first_ids[i]);
+        } else {
+            assert_eq!(status, StatusCode::CONFLICT, "{view}");
+            assert_eq!(view["code"], "sold_out");
+        }
+    }
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["held"], winners);
+}
