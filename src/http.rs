@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -283,6 +283,28 @@ fn bearer(parts: &Parts) -> Option<&str> {
 
 /// A user with a valid JWT.
 struct User(String);
+/// The `Idempotency-Key` header of a reserve (read alone: the reserve path does not
+/// copy the whole header map).
+struct IdempotencyKey(String);
+
+impl<S: Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| visible_ascii(k, limits::IDEMPOTENCY_KEY_MAX_LEN))
+            .map(|k| IdempotencyKey(k.to_owned()))
+            .ok_or_else(|| {
+                Problem::invalid(format!(
+                    "header Idempotency-Key is required: 1..={} visible ASCII characters",
+                    limits::IDEMPOTENCY_KEY_MAX_LEN
+                ))
+            })
+    }
+}
 /// The payment/order service or an operator.
 struct Service;
 
@@ -542,23 +564,16 @@ async fn reserve(
     State(state): State<SharedState>,
     User(user_id): User,
     Path(sku): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     body: Bytes,
 ) -> ApiResult<Response> {
     let sku = sku_id(&sku)?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| visible_ascii(k, limits::IDEMPOTENCY_KEY_MAX_LEN))
-        .ok_or_else(|| {
-            Problem::invalid(format!(
-                "header Idempotency-Key is required: 1..={} visible ASCII characters",
-                limits::IDEMPOTENCY_KEY_MAX_LEN
-            ))
-        })?;
     let body = json_object(&body)?;
     let quantity = integer_field(&body, "quantity", Some(1), 1..=limits::QUANTITY_MAX)?;
-    let (reservation, replayed) = state.gateway.reserve(&sku, &user_id, quantity, key).await?;
+    let (reservation, replayed) = state
+        .gateway
+        .reserve(&sku, &user_id, quantity, &key)
+        .await?;
     let mut response = (
         StatusCode::CREATED,
         Json(ReservationView::from(reservation)),

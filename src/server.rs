@@ -1,7 +1,12 @@
 //! Wiring: builds the gateway from settings and runs the HTTP server (and the worker)
 //! until a shutdown signal. Takes an already bound listener, so tests use port 0.
 
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -11,6 +16,10 @@ use crate::gateway::Gateway;
 use crate::http::{self, AppState};
 use crate::worker::Worker;
 use crate::{db, store, telemetry};
+
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// A client that has not sent a whole request head by then is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     config::check_secret("FLASHGATE_JWT_SECRET", &args.jwt_secret).map_err(anyhow::Error::msg)?;
@@ -43,13 +52,9 @@ pub async fn run(
             .with_claim_idle(args.worker.flush_claim_idle());
         tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
     });
-    let mut http_shutdown = shutdown.clone();
+    let http_shutdown = shutdown.clone();
     tracing::info!(listen = %listener.local_addr()?, "flashgate serving");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(async move {
-            let _ = http_shutdown.wait_for(|stop| *stop).await;
-        })
-        .await?;
+    serve_http1(listener, http::router(state), http_shutdown).await;
     if let Some(worker) = worker {
         worker.await?;
     }
@@ -77,4 +82,44 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
         let _ = tx.send(true);
     });
     rx
+}
+
+/// HTTP/1.1 straight on hyper (what `axum::serve` does, minus its HTTP/2 sniffing,
+/// which the reserve path paid for on every request), Nagle off. On shutdown: stop
+/// accepting, let in-flight requests finish, close idle connections.
+async fn serve_http1(
+    listener: TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before accept:
+                    // pause instead of spinning; the listener itself stays good.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            // The guard wait_for returns is not Send: drop it inside.
+            () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(
+                TokioIo::new(stream),
+                TowerToHyperService::new(router.clone()),
+            );
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    connections.shutdown().await;
 }

@@ -91,12 +91,14 @@ pub struct Args {
     pub warmup: Duration,
 
     /// Phases to run, in this order: reserve (pure reserves on a SKU with huge stock),
-    /// soldout (reserves on a sold-out SKU, with a reopen check), mixed (the flash sale).
+    /// soldout (reserves on a sold-out SKU, with a reopen check), ceiling (GET /healthz:
+    /// what this machine and this client can do over HTTP at all, for --soldout-duration),
+    /// mixed (the flash sale).
     #[arg(
         long,
         env = "FLASHGATE_BENCH_PHASES",
         value_delimiter = ',',
-        default_value = "reserve,soldout,mixed"
+        default_value = "reserve,soldout,ceiling,mixed"
     )]
     pub phases: Vec<PhaseName>,
 
@@ -237,6 +239,7 @@ pub struct Args {
 pub enum PhaseName {
     Reserve,
     Soldout,
+    Ceiling,
     Mixed,
 }
 

@@ -250,6 +250,10 @@ pub enum Workload {
     SoldOut { sku: String },
     /// The flash sale: reserve, then pay / cancel / abandon, retries, duplicate webhooks.
     Mixed { skus: Vec<String> },
+    /// GET /healthz: the cheapest answer the gateway gives, through the same client at
+    /// the same concurrency. No answer can be faster on this machine, so it puts the
+    /// sold-out rate in proportion.
+    Ceiling,
 }
 
 impl Workload {
@@ -260,6 +264,24 @@ impl Workload {
             Workload::Mixed { skus } => {
                 let sku = &skus[rng.random_range(0..skus.len())];
                 mixed(ctx, rec, rng, sku, intended).await
+            }
+            Workload::Ceiling => {
+                let (answer, _) = ctx
+                    .call(
+                        rec,
+                        Endpoint::Healthz,
+                        Method::GET,
+                        "/healthz",
+                        Auth::None,
+                        None,
+                        None,
+                        intended,
+                    )
+                    .await;
+                if answer.status != 200 && !answer.is_transport_error() {
+                    ctx.violations
+                        .add(format!("GET /healthz: {}", answer.text()));
+                }
             }
         }
     }

@@ -155,7 +155,11 @@ fn ratio(
     at_most: Option<f64>,
     how: String,
 ) -> Ratio {
-    let met = value.map(|v| at_least.is_none_or(|t| v >= t) && at_most.is_none_or(|t| v <= t));
+    // A context row (no bound) is neither met nor missed.
+    let bounded = at_least.is_some() || at_most.is_some();
+    let met = value
+        .filter(|_| bounded)
+        .map(|v| at_least.is_none_or(|t| v >= t) && at_most.is_none_or(|t| v <= t));
     Ratio {
         name: name.to_string(),
         value,
@@ -366,10 +370,10 @@ async fn run(args: Args) -> Result<bool> {
             * (args
                 .phases
                 .iter()
-                .filter(|p| **p != PhaseName::Soldout)
+                .filter(|p| !matches!(p, PhaseName::Soldout | PhaseName::Ceiling))
                 .count() as u32
                 + 1)
-        + args.soldout_duration
+        + args.soldout_duration * 2
         + args.flush_timeout / 4
         + Duration::from_secs(args.hold_seconds);
     let long_hold = (planned + HOLD_MARGIN).as_secs().min(86_400);
@@ -404,6 +408,7 @@ async fn run(args: Args) -> Result<bool> {
                 )
                 .await?,
             ),
+            PhaseName::Ceiling => {}
             PhaseName::Mixed => {
                 for sku in &mixed_skus {
                     plans.push(
@@ -568,6 +573,7 @@ async fn run(args: Args) -> Result<bool> {
                 args.soldout_duration,
                 vec![soldout_sku.clone()],
             ),
+            PhaseName::Ceiling => ("ceiling", Workload::Ceiling, args.soldout_duration, vec![]),
             PhaseName::Mixed => (
                 "mixed",
                 Workload::Mixed {
@@ -583,6 +589,7 @@ async fn run(args: Args) -> Result<bool> {
                 "reserves by fresh users on one SKU of {} units, sold out at once; {} units cancelled half-way must sell again",
                 args.soldout_stock, args.reopen_units
             ),
+            PhaseName::Ceiling => "GET /healthz: the fastest answer this machine and this client manage over HTTP".to_string(),
             PhaseName::Mixed => format!(
                 "flash sale on {} SKUs x {} units: pay {:.0}% / cancel {:.0}% / abandon {:.0}%, retries {:.0}%, duplicate webhooks {:.0}%",
                 args.skus, args.stock, args.pay * 100.0, args.cancel * 100.0, args.abandon * 100.0,
@@ -716,6 +723,10 @@ async fn run(args: Args) -> Result<bool> {
         .and_then(|r| r.runs.iter().find(|r| r.path == "success" && r.verified))
         .map(|r| r.rps);
     let soldout_rate = soldout.and_then(|p| p.outcome_rate("reserve", "409 sold_out"));
+    let ceiling_rate = phases
+        .iter()
+        .find(|p| p.name == "ceiling")
+        .and_then(|p| p.outcome_rate("healthz", "200 ok"));
     let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -766,6 +777,22 @@ async fn run(args: Args) -> Result<bool> {
             Some(3.0),
             None,
             format!("{} vs {} per second{throughput_note}", f(soldout_rate, ""), f(reserve_rate, "")),
+        ),
+        ratio(
+            "  context: HTTP ceiling (GET /healthz) / reserve (201)",
+            closed(div(ceiling_rate, reserve_rate)),
+            "-",
+            None,
+            None,
+            format!("{} vs {} per second: no answer beats the ceiling, so sold_out / reserve cannot exceed this{throughput_note}", f(ceiling_rate, ""), f(reserve_rate, "")),
+        ),
+        ratio(
+            "  context: sold_out answers/s / HTTP ceiling",
+            closed(div(soldout_rate, ceiling_rate)),
+            "-",
+            None,
+            None,
+            format!("{} vs {} per second: how close the refusal path is to an empty answer{throughput_note}", f(soldout_rate, ""), f(ceiling_rate, "")),
         ),
         ratio(
             "gateway RSS: end / after warm-up",

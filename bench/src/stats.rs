@@ -20,6 +20,7 @@ pub enum Endpoint {
     Confirm,
     Cancel,
     GetReservation,
+    Healthz,
     MysqlReserve,
 }
 
@@ -31,6 +32,7 @@ impl Endpoint {
             Endpoint::Confirm => "confirm",
             Endpoint::Cancel => "cancel",
             Endpoint::GetReservation => "get_reservation",
+            Endpoint::Healthz => "healthz",
             Endpoint::MysqlReserve => "mysql_reserve",
         }
     }

@@ -444,6 +444,7 @@ async fn check_sku(ctx: &Arc<Ctx>, db: Option<&MySqlPool>, plan: &SkuPlan, check
                 ),
             );
         }
+        PhaseName::Ceiling => {}
         PhaseName::Reserve | PhaseName::Soldout => {
             let live = view.held + view.sold;
             let expected = created - reopened;

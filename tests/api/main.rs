@@ -7,3 +7,4 @@ mod input;
 mod lifecycle;
 mod races;
 mod reserve;
+mod server;
