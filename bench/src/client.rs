@@ -18,7 +18,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,11 +26,16 @@ use crate::cli::Target;
 
 /// Response headers read at most; the gateway sends about ten.
 const MAX_RESPONSE_HEADERS: usize = 32;
+/// A connection idle longer than this is checked before reuse: servers close idle
+/// keep-alive connections (the gateway after 30 s). Busy ones skip the syscall.
+const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// A response head larger than this is not a gateway's.
 const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
 
 struct Connection {
     stream: TcpStream,
+    /// When it was last given back to the pool.
+    idle_since: Instant,
     /// Bytes read and not yet consumed.
     read: BytesMut,
     /// The request being written (reused).
@@ -153,16 +158,20 @@ impl Client {
         let _ = stream.set_nodelay(true);
         Ok(Connection {
             stream,
+            idle_since: Instant::now(),
             read: BytesMut::with_capacity(4096),
             write: Vec::with_capacity(1024),
         })
     }
 
     async fn checkout(&self) -> Result<Connection, &'static str> {
-        let idle = self.idle.lock().unwrap().pop();
-        match idle {
-            Some(connection) => Ok(connection),
-            None => self.connect().await,
+        loop {
+            let idle = self.idle.lock().unwrap().pop();
+            match idle {
+                Some(connection) if connection.is_reusable() => return Ok(connection),
+                Some(_) => continue,
+                None => return self.connect().await,
+            }
         }
     }
 
@@ -248,6 +257,7 @@ impl Client {
             .map_err(|_| "send")?;
         let (answer, keep_alive) = read_response(&mut connection).await?;
         if keep_alive {
+            connection.idle_since = Instant::now();
             self.idle.lock().unwrap().push(connection);
         }
         Ok(answer)
@@ -297,6 +307,17 @@ impl Client {
         }
         let value: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
         Ok(value.get("outbox_backlog").and_then(|v| v.as_u64()))
+    }
+}
+
+impl Connection {
+    /// False when the server closed it (or sent something unasked) while it was idle.
+    fn is_reusable(&self) -> bool {
+        if self.idle_since.elapsed() < CHECK_IF_IDLE_FOR {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -504,6 +525,45 @@ mod tests {
             "keep-alive reused the connection"
         );
         assert!(client.idle.lock().unwrap().is_empty(), "closed: not reused");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            // The first connection answers once and is closed, the second answers.
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let _ = stream.read(&mut buf).await.unwrap();
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        });
+        let target = Target {
+            authority: addr.to_string(),
+            port: addr.port(),
+            prefix: String::new(),
+        };
+        let client = Client::new(&target, "svc", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            client
+                .send(Method::GET, "/", Auth::None, None, None)
+                .await
+                .status,
+            200
+        );
+        // Make the pooled connection look long idle; the server has closed it by now.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.idle.lock().unwrap()[0].idle_since -= CHECK_IF_IDLE_FOR;
+        let again = client.send(Method::GET, "/", Auth::None, None, None).await;
+        assert_eq!((again.status, again.error), (200, None));
+        assert_eq!(client.opened.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
