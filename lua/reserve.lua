@@ -14,5 +14,8 @@
 -- Invariants (see reserve_hold in lib.lua): a rejection writes nothing but the reclaim
 -- of already expired holds; one idempotency key creates at most one hold; available
 -- never goes below 0.
-return reserve_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], tonumber(ARGV[2]),
-  ARGV[3], ARGV[4], tonumber(ARGV[5]), now_ms())
+local sale = load_sale(KEYS[1])
+local reply = reserve_hold(sale, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1],
+  tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5]), now_ms())
+save_sale(KEYS[1], sale)
+return reply

@@ -13,9 +13,11 @@
 local meta, used, deadlines = KEYS[1], KEYS[2], KEYS[3]
 local idem_ttl_ms, reclaim_limit = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
+local sale = load_sale(meta)
 local replies = {}
 for i = 1, (#KEYS - 3) / 2 do
-  replies[i] = reserve_hold(meta, used, deadlines, KEYS[2 + 2 * i], KEYS[3 + 2 * i],
+  replies[i] = reserve_hold(sale, meta, used, deadlines, KEYS[2 + 2 * i], KEYS[3 + 2 * i],
     ARGV[3 * i], tonumber(ARGV[3 * i + 1]), ARGV[3 * i + 2], idem_ttl_ms, reclaim_limit, now)
 end
+save_sale(meta, sale)
 return replies
