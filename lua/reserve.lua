@@ -6,7 +6,7 @@
 -- ARGV[4] idempotency TTL (ms)                ARGV[5] expired holds to reclaim before sold_out
 --
 -- Replies:
---   {'created',  rid, user, quantity, status, expires_at, created_at, payment_ref}
+--   {'created', expires_at, created_at}   a new hold: rid, user, quantity as asked, status held
 --   {'replayed', rid, user, quantity, status, expires_at, created_at, payment_ref}
 --   {'idempotency_key_reused'} {'not_found'} {'not_started'} {'ended'}
 --   {'limit_exceeded'} {'sold_out'}

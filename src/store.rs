@@ -242,7 +242,7 @@ impl Store {
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .invoke_async(&mut conn)
             .await?;
-        reserve_outcome(sku, &reply)
+        reserve_outcome(sku, request, &reply)
     }
 
     /// For each (user id, idempotency key) of the SKU: whether it is recorded (it
@@ -296,7 +296,8 @@ impl Store {
         }
         Ok(replies
             .iter()
-            .map(|reply| reserve_outcome(sku, reply))
+            .zip(requests)
+            .map(|(reply, request)| reserve_outcome(sku, request, reply))
             .collect())
     }
 
@@ -626,9 +627,29 @@ fn refusal_of(reply: &[String]) -> Error {
     }
 }
 
-fn reserve_outcome(sku: &SkuId, reply: &[String]) -> Result<ReserveOutcome> {
+/// `{'created', expires_at, created_at}` (the rest is the request's) or
+/// `{'replayed', view...}` or `{refusal code}`.
+fn reserve_outcome(
+    sku: &SkuId,
+    request: &ReserveRequest,
+    reply: &[String],
+) -> Result<ReserveOutcome> {
     match reply.first().map(String::as_str) {
-        Some("created") => Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?)),
+        Some("created") => {
+            let [_, expires_at, created_at] = reply else {
+                return Err(bad_reply("created arity"));
+            };
+            Ok(ReserveOutcome::Created(Reservation {
+                reservation_id: request.reservation_id.clone(),
+                sku: sku.to_string(),
+                user_id: request.user_id.clone(),
+                quantity: request.quantity,
+                status: Status::Held,
+                expires_at_ms: expires_at.parse().map_err(|_| bad_reply("expires_at"))?,
+                created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
+                payment_ref: None,
+            }))
+        }
         Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
         _ => Err(refusal_of(reply)),
     }

@@ -85,12 +85,12 @@ pub fn request(route: &'static str, outcome: &'static str, elapsed: Duration) {
         .record(elapsed.as_secs_f64());
 }
 
-pub fn transition(to: &str) {
-    counter!("flashgate_transitions_total", "to" => to.to_owned()).increment(1);
+pub fn transition(to: &'static str) {
+    counter!("flashgate_transitions_total", "to" => to).increment(1);
 }
 
-pub fn compensation_recorded(refusal: &str) {
-    counter!("flashgate_compensations_total", "refusal" => refusal.to_owned()).increment(1);
+pub fn compensation_recorded(refusal: &'static str) {
+    counter!("flashgate_compensations_total", "refusal" => refusal).increment(1);
 }
 
 pub fn available_stock(sku: &str, available: u64) {

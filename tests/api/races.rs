@@ -176,6 +176,10 @@ async fn sweepers_and_lazy_reclaim_racing_release_each_hold_once() {
     app.create_sku(&sku, json!({"stock": count, "hold_seconds": 1}))
         .await;
     holds(&app, &sku, count, "sw").await;
+    // The late buyers' holds must outlive the test (it may take more than a second in
+    // a debug build): new holds get 10 minutes, the first 300 keep their 1 s deadline.
+    app.create_sku(&sku, json!({"stock": count, "hold_seconds": 600}))
+        .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let second_worker = Arc::new(flashgate::worker::Worker::new(
         app.store.clone(),
