@@ -316,6 +316,44 @@ pub async fn run(
     })
 }
 
+/// With AOF on, rewrites it and waits (at most a minute) until the rewrite is done.
+/// None when AOF is off. The baseline writes and deletes hundreds of thousands of keys:
+/// without this, the automatic rewrite they provoke would fork Redis during the
+/// gateway's reserve phase and be charged to the gateway.
+pub async fn compact_aof(conn: &mut MultiplexedConnection) -> Result<Option<Duration>> {
+    let persistence = |info: &str, field: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(conn)
+        .await?;
+    if persistence(&info, "aof_enabled").as_deref() != Some("1") {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    // An error here is a rewrite already running: waiting for it is as good.
+    let _: redis::RedisResult<String> = redis::cmd("BGREWRITEAOF").query_async(conn).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(conn)
+            .await?;
+        let busy = ["aof_rewrite_in_progress", "aof_rewrite_scheduled"]
+            .iter()
+            .any(|f| persistence(&info, f).as_deref() == Some("1"));
+        if !busy {
+            return Ok(Some(started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("still rewriting after 60 s");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
