@@ -5,7 +5,8 @@
 -- ARGV[1] rid   ARGV[2] caller user id, or '' for the service
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
---   {'ok', view...}             now cancelled, or already cancelled / expired (idempotent)
+--   {'ok', view...}             cancelled now (or expired now: its deadline had passed)
+--   {'unchanged', view...}      already cancelled / expired (idempotent repeat)
 --   {'already_confirmed', view...}
 --   {'payment_in_progress', view...}   a user may not undercut a payment in flight
 --   {'not_found'}                      missing, or another user's reservation
@@ -30,6 +31,8 @@ elseif is_live(status) then
   release(meta, used, deadlines, rkey, rid, 'cancelled', now)
 elseif status == 'confirmed' then
   code = 'already_confirmed'
+else
+  code = 'unchanged'
 end
 local reply = view(rkey, rid, now)
 table.insert(reply, 1, code)

@@ -5,7 +5,8 @@
 -- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref   ARGV[4] id for a new compensation
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
---   {'confirmed', view...}                      first confirm, or the same payment_ref again
+--   {'confirmed', view...}                      the sale, now
+--   {'unchanged', view...}                      confirmed before with this payment_ref
 --   {'already_confirmed', compensation_id, view...}      confirmed with another payment_ref
 --   {'reservation_expired', compensation_id, view...}    deadline passed (swept or not)
 --   {'reservation_cancelled', compensation_id, view...}
@@ -35,7 +36,7 @@ end
 if status == 'confirmed' then
   if r[3] == payment_ref then
     local reply = view(rkey, rid, now)
-    table.insert(reply, 1, 'confirmed')
+    table.insert(reply, 1, 'unchanged')
     return reply
   end
   return refused('already_confirmed', 'duplicate_payment')

@@ -5,7 +5,8 @@
 -- ARGV[1] rid   ARGV[2] payment_ref   ARGV[3] payment grace (ms)
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
---   {'ok', view...}   now paying with expires_at = max(expires_at, now + grace), or already paying
+--   {'ok', view...}          now paying, with expires_at = max(expires_at, now + grace)
+--   {'unchanged', view...}   already paying (idempotent repeat: the deadline stays)
 --   {'reservation_expired', view...} {'reservation_cancelled', view...}
 --   {'already_confirmed', view...}   {'not_found'}
 --
@@ -29,6 +30,8 @@ elseif status == 'held' then
   local expires_at = math.max(tonumber(r[2]), now + grace_ms)
   redis.call('HSET', rkey, 'status', 'paying', 'expires_at', expires_at, 'payment_ref', payment_ref)
   redis.call('ZADD', deadlines, expires_at, rid)
+elseif status == 'paying' then
+  code = 'unchanged'
 elseif status == 'expired' then
   code = 'reservation_expired'
 elseif status == 'cancelled' then

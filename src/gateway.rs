@@ -99,9 +99,11 @@ impl Gateway {
             .await?;
         self.wait_for_replicas().await?;
         match outcome {
-            ConfirmOutcome::Confirmed(r) => {
-                telemetry::transition("confirmed");
-                Ok(r)
+            ConfirmOutcome::Confirmed(t) => {
+                if t.changed {
+                    telemetry::transition("confirmed");
+                }
+                Ok(t.reservation)
             }
             ConfirmOutcome::Refused {
                 refusal,
@@ -118,13 +120,15 @@ impl Gateway {
 
     pub async fn cancel(&self, reservation_id: &str, caller: &Caller) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
-        let r = self
+        let t = self
             .store
             .cancel(&sku, reservation_id, caller.user_id())
             .await?;
-        self.sold_out.lower(&sku);
-        telemetry::transition(r.status.as_str());
-        Ok(r)
+        if t.changed {
+            self.sold_out.lower(&sku);
+            telemetry::transition(t.reservation.status.as_str());
+        }
+        Ok(t.reservation)
     }
 
     pub async fn payment_pending(
@@ -134,12 +138,14 @@ impl Gateway {
     ) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
         let grace_ms = self.settings.payment_grace.as_millis() as u64;
-        let r = self
+        let t = self
             .store
             .payment_pending(&sku, reservation_id, payment_ref, grace_ms)
             .await?;
-        telemetry::transition("paying");
-        Ok(r)
+        if t.changed {
+            telemetry::transition("paying");
+        }
+        Ok(t.reservation)
     }
 
     /// Another user's reservation is not found, exactly like a missing one.

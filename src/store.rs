@@ -164,12 +164,21 @@ pub enum ReserveOutcome {
 /// What the confirm script decided.
 #[derive(Debug)]
 pub enum ConfirmOutcome {
-    Confirmed(Reservation),
+    Confirmed(Transition),
     /// The payment cannot become a sale; a compensation with this id exists for it.
     Refused {
         refusal: Refusal,
         compensation_id: String,
     },
+}
+
+/// A reservation after a call that may change it, and whether this call did: false
+/// for an idempotent repeat (cancel of an ended hold, payment-pending of a paying
+/// one, confirm with the payment_ref it was confirmed with).
+#[derive(Debug)]
+pub struct Transition {
+    pub reservation: Reservation,
+    pub changed: bool,
 }
 
 /// One outbox entry as read from the stream.
@@ -324,7 +333,9 @@ impl Store {
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
-            Some("confirmed") => Ok(ConfirmOutcome::Confirmed(parse_view(sku, &reply[1..])?)),
+            Some("confirmed" | "unchanged") => {
+                Ok(ConfirmOutcome::Confirmed(transition(sku, &reply)?))
+            }
             Some(
                 code @ ("already_confirmed" | "reservation_expired" | "reservation_cancelled"),
             ) => Ok(ConfirmOutcome::Refused {
@@ -341,7 +352,7 @@ impl Store {
         sku: &SkuId,
         reservation_id: &str,
         caller_user_id: Option<&str>,
-    ) -> Result<Reservation> {
+    ) -> Result<Transition> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = SCRIPTS
@@ -354,7 +365,7 @@ impl Store {
             .arg(caller_user_id.unwrap_or(""))
             .invoke_async(&mut conn)
             .await?;
-        ok_view(sku, &reply)
+        transition(sku, &reply)
     }
 
     pub async fn payment_pending(
@@ -363,7 +374,7 @@ impl Store {
         reservation_id: &str,
         payment_ref: &str,
         grace_ms: u64,
-    ) -> Result<Reservation> {
+    ) -> Result<Transition> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = SCRIPTS
@@ -377,7 +388,7 @@ impl Store {
             .arg(grace_ms)
             .invoke_async(&mut conn)
             .await?;
-        ok_view(sku, &reply)
+        transition(sku, &reply)
     }
 
     pub async fn reservation(&self, sku: &SkuId, reservation_id: &str) -> Result<Reservation> {
@@ -661,6 +672,20 @@ fn ok_view(sku: &SkuId, reply: &[String]) -> Result<Reservation> {
         Some("ok") => parse_view(sku, &reply[1..]),
         _ => Err(refusal_of(reply)),
     }
+}
+
+/// `{'ok' | 'confirmed', view...}` changed it, `{'unchanged', view...}` did not;
+/// `{code, ...}` → that refusal.
+fn transition(sku: &SkuId, reply: &[String]) -> Result<Transition> {
+    let changed = match reply.first().map(String::as_str) {
+        Some("ok" | "confirmed") => true,
+        Some("unchanged") => false,
+        _ => return Err(refusal_of(reply)),
+    };
+    Ok(Transition {
+        reservation: parse_view(sku, &reply[1..])?,
+        changed,
+    })
 }
 
 /// view = rid, user, quantity, status, expires_at, created_at, payment_ref

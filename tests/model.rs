@@ -169,8 +169,9 @@ impl Harness {
                     Status::Held | Status::Paying => None,
                 };
                 match (expected, got) {
-                    (None, ConfirmOutcome::Confirmed(r)) => {
-                        assert_eq!(r.status, Status::Confirmed);
+                    (None, ConfirmOutcome::Confirmed(t)) => {
+                        assert_eq!(t.reservation.status, Status::Confirmed);
+                        assert_eq!(t.changed, m.holds[i].live(), "confirm: changed");
                         if m.holds[i].live() {
                             let q = m.holds[i].quantity;
                             m.held -= q;
@@ -208,7 +209,10 @@ impl Harness {
                     Ok(hold.status)
                 };
                 match (expected, got) {
-                    (Ok(status), Ok(r)) => assert_eq!(r.status, status),
+                    (Ok(status), Ok(t)) => {
+                        assert_eq!(t.reservation.status, status);
+                        assert_eq!(t.changed, hold.live(), "cancel: changed");
+                    }
                     (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
                     (expected, got) => panic!("cancel: model {expected:?}, redis {got:?}"),
                 }
@@ -235,7 +239,14 @@ impl Harness {
                     }
                 };
                 match (expected, got) {
-                    (Ok(()), Ok(r)) => assert_eq!(r.status, Status::Paying),
+                    (Ok(()), Ok(t)) => {
+                        assert_eq!(t.reservation.status, Status::Paying);
+                        assert_eq!(
+                            t.changed,
+                            hold.status == Status::Held,
+                            "payment-pending: changed"
+                        );
+                    }
                     (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
                     (expected, got) => panic!("payment-pending: model {expected:?}, redis {got:?}"),
                 }
