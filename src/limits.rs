@@ -59,6 +59,11 @@ pub const SOLD_OUT_FLAG_TTL: Duration = Duration::from_millis(200);
 
 const _: () = assert!(SOLD_OUT_FLAG_TTL.as_millis() < 1000);
 
+/// SKUs the worker sweeps (and probes for an outbox backlog) at once: their calls
+/// share one pipelined connection, so a pass over many SKUs costs Redis time, not
+/// round trips.
+pub const WORKER_SKU_CONCURRENCY: usize = 32;
+
 /// Requests of one SKU decided in one Redis call at most (see `batcher`): bounds how
 /// long one call keeps Redis busy (about 20 µs of script time per reserve).
 pub const BATCH_MAX: usize = 64;

@@ -376,8 +376,8 @@ async fn compare(
     if snap.ghosts > 0 {
         // Return every overdue hold first (bounded batches), then recount.
         for _ in 0..REPAIR_SWEEP_ROUNDS {
-            let (expired, still_due) = store.sweep(sku).await?;
-            if still_due == 0 || expired == 0 {
+            let swept = store.sweep(sku).await?;
+            if swept.still_due == 0 || swept.expired == 0 {
                 break;
             }
         }

@@ -181,6 +181,16 @@ pub struct Transition {
     pub changed: bool,
 }
 
+/// What one sweep call did.
+#[derive(Debug)]
+pub struct Swept {
+    pub expired: u64,
+    /// Holds past their deadline left for the next call (the batch is bounded).
+    pub still_due: u64,
+    /// Units available after it; None when the SKU has no state in Redis.
+    pub available: Option<u64>,
+}
+
 /// One outbox entry as read from the stream.
 #[derive(Debug, Clone)]
 pub struct OutboxEntry {
@@ -403,18 +413,23 @@ impl Store {
         ok_view(sku, &reply)
     }
 
-    /// Expires at most one batch of due holds; returns (expired, still due).
-    pub async fn sweep(&self, sku: &SkuId) -> Result<(u64, u64)> {
+    /// Expires at most one batch of due holds.
+    pub async fn sweep(&self, sku: &SkuId) -> Result<Swept> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        Ok(SCRIPTS
+        let (expired, still_due, available): (u64, u64, Option<u64>) = SCRIPTS
             .sweep
             .key(&keys.meta)
             .key(&keys.used)
             .key(&keys.deadlines)
             .arg(limits::SWEEP_BATCH)
             .invoke_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(Swept {
+            expired,
+            still_due,
+            available,
+        })
     }
 
     /// Creates or redefines the SKU in Redis; `sold_in_mysql` seeds `sold` only when

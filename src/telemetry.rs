@@ -63,6 +63,10 @@ fn describe() {
         "Open compensations in MySQL"
     );
     describe_counter!("flashgate_expired_total", "Holds expired by the sweeper");
+    describe_gauge!(
+        "flashgate_sweep_pass_seconds",
+        "Duration of the last sweep pass over every SKU (above the sweep interval, expired stock comes back late)"
+    );
     describe_counter!(
         "flashgate_flushed_events_total",
         "Outbox events written to MySQL"
@@ -100,6 +104,10 @@ pub fn available_stock(sku: &str, available: u64) {
 pub fn expired(count: u64) {
     counter!("flashgate_expired_total").increment(count);
     counter!("flashgate_transitions_total", "to" => "expired").increment(count);
+}
+
+pub fn sweep_pass(took: Duration) {
+    gauge!("flashgate_sweep_pass_seconds").set(took.as_secs_f64());
 }
 
 pub fn flushed(count: u64) {

@@ -14,11 +14,13 @@
 //! pending, to be written again by whoever takes them over; writing twice changes
 //! nothing. The stream is trimmed only below what every group has acknowledged.
 
+use futures::stream::{self, StreamExt};
 use redis::Value;
 use sqlx::mysql::MySqlPool;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
 
 use crate::config::WorkerSettings;
 use crate::db::{self, OutboxEvent};
@@ -84,23 +86,46 @@ impl Worker {
         self
     }
 
-    /// Expires every due hold of every SKU, one bounded batch per script call.
+    /// Expires every due hold of every SKU, one bounded batch per script call. SKUs
+    /// are swept WORKER_SKU_CONCURRENCY at a time (their calls share the multiplexed
+    /// connection's pipeline), so a pass over thousands of SKUs is bounded by Redis's
+    /// work, not by round trips. A SKU that fails does not stop the others; the pass
+    /// then returns the first error.
     pub async fn sweep_once(&self) -> Result<SweepReport> {
+        let swept: Vec<Result<u64>> = stream::iter(self.store.sku_ids().await?)
+            .map(|sku| self.sweep_sku(sku))
+            .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
+            .collect()
+            .await;
         let mut report = SweepReport::default();
-        for sku in self.store.sku_ids().await? {
-            loop {
-                let (expired, still_due) = self.store.sweep(&sku).await?;
-                report.expired += expired;
-                if still_due == 0 || expired == 0 {
-                    break;
+        let mut failure = None;
+        for result in swept {
+            match result {
+                Ok(expired) => report.expired += expired,
+                Err(e) => {
+                    failure.get_or_insert(e);
                 }
-            }
-            if let Ok(view) = self.store.sku(&sku).await {
-                telemetry::available_stock(sku.as_str(), view.available);
             }
         }
         telemetry::expired(report.expired);
-        Ok(report)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    async fn sweep_sku(&self, sku: SkuId) -> Result<u64> {
+        let mut expired = 0;
+        loop {
+            let swept = self.store.sweep(&sku).await?;
+            expired += swept.expired;
+            if let Some(available) = swept.available {
+                telemetry::available_stock(sku.as_str(), available);
+            }
+            if swept.still_due == 0 || swept.expired == 0 {
+                return Ok(expired);
+            }
+        }
     }
 
     /// Flushes at most one batch per SKU; call until `flushed == 0` to drain. A SKU
@@ -120,11 +145,19 @@ impl Worker {
         let mut failure = None;
         let mut backlog = 0;
         let mut outage = false;
-        for sku in self.store.sku_ids().await? {
+        // One cheap XINFO per SKU first, many at once: most SKUs have nothing to
+        // flush most of the time.
+        let probed: Vec<(SkuId, u64)> = stream::iter(self.store.sku_ids().await?)
+            .map(|sku| async move {
+                let waiting = self.store.outbox_backlog(&sku).await.unwrap_or(1);
+                (sku, waiting)
+            })
+            .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
+            .collect()
+            .await;
+        for (sku, waiting) in probed {
             // After an outage of MySQL or Redis, every other SKU would only wait for
             // the same timeouts: the pass just measures the backlog from there on.
-            // One cheap XINFO first: most SKUs have nothing to flush most of the time.
-            let waiting = self.store.outbox_backlog(&sku).await.unwrap_or(1);
             if outage || waiting == 0 {
                 backlog += waiting;
                 continue;
@@ -296,13 +329,26 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
+    /// A pass starts every `every` (not `every` after the last one ended), so a hold
+    /// is swept at most `every` after its deadline while a pass takes less than that;
+    /// a pass that takes longer is logged and measured.
     async fn sweep_loop(&self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         while !*shutdown.borrow() {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                // A dropped sender is a shutdown too.
+                changed = shutdown.changed() => if changed.is_err() { break } else { continue },
+            }
+            let started = Instant::now();
             if let Err(e) = self.sweep_once().await {
                 tracing::warn!(error = %e, "sweep failed");
             }
-            if !sleep_or_shutdown(every, &mut shutdown).await {
-                break;
+            let took = started.elapsed();
+            telemetry::sweep_pass(took);
+            if took > every {
+                tracing::warn!(?took, ?every, "a sweep pass took longer than the sweep interval: expired stock comes back late");
             }
         }
     }

@@ -270,10 +270,12 @@ impl Harness {
                 }
             }
             Op::Sweep => {
-                let (expired, still_due) = self.store.sweep(&self.sku).await.unwrap();
+                let swept = self.store.sweep(&self.sku).await.unwrap();
+                let (expired, still_due) = (swept.expired, swept.still_due);
                 let due = m.holds.iter().filter(|h| h.live() && h.overdue).count() as u64;
                 assert_eq!((expired, still_due), (due, 0));
                 m.expire_overdue();
+                assert_eq!(swept.available, Some(m.available), "sweep: available after");
             }
         }
         self.check().await;

@@ -297,3 +297,42 @@ async fn compensations_are_listed_oldest_first_and_resolved_idempotently() {
         .await;
     assert_eq!(resolved.len(), 1);
 }
+
+#[tokio::test]
+async fn one_sweep_pass_returns_the_expired_stock_of_every_sku() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let skus: Vec<String> = (0..64)
+        .map(|i| unique_sku(&format!("sweep-many-{i}")))
+        .collect();
+    let tasks = skus.iter().cloned().map(|sku| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.create_sku(&sku, json!({"stock": 2})).await;
+            let id = app.hold(&sku, "holder").await;
+            // Its deadline, moved into the past (as if the hold time had gone by).
+            let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+            let mut conn = app.store.connection();
+            let _: () = redis::pipe()
+                .hset(keys.reservation(&id), "expires_at", 1)
+                .ignore()
+                .zadd(&keys.deadlines, &id, 1)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    let report = app.worker.sweep_once().await.unwrap();
+    assert!(report.expired >= 64, "{report:?}");
+    for sku in &skus {
+        let view = app.assert_stock_adds_up(sku).await;
+        assert_eq!(
+            (view["held"].as_u64(), view["available"].as_u64()),
+            (Some(0), Some(2)),
+            "{sku}"
+        );
+    }
+}
