@@ -2,7 +2,8 @@
 --
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
 -- KEYS[4] fg:{sku}:outbox KEYS[5] fg:{sku}:r:<rid>
--- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref   ARGV[4] id for a new compensation
+-- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref
+-- ARGV[4] id for a new compensation (derived from rid and payment_ref: ids::compensation_id)
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
 --   {'confirmed', view...}                      the sale, now
@@ -13,13 +14,14 @@
 --   {'not_found'}
 --
 -- Invariants: a reservation is confirmed at most once; the confirmation and its outbox
--- event are written in one step; every refused payment yields exactly one
+-- event (which records the reservation and the sale in MySQL) are written in one step; every refused payment yields exactly one
 -- compensation per (reservation, payment_ref), however often it is retried.
 local meta, used, deadlines, outbox, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local rid, sku, payment_ref, new_compensation_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
 
-local r = redis.call('HMGET', rkey, 'status', 'expires_at', 'payment_ref', 'user', 'quantity')
+local r = redis.call('HMGET', rkey, 'status', 'expires_at', 'payment_ref', 'user', 'quantity',
+  'created_at', 'keep_until')
 local status = r[1]
 if not status then
   return { 'not_found' }
@@ -54,13 +56,15 @@ end
 
 -- A live hold within its deadline: the sale.
 local quantity = tonumber(r[5])
-redis.call('HSET', rkey, 'status', 'confirmed', 'payment_ref', payment_ref, 'ended_at', now)
+redis.call('HSET', rkey, 'status', 'confirmed', 'payment_ref', payment_ref,
+  'ended_at', string.format('%d', now))
 redis.call('HINCRBY', meta, 'held', -quantity)
 redis.call('HINCRBY', meta, 'sold', quantity)
 redis.call('ZREM', deadlines, rid)
-redis.call('PEXPIRE', rkey, RETENTION_MS)
-redis.call('XADD', outbox, '*', 'type', 'confirmed', 'reservation_id', rid, 'sku', sku,
-  'user_id', r[4], 'quantity', r[5], 'payment_ref', payment_ref, 'at', now)
+local prefix = sku_prefix(meta)
+forget_user_hold(prefix, r[4], rid)
+record_end(prefix, rid, { 'confirmed', r[4], r[5], r[6], r[2], payment_ref }, now)
+keep_ended(rkey, r[7], now)
 local reply = view(rkey, rid, now)
 table.insert(reply, 1, 'confirmed')
 return reply

@@ -7,19 +7,29 @@
 --   fg:{sku}:meta        HASH   stock_total available held sold per_user_limit
 --                                hold_ms starts_at ends_at (ms since epoch, '' = none)
 --   fg:{sku}:used        HASH   user id -> held + paying + confirmed quantity
+--   fg:{sku}:uholds      HASH   user id -> "rid rid ..": the user's live holds (an index
+--                                to find them; a stale rid in it is skipped and pruned)
 --   fg:{sku}:deadlines   ZSET   reservation id scored by expires_at (ms): live holds
---   fg:{sku}:outbox      STREAM confirmed / compensation events for the flush worker
+--   fg:{sku}:outbox      STREAM events for the flush worker: confirmed, ended (cancelled /
+--                                expired), compensation, compensation_resolved
+--   fg:{sku}:comps       HASH   compensation id -> JSON record, until the flush wrote it
 --   fg:{sku}:r:<rid>     HASH   one reservation: user quantity status expires_at
---                                created_at payment_ref comp:<payment_ref> -> compensation id
---   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = idempotency TTL
+--                                created_at keep_until payment_ref
+--                                comp:<payment_ref> -> compensation id
+--   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = key lifetime (below)
 --
 -- Invariant kept by every function below: available + held + sold == stock_total
 -- and available >= 0; a live hold (held|paying) is counted in `held`, in `used`
--- and in `deadlines`, and leaves all three exactly once.
+-- and in `deadlines`, and leaves all three exactly once. Every end of a hold
+-- (confirmed, cancelled, expired) appends its outbox event in the same step, so MySQL
+-- records every reservation that ended.
 
--- Terminal reservations stay readable this long (ms); must exceed the largest
--- idempotency TTL (src/limits.rs asserts it), so a replay always finds its hold.
-local RETENTION_MS = 8 * 86400 * 1000
+-- An ended reservation is kept at least this long (ms) even when its idempotency key
+-- dies sooner: long enough for the flush to record it in MySQL in normal operation
+-- (reads fall back to MySQL afterwards; until the flush, the outbox holds the event).
+local ENDED_KEEP_MIN_MS = 15 * 60 * 1000
+-- Reservations written before `keep_until` existed: the old 8-day retention.
+local LEGACY_KEEP_MS = 8 * 86400 * 1000
 
 -- One clock decides every deadline: the Redis server's.
 local function now_ms()
@@ -32,27 +42,73 @@ local function sku_prefix(meta_key)
   return string.sub(meta_key, 1, #meta_key - 4)
 end
 
+-- 'fg:{sku}:' -> 'sku'
+local function sku_of_prefix(prefix)
+  return string.sub(prefix, 5, #prefix - 2)
+end
+
 local function is_live(status)
   return status == 'held' or status == 'paying'
+end
+
+-- Removes `rid` from the user's live-hold index.
+local function forget_user_hold(prefix, user, rid)
+  local key = prefix .. 'uholds'
+  local list = redis.call('HGET', key, user)
+  if not list then
+    return
+  end
+  local rest = {}
+  for r in string.gmatch(list, '%S+') do
+    if r ~= rid then
+      rest[#rest + 1] = r
+    end
+  end
+  if #rest == 0 then
+    redis.call('HDEL', key, user)
+  else
+    redis.call('HSET', key, user, table.concat(rest, ' '))
+  end
+end
+
+-- An ended reservation stays readable as long as the idempotency key that created it
+-- can replay it (keep_until, set at creation), and at least ENDED_KEEP_MIN_MS.
+local function keep_ended(rkey, keep_until, now)
+  local until_ms = tonumber(keep_until or '') or (now + LEGACY_KEEP_MS)
+  redis.call('PEXPIREAT', rkey, string.format('%d', math.max(until_ms, now + ENDED_KEEP_MIN_MS)))
+end
+
+-- Appends the outbox event that records an ended reservation in MySQL.
+-- `r` = {status, user, quantity, created_at, expires_at, payment_ref}
+local function record_end(prefix, rid, r, now)
+  redis.call('XADD', prefix .. 'outbox', '*', 'type', r[1] == 'confirmed' and 'confirmed' or 'ended',
+    'reservation_id', rid, 'sku', sku_of_prefix(prefix), 'user_id', r[2], 'quantity', r[3],
+    'status', r[1], 'payment_ref', r[6] or '', 'created_at', r[4], 'expires_at', r[5],
+    'at', string.format('%d', now))
 end
 
 -- Ends a live hold as `final_status` ('cancelled' or 'expired') and returns its
 -- units to `available`. Returns false (and changes nothing) when it is not live,
 -- which is what makes a release happen exactly once.
 local function release(meta, used, deadlines, rkey, rid, final_status, now)
-  local r = redis.call('HMGET', rkey, 'status', 'user', 'quantity')
+  local r = redis.call('HMGET', rkey, 'status', 'user', 'quantity', 'created_at', 'expires_at',
+    'payment_ref', 'keep_until')
   if not is_live(r[1]) then
     return false
   end
   local quantity = tonumber(r[3])
-  redis.call('HSET', rkey, 'status', final_status, 'ended_at', now)
+  redis.call('HSET', rkey, 'status', final_status, 'ended_at', string.format('%d', now))
   redis.call('HINCRBY', meta, 'held', -quantity)
   redis.call('HINCRBY', meta, 'available', quantity)
   if redis.call('HINCRBY', used, r[2], -quantity) <= 0 then
     redis.call('HDEL', used, r[2])
   end
   redis.call('ZREM', deadlines, rid)
-  redis.call('PEXPIRE', rkey, RETENTION_MS)
+  local prefix = sku_prefix(meta)
+  forget_user_hold(prefix, r[2], rid)
+  r[1] = final_status
+  record_end(prefix, rid, r, now)
+  keep_ended(rkey, r[7], now)
   return true
 end
 
@@ -72,7 +128,8 @@ local function count_live_held(meta, deadlines, prune)
   return held
 end
 
--- Expires up to `limit` holds whose deadline has passed. Returns how many.
+-- Expires up to `limit` holds whose deadline has passed. Returns how many it expired
+-- and how many index entries it looked at (stale ones are removed, not expired).
 local function expire_due(meta, used, deadlines, now, limit)
   local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)
   local prefix = sku_prefix(meta)
@@ -83,6 +140,30 @@ local function expire_due(meta, used, deadlines, now, limit)
     else
       -- not live (or gone): it must not stay in the index of live holds
       redis.call('ZREM', deadlines, rid)
+    end
+  end
+  return released, #due
+end
+
+-- Expires the user's own holds whose deadline has passed, however many other holds
+-- are due: a hold past its deadline counts for nothing toward the user's limit.
+-- Returns how many it expired.
+local function expire_user_holds(meta, used, deadlines, user, now)
+  local prefix = sku_prefix(meta)
+  local list = redis.call('HGET', prefix .. 'uholds', user)
+  if not list then
+    return 0
+  end
+  local released = 0
+  for rid in string.gmatch(list, '%S+') do
+    local rkey = prefix .. 'r:' .. rid
+    local r = redis.call('HMGET', rkey, 'status', 'expires_at')
+    if is_live(r[1]) then
+      if now >= tonumber(r[2]) and release(meta, used, deadlines, rkey, rid, 'expired', now) then
+        released = released + 1
+      end
+    else
+      forget_user_hold(prefix, user, rid)
     end
   end
   return released
@@ -103,8 +184,9 @@ local function view(rkey, rid, now)
   return { rid, r[1], r[2], effective_status(r[3], r[4], now), r[4], r[5], r[6] or '' }
 end
 
--- Records one compensation per (reservation, payment_ref) and appends its outbox
--- event in the same step. Returns the compensation id (the existing one on retries).
+-- Records one compensation per (reservation, payment_ref): its outbox event and a
+-- readable record (fg:{sku}:comps, until the flush wrote it to MySQL), in the same
+-- step. Returns the compensation id (the existing one on retries).
 local function compensate(outbox, rkey, rid, sku, payment_ref, reason, new_id, now)
   local field = 'comp:' .. payment_ref
   local existing = redis.call('HGET', rkey, field)
@@ -112,10 +194,13 @@ local function compensate(outbox, rkey, rid, sku, payment_ref, reason, new_id, n
     return existing
   end
   local r = redis.call('HMGET', rkey, 'user', 'quantity')
+  local at = string.format('%d', now)
   redis.call('HSET', rkey, field, new_id)
   redis.call('XADD', outbox, '*', 'type', 'compensation', 'id', new_id, 'reservation_id', rid,
     'sku', sku, 'user_id', r[1], 'quantity', r[2], 'payment_ref', payment_ref,
-    'reason', reason, 'at', now)
+    'reason', reason, 'at', at)
+  local comps = string.sub(outbox, 1, #outbox - 6) .. 'comps'
+  redis.call('HSET', comps, new_id, cjson.encode({ rid, r[1], r[2], payment_ref, reason, at, 'open' }))
   return new_id
 end
 
@@ -143,6 +228,18 @@ local function save_sale(meta, sale)
   end
 end
 
+-- Brings meta up to date, runs `reclaim` (which releases holds, counting in meta
+-- itself), and reads the counters back into `sale`. Returns what reclaim returned.
+local function reclaim_into(meta, sale, reclaim)
+  save_sale(meta, sale)
+  local released = reclaim()
+  if released > 0 then
+    local m = redis.call('HMGET', meta, 'available', 'held')
+    sale.available, sale.held = tonumber(m[1]), tonumber(m[2])
+  end
+  return released
+end
+
 -- Takes a hold for one request, or says why not (the body of reserve.lua and
 -- reserve_batch.lua). `sale` is load_sale(meta); the caller saves it afterwards.
 -- Returns the reply of reserve.lua:
@@ -152,9 +249,10 @@ end
 -- Numbers go to Redis as strings made with %d: Lua's own number-to-string conversion
 -- is a float printf, a measurable share of Redis's time per reserve.
 -- A rejection writes nothing but the reclaim of already expired holds; one idempotency
--- key creates at most one hold; available never goes below 0.
+-- key creates at most one hold, and lives at least as long as that hold can be paid
+-- (key_ttl_ms >= hold + payment grace); available never goes below 0.
 local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, quantity, rid,
-                            idem_ttl_ms, reclaim_limit, now)
+                            idem_ttl_ms, grace_ms, reclaim_limit, now)
   local prior = redis.call('GET', idem_key)
   if prior then
     local space = string.find(prior, ' ', 1, true)
@@ -177,17 +275,22 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
     return { 'ended' }
   end
   local already = tonumber(redis.call('HGET', used, user) or '0')
+  if already + quantity > sale.limit and already > 0 then
+    -- The user's own holds past their deadline count for nothing, swept or not.
+    if reclaim_into(meta, sale, function()
+          return expire_user_holds(meta, used, deadlines, user, now)
+        end) > 0 then
+      already = tonumber(redis.call('HGET', used, user) or '0')
+    end
+  end
   if already + quantity > sale.limit then
     return { 'limit_exceeded' }
   end
   if sale.available < quantity then
-    -- The sweeper may lag: give back what has expired before saying no. release()
-    -- counts in meta itself, so meta is brought up to date first and read again after.
-    save_sale(meta, sale)
-    if expire_due(meta, used, deadlines, now, reclaim_limit) > 0 then
-      local m = redis.call('HMGET', meta, 'available', 'held')
-      sale.available, sale.held = tonumber(m[1]), tonumber(m[2])
-    end
+    -- The sweeper may lag: give back what has expired before saying no.
+    reclaim_into(meta, sale, function()
+      return (expire_due(meta, used, deadlines, now, reclaim_limit))
+    end)
     if sale.available < quantity then
       return { 'sold_out' }
     end
@@ -197,12 +300,17 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
   sale.held = sale.held + quantity
   sale.changed = true
   local quantity_text = string.format('%d', quantity)
+  local key_ttl_ms = math.max(tonumber(idem_ttl_ms), sale.hold_ms + tonumber(grace_ms))
   local expires_at = string.format('%d', now + sale.hold_ms)
   local created_at = string.format('%d', now)
   redis.call('HINCRBY', used, user, quantity_text)
   redis.call('HSET', rkey, 'user', user, 'quantity', quantity_text, 'status', 'held',
-    'expires_at', expires_at, 'created_at', created_at)
+    'expires_at', expires_at, 'created_at', created_at,
+    'keep_until', string.format('%d', now + key_ttl_ms))
   redis.call('ZADD', deadlines, expires_at, rid)
-  redis.call('SET', idem_key, quantity_text .. ' ' .. rid, 'PX', idem_ttl_ms)
+  local uholds = sku_prefix(meta) .. 'uholds'
+  local holds = already > 0 and redis.call('HGET', uholds, user)
+  redis.call('HSET', uholds, user, holds and (holds .. ' ' .. rid) or rid)
+  redis.call('SET', idem_key, quantity_text .. ' ' .. rid, 'PX', string.format('%d', key_ttl_ms))
   return { 'created', expires_at, created_at }
 end

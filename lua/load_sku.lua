@@ -1,17 +1,23 @@
 -- load_sku.lua: create or redefine a SKU in Redis (admin PUT); held and sold carry over.
 --
--- KEYS[1] fg:{sku}:meta
+-- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
 -- ARGV[1] stock_total   ARGV[2] per_user_limit   ARGV[3] hold_ms
 -- ARGV[4] starts_at ms or ''   ARGV[5] ends_at ms or ''
 -- ARGV[6] units sold according to MySQL, used only when Redis has no state for the SKU
+-- ARGV[7] most due holds to expire before the check
+-- ARGV[8] '1' to check only (write nothing but the expiry of due holds)
 --
--- Replies: {'ok', stock_total, available, held, sold}       redefined
+-- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
 --          {'stock_below_committed', held, sold}   nothing written
 --
--- Invariant: available = stock_total - held - sold >= 0 after every write.
-local meta = KEYS[1]
+-- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
+-- their deadline are expired first, so they never count as committed.
+local meta, used, deadlines = KEYS[1], KEYS[2], KEYS[3]
 local stock_total = tonumber(ARGV[1])
+if redis.call('EXISTS', meta) == 1 then
+  expire_due(meta, used, deadlines, now_ms(), tonumber(ARGV[7]))
+end
 local m = redis.call('HMGET', meta, 'held', 'sold')
 local created = not m[2]
 local held, sold = tonumber(m[1] or '0'), tonumber(m[2] or ARGV[6])
@@ -19,6 +25,9 @@ if stock_total < held + sold then
   return { 'stock_below_committed', held, sold }
 end
 local available = stock_total - held - sold
-redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
-  'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4], 'ends_at', ARGV[5])
+if ARGV[8] ~= '1' then
+  redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
+    'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
+    'ends_at', ARGV[5])
+end
 return { created and 'created' or 'ok', stock_total, available, held, sold }

@@ -3,7 +3,8 @@
 -- KEYS[1] fg:{sku}:meta       KEYS[2] fg:{sku}:used      KEYS[3] fg:{sku}:deadlines
 -- KEYS[4] fg:{sku}:idem:<n>:<user>:<key>                 KEYS[5] fg:{sku}:r:<new rid>
 -- ARGV[1] user id   ARGV[2] quantity (>= 1)   ARGV[3] new reservation id
--- ARGV[4] idempotency TTL (ms)                ARGV[5] expired holds to reclaim before sold_out
+-- ARGV[4] idempotency TTL (ms)   ARGV[5] payment grace (ms)
+-- ARGV[6] expired holds to reclaim before sold_out
 --
 -- Replies:
 --   {'created', expires_at, created_at}   a new hold: rid, user, quantity as asked, status held
@@ -12,10 +13,11 @@
 --   {'limit_exceeded'} {'sold_out'}
 --
 -- Invariants (see reserve_hold in lib.lua): a rejection writes nothing but the reclaim
--- of already expired holds; one idempotency key creates at most one hold; available
--- never goes below 0.
+-- of already expired holds; the user's own expired holds never count toward the limit;
+-- one idempotency key creates at most one hold and outlives every hold it could
+-- replay (max(idempotency TTL, hold + grace)); available never goes below 0.
 local sale = load_sale(KEYS[1])
 local reply = reserve_hold(sale, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1],
-  tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5]), now_ms())
+  tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), now_ms())
 save_sale(KEYS[1], sale)
 return reply

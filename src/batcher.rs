@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
-use crate::store::{ReserveOutcome, ReserveRequest, Store};
+use crate::store::{KeyLifetime, ReserveOutcome, ReserveRequest, Store};
 
 /// What one batch call does: one outcome per request, in order.
 pub trait BatchWork: Send + Sync + 'static {
@@ -108,7 +108,7 @@ impl<W: BatchWork> Batcher<W> {
 /// Reserves: a batch of one runs `reserve.lua`, more run `reserve_batch.lua`.
 pub struct Reserves {
     pub store: Store,
-    pub idempotency_ttl_ms: u64,
+    pub keys_ttl: KeyLifetime,
 }
 
 impl BatchWork for Reserves {
@@ -117,17 +117,9 @@ impl BatchWork for Reserves {
 
     async fn run(&self, sku: &SkuId, requests: Vec<ReserveRequest>) -> Vec<Result<ReserveOutcome>> {
         if let [request] = requests.as_slice() {
-            return vec![
-                self.store
-                    .reserve(sku, request, self.idempotency_ttl_ms)
-                    .await,
-            ];
+            return vec![self.store.reserve(sku, request, self.keys_ttl).await];
         }
-        match self
-            .store
-            .reserve_many(sku, &requests, self.idempotency_ttl_ms)
-            .await
-        {
+        match self.store.reserve_many(sku, &requests, self.keys_ttl).await {
             Ok(outcomes) => outcomes,
             Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
         }

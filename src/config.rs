@@ -154,6 +154,8 @@ pub struct GatewaySettings {
     pub idempotency_ttl: Duration,
     pub wait_replicas: u32,
     pub wait_timeout: Duration,
+    /// Signs reservation ids (derived from the JWT secret).
+    pub id_key: crate::ids::IdKey,
 }
 
 impl GatewaySettings {
@@ -169,9 +171,8 @@ impl GatewaySettings {
             || args.idempotency_ttl_seconds > limits::IDEMPOTENCY_TTL_MAX_SECONDS
         {
             return Err(format!(
-                "FLASHGATE_IDEMPOTENCY_TTL_SECONDS must be 1..={} (reservations are kept {} s)",
+                "FLASHGATE_IDEMPOTENCY_TTL_SECONDS must be 1..={}",
                 limits::IDEMPOTENCY_TTL_MAX_SECONDS,
-                limits::RESERVATION_RETENTION_SECONDS
             ));
         }
         Ok(GatewaySettings {
@@ -179,6 +180,7 @@ impl GatewaySettings {
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
             wait_replicas: args.redis.redis_wait_replicas,
             wait_timeout: Duration::from_millis(args.redis.redis_wait_timeout_ms),
+            id_key: crate::ids::IdKey::derive(&args.jwt_secret),
         })
     }
 }

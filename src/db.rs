@@ -4,12 +4,12 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::{MySqlConnection, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder, Row, Transaction};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::ids::SkuId;
+use crate::ids::{self, SkuId};
 use crate::limits;
-use crate::reservation::{Compensation, CompensationReason, SkuDefinition};
+use crate::reservation::{Compensation, CompensationReason, Reservation, SkuDefinition, Status};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -63,6 +63,73 @@ pub async fn upsert_sku(
     Ok(sold)
 }
 
+/// A per-SKU MySQL named lock (GET_LOCK): admin writes of one SKU run one at a time
+/// across MySQL commit and Redis apply. Session-scoped, so take it on a connection
+/// marked `close_on_drop`: a request cut short cannot leave it held in the pool.
+pub struct SkuLock;
+
+impl SkuLock {
+    fn name(sku: &SkuId) -> String {
+        format!("flashgate:sku:{sku}")
+    }
+
+    pub async fn acquire(conn: &mut MySqlConnection, sku: &SkuId) -> Result<()> {
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+            .bind(Self::name(sku))
+            .bind(limits::SKU_LOCK_WAIT_SECONDS)
+            .fetch_one(&mut *conn)
+            .await?;
+        match got {
+            Some(1) => Ok(()),
+            _ => Err(Error::unavailable(
+                "another admin write of this SKU is still running; retry",
+                crate::error::Outcome::NotApplied,
+            )),
+        }
+    }
+
+    pub async fn release(conn: &mut MySqlConnection, sku: &SkuId) -> Result<()> {
+        sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(Self::name(sku))
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Writes back the definition a SKU had before a write Redis refused (or removes a
+/// SKU that did not exist, when nothing was ever sold of it).
+pub async fn restore_sku(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+    previous: Option<&SkuRecord>,
+) -> Result<()> {
+    match previous {
+        Some(record) => {
+            let d = &record.definition;
+            sqlx::query(
+                "UPDATE skus SET stock_total = ?, per_user_limit = ?, hold_seconds = ?,
+                   starts_at = ?, ends_at = ? WHERE sku = ?",
+            )
+            .bind(d.stock_total)
+            .bind(d.per_user_limit)
+            .bind(d.hold_seconds)
+            .bind(d.starts_at_ms.map(ms_to_datetime))
+            .bind(d.ends_at_ms.map(ms_to_datetime))
+            .bind(sku.as_str())
+            .execute(&mut *conn)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM skus WHERE sku = ? AND sold = 0")
+                .bind(sku.as_str())
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// A SKU as MySQL records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkuRecord {
@@ -101,15 +168,50 @@ fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
 /// One outbox event, as the flush writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutboxEvent {
+    /// A sale (the reservation's status is `confirmed`, with its payment_ref).
     Confirmed {
-        reservation_id: String,
-        sku: String,
-        user_id: String,
-        quantity: u64,
-        payment_ref: String,
+        reservation: Reservation,
+        at_ms: i64,
+    },
+    /// A hold that ended `cancelled` or `expired`.
+    Ended {
+        reservation: Reservation,
         at_ms: i64,
     },
     Compensation(Compensation),
+    /// A compensation resolved before the flush wrote it.
+    CompensationResolved {
+        id: String,
+    },
+}
+
+/// Who found a payment that could not become a sale (`compensations.found_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FoundBy {
+    /// The confirm script, on a reservation Redis has.
+    Gateway,
+    /// The gateway, from MySQL's record of a reservation Redis forgot (or never kept).
+    Record,
+    /// The flush: MySQL already records the sale under another payment_ref.
+    Flush,
+}
+
+impl FoundBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            FoundBy::Gateway => "gateway",
+            FoundBy::Record => "record",
+            FoundBy::Flush => "flush",
+        }
+    }
+}
+
+/// What a flushed batch did besides writing sales.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Compensations the flush itself recorded: a second payment for a reservation
+    /// MySQL already records as sold under another payment_ref.
+    pub duplicate_payments: Vec<Compensation>,
 }
 
 /// Writes a batch of events in one transaction, exactly once in effect.
@@ -120,39 +222,36 @@ pub enum OutboxEvent {
 /// recorded are looked up; only the others are inserted (a plain INSERT: a duplicate
 /// here would be a bug and fails the batch rather than miscount), and `skus.sold`
 /// grows by exactly their quantity. So `sold` stays equal to `SUM(sales.quantity)`
-/// in O(batch), and a replayed event changes nothing. Compensations are idempotent
-/// by their keys (`INSERT IGNORE`).
-pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()> {
+/// in O(batch), and a replayed event changes nothing.
+///
+/// A confirmation of a reservation MySQL records as sold under *another* payment_ref
+/// (Redis lost the first confirmation, a rollback, and accepted a second payment) is
+/// a payment that cannot become a sale: it becomes a `duplicate_payment` compensation
+/// whose id derives from (reservation, payment_ref), so a replay cannot make two.
+/// Compensations are idempotent by their keys (`INSERT IGNORE`); ended reservations
+/// are recorded once, and a sale's record is never overwritten.
+pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Applied> {
+    let mut applied = Applied::default();
     if events.is_empty() {
-        return Ok(());
+        return Ok(applied);
     }
-    let mut seen = HashSet::new();
-    let sales: Vec<Sale<'_>> = events
+    let confirmations: Vec<&Reservation> = events
         .iter()
         .filter_map(|e| match e {
-            OutboxEvent::Confirmed {
-                reservation_id,
-                sku,
-                user_id,
-                quantity,
-                payment_ref,
-                at_ms,
-            } => Some(Sale {
-                reservation_id,
-                sku,
-                user_id,
-                quantity: *quantity,
-                payment_ref,
-                at_ms: *at_ms,
-            }),
-            OutboxEvent::Compensation(_) => None,
+            OutboxEvent::Confirmed { reservation, .. } => Some(reservation),
+            _ => None,
         })
-        // One sale per reservation, whatever the batch holds.
-        .filter(|s| seen.insert(s.reservation_id))
+        .collect();
+    let mut compensations: Vec<(&Compensation, FoundBy)> = events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Compensation(c) => Some((c, FoundBy::Gateway)),
+            _ => None,
+        })
         .collect();
     let mut tx = pool.begin().await?;
-    if !sales.is_empty() {
-        let mut skus: Vec<&str> = sales.iter().map(|s| s.sku).collect();
+    if !confirmations.is_empty() {
+        let mut skus: Vec<&str> = confirmations.iter().map(|r| r.sku.as_str()).collect();
         skus.sort_unstable();
         skus.dedup();
         for sku in &skus {
@@ -161,30 +260,56 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()
                 .fetch_optional(&mut *tx)
                 .await?;
         }
-        let rids: Vec<&str> = sales.iter().map(|s| s.reservation_id).collect();
-        let recorded = recorded_sales(&mut tx, &rids, None).await?;
-        let new: Vec<&Sale<'_>> = sales
+        let rids: Vec<&str> = confirmations
             .iter()
-            .filter(|s| !recorded.contains(s.reservation_id))
+            .map(|r| r.reservation_id.as_str())
             .collect();
+        // reservation id -> the payment_ref its sale is recorded under
+        let mut sold_under: HashMap<String, String> = recorded_sales(&mut tx, &rids, None).await?;
+        let mut new: Vec<&Reservation> = Vec::new();
+        for r in &confirmations {
+            let payment_ref = r.payment_ref.as_deref().unwrap_or_default();
+            match sold_under.get(&r.reservation_id) {
+                None => {
+                    sold_under.insert(r.reservation_id.clone(), payment_ref.to_owned());
+                    new.push(r);
+                }
+                Some(recorded) if recorded == payment_ref => {} // a replayed event
+                Some(_) => applied.duplicate_payments.push(Compensation {
+                    id: ids::compensation_id(&r.reservation_id, payment_ref),
+                    reservation_id: r.reservation_id.clone(),
+                    sku: r.sku.clone(),
+                    user_id: r.user_id.clone(),
+                    quantity: r.quantity,
+                    payment_ref: payment_ref.to_owned(),
+                    reason: CompensationReason::DuplicatePayment,
+                    resolved: false,
+                    created_at_ms: confirmed_at(events, &r.reservation_id, payment_ref),
+                }),
+            }
+        }
         if !new.is_empty() {
             let mut insert = QueryBuilder::<MySql>::new(
                 "INSERT INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at) ",
             );
-            insert.push_values(&new, |mut row, s| {
-                row.push_bind(s.reservation_id)
-                    .push_bind(s.sku)
-                    .push_bind(s.user_id)
-                    .push_bind(s.quantity)
-                    .push_bind(s.payment_ref)
-                    .push_bind(ms_to_datetime(s.at_ms));
+            insert.push_values(&new, |mut row, r| {
+                row.push_bind(&r.reservation_id)
+                    .push_bind(&r.sku)
+                    .push_bind(&r.user_id)
+                    .push_bind(r.quantity)
+                    .push_bind(r.payment_ref.as_deref().unwrap_or_default())
+                    .push_bind(ms_to_datetime(confirmed_at(
+                        events,
+                        &r.reservation_id,
+                        r.payment_ref.as_deref().unwrap_or_default(),
+                    )));
             });
             insert.build().execute(&mut *tx).await?;
             for sku in &skus {
                 let added: u64 = new
                     .iter()
-                    .filter(|s| s.sku == *sku)
-                    .map(|s| s.quantity)
+                    .filter(|r| r.sku == *sku)
+                    .map(|r| r.quantity)
                     .sum();
                 if added > 0 {
                     sqlx::query("UPDATE skus SET sold = sold + ? WHERE sku = ?")
@@ -196,55 +321,131 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<()
             }
         }
     }
-    let compensations: Vec<&Compensation> = events
+    compensations.extend(
+        applied
+            .duplicate_payments
+            .iter()
+            .map(|c| (c, FoundBy::Flush)),
+    );
+    insert_compensations(&mut tx, &compensations).await?;
+    record_reservations(&mut tx, events).await?;
+    let resolved: Vec<&str> = events
         .iter()
         .filter_map(|e| match e {
-            OutboxEvent::Compensation(c) => Some(c),
-            OutboxEvent::Confirmed { .. } => None,
+            OutboxEvent::CompensationResolved { id } => Some(id.as_str()),
+            _ => None,
         })
         .collect();
-    if !compensations.is_empty() {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT IGNORE INTO compensations
-             (id, reservation_id, sku, user_id, quantity, payment_ref, reason, created_at) ",
+    if !resolved.is_empty() {
+        let mut update = QueryBuilder::<MySql>::new(
+            "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3)
+             WHERE status = 'open' AND id IN (",
         );
-        insert.push_values(&compensations, |mut row, c| {
-            row.push_bind(&c.id)
-                .push_bind(&c.reservation_id)
-                .push_bind(&c.sku)
-                .push_bind(&c.user_id)
-                .push_bind(c.quantity)
-                .push_bind(&c.payment_ref)
-                .push_bind(c.reason.as_str())
-                .push_bind(ms_to_datetime(c.created_at_ms));
-        });
-        insert.build().execute(&mut *tx).await?;
+        let mut list = update.separated(", ");
+        for id in &resolved {
+            list.push_bind(*id);
+        }
+        update.push(")");
+        update.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    Ok(applied)
+}
+
+/// When the confirmation of (reservation, payment_ref) in this batch was made.
+fn confirmed_at(events: &[OutboxEvent], reservation_id: &str, payment_ref: &str) -> i64 {
+    events
+        .iter()
+        .find_map(|e| match e {
+            OutboxEvent::Confirmed { reservation, at_ms }
+                if reservation.reservation_id == reservation_id
+                    && reservation.payment_ref.as_deref() == Some(payment_ref) =>
+            {
+                Some(*at_ms)
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn insert_compensations(
+    conn: &mut MySqlConnection,
+    compensations: &[(&Compensation, FoundBy)],
+) -> Result<()> {
+    if compensations.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<MySql>::new(
+        "INSERT IGNORE INTO compensations
+         (id, reservation_id, sku, user_id, quantity, payment_ref, reason, created_at, found_by) ",
+    );
+    insert.push_values(compensations, |mut row, (c, found_by)| {
+        row.push_bind(&c.id)
+            .push_bind(&c.reservation_id)
+            .push_bind(&c.sku)
+            .push_bind(&c.user_id)
+            .push_bind(c.quantity)
+            .push_bind(&c.payment_ref)
+            .push_bind(c.reason.as_str())
+            .push_bind(ms_to_datetime(c.created_at_ms))
+            .push_bind(found_by.as_str());
+    });
+    insert.build().execute(&mut *conn).await?;
     Ok(())
 }
 
-/// One confirmation of a batch, borrowed from its event.
-struct Sale<'a> {
-    reservation_id: &'a str,
-    sku: &'a str,
-    user_id: &'a str,
-    quantity: u64,
-    payment_ref: &'a str,
-    at_ms: i64,
+/// Records every ended reservation of the batch. A sale's record is never overwritten
+/// (after a Redis rollback the same hold may end again, differently); an earlier
+/// cancelled/expired record gives way to a sale.
+async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent]) -> Result<()> {
+    let ended: Vec<(&Reservation, i64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Confirmed { reservation, at_ms }
+            | OutboxEvent::Ended { reservation, at_ms } => Some((reservation, *at_ms)),
+            _ => None,
+        })
+        .collect();
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let mut insert = QueryBuilder::<MySql>::new(
+        "INSERT INTO reservations
+         (reservation_id, sku, user_id, quantity, status, payment_ref, created_at, expires_at, ended_at) ",
+    );
+    insert.push_values(&ended, |mut row, (r, at_ms)| {
+        row.push_bind(&r.reservation_id)
+            .push_bind(&r.sku)
+            .push_bind(&r.user_id)
+            .push_bind(r.quantity)
+            .push_bind(r.status.as_str())
+            .push_bind(r.payment_ref.as_deref())
+            .push_bind(ms_to_datetime(r.created_at_ms))
+            .push_bind(ms_to_datetime(r.expires_at_ms))
+            .push_bind(ms_to_datetime(*at_ms));
+    });
+    // Assignments run left to right: `status` last, so the others still see the old one.
+    insert.push(
+        " ON DUPLICATE KEY UPDATE
+           payment_ref = IF(status = 'confirmed', payment_ref, VALUES(payment_ref)),
+           ended_at = IF(status = 'confirmed', ended_at, VALUES(ended_at)),
+           status = IF(status = 'confirmed', status, VALUES(status))",
+    );
+    insert.build().execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Which of these reservations MySQL records as sales (confirmed before `before_ms`,
-/// when given).
+/// when given), with the payment_ref of each.
 async fn recorded_sales(
     conn: &mut MySqlConnection,
     reservation_ids: &[&str],
     before_ms: Option<i64>,
-) -> Result<HashSet<String>> {
-    let mut found = HashSet::new();
+) -> Result<HashMap<String, String>> {
+    let mut found = HashMap::new();
     for chunk in reservation_ids.chunks(1000) {
         let mut query = QueryBuilder::<MySql>::new(
-            "SELECT reservation_id FROM sales WHERE reservation_id IN (",
+            "SELECT reservation_id, payment_ref FROM sales WHERE reservation_id IN (",
         );
         let mut list = query.separated(", ");
         for rid in chunk {
@@ -256,10 +457,107 @@ async fn recorded_sales(
                 .push(" AND confirmed_at < ")
                 .push_bind(ms_to_datetime(before_ms));
         }
-        let rows: Vec<String> = query.build_query_scalar().fetch_all(&mut *conn).await?;
+        let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
         found.extend(rows);
     }
     Ok(found)
+}
+
+/// A reservation as MySQL records it: from `reservations` (every ended one), or from
+/// `sales` for a sale flushed before that table existed.
+pub async fn reservation(pool: &MySqlPool, reservation_id: &str) -> Result<Option<Reservation>> {
+    let row: Option<(
+        String,
+        String,
+        u32,
+        String,
+        Option<String>,
+        NaiveDateTime,
+        NaiveDateTime,
+    )> = sqlx::query_as(
+        "SELECT sku, user_id, quantity, CAST(status AS CHAR), payment_ref, created_at, expires_at
+             FROM reservations WHERE reservation_id = ?",
+    )
+    .bind(reservation_id)
+    .fetch_optional(pool)
+    .await?;
+    if let Some((sku, user_id, quantity, status, payment_ref, created_at, expires_at)) = row {
+        return Ok(Some(Reservation {
+            reservation_id: reservation_id.to_owned(),
+            sku,
+            user_id,
+            quantity: quantity as u64,
+            status: Status::parse(&status)
+                .ok_or_else(|| Error::Internal(format!("reservation status {status:?}")))?,
+            expires_at_ms: datetime_to_ms(expires_at),
+            created_at_ms: datetime_to_ms(created_at),
+            payment_ref,
+        }));
+    }
+    let sale: Option<(String, String, u32, String, NaiveDateTime)> = sqlx::query_as(
+        "SELECT sku, user_id, quantity, payment_ref, confirmed_at FROM sales WHERE reservation_id = ?",
+    )
+    .bind(reservation_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(sale.map(
+        |(sku, user_id, quantity, payment_ref, confirmed_at)| Reservation {
+            reservation_id: reservation_id.to_owned(),
+            sku,
+            user_id,
+            quantity: quantity as u64,
+            status: Status::Confirmed,
+            expires_at_ms: datetime_to_ms(confirmed_at),
+            created_at_ms: datetime_to_ms(confirmed_at),
+            payment_ref: Some(payment_ref),
+        },
+    ))
+}
+
+/// Records a compensation straight in MySQL (a payment for a reservation only MySQL
+/// remembers, or none does) and returns the one recorded for its (reservation,
+/// payment_ref): the existing one when a retry arrives.
+pub async fn record_compensation(
+    pool: &MySqlPool,
+    compensation: &Compensation,
+    found_by: FoundBy,
+) -> Result<Compensation> {
+    let mut conn = pool.acquire().await?;
+    insert_compensations(&mut conn, &[(compensation, found_by)]).await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE reservation_id = ? AND payment_ref = ?"
+    )))
+    .bind(&compensation.reservation_id)
+    .bind(&compensation.payment_ref)
+    .fetch_one(&mut *conn)
+    .await?;
+    compensation_from_row(&row)
+}
+
+pub async fn compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(compensation_from_row).transpose()
+}
+
+/// Open compensations the flush recorded for the SKU: payments Redis accepted after it
+/// lost an acknowledged sale. The reconciler reports them until they are resolved.
+pub async fn open_flush_compensations(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+) -> Result<Vec<Compensation>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COMPENSATION_COLUMNS} FROM compensations
+         WHERE sku = ? AND found_by = 'flush' AND status = 'open' ORDER BY created_at, id LIMIT 1000"
+    )))
+    .bind(sku.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(compensation_from_row).collect()
 }
 
 const COMPENSATION_COLUMNS: &str =
@@ -391,7 +689,10 @@ pub async fn sales_recorded_before(
     reservation_ids: &[&str],
     before_ms: i64,
 ) -> Result<HashSet<String>> {
-    recorded_sales(conn, reservation_ids, Some(before_ms)).await
+    Ok(recorded_sales(conn, reservation_ids, Some(before_ms))
+        .await?
+        .into_keys()
+        .collect())
 }
 
 /// Sets the derived `skus.sold` (the reconciler, when it differs from the sales rows).

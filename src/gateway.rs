@@ -9,11 +9,13 @@ use crate::auth::Caller;
 use crate::batcher::{Batcher, IdempotencyProbes, Reserves};
 use crate::config::GatewaySettings;
 use crate::db;
-use crate::error::{Error, Result};
+use crate::error::{Error, Outcome, Result};
 use crate::ids::{self, SkuId};
-use crate::reservation::{Compensation, Refusal, Reservation, Sku, SkuDefinition};
+use crate::reservation::{
+    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+};
 use crate::sold_out::SoldOutFlags;
-use crate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, Store};
+use crate::store::{ConfirmOutcome, KeyLifetime, ReserveOutcome, ReserveRequest, Store};
 use crate::telemetry;
 use std::sync::Arc;
 
@@ -36,7 +38,10 @@ impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
         let reserves = Arc::new(Batcher::new(Reserves {
             store: store.clone(),
-            idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+            keys_ttl: KeyLifetime {
+                idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+                payment_grace_ms: settings.payment_grace.as_millis() as u64,
+            },
         }));
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
@@ -73,7 +78,7 @@ impl Gateway {
             user_id: user_id.to_owned(),
             quantity,
             idempotency_key: idempotency_key.to_owned(),
-            reservation_id: ids::new_reservation_id(sku),
+            reservation_id: self.settings.id_key.new_reservation_id(sku),
         };
         let outcome = self.reserves.submit(sku, request).await;
         if let Err(Error::Refused(Refusal::SoldOut)) = &outcome {
@@ -88,15 +93,30 @@ impl Gateway {
         })
     }
 
-    /// A confirm that cannot become a sale answers `RefundRequired` (the compensation
-    /// exists, in the outbox, before the answer leaves).
+    /// A confirm that cannot become a sale answers `RefundRequired`: the compensation
+    /// exists before the answer leaves (in Redis, readable by id, and in the outbox; or
+    /// in MySQL for a reservation Redis no longer has).
     pub async fn confirm(&self, reservation_id: &str, payment_ref: &str) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
-        let compensation_id = ids::new_compensation_id();
-        let outcome = self
+        let compensation_id = ids::compensation_id(reservation_id, payment_ref);
+        let outcome = match self
             .store
             .confirm(&sku, reservation_id, payment_ref, &compensation_id)
-            .await?;
+            .await
+        {
+            Err(Error::Refused(Refusal::NotFound)) => {
+                return self
+                    .confirm_forgotten(&sku, reservation_id, payment_ref)
+                    .await
+            }
+            other => other?,
+        };
+        if let ConfirmOutcome::Refused {
+            compensation_id, ..
+        } = &outcome
+        {
+            self.store.index_compensation(compensation_id, &sku).await?;
+        }
         self.wait_for_replicas().await?;
         match outcome {
             ConfirmOutcome::Confirmed(t) => {
@@ -118,12 +138,107 @@ impl Gateway {
         }
     }
 
+    /// A payment for a reservation Redis does not have: forgotten after its retention
+    /// (MySQL records how it ended), or lost with Redis data before anything about it
+    /// reached MySQL (the id's MAC says we issued it). Either way the answer comes from
+    /// the record, and a payment that cannot become a sale gets its compensation in
+    /// MySQL before the answer leaves. 404 only for ids flashgate never issued.
+    async fn confirm_forgotten(
+        &self,
+        sku: &SkuId,
+        reservation_id: &str,
+        payment_ref: &str,
+    ) -> Result<Reservation> {
+        let (refusal, reason, record) = match self.recorded(reservation_id).await? {
+            Recorded::Reservation(r) => match r.status {
+                Status::Confirmed if r.payment_ref.as_deref() == Some(payment_ref) => return Ok(r),
+                Status::Confirmed => (
+                    Refusal::AlreadyConfirmed,
+                    CompensationReason::DuplicatePayment,
+                    Some(r),
+                ),
+                Status::Cancelled => (
+                    Refusal::ReservationCancelled,
+                    CompensationReason::Cancelled,
+                    Some(r),
+                ),
+                Status::Held | Status::Paying | Status::Expired => (
+                    Refusal::ReservationExpired,
+                    CompensationReason::Expired,
+                    Some(r),
+                ),
+            },
+            // The hold is gone with its stock (the reconciler returns the units): it
+            // can no longer be sold, so the payment is refunded as for an expired hold.
+            // Who held it and how many are unknown: recorded as '' and 0.
+            Recorded::Lost => (
+                Refusal::ReservationExpired,
+                CompensationReason::Expired,
+                None,
+            ),
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let compensation = db::record_compensation(
+            &self.db,
+            &Compensation {
+                id: ids::compensation_id(reservation_id, payment_ref),
+                reservation_id: reservation_id.to_owned(),
+                sku: sku.to_string(),
+                user_id: record
+                    .as_ref()
+                    .map(|r| r.user_id.clone())
+                    .unwrap_or_default(),
+                quantity: record.as_ref().map_or(0, |r| r.quantity),
+                payment_ref: payment_ref.to_owned(),
+                reason,
+                resolved: false,
+                created_at_ms: now_ms,
+            },
+            db::FoundBy::Record,
+        )
+        .await?;
+        telemetry::compensation_recorded(refusal.code());
+        Err(Error::RefundRequired {
+            refusal,
+            compensation_id: compensation.id,
+        })
+    }
+
+    /// What MySQL knows of a reservation Redis does not have.
+    async fn recorded(&self, reservation_id: &str) -> Result<Recorded> {
+        match db::reservation(&self.db, reservation_id).await? {
+            Some(r) => Ok(Recorded::Reservation(r)),
+            None if self.settings.id_key.issued(reservation_id) => Ok(Recorded::Lost),
+            None => Err(Error::Refused(Refusal::NotFound)),
+        }
+    }
+
+    /// The record of a reservation Redis forgot, for reads and for calls that do not
+    /// bring money. A lost hold (issued by us, recorded nowhere) is not found here.
+    async fn forgotten(&self, reservation_id: &str) -> Result<Reservation> {
+        match self.recorded(reservation_id).await? {
+            Recorded::Reservation(r) => Ok(r),
+            Recorded::Lost => Err(Error::Refused(Refusal::NotFound)),
+        }
+    }
+
     pub async fn cancel(&self, reservation_id: &str, caller: &Caller) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
-        let t = self
+        let t = match self
             .store
             .cancel(&sku, reservation_id, caller.user_id())
-            .await?;
+            .await
+        {
+            // Ended long ago: cancelling it again changes nothing, as in Redis.
+            Err(Error::Refused(Refusal::NotFound)) => {
+                let r = owned_by(self.forgotten(reservation_id).await?, caller)?;
+                return match r.status {
+                    Status::Confirmed => Err(Error::Refused(Refusal::AlreadyConfirmed)),
+                    _ => Ok(r),
+                };
+            }
+            other => other?,
+        };
         if t.changed {
             self.sold_out.lower(&sku);
             telemetry::transition(t.reservation.status.as_str());
@@ -138,10 +253,26 @@ impl Gateway {
     ) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
         let grace_ms = self.settings.payment_grace.as_millis() as u64;
-        let t = self
+        let t = match self
             .store
             .payment_pending(&sku, reservation_id, payment_ref, grace_ms)
-            .await?;
+            .await
+        {
+            // No money has arrived: say why it must not be taken, record nothing.
+            Err(Error::Refused(Refusal::NotFound)) => {
+                return Err(Error::Refused(
+                    match self.recorded(reservation_id).await? {
+                        Recorded::Reservation(r) => match r.status {
+                            Status::Confirmed => Refusal::AlreadyConfirmed,
+                            Status::Cancelled => Refusal::ReservationCancelled,
+                            _ => Refusal::ReservationExpired,
+                        },
+                        Recorded::Lost => Refusal::ReservationExpired,
+                    },
+                ))
+            }
+            other => other?,
+        };
         if t.changed {
             telemetry::transition("paying");
         }
@@ -151,49 +282,129 @@ impl Gateway {
     /// Another user's reservation is not found, exactly like a missing one.
     pub async fn reservation(&self, reservation_id: &str, caller: &Caller) -> Result<Reservation> {
         let sku = sku_of(reservation_id)?;
-        let r = self.store.reservation(&sku, reservation_id).await?;
-        match caller.user_id() {
-            Some(user) if user != r.user_id => Err(Error::Refused(Refusal::NotFound)),
-            _ => Ok(r),
-        }
+        let r = match self.store.reservation(&sku, reservation_id).await {
+            Err(Error::Refused(Refusal::NotFound)) => self.forgotten(reservation_id).await?,
+            other => other?,
+        };
+        owned_by(r, caller)
     }
 
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
         self.store.sku(sku).await
     }
 
-    /// MySQL first (the source of truth for stock_total), Redis inside the same
-    /// transaction: a refusal or failure in Redis rolls the MySQL write back, and the
-    /// row lock orders concurrent writes of one SKU.
+    /// MySQL commits first, Redis applies after: Redis never sells under terms MySQL
+    /// did not record. Under a per-SKU MySQL lock (held across both steps, so two admin
+    /// writes of one SKU reach Redis in the order they committed): the definition is
+    /// written, Redis checks it would take it (holds past their deadline do not count),
+    /// MySQL commits, then Redis applies it. Should Redis refuse at that point (holds
+    /// grew meanwhile) the previous definition is written back; should Redis be
+    /// unreachable, MySQL has the new terms and the reconciler (or a retried PUT)
+    /// applies them.
     pub async fn define_sku(&self, sku: &SkuId, definition: &SkuDefinition) -> Result<Sku> {
-        let mut tx = self.db.begin().await?;
-        let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
-        let (loaded, created) = self.store.load_sku(sku, definition, sold_in_mysql).await?;
-        if created && sold_in_mysql > 0 {
-            // Redis lost this SKU (a wipe before any reconcile): its buyers' limits
-            // must still count what they bought.
-            let bought = db::sold_per_user(&mut tx, sku).await?;
-            self.store.restore_usage(sku, &bought).await?;
-        }
-        tx.commit().await?;
+        let mut conn = self.db.acquire().await?;
+        conn.close_on_drop();
+        db::SkuLock::acquire(&mut conn, sku).await?;
+        let applied = self.define_sku_locked(&mut conn, sku, definition).await;
+        db::SkuLock::release(&mut conn, sku).await?;
+        let loaded = applied?;
         self.sold_out.lower(sku);
         telemetry::available_stock(sku.as_str(), loaded.available);
         Ok(loaded)
     }
 
+    async fn define_sku_locked(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+    ) -> Result<Sku> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let previous = db::lock_sku_record(&mut tx, sku).await?;
+        let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
+        self.store.check_sku(sku, definition, sold_in_mysql).await?;
+        tx.commit().await?;
+        match self.store.load_sku(sku, definition, sold_in_mysql).await {
+            Ok((loaded, created)) => {
+                if created && sold_in_mysql > 0 {
+                    // Redis lost this SKU (a wipe before any reconcile): its buyers'
+                    // limits must still count what they bought.
+                    let bought = db::sold_per_user(&mut *conn, sku).await?;
+                    self.store.restore_usage(sku, &bought).await?;
+                }
+                Ok(loaded)
+            }
+            Err(refused @ Error::Refused(_)) => {
+                db::restore_sku(&mut *conn, sku, previous.as_ref()).await?;
+                Err(refused)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Oldest first: MySQL's record, merged with the compensations still waiting in
+    /// Redis for the flush (so one handed out a moment ago is listed at once, also
+    /// while MySQL is down).
     pub async fn compensations(
         &self,
         resolved: Option<bool>,
         sku: Option<&SkuId>,
         limit: u32,
     ) -> Result<Vec<Compensation>> {
-        db::list_compensations(&self.db, resolved, sku, limit).await
+        let recorded = db::list_compensations(&self.db, resolved, sku, limit).await;
+        let pending = self.store.pending_compensations().await;
+        let (recorded, pending) = match (recorded, pending) {
+            (Err(e), Err(_)) => return Err(e),
+            (Err(e), Ok(_)) if !matches!(e, Error::Unavailable { .. }) => return Err(e),
+            (recorded, pending) => (recorded.unwrap_or_default(), pending.unwrap_or_default()),
+        };
+        let mut merged: std::collections::HashMap<String, Compensation> =
+            recorded.into_iter().map(|c| (c.id.clone(), c)).collect();
+        for c in pending {
+            merged
+                .entry(c.id.clone())
+                .and_modify(|m| m.resolved |= c.resolved)
+                .or_insert(c);
+        }
+        let mut items: Vec<Compensation> = merged
+            .into_values()
+            .filter(|c| resolved.is_none_or(|r| c.resolved == r))
+            .filter(|c| sku.is_none_or(|s| c.sku == s.as_str()))
+            .collect();
+        items.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        items.truncate(limit as usize);
+        Ok(items)
     }
 
+    /// From MySQL, or from Redis while the flush has not written it yet.
+    pub async fn compensation(&self, id: &str) -> Result<Compensation> {
+        let recorded = db::compensation(&self.db, id).await;
+        let pending = self.store.pending_compensation(id).await?;
+        match (recorded, pending) {
+            (Ok(Some(mut c)), Some(p)) => {
+                c.resolved |= p.resolved;
+                Ok(c)
+            }
+            (Ok(Some(c)), None) | (_, Some(c)) => Ok(c),
+            (Ok(None), None) => Err(Error::Refused(Refusal::NotFound)),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Idempotent. In MySQL when it has the compensation; else in Redis, from where the
+    /// flush applies it after writing the compensation.
     pub async fn resolve_compensation(&self, id: &str) -> Result<Compensation> {
-        db::resolve_compensation(&self.db, id)
-            .await?
-            .ok_or(Error::Refused(Refusal::NotFound))
+        let recorded = db::resolve_compensation(&self.db, id).await;
+        if let Ok(Some(c)) = recorded {
+            return Ok(c);
+        }
+        match self.store.resolve_pending_compensation(id).await? {
+            Some(c) => Ok(c),
+            None => match recorded {
+                Err(e) => Err(e),
+                _ => Err(Error::Refused(Refusal::NotFound)),
+            },
+        }
     }
 
     async fn wait_for_replicas(&self) -> Result<()> {
@@ -208,10 +419,31 @@ impl Gateway {
         if acknowledged {
             Ok(())
         } else {
-            Err(Error::Unavailable(format!(
-                "fewer than {} replicas acknowledged in {:?}; retry with the same payment_ref",
-                settings.wait_replicas, settings.wait_timeout
-            )))
+            // Applied on the primary, not yet on enough replicas: a failover now could
+            // lose it. A retry with the same payment_ref tells.
+            Err(Error::unavailable(
+                format!(
+                    "fewer than {} replicas acknowledged in {:?}; retry with the same payment_ref",
+                    settings.wait_replicas, settings.wait_timeout
+                ),
+                Outcome::Unknown,
+            ))
         }
+    }
+}
+
+/// What MySQL knows of a reservation Redis does not have.
+enum Recorded {
+    Reservation(Reservation),
+    /// Issued by this deployment (its MAC holds) and recorded nowhere: Redis lost the
+    /// hold before anything about it reached MySQL.
+    Lost,
+}
+
+/// Another user's reservation is not found, exactly like a missing one.
+fn owned_by(r: Reservation, caller: &Caller) -> Result<Reservation> {
+    match caller.user_id() {
+        Some(user) if user != r.user_id => Err(Error::Refused(Refusal::NotFound)),
+        _ => Ok(r),
     }
 }

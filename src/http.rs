@@ -20,7 +20,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use crate::auth::{Authenticator, Caller};
-use crate::error::Error;
+use crate::error::{self, Error};
 use crate::gateway::Gateway;
 use crate::ids::SkuId;
 use crate::limits;
@@ -36,7 +36,7 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 12] = [
+const ROUTES: [&str; 13] = [
     "/v1/admin/skus/{sku}",
     "/v1/skus/{sku}",
     "/v1/skus/{sku}/reservations",
@@ -45,6 +45,7 @@ const ROUTES: [&str; 12] = [
     "/v1/reservations/{id}/payment-pending",
     "/v1/reservations/{id}/confirm",
     "/v1/compensations",
+    "/v1/compensations/{id}",
     "/v1/compensations/{id}/resolve",
     "/healthz",
     "/readyz",
@@ -52,7 +53,7 @@ const ROUTES: [&str; 12] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, resolve, health, ready, metrics] =
+    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics] =
         ROUTES;
     Router::new()
         .route(admin_sku, put(define_sku))
@@ -63,6 +64,7 @@ pub fn router(state: SharedState) -> Router {
         .route(pending, post(payment_pending))
         .route(confirm_route, post(confirm))
         .route(compensations, get(list_compensations))
+        .route(compensation, get(get_compensation))
         .route(resolve, post(resolve_compensation))
         .route(health, get(healthz))
         .route(ready, get(readyz))
@@ -210,13 +212,25 @@ impl From<Error> for Problem {
                 problem.extra = Some(extra);
                 problem
             }
-            Error::Unavailable(detail) => {
-                tracing::warn!(%detail, "dependency unavailable");
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "a backing store is unreachable; nothing was changed, retry with the same key",
-                )
+            Error::Unavailable { detail, outcome } => {
+                tracing::warn!(%detail, outcome = outcome.as_str(), "dependency unavailable");
+                let text = match outcome {
+                    error::Outcome::NotApplied => {
+                        "a backing store is unreachable and nothing was changed; retry later \
+                         (with the same Idempotency-Key or payment_ref)"
+                    }
+                    error::Outcome::Unknown => {
+                        "a backing store did not answer in time: the request may or may not \
+                         have been applied; retry with the same Idempotency-Key or payment_ref, \
+                         which is safe and tells the outcome"
+                    }
+                };
+                let mut problem =
+                    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", text);
+                let mut extra = Map::new();
+                extra.insert("outcome".into(), Value::String(outcome.as_str().into()));
+                problem.extra = Some(extra);
+                problem
             }
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
@@ -387,13 +401,22 @@ fn integer_field(
     Ok(value)
 }
 
-/// An optional RFC 3339 timestamp; null is the same as absent.
+/// An optional RFC 3339 timestamp between 1970-01-01 and 9999-12-31 (UTC); null is
+/// the same as absent.
 fn timestamp_field(body: &Map<String, Value>, name: &str) -> Result<Option<i64>, Problem> {
     match body.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(raw)) => DateTime::parse_from_rfc3339(raw)
-            .map(|t| Some(t.timestamp_millis()))
-            .map_err(|_| Problem::invalid(format!("`{name}` must be an RFC 3339 timestamp"))),
+            .ok()
+            .map(|t| t.timestamp_millis())
+            .filter(|ms| (limits::TIMESTAMP_MIN_MS..=limits::TIMESTAMP_MAX_MS).contains(ms))
+            .map(Some)
+            .ok_or_else(|| {
+                Problem::invalid(format!(
+                    "`{name}` must be an RFC 3339 timestamp between 1970-01-01T00:00:00Z \
+                     and 9999-12-31T23:59:59.999Z"
+                ))
+            }),
         Some(_) => Err(Problem::invalid(format!(
             "`{name}` must be an RFC 3339 string"
         ))),
@@ -674,10 +697,25 @@ async fn resolve_compensation(
     _: Service,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CompensationView>> {
-    if id.len() > 64 {
+    let id = compensation_id(&id)?;
+    Ok(Json(state.gateway.resolve_compensation(id).await?.into()))
+}
+
+async fn get_compensation(
+    State(state): State<SharedState>,
+    _: Service,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CompensationView>> {
+    let id = compensation_id(&id)?;
+    Ok(Json(state.gateway.compensation(id).await?.into()))
+}
+
+/// Compensation ids are at most 64 characters (MySQL `VARCHAR(64)`); longer is not ours.
+fn compensation_id(raw: &str) -> Result<&str, Problem> {
+    if raw.is_empty() || raw.len() > 64 {
         return Err(Error::Refused(Refusal::NotFound).into());
     }
-    Ok(Json(state.gateway.resolve_compensation(&id).await?.into()))
+    Ok(raw)
 }
 
 async fn healthz() -> Json<Value> {
@@ -736,7 +774,7 @@ mod tests {
         assert_eq!(p.status, StatusCode::UNPROCESSABLE_ENTITY);
         let p: Problem = Error::Refused(Refusal::NotFound).into();
         assert_eq!(p.status, StatusCode::NOT_FOUND);
-        let p: Problem = Error::Unavailable("redis down".into()).into();
+        let p: Problem = Error::unavailable("redis down", error::Outcome::NotApplied).into();
         assert_eq!(
             (p.status, p.code),
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
@@ -744,6 +782,15 @@ mod tests {
         assert!(
             !p.detail.contains("redis down"),
             "internal details stay in the logs"
+        );
+        assert_eq!(p.extra.as_ref().unwrap()["outcome"], "not_applied");
+        assert!(p.detail.contains("nothing was changed"));
+        let p: Problem = Error::unavailable("redis: timed out", error::Outcome::Unknown).into();
+        assert_eq!(p.extra.as_ref().unwrap()["outcome"], "unknown");
+        assert!(
+            !p.detail.contains("nothing was changed"),
+            "a timeout cannot know: {}",
+            p.detail
         );
         let p: Problem = Error::Internal("boom".into()).into();
         assert_eq!(p.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -785,6 +832,32 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn timestamps_outside_1970_to_9999_are_refused() {
+        let parse = |raw: &str| {
+            let body = json_object(&Bytes::from(format!(r#"{{"starts_at": "{raw}"}}"#)))?;
+            timestamp_field(&body, "starts_at")
+        };
+        for bad in [
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:30:00-01:00",
+            "1969-12-31T23:59:59.999Z",
+            "1970-01-01T00:30:00+01:00",
+            "not a time",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(parse("1970-01-01T00:00:00Z").unwrap(), Some(0));
+        assert_eq!(
+            parse("9999-12-31T23:59:59.999Z").unwrap(),
+            Some(limits::TIMESTAMP_MAX_MS)
+        );
+        assert_eq!(
+            rfc3339_ms(limits::TIMESTAMP_MAX_MS),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]

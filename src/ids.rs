@@ -1,17 +1,28 @@
-//! Identifiers: SKU ids (validated), reservation ids (opaque, unguessable, and carrying
-//! their SKU so they route without any global lookup) and compensation ids.
+//! Identifiers: SKU ids (validated), reservation ids (opaque, unguessable, carrying
+//! their SKU so they route without any global lookup, and a MAC under a server key so
+//! the gateway can tell an id it issued from a made-up one even after Redis lost it)
+//! and compensation ids (derived from reservation and payment, so a payment can never
+//! get two).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::{Digest, Sha256};
 use std::fmt;
 
 use crate::limits::SKU_ID_MAX_LEN;
 
-/// Random bytes in every id: 128 bits, far above the contract's 64.
-const RANDOM_BYTES: usize = 16;
-/// Length of RANDOM_BYTES in unpadded base64url.
-const RANDOM_CHARS: usize = 22;
+/// Random bytes in every new reservation id: 96 bits, above the contract's 64.
+const RANDOM_BYTES: usize = 12;
+/// MAC bytes in a reservation id: forging one takes 2^64 tries against the gateway.
+const MAC_BYTES: usize = 8;
+/// Length of RANDOM_BYTES + MAC_BYTES in unpadded base64url.
+const TAIL_CHARS: usize = 27;
+/// Ids issued before the MAC (16 random bytes, no MAC): still routed, never vouched for.
+const LEGACY_TAIL_CHARS: usize = 22;
+/// Random or derived bytes in a compensation id.
+const COMPENSATION_BYTES: usize = 16;
 
 /// A SKU id: `[A-Za-z0-9_-]{1,64}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -38,29 +49,98 @@ impl fmt::Display for SkuId {
     }
 }
 
-fn random_part() -> String {
-    let mut bytes = [0u8; RANDOM_BYTES];
-    rand::rng().fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
+/// The server key reservation ids are signed with, derived from the JWT secret (every
+/// gateway of a deployment has it; rotating that secret only means ids issued before
+/// can no longer be vouched for once Redis and MySQL both forgot them).
+#[derive(Clone)]
+pub struct IdKey([u8; 32]);
+
+impl fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdKey(..)")
+    }
 }
 
-/// `<base64url(sku)>.<base64url(128 random bits)>`: '.' is in neither alphabet.
-pub fn new_reservation_id(sku: &SkuId) -> String {
-    format!("{}.{}", URL_SAFE_NO_PAD.encode(sku.as_str()), random_part())
+impl IdKey {
+    pub fn derive(secret: &str) -> IdKey {
+        let mut hasher = Sha256::new();
+        hasher.update(b"flashgate reservation id key v1\0");
+        hasher.update(secret.as_bytes());
+        IdKey(hasher.finalize().into())
+    }
+
+    fn mac(&self, sku_part: &str, random: &[u8]) -> [u8; MAC_BYTES] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("any key length");
+        mac.update(sku_part.as_bytes());
+        mac.update(b".");
+        mac.update(random);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; MAC_BYTES];
+        out.copy_from_slice(&full[..MAC_BYTES]);
+        out
+    }
+
+    /// `<base64url(sku)>.<base64url(96 random bits ++ 64-bit MAC)>`: '.' is in neither alphabet.
+    pub fn new_reservation_id(&self, sku: &SkuId) -> String {
+        let sku_part = URL_SAFE_NO_PAD.encode(sku.as_str());
+        let mut bytes = [0u8; RANDOM_BYTES + MAC_BYTES];
+        rand::rng().fill_bytes(&mut bytes[..RANDOM_BYTES]);
+        let mac = self.mac(&sku_part, &bytes[..RANDOM_BYTES]);
+        bytes[RANDOM_BYTES..].copy_from_slice(&mac);
+        format!("{sku_part}.{}", URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// True when this key issued the id (checked in constant time).
+    pub fn issued(&self, id: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some((sku_part, tail)) = id.split_once('.') else {
+            return false;
+        };
+        if tail.len() != TAIL_CHARS || sku_of_reservation(id).is_none() {
+            return false;
+        }
+        let Ok(bytes) = URL_SAFE_NO_PAD.decode(tail) else {
+            return false;
+        };
+        let expected = self.mac(sku_part, &bytes[..RANDOM_BYTES]);
+        expected.ct_eq(&bytes[RANDOM_BYTES..]).into()
+    }
 }
 
 /// The SKU a reservation id belongs to, or None when the id is not one of ours.
 pub fn sku_of_reservation(id: &str) -> Option<SkuId> {
-    let (sku_part, random) = id.split_once('.')?;
-    if random.len() != RANDOM_CHARS || URL_SAFE_NO_PAD.decode(random).is_err() {
+    let (sku_part, tail) = id.split_once('.')?;
+    if !matches!(tail.len(), TAIL_CHARS | LEGACY_TAIL_CHARS)
+        || URL_SAFE_NO_PAD.decode(tail).is_err()
+    {
         return None;
     }
     let sku = URL_SAFE_NO_PAD.decode(sku_part).ok()?;
     SkuId::parse(std::str::from_utf8(&sku).ok()?)
 }
 
-pub fn new_compensation_id() -> String {
-    format!("c_{}", random_part())
+/// The one compensation id of a (reservation, payment_ref): the gateway, the flush and
+/// a retried webhook all arrive at the same id, so no payment can get two records.
+/// Unguessable without the reservation id (128 random bits in it).
+pub fn compensation_id(reservation_id: &str, payment_ref: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"flashgate compensation v1\0");
+    // Length-prefixed: no (reservation, payment) pair can spell another pair.
+    hasher.update((reservation_id.len() as u64).to_be_bytes());
+    hasher.update(reservation_id.as_bytes());
+    hasher.update(payment_ref.as_bytes());
+    let digest = hasher.finalize();
+    format!(
+        "c_{}",
+        URL_SAFE_NO_PAD.encode(&digest[..COMPENSATION_BYTES])
+    )
+}
+
+/// A unique name (worker consumers).
+pub fn random_name() -> String {
+    let mut bytes = [0u8; COMPENSATION_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]
@@ -77,11 +157,15 @@ mod tests {
         }
     }
 
+    fn key() -> IdKey {
+        IdKey::derive("test-secret")
+    }
+
     #[test]
     fn reservation_ids_route_to_their_sku_and_differ() {
         let sku = SkuId::parse("flash-42").unwrap();
-        let a = new_reservation_id(&sku);
-        let b = new_reservation_id(&sku);
+        let a = key().new_reservation_id(&sku);
+        let b = key().new_reservation_id(&sku);
         assert_ne!(a, b);
         assert_eq!(sku_of_reservation(&a), Some(sku.clone()));
         assert!(!a.contains("flash-42"), "the id should be opaque: {a}");
@@ -90,7 +174,7 @@ mod tests {
     #[test]
     fn forged_reservation_ids_are_rejected() {
         let sku = SkuId::parse("s").unwrap();
-        let good = new_reservation_id(&sku);
+        let good = key().new_reservation_id(&sku);
         let (head, tail) = good.split_once('.').unwrap();
         for bad in [
             "".to_string(),
@@ -103,5 +187,48 @@ mod tests {
         ] {
             assert_eq!(sku_of_reservation(&bad), None, "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn only_ids_issued_under_the_key_are_vouched_for() {
+        let sku = SkuId::parse("s").unwrap();
+        let id = key().new_reservation_id(&sku);
+        assert!(key().issued(&id));
+        assert!(!IdKey::derive("other-secret").issued(&id));
+        // Same SKU, same shape, one character of the tail changed: not ours.
+        let (head, tail) = id.split_once('.').unwrap();
+        let flipped: String = tail
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 3 {
+                    if c == 'A' {
+                        'B'
+                    } else {
+                        'A'
+                    }
+                } else {
+                    c
+                }
+            })
+            .collect();
+        assert!(!key().issued(&format!("{head}.{flipped}")));
+        // The id names another SKU: the MAC covers the SKU too.
+        let other = URL_SAFE_NO_PAD.encode("t");
+        assert!(!key().issued(&format!("{other}.{tail}")));
+        // Legacy ids (no MAC) still route but are never vouched for.
+        let legacy = format!("{head}.{}", URL_SAFE_NO_PAD.encode([7u8; 16]));
+        assert_eq!(sku_of_reservation(&legacy), Some(sku));
+        assert!(!key().issued(&legacy));
+    }
+
+    #[test]
+    fn compensation_ids_are_one_per_reservation_and_payment() {
+        let a = compensation_id("r1", "pay-1");
+        assert_eq!(a, compensation_id("r1", "pay-1"));
+        assert_ne!(a, compensation_id("r1", "pay-2"));
+        assert_ne!(a, compensation_id("r2", "pay-1"));
+        assert_ne!(compensation_id("r1", "\0x"), compensation_id("r1\0", "x"));
+        assert!(a.starts_with("c_") && a.len() <= 64);
     }
 }

@@ -6,6 +6,11 @@ use crate::ids::SkuId;
 /// Set of every SKU id ever defined: what the sweeper, flusher and reconciler walk.
 /// It is the only key outside a SKU's slot, and no script touches it.
 pub const SKU_INDEX: &str = "fg:skus";
+/// Compensations recorded in Redis and not yet written to MySQL: id -> SKU. Lets a
+/// compensation be read, listed and resolved at once, also while MySQL is down. Written
+/// by the gateway right after the script that made the compensation, cleared by the
+/// flush after its MySQL commit; outside every SKU's slot, so no script touches it.
+pub const COMPENSATION_INDEX: &str = "fg:comps";
 /// Consumer group of the flush workers on every outbox stream.
 pub const FLUSH_GROUP: &str = "flush";
 
@@ -15,6 +20,8 @@ pub struct SkuKeys {
     pub used: String,
     pub deadlines: String,
     pub outbox: String,
+    /// Compensation id -> JSON record, until the flush wrote it to MySQL.
+    pub comps: String,
     prefix: String,
 }
 
@@ -26,6 +33,7 @@ impl SkuKeys {
             used: format!("{prefix}used"),
             deadlines: format!("{prefix}deadlines"),
             outbox: format!("{prefix}outbox"),
+            comps: format!("{prefix}comps"),
             prefix,
         }
     }
@@ -48,7 +56,13 @@ mod tests {
     #[test]
     fn keys_share_the_sku_hash_tag() {
         let keys = SkuKeys::new(&SkuId::parse("abc").unwrap());
-        for key in [&keys.meta, &keys.used, &keys.deadlines, &keys.outbox] {
+        for key in [
+            &keys.meta,
+            &keys.used,
+            &keys.deadlines,
+            &keys.outbox,
+            &keys.comps,
+        ] {
             assert!(key.starts_with("fg:{abc}:"), "{key}");
         }
         assert!(keys.reservation("x").starts_with("fg:{abc}:r:"));

@@ -31,10 +31,15 @@ pub const FLUSH_BATCH: usize = 500;
 /// An outbox event pending this long on a consumer is taken over (XAUTOCLAIM): the
 /// consumer is presumed dead. Far above one batch's flush time.
 pub const FLUSH_CLAIM_IDLE: Duration = Duration::from_secs(30);
-/// Terminal reservations stay in Redis this long (mirrors RETENTION_MS in lua/lib.lua).
-pub const RESERVATION_RETENTION_SECONDS: u64 = 8 * 86_400;
-/// Idempotency keys must not outlive the reservation they point to.
+/// Idempotency keys: a week is longer than any client retries. An ended reservation
+/// stays in Redis as long as the key that created it (lib.lua `keep_until`), so a
+/// replay always finds it; MySQL records it for longer.
 pub const IDEMPOTENCY_TTL_MAX_SECONDS: u64 = 7 * 86_400;
+/// Admin writes of one SKU wait this long for another's to finish (MySQL GET_LOCK).
+pub const SKU_LOCK_WAIT_SECONDS: u32 = 5;
+/// `starts_at` / `ends_at` (contract): 1970-01-01T00:00:00.000Z ..= 9999-12-31T23:59:59.999Z.
+pub const TIMESTAMP_MIN_MS: i64 = 0;
+pub const TIMESTAMP_MAX_MS: i64 = 253_402_300_799_999;
 /// One Redis round trip slower than this means Redis is in trouble: answer 503.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to Redis.
@@ -47,7 +52,6 @@ pub const MYSQL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const COMPENSATIONS_PAGE_DEFAULT: u32 = 100;
 pub const COMPENSATIONS_PAGE_MAX: u32 = 1000;
 
-const _: () = assert!(IDEMPOTENCY_TTL_MAX_SECONDS < RESERVATION_RETENTION_SECONDS);
 const _: () = assert!(COMPENSATIONS_PAGE_DEFAULT <= COMPENSATIONS_PAGE_MAX);
 const _: () = assert!(STOCK_MAX < (1u64 << 53));
 

@@ -10,9 +10,11 @@ use std::sync::LazyLock;
 use crate::config::RedisArgs;
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
-use crate::keys::{SkuKeys, FLUSH_GROUP, SKU_INDEX};
+use crate::keys::{SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_INDEX};
 use crate::limits;
-use crate::reservation::{Refusal, Reservation, Sku, SkuDefinition, Status};
+use crate::reservation::{
+    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+};
 
 /// The shared state machine, prepended to every script.
 const LUA_LIB: &str = include_str!("../lua/lib.lua");
@@ -30,9 +32,11 @@ pub struct Scripts {
     pub payment_pending: Script,
     pub sweep: Script,
     pub view: Script,
+    pub sku_view: Script,
     pub load_sku: Script,
     pub snapshot: Script,
     pub repair: Script,
+    pub resolve_compensation: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -43,10 +47,41 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     payment_pending: script(include_str!("../lua/payment_pending.lua")),
     sweep: script(include_str!("../lua/sweep.lua")),
     view: script(include_str!("../lua/view.lua")),
+    sku_view: script(include_str!("../lua/sku_view.lua")),
     load_sku: script(include_str!("../lua/load_sku.lua")),
     snapshot: script(include_str!("../lua/snapshot.lua")),
     repair: script(include_str!("../lua/repair.lua")),
+    resolve_compensation: script(include_str!("../lua/resolve_compensation.lua")),
 });
+
+/// Every script, as `load_scripts` uploads them.
+fn all_scripts() -> [&'static Script; 12] {
+    let s = &*SCRIPTS;
+    [
+        &s.reserve,
+        &s.reserve_batch,
+        &s.confirm,
+        &s.cancel,
+        &s.payment_pending,
+        &s.sweep,
+        &s.view,
+        &s.sku_view,
+        &s.load_sku,
+        &s.snapshot,
+        &s.repair,
+        &s.resolve_compensation,
+    ]
+}
+
+/// A script whose clock reads `now_ms` instead of Redis `TIME` (script-level tests of
+/// the state machine at a chosen millisecond). Never used by the gateway.
+#[doc(hidden)]
+pub fn script_with_clock(source: &str, now_ms: i64) -> Script {
+    let clock = "return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
+    assert!(LUA_LIB.contains(clock), "lib.lua's clock moved");
+    let lib = LUA_LIB.replace(clock, &format!("return {now_ms}"));
+    Script::new(&format!("{lib}\n{source}"))
+}
 
 /// One multiplexed connection, cloned per request (no pool checkout round trip).
 /// The single-node manager reconnects by itself after a Redis restart; the cluster
@@ -154,6 +189,14 @@ pub struct ReserveRequest {
     pub reservation_id: String,
 }
 
+/// How long an idempotency key lives: the configured TTL, and never less than the
+/// hold it creates can live (hold + payment grace; the script takes the larger).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyLifetime {
+    pub idempotency_ttl_ms: u64,
+    pub payment_grace_ms: u64,
+}
+
 /// What the reserve script decided.
 #[derive(Debug)]
 pub enum ReserveOutcome {
@@ -189,6 +232,9 @@ pub struct Swept {
     pub still_due: u64,
     /// Units available after it; None when the SKU has no state in Redis.
     pub available: Option<u64>,
+    /// Index entries it looked at: expired holds and stale entries it dropped. Zero
+    /// means there is nothing more this call could do.
+    pub examined: u64,
 }
 
 /// One outbox entry as read from the stream.
@@ -221,19 +267,7 @@ impl Store {
     /// Loads every script (readiness: the first request after a restart needs no reload).
     pub async fn load_scripts(&self) -> Result<()> {
         let mut conn = self.conn.clone();
-        let s = &*SCRIPTS;
-        for script in [
-            &s.reserve,
-            &s.reserve_batch,
-            &s.confirm,
-            &s.cancel,
-            &s.payment_pending,
-            &s.sweep,
-            &s.view,
-            &s.load_sku,
-            &s.snapshot,
-            &s.repair,
-        ] {
+        for script in all_scripts() {
             script.prepare_invoke().load_async(&mut conn).await?;
         }
         Ok(())
@@ -243,7 +277,7 @@ impl Store {
         &self,
         sku: &SkuId,
         request: &ReserveRequest,
-        idempotency_ttl_ms: u64,
+        keys_ttl: KeyLifetime,
     ) -> Result<ReserveOutcome> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
@@ -257,7 +291,8 @@ impl Store {
             .arg(&request.user_id)
             .arg(request.quantity)
             .arg(&request.reservation_id)
-            .arg(idempotency_ttl_ms)
+            .arg(keys_ttl.idempotency_ttl_ms)
+            .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .invoke_async(&mut conn)
             .await?;
@@ -290,7 +325,7 @@ impl Store {
         &self,
         sku: &SkuId,
         requests: &[ReserveRequest],
-        idempotency_ttl_ms: u64,
+        keys_ttl: KeyLifetime,
     ) -> Result<Vec<Result<ReserveOutcome>>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
@@ -299,7 +334,8 @@ impl Store {
             .key(&keys.meta)
             .key(&keys.used)
             .key(&keys.deadlines)
-            .arg(idempotency_ttl_ms)
+            .arg(keys_ttl.idempotency_ttl_ms)
+            .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH);
         for request in requests {
             invocation
@@ -417,7 +453,7 @@ impl Store {
     pub async fn sweep(&self, sku: &SkuId) -> Result<Swept> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let (expired, still_due, available): (u64, u64, Option<u64>) = SCRIPTS
+        let (expired, still_due, available, examined): (u64, u64, Option<u64>, u64) = SCRIPTS
             .sweep
             .key(&keys.meta)
             .key(&keys.used)
@@ -429,40 +465,72 @@ impl Store {
             expired,
             still_due,
             available,
+            examined,
         })
     }
 
     /// Creates or redefines the SKU in Redis; `sold_in_mysql` seeds `sold` only when
     /// Redis has no state for it (first load, or after a data loss). Returns the SKU
-    /// and whether Redis had no state for it.
+    /// and whether Redis had no state for it. Holds past their deadline are expired
+    /// first: they never count as committed stock.
     pub async fn load_sku(
         &self,
         sku: &SkuId,
         definition: &SkuDefinition,
         sold_in_mysql: u64,
     ) -> Result<(Sku, bool)> {
-        let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         // Indexed first: a SKU that exists must never be missed by the sweeper.
         let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
+        let created = self
+            .run_load_sku(sku, definition, sold_in_mysql, false)
+            .await?;
+        self.ensure_outbox_group(sku).await?;
+        Ok((self.sku(sku).await?, created))
+    }
+
+    /// Whether Redis would take this definition (`stock_below_committed` otherwise);
+    /// writes nothing but the expiry of holds past their deadline.
+    pub async fn check_sku(
+        &self,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+        sold_in_mysql: u64,
+    ) -> Result<()> {
+        self.run_load_sku(sku, definition, sold_in_mysql, true)
+            .await
+            .map(drop)
+    }
+
+    async fn run_load_sku(
+        &self,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+        sold_in_mysql: u64,
+        check_only: bool,
+    ) -> Result<bool> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
         let reply: Vec<String> = SCRIPTS
             .load_sku
             .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
             .arg(definition.stock_total)
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)
             .arg(optional_ms(definition.starts_at_ms))
             .arg(optional_ms(definition.ends_at_ms))
             .arg(sold_in_mysql)
+            .arg(limits::SWEEP_BATCH)
+            .arg(if check_only { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
-        let created = match reply.first().map(String::as_str) {
-            Some("ok") => false,
-            Some("created") => true,
-            _ => return Err(refusal_of(&reply)),
-        };
-        self.ensure_outbox_group(sku).await?;
-        Ok((self.sku(sku).await?, created))
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(false),
+            Some("created") => Ok(true),
+            _ => Err(refusal_of(&reply)),
+        }
     }
 
     /// Per-user usage from the record, where Redis has none (after a data loss):
@@ -479,20 +547,18 @@ impl Store {
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let fields: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(&keys.meta)
-            .arg(&[
-                "stock_total",
-                "available",
-                "held",
-                "sold",
-                "per_user_limit",
-                "hold_ms",
-                "starts_at",
-                "ends_at",
-            ])
-            .query_async(&mut conn)
+        // Holds past their deadline count for nothing: the script expires them first.
+        let fields: Vec<Option<String>> = SCRIPTS
+            .sku_view
+            .key(&keys.meta)
+            .key(&keys.used)
+            .key(&keys.deadlines)
+            .arg(limits::SWEEP_BATCH)
+            .invoke_async(&mut conn)
             .await?;
+        if fields.is_empty() {
+            return Err(Error::Refused(Refusal::NotFound));
+        }
         let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends)] =
             <[Option<String>; 8]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
         else {
@@ -594,6 +660,88 @@ impl Store {
         }
     }
 
+    /// Makes a compensation the confirm script recorded findable by id (and listable)
+    /// before the flush writes it to MySQL.
+    pub async fn index_compensation(&self, id: &str, sku: &SkuId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.hset(COMPENSATION_INDEX, id, sku.as_str()).await?;
+        Ok(())
+    }
+
+    /// A compensation recorded in Redis and not yet flushed to MySQL.
+    pub async fn pending_compensation(&self, id: &str) -> Result<Option<Compensation>> {
+        let mut conn = self.conn.clone();
+        let sku: Option<String> = conn.hget(COMPENSATION_INDEX, id).await?;
+        let Some(sku) = sku.as_deref().and_then(SkuId::parse) else {
+            return Ok(None);
+        };
+        let raw: Option<String> = conn.hget(SkuKeys::new(&sku).comps, id).await?;
+        raw.map(|raw| parse_compensation(&sku, id, &raw))
+            .transpose()
+    }
+
+    /// Every compensation recorded in Redis and not yet flushed to MySQL (few: the
+    /// flush writes them within a second while MySQL is up).
+    pub async fn pending_compensations(&self) -> Result<Vec<Compensation>> {
+        let mut conn = self.conn.clone();
+        let index: Vec<(String, String)> = conn.hgetall(COMPENSATION_INDEX).await?;
+        let mut by_sku: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (id, sku) in index {
+            by_sku.entry(sku).or_default().push(id);
+        }
+        let mut found = Vec::new();
+        for (sku, ids) in by_sku {
+            let Some(sku) = SkuId::parse(&sku) else {
+                continue;
+            };
+            let raw: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(SkuKeys::new(&sku).comps)
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await?;
+            for (id, raw) in ids.iter().zip(raw) {
+                if let Some(raw) = raw {
+                    found.push(parse_compensation(&sku, id, &raw)?);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Resolves a compensation the flush has not written yet (the flush applies the
+    /// resolve after the compensation). None when Redis has no unflushed record of it.
+    pub async fn resolve_pending_compensation(&self, id: &str) -> Result<Option<Compensation>> {
+        let mut conn = self.conn.clone();
+        let sku: Option<String> = conn.hget(COMPENSATION_INDEX, id).await?;
+        let Some(sku) = sku.as_deref().and_then(SkuId::parse) else {
+            return Ok(None);
+        };
+        let keys = SkuKeys::new(&sku);
+        let reply: Vec<String> = SCRIPTS
+            .resolve_compensation
+            .key(&keys.comps)
+            .key(&keys.outbox)
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.as_slice() {
+            [ok, raw] if ok == "ok" => Ok(Some(parse_compensation(&sku, id, raw)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The flush wrote these compensations (and resolves) to MySQL: Redis forgets its
+    /// copies. The SKU's records go first, so an index entry never outlives nothing.
+    pub async fn forget_compensations(&self, sku: &SkuId, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: () = conn.hdel(SkuKeys::new(sku).comps, ids).await?;
+        let _: () = conn.hdel(COMPENSATION_INDEX, ids).await?;
+        Ok(())
+    }
+
     /// Redis WAIT: true when `replicas` acknowledged every write of this connection.
     pub async fn wait_for_replicas(&self, replicas: u32, timeout_ms: u64) -> Result<bool> {
         if replicas == 0 {
@@ -607,6 +755,27 @@ impl Store {
             .await?;
         Ok(acknowledged >= replicas)
     }
+}
+
+/// A compensation record as compensate() in lib.lua writes it:
+/// `[rid, user, quantity, payment_ref, reason, created_at_ms, status]`.
+fn parse_compensation(sku: &SkuId, id: &str, raw: &str) -> Result<Compensation> {
+    let fields: Vec<String> =
+        serde_json::from_str(raw).map_err(|_| bad_reply("compensation record"))?;
+    let [rid, user, quantity, payment_ref, reason, created_at, status] = fields.as_slice() else {
+        return Err(bad_reply("compensation record arity"));
+    };
+    Ok(Compensation {
+        id: id.to_owned(),
+        reservation_id: rid.clone(),
+        sku: sku.to_string(),
+        user_id: user.clone(),
+        quantity: number(quantity)?,
+        payment_ref: payment_ref.clone(),
+        reason: CompensationReason::parse(reason).ok_or_else(|| bad_reply("reason"))?,
+        resolved: status == "resolved",
+        created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
+    })
 }
 
 /// A stream entry id `<ms>-<seq>`, ordered numerically.
@@ -675,6 +844,11 @@ fn reserve_outcome(
                 created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
                 payment_ref: None,
             }))
+        }
+        // Our own reservation id: the first attempt created it and its answer was lost
+        // with the connection (the call was retried); for the caller it is new.
+        Some("replayed") if reply.get(1) == Some(&request.reservation_id) => {
+            Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?))
         }
         Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
         _ => Err(refusal_of(reply)),

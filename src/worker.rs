@@ -29,7 +29,7 @@ use crate::ids::SkuId;
 use crate::keys::{SkuKeys, FLUSH_GROUP};
 use crate::limits;
 use crate::reconcile;
-use crate::reservation::{Compensation, CompensationReason};
+use crate::reservation::{Compensation, CompensationReason, Reservation, Status};
 use crate::store::{OutboxEntry, Store};
 use crate::telemetry;
 
@@ -68,11 +68,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(store: Store, db: MySqlPool) -> Worker {
-        let consumer = format!(
-            "{}-{}",
-            std::process::id(),
-            crate::ids::new_compensation_id()
-        );
+        let consumer = format!("{}-{}", std::process::id(), crate::ids::random_name());
         Worker {
             store,
             db,
@@ -122,7 +118,8 @@ impl Worker {
             if let Some(available) = swept.available {
                 telemetry::available_stock(sku.as_str(), available);
             }
-            if swept.still_due == 0 || swept.expired == 0 {
+            // A batch of stale index entries expires nothing but still makes progress.
+            if swept.still_due == 0 || swept.examined == 0 {
                 return Ok(expired);
             }
         }
@@ -164,7 +161,7 @@ impl Worker {
             }
             match self.flush_sku(&sku).await {
                 Ok(flushed) => report.flushed += flushed,
-                Err(e @ Error::Unavailable(_)) => {
+                Err(e @ Error::Unavailable { .. }) => {
                     outage = true;
                     failure = Some(e);
                 }
@@ -198,7 +195,23 @@ impl Worker {
                 }
             }
         }
-        db::apply_events(&self.db, &events).await?;
+        let applied = db::apply_events(&self.db, &events).await?;
+        for c in &applied.duplicate_payments {
+            tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
+                compensation_id = %c.id,
+                "a second payment for a sale MySQL already records (Redis lost the first confirmation): compensation recorded");
+            telemetry::compensation_recorded("duplicate_payment_after_rollback");
+        }
+        // MySQL has the compensations (and resolves) now: Redis forgets its copies.
+        let written: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                OutboxEvent::Compensation(c) => Some(c.id.clone()),
+                OutboxEvent::CompensationResolved { id } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        self.store.forget_compensations(sku, &written).await?;
         let ids: Vec<String> = entries.iter().map(|e| e.stream_id.clone()).collect();
         self.store.ack_outbox(sku, &ids).await?;
         Ok(ids.len() as u64)
@@ -491,19 +504,42 @@ fn parse_entries(value: Value) -> Result<Vec<OutboxEntry>> {
     Ok(entries)
 }
 
-fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
+/// One outbox entry as the event the flush writes; None for one it cannot read.
+pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
     let field = |name: &str| entry.fields.get::<String>(name);
+    let kind = field("type")?;
+    if kind == "compensation_resolved" {
+        return Some(OutboxEvent::CompensationResolved { id: field("id")? });
+    }
     let quantity: u64 = field("quantity")?.parse().ok()?;
     let at_ms: i64 = field("at")?.parse().ok()?;
-    match field("type")?.as_str() {
-        "confirmed" => Some(OutboxEvent::Confirmed {
+    // Events written before reservations were recorded carry no times of the hold.
+    let ms_or_at = |name: &str| field(name).and_then(|v| v.parse().ok()).unwrap_or(at_ms);
+    let reservation = |status: Status| -> Option<Reservation> {
+        Some(Reservation {
             reservation_id: field("reservation_id")?,
             sku: field("sku")?,
             user_id: field("user_id")?,
             quantity,
-            payment_ref: field("payment_ref")?,
+            status,
+            expires_at_ms: ms_or_at("expires_at"),
+            created_at_ms: ms_or_at("created_at"),
+            payment_ref: field("payment_ref").filter(|p| !p.is_empty()),
+        })
+    };
+    match kind.as_str() {
+        "confirmed" => Some(OutboxEvent::Confirmed {
+            reservation: reservation(Status::Confirmed)?,
             at_ms,
         }),
+        "ended" => {
+            let status = Status::parse(&field("status")?)
+                .filter(|s| matches!(s, Status::Cancelled | Status::Expired))?;
+            Some(OutboxEvent::Ended {
+                reservation: reservation(status)?,
+                at_ms,
+            })
+        }
         "compensation" => Some(OutboxEvent::Compensation(Compensation {
             id: field("id")?,
             reservation_id: field("reservation_id")?,
@@ -553,14 +589,15 @@ mod tests {
         ]);
         let entries = parse_entries(value).unwrap();
         assert_eq!(entries.len(), 2);
-        assert!(matches!(
-            parse_event(&entries[0]),
-            Some(OutboxEvent::Confirmed {
-                quantity: 2,
-                at_ms: 5,
-                ..
-            })
-        ));
+        match parse_event(&entries[0]) {
+            Some(OutboxEvent::Confirmed { reservation, at_ms }) => {
+                assert_eq!((reservation.quantity, at_ms), (2, 5));
+                assert_eq!(reservation.payment_ref.as_deref(), Some("p"));
+                // An event written before the hold's times were carried: the confirm time.
+                assert_eq!(reservation.created_at_ms, 5);
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(entries[1].stream_id, "2-0");
         assert!(parse_event(&entries[1]).is_none());
         assert!(parse_entries(Value::Nil).unwrap().is_empty());

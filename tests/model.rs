@@ -1,7 +1,12 @@
 //! Property test: random sequences of reserve / confirm / cancel / payment-pending /
-//! time passing / sweep, run against the real Redis scripts and against a simple
-//! in-memory model of the contract; the two must agree, and the invariants must hold,
-//! after every step.
+//! time passing / sweep / SKU view, run against the real Redis scripts and against a
+//! simple in-memory model of the contract; the two must agree, and the invariants must
+//! hold, after every step. Rules it pins beyond the counters: a user's own holds past
+//! their deadline never count toward the limit (reclaimed before the limit check), an
+//! idempotency key lives at least as long as its hold can be paid (hold + grace, here
+//! far beyond the 1 s idempotency TTL), an ended reservation outlives its key, every
+//! end of a hold is one outbox event, and the per-user counts and live-hold index
+//! match the holds.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -10,13 +15,23 @@ use flashgate::error::Error;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::{Refusal, SkuDefinition, Status};
-use flashgate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, Store};
+use flashgate::store::{ConfirmOutcome, KeyLifetime, ReserveOutcome, ReserveRequest, Store};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
 const USERS: usize = 3;
 const PER_USER_LIMIT: u64 = 3;
 const GRACE_MS: u64 = 300_000;
+const HOLD_MS: u64 = 600_000;
+/// Far below hold + grace: the key must live for the hold, not for this.
+const KEYS_TTL: KeyLifetime = KeyLifetime {
+    idempotency_ttl_ms: 1_000,
+    payment_grace_ms: GRACE_MS,
+};
+
+fn id_key() -> ids::IdKey {
+    ids::IdKey::derive(common::JWT_SECRET)
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -41,6 +56,8 @@ enum Op {
     /// Every live hold's deadline passes.
     TimePasses,
     Sweep,
+    /// GET /v1/skus/{sku}: holds past their deadline count for nothing (it expires them).
+    ViewSku,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +69,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|pick| Op::PaymentPending { pick }),
         1 => Just(Op::TimePasses),
         1 => Just(Op::Sweep),
+        1 => Just(Op::ViewSku),
     ]
 }
 
@@ -126,7 +144,7 @@ impl Harness {
                 quantity,
             } => {
                 let request = reserve_request(&self.sku, user, key, quantity);
-                let got = self.store.reserve(&self.sku, &request, 60_000).await;
+                let got = self.store.reserve(&self.sku, &request, KEYS_TTL).await;
                 expect_reserve(m, &request, key, got);
             }
             Op::ReserveBatch(items) => {
@@ -136,7 +154,7 @@ impl Harness {
                     .collect();
                 let outcomes = self
                     .store
-                    .reserve_many(&self.sku, &requests, 60_000)
+                    .reserve_many(&self.sku, &requests, KEYS_TTL)
                     .await
                     .unwrap();
                 assert_eq!(outcomes.len(), requests.len());
@@ -153,7 +171,7 @@ impl Harness {
                         &self.sku,
                         &m.holds[i].id,
                         &payment_ref,
-                        &ids::new_compensation_id(),
+                        &ids::compensation_id(&m.holds[i].id, &payment_ref),
                     )
                     .await
                     .unwrap();
@@ -277,6 +295,15 @@ impl Harness {
                 m.expire_overdue();
                 assert_eq!(swept.available, Some(m.available), "sweep: available after");
             }
+            Op::ViewSku => {
+                let view = self.store.sku(&self.sku).await.unwrap();
+                m.expire_overdue();
+                assert_eq!(
+                    (view.available, view.held, view.sold),
+                    (m.available, m.held, m.sold),
+                    "the SKU view counts live holds only"
+                );
+            }
         }
         self.check().await;
     }
@@ -284,23 +311,81 @@ impl Harness {
     /// Redis agrees with the model, and the invariants hold.
     async fn check(&self) {
         let m = &self.model;
-        let sku = self.store.sku(&self.sku).await.unwrap();
+        let keys = SkuKeys::new(&self.sku);
+        let mut conn = self.store.connection();
+        // Raw counters (the SKU view would expire overdue holds: Op::ViewSku does that).
+        let (stock_total, available, held, sold): (u64, u64, u64, u64) = redis::cmd("HMGET")
+            .arg(&keys.meta)
+            .arg(&["stock_total", "available", "held", "sold"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(available + held + sold, stock_total, "invariant 1");
         assert_eq!(
-            sku.available + sku.held + sku.sold,
-            sku.stock_total,
-            "invariant 1"
-        );
-        assert_eq!(
-            (sku.available, sku.held, sku.sold),
+            (available, held, sold),
             (m.available, m.held, m.sold),
             "counters"
         );
+        let used: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(&keys.used)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let model_used: HashMap<String, u64> = m
+            .used
+            .iter()
+            .filter(|(_, q)| **q > 0)
+            .map(|(u, q)| (u.clone(), *q))
+            .collect();
+        assert_eq!(used, model_used, "per-user counts of the limit");
+        let index: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("fg:{{{}}}:uholds", self.sku))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for user in (0..USERS).map(|u| format!("user{u}")) {
+            let mut indexed: Vec<&str> = index
+                .get(&user)
+                .map(|l| l.split(' ').collect())
+                .unwrap_or_default();
+            let mut live: Vec<&str> = m
+                .holds
+                .iter()
+                .filter(|h| h.user == user && h.live())
+                .map(|h| h.id.as_str())
+                .collect();
+            indexed.sort_unstable();
+            live.sort_unstable();
+            assert_eq!(indexed, live, "live-hold index of {user}");
+        }
+        for (&(ref user, key), &i) in &m.keys {
+            let idem = keys.idempotency(user, &format!("key{key}"));
+            let key_ttl: i64 = redis::cmd("PTTL")
+                .arg(&idem)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(
+                key_ttl > (HOLD_MS + GRACE_MS) as i64 - 60_000,
+                "the key of {} lives {key_ttl} ms: less than its hold can",
+                m.holds[i].id
+            );
+            if !m.holds[i].live() {
+                let kept: i64 = redis::cmd("PTTL")
+                    .arg(keys.reservation(&m.holds[i].id))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(
+                    kept >= key_ttl,
+                    "an ended reservation ({kept} ms) must outlive its key ({key_ttl} ms)"
+                );
+            }
+        }
         for hold in &m.holds {
             let r = self.store.reservation(&self.sku, &hold.id).await.unwrap();
             assert_eq!(r.status, hold.effective(), "status of {}", hold.id);
         }
-        let keys = SkuKeys::new(&self.sku);
-        let mut conn = self.store.connection();
         let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(&keys.outbox)
             .arg("-")
@@ -309,10 +394,17 @@ impl Harness {
             .await
             .unwrap();
         let mut confirmed = 0;
+        let mut ended = HashSet::new();
         let mut compensations = HashSet::new();
         for entry in entries.ids {
             match entry.get::<String>("type").as_deref() {
                 Some("confirmed") => confirmed += 1,
+                Some("ended") => {
+                    assert!(
+                        ended.insert(entry.get::<String>("reservation_id").unwrap()),
+                        "a hold ends once"
+                    );
+                }
                 Some("compensation") => {
                     assert!(
                         compensations.insert((
@@ -331,6 +423,13 @@ impl Harness {
             .filter(|h| h.status == Status::Confirmed)
             .count();
         assert_eq!(confirmed, confirmed_holds, "one outbox event per sale");
+        let ended_holds: HashSet<String> = m
+            .holds
+            .iter()
+            .filter(|h| matches!(h.status, Status::Cancelled | Status::Expired))
+            .map(|h| h.id.clone())
+            .collect();
+        assert_eq!(ended, ended_holds, "one outbox event per hold that ended");
         assert_eq!(compensations, m.compensations, "invariant 5");
     }
 }
@@ -340,7 +439,7 @@ fn reserve_request(sku: &SkuId, user: usize, key: usize, quantity: u64) -> Reser
         user_id: format!("user{user}"),
         quantity,
         idempotency_key: format!("key{key}"),
-        reservation_id: ids::new_reservation_id(sku),
+        reservation_id: id_key().new_reservation_id(sku),
     }
 }
 
@@ -356,10 +455,23 @@ fn expect_reserve(
         request.quantity,
         request.reservation_id.clone(),
     );
-    let expected: Result<Option<usize>, Refusal> = match m.keys.get(&(user.clone(), key)) {
-        Some(&i) if m.holds[i].quantity != quantity => Err(Refusal::IdempotencyKeyReused),
-        Some(&i) => Ok(Some(i)),
-        None if m.used.get(&user).copied().unwrap_or(0) + quantity > PER_USER_LIMIT => {
+    let prior = m.keys.get(&(user.clone(), key)).copied();
+    let expected: Result<Option<usize>, Refusal> = match prior {
+        Some(i) if m.holds[i].quantity != quantity => Err(Refusal::IdempotencyKeyReused),
+        Some(i) => Ok(Some(i)),
+        None if {
+            let already = m.used.get(&user).copied().unwrap_or(0);
+            if already + quantity > PER_USER_LIMIT && already > 0 {
+                // The user's own holds past their deadline count for nothing.
+                for i in 0..m.holds.len() {
+                    if m.holds[i].user == user && m.holds[i].live() && m.holds[i].overdue {
+                        m.release(i, Status::Expired);
+                    }
+                }
+            }
+            m.used.get(&user).copied().unwrap_or(0) + quantity > PER_USER_LIMIT
+        } =>
+        {
             Err(Refusal::LimitExceeded)
         }
         None => {
@@ -423,7 +535,7 @@ proptest! {
         runtime().block_on(async {
             let store = Store::new(flashgate::store::connect(&common::serve_args(&common::redis_url(), "").redis).await.unwrap());
             let sku = SkuId::parse(&common::unique_sku("model")).unwrap();
-            let definition = SkuDefinition { stock_total: stock, per_user_limit: PER_USER_LIMIT, hold_seconds: 600, starts_at_ms: None, ends_at_ms: None };
+            let definition = SkuDefinition { stock_total: stock, per_user_limit: PER_USER_LIMIT, hold_seconds: HOLD_MS / 1000, starts_at_ms: None, ends_at_ms: None };
             store.load_sku(&sku, &definition, 0).await.unwrap();
             let model = Model { stock_total: stock, available: stock, ..Model::default() };
             let mut harness = Harness { store, sku, model };

@@ -530,7 +530,7 @@ pub async fn counters(store: &Store, sku: &str) -> (u64, u64, u64, u64) {
     loop {
         match store.sku(&SkuId::parse(sku).unwrap()).await {
             Ok(view) => return (view.stock_total, view.available, view.held, view.sold),
-            Err(flashgate::error::Error::Unavailable(e)) if Instant::now() < deadline => {
+            Err(e @ flashgate::error::Error::Unavailable { .. }) if Instant::now() < deadline => {
                 eprintln!("counters: {e}; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -163,16 +163,13 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
         .ids
         .iter()
         .map(|entry| {
-            let field = |name: &str| entry.get::<String>(name).unwrap();
-            assert_eq!(field("type"), "confirmed");
-            OutboxEvent::Confirmed {
-                reservation_id: field("reservation_id"),
-                sku: field("sku"),
-                user_id: field("user_id"),
-                quantity: field("quantity").parse().unwrap(),
-                payment_ref: field("payment_ref"),
-                at_ms: field("at").parse().unwrap(),
-            }
+            assert_eq!(entry.get::<String>("type").unwrap(), "confirmed");
+            let event = flashgate::worker::parse_event(&flashgate::store::OutboxEntry {
+                stream_id: entry.id.clone(),
+                fields: entry.clone(),
+            });
+            assert!(matches!(event, Some(OutboxEvent::Confirmed { .. })));
+            event.unwrap()
         })
         .collect();
     assert_eq!(events.len(), DEAD_BATCH);
