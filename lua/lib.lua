@@ -71,10 +71,11 @@ local function forget_user_hold(prefix, user, rid)
   end
 end
 
--- An ended reservation stays readable as long as the idempotency key that created it
--- can replay it (keep_until, set at creation), and at least ENDED_KEEP_MIN_MS.
+-- An ended reservation stays readable longer than the idempotency key that created it
+-- can replay it (keep_until, set at creation; a second more, so the key always dies
+-- first), and at least ENDED_KEEP_MIN_MS.
 local function keep_ended(rkey, keep_until, now)
-  local until_ms = tonumber(keep_until or '') or (now + LEGACY_KEEP_MS)
+  local until_ms = (tonumber(keep_until or '') or (now + LEGACY_KEEP_MS)) + 1000
   redis.call('PEXPIREAT', rkey, string.format('%d', math.max(until_ms, now + ENDED_KEEP_MIN_MS)))
 end
 

@@ -148,6 +148,17 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
     row.map(|row| sku_record_from_row(&row)).transpose()
 }
 
+pub async fn sku_record_in(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
+    let row = sqlx::query(
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold
+         FROM skus WHERE sku = ?",
+    )
+    .bind(sku.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| sku_record_from_row(&row)).transpose()
+}
+
 fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
     Ok(SkuRecord {
         definition: SkuDefinition {

@@ -88,6 +88,10 @@ impl From<redis::RedisError> for Error {
             redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse => {
                 Error::Internal(format!("redis: {err}"))
             }
+            // Refused: no connection, nothing sent (redis-rs counts it as "dropped" too).
+            _ if err.is_connection_refusal() => {
+                Error::unavailable(format!("redis: {err}"), Outcome::NotApplied)
+            }
             _ if err.is_timeout() || err.is_connection_dropped() => {
                 Error::unavailable(format!("redis: {err}"), Outcome::Unknown)
             }

@@ -320,7 +320,10 @@ impl Gateway {
         definition: &SkuDefinition,
     ) -> Result<Sku> {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let previous = db::lock_sku_record(&mut tx, sku).await?;
+        // A plain read: the named lock keeps other admin writes of the SKU out, and a
+        // locking read of a row not there yet would take gap locks that deadlock
+        // concurrent inserts of other new SKUs.
+        let previous = db::sku_record_in(&mut tx, sku).await?;
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;

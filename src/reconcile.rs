@@ -211,9 +211,13 @@ pub async fn run(
     };
     let mut report = ReconcileReport::default();
     for sku in &skus {
-        // One SKU that cannot be checked is reported (drift unknown); the pass goes on.
+        // One SKU that cannot be checked is reported (drift unknown) and the pass goes
+        // on; an outage of Redis or MySQL ends it (could not run).
         let findings = match reconcile_sku(store, pool, sku, repair).await {
             Ok(findings) => findings,
+            Err(e) if store.ping().await.is_err() || db::ping(pool).await.is_err() => {
+                return Err(e)
+            }
             Err(e) => vec![Finding {
                 sku: sku.to_string(),
                 kind: "check_failed",

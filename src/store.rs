@@ -103,6 +103,17 @@ fn worth_retrying(err: &redis::RedisError) -> bool {
     err.is_connection_dropped() && !err.is_timeout()
 }
 
+/// The error to report when a retried command failed twice: the first one, unless it
+/// was a refused connection (nothing sent). A command that went out on a connection
+/// that then dropped may have run, whatever the retry met.
+fn first_failure(first: redis::RedisError, retry: redis::RedisError) -> redis::RedisError {
+    if first.is_connection_refusal() {
+        retry
+    } else {
+        first
+    }
+}
+
 impl RedisConnection {
     fn send<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -128,7 +139,12 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             match self.send(cmd).await {
-                Err(e) if worth_retrying(&e) => self.send(cmd).await,
+                // A retry that fails too reports the first failure: the command may
+                // have run before the connection dropped (outcome unknown).
+                Err(e) if worth_retrying(&e) => self
+                    .send(cmd)
+                    .await
+                    .map_err(|retry| first_failure(e, retry)),
                 other => other,
             }
         })
@@ -142,7 +158,10 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             match self.send_pipeline(pipeline, offset, count).await {
-                Err(e) if worth_retrying(&e) => self.send_pipeline(pipeline, offset, count).await,
+                Err(e) if worth_retrying(&e) => self
+                    .send_pipeline(pipeline, offset, count)
+                    .await
+                    .map_err(|retry| first_failure(e, retry)),
                 other => other,
             }
         })

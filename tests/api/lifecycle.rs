@@ -325,8 +325,9 @@ async fn one_sweep_pass_returns_the_expired_stock_of_every_sku() {
     for task in futures::future::join_all(tasks).await {
         task.unwrap();
     }
-    let report = app.worker.sweep_once().await.unwrap();
-    assert!(report.expired >= 64, "{report:?}");
+    // Other tests' passes sweep every SKU too and may return some of these first:
+    // what counts is that after this one pass every hold's stock is back.
+    app.worker.sweep_once().await.unwrap();
     for sku in &skus {
         let view = app.assert_stock_adds_up(sku).await;
         assert_eq!(

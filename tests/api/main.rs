@@ -5,6 +5,7 @@ mod common;
 
 mod input;
 mod lifecycle;
+mod money;
 mod races;
 mod reserve;
 mod server;

@@ -10,6 +10,7 @@ mod common;
 mod support;
 
 mod cluster;
+mod money;
 mod mysql_outage;
 mod reconcile;
 mod redis_crash;

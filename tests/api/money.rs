@@ -1,0 +1,400 @@
+//! The money trail (issue 9): reservations Redis forgot or lost, compensations visible
+//! at once, expired holds that count for nothing, key lifetimes, strict timestamps.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::{
+    self, body, spawn_app, spawn_app_with, unique_sku, user_token, TestApp, SERVICE_TOKEN,
+};
+
+/// Redis forgets a reservation (what its retention does once the key that could replay
+/// it is gone): the hash and the idempotency key.
+async fn forget(app: &TestApp, sku: &str, rid: &str, user: &str) {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::pipe()
+        .del(keys.reservation(rid))
+        .ignore()
+        .del(keys.idempotency(user, &format!("key-{user}")))
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Moves a live hold's deadline into the past, as if its hold time had gone by.
+async fn overdue(app: &TestApp, sku: &str, rid: &str) {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::pipe()
+        .hset(keys.reservation(rid), "expires_at", 1)
+        .ignore()
+        .zadd(&keys.deadlines, rid, 1)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn get_compensation(app: &TestApp, id: &str) -> (StatusCode, serde_json::Value) {
+    body(
+        app.client
+            .get(app.url(&format!("/v1/compensations/{id}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn resolve(app: &TestApp, id: &str) -> (StatusCode, serde_json::Value) {
+    body(
+        app.client
+            .post(app.url(&format!("/v1/compensations/{id}/resolve")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn reservations_redis_forgot_answer_from_mysql_and_late_payments_are_refunded() {
+    let app = spawn_app().await;
+    let sku = unique_sku("forgotten");
+    app.create_sku(&sku, json!({ "stock": 5 })).await;
+    let sold = app.hold(&sku, "buyer").await;
+    let cancelled = app.hold(&sku, "quitter").await;
+    assert_eq!(app.confirm(&sold, "pay-1").await.0, StatusCode::OK);
+    assert_eq!(
+        app.cancel(&cancelled, SERVICE_TOKEN).await.0,
+        StatusCode::OK
+    );
+    app.flush(&sku).await;
+    forget(&app, &sku, &sold, "buyer").await;
+    forget(&app, &sku, &cancelled, "quitter").await;
+
+    // Reads answer from MySQL, to the owner or the service only.
+    let (status, view) = app.reservation(&sold, &user_token("buyer")).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        (view["status"].as_str(), view["payment_ref"].as_str()),
+        (Some("confirmed"), Some("pay-1"))
+    );
+    assert_eq!(
+        app.reservation(&sold, &user_token("other")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, view) = app.reservation(&cancelled, SERVICE_TOKEN).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+
+    // The same payment again is the same sale; another one is a refund.
+    let (status, view) = app.confirm(&sold, "pay-1").await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("confirmed")),
+        "{view}"
+    );
+    let (status, problem) = app.confirm(&sold, "pay-2").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "already_confirmed");
+    assert_eq!(problem["refund_required"], true);
+    let (status, again) = app.confirm(&sold, "pay-2").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        again["compensation_id"], problem["compensation_id"],
+        "one per payment"
+    );
+    let (status, problem) = app.confirm(&cancelled, "pay-3").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("reservation_cancelled"))
+    );
+    let (status, pending) = app.payment_pending(&cancelled, "pay-4").await;
+    assert_eq!(
+        (status, pending["code"].as_str()),
+        (StatusCode::CONFLICT, Some("reservation_cancelled"))
+    );
+    assert_eq!(
+        app.cancel(&sold, SERVICE_TOKEN).await.1["code"],
+        "already_confirmed"
+    );
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    let reasons: Vec<&str> = comps
+        .iter()
+        .map(|c| c["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{comps:?}");
+    assert!(reasons.contains(&"duplicate_payment") && reasons.contains(&"cancelled"));
+    assert_eq!(
+        app.mysql_compensations(&sku).await,
+        2,
+        "durable in MySQL at once"
+    );
+}
+
+#[tokio::test]
+async fn a_payment_for_a_hold_redis_lost_is_refunded_and_made_up_ids_are_not_found() {
+    let app = spawn_app().await;
+    let sku = unique_sku("lost-hold");
+    app.create_sku(&sku, json!({ "stock": 5 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    // Redis loses the fresh hold before anything about it reached MySQL.
+    forget(&app, &sku, &rid, "payer").await;
+
+    let (status, problem) = app.confirm(&rid, "pay-1").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "reservation_expired");
+    assert_eq!(problem["refund_required"], true);
+    let id = problem["compensation_id"].as_str().unwrap();
+    let (status, comp) = get_compensation(&app, id).await;
+    assert_eq!(status, StatusCode::OK, "{comp}");
+    assert_eq!(
+        (
+            comp["reservation_id"].as_str(),
+            comp["payment_ref"].as_str()
+        ),
+        (Some(rid.as_str()), Some("pay-1"))
+    );
+    assert_eq!(
+        app.payment_pending(&rid, "pay-2").await.1["code"],
+        "reservation_expired"
+    );
+
+    // Same shape, same SKU, not issued by us: 404, nothing recorded.
+    let (head, tail) = rid.split_once('.').unwrap();
+    let swap = if tail.as_bytes()[5] == b'A' { "B" } else { "A" };
+    let forged = format!("{head}.{}{swap}{}", &tail[..5], &tail[6..]);
+    assert!(
+        flashgate::ids::sku_of_reservation(&forged).is_some(),
+        "routes like ours"
+    );
+    let (status, problem) = app.confirm(&forged, "pay-9").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{problem}"
+    );
+    assert_eq!(app.mysql_compensations(&sku).await, 1);
+}
+
+#[tokio::test]
+async fn a_compensation_handed_out_is_readable_listed_and_resolvable_at_once() {
+    let app = spawn_app().await;
+    let sku = unique_sku("comp-at-once");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    let rid = app.hold(&sku, "late").await;
+    assert_eq!(app.cancel(&rid, SERVICE_TOKEN).await.0, StatusCode::OK);
+    let (status, problem) = app.confirm(&rid, "pay-late").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let id = problem["compensation_id"].as_str().unwrap().to_owned();
+
+    // Before any flush.
+    let (status, comp) = get_compensation(&app, &id).await;
+    assert_eq!(
+        (status, comp["status"].as_str()),
+        (StatusCode::OK, Some("open")),
+        "{comp}"
+    );
+    let listed = app.compensations(&format!("sku={sku}&status=open")).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+    let (status, comp) = resolve(&app, &id).await;
+    assert_eq!(
+        (status, comp["status"].as_str()),
+        (StatusCode::OK, Some("resolved")),
+        "{comp}"
+    );
+    assert_eq!(
+        resolve(&app, &id).await.1["status"],
+        "resolved",
+        "idempotent"
+    );
+    assert!(app
+        .compensations(&format!("sku={sku}&status=open"))
+        .await
+        .is_empty());
+
+    // The flush writes it, and applies the resolve made before.
+    app.flush(&sku).await;
+    let status: String =
+        sqlx::query_scalar("SELECT CAST(status AS CHAR) FROM compensations WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(status, "resolved");
+    assert_eq!(get_compensation(&app, &id).await.1["status"], "resolved");
+    assert_eq!(
+        get_compensation(&app, "c_nope").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn compensations_are_visible_and_resolvable_while_mysql_is_down() {
+    let working = spawn_app().await;
+    let sku = unique_sku("comp-no-mysql");
+    working.create_sku(&sku, json!({ "stock": 2 })).await;
+    let rid = working.hold(&sku, "late").await;
+    assert_eq!(working.cancel(&rid, SERVICE_TOKEN).await.0, StatusCode::OK);
+
+    // A gateway whose MySQL is unreachable (nothing listens there).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let no_mysql = spawn_app_with(common::serve_args(
+        &common::redis_url(),
+        &format!("mysql://root@127.0.0.1:{port}/flashgate"),
+    ))
+    .await;
+    let (status, problem) = no_mysql.confirm(&rid, "pay-late").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let id = problem["compensation_id"].as_str().unwrap().to_owned();
+    let (status, comp) = get_compensation(&no_mysql, &id).await;
+    assert_eq!(
+        (status, comp["status"].as_str()),
+        (StatusCode::OK, Some("open")),
+        "{comp}"
+    );
+    let listed = no_mysql.compensations(&format!("sku={sku}")).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (status, comp) = resolve(&no_mysql, &id).await;
+    assert_eq!(
+        (status, comp["status"].as_str()),
+        (StatusCode::OK, Some("resolved")),
+        "{comp}"
+    );
+
+    // MySQL back (the working gateway's worker): written, resolved.
+    working.flush(&sku).await;
+    let (status, comp) = get_compensation(&working, &id).await;
+    assert_eq!(
+        (status, comp["status"].as_str()),
+        (StatusCode::OK, Some("resolved")),
+        "{comp}"
+    );
+    assert_eq!(working.mysql_compensations(&sku).await, 1);
+}
+
+#[tokio::test]
+async fn an_expired_hold_counts_for_nothing_before_any_sweep() {
+    // No worker runs in tests: nothing sweeps.
+    let app = spawn_app().await;
+    let sku = unique_sku("expired-unswept");
+    app.create_sku(&sku, json!({ "stock": 3, "per_user_limit": 1 }))
+        .await;
+    let first = app.hold(&sku, "eve").await;
+    let other = app.hold(&sku, "zed").await;
+    overdue(&app, &sku, &first).await;
+    overdue(&app, &sku, &other).await;
+    assert_eq!(
+        app.reservation(&first, SERVICE_TOKEN).await.1["status"],
+        "expired"
+    );
+
+    // The limit does not count it.
+    let (status, view) = app.reserve(&sku, "eve", "second-key", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(
+        app.reservation(&first, SERVICE_TOKEN).await.1["status"],
+        "expired"
+    );
+    // The SKU view counts live holds only.
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["held"].as_u64(), view["available"].as_u64()),
+        (Some(1), Some(2)),
+        "{view}"
+    );
+    // Nor does the admin check: 1 live hold fits a stock of 1.
+    let (status, view) = app
+        .put_sku(&sku, json!({ "stock": 1, "per_user_limit": 1 }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        (view["held"].as_u64(), view["available"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let (status, problem) = app.put_sku(&sku, json!({ "stock": 0 })).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("stock_below_committed"))
+    );
+    let stock: u64 = sqlx::query_scalar("SELECT stock_total FROM skus WHERE sku = ?")
+        .bind(&sku)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        stock, 1,
+        "a refused definition is not recorded in MySQL either"
+    );
+}
+
+#[tokio::test]
+async fn one_idempotency_key_makes_one_hold_for_as_long_as_the_hold_can_be_paid() {
+    let mut args = common::serve_args(&common::redis_url(), &common::database_url());
+    args.idempotency_ttl_seconds = 1;
+    args.payment_grace_seconds = 1;
+    let app = spawn_app_with(args).await;
+    let sku = unique_sku("short-key");
+    app.create_sku(
+        &sku,
+        json!({ "stock": 5, "per_user_limit": 5, "hold_seconds": 3 }),
+    )
+    .await;
+    let (status, first) = app.reserve(&sku, "kim", "the-key", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Past the 1 s idempotency TTL, well within the hold.
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    let response = app.reserve_raw(&sku, "kim", "the-key", 1).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    let (status, again) = body(response).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        again["reservation_id"], first["reservation_id"],
+        "no second hold"
+    );
+    let view = app.sku(&sku).await;
+    assert_eq!(view["held"], 1);
+}
+
+#[tokio::test]
+async fn sale_windows_outside_1970_to_9999_are_refused() {
+    let app = spawn_app().await;
+    let sku = unique_sku("window");
+    for (field, value) in [
+        ("starts_at", "0000-01-01T00:00:00+01:00"),
+        ("starts_at", "9999-12-31T23:30:00-01:00"),
+        ("ends_at", "1969-12-31T23:59:59Z"),
+    ] {
+        let (status, problem) = app.put_sku(&sku, json!({ "stock": 1, field: value })).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{value}: {problem}"
+        );
+    }
+    let view = app
+        .create_sku(
+            &sku,
+            json!({ "stock": 1, "starts_at": "9999-12-31T23:59:59.999Z" }),
+        )
+        .await;
+    assert_eq!(view["starts_at"], "9999-12-31T23:59:59.999Z");
+}

@@ -1,0 +1,189 @@
+//! The money trail when Redis forgets (issue 9): a real rollback of Redis to a copy of
+//! its data taken before a confirmation, and a Redis too slow to answer a confirm.
+
+use reqwest::StatusCode;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{self, spawn_app_with, unique_sku, TestApp};
+use crate::support::*;
+
+/// Copies a stopped Redis's data directory (AOF and all) to `to`.
+fn copy_data(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Puts a stopped Redis's data directory back to the copy.
+fn restore_data(copy: &Path, to: &Path) {
+    for entry in std::fs::read_dir(to).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else if path.file_name().is_some_and(|n| n != "redis.log") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    copy_data(copy, to);
+}
+
+/// A call retried while the gateway's connection to a restarted Redis comes back.
+async fn confirm_when_up(
+    app: &TestApp,
+    rid: &str,
+    payment_ref: &str,
+) -> (StatusCode, serde_json::Value) {
+    for _ in 0..50 {
+        let (status, view) = app.confirm(rid, payment_ref).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            return (status, view);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Redis did not come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_payment_after_a_redis_rollback_becomes_a_compensation() {
+    let mut redis = RedisServer::start(Some("always")).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku("rollback");
+    app.create_sku(&sku, json!({ "stock": 3 })).await;
+    let rid = app.hold(&sku, "payer").await;
+
+    // The copy of Redis before the confirmation: what a failover without WAIT, or a
+    // crash with `appendfsync everysec`, can roll back to.
+    let before = TempDir::new("rollback-copy");
+    redis.stop();
+    copy_data(redis.dir(), before.path());
+    redis.restart().await;
+
+    let (status, view) = confirm_when_up(&app, &rid, "pay-1").await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+
+    // The rollback: Redis forgets the confirmation MySQL already has.
+    redis.stop();
+    restore_data(before.path(), redis.dir());
+    redis.restart().await;
+    let (status, view) = confirm_when_up(&app, &rid, "pay-2").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Redis sees a live hold again: {view}"
+    );
+    app.flush(&sku).await;
+    // Replayed event (a worker that dies before its XACK): still one compensation.
+    let event = flashgate::db::OutboxEvent::Confirmed {
+        reservation: app
+            .store
+            .reservation(&TestApp::sku_id(&sku), &rid)
+            .await
+            .unwrap(),
+        at_ms: 1,
+    };
+    flashgate::db::apply_events(&app.db, &[event.clone(), event])
+        .await
+        .unwrap();
+
+    // MySQL keeps the first sale, and the second payment is a refund to make.
+    let (payment_ref, sold): (String, u64) = sqlx::query_as(
+        "SELECT s.payment_ref, k.sold FROM sales s JOIN skus k ON k.sku = s.sku WHERE s.reservation_id = ?",
+    )
+    .bind(&rid)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((payment_ref.as_str(), sold), ("pay-1", 1));
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(comps[0]["reason"], "duplicate_payment");
+    assert_eq!(comps[0]["payment_ref"], "pay-2");
+    assert_eq!(comps[0]["status"], "open");
+    assert_eq!(
+        comps[0]["id"],
+        flashgate::ids::compensation_id(&rid, "pay-2"),
+        "the id derives from (reservation, payment_ref)"
+    );
+
+    // The reconciler reports it (exit 1) until an operator resolves the refund.
+    let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("payment_after_rollback"),
+        "{}",
+        run.stdout
+    );
+    let id = comps[0]["id"].as_str().unwrap();
+    let resolved = app
+        .client
+        .post(app.url(&format!("/v1/compensations/{id}/resolve")))
+        .bearer_auth(common::SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resolved.status(), StatusCode::OK);
+    let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_that_timed_out_says_its_outcome_is_unknown() {
+    let redis = RedisServer::start(None).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku("slow-redis");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = app.hold(&sku, "payer").await;
+
+    // Redis stops answering for longer than the gateway waits (2 s): the confirm is
+    // sent, and runs once Redis resumes.
+    redis.pause();
+    let confirm = app.confirm(&rid, "pay-1");
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        redis.resume();
+    };
+    let ((status, problem), ()) = tokio::join!(confirm, resume);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(problem["code"], "unavailable");
+    assert_eq!(problem["outcome"], "unknown", "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(!detail.contains("nothing was changed"), "{detail}");
+    assert!(detail.contains("retry"), "{detail}");
+
+    // It did run: the retry with the same payment_ref tells so.
+    let (status, view) = app.confirm(&rid, "pay-1").await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("confirmed")),
+        "{view}"
+    );
+
+    // Redis gone altogether. The call that finds the connection dropped cannot know
+    // whether its command left first ("unknown"); once reconnecting is refused,
+    // nothing can have been sent ("not_applied").
+    drop(redis);
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        let (status, problem) = app.confirm(&rid, "pay-1").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+        let outcome = problem["outcome"].as_str().unwrap().to_owned();
+        assert!(
+            outcome == "unknown" || outcome == "not_applied",
+            "{problem}"
+        );
+        outcomes.push(outcome);
+        if outcomes.last().unwrap() == "not_applied" {
+            break;
+        }
+    }
+    assert_eq!(outcomes.last().unwrap(), "not_applied", "{outcomes:?}");
+}
