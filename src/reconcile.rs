@@ -209,8 +209,18 @@ pub async fn run(
             all
         }
     };
+    run_skus(store, pool, &skus, repair).await
+}
+
+/// One pass over these SKUs, in order.
+pub async fn run_skus(
+    store: &Store,
+    pool: &MySqlPool,
+    skus: &[SkuId],
+    repair: bool,
+) -> Result<ReconcileReport> {
     let mut report = ReconcileReport::default();
-    for sku in &skus {
+    for sku in skus {
         // One SKU that cannot be checked is reported (drift unknown) and the pass goes
         // on; an outage of Redis or MySQL ends it (could not run).
         let findings = match reconcile_sku(store, pool, sku, repair).await {

@@ -918,6 +918,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_replay_of_our_own_new_id_is_a_creation() {
+        // The reserve was sent, the connection dropped before its answer, the retry
+        // found the hold the first attempt made: for the caller it is new.
+        let sku = SkuId::parse("s").unwrap();
+        let request = ReserveRequest {
+            user_id: "u".into(),
+            quantity: 1,
+            idempotency_key: "k".into(),
+            reservation_id: "mine".into(),
+        };
+        let reply = |rid: &str| -> Vec<String> {
+            ["replayed", rid, "u", "1", "held", "100", "50", ""]
+                .map(String::from)
+                .to_vec()
+        };
+        assert!(matches!(
+            reserve_outcome(&sku, &request, &reply("mine")),
+            Ok(ReserveOutcome::Created(_))
+        ));
+        assert!(matches!(
+            reserve_outcome(&sku, &request, &reply("earlier")),
+            Ok(ReserveOutcome::Replayed(_))
+        ));
+    }
+
+    #[test]
     fn stream_positions_order_numerically() {
         assert!(StreamPosition::parse("10-0") > StreamPosition::parse("9-5"));
         assert!(StreamPosition::parse("10-10") > StreamPosition::parse("10-9"));

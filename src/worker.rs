@@ -110,7 +110,8 @@ impl Worker {
         }
     }
 
-    async fn sweep_sku(&self, sku: SkuId) -> Result<u64> {
+    /// Expires every due hold of one SKU, batch after batch.
+    pub async fn sweep_sku(&self, sku: SkuId) -> Result<u64> {
         let mut expired = 0;
         loop {
             let swept = self.store.sweep(&sku).await?;

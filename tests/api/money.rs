@@ -398,3 +398,171 @@ async fn sale_windows_outside_1970_to_9999_are_refused() {
         .await;
     assert_eq!(view["starts_at"], "9999-12-31T23:59:59.999Z");
 }
+
+#[tokio::test]
+async fn user_ids_are_compared_byte_for_byte_and_reconcile_recounts_per_user_limits() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bytewise");
+    app.create_sku(&sku, json!({ "stock": 5, "per_user_limit": 1 }))
+        .await;
+    for user in ["alice", "alice "] {
+        let rid = app.hold(&sku, user).await;
+        assert_eq!(
+            app.confirm(&rid, &format!("pay-{}", user.len())).await.0,
+            StatusCode::OK
+        );
+    }
+    let live = app.hold(&sku, "bob").await;
+    app.flush(&sku).await;
+    let per_user = {
+        let mut conn = app.db.acquire().await.unwrap();
+        flashgate::db::sold_per_user(&mut conn, &TestApp::sku_id(&sku))
+            .await
+            .unwrap()
+    };
+    assert_eq!(per_user.len(), 2, "two users in MySQL too: {per_user:?}");
+
+    // The per-user counts drift (lost, inflated): reconcile finds and rebuilds them.
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::pipe()
+        .del(&keys.used)
+        .ignore()
+        .hset(&keys.used, "mallory", 1)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let only = [TestApp::sku_id(&sku)];
+    let report = flashgate::reconcile::run_skus(&app.store, &app.db, &only, true)
+        .await
+        .unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.kind == "used_mismatch" && f.repaired),
+        "{:?}",
+        report.findings
+    );
+    let used: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(&keys.used)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expected: std::collections::HashMap<String, u64> =
+        [("alice", 1), ("alice ", 1), ("bob", 1)]
+            .map(|(u, q)| (u.to_string(), q))
+            .into();
+    assert_eq!(used, expected);
+    let report = flashgate::reconcile::run_skus(&app.store, &app.db, &only, false)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.findings);
+    // The limit holds again: bob's live hold counts.
+    assert_eq!(
+        app.reserve(&sku, "bob", "another", 1).await.1["code"],
+        "limit_exceeded"
+    );
+    let _ = live;
+}
+
+#[tokio::test]
+async fn reconcile_restores_every_term_from_mysql_and_one_broken_sku_does_not_stop_the_pass() {
+    let app = spawn_app().await;
+    let good = unique_sku("terms");
+    let broken = unique_sku("broken");
+    app.create_sku(
+        &good,
+        json!({ "stock": 4, "per_user_limit": 2, "hold_seconds": 60,
+        "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z" }),
+    )
+    .await;
+    app.create_sku(&broken, json!({ "stock": 1 })).await;
+    let good_keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&good));
+    let mut conn = app.store.connection();
+    // Redis sells under terms MySQL never recorded.
+    let _: () = redis::pipe()
+        .hset(&good_keys.meta, "per_user_limit", 50)
+        .ignore()
+        .hset(&good_keys.meta, "hold_ms", 1)
+        .ignore()
+        .hset(&good_keys.meta, "starts_at", "")
+        .ignore()
+        .hset(&good_keys.meta, "ends_at", "")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The other SKU's state is unreadable (a key of the wrong type). Out of the SKU
+    // index first: the other tests' sweeps walk it, and must not meet this one.
+    let broken_keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&broken));
+    let _: () = redis::pipe()
+        .srem(flashgate::keys::SKU_INDEX, &broken)
+        .ignore()
+        .del(&broken_keys.deadlines)
+        .ignore()
+        .set(&broken_keys.deadlines, "not a zset")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // The broken one first: the pass must still reach the other.
+    let skus = [TestApp::sku_id(&broken), TestApp::sku_id(&good)];
+    let report = flashgate::reconcile::run_skus(&app.store, &app.db, &skus, true)
+        .await
+        .unwrap();
+    let kinds: Vec<(&str, &str)> = report
+        .findings
+        .iter()
+        .map(|f| (f.sku.as_str(), f.kind))
+        .collect();
+    assert!(
+        kinds.contains(&(broken.as_str(), "check_failed")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(good.as_str(), "terms_mismatch")),
+        "{kinds:?}"
+    );
+    assert_eq!(report.exit_code(), 1);
+    let _: () = redis::cmd("DEL")
+        .arg(&broken_keys.deadlines)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let view = app.sku(&good).await;
+    assert_eq!(
+        (
+            view["per_user_limit"].as_u64(),
+            view["hold_seconds"].as_u64()
+        ),
+        (Some(2), Some(60)),
+        "{view}"
+    );
+    assert_eq!(view["starts_at"], "2026-01-01T00:00:00.000Z");
+    assert_eq!(view["ends_at"], "2099-01-01T00:00:00.000Z");
+}
+
+#[tokio::test]
+async fn the_sweep_goes_on_past_a_batch_of_stale_index_entries() {
+    let app = spawn_app().await;
+    let sku = unique_sku("stale-index");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = app.hold(&sku, "u").await;
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    // More stale entries than one sweep batch, all due before the real hold.
+    let mut pipe = redis::pipe();
+    for i in 0..(flashgate::limits::SWEEP_BATCH + 10) {
+        pipe.zadd(&keys.deadlines, format!("gone-{i}"), 0).ignore();
+    }
+    pipe.hset(keys.reservation(&rid), "expires_at", 1)
+        .ignore()
+        .zadd(&keys.deadlines, &rid, 1)
+        .ignore();
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let expired = app.worker.sweep_sku(TestApp::sku_id(&sku)).await.unwrap();
+    assert_eq!(expired, 1);
+    assert_eq!(app.sku(&sku).await["available"], 1);
+}
