@@ -477,32 +477,26 @@ async fn recorded_sales(
 /// A reservation as MySQL records it: from `reservations` (every ended one), or from
 /// `sales` for a sale flushed before that table existed.
 pub async fn reservation(pool: &MySqlPool, reservation_id: &str) -> Result<Option<Reservation>> {
-    let row: Option<(
-        String,
-        String,
-        u32,
-        String,
-        Option<String>,
-        NaiveDateTime,
-        NaiveDateTime,
-    )> = sqlx::query_as(
-        "SELECT sku, user_id, quantity, CAST(status AS CHAR), payment_ref, created_at, expires_at
-             FROM reservations WHERE reservation_id = ?",
+    let row = sqlx::query(
+        "SELECT sku, user_id, quantity, CAST(status AS CHAR) AS status, payment_ref, created_at,
+                expires_at
+         FROM reservations WHERE reservation_id = ?",
     )
     .bind(reservation_id)
     .fetch_optional(pool)
     .await?;
-    if let Some((sku, user_id, quantity, status, payment_ref, created_at, expires_at)) = row {
+    if let Some(row) = row {
+        let status: String = row.try_get("status")?;
         return Ok(Some(Reservation {
             reservation_id: reservation_id.to_owned(),
-            sku,
-            user_id,
-            quantity: quantity as u64,
+            sku: row.try_get("sku")?,
+            user_id: row.try_get("user_id")?,
+            quantity: row.try_get::<u32, _>("quantity")? as u64,
             status: Status::parse(&status)
                 .ok_or_else(|| Error::Internal(format!("reservation status {status:?}")))?,
-            expires_at_ms: datetime_to_ms(expires_at),
-            created_at_ms: datetime_to_ms(created_at),
-            payment_ref,
+            expires_at_ms: datetime_to_ms(row.try_get("expires_at")?),
+            created_at_ms: datetime_to_ms(row.try_get("created_at")?),
+            payment_ref: row.try_get("payment_ref")?,
         }));
     }
     let sale: Option<(String, String, u32, String, NaiveDateTime)> = sqlx::query_as(

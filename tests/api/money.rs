@@ -566,3 +566,28 @@ async fn the_sweep_goes_on_past_a_batch_of_stale_index_entries() {
     assert_eq!(expired, 1);
     assert_eq!(app.sku(&sku).await["available"], 1);
 }
+
+#[tokio::test]
+async fn the_sold_out_flag_answers_sold_out_only_and_only_for_its_200_ms() {
+    let app = spawn_app().await;
+    let sku = unique_sku("flag-answers");
+    app.create_sku(&sku, json!({ "stock": 1, "per_user_limit": 1 }))
+        .await;
+    app.hold(&sku, "alice").await;
+    assert_eq!(
+        app.reserve(&sku, "bob", "b1", 1).await.1["code"],
+        "sold_out"
+    );
+    // Within the flag's window, alice (at her limit) is told sold_out too: the flag
+    // stands in for any refusal of a sold-out SKU (README, "The sold-out flag").
+    assert_eq!(
+        app.reserve(&sku, "alice", "a2", 1).await.1["code"],
+        "sold_out"
+    );
+    tokio::time::sleep(flashgate::limits::SOLD_OUT_FLAG_TTL + std::time::Duration::from_millis(50))
+        .await;
+    assert_eq!(
+        app.reserve(&sku, "alice", "a3", 1).await.1["code"],
+        "limit_exceeded"
+    );
+}
