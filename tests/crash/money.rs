@@ -187,3 +187,28 @@ async fn a_confirm_that_timed_out_says_its_outcome_is_unknown() {
     }
     assert_eq!(outcomes.last().unwrap(), "not_applied", "{outcomes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_redis_cannot_take_is_not_recorded_in_mysql() {
+    let mut redis = RedisServer::start(None).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku("admin-order");
+    app.create_sku(&sku, json!({ "stock": 5, "per_user_limit": 2 }))
+        .await;
+    redis.kill();
+    let (status, problem) = app
+        .put_sku(&sku, json!({ "stock": 9, "per_user_limit": 7 }))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    let (stock, limit): (u64, u32) =
+        sqlx::query_as("SELECT stock_total, per_user_limit FROM skus WHERE sku = ?")
+            .bind(&sku)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (stock, limit),
+        (5, 2),
+        "MySQL keeps the terms Redis sells under"
+    );
+}
