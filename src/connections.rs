@@ -169,6 +169,25 @@ impl Registry {
     }
 }
 
+/// Binds the HTTP listener with a deep accept queue: a flash sale opens thousands of
+/// connections at once, and with the usual 128 the kernel drops SYNs that then wait
+/// a 1 s retransmit.
+pub async fn bind(address: &str) -> io::Result<TcpListener> {
+    let mut last = None;
+    for address in tokio::net::lookup_host(address).await? {
+        let socket = match address {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address) {
+            Ok(()) => return socket.listen(limits::LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address")))
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true; then stops accepting,
 /// lets in-flight requests finish and drops whatever is still open after the grace.
 pub async fn serve(
@@ -177,6 +196,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: watch::Receiver<bool>,
 ) {
+    warn_if_fd_limit_below(limits.max_connections);
     let clock = Clock(Instant::now());
     let registry = Arc::new(Registry {
         open: Mutex::new(HashMap::new()),
@@ -236,6 +256,34 @@ pub async fn serve(
             "shutdown grace over: dropping the remaining connections"
         );
         tasks.shutdown().await;
+    }
+}
+
+/// File descriptors beyond the connections: Redis, MySQL, the listener, logs.
+const FD_HEADROOM: u64 = 256;
+
+/// The cap only protects the process if the fd limit is above it: say so at start.
+fn warn_if_fd_limit_below(max_connections: usize) {
+    // Linux: "Max open files   <soft>   <hard>   files".
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find_map(|l| l.strip_prefix("Max open files"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        });
+    if let Some(soft) = soft {
+        let needed = max_connections as u64 + FD_HEADROOM;
+        if soft < needed {
+            tracing::warn!(
+                fd_limit = soft,
+                max_connections,
+                "the open-file limit is below FLASHGATE_MAX_CONNECTIONS plus {FD_HEADROOM}: \
+                 raise `ulimit -n` to at least {needed} or lower the cap, or accepts will fail \
+                 with EMFILE before the cap applies"
+            );
+        }
     }
 }
 
@@ -630,6 +678,15 @@ mod tests {
             .unwrap()
             .set_phase(PHASE_BUSY, 20);
         assert!(!registry.make_room(), "every connection busy: refuse");
+    }
+
+    #[tokio::test]
+    async fn bind_listens_on_the_address_given() {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        assert!(connected.is_ok() && accepted.is_ok());
+        assert!(bind("definitely-not-a-host.invalid:80").await.is_err());
     }
 
     #[test]

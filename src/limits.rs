@@ -98,6 +98,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// cannot pin gigabytes; above hyper's 64 KiB URI limit, so an over-long URI still
 /// gets its own 414 rather than 431.
 pub const HTTP_BUFFER_MAX_BYTES: usize = 80 * 1024;
+/// Connections waiting to be accepted (the kernel caps it at `net.core.somaxconn`):
+/// a burst of new connections beyond the queue loses SYNs, which wait 1 s to retry.
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// Deadlines shorter than this would cut off healthy clients on a busy machine.
 pub const CONNECTION_TIMEOUT_MIN: Duration = Duration::from_millis(100);
 
