@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -290,14 +290,17 @@ fn warn_if_fd_limit_below(max_connections: usize) {
 /// Full and nothing idle: a short 503 if the socket takes it at once, then close.
 /// Never waits on the client.
 fn refuse(stream: &TcpStream) {
+    // Rendered once: refusals come in floods.
+    static REFUSAL: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        raw_problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many open connections; retry shortly",
+            &[("retry-after", "1")],
+        )
+    });
     metrics::counter!("flashgate_http_connections_refused_total").increment(1);
-    let response = raw_problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        "too many open connections; retry shortly",
-        &[("retry-after", "1")],
-    );
-    let _ = stream.try_write(&response);
+    let _ = stream.try_write(&REFUSAL);
 }
 
 /// A whole HTTP/1.1 problem+json answer that closes the connection.
