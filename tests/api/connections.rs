@@ -198,6 +198,24 @@ async fn an_idle_keep_alive_connection_lives_past_the_head_deadline_then_closes(
 }
 
 #[tokio::test]
+async fn a_head_begun_on_a_kept_alive_connection_has_the_head_deadline_not_the_idle_one() {
+    let server = start(args(ConnectionSettings {
+        head_timeout_ms: 300,
+        idle_timeout_ms: 20_000,
+        ..ConnectionSettings::default()
+    }))
+    .await;
+    let mut stream = kept_alive(server.addr).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let (received, took) = until_closed(&mut stream).await;
+    assert!(received.is_empty(), "{received:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
 async fn a_stalled_body_gets_408_and_the_connection_closes() {
     let server = start(args(ConnectionSettings {
         body_timeout_ms: 300,
