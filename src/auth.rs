@@ -34,6 +34,8 @@ struct Claims {
 pub struct Authenticator {
     decoding: DecodingKey,
     validation: Validation,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    leeway_seconds: u64,
     service_token_digest: [u8; 32],
 }
 
@@ -42,18 +44,34 @@ impl Authenticator {
         // Only HS256 verifies: `alg: none` and every other algorithm are refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 0;
         Authenticator {
             decoding: DecodingKey::from_secret(jwt_secret.as_bytes()),
             validation,
+            leeway_seconds: 0,
             service_token_digest: Sha256::digest(service_token.as_bytes()).into(),
         }
     }
 
+    /// Allows `leeway` of clock skew between the token issuer and us on `exp` and
+    /// `nbf` (whole seconds, as the claims are).
+    pub fn with_leeway(mut self, leeway: std::time::Duration) -> Authenticator {
+        self.leeway_seconds = leeway.as_secs();
+        self.validation.leeway = self.leeway_seconds;
+        self
+    }
+
     /// A user JWT's subject, or None for anything that is not a valid, unexpired
-    /// HS256 token with a 1..=64 character `sub`.
+    /// HS256 token with a 1..=64 character `sub` (and an `nbf`, if any, not in the
+    /// future).
     pub fn user(&self, bearer: &str) -> Option<String> {
         let data = decode::<Claims>(bearer, &self.decoding, &self.validation).ok()?;
+        // jsonwebtoken still accepts `exp == now`; RFC 7519 4.1.4 says "on or after"
+        // `exp` the token must be refused.
+        if data.claims.exp.saturating_add(self.leeway_seconds) <= unix_now() {
+            return None;
+        }
         let length = data.claims.sub.chars().count();
         (1..=USER_ID_MAX_LEN)
             .contains(&length)
@@ -154,6 +172,36 @@ mod tests {
         assert_eq!(auth().user(&token), None);
         assert_eq!(auth().user("garbage"), None);
         assert_eq!(auth().user(""), None);
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn exp_must_be_in_the_future_and_nbf_in_the_past() {
+        let now = unix_now();
+        let at = |exp: u64| signed(serde_json::json!({"sub": "alice", "exp": exp}));
+        assert_eq!(auth().user(&at(now)), None, "exp == now is expired");
+        assert_eq!(auth().user(&at(now - 1)), None);
+        assert_eq!(auth().user(&at(now + 5)).as_deref(), Some("alice"));
+        let nbf =
+            |nbf: u64| signed(serde_json::json!({"sub": "alice", "exp": now + 60, "nbf": nbf}));
+        assert_eq!(auth().user(&nbf(now + 30)), None, "not yet valid");
+        assert_eq!(auth().user(&nbf(now)).as_deref(), Some("alice"));
+        let bad_nbf = signed(serde_json::json!({"sub": "alice", "exp": now + 60, "nbf": "soon"}));
+        assert_eq!(auth().user(&bad_nbf), None);
+        // With leeway, a little skew either way passes, and no more.
+        let lenient = auth().with_leeway(std::time::Duration::from_secs(10));
+        assert_eq!(lenient.user(&at(now)).as_deref(), Some("alice"));
+        assert_eq!(lenient.user(&nbf(now + 5)).as_deref(), Some("alice"));
+        assert_eq!(lenient.user(&nbf(now + 30)), None);
+        assert_eq!(lenient.user(&at(now - 30)), None);
     }
 
     #[test]

@@ -105,12 +105,91 @@ pub struct ServeArgs {
         default_value_t = 86_400
     )]
     pub idempotency_ttl_seconds: u64,
+    /// Seconds of clock skew allowed on a user JWT's `exp` and `nbf`.
+    #[arg(long, env = "FLASHGATE_JWT_LEEWAY_SECONDS", default_value_t = limits::JWT_LEEWAY_SECONDS)]
+    pub jwt_leeway_seconds: u64,
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub worker: WorkerSettings,
+}
+
+/// Deadlines and the cap of the HTTP connections (see `connections`).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionSettings {
+    /// A whole request head must arrive within this after its first byte.
+    #[arg(long, env = "FLASHGATE_HEAD_TIMEOUT_MS", default_value_t = limits::HEAD_TIMEOUT.as_millis() as u64)]
+    pub head_timeout_ms: u64,
+    /// A request body must arrive within this after its head (else 408).
+    #[arg(long, env = "FLASHGATE_BODY_TIMEOUT_MS", default_value_t = limits::BODY_TIMEOUT.as_millis() as u64)]
+    pub body_timeout_ms: u64,
+    /// A keep-alive connection with no request in flight is closed after this.
+    #[arg(long, env = "FLASHGATE_IDLE_TIMEOUT_MS", default_value_t = limits::IDLE_TIMEOUT.as_millis() as u64)]
+    pub idle_timeout_ms: u64,
+    /// A connection whose client takes no answer bytes for this long is closed.
+    #[arg(long, env = "FLASHGATE_WRITE_TIMEOUT_MS", default_value_t = limits::WRITE_TIMEOUT.as_millis() as u64)]
+    pub write_timeout_ms: u64,
+    /// Open connections at most; when full, the oldest idle one is closed for a new
+    /// one, and a new one is refused when none is idle.
+    #[arg(long, env = "FLASHGATE_MAX_CONNECTIONS", default_value_t = limits::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// On SIGTERM, in-flight requests get this long; then connections are dropped.
+    #[arg(long, env = "FLASHGATE_SHUTDOWN_GRACE_SECONDS", default_value_t = limits::SHUTDOWN_GRACE.as_secs())]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> ConnectionSettings {
+        ConnectionSettings {
+            head_timeout_ms: limits::HEAD_TIMEOUT.as_millis() as u64,
+            body_timeout_ms: limits::BODY_TIMEOUT.as_millis() as u64,
+            idle_timeout_ms: limits::IDLE_TIMEOUT.as_millis() as u64,
+            write_timeout_ms: limits::WRITE_TIMEOUT.as_millis() as u64,
+            max_connections: limits::MAX_CONNECTIONS,
+            shutdown_grace_seconds: limits::SHUTDOWN_GRACE.as_secs(),
+        }
+    }
+}
+
+/// [`ConnectionSettings`], validated.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub head_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl ConnectionSettings {
+    pub fn limits(&self) -> Result<ConnectionLimits, String> {
+        let timeout = |name: &str, ms: u64| {
+            let value = Duration::from_millis(ms);
+            if value < limits::CONNECTION_TIMEOUT_MIN {
+                return Err(format!(
+                    "{name} must be at least {} ms",
+                    limits::CONNECTION_TIMEOUT_MIN.as_millis()
+                ));
+            }
+            Ok(value)
+        };
+        if self.max_connections == 0 {
+            return Err("FLASHGATE_MAX_CONNECTIONS must be at least 1".into());
+        }
+        Ok(ConnectionLimits {
+            head_timeout: timeout("FLASHGATE_HEAD_TIMEOUT_MS", self.head_timeout_ms)?,
+            body_timeout: timeout("FLASHGATE_BODY_TIMEOUT_MS", self.body_timeout_ms)?,
+            idle_timeout: timeout("FLASHGATE_IDLE_TIMEOUT_MS", self.idle_timeout_ms)?,
+            write_timeout: timeout("FLASHGATE_WRITE_TIMEOUT_MS", self.write_timeout_ms)?,
+            max_connections: self.max_connections,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -185,13 +264,27 @@ impl GatewaySettings {
     }
 }
 
-/// Secrets shorter than this are refused: an HS256 key should be at least 256 bits,
-/// and a short service token can be guessed.
-pub const SECRET_MIN_LEN: usize = 16;
+/// Secrets shorter than this are refused: an HS256 key should be at least 256 bits
+/// (RFC 7518 3.2), and a short service token can be guessed.
+pub const SECRET_MIN_LEN: usize = 32;
 
 pub fn check_secret(name: &str, value: &str) -> Result<(), String> {
     if value.len() < SECRET_MIN_LEN {
-        return Err(format!("{name} must be at least {SECRET_MIN_LEN} bytes"));
+        return Err(format!(
+            "{name} must be at least {SECRET_MIN_LEN} bytes (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    Ok(())
+}
+
+/// Both secrets long enough, and different: with one value for both, anyone holding
+/// the service token could sign user JWTs, and a leaked JWT key would be the service
+/// token.
+pub fn check_secrets(jwt_secret: &str, service_token: &str) -> Result<(), String> {
+    check_secret("FLASHGATE_JWT_SECRET", jwt_secret)?;
+    check_secret("FLASHGATE_SERVICE_TOKEN", service_token)?;
+    if jwt_secret == service_token {
+        return Err("FLASHGATE_JWT_SECRET and FLASHGATE_SERVICE_TOKEN must differ".into());
     }
     Ok(())
 }
@@ -243,8 +336,56 @@ mod tests {
         };
         assert!(GatewaySettings::from_serve_args(&args).is_err());
         assert!(check_secret("FLASHGATE_JWT_SECRET", &args.jwt_secret).is_err());
+        assert!(check_secrets(&args.jwt_secret, &args.service_token).is_err());
         assert!(parse(&["serve", "--sweep-interval-ms", "abc"]).is_err());
         assert!(parse(&["reconcile", "--redis-cluster", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn secrets_are_long_and_distinct() {
+        let a = "a".repeat(SECRET_MIN_LEN);
+        let b = "b".repeat(SECRET_MIN_LEN);
+        assert!(check_secrets(&a, &b).is_ok());
+        let short = "s".repeat(SECRET_MIN_LEN - 1);
+        assert!(check_secrets(&short, &b)
+            .unwrap_err()
+            .contains("JWT_SECRET"));
+        assert!(check_secrets(&a, &short)
+            .unwrap_err()
+            .contains("SERVICE_TOKEN"));
+        assert!(check_secrets(&a, &a).unwrap_err().contains("differ"));
+    }
+
+    #[test]
+    fn connection_settings_default_and_validate() {
+        let cli = parse(&["serve", "--jwt-secret", "x", "--service-token", "y"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let limits = args.connections.limits().unwrap();
+        assert_eq!(limits.head_timeout, crate::limits::HEAD_TIMEOUT);
+        assert_eq!(limits.max_connections, crate::limits::MAX_CONNECTIONS);
+        assert_eq!(limits.shutdown_grace, crate::limits::SHUTDOWN_GRACE);
+        assert_eq!(args.jwt_leeway_seconds, crate::limits::JWT_LEEWAY_SECONDS);
+        let cli = parse(&[
+            "serve",
+            "--jwt-secret",
+            "x",
+            "--service-token",
+            "y",
+            "--write-timeout-ms",
+            "5",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert!(args.connections.limits().is_err());
+        let zero = ConnectionSettings {
+            max_connections: 0,
+            ..ConnectionSettings::default()
+        };
+        assert!(zero.limits().is_err());
     }
 
     #[test]

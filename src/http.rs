@@ -3,8 +3,9 @@
 //! map the result; HTTP types never leave this module.
 
 use axum::body::Bytes;
+use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -17,7 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::auth::{Authenticator, Caller};
 use crate::error::{self, Error};
@@ -31,6 +32,8 @@ pub struct AppState {
     pub gateway: Gateway,
     pub auth: Authenticator,
     pub prometheus: PrometheusHandle,
+    /// A request body must have arrived this long after its head (else 408).
+    pub body_timeout: Duration,
 }
 
 type SharedState = Arc<AppState>;
@@ -77,6 +80,10 @@ pub fn router(state: SharedState) -> Router {
                 "this route does not take that method",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            state.body_timeout,
+            request_body,
+        ))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_MAX_BYTES))
         .with_state(state)
@@ -274,6 +281,8 @@ async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> 
                 StatusCode::UNAUTHORIZED => "unauthorized",
                 StatusCode::NOT_FOUND => "not_found",
                 StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                StatusCode::REQUEST_TIMEOUT => "request_timeout",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
                 s if s.is_server_error() => "internal",
                 _ => "invalid_request",
             };
@@ -284,6 +293,96 @@ async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> 
         .and_then(|m| ROUTES.into_iter().find(|r| *r == m.as_str()))
         .unwrap_or("unmatched");
     telemetry::request(route, outcome, started.elapsed());
+    response
+}
+
+/// A problem+json body, for answers written below the router (`connections`).
+pub fn problem_json(status: StatusCode, code: &'static str, detail: &str) -> String {
+    Problem::new(status, code, detail).body().to_string()
+}
+
+// ---------------------------------------------------------------- request bodies
+
+/// Every request body, before routing and handlers: a declared length over the limit
+/// is refused before a byte of it is read (413), the body must arrive within the body
+/// deadline (408), and a non-empty one must be `application/json` (415). Handlers then
+/// take it whole from memory. A request without a body passes untouched (a reserve's
+/// body is optional). Refusals that leave body bytes unread close the connection.
+async fn request_body(State(deadline): State<Duration>, request: Request, next: Next) -> Response {
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits::REQUEST_BODY_MAX_BYTES as u64) {
+        return closing(too_large());
+    }
+    let json = is_json(&request);
+    if declared.is_some_and(|n| n > 0) && !json {
+        return closing(unsupported_media_type());
+    }
+    let (parts, body) = request.into_parts();
+    let read = http_body_util::Limited::new(body, limits::REQUEST_BODY_MAX_BYTES);
+    let bytes = match tokio::time::timeout(deadline, http_body_util::BodyExt::collect(read)).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return closing(too_large()),
+        Ok(Err(_)) => return closing(Problem::invalid("the request body could not be read")),
+        Err(_) => {
+            return closing(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    deadline.as_millis()
+                ),
+            ))
+        }
+    };
+    if !bytes.is_empty() && !json {
+        return unsupported_media_type().into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// `application/json`, any case, parameters (`; charset=utf-8`) allowed.
+fn is_json(request: &Request) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn too_large() -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!(
+            "request bodies are at most {} bytes",
+            limits::REQUEST_BODY_MAX_BYTES
+        ),
+    )
+}
+
+fn unsupported_media_type() -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "a request body must be Content-Type: application/json",
+    )
+}
+
+/// The answer, and the connection closes after it (body bytes may be left unread).
+fn closing(problem: Problem) -> Response {
+    let mut response = problem.into_response();
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -305,6 +404,11 @@ impl<S: Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let mut keys = parts.headers.get_all("idempotency-key").iter();
+        if let (Some(_), Some(_)) = (keys.next(), keys.next()) {
+            // Which of two keys would be the right one is a guess: refuse.
+            return Err(Problem::invalid("send exactly one Idempotency-Key header"));
+        }
         parts
             .headers
             .get("idempotency-key")

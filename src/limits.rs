@@ -74,3 +74,46 @@ pub const BATCH_MAX: usize = 64;
 /// Calls of one SKU in flight at once: while they run, new requests gather into the
 /// next batch; more than one keeps Redis busy during the round trips.
 pub const BATCHES_IN_FLIGHT: usize = 4;
+
+/// A client must deliver a whole request head this long after its first byte (or
+/// after connecting): a slowloris head trickles bytes to hold a connection forever.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body (at most REQUEST_BODY_MAX_BYTES) must arrive this long after its
+/// head; a stalled body otherwise holds a connection and a task. Answered 408.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keep-alive connection with no request in flight is closed after this long.
+/// Long enough for a client's pool to reuse it between a sale's requests, short
+/// enough that idle sockets do not pile up; idle ones are also closed first when the
+/// connection cap is reached.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An answer whose bytes the client does not take for this long (a pipelining client
+/// that never reads) closes the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections at most. A flash sale's clients mostly reuse pooled keep-alive
+/// connections; the cap keeps a flood of sockets below the usual fd limits (raise
+/// `ulimit -n` above it, with room for Redis, MySQL and the listener).
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// On SIGTERM, in-flight requests get this long to finish; then the remaining
+/// connections are dropped and the process exits. Below the usual 30 s an
+/// orchestrator waits before SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// hyper's read (and write) buffer per connection, which bounds a request head: far
+/// above any real head (a JWT is under 1 KiB), low enough that 10,000 connections
+/// cannot pin gigabytes; above hyper's 64 KiB URI limit, so an over-long URI still
+/// gets its own 414 rather than 431.
+pub const HTTP_BUFFER_MAX_BYTES: usize = 80 * 1024;
+/// Connections waiting to be accepted (the kernel caps it at `net.core.somaxconn`):
+/// a burst of new connections beyond the queue loses SYNs, which wait 1 s to retry.
+pub const LISTEN_BACKLOG: u32 = 4096;
+/// Deadlines shorter than this would cut off healthy clients on a busy machine.
+pub const CONNECTION_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+
+const _: () = assert!(HEAD_TIMEOUT.as_millis() >= CONNECTION_TIMEOUT_MIN.as_millis());
+const _: () = assert!(BODY_TIMEOUT.as_millis() >= CONNECTION_TIMEOUT_MIN.as_millis());
+const _: () = assert!(WRITE_TIMEOUT.as_millis() >= CONNECTION_TIMEOUT_MIN.as_millis());
+const _: () = assert!(IDLE_TIMEOUT.as_millis() >= HEAD_TIMEOUT.as_millis());
+const _: () = assert!(SHUTDOWN_GRACE.as_secs() < 30);
+
+/// Leeway on a user JWT's `exp` and `nbf` for clock skew between the token issuer and
+/// the gateway. 0: `exp == now` is already expired (RFC 7519: "on or after").
+pub const JWT_LEEWAY_SECONDS: u64 = 0;

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => {
-            let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+            let listener = flashgate::connections::bind(&args.listen).await?;
             server::run(listener, args, server::shutdown_signal()).await?;
         }
         Command::Worker(args) => {

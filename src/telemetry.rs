@@ -50,6 +50,18 @@ fn describe() {
         "HTTP request latency by route"
     );
     describe_gauge!("flashgate_available_stock", "Units available per SKU");
+    describe_gauge!(
+        "flashgate_http_connections_open",
+        "HTTP connections open (capped by FLASHGATE_MAX_CONNECTIONS)"
+    );
+    describe_counter!(
+        "flashgate_http_connections_refused_total",
+        "New connections refused: at the cap with none idle"
+    );
+    describe_counter!(
+        "flashgate_http_connections_closed_total",
+        "Connections closed by the server, by reason (deadline, evicted)"
+    );
     describe_counter!(
         "flashgate_transitions_total",
         "Reservation state changes by the state entered"

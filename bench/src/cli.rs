@@ -341,13 +341,19 @@ impl Args {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
             "--sku-prefix must be 1..=24 characters of [A-Za-z0-9_-]"
         );
+        // The gateway refuses to serve with shorter or equal secrets (flashgate's
+        // config::check_secrets); say so here rather than with 401s mid-run.
         ensure!(
-            self.jwt_secret.len() >= 8,
-            "--jwt-secret / FLASHGATE_JWT_SECRET is missing or too short"
+            self.jwt_secret.len() >= 32,
+            "--jwt-secret / FLASHGATE_JWT_SECRET is missing or shorter than 32 bytes"
         );
         ensure!(
-            !self.service_token.is_empty(),
-            "--service-token / FLASHGATE_SERVICE_TOKEN is missing"
+            self.service_token.len() >= 32,
+            "--service-token / FLASHGATE_SERVICE_TOKEN is missing or shorter than 32 bytes"
+        );
+        ensure!(
+            self.jwt_secret != self.service_token,
+            "--jwt-secret and --service-token must differ"
         );
         ensure!(
             (1..=10_000_000).contains(&self.redis_benchmark_requests),
@@ -449,9 +455,9 @@ mod tests {
         let mut argv = vec![
             "flashgate-bench",
             "--jwt-secret",
-            "0123456789abcdef",
+            "bench-jwt-secret-0123456789abcdef",
             "--service-token",
-            "svc",
+            "bench-service-token-0123456789abcdef",
         ];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).unwrap()
@@ -486,6 +492,11 @@ mod tests {
         assert!(args(&["--sku-prefix", "a b"]).validate().is_err());
         assert!(args(&["--rate=-1"]).validate().is_err());
         assert!(args(&["--phases", "mixed,mixed"]).validate().is_err());
+        let mut a = args(&[]);
+        a.service_token = "short".into();
+        assert!(a.validate().is_err());
+        a.service_token = a.jwt_secret.clone();
+        assert!(a.validate().is_err(), "one secret for both");
         let a = args(&["--baseline", "none"]);
         assert!(!a.wants_baseline(BaselineName::Mysql));
         let a = args(&[

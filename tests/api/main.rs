@@ -3,6 +3,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod connections;
+mod edges;
 mod input;
 mod lifecycle;
 mod money;

@@ -3,7 +3,7 @@
 //! helpers. Tests isolate themselves by unique SKU ids.
 #![allow(dead_code)]
 
-use flashgate::config::{DatabaseArgs, RedisArgs, ServeArgs, WorkerSettings};
+use flashgate::config::{ConnectionSettings, DatabaseArgs, RedisArgs, ServeArgs, WorkerSettings};
 use flashgate::ids::SkuId;
 use flashgate::store::Store;
 use flashgate::worker::Worker;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
-pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
+pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef";
 
 pub fn redis_url() -> String {
     std::env::var("FLASHGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/1".into())
@@ -47,6 +47,8 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         service_token: SERVICE_TOKEN.into(),
         payment_grace_seconds: 300,
         idempotency_ttl_seconds: 86_400,
+        jwt_leeway_seconds: 0,
+        connections: ConnectionSettings::default(),
         redis: RedisArgs {
             redis_url: redis_url.into(),
             redis_cluster: false,
