@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// HTTP API, plus the background worker unless --no-worker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Only the worker: sweep expired holds, flush the outbox, reconcile.
     Worker(WorkerArgs),
     /// One reconciliation pass, for cron. Exit 0 no drift, 1 drift found, 2 could not run.
@@ -111,6 +111,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub connections: ConnectionSettings,
     #[command(flatten)]
+    pub admission: AdmissionSettings,
+    #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
@@ -189,6 +191,65 @@ impl ConnectionSettings {
             max_connections: self.max_connections,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
         })
+    }
+}
+
+/// Admission before any work (see `admission`): token buckets on the reserve
+/// endpoint per user and per client address, and a cap on requests in flight.
+/// A rate of 0 turns that limit off; a burst of 0 is twice the rate.
+#[derive(Debug, Clone, Args)]
+pub struct AdmissionSettings {
+    /// Reserves per second one user may make (sustained); 0 = no per-user limit.
+    #[arg(long, env = "FLASHGATE_RATE_PER_USER", default_value_t = limits::RATE_PER_USER)]
+    pub rate_per_user: u32,
+    /// Reserves one user may make at once before the rate applies.
+    #[arg(long, env = "FLASHGATE_RATE_PER_USER_BURST", default_value_t = limits::RATE_PER_USER_BURST)]
+    pub rate_per_user_burst: u32,
+    /// Reserves per second from one client address; 0 (the default) = no limit. Off by
+    /// default because many users share an address behind a NAT or a proxy.
+    #[arg(long, env = "FLASHGATE_RATE_PER_ADDRESS", default_value_t = 0)]
+    pub rate_per_address: u32,
+    #[arg(long, env = "FLASHGATE_RATE_PER_ADDRESS_BURST", default_value_t = 0)]
+    pub rate_per_address_burst: u32,
+    /// Keys (users, addresses) each limiter remembers at most, whatever ids come in.
+    #[arg(long, env = "FLASHGATE_RATE_MAX_KEYS", default_value_t = limits::RATE_MAX_KEYS)]
+    pub rate_max_keys: usize,
+    /// Take the client address from this header (e.g. `x-forwarded-for`), but only on
+    /// connections from FLASHGATE_TRUSTED_PROXIES; unset: the TCP peer address.
+    #[arg(long, env = "FLASHGATE_CLIENT_IP_HEADER")]
+    pub client_ip_header: Option<String>,
+    /// Comma-separated addresses or CIDRs of the proxies whose header is believed.
+    #[arg(long, env = "FLASHGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// Requests in flight at most (health and metrics excepted); more are answered
+    /// 503 `overloaded` at once. 0 = no cap.
+    #[arg(long, env = "FLASHGATE_MAX_IN_FLIGHT", default_value_t = limits::MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> AdmissionSettings {
+        AdmissionSettings {
+            rate_per_user: limits::RATE_PER_USER,
+            rate_per_user_burst: limits::RATE_PER_USER_BURST,
+            rate_per_address: 0,
+            rate_per_address_burst: 0,
+            rate_max_keys: limits::RATE_MAX_KEYS,
+            client_ip_header: None,
+            trusted_proxies: Vec::new(),
+            max_in_flight: limits::MAX_IN_FLIGHT,
+        }
+    }
+}
+
+impl AdmissionSettings {
+    /// Every limit off: no token bucket, no in-flight cap.
+    pub fn off() -> AdmissionSettings {
+        AdmissionSettings {
+            rate_per_user: 0,
+            max_in_flight: 0,
+            ..AdmissionSettings::default()
+        }
     }
 }
 
@@ -367,6 +428,10 @@ mod tests {
         assert_eq!(limits.max_connections, crate::limits::MAX_CONNECTIONS);
         assert_eq!(limits.shutdown_grace, crate::limits::SHUTDOWN_GRACE);
         assert_eq!(args.jwt_leeway_seconds, crate::limits::JWT_LEEWAY_SECONDS);
+        assert_eq!(args.admission.rate_per_user, crate::limits::RATE_PER_USER);
+        assert_eq!(args.admission.rate_per_address, 0, "off by default");
+        assert_eq!(args.admission.max_in_flight, crate::limits::MAX_IN_FLIGHT);
+        assert!(args.admission.client_ip_header.is_none());
         let cli = parse(&[
             "serve",
             "--jwt-secret",
@@ -381,6 +446,22 @@ mod tests {
             panic!("not serve")
         };
         assert!(args.connections.limits().is_err());
+        let cli = parse(&[
+            "serve",
+            "--jwt-secret",
+            "x",
+            "--service-token",
+            "y",
+            "--client-ip-header",
+            "x-forwarded-for",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.168.1.1",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.admission.trusted_proxies.len(), 2);
         let zero = ConnectionSettings {
             max_connections: 0,
             ..ConnectionSettings::default()

@@ -8,6 +8,7 @@
 //! service wrapper below) and drops the connection at its deadline.
 
 use axum::body::{Body, Bytes};
+use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
@@ -16,6 +17,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -176,8 +178,8 @@ pub async fn bind(address: &str) -> io::Result<TcpListener> {
     let mut last = None;
     for address in tokio::net::lookup_host(address).await? {
         let socket = match address {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
         };
         socket.set_reuseaddr(true)?;
         match socket.bind(address) {
@@ -206,13 +208,13 @@ pub async fn serve(
     let mut next_id = 0u64;
     let mut stop = shutdown.clone();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             // The guard wait_for returns is not Send: drop it inside.
             () = async { drop(stop.wait_for(|stop| *stop).await) } => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors or a connection reset before accept:
                     // pause instead of spinning; the listener itself stays good.
@@ -233,6 +235,7 @@ pub async fn serve(
         metrics::gauge!("flashgate_http_connections_open").increment(1.0);
         tasks.spawn(connection(
             stream,
+            peer,
             router.clone(),
             Watch {
                 id: next_id,
@@ -342,6 +345,7 @@ impl Drop for Watch {
 
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     router: axum::Router,
     watch: Watch,
     mut shutdown: watch::Receiver<bool>,
@@ -354,6 +358,7 @@ async fn connection(
     };
     let service = Tracked {
         router,
+        peer: ConnectInfo(peer),
         tracker: watch.tracker.clone(),
         clock: watch.clock,
     };
@@ -400,10 +405,12 @@ async fn connection(
 
 // ---------------------------------------------------------------- service wrapper
 
-/// Marks the connection busy from the request head until its answer's body is done.
+/// Marks the connection busy from the request head until its answer's body is done,
+/// and gives every request the peer address (axum's `ConnectInfo`).
 #[derive(Clone)]
 struct Tracked {
     router: axum::Router,
+    peer: ConnectInfo<SocketAddr>,
     tracker: Arc<Tracker>,
     clock: Clock,
 }
@@ -413,8 +420,9 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = TrackedFuture;
 
-    fn call(&self, request: Request<Incoming>) -> TrackedFuture {
+    fn call(&self, mut request: Request<Incoming>) -> TrackedFuture {
         self.tracker.set_phase(PHASE_BUSY, self.clock.now_ms());
+        request.extensions_mut().insert(self.peer);
         // axum's Router is always ready: no poll_ready needed before call.
         let mut router = self.router.clone();
         TrackedFuture {

@@ -30,6 +30,8 @@ use crate::{db, telemetry};
 
 pub struct AppState {
     pub gateway: Gateway,
+    /// Rate limits and the in-flight cap, checked before any work.
+    pub admission: Arc<crate::admission::Admission>,
     pub auth: Authenticator,
     pub prometheus: PrometheusHandle,
     /// A request body must have arrived this long after its head (else 408).
@@ -61,7 +63,13 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route(admin_sku, put(define_sku))
         .route(sku, get(get_sku))
-        .route(reservations, post(reserve))
+        .route(
+            reservations,
+            post(reserve).layer(middleware::from_fn_with_state(
+                state.clone(),
+                crate::admission::reserve,
+            )),
+        )
         .route(reservation, get(get_reservation))
         .route(cancel_route, post(cancel))
         .route(pending, post(payment_pending))
@@ -83,6 +91,10 @@ pub fn router(state: SharedState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.body_timeout,
             request_body,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.admission.clone(),
+            crate::admission::shed,
         ))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_MAX_BYTES))
@@ -294,6 +306,11 @@ async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> 
         .unwrap_or("unmatched");
     telemetry::request(route, outcome, started.elapsed());
     response
+}
+
+/// A problem+json answer, for the admission layers (`admission`).
+pub fn problem(status: StatusCode, code: &'static str, detail: &str) -> Response {
+    Problem::new(status, code, detail).into_response()
 }
 
 /// A problem+json body, for answers written below the router (`connections`).

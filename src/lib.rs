@@ -3,6 +3,7 @@
 //! compensations to MySQL (`worker`, `db`) and a reconciler repairs drift (`reconcile`).
 //! See ARCHITECTURE.md for the map.
 
+pub mod admission;
 pub mod auth;
 pub mod batcher;
 pub mod config;

@@ -117,3 +117,20 @@ const _: () = assert!(SHUTDOWN_GRACE.as_secs() < 30);
 /// Leeway on a user JWT's `exp` and `nbf` for clock skew between the token issuer and
 /// the gateway. 0: `exp == now` is already expired (RFC 7519: "on or after").
 pub const JWT_LEEWAY_SECONDS: u64 = 0;
+
+/// Reserves per second one user may make, sustained, and at once: a person presses
+/// "reserve" a few times at most; a bot looping reserve/cancel (hundreds a second)
+/// is held to this.
+pub const RATE_PER_USER: u32 = 5;
+pub const RATE_PER_USER_BURST: u32 = 10;
+/// Keys one rate limiter remembers at most (about 150 bytes each): ids an attacker
+/// invents cannot grow memory past this; when idle keys dropped do not make room, the
+/// limiter starts over.
+pub const RATE_MAX_KEYS: usize = 100_000;
+/// A rate limiter drops its idle keys after this many checks.
+pub const RATE_TRIM_EVERY: usize = 256;
+/// Requests in flight at most before new ones are shed (503): far above what two cores
+/// answer in one Redis round trip, low enough that a flood waits in no queue.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+const _: () = assert!(RATE_MAX_KEYS >= 2 * RATE_TRIM_EVERY);

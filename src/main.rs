@@ -29,7 +29,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => {
             let listener = flashgate::connections::bind(&args.listen).await?;
-            server::run(listener, args, server::shutdown_signal()).await?;
+            server::run(listener, *args, server::shutdown_signal()).await?;
         }
         Command::Worker(args) => {
             let _metrics = telemetry::prometheus();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::{self, GatewaySettings, ServeArgs};
 use crate::gateway::Gateway;
@@ -17,11 +18,13 @@ pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     config::check_secrets(&args.jwt_secret, &args.service_token).map_err(anyhow::Error::msg)?;
     let connections = args.connections.limits().map_err(anyhow::Error::msg)?;
     let settings = GatewaySettings::from_serve_args(args).map_err(anyhow::Error::msg)?;
+    let admission = Admission::new(&args.admission).map_err(anyhow::Error::msg)?;
     let redis = store::connect(&args.redis).await?;
     let pool = db::connect(&args.database.database_url)?;
     let gateway = Gateway::new(store::Store::new(redis), pool, settings);
     Ok(Arc::new(AppState {
         gateway,
+        admission: Arc::new(admission),
         auth: Authenticator::new(&args.jwt_secret, &args.service_token)
             .with_leeway(Duration::from_secs(args.jwt_leeway_seconds)),
         body_timeout: connections.body_timeout,
@@ -46,13 +49,27 @@ pub async fn run(
             .with_claim_idle(args.worker.flush_claim_idle());
         tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
     });
+    let trim = tokio::spawn(trim_limiters(state.admission.clone(), shutdown.clone()));
     let http_shutdown = shutdown.clone();
     tracing::info!(listen = %listener.local_addr()?, "flashgate serving");
     connections::serve(listener, http::router(state), limits, http_shutdown).await;
     if let Some(worker) = worker {
         worker.await?;
     }
+    trim.abort();
     Ok(())
+}
+
+/// The rate limiters also drop idle keys every few checks; this empties them when
+/// no requests come.
+async fn trim_limiters(admission: Arc<Admission>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = every.tick() => admission.trim(),
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Turns true on SIGINT or SIGTERM.

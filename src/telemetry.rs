@@ -63,6 +63,18 @@ fn describe() {
         "Connections closed by the server, by reason (deadline, evicted)"
     );
     describe_counter!(
+        "flashgate_admission_refused_total",
+        "Requests refused before any work, by reason: user and address (rate limits, 429), in_flight (shed, 503)"
+    );
+    describe_gauge!(
+        "flashgate_rate_limiter_keys",
+        "Keys a rate limiter remembers (bounded by FLASHGATE_RATE_MAX_KEYS), by limiter"
+    );
+    describe_counter!(
+        "flashgate_rate_limiter_resets_total",
+        "Times a rate limiter started over because its keys reached FLASHGATE_RATE_MAX_KEYS"
+    );
+    describe_counter!(
         "flashgate_transitions_total",
         "Reservation state changes by the state entered"
     );

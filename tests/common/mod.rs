@@ -3,7 +3,9 @@
 //! helpers. Tests isolate themselves by unique SKU ids.
 #![allow(dead_code)]
 
-use flashgate::config::{ConnectionSettings, DatabaseArgs, RedisArgs, ServeArgs, WorkerSettings};
+use flashgate::config::{
+    AdmissionSettings, ConnectionSettings, DatabaseArgs, RedisArgs, ServeArgs, WorkerSettings,
+};
 use flashgate::ids::SkuId;
 use flashgate::store::Store;
 use flashgate::worker::Worker;
@@ -49,6 +51,9 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         idempotency_ttl_seconds: 86_400,
         jwt_leeway_seconds: 0,
         connections: ConnectionSettings::default(),
+        // Off: the race tests reserve hundreds of times from one address, some users
+        // many times; tests/api/admission.rs turns the limits on.
+        admission: AdmissionSettings::off(),
         redis: RedisArgs {
             redis_url: redis_url.into(),
             redis_cluster: false,
