@@ -10,8 +10,17 @@ use crate::limits;
 #[derive(Debug, Parser)]
 #[command(name = "flashgate", version, about = "Flash-sale reservation gateway")]
 pub struct Cli {
+    /// `text` (for people) or `json` (one object per line, for log pipelines).
+    #[arg(long, global = true, env = "FLASHGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +97,10 @@ impl WorkerSettings {
 pub struct ServeArgs {
     #[arg(long, env = "FLASHGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Serve `/metrics` on this address instead of FLASHGATE_LISTEN (where it then
+    /// answers 404), so the public port need not expose it.
+    #[arg(long, env = "FLASHGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Run only the HTTP API; run `flashgate worker` elsewhere.
     #[arg(long, env = "FLASHGATE_NO_WORKER", default_value = "0",
           value_parser = BoolishValueParser::new(), action = ArgAction::Set, num_args = 0..=1,
@@ -432,6 +445,11 @@ mod tests {
         assert_eq!(args.admission.rate_per_address, 0, "off by default");
         assert_eq!(args.admission.max_in_flight, crate::limits::MAX_IN_FLIGHT);
         assert!(args.admission.client_ip_header.is_none());
+        assert!(args.metrics_listen.is_none());
+        assert_eq!(cli.log_format, LogFormat::Text);
+        let cli = parse(&["--log-format", "json", "worker"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(parse(&["serve", "--log-format", "xml"]).is_err());
         let cli = parse(&[
             "serve",
             "--jwt-secret",

@@ -32,6 +32,9 @@ pub struct AppState {
     pub gateway: Gateway,
     /// Rate limits and the in-flight cap, checked before any work.
     pub admission: Arc<crate::admission::Admission>,
+    /// False when `/metrics` has its own listener (`metrics_router`): then the public
+    /// router answers it 404.
+    pub public_metrics: bool,
     pub auth: Authenticator,
     pub prometheus: PrometheusHandle,
     /// A request body must have arrived this long after its head (else 408).
@@ -60,7 +63,8 @@ const ROUTES: [&str; 13] = [
 pub fn router(state: SharedState) -> Router {
     let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics] =
         ROUTES;
-    Router::new()
+    let public_metrics = state.public_metrics;
+    let router = Router::new()
         .route(admin_sku, put(define_sku))
         .route(sku, get(get_sku))
         .route(
@@ -78,8 +82,13 @@ pub fn router(state: SharedState) -> Router {
         .route(compensation, get(get_compensation))
         .route(resolve, post(resolve_compensation))
         .route(health, get(healthz))
-        .route(ready, get(readyz))
-        .route(metrics, get(render_metrics))
+        .route(ready, get(readyz));
+    let router = if public_metrics {
+        router.route(metrics, get(render_metrics))
+    } else {
+        router
+    };
+    router
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -98,6 +107,15 @@ pub fn router(state: SharedState) -> Router {
         ))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_MAX_BYTES))
+        .with_state(state)
+}
+
+/// `/metrics` (and `/healthz`) alone, for FLASHGATE_METRICS_LISTEN.
+pub fn metrics_router(state: SharedState) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(state)
 }
 
@@ -281,10 +299,12 @@ impl IntoResponse for Problem {
 
 /// Counts and times every request, and turns any error answer not produced by us
 /// (a body over the limit, a malformed query) into problem+json.
-async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+/// Also gives the request its id (`request_id`): on the answer, and on its log lines.
+async fn observe(matched: Option<MatchedPath>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let response = next.run(request).await;
-    let response =
+    let id = crate::request_id::RequestId::begin(&mut request);
+    let response = tracing::Instrument::instrument(next.run(request), id.span()).await;
+    let mut response =
         if response.status().is_success() || response.extensions().get::<Outcome>().is_some() {
             response
         } else {
@@ -305,6 +325,7 @@ async fn observe(matched: Option<MatchedPath>, request: Request, next: Next) -> 
         .and_then(|m| ROUTES.into_iter().find(|r| *r == m.as_str()))
         .unwrap_or("unmatched");
     telemetry::request(route, outcome, started.elapsed());
+    id.finish(&mut response);
     response
 }
 

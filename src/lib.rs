@@ -16,6 +16,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod reconcile;
+pub mod request_id;
 pub mod reservation;
 pub mod server;
 pub mod sold_out;

@@ -25,6 +25,7 @@ pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     Ok(Arc::new(AppState {
         gateway,
         admission: Arc::new(admission),
+        public_metrics: args.metrics_listen.is_none(),
         auth: Authenticator::new(&args.jwt_secret, &args.service_token)
             .with_leeway(Duration::from_secs(args.jwt_leeway_seconds)),
         body_timeout: connections.body_timeout,
@@ -50,9 +51,25 @@ pub async fn run(
         tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
     });
     let trim = tokio::spawn(trim_limiters(state.admission.clone(), shutdown.clone()));
+    let metrics = match &args.metrics_listen {
+        Some(address) => {
+            let metrics_listener = connections::bind(address).await?;
+            tracing::info!(listen = %metrics_listener.local_addr()?, "metrics serving");
+            Some(tokio::spawn(connections::serve(
+                metrics_listener,
+                http::metrics_router(state.clone()),
+                limits,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let http_shutdown = shutdown.clone();
     tracing::info!(listen = %listener.local_addr()?, "flashgate serving");
     connections::serve(listener, http::router(state), limits, http_shutdown).await;
+    if let Some(metrics) = metrics {
+        metrics.await?;
+    }
     if let Some(worker) = worker {
         worker.await?;
     }

@@ -154,12 +154,36 @@ pub fn reconcile_ran(unix_seconds: f64) {
     gauge!("flashgate_reconcile_last_run_seconds").set(unix_seconds);
 }
 
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("FLASHGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// Logs to stderr, filtered by FLASHGATE_LOG (default `info`).
+pub fn init_logging(format: crate::config::LogFormat) {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLASHGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = logging(format, filter, std::io::stderr).try_init();
+}
+
+/// The log subscriber. In JSON, one object per line whose `span` holds the fields of
+/// the span it was written in: a request's lines carry its `request_id`.
+pub fn logging<W>(
+    format: crate::config::LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(writer);
+    match format {
+        crate::config::LogFormat::Text => Box::new(builder.finish()),
+        crate::config::LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    }
 }

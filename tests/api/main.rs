@@ -9,6 +9,7 @@ mod edges;
 mod input;
 mod lifecycle;
 mod money;
+mod operations;
 mod races;
 mod reserve;
 mod server;

@@ -44,6 +44,7 @@ pub fn unique_sku(prefix: &str) -> String {
 pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
     ServeArgs {
         listen: "127.0.0.1:0".into(),
+        metrics_listen: None,
         no_worker: true,
         jwt_secret: JWT_SECRET.into(),
         service_token: SERVICE_TOKEN.into(),
