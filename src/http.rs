@@ -26,7 +26,7 @@ use crate::gateway::Gateway;
 use crate::ids::SkuId;
 use crate::limits;
 use crate::reservation::{Compensation, Refusal, Reservation, Sku, SkuDefinition};
-use crate::{db, telemetry};
+use crate::telemetry;
 
 pub struct AppState {
     pub gateway: Gateway,
@@ -34,6 +34,10 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// A request body must have arrived this long after its head (else 408).
     pub body_timeout: Duration,
+    /// `/metrics`, rendered at most once per second.
+    pub metrics_page: telemetry::MetricsPage,
+    /// `/readyz`, kept fresh in the background.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 type SharedState = Arc<AppState>;
@@ -827,41 +831,27 @@ async fn healthz() -> Json<Value> {
 }
 
 /// Ready when Redis answers and the scripts are loaded. MySQL and the outbox backlog
-/// are reported but do not make the gateway unready: sales go on without MySQL.
+/// are reported but do not make the gateway unready: sales go on without MySQL. The
+/// answer is the last background check (`readiness`): constant time.
 async fn readyz(State(state): State<SharedState>) -> Response {
-    let gateway = &state.gateway;
-    let redis = gateway.store.load_scripts().await;
-    let mysql = db::ping(&gateway.db).await;
-    let mut backlog = 0u64;
-    if redis.is_ok() {
-        if let Ok(skus) = gateway.store.sku_ids().await {
-            for sku in skus {
-                backlog += gateway.store.outbox_backlog(&sku).await.unwrap_or(0);
-            }
-        }
-    }
-    let report = json!({
-        "redis": if redis.is_ok() { "ok" } else { "unreachable" },
-        "scripts": if redis.is_ok() { "loaded" } else { "unknown" },
-        "mysql": if mysql.is_ok() { "ok" } else { "unreachable" },
-        "outbox_backlog": backlog,
-    });
-    if redis.is_ok() {
-        return Json(report).into_response();
+    let report = state.readiness.report();
+    let body = serde_json::to_value(&report).unwrap_or_default();
+    if report.ready() {
+        return Json(body).into_response();
     }
     let mut problem = Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
-        "Redis is unreachable",
+        "Redis is unreachable or its scripts are not loaded (as of the last check)",
     );
-    problem.extra = report.as_object().cloned();
+    problem.extra = body.as_object().cloned();
     problem.into_response()
 }
 
 async fn render_metrics(State(state): State<SharedState>) -> Response {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.prometheus.render(),
+        state.metrics_page.get(&state.prometheus),
     )
         .into_response()
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod readiness;
 pub mod reconcile;
 pub mod reservation;
 pub mod server;

@@ -283,6 +283,23 @@ impl Store {
         Ok(())
     }
 
+    /// Uploads only the scripts Redis does not have (one SCRIPT EXISTS when it has all).
+    pub async fn ensure_scripts(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut exists = redis::cmd("SCRIPT");
+        exists.arg("EXISTS");
+        for script in all_scripts() {
+            exists.arg(script.get_hash());
+        }
+        let present: Vec<bool> = exists.query_async(&mut conn).await?;
+        for (script, present) in all_scripts().into_iter().zip(present) {
+            if !present {
+                script.prepare_invoke().load_async(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Loads every script (readiness: the first request after a restart needs no reload).
     pub async fn load_scripts(&self) -> Result<()> {
         let mut conn = self.conn.clone();

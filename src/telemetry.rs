@@ -151,3 +151,29 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// How often `/metrics` is rendered at most: between two renders every scrape gets the
+/// same page, so a flood of scrapes costs a copy each, not a render each.
+pub const METRICS_RENDER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last rendered `/metrics` page.
+#[derive(Default)]
+pub struct MetricsPage {
+    last: std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
+}
+
+impl MetricsPage {
+    /// The page, rendered again only when the last one is METRICS_RENDER_EVERY old.
+    /// Scrapes arriving while one renders wait for it (the lock) instead of rendering too.
+    pub fn get(&self, handle: &PrometheusHandle) -> bytes::Bytes {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, page)) = &*last {
+            if at.elapsed() < METRICS_RENDER_EVERY {
+                return page.clone();
+            }
+        }
+        let page = bytes::Bytes::from(handle.render());
+        *last = Some((std::time::Instant::now(), page.clone()));
+        page
+    }
+}

@@ -8,6 +8,7 @@ mod edges;
 mod input;
 mod lifecycle;
 mod money;
+mod ops;
 mod races;
 mod reserve;
 mod server;
