@@ -2,12 +2,13 @@
 //! constant time, whatever the number of SKUs or the request rate (no script upload,
 //! no MySQL ping, no per-SKU work on the request path).
 //!
-//! A check pings Redis, makes sure every script is loaded (uploading only those Redis
-//! lost), pings MySQL, and every few checks sums the outbox backlog. A check older
-//! than READINESS_STALE_AFTER counts as failed: a refresh loop stuck on a hung Redis
-//! must not keep reporting "ready".
+//! A check makes sure every script is loaded (one SCRIPT EXISTS; uploading only those
+//! Redis lost) and pings MySQL: two commands, whatever the number of SKUs. The outbox
+//! backlog is the one the worker's last flush pass measured in this process (null with
+//! `--no-worker`: the worker's own `/metrics` has it). A check older than
+//! READINESS_STALE_AFTER counts as failed: a refresh loop stuck on a hung Redis must not
+//! keep reporting "ready".
 
-use futures::stream::{self, StreamExt};
 use serde::Serialize;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -15,14 +16,12 @@ use tokio::sync::watch;
 
 use crate::db;
 use crate::gateway::Gateway;
-use crate::limits;
+use crate::telemetry;
 
 /// How often the readiness check runs.
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 /// A check older than this no longer vouches for readiness.
 pub const READINESS_STALE_AFTER: Duration = Duration::from_secs(5);
-/// The outbox backlog (a walk over every SKU's stream) is summed every this many checks.
-const BACKLOG_EVERY: u64 = 5;
 
 /// What the last check found.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -30,7 +29,8 @@ pub struct Report {
     pub redis: &'static str,
     pub scripts: &'static str,
     pub mysql: &'static str,
-    pub outbox_backlog: u64,
+    /// Events not yet written to MySQL, as the in-process worker last measured them.
+    pub outbox_backlog: Option<u64>,
     /// Milliseconds since the check ran (None: no check yet).
     pub checked_ms_ago: Option<u64>,
 }
@@ -51,7 +51,6 @@ struct Checked {
     redis_ok: bool,
     scripts_loaded: bool,
     mysql_ok: bool,
-    outbox_backlog: u64,
     at: Instant,
 }
 
@@ -69,7 +68,7 @@ impl Readiness {
                 redis: "unknown",
                 scripts: "unknown",
                 mysql: "unknown",
-                outbox_backlog: 0,
+                outbox_backlog: telemetry::last_outbox_backlog(),
                 checked_ms_ago: None,
             },
             Some(c) => Report {
@@ -80,43 +79,22 @@ impl Readiness {
                     "unknown"
                 },
                 mysql: if c.mysql_ok { "ok" } else { "unreachable" },
-                outbox_backlog: c.outbox_backlog,
+                outbox_backlog: telemetry::last_outbox_backlog(),
                 checked_ms_ago: Some(c.at.elapsed().as_millis() as u64),
             },
         }
     }
 
-    /// One check; `with_backlog` also sums the outbox backlog over the SKUs.
-    pub async fn check(&self, gateway: &Gateway, with_backlog: bool) {
+    /// One check: the scripts (which needs Redis) and MySQL.
+    pub async fn check(&self, gateway: &Gateway) {
         let store = &gateway.store;
         let scripts_loaded = store.ensure_scripts().await.is_ok();
         let redis_ok = scripts_loaded || store.ping().await.is_ok();
         let mysql_ok = db::ping(&gateway.db).await.is_ok();
-        let previous_backlog = self
-            .last
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |c| c.outbox_backlog);
-        let outbox_backlog = if with_backlog && redis_ok {
-            match store.sku_ids().await {
-                Ok(skus) => {
-                    stream::iter(skus)
-                        .map(|sku| async move { store.outbox_backlog(&sku).await.unwrap_or(0) })
-                        .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
-                        .fold(0u64, |sum, n| async move { sum + n })
-                        .await
-                }
-                Err(_) => previous_backlog,
-            }
-        } else {
-            previous_backlog
-        };
         *self.last.write().unwrap_or_else(|e| e.into_inner()) = Some(Checked {
             redis_ok,
             scripts_loaded,
             mysql_ok,
-            outbox_backlog,
             at: Instant::now(),
         });
     }
@@ -125,14 +103,12 @@ impl Readiness {
     pub async fn run(&self, gateway: Gateway, mut shutdown: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(READINESS_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut round: u64 = 0;
         while !*shutdown.borrow() {
             tokio::select! {
                 _ = ticks.tick() => {}
                 changed = shutdown.changed() => if changed.is_err() { break } else { continue },
             }
-            self.check(&gateway, round % BACKLOG_EVERY == 0).await;
-            round += 1;
+            self.check(&gateway).await;
         }
     }
 }
@@ -149,7 +125,6 @@ mod tests {
             redis_ok: true,
             scripts_loaded: true,
             mysql_ok: false,
-            outbox_backlog: 3,
             at: Instant::now(),
         });
         let report = readiness.report();
@@ -157,7 +132,6 @@ mod tests {
             report.ready(),
             "MySQL down does not make the gateway unready"
         );
-        assert_eq!(report.outbox_backlog, 3);
         let mut stale = report.clone();
         stale.checked_ms_ago = Some(READINESS_STALE_AFTER.as_millis() as u64 + 1);
         assert!(!stale.ready());

@@ -41,7 +41,7 @@ pub async fn run(
     let state = build_state(&args).await?;
     let limits = args.connections.limits().map_err(anyhow::Error::msg)?;
     // The first readiness check (which loads the scripts) before the first request.
-    state.readiness.check(&state.gateway, true).await;
+    state.readiness.check(&state.gateway).await;
     if !state.readiness.report().ready() {
         tracing::warn!("Redis not reachable at start; /readyz answers 503 until it is");
     }

@@ -126,8 +126,19 @@ pub fn flushed(count: u64) {
     counter!("flashgate_flushed_events_total").increment(count);
 }
 
+/// The outbox backlog the last flush pass of this process measured (u64::MAX: none yet).
+static LAST_OUTBOX_BACKLOG: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
 pub fn outbox_backlog(events: u64) {
     gauge!("flashgate_outbox_backlog").set(events as f64);
+    LAST_OUTBOX_BACKLOG.store(events, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What the last flush pass in this process measured; None when no worker runs here.
+pub fn last_outbox_backlog() -> Option<u64> {
+    let events = LAST_OUTBOX_BACKLOG.load(std::sync::atomic::Ordering::Relaxed);
+    (events != u64::MAX).then_some(events)
 }
 
 pub fn open_compensations(count: i64) {

@@ -473,7 +473,12 @@ async fn health_readiness_and_metrics_answer() {
         (&ready["redis"], &ready["scripts"], &ready["mysql"]),
         (&json!("ok"), &json!("loaded"), &json!("ok"))
     );
-    assert!(ready["outbox_backlog"].is_u64());
+    // Measured by the worker's flush pass; this gateway runs without one (null) unless
+    // another test of this process ran a pass.
+    assert!(
+        ready["outbox_backlog"].is_u64() || ready["outbox_backlog"].is_null(),
+        "{ready}"
+    );
     app.worker.sweep_once().await.unwrap();
     let metrics = app
         .client
