@@ -735,10 +735,18 @@ impl Store {
                 .arg(&ids)
                 .query_async(&mut conn)
                 .await?;
+            let mut flushed = Vec::new();
             for (id, raw) in ids.iter().zip(raw) {
-                if let Some(raw) = raw {
-                    found.push(parse_compensation(&sku, id, &raw)?);
+                match raw {
+                    Some(raw) => found.push(parse_compensation(&sku, id, &raw)?),
+                    // The record is written before the index entry and dropped only
+                    // after MySQL has it: an entry without one was flushed (the index
+                    // write lost a race with the flush). MySQL answers for it.
+                    None => flushed.push(id.clone()),
                 }
+            }
+            if !flushed.is_empty() {
+                let _: () = conn.hdel(COMPENSATION_INDEX, &flushed).await?;
             }
         }
         Ok(found)
