@@ -24,10 +24,14 @@ pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const READINESS_STALE_AFTER: Duration = Duration::from_secs(5);
 
 /// What the last check found.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(as = Readiness)]
 pub struct Report {
+    /// `ok`, `unreachable`, or `unknown` before the first check.
     pub redis: &'static str,
+    /// `loaded` or `unknown`.
     pub scripts: &'static str,
+    /// `ok`, `unreachable`, or `unknown` before the first check.
     pub mysql: &'static str,
     /// Events not yet written to MySQL, as the in-process worker last measured them.
     pub outbox_backlog: Option<u64>,
