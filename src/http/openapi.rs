@@ -42,7 +42,7 @@ pub(super) const SERVICE: &str = "service_token";
         super::render_metrics,
         super::openapi_json,
     ),
-    components(schemas(ProblemBody)),
+    components(schemas(ProblemBody, CompensationFilter)),
     modifiers(&Security, &EdgeProblems),
     tags(
         (name = "admin", description = "SKU definitions (service token)"),
@@ -116,7 +116,12 @@ pub(super) enum CompensationFilter {
 #[allow(dead_code)] // parameters: the handlers take `Path<String>`
 pub(super) struct SkuPath {
     /// SKU id; anything else is `400 invalid_request`.
-    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    #[param(
+        pattern = "^[A-Za-z0-9_-]{1,64}$",
+        min_length = 1,
+        max_length = 64,
+        example = "sneaker-42"
+    )]
     sku: String,
 }
 
