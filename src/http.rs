@@ -484,7 +484,8 @@ fn visible_ascii(value: &str, max: usize) -> bool {
 }
 
 /// `PUT /v1/admin/skus/{sku}`: the whole definition; omitted optional fields take
-/// their defaults. Unknown fields are ignored.
+/// their defaults. Unknown fields are ignored. Integers are written as integers
+/// (`600.0` is refused).
 #[derive(Debug, Deserialize, ToSchema)]
 struct DefineSku {
     /// Units on sale.
@@ -498,11 +499,14 @@ struct DefineSku {
     #[serde(default = "DefineSku::default_hold_seconds")]
     #[schema(default = 600, minimum = 1, maximum = 86_400)]
     hold_seconds: u64,
-    /// Start of the sale (RFC 3339, 1970-01-01..=9999-12-31 UTC); absent or null: started.
-    #[schema(format = DateTime)]
+    /// Start of the sale (RFC 3339, a real instant within 1970-01-01..=9999-12-31 UTC);
+    /// absent or null: started. The pattern is the form (years 1970..=9999); a date
+    /// that does not exist (February 30) or an instant outside the range after its
+    /// offset is still refused.
+    #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
     starts_at: Option<String>,
     /// End of the sale, after `starts_at`; absent or null: no end.
-    #[schema(format = DateTime)]
+    #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
     ends_at: Option<String>,
 }
 
@@ -539,7 +543,8 @@ impl DefineSku {
 /// `POST /v1/skus/{sku}/reservations`; an empty body is `{}`.
 #[derive(Debug, Deserialize, ToSchema)]
 struct ReserveBody {
-    /// Units to hold; null, fractions, strings and numbers out of range are refused.
+    /// Units to hold; null, strings, numbers out of range and any number written with a
+    /// fraction or an exponent (also `1.0`) are refused.
     #[serde(default = "ReserveBody::default_quantity")]
     #[schema(default = 1, minimum = 1, maximum = 4_294_967_295_u64)]
     quantity: u64,
