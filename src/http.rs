@@ -838,8 +838,8 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 #[utoipa::path(
     post, path = "/v1/skus/{sku}/reservations", tag = "sale",
     params(openapi::SkuPath, openapi::IdempotencyKeyHeader),
-    request_body(content = Option<ReserveBody>, content_type = "application/json",
-        description = "Optional: an empty body holds one unit"),
+    request_body(content = ReserveBody, content_type = "application/json",
+        description = "Optional (see `EdgeProblems`): no body holds one unit"),
     security(("user_jwt" = [])),
     responses(
         (status = 201, description = "The hold (new, or replayed)", body = ReservationView,

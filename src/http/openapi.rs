@@ -10,7 +10,7 @@ use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Response, Type};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, Response, Type};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 /// Security scheme of the user endpoints: `Authorization: Bearer <JWT>`.
@@ -217,6 +217,14 @@ fn edge_problems(path: &str, operation: &mut Operation) {
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
     let has_body = operation.request_body.is_some();
     let reserve = path == "/v1/skus/{sku}/reservations";
+    if reserve {
+        // The reserve body may be left out (one unit). utoipa says "optional" only
+        // through `Option<T>`, which also admits a JSON `null` body: the parser
+        // refuses that one (400), so the body is a plain object, not required.
+        if let Some(RefOr::T(body)) = operation.request_body.as_mut() {
+            body.required = Some(Required::False);
+        }
+    }
     let responses = &mut operation.responses.responses;
     let mut add = |status: &str, response: Response| {
         responses
@@ -446,6 +454,12 @@ mod tests {
                 );
             }
         }
+        assert_eq!(reserve["requestBody"]["required"], false);
+        assert_eq!(
+            reserve["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ReserveBody",
+            "an object, never null"
+        );
         let confirm = op("/v1/reservations/{id}/confirm", "post");
         assert_eq!(confirm["security"], serde_json::json!([{ SERVICE: [] }]));
         assert!(confirm["requestBody"]["content"]["application/json"].is_object());
