@@ -14,7 +14,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -25,8 +26,15 @@ use crate::error::{self, Error};
 use crate::gateway::Gateway;
 use crate::ids::SkuId;
 use crate::limits;
-use crate::reservation::{Compensation, Refusal, Reservation, Sku, SkuDefinition};
-use crate::{db, telemetry};
+use crate::reservation::{
+    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+};
+use crate::telemetry;
+use utoipa::{IntoParams, ToSchema};
+
+mod openapi;
+
+pub use openapi::ApiDoc;
 
 pub struct AppState {
     pub gateway: Gateway,
@@ -39,12 +47,16 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// A request body must have arrived this long after its head (else 408).
     pub body_timeout: Duration,
+    /// `/metrics`, rendered at most once per second.
+    pub metrics_page: telemetry::MetricsPage,
+    /// `/readyz`, kept fresh in the background.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 13] = [
+const ROUTES: [&str; 14] = [
     "/v1/admin/skus/{sku}",
     "/v1/skus/{sku}",
     "/v1/skus/{sku}/reservations",
@@ -58,10 +70,11 @@ const ROUTES: [&str; 13] = [
     "/healthz",
     "/readyz",
     "/metrics",
+    "/openapi.json",
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics] =
+    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
@@ -82,7 +95,8 @@ pub fn router(state: SharedState) -> Router {
         .route(compensation, get(get_compensation))
         .route(resolve, post(resolve_compensation))
         .route(health, get(healthz))
-        .route(ready, get(readyz));
+        .route(ready, get(readyz))
+        .route(openapi_route, get(openapi_json));
     let router = if public_metrics {
         router.route(metrics, get(render_metrics))
     } else {
@@ -507,32 +521,122 @@ fn visible_ascii(value: &str, max: usize) -> bool {
     (1..=max).contains(&value.len()) && value.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
-/// A JSON object body; an empty body is an empty object.
-fn json_object(body: &Bytes) -> Result<Map<String, Value>, Problem> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
+/// `PUT /v1/admin/skus/{sku}`: the whole definition; omitted optional fields take
+/// their defaults. Unknown fields are ignored. Integers are written as integers
+/// (`600.0` is refused).
+#[derive(Debug, Deserialize, ToSchema)]
+struct DefineSku {
+    /// Units on sale.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)]
+    stock: u64,
+    /// Units one user may hold, pay and buy of this SKU in all.
+    #[serde(default = "DefineSku::default_per_user_limit")]
+    #[schema(default = 1, minimum = 1, maximum = 4_294_967_295_u64)]
+    per_user_limit: u64,
+    /// How long a hold lasts before it expires.
+    #[serde(default = "DefineSku::default_hold_seconds")]
+    #[schema(default = 600, minimum = 1, maximum = 86_400)]
+    hold_seconds: u64,
+    /// Start of the sale (RFC 3339, a real instant within 1970-01-01..=9999-12-31 UTC);
+    /// absent or null: started. The pattern is the form (years 1970..=9999); a date
+    /// that does not exist (February 30) or an instant outside the range after its
+    /// offset is still refused.
+    #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
+    starts_at: Option<String>,
+    /// End of the sale, after `starts_at`; absent or null: no end.
+    #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
+    ends_at: Option<String>,
+}
+
+impl DefineSku {
+    fn default_per_user_limit() -> u64 {
+        1
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(Problem::invalid("the body must be a JSON object")),
-        Err(e) => Err(Problem::invalid(format!("malformed JSON: {e}"))),
+
+    fn default_hold_seconds() -> u64 {
+        600
+    }
+
+    fn definition(self) -> Result<SkuDefinition, Problem> {
+        let definition = SkuDefinition {
+            stock_total: within("stock", self.stock, 0..=limits::STOCK_MAX)?,
+            per_user_limit: within("per_user_limit", self.per_user_limit, 1..=u32::MAX as u64)?,
+            hold_seconds: within(
+                "hold_seconds",
+                self.hold_seconds,
+                1..=limits::HOLD_SECONDS_MAX,
+            )?,
+            starts_at_ms: timestamp("starts_at", self.starts_at.as_deref())?,
+            ends_at_ms: timestamp("ends_at", self.ends_at.as_deref())?,
+        };
+        if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
+            if ends <= starts {
+                return Err(Problem::invalid("`ends_at` must be after `starts_at`"));
+            }
+        }
+        Ok(definition)
     }
 }
 
-/// An integer field within `range`; absent takes `default` (None: required).
-/// Null, strings, fractions and negatives are refused.
-fn integer_field(
-    body: &Map<String, Value>,
-    name: &str,
-    default: Option<u64>,
-    range: std::ops::RangeInclusive<u64>,
-) -> Result<u64, Problem> {
-    let value = match body.get(name) {
-        None => default.ok_or_else(|| Problem::invalid(format!("`{name}` is required")))?,
-        Some(v) => v
-            .as_u64()
-            .ok_or_else(|| Problem::invalid(format!("`{name}` must be a non-negative integer")))?,
+/// `POST /v1/skus/{sku}/reservations`; an empty body is `{}`.
+#[derive(Debug, Deserialize, ToSchema)]
+struct ReserveBody {
+    /// Units to hold; null, strings, numbers out of range and any number written with a
+    /// fraction or an exponent (also `1.0`) are refused.
+    #[serde(default = "ReserveBody::default_quantity")]
+    #[schema(default = 1, minimum = 1, maximum = 4_294_967_295_u64)]
+    quantity: u64,
+}
+
+impl ReserveBody {
+    fn default_quantity() -> u64 {
+        1
+    }
+
+    fn quantity(&self) -> Result<u64, Problem> {
+        within("quantity", self.quantity, 1..=limits::QUANTITY_MAX)
+    }
+}
+
+/// `POST /v1/reservations/{id}/payment-pending` and `/confirm`.
+#[derive(Debug, Deserialize, ToSchema)]
+struct PaymentBody {
+    /// The payment service's reference of this payment.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$")]
+    payment_ref: String,
+}
+
+impl PaymentBody {
+    fn payment_ref(self) -> Result<String, Problem> {
+        if visible_ascii(&self.payment_ref, limits::PAYMENT_REF_MAX_LEN) {
+            Ok(self.payment_ref)
+        } else {
+            Err(Problem::invalid(format!(
+                "`payment_ref` is required: 1..={} visible ASCII characters",
+                limits::PAYMENT_REF_MAX_LEN
+            )))
+        }
+    }
+}
+
+/// A JSON object body into its type; an empty body is `{}`. Whatever serde refuses
+/// (a missing field, null, a fraction, a string for a number, a duplicate key) is
+/// `400 invalid_request`. Only an object is a body: serde would also read a struct
+/// from an array.
+fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Problem> {
+    let text: &[u8] = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => b"{}",
+        Some(b'{') => body,
+        Some(_) => return Err(Problem::invalid("the body must be a JSON object")),
     };
+    serde_json::from_slice(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Problem::invalid(format!("invalid body: {e}")),
+        _ => Problem::invalid(format!("malformed JSON: {e}")),
+    })
+}
+
+/// `value` of field `name`, if within `range`.
+fn within(name: &str, value: u64, range: std::ops::RangeInclusive<u64>) -> Result<u64, Problem> {
     if !range.contains(&value) {
         return Err(Problem::invalid(format!(
             "`{name}` must be within {}..={}",
@@ -543,36 +647,20 @@ fn integer_field(
     Ok(value)
 }
 
-/// An optional RFC 3339 timestamp between 1970-01-01 and 9999-12-31 (UTC); null is
-/// the same as absent.
-fn timestamp_field(body: &Map<String, Value>, name: &str) -> Result<Option<i64>, Problem> {
-    match body.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(raw)) => DateTime::parse_from_rfc3339(raw)
-            .ok()
-            .map(|t| t.timestamp_millis())
-            .filter(|ms| (limits::TIMESTAMP_MIN_MS..=limits::TIMESTAMP_MAX_MS).contains(ms))
-            .map(Some)
-            .ok_or_else(|| {
-                Problem::invalid(format!(
-                    "`{name}` must be an RFC 3339 timestamp between 1970-01-01T00:00:00Z \
-                     and 9999-12-31T23:59:59.999Z"
-                ))
-            }),
-        Some(_) => Err(Problem::invalid(format!(
-            "`{name}` must be an RFC 3339 string"
-        ))),
-    }
-}
-
-fn payment_ref_field(body: &Map<String, Value>) -> Result<String, Problem> {
-    match body.get("payment_ref") {
-        Some(Value::String(s)) if visible_ascii(s, limits::PAYMENT_REF_MAX_LEN) => Ok(s.clone()),
-        _ => Err(Problem::invalid(format!(
-            "`payment_ref` is required: 1..={} visible ASCII characters",
-            limits::PAYMENT_REF_MAX_LEN
-        ))),
-    }
+/// An optional RFC 3339 timestamp between 1970-01-01 and 9999-12-31 (UTC), in ms.
+fn timestamp(name: &str, raw: Option<&str>) -> Result<Option<i64>, Problem> {
+    let Some(raw) = raw else { return Ok(None) };
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.timestamp_millis())
+        .filter(|ms| (limits::TIMESTAMP_MIN_MS..=limits::TIMESTAMP_MAX_MS).contains(ms))
+        .map(Some)
+        .ok_or_else(|| {
+            Problem::invalid(format!(
+                "`{name}` must be an RFC 3339 timestamp between 1970-01-01T00:00:00Z \
+                 and 9999-12-31T23:59:59.999Z"
+            ))
+        })
 }
 
 fn reservation_id(raw: &str) -> Result<&str, Problem> {
@@ -596,16 +684,25 @@ fn rfc3339_ms(ms: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-#[derive(Serialize)]
+/// A reservation as callers see it.
+#[derive(Serialize, ToSchema)]
 struct ReservationView {
+    /// Opaque, unguessable; routes to its SKU.
     reservation_id: String,
     sku: String,
+    /// The JWT `sub` of the user who holds it.
     user_id: String,
+    #[schema(minimum = 1)]
     quantity: u64,
-    status: &'static str,
+    status: Status,
+    /// RFC 3339, UTC, milliseconds.
+    #[schema(format = DateTime)]
     expires_at: String,
+    #[schema(format = DateTime)]
     created_at: String,
+    /// Present once a payment was announced or confirmed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     payment_ref: Option<String>,
 }
 
@@ -616,7 +713,7 @@ impl From<Reservation> for ReservationView {
             sku: r.sku,
             user_id: r.user_id,
             quantity: r.quantity,
-            status: r.status.as_str(),
+            status: r.status,
             expires_at: rfc3339_ms(r.expires_at_ms),
             created_at: rfc3339_ms(r.created_at_ms),
             payment_ref: r.payment_ref,
@@ -624,7 +721,8 @@ impl From<Reservation> for ReservationView {
     }
 }
 
-#[derive(Serialize)]
+/// A SKU's definition and counters (`available + held + sold == stock_total`).
+#[derive(Serialize, ToSchema)]
 struct SkuView {
     sku: String,
     stock_total: u64,
@@ -633,7 +731,11 @@ struct SkuView {
     sold: u64,
     per_user_limit: u64,
     hold_seconds: u64,
+    /// Null when the sale has no start.
+    #[schema(format = DateTime)]
     starts_at: Option<String>,
+    /// Null when the sale has no end.
+    #[schema(format = DateTime)]
     ends_at: Option<String>,
 }
 
@@ -653,7 +755,15 @@ impl From<Sku> for SkuView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum CompensationStatus {
+    Open,
+    Resolved,
+}
+
+/// A payment that could not become a sale and must be refunded.
+#[derive(Serialize, ToSchema)]
 struct CompensationView {
     id: String,
     reservation_id: String,
@@ -661,8 +771,9 @@ struct CompensationView {
     user_id: String,
     quantity: u64,
     payment_ref: String,
-    reason: &'static str,
-    status: &'static str,
+    reason: CompensationReason,
+    status: CompensationStatus,
+    #[schema(format = DateTime)]
     created_at: String,
 }
 
@@ -675,17 +786,61 @@ impl From<Compensation> for CompensationView {
             user_id: c.user_id,
             quantity: c.quantity,
             payment_ref: c.payment_ref,
-            reason: c.reason.as_str(),
-            status: if c.resolved { "resolved" } else { "open" },
+            reason: c.reason,
+            status: if c.resolved {
+                CompensationStatus::Resolved
+            } else {
+                CompensationStatus::Open
+            },
             created_at: rfc3339_ms(c.created_at_ms),
         }
     }
+}
+
+/// The query of `GET /v1/compensations`, checked by hand (strings, so that a bad
+/// value gets our own message).
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct CompensationQuery {
+    /// Which compensations; default all.
+    #[param(value_type = Option<openapi::CompensationFilter>)]
+    status: Option<String>,
+    /// Only this SKU's.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    sku: Option<String>,
+    /// At most this many, default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+/// `GET /v1/compensations`: oldest first.
+#[derive(Serialize, ToSchema)]
+struct CompensationList {
+    items: Vec<CompensationView>,
+}
+
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(example = "ok")]
+    status: String,
 }
 
 type ApiResult<T> = Result<T, Problem>;
 
 // ---------------------------------------------------------------- handlers
 
+/// Define or replace a SKU; held and sold units carry over.
+#[utoipa::path(
+    put, path = "/v1/admin/skus/{sku}", tag = "admin",
+    params(openapi::SkuPath),
+    request_body(content = DefineSku, content_type = "application/json"),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The SKU after the change", body = SkuView),
+        (status = 409, description = "`stock_below_committed`: new stock < held + sold", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn define_sku(
     State(state): State<SharedState>,
     _: Service,
@@ -693,28 +848,20 @@ async fn define_sku(
     body: Bytes,
 ) -> ApiResult<Json<SkuView>> {
     let sku = sku_id(&sku)?;
-    let body = json_object(&body)?;
-    let definition = SkuDefinition {
-        stock_total: integer_field(&body, "stock", None, 0..=limits::STOCK_MAX)?,
-        per_user_limit: integer_field(&body, "per_user_limit", Some(1), 1..=u32::MAX as u64)?,
-        hold_seconds: integer_field(
-            &body,
-            "hold_seconds",
-            Some(600),
-            1..=limits::HOLD_SECONDS_MAX,
-        )?,
-        starts_at_ms: timestamp_field(&body, "starts_at")?,
-        ends_at_ms: timestamp_field(&body, "ends_at")?,
-    };
-    if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
-        if ends <= starts {
-            return Err(Problem::invalid("`ends_at` must be after `starts_at`"));
-        }
-    }
+    let definition = json_body::<DefineSku>(&body)?.definition()?;
     let sku = state.gateway.define_sku(&sku, &definition).await?;
     Ok(Json(sku.into()))
 }
 
+/// A SKU's definition and counters.
+#[utoipa::path(
+    get, path = "/v1/skus/{sku}", tag = "sale",
+    params(openapi::SkuPath),
+    responses(
+        (status = 200, description = "The SKU", body = SkuView),
+        (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn get_sku(
     State(state): State<SharedState>,
     Path(sku): Path<String>,
@@ -725,6 +872,21 @@ async fn get_sku(
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// Hold stock for the calling user; a replayed `Idempotency-Key` answers the same hold.
+#[utoipa::path(
+    post, path = "/v1/skus/{sku}/reservations", tag = "sale",
+    params(openapi::SkuPath, openapi::IdempotencyKeyHeader),
+    request_body(content = ReserveBody, content_type = "application/json",
+        description = "Optional (see `EdgeProblems`): no body holds one unit"),
+    security(("user_jwt" = [])),
+    responses(
+        (status = 201, description = "The hold (new, or replayed)", body = ReservationView,
+            headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
+        (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` or `ended`", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`: same key, other body", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn reserve(
     State(state): State<SharedState>,
     User(user_id): User,
@@ -733,8 +895,7 @@ async fn reserve(
     body: Bytes,
 ) -> ApiResult<Response> {
     let sku = sku_id(&sku)?;
-    let body = json_object(&body)?;
-    let quantity = integer_field(&body, "quantity", Some(1), 1..=limits::QUANTITY_MAX)?;
+    let quantity = json_body::<ReserveBody>(&body)?.quantity()?;
     let (reservation, replayed) = state
         .gateway
         .reserve(&sku, &user_id, quantity, &key)
@@ -753,6 +914,16 @@ async fn reserve(
     Ok(response)
 }
 
+/// A reservation, to its owner or the service.
+#[utoipa::path(
+    get, path = "/v1/reservations/{id}", tag = "sale",
+    params(openapi::ReservationPath),
+    security(("user_jwt" = []), ("service_token" = [])),
+    responses(
+        (status = 200, description = "The reservation", body = ReservationView),
+        (status = 404, description = "`not_found`: no such reservation, or another user's", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn get_reservation(
     State(state): State<SharedState>,
     caller: Caller,
@@ -762,6 +933,17 @@ async fn get_reservation(
     Ok(Json(state.gateway.reservation(id, &caller).await?.into()))
 }
 
+/// Cancel a hold; its stock returns to `available`.
+#[utoipa::path(
+    post, path = "/v1/reservations/{id}/cancel", tag = "sale",
+    params(openapi::ReservationPath),
+    security(("user_jwt" = []), ("service_token" = [])),
+    responses(
+        (status = 200, description = "Status `cancelled`, or `expired` if it had expired", body = ReservationView),
+        (status = 404, description = "`not_found`: no such reservation, or another user's", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`already_confirmed`, or `payment_in_progress` (a user while `paying`)", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn cancel(
     State(state): State<SharedState>,
     caller: Caller,
@@ -771,6 +953,18 @@ async fn cancel(
     Ok(Json(state.gateway.cancel(id, &caller).await?.into()))
 }
 
+/// A payment is in flight: status `paying`, deadline pushed out once by the grace.
+#[utoipa::path(
+    post, path = "/v1/reservations/{id}/payment-pending", tag = "payment",
+    params(openapi::ReservationPath),
+    request_body(content = PaymentBody, content_type = "application/json"),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "Status `paying`", body = ReservationView),
+        (status = 404, description = "`not_found`: no such reservation", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`reservation_expired`, `reservation_cancelled` or `already_confirmed` (no compensation)", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn payment_pending(
     State(state): State<SharedState>,
     _: Service,
@@ -778,7 +972,7 @@ async fn payment_pending(
     body: Bytes,
 ) -> ApiResult<Json<ReservationView>> {
     let id = reservation_id(&id)?;
-    let payment_ref = payment_ref_field(&json_object(&body)?)?;
+    let payment_ref = json_body::<PaymentBody>(&body)?.payment_ref()?;
     Ok(Json(
         state
             .gateway
@@ -788,6 +982,18 @@ async fn payment_pending(
     ))
 }
 
+/// A payment arrived: the hold becomes a sale, or the payment a compensation.
+#[utoipa::path(
+    post, path = "/v1/reservations/{id}/confirm", tag = "payment",
+    params(openapi::ReservationPath),
+    request_body(content = PaymentBody, content_type = "application/json"),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "Status `confirmed` (also again with the same `payment_ref`)", body = ReservationView),
+        (status = 404, description = "`not_found`: flashgate never issued this id", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`reservation_expired`, `reservation_cancelled` or `already_confirmed` (other `payment_ref`): `refund_required` and `compensation_id` set", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn confirm(
     State(state): State<SharedState>,
     _: Service,
@@ -795,23 +1001,32 @@ async fn confirm(
     body: Bytes,
 ) -> ApiResult<Json<ReservationView>> {
     let id = reservation_id(&id)?;
-    let payment_ref = payment_ref_field(&json_object(&body)?)?;
+    let payment_ref = json_body::<PaymentBody>(&body)?.payment_ref()?;
     Ok(Json(state.gateway.confirm(id, &payment_ref).await?.into()))
 }
 
+/// Compensations, oldest first.
+#[utoipa::path(
+    get, path = "/v1/compensations", tag = "compensations",
+    params(CompensationQuery),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The page", body = CompensationList),
+    )
+)]
 async fn list_compensations(
     State(state): State<SharedState>,
     _: Service,
-    Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let resolved = match query.get("status").map(String::as_str) {
+    Query(query): Query<CompensationQuery>,
+) -> ApiResult<Json<CompensationList>> {
+    let resolved = match query.status.as_deref() {
         None | Some("all") => None,
         Some("open") => Some(false),
         Some("resolved") => Some(true),
         Some(_) => return Err(Problem::invalid("`status` is open, resolved or all")),
     };
-    let sku = query.get("sku").map(|s| sku_id(s)).transpose()?;
-    let limit = match query.get("limit") {
+    let sku = query.sku.as_deref().map(sku_id).transpose()?;
+    let limit = match query.limit {
         None => limits::COMPENSATIONS_PAGE_DEFAULT,
         Some(raw) => raw
             .parse::<u32>()
@@ -831,9 +1046,19 @@ async fn list_compensations(
         .into_iter()
         .map(CompensationView::from)
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(CompensationList { items }))
 }
 
+/// Mark a compensation refunded (idempotent).
+#[utoipa::path(
+    post, path = "/v1/compensations/{id}/resolve", tag = "compensations",
+    params(openapi::CompensationPath),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "Status `resolved`", body = CompensationView),
+        (status = 404, description = "`not_found`: no such compensation", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn resolve_compensation(
     State(state): State<SharedState>,
     _: Service,
@@ -843,6 +1068,16 @@ async fn resolve_compensation(
     Ok(Json(state.gateway.resolve_compensation(id).await?.into()))
 }
 
+/// One compensation.
+#[utoipa::path(
+    get, path = "/v1/compensations/{id}", tag = "compensations",
+    params(openapi::CompensationPath),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The compensation", body = CompensationView),
+        (status = 404, description = "`not_found`: no such compensation", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn get_compensation(
     State(state): State<SharedState>,
     _: Service,
@@ -860,46 +1095,66 @@ fn compensation_id(raw: &str) -> Result<&str, Problem> {
     Ok(raw)
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// The process is alive.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Ready when Redis answers and the scripts are loaded. MySQL and the outbox backlog
-/// are reported but do not make the gateway unready: sales go on without MySQL.
+/// are reported but do not make the gateway unready: sales go on without MySQL. The
+/// answer is the last background check (`readiness`): constant time.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = crate::readiness::Report),
+        (status = 503, description = "`unavailable`: Redis is unreachable or its scripts are not loaded (as of the last check); the report's members follow the problem's", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
 async fn readyz(State(state): State<SharedState>) -> Response {
-    let gateway = &state.gateway;
-    let redis = gateway.store.load_scripts().await;
-    let mysql = db::ping(&gateway.db).await;
-    let mut backlog = 0u64;
-    if redis.is_ok() {
-        if let Ok(skus) = gateway.store.sku_ids().await {
-            for sku in skus {
-                backlog += gateway.store.outbox_backlog(&sku).await.unwrap_or(0);
-            }
-        }
-    }
-    let report = json!({
-        "redis": if redis.is_ok() { "ok" } else { "unreachable" },
-        "scripts": if redis.is_ok() { "loaded" } else { "unknown" },
-        "mysql": if mysql.is_ok() { "ok" } else { "unreachable" },
-        "outbox_backlog": backlog,
-    });
-    if redis.is_ok() {
-        return Json(report).into_response();
+    let report = state.readiness.report();
+    let body = serde_json::to_value(&report).unwrap_or_default();
+    if report.ready() {
+        return Json(body).into_response();
     }
     let mut problem = Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
-        "Redis is unreachable",
+        "Redis is unreachable or its scripts are not loaded (as of the last check)",
     );
-    problem.extra = report.as_object().cloned();
+    problem.extra = body.as_object().cloned();
     problem.into_response()
 }
 
+/// Prometheus text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "The metrics", body = String,
+        content_type = "text/plain"))
+)]
 async fn render_metrics(State(state): State<SharedState>) -> Response {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.prometheus.render(),
+        state.metrics_page.get(&state.prometheus),
+    )
+        .into_response()
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object,
+        content_type = "application/json"))
+)]
+async fn openapi_json() -> Response {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        openapi::DOCUMENT.clone(),
     )
         .into_response()
 }
@@ -954,13 +1209,12 @@ mod tests {
 
     #[test]
     fn quantity_parsing_follows_the_contract() {
-        let parse = |raw: &str| {
-            let body = json_object(&Bytes::from(raw.to_owned()))?;
-            integer_field(&body, "quantity", Some(1), 1..=limits::QUANTITY_MAX)
-        };
+        let parse = |raw: &str| json_body::<ReserveBody>(&Bytes::from(raw.to_owned()))?.quantity();
         assert_eq!(parse("").unwrap(), 1);
         assert_eq!(parse("{}").unwrap(), 1);
         assert_eq!(parse(r#"{"quantity": 3}"#).unwrap(), 3);
+        assert_eq!(parse(r#"{"quantity": 2, "other": [null]}"#).unwrap(), 2);
+        assert_eq!(parse(" \n ").unwrap(), 1);
         for bad in [
             r#"{"quantity": 0}"#,
             r#"{"quantity": -1}"#,
@@ -968,6 +1222,7 @@ mod tests {
             r#"{"quantity": "1"}"#,
             r#"{"quantity": null}"#,
             r#"{"quantity": 4294967296}"#,
+            r#"{"quantity": 1, "quantity": 2}"#,
             "[1]",
             "{",
             "null",
@@ -979,8 +1234,8 @@ mod tests {
     #[test]
     fn timestamps_outside_1970_to_9999_are_refused() {
         let parse = |raw: &str| {
-            let body = json_object(&Bytes::from(format!(r#"{{"starts_at": "{raw}"}}"#)))?;
-            timestamp_field(&body, "starts_at")
+            let body = Bytes::from(format!(r#"{{"stock": 1, "starts_at": "{raw}"}}"#));
+            Ok::<_, Problem>(json_body::<DefineSku>(&body)?.definition()?.starts_at_ms)
         };
         for bad in [
             "0000-01-01T00:00:00+01:00",

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod readiness;
 pub mod reconcile;
 pub mod request_id;
 pub mod reservation;

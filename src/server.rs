@@ -30,6 +30,8 @@ pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
             .with_leeway(Duration::from_secs(args.jwt_leeway_seconds)),
         body_timeout: connections.body_timeout,
         prometheus: telemetry::prometheus(),
+        metrics_page: Default::default(),
+        readiness: Default::default(),
     }))
 }
 
@@ -42,8 +44,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let state = build_state(&args).await?;
     let limits = args.connections.limits().map_err(anyhow::Error::msg)?;
-    if let Err(e) = state.gateway.store.load_scripts().await {
-        tracing::warn!(error = %e, "Redis not reachable at start; /readyz answers 503 until it is");
+    // The first readiness check (which loads the scripts) before the first request.
+    state.readiness.check(&state.gateway).await;
+    if !state.readiness.report().ready() {
+        tracing::warn!("Redis not reachable at start; /readyz answers 503 until it is");
+    }
+    {
+        let (readiness, gateway) = (state.readiness.clone(), state.gateway.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { readiness.run(gateway, shutdown).await });
     }
     let worker = (!args.no_worker).then(|| {
         let worker = Worker::new(state.gateway.store.clone(), state.gateway.db.clone())

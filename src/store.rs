@@ -283,6 +283,23 @@ impl Store {
         Ok(())
     }
 
+    /// Uploads only the scripts Redis does not have (one SCRIPT EXISTS when it has all).
+    pub async fn ensure_scripts(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut exists = redis::cmd("SCRIPT");
+        exists.arg("EXISTS");
+        for script in all_scripts() {
+            exists.arg(script.get_hash());
+        }
+        let present: Vec<bool> = exists.query_async(&mut conn).await?;
+        for (script, present) in all_scripts().into_iter().zip(present) {
+            if !present {
+                script.prepare_invoke().load_async(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Loads every script (readiness: the first request after a restart needs no reload).
     pub async fn load_scripts(&self) -> Result<()> {
         let mut conn = self.conn.clone();
@@ -718,10 +735,18 @@ impl Store {
                 .arg(&ids)
                 .query_async(&mut conn)
                 .await?;
+            let mut flushed = Vec::new();
             for (id, raw) in ids.iter().zip(raw) {
-                if let Some(raw) = raw {
-                    found.push(parse_compensation(&sku, id, &raw)?);
+                match raw {
+                    Some(raw) => found.push(parse_compensation(&sku, id, &raw)?),
+                    // The record is written before the index entry and dropped only
+                    // after MySQL has it: an entry without one was flushed (the index
+                    // write lost a race with the flush). MySQL answers for it.
+                    None => flushed.push(id.clone()),
                 }
+            }
+            if !flushed.is_empty() {
+                let _: () = conn.hdel(COMPENSATION_INDEX, &flushed).await?;
             }
         }
         Ok(found)

@@ -138,8 +138,19 @@ pub fn flushed(count: u64) {
     counter!("flashgate_flushed_events_total").increment(count);
 }
 
+/// The outbox backlog the last flush pass of this process measured (u64::MAX: none yet).
+static LAST_OUTBOX_BACKLOG: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
 pub fn outbox_backlog(events: u64) {
     gauge!("flashgate_outbox_backlog").set(events as f64);
+    LAST_OUTBOX_BACKLOG.store(events, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What the last flush pass in this process measured; None when no worker runs here.
+pub fn last_outbox_backlog() -> Option<u64> {
+    let events = LAST_OUTBOX_BACKLOG.load(std::sync::atomic::Ordering::Relaxed);
+    (events != u64::MAX).then_some(events)
 }
 
 pub fn open_compensations(count: i64) {
@@ -185,5 +196,31 @@ where
                 .with_span_list(false)
                 .finish(),
         ),
+    }
+}
+
+/// How often `/metrics` is rendered at most: between two renders every scrape gets the
+/// same page, so a flood of scrapes costs a copy each, not a render each.
+pub const METRICS_RENDER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last rendered `/metrics` page.
+#[derive(Default)]
+pub struct MetricsPage {
+    last: std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>,
+}
+
+impl MetricsPage {
+    /// The page, rendered again only when the last one is METRICS_RENDER_EVERY old.
+    /// Scrapes arriving while one renders wait for it (the lock) instead of rendering too.
+    pub fn get(&self, handle: &PrometheusHandle) -> bytes::Bytes {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, page)) = &*last {
+            if at.elapsed() < METRICS_RENDER_EVERY {
+                return page.clone();
+            }
+        }
+        let page = bytes::Bytes::from(handle.render());
+        *last = Some((std::time::Instant::now(), page.clone()));
+        page
     }
 }

@@ -100,12 +100,16 @@ fn shell_quote(arg: &str) -> String {
 async fn define(conn: &mut MultiplexedConnection, sku: &str, stock: u64) -> Result<()> {
     let reply: Vec<String> = redis::Script::new(&gateway::load_sku_script())
         .key(gateway::key(sku, "meta"))
+        .key(gateway::key(sku, "used"))
+        .key(gateway::key(sku, "deadlines"))
         .arg(stock)
         .arg(1_000_000_000u64) // per-user limit: random users may repeat
         .arg(600_000u64)
         .arg("")
         .arg("")
         .arg(0)
+        .arg(gateway::RESERVE_RECLAIM_BATCH) // due holds expired before the check
+        .arg("0") // apply, not only check
         .invoke_async(conn)
         .await?;
     // 'ok' (redefined) or 'created' depending on the revision of lua/load_sku.lua;
@@ -240,6 +244,7 @@ pub async fn run(
             "1".into(),
             "rb__rand_int__".into(),
             gateway::IDEMPOTENCY_TTL_MS.to_string(),
+            gateway::PAYMENT_GRACE_MS.to_string(),
             gateway::RESERVE_RECLAIM_BATCH.to_string(),
         ]);
         let command = std::iter::once(binary.to_string())

@@ -10,6 +10,7 @@ mod input;
 mod lifecycle;
 mod money;
 mod operations;
+mod ops;
 mod races;
 mod reserve;
 mod server;

@@ -93,8 +93,13 @@ fn every_metric_is_documented() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let mut names = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(root.join("src")).unwrap() {
-        let source = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    let mut sources = vec![root.join("src")];
+    while let Some(path) = sources.pop() {
+        if path.is_dir() {
+            sources.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
         for piece in source.split("\"flashgate_").skip(1) {
             let name: String = piece
                 .chars()

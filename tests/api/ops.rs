@@ -1,0 +1,55 @@
+//! Operations endpoints whose cost must not grow with the request rate or the number
+//! of SKUs (issue 10): `/metrics` rendered at most once a second, `/readyz` answered
+//! from a background check.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::{body, spawn_app, unique_sku};
+
+#[tokio::test]
+async fn metrics_are_rendered_at_most_once_a_second() {
+    let app = spawn_app().await;
+    let sku = unique_sku("metrics-page");
+    let page = || async {
+        app.client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let first = page().await;
+    // Requests in between change the counters; a scrape within the second does not
+    // render them.
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    app.hold(&sku, "m").await;
+    let second = page().await;
+    assert_eq!(first, second, "rendered again within the second");
+    tokio::time::sleep(flashgate::telemetry::METRICS_RENDER_EVERY).await;
+    let third = page().await;
+    assert_ne!(second, third, "never rendered again");
+    assert!(third.contains(&format!(r#"flashgate_available_stock{{sku="{sku}"}}"#)));
+}
+
+#[tokio::test]
+async fn readiness_answers_from_the_last_background_check() {
+    let app = spawn_app().await;
+    let (status, ready) = body(app.client.get(app.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let age = ready["checked_ms_ago"].as_u64().expect("the check's age");
+    assert!(
+        age <= flashgate::readiness::READINESS_STALE_AFTER.as_millis() as u64,
+        "{ready}"
+    );
+    // Many probes at once: each one reads the report, none waits for Redis or MySQL.
+    let probes = (0..200).map(|_| async {
+        let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+        response.status()
+    });
+    for status in futures::future::join_all(probes).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+}
