@@ -619,13 +619,7 @@ pub async fn resolve_compensation(pool: &MySqlPool, id: &str) -> Result<Option<C
     .bind(id)
     .execute(pool)
     .await?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE id = ?"
-    )))
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    row.as_ref().map(compensation_from_row).transpose()
+    compensation(pool, id).await
 }
 
 pub async fn open_compensations(pool: &MySqlPool) -> Result<i64> {
