@@ -11,7 +11,8 @@
 --   {'already_confirmed', compensation_id, view...}      confirmed with another payment_ref
 --   {'reservation_expired', compensation_id, view...}    deadline passed (swept or not)
 --   {'reservation_cancelled', compensation_id, view...}
---   {'not_found'}
+--   {'not_found'}   no such reservation in Redis, or its SKU is retired (or has no state):
+--                   the caller answers from MySQL, which records how it ended
 --
 -- Invariants: a reservation is confirmed at most once; the confirmation and its outbox
 -- event (which records the reservation and the sale in MySQL) are written in one step; every refused payment yields exactly one
@@ -24,6 +25,12 @@ local r = redis.call('HMGET', rkey, 'status', 'expires_at', 'payment_ref', 'user
   'created_at', 'keep_until')
 local status = r[1]
 if not status then
+  return { 'not_found' }
+end
+-- A retired SKU takes no more outbox events (nothing would flush them); its ended
+-- reservations are all in MySQL.
+local sale = redis.call('HMGET', meta, 'stock_total', 'retired')
+if not sale[1] or sale[2] then
   return { 'not_found' }
 end
 

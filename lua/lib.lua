@@ -17,6 +17,9 @@
 --                                created_at keep_until payment_ref
 --                                comp:<payment_ref> -> compensation id
 --   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = key lifetime (below)
+--   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
+--                                reconciler check runs (meta `rlog_until`), see
+--                                recon_begin.lua; gone when the check ends
 --
 -- Invariant kept by every function below: available + held + sold == stock_total
 -- and available >= 0; a live hold (held|paying) is counted in `held`, in `used`
@@ -213,12 +216,32 @@ end
 -- only before a script's first write, never in the middle of one.
 local function load_sale(meta)
   local m = redis.call('HMGET', meta, 'available', 'held', 'per_user_limit', 'hold_ms',
-    'starts_at', 'ends_at')
+    'starts_at', 'ends_at', 'rlog_until')
   if not m[1] then
     return nil
   end
   return { available = tonumber(m[1]), held = tonumber(m[2] or '0'), limit = tonumber(m[3]),
-    hold_ms = tonumber(m[4]), starts_at = m[5], ends_at = m[6], changed = false }
+    hold_ms = tonumber(m[4]), starts_at = m[5], ends_at = m[6], changed = false,
+    log_until = tonumber(m[7]) }
+end
+
+-- Most entries the creation log of a reconciler check takes; past it the check
+-- cannot be exact (it says so) and the log stops growing.
+local RECON_LOG_MAX = 2000000
+
+-- While a reconciler check runs (recon_begin.lua), every new hold is logged: the
+-- check, reading the SKU in slices, tells holds that existed at its instant from
+-- those made later. (Ends of holds need no log: each is an outbox event.)
+local function log_creation(meta, sale, rid, quantity_text, user)
+  local log = sku_prefix(meta) .. 'rlog'
+  local n = redis.call('RPUSH', log, quantity_text .. ' ' .. rid .. ' ' .. user)
+  if n == 1 then
+    -- A check that died leaves no log behind.
+    redis.call('PEXPIREAT', log, string.format('%d', sale.log_until + 60000))
+  elseif n > RECON_LOG_MAX then
+    redis.call('HSET', meta, 'rlog_until', '0', 'rlog_over', '1')
+    sale.log_until = nil
+  end
 end
 
 local function save_sale(meta, sale)
@@ -313,5 +336,8 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
   local holds = already > 0 and redis.call('HGET', uholds, user)
   redis.call('HSET', uholds, user, holds and (holds .. ' ' .. rid) or rid)
   redis.call('SET', idem_key, quantity_text .. ' ' .. rid, 'PX', string.format('%d', key_ttl_ms))
+  if sale.log_until and now < sale.log_until then
+    log_creation(meta, sale, rid, quantity_text, user)
+  end
   return { 'created', expires_at, created_at }
 end

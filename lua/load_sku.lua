@@ -9,6 +9,8 @@
 --
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
+--          {'reopened', stock_total, available, held, sold} it was retired (sweep.lua):
+--                 back on sale; its per-user usage went with it (the caller restores it)
 --          {'stock_below_committed', held, sold}   nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
@@ -18,8 +20,9 @@ local stock_total = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 1 then
   expire_due(meta, used, deadlines, now_ms(), tonumber(ARGV[7]))
 end
-local m = redis.call('HMGET', meta, 'held', 'sold')
+local m = redis.call('HMGET', meta, 'held', 'sold', 'retired')
 local created = not m[2]
+local reopened = m[3] and true or false
 local held, sold = tonumber(m[1] or '0'), tonumber(m[2] or ARGV[6])
 if stock_total < held + sold then
   return { 'stock_below_committed', held, sold }
@@ -29,5 +32,11 @@ if ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
     'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
     'ends_at', ARGV[5])
+  if reopened then
+    -- The tombstone is a sale again: no expiry, no retirement mark.
+    redis.call('HDEL', meta, 'retired')
+    redis.call('PERSIST', meta)
+  end
 end
-return { created and 'created' or 'ok', stock_total, available, held, sold }
+local code = (created and 'created') or (reopened and 'reopened') or 'ok'
+return { code, stock_total, available, held, sold }

@@ -1,15 +1,82 @@
--- sweep.lua: return the stock of holds whose deadline has passed, in a bounded batch.
+-- sweep.lua: return the stock of holds whose deadline has passed, in a bounded batch;
+-- retire the SKU once its sale is over and nothing of it is left to do in Redis.
 --
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
+-- KEYS[4] fg:{sku}:outbox KEYS[5] fg:{sku}:comps  KEYS[6] fg:{sku}:uholds
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
+-- ARGV[2] ms a retired SKU's meta stays as its tombstone
 --
--- Reply: {expired_count, holds_still_due, available (nil when the SKU has no state),
---         index entries looked at (expired + stale ones dropped)}
+-- Reply: {expired_count, holds_still_due, available (false when the SKU has no state),
+--         index entries looked at (expired + stale ones dropped), now_ms,
+--         earliest deadline left (false when none), hold_ms (false when no state),
+--         state}
+--   state: 'open'    the sale can still take holds
+--          'ended'   ends_at passed; holds, unflushed events or compensations remain
+--          'retired' retired (now or earlier): only the tombstone meta is left
+--          'missing' no state at all
+--
+-- Retirement: once ends_at has passed no script creates a hold (the Redis clock decides
+-- both), so a SKU with no live hold, an outbox the flush group has fully acknowledged
+-- (MySQL has every event) and no unflushed compensation has nothing left in Redis that
+-- MySQL lacks. Its keys go; meta stays as a tombstone (`retired` = when) for
+-- ARGV[2] ms, so reserves answer `ended` and the SKU view answers without MySQL; the
+-- admin PUT takes the tombstone back into a sale (load_sku.lua). Reservation hashes and
+-- idempotency keys keep their own TTLs: replays still work.
 --
 -- Invariant: each expired hold returns its units exactly once (see release()), so any
 -- number of sweepers and the reserve script's reclaim may run at the same time.
-local meta, used, deadlines = KEYS[1], KEYS[2], KEYS[3]
+local meta, used, deadlines, outbox, comps, uholds =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now = now_ms()
+local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until')
+if not m[1] then
+  return { 0, 0, false, 0, now, false, false, 'missing' }
+end
+if m[3] then
+  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired' }
+end
+
 local expired, examined = expire_due(meta, used, deadlines, now, tonumber(ARGV[1]))
-return { expired, redis.call('ZCOUNT', deadlines, '-inf', now),
-  redis.call('HGET', meta, 'available') or false, examined }
+local still_due = redis.call('ZCOUNT', deadlines, '-inf', now)
+local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
+local available = redis.call('HGET', meta, 'available') or false
+
+-- Whether the flush group has acknowledged every event the outbox ever took.
+local function outbox_flushed()
+  if redis.call('EXISTS', outbox) == 0 then
+    return true
+  end
+  local last_id, length
+  local info = redis.call('XINFO', 'STREAM', outbox)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last_id = info[i + 1]
+    elseif info[i] == 'length' then
+      length = info[i + 1]
+    end
+  end
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', outbox)) do
+    local g = {}
+    for i = 1, #group, 2 do
+      g[group[i]] = group[i + 1]
+    end
+    if g['name'] == 'flush' then
+      return g['pending'] == 0 and g['last-delivered-id'] == last_id
+    end
+  end
+  return length == 0
+end
+
+local state = 'open'
+if m[2] ~= '' and now >= tonumber(m[2]) then
+  state = 'ended'
+  -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
+  local checked = m[5] and now < tonumber(m[5])
+  if #first == 0 and not checked and redis.call('HLEN', comps) == 0 and outbox_flushed() then
+    redis.call('DEL', used, uholds, deadlines, outbox, comps)
+    redis.call('HSET', meta, 'retired', string.format('%d', now))
+    redis.call('PEXPIRE', meta, ARGV[2])
+    state = 'retired'
+  end
+end
+return { expired, still_due, available, examined, now, first[2] or false, m[1], state }

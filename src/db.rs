@@ -261,16 +261,31 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
         })
         .collect();
     let mut tx = pool.begin().await?;
+    // Every SKU of the batch is locked first, not only those with sales: a reconciler
+    // check holds the same lock, and while it runs no event of its SKU may be written
+    // (and so trimmed from the outbox), which its sliced read relies on (reconcile.rs).
+    let mut locked: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Confirmed { reservation, .. } | OutboxEvent::Ended { reservation, .. } => {
+                Some(reservation.sku.as_str())
+            }
+            OutboxEvent::Compensation(c) => Some(c.sku.as_str()),
+            OutboxEvent::CompensationResolved { .. } => None,
+        })
+        .collect();
+    locked.sort_unstable();
+    locked.dedup();
+    for sku in &locked {
+        sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
+            .bind(*sku)
+            .fetch_optional(&mut *tx)
+            .await?;
+    }
     if !confirmations.is_empty() {
         let mut skus: Vec<&str> = confirmations.iter().map(|r| r.sku.as_str()).collect();
         skus.sort_unstable();
         skus.dedup();
-        for sku in &skus {
-            sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
-                .bind(*sku)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
         let rids: Vec<&str> = confirmations
             .iter()
             .map(|r| r.reservation_id.as_str())
@@ -635,10 +650,15 @@ pub async fn ping(pool: &MySqlPool) -> Result<()> {
     Ok(())
 }
 
-pub async fn sku_ids(pool: &MySqlPool) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar("SELECT sku FROM skus")
-        .fetch_all(pool)
-        .await?)
+/// SKUs whose sale has not ended at `now_ms` (or never ends): the ones MySQL expects
+/// Redis to hold. Ended ones are retired or about to be (the Redis index lists those).
+pub async fn open_sku_ids(pool: &MySqlPool, now_ms: i64) -> Result<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT sku FROM skus WHERE ends_at IS NULL OR ends_at > ?")
+            .bind(ms_to_datetime(now_ms))
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// Opens the transaction the reconciler checks one SKU in: REPEATABLE READ, so all its

@@ -15,7 +15,7 @@ use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
 };
 use crate::sold_out::SoldOutFlags;
-use crate::store::{ConfirmOutcome, KeyLifetime, ReserveOutcome, ReserveRequest, Store};
+use crate::store::{ConfirmOutcome, KeyLifetime, Loaded, ReserveOutcome, ReserveRequest, Store};
 use crate::telemetry;
 use std::sync::Arc;
 
@@ -80,10 +80,15 @@ impl Gateway {
             idempotency_key: idempotency_key.to_owned(),
             reservation_id: self.settings.id_key.new_reservation_id(sku),
         };
-        let outcome = self.reserves.submit(sku, request).await;
-        if let Err(Error::Refused(Refusal::SoldOut)) = &outcome {
-            self.sold_out.raise(sku, quantity);
-        }
+        let outcome = match self.reserves.submit(sku, request).await {
+            Err(Error::Refused(Refusal::SoldOut)) => {
+                self.sold_out.raise(sku, quantity);
+                Err(Error::Refused(Refusal::SoldOut))
+            }
+            // Retired long enough for its tombstone to be gone: MySQL tells.
+            Err(Error::Refused(Refusal::NotFound)) => Err(self.not_in_redis(sku).await),
+            other => other,
+        };
         Ok(match outcome? {
             ReserveOutcome::Created(r) => {
                 telemetry::transition("held");
@@ -289,8 +294,47 @@ impl Gateway {
         owned_by(r, caller)
     }
 
+    /// From Redis while the SKU is on sale (or its retirement's tombstone is there),
+    /// else from MySQL's record: a retired SKU has no holds, and MySQL has every sale.
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
-        self.store.sku(sku).await
+        match self.store.sku(sku).await {
+            Err(Error::Refused(Refusal::NotFound)) => {
+                let record = db::sku_record(&self.db, sku)
+                    .await?
+                    .ok_or(Error::Refused(Refusal::NotFound))?;
+                let d = &record.definition;
+                Ok(Sku {
+                    sku: sku.to_string(),
+                    stock_total: d.stock_total,
+                    available: d.stock_total.saturating_sub(record.sold),
+                    held: 0,
+                    sold: record.sold,
+                    per_user_limit: d.per_user_limit,
+                    hold_seconds: d.hold_seconds,
+                    starts_at_ms: d.starts_at_ms,
+                    ends_at_ms: d.ends_at_ms,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Why a reserve found no sale in Redis: `ended` for a SKU MySQL records as ended
+    /// (retired), else not found (never defined; or Redis lost it, which the reconciler
+    /// restores from MySQL).
+    async fn not_in_redis(&self, sku: &SkuId) -> Error {
+        match db::sku_record(&self.db, sku).await {
+            Ok(Some(record))
+                if record
+                    .definition
+                    .ends_at_ms
+                    .is_some_and(|end| end <= chrono::Utc::now().timestamp_millis()) =>
+            {
+                Error::Refused(Refusal::Ended)
+            }
+            Ok(_) => Error::Refused(Refusal::NotFound),
+            Err(e) => e,
+        }
     }
 
     /// MySQL commits first, Redis applies after: Redis never sells under terms MySQL
@@ -328,10 +372,16 @@ impl Gateway {
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
         match self.store.load_sku(sku, definition, sold_in_mysql).await {
-            Ok((loaded, created)) => {
-                if created && sold_in_mysql > 0 {
-                    // Redis lost this SKU (a wipe before any reconcile): its buyers'
-                    // limits must still count what they bought.
+            Ok((loaded, how)) => {
+                let usage_gone = match how {
+                    // Redis lost this SKU (a wipe before any reconcile).
+                    Loaded::Created => sold_in_mysql > 0,
+                    // Retirement dropped it; the limit counts every confirmed unit.
+                    Loaded::Reopened => true,
+                    Loaded::Updated => false,
+                };
+                if usage_gone {
+                    // Its buyers' limits must still count what they bought.
                     let bought = db::sold_per_user(&mut *conn, sku).await?;
                     self.store.restore_usage(sku, &bought).await?;
                 }

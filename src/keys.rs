@@ -3,9 +3,13 @@
 
 use crate::ids::SkuId;
 
-/// Set of every SKU id ever defined: what the sweeper, flusher and reconciler walk.
-/// It is the only key outside a SKU's slot, and no script touches it.
+/// Set of the SKUs Redis holds a sale for (defined and not retired): what the sweeper,
+/// flusher and reconciler walk. A retired SKU leaves it (worker::Worker::sweep_sku);
+/// the admin PUT puts it back. Outside every SKU's slot: no script touches it.
 pub const SKU_INDEX: &str = "fg:skus";
+/// Counter bumped whenever SKU_INDEX or a SKU's terms change: workers re-read the
+/// index (and re-plan their sweeps) only when it moved, one GET per pass.
+pub const SKU_INDEX_GENERATION: &str = "fg:skus:gen";
 /// Compensations recorded in Redis and not yet written to MySQL: id -> SKU. Lets a
 /// compensation be read, listed and resolved at once, also while MySQL is down. Written
 /// by the gateway right after the script that made the compensation, cleared by the
@@ -22,6 +26,10 @@ pub struct SkuKeys {
     pub outbox: String,
     /// Compensation id -> JSON record, until the flush wrote it to MySQL.
     pub comps: String,
+    /// User id -> the user's live holds (an index, see lua/lib.lua).
+    pub uholds: String,
+    /// Holds created while a reconciler check runs (lua/recon_begin.lua).
+    pub rlog: String,
     prefix: String,
 }
 
@@ -34,6 +42,8 @@ impl SkuKeys {
             deadlines: format!("{prefix}deadlines"),
             outbox: format!("{prefix}outbox"),
             comps: format!("{prefix}comps"),
+            uholds: format!("{prefix}uholds"),
+            rlog: format!("{prefix}rlog"),
             prefix,
         }
     }
@@ -62,6 +72,8 @@ mod tests {
             &keys.deadlines,
             &keys.outbox,
             &keys.comps,
+            &keys.uholds,
+            &keys.rlog,
         ] {
             assert!(key.starts_with("fg:{abc}:"), "{key}");
         }

@@ -31,6 +31,23 @@ pub const FLUSH_BATCH: usize = 500;
 /// An outbox event pending this long on a consumer is taken over (XAUTOCLAIM): the
 /// consumer is presumed dead. Far above one batch's flush time.
 pub const FLUSH_CLAIM_IDLE: Duration = Duration::from_secs(30);
+/// A retired SKU's meta stays in Redis this long as its tombstone: reserves answer
+/// `ended` and the SKU view answers from Redis, not MySQL, while latecomers still
+/// call. After it, both come from MySQL (which keeps the SKU for good).
+pub const RETIRED_SKU_TOMBSTONE: Duration = Duration::from_secs(86_400);
+/// Longest the flush leaves an idle SKU's outbox unlooked at. Events this process
+/// writes are looked at the next pass (store::OutboxHints); this bounds the delay
+/// for events other processes (gateways without a worker) write.
+pub const FLUSH_IDLE_PROBE_MAX: Duration = Duration::from_secs(2);
+/// Longest the sweeper leaves a SKU on sale unvisited when no hold can be due sooner
+/// (it plans each SKU's next visit from its first deadline and its hold length).
+/// Refreshes the SKU's `available` gauge and catches terms changed behind its back.
+pub const SWEEP_IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// How often the worker drops dead consumers from a SKU's flush group, and how long
+/// a consumer with nothing pending must have been idle to count as dead (far above
+/// FLUSH_CLAIM_IDLE: its entries were claimed by then).
+pub const CONSUMER_REAP_EVERY: Duration = Duration::from_secs(300);
+pub const CONSUMER_REAP_IDLE: Duration = Duration::from_secs(600);
 /// Idempotency keys: a week is longer than any client retries. An ended reservation
 /// stays in Redis as long as the key that created it (lib.lua `keep_until`), so a
 /// replay always finds it; MySQL records it for longer.

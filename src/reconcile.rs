@@ -25,15 +25,17 @@ use crate::reservation::SkuDefinition;
 use crate::store::{Store, SCRIPTS};
 use crate::telemetry;
 
-/// Live holds and outbox entries one snapshot (or repair) inspects; above that a check
-/// is skipped (and said so) rather than blocking Redis: inspecting one hold costs about
-/// 20 µs of script time, so 5,000 keep a snapshot near 100 ms (100,000 once stalled a
-/// loaded Redis for 1.8 s, close to the gateway's response timeout).
-const SNAPSHOT_CAP: u64 = 5_000;
+/// Entries one slice of a check reads (holds, users, outbox entries, log entries): each
+/// slice is one short Redis call (well under 5 ms), so a check of any size never
+/// blocks a sale. Inspecting one hold costs about 2-4 µs of script time.
+pub const SLICE: usize = 256;
+/// How long one SKU's check may take (its creation log stays on this long at most);
+/// a check that takes longer is incomplete: drift unknown.
+const CHECK_WINDOW_MS: i64 = 15 * 60 * 1000;
 /// Holds this far past their deadline and still counted are ghosts: the sweeper
 /// (interval 1 s by default) should have returned them long ago.
 pub const GHOST_AFTER_MS: i64 = 10_000;
-/// Sweep batches the repair runs at most to return ghost holds before recounting.
+/// Sweep batches the repair runs at most to return ghost holds.
 const REPAIR_SWEEP_ROUNDS: usize = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,76 +120,481 @@ impl Snapshot {
     }
 }
 
+/// The SKU as it was at one instant T, read in slices while sales go on (see
+/// `lua/recon_begin.lua`): holds created after T are in the check's creation log,
+/// holds that ended after T are outbox entries after T's position, so the live holds
+/// and each user's usage at T are exact whatever happened during the read. None when
+/// Redis has no state for the SKU. The parts that could not be made exact (the log
+/// overflowed or the check outlasted its window) come back as None: drift unknown.
 async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
     let keys = SkuKeys::new(sku);
     let mut conn = store.connection();
-    let reply: Vec<String> = SCRIPTS
-        .snapshot
+    let head: Vec<String> = SCRIPTS
+        .recon_begin
         .key(&keys.meta)
         .key(&keys.deadlines)
         .key(&keys.outbox)
-        .key(&keys.used)
-        .arg(SNAPSHOT_CAP)
+        .key(&keys.rlog)
         .arg(GHOST_AFTER_MS)
+        .arg(CHECK_WINDOW_MS)
         .invoke_async(&mut conn)
         .await?;
-    parse_snapshot(&reply)
+    let Some(mut snap) = parse_head(&head)? else {
+        return Ok(None);
+    };
+    let position_t = head[8].clone();
+    let read = read_slices(store, &keys, &position_t).await;
+    // Whatever happened, the log stops here.
+    let incomplete: i64 = SCRIPTS
+        .recon_end
+        .key(&keys.meta)
+        .key(&keys.rlog)
+        .invoke_async(&mut conn)
+        .await?;
+    let mut slices = read?;
+    snap.outbox_confirms = Some(std::mem::take(&mut slices.confirms_before_t));
+    if incomplete == 0 {
+        let at_t = slices.at_t();
+        snap.live_held = Some(at_t.live.values().map(|(q, _)| q).sum());
+        let mut per_user: HashMap<String, i64> = HashMap::new();
+        for (q, user) in at_t.live.values() {
+            *per_user.entry(user.clone()).or_default() += q;
+        }
+        snap.live_per_user = Some(per_user);
+        snap.used = Some(at_t.used);
+    }
+    Ok(Some(snap))
 }
 
-/// Fixed fields at 0..=16, then the confirms, live users and used entries (snapshot.lua).
-fn parse_snapshot(reply: &[String]) -> Result<Option<Snapshot>> {
+/// recon_begin.lua's reply: the counters at T; the sliced parts are filled in later.
+fn parse_head(reply: &[String]) -> Result<Option<Snapshot>> {
     if reply.first().map(String::as_str) != Some("ok") {
         return Ok(None);
     }
-    let bad = || Error::Internal(format!("unexpected snapshot reply {reply:?}"));
-    let n = |i: usize| -> Result<i64> { reply.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
-    let live_held = n(6)?;
-    let outbox_complete = n(9)? == 1;
-    let (confirm_count, live_users, used_count) = (n(10)?, n(11)?, n(12)?);
-    let terms: [String; 4] = reply
-        .get(13..17)
-        .ok_or_else(bad)?
-        .to_vec()
-        .try_into()
-        .map_err(|_| bad())?;
-    let mut rest = reply.get(17..).ok_or_else(bad)?;
-    let mut take = |count: i64, width: usize| -> Result<&[String]> {
-        let len = count.max(0) as usize * width;
-        let (head, tail) = (rest.get(..len).ok_or_else(bad)?, &rest[len..]);
-        rest = tail;
-        Ok(head)
-    };
-    let mut confirms = Vec::new();
-    for c in take(confirm_count, 3)?.chunks(3) {
-        confirms.push((c[0].clone(), c[1].parse().map_err(|_| bad())?, c[2].clone()));
-    }
-    let pairs = |items: &[String]| -> Result<HashMap<String, i64>> {
-        items
-            .chunks(2)
-            .map(|p| Ok((p[0].clone(), p[1].parse().map_err(|_| bad())?)))
-            .collect()
-    };
-    let live_per_user = pairs(take(live_users, 2)?)?;
-    let used = pairs(take(used_count, 2)?)?;
-    if !rest.is_empty() {
+    let bad = || Error::Internal(format!("unexpected check reply {reply:?}"));
+    if reply.len() != 13 {
         return Err(bad());
     }
+    let n = |i: usize| -> Result<i64> { reply[i].parse().map_err(|_| bad()) };
     Ok(Some(Snapshot {
         now_ms: n(1)?,
         stock_total: n(2)?,
         available: n(3)?,
         held: n(4)?,
         sold: n(5)?,
-        live_held: (live_held >= 0).then_some(live_held),
-        ghosts: n(8)?,
-        outbox_confirms: outbox_complete.then_some(confirms),
-        live_per_user: (live_users >= 0).then_some(live_per_user),
-        used: (used_count >= 0).then_some(used),
-        terms,
+        live_held: None,
+        ghosts: n(7)?,
+        outbox_confirms: None,
+        live_per_user: None,
+        used: None,
+        terms: [
+            reply[9].clone(),
+            reply[10].clone(),
+            reply[11].clone(),
+            reply[12].clone(),
+        ],
     }))
 }
 
-/// One pass over `only` or every SKU known to Redis or MySQL.
+/// A stream entry id, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EntryId(u64, u64);
+
+impl EntryId {
+    fn parse(id: &str) -> Result<EntryId> {
+        let (ms, seq) = id
+            .split_once('-')
+            .ok_or_else(|| Error::Internal(format!("bad stream id {id}")))?;
+        let num = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| Error::Internal(format!("bad stream id {id}")))
+        };
+        Ok(EntryId(num(ms)?, num(seq)?))
+    }
+}
+
+/// A hold that ended after T (its outbox event).
+struct Ended {
+    id: EntryId,
+    rid: String,
+    quantity: i64,
+    user: String,
+    /// Cancelled or expired: its units left `used` (a sale's stay).
+    released: bool,
+}
+
+/// What the slices read; `at_t` turns it into the state at T.
+#[derive(Default)]
+struct Slices {
+    /// Live holds seen by the walk: rid -> (quantity, user).
+    seen_holds: HashMap<String, (i64, String)>,
+    /// `used` as read: user -> (units, log length and outbox position of the read).
+    seen_used: HashMap<String, (i64, usize, EntryId)>,
+    confirms_before_t: Vec<(String, i64, String)>,
+    /// Holds created after T, in order: (rid, quantity, user).
+    created: Vec<(String, i64, String)>,
+    ended: Vec<Ended>,
+}
+
+struct AtT {
+    live: HashMap<String, (i64, String)>,
+    used: HashMap<String, i64>,
+}
+
+impl Slices {
+    fn at_t(&self) -> AtT {
+        let created: HashSet<&str> = self
+            .created
+            .iter()
+            .map(|(rid, _, _)| rid.as_str())
+            .collect();
+        // Live at T: seen live and not made since, or made before T and ended since.
+        let mut live: HashMap<String, (i64, String)> = self
+            .seen_holds
+            .iter()
+            .filter(|(rid, _)| !created.contains(rid.as_str()))
+            .map(|(rid, v)| (rid.clone(), v.clone()))
+            .collect();
+        for e in &self.ended {
+            if !created.contains(e.rid.as_str()) {
+                live.insert(e.rid.clone(), (e.quantity, e.user.clone()));
+            }
+        }
+        // used at T = as read, less the holds made since T, plus those released since
+        // T, each counted up to the position the value was read at.
+        let mut made_by: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
+        for (index, (_, quantity, user)) in self.created.iter().enumerate() {
+            made_by.entry(user).or_default().push((index, *quantity));
+        }
+        let mut released_by: HashMap<&str, Vec<(EntryId, i64)>> = HashMap::new();
+        for e in self.ended.iter().filter(|e| e.released) {
+            released_by
+                .entry(&e.user)
+                .or_default()
+                .push((e.id, e.quantity));
+        }
+        let used = self
+            .seen_used
+            .iter()
+            .map(|(user, (units, log_len, position))| {
+                let made: i64 = made_by
+                    .get(user.as_str())
+                    .map(|v| v.iter().filter(|(i, _)| i < log_len).map(|(_, q)| q).sum())
+                    .unwrap_or(0);
+                let released: i64 = released_by
+                    .get(user.as_str())
+                    .map(|v| {
+                        v.iter()
+                            .filter(|(id, _)| id <= position)
+                            .map(|(_, q)| q)
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                (user.clone(), units - made + released)
+            })
+            .collect();
+        AtT { live, used }
+    }
+}
+
+async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<Slices> {
+    let mut conn = store.connection();
+    let mut slices = Slices::default();
+    let t = EntryId::parse(position_t)?;
+
+    // 1. The live holds.
+    let mut cursor = "0".to_string();
+    loop {
+        let reply: Vec<String> = SCRIPTS
+            .recon_holds
+            .key(&keys.meta)
+            .key(&keys.deadlines)
+            .arg(&cursor)
+            .arg(SLICE)
+            .invoke_async(&mut conn)
+            .await?;
+        let (next, holds) = reply.split_first().ok_or_else(|| bad_slice(&reply))?;
+        for h in holds.chunks(3) {
+            let [rid, quantity, user] = h else {
+                return Err(bad_slice(&reply));
+            };
+            let quantity = quantity.parse().map_err(|_| bad_slice(&reply))?;
+            slices
+                .seen_holds
+                .insert(rid.clone(), (quantity, user.clone()));
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next.clone();
+    }
+
+    // 2. The per-user usage, with the position of each read.
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, read) = read_used(
+            &mut conn,
+            keys,
+            &["scan".to_string(), cursor, SLICE.to_string()],
+        )
+        .await?;
+        for (user, entry) in read {
+            slices.seen_used.entry(user).or_insert(entry);
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+
+    // 3. The confirmations in the outbox up to T.
+    let mut from = "-".to_string();
+    loop {
+        let page = read_outbox(&mut conn, keys, &from, position_t).await?;
+        for (id, event) in &page {
+            if event.get("type").map(String::as_str) == Some("confirmed") {
+                let (rid, quantity, user) = event_hold(event)?;
+                slices.confirms_before_t.push((rid, quantity, user));
+            }
+            from = format!("({id}");
+        }
+        if page.len() < SLICE {
+            break;
+        }
+    }
+
+    // 4. What changed since T, up to now: ends (outbox after T), then creations (the
+    // log, read after the outbox so that every hold that ended is also there if it
+    // was made after T).
+    let mut ended_to = t;
+    read_ended(&mut conn, keys, &mut slices, &mut ended_to, None).await?;
+    let mut log_read = 0;
+    read_created(&mut conn, keys, &mut slices, &mut log_read, None).await?;
+
+    // 5. Users the scan may have missed (their entry came or went during it) all
+    // changed since T: read them now, then the changes up to where they were read.
+    let mut missing: Vec<String> = slices
+        .created
+        .iter()
+        .map(|(_, _, user)| user)
+        .chain(slices.ended.iter().filter(|e| e.released).map(|e| &e.user))
+        .filter(|user| !slices.seen_used.contains_key(*user))
+        .cloned()
+        .collect::<HashSet<String>>()
+        .into_iter()
+        .collect();
+    missing.sort();
+    let (mut log_needed, mut outbox_needed) = (log_read, ended_to);
+    for users in missing.chunks(SLICE) {
+        let mut args = vec!["users".to_string()];
+        args.extend(users.iter().cloned());
+        let (_, read) = read_used(&mut conn, keys, &args).await?;
+        for (user, entry) in read {
+            log_needed = log_needed.max(entry.1);
+            outbox_needed = outbox_needed.max(entry.2);
+            slices.seen_used.entry(user).or_insert(entry);
+        }
+    }
+    read_ended(
+        &mut conn,
+        keys,
+        &mut slices,
+        &mut ended_to,
+        Some(outbox_needed),
+    )
+    .await?;
+    read_created(
+        &mut conn,
+        keys,
+        &mut slices,
+        &mut log_read,
+        Some(log_needed),
+    )
+    .await?;
+    Ok(slices)
+}
+
+fn bad_slice(reply: &[String]) -> Error {
+    Error::Internal(format!("unexpected check slice {reply:?}"))
+}
+
+type UsedRead = (i64, usize, EntryId);
+
+async fn read_used(
+    conn: &mut crate::store::RedisConnection,
+    keys: &SkuKeys,
+    args: &[String],
+) -> Result<(String, Vec<(String, UsedRead)>)> {
+    let mut invocation = SCRIPTS.recon_used.prepare_invoke();
+    invocation.key(&keys.used).key(&keys.rlog).key(&keys.outbox);
+    for arg in args {
+        invocation.arg(arg);
+    }
+    let reply: Vec<String> = invocation.invoke_async(conn).await?;
+    let [next, log_len, position, pairs @ ..] = reply.as_slice() else {
+        return Err(bad_slice(&reply));
+    };
+    let log_len: usize = log_len.parse().map_err(|_| bad_slice(&reply))?;
+    let position = EntryId::parse(position)?;
+    let mut read = Vec::with_capacity(pairs.len() / 2);
+    for p in pairs.chunks(2) {
+        let [user, units] = p else {
+            return Err(bad_slice(&reply));
+        };
+        let units = units.parse().map_err(|_| bad_slice(&reply))?;
+        read.push((user.clone(), (units, log_len, position)));
+    }
+    Ok((next.clone(), read))
+}
+
+/// One page of outbox entries in (`from`, `to`], as field maps.
+async fn read_outbox(
+    conn: &mut crate::store::RedisConnection,
+    keys: &SkuKeys,
+    from: &str,
+    to: &str,
+) -> Result<Vec<(String, HashMap<String, String>)>> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&keys.outbox)
+        .arg(from)
+        .arg(to)
+        .arg("COUNT")
+        .arg(SLICE)
+        .query_async(conn)
+        .await?;
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let mut fields = HashMap::new();
+            for (k, v) in entry.map {
+                let v: String = redis::from_redis_value(v)
+                    .map_err(|e| Error::Internal(format!("outbox field {k}: {e}")))?;
+                fields.insert(k, v);
+            }
+            Ok((entry.id, fields))
+        })
+        .collect()
+}
+
+fn event_hold(event: &HashMap<String, String>) -> Result<(String, i64, String)> {
+    let field = |name: &str| {
+        event
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("outbox event without {name}: {event:?}")))
+    };
+    let quantity = field("quantity")?
+        .parse()
+        .map_err(|_| Error::Internal(format!("bad quantity in {event:?}")))?;
+    Ok((field("reservation_id")?, quantity, field("user_id")?))
+}
+
+/// Reads the holds that ended after `*from` up to `until` (or the outbox's end as
+/// first looked at), advancing `*from`.
+async fn read_ended(
+    conn: &mut crate::store::RedisConnection,
+    keys: &SkuKeys,
+    slices: &mut Slices,
+    from: &mut EntryId,
+    until: Option<EntryId>,
+) -> Result<()> {
+    let until = match until {
+        Some(id) => id,
+        None => {
+            let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(&keys.outbox)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(conn)
+                .await?;
+            match last.ids.first() {
+                Some(entry) => EntryId::parse(&entry.id)?,
+                None => return Ok(()),
+            }
+        }
+    };
+    while *from < until {
+        let page = read_outbox(
+            conn,
+            keys,
+            &format!("({}-{}", from.0, from.1),
+            &format!("{}-{}", until.0, until.1),
+        )
+        .await?;
+        for (id, event) in &page {
+            *from = EntryId::parse(id)?;
+            let released = match event.get("type").map(String::as_str) {
+                Some("ended") => true,
+                Some("confirmed") => false,
+                _ => continue,
+            };
+            let (rid, quantity, user) = event_hold(event)?;
+            slices.ended.push(Ended {
+                id: *from,
+                rid,
+                quantity,
+                user,
+                released,
+            });
+        }
+        if page.len() < SLICE {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the creation log from `*read` up to `until` entries (or its length as first
+/// looked at), advancing `*read`.
+async fn read_created(
+    conn: &mut crate::store::RedisConnection,
+    keys: &SkuKeys,
+    slices: &mut Slices,
+    read: &mut usize,
+    until: Option<usize>,
+) -> Result<()> {
+    let until = match until {
+        Some(n) => n,
+        None => {
+            let n: usize = redis::cmd("LLEN").arg(&keys.rlog).query_async(conn).await?;
+            n
+        }
+    };
+    while *read < until {
+        let last = (*read + SLICE).min(until) - 1;
+        let page: Vec<String> = redis::cmd("LRANGE")
+            .arg(&keys.rlog)
+            .arg(*read)
+            .arg(last)
+            .query_async(conn)
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        for entry in &page {
+            let mut parts = entry.splitn(3, ' ');
+            let (Some(quantity), Some(rid), Some(user)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Error::Internal(format!("bad creation log entry {entry:?}")));
+            };
+            let quantity = quantity
+                .parse()
+                .map_err(|_| Error::Internal(format!("bad creation log entry {entry:?}")))?;
+            slices
+                .created
+                .push((rid.to_string(), quantity, user.to_string()));
+        }
+        *read += page.len();
+    }
+    Ok(())
+}
+
+/// One pass over `only`, or every SKU Redis has on sale or MySQL expects on sale
+/// (not every SKU ever defined: a retired one has nothing in Redis to check).
 pub async fn run(
     store: &Store,
     pool: &MySqlPool,
@@ -203,7 +610,7 @@ pub async fn run(
                 .into_iter()
                 .map(|s| s.to_string())
                 .collect();
-            all.extend(db::sku_ids(pool).await?);
+            all.extend(db::open_sku_ids(pool, chrono::Utc::now().timestamp_millis()).await?);
             let mut all: Vec<SkuId> = all.iter().filter_map(|s| SkuId::parse(s)).collect();
             all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             all
@@ -282,13 +689,27 @@ async fn check_sku(
     repair: bool,
 ) -> Result<Vec<Finding>> {
     let record = db::lock_sku_record(tx, sku).await?;
+    // Retired: the sweep found nothing in Redis MySQL lacks, and dropped the rest.
+    if store.is_retired(sku).await? {
+        return Ok(Vec::new());
+    }
     let snap = snapshot(store, sku).await?;
     match (snap, record) {
         // Indexed in Redis but defined nowhere: nothing to compare.
         (None, None) => Ok(Vec::new()),
+        // Its sale is over and Redis has nothing of it: retired (the tombstone expired),
+        // and nothing can be sold under it again until an admin PUT reopens it.
+        (None, Some(record)) if sale_over(&record) => Ok(Vec::new()),
         (None, Some(record)) => restore_missing(store, tx, sku, &record, repair).await,
         (Some(snap), record) => compare(store, tx, sku, snap, record, repair).await,
     }
+}
+
+fn sale_over(record: &SkuRecord) -> bool {
+    record
+        .definition
+        .ends_at_ms
+        .is_some_and(|end| end <= chrono::Utc::now().timestamp_millis())
 }
 
 /// Redis lost the SKU (a restart without persistence, a wipe): rebuild it from MySQL,
@@ -320,21 +741,23 @@ async fn restore_missing(
         if sold != record.sold {
             db::set_sold(tx, sku, sold).await?;
         }
-        // Only the counters may be gone (a partial loss): recount the holds that
-        // survived and count the confirmations still waiting in the outbox as sold.
-        let (floor, used_sold) = match snapshot(store, sku).await? {
-            Some(snap) => match &snap.outbox_confirms {
-                Some(confirms) => {
-                    let expected = expected_sold(tx, sku, &snap, confirms).await?;
+        // Only the counters may be gone (a partial loss): count the holds that
+        // survived and the confirmations still waiting in the outbox.
+        let mut fix = Corrections::default();
+        if let Some(snap) = snapshot(store, sku).await? {
+            if let Some(live) = snap.live_held {
+                fix.held = live - snap.held;
+            }
+            if let Some(confirms) = &snap.outbox_confirms {
+                let expected = expected_sold(tx, sku, &snap, confirms).await?;
+                fix.sold = (expected.total as i64 - snap.sold).max(0);
+                if let (Some(used), Some(live)) = (&snap.used, &snap.live_per_user) {
                     let per_user = sold_per_user(tx, sku, &expected).await?;
-                    (expected.total, Some(per_user))
+                    fix.used = used_corrections(&used_drift(used, live, &per_user));
                 }
-                None => (sold, None),
-            },
-            None => (sold, None),
-        };
-        let (code, after) =
-            repair_counters(store, sku, &record.definition, floor, used_sold.as_ref()).await?;
+            }
+        }
+        let (code, after) = repair_counters(store, sku, &record.definition, &fix).await?;
         finding.after = Some(after.clone());
         finding.repaired = true;
         if code == "overcommitted" {
@@ -375,7 +798,10 @@ async fn compare(
             format!("held counter {} but live holds add up to {live}", snap.held),
         ),
         Some(_) => {}
-        None => finding("check_skipped", "too many live holds to count".into()),
+        None => finding(
+            "check_skipped",
+            "too many reserves during the check to count the live holds at its instant".into(),
+        ),
     }
     if snap.ghosts > 0 {
         finding(
@@ -438,14 +864,16 @@ async fn compare(
         );
         mysql_sold_fix = Some(mysql_sold);
     }
-    let mut sold_floor = mysql_sold;
-    let mut used_sold = None;
+    let mut fix = Corrections {
+        held: snap.live_held.map_or(0, |live| live - snap.held),
+        ..Corrections::default()
+    };
     match &snap.outbox_confirms {
         Some(confirms) => {
             let breakdown = expected_sold(tx, sku, &snap, confirms).await?;
             let (sold_before_snapshot, unflushed) = (breakdown.recorded, breakdown.unflushed);
-            sold_floor = breakdown.total;
             let expected = breakdown.total as i64;
+            fix.sold = (expected - snap.sold).max(0);
             let per_user = sold_per_user(tx, sku, &breakdown).await?;
             match (&snap.used, &snap.live_per_user) {
                 (Some(used), Some(live)) => {
@@ -466,11 +894,13 @@ async fn compare(
                             ),
                         );
                     }
-                    used_sold = Some(per_user);
+                    fix.used = used_corrections(&drift);
                 }
                 _ => finding(
                     "check_skipped",
-                    "too many users or holds to recount the per-user limits".into(),
+                    "too many reserves during the check to place every hold at its instant \
+                     (the creation log overflowed or the check outlasted its window)"
+                        .into(),
                 ),
             }
             if snap.sold < expected {
@@ -493,7 +923,7 @@ async fn compare(
                 );
             }
         }
-        None => finding("check_skipped", "outbox too long to compare sold".into()),
+        None => finding("check_skipped", "the outbox could not be read".into()),
     }
 
     let drift = findings.iter().any(|f| !f.is_unknown());
@@ -509,14 +939,7 @@ async fn compare(
             }
         }
     }
-    let (code, after) = repair_counters(
-        store,
-        sku,
-        &record.definition,
-        sold_floor,
-        used_sold.as_ref(),
-    )
-    .await?;
+    let (code, after) = repair_counters(store, sku, &record.definition, &fix).await?;
     if let Some(sold) = mysql_sold_fix {
         db::set_sold(tx, sku, sold).await?;
     }
@@ -635,36 +1058,54 @@ fn terms_of(definition: &SkuDefinition) -> [String; 4] {
     ]
 }
 
+/// What a repair adds to Redis's counters: the differences found at the check's
+/// instant T (lua/repair.lua).
+#[derive(Debug, Default)]
+struct Corrections {
+    /// Live holds at T - `held` at T.
+    held: i64,
+    /// MySQL sold + unflushed confirmations at T - `sold` at T, when positive.
+    sold: i64,
+    /// Per user: live holds + purchases at T - `used` at T.
+    used: HashMap<String, i64>,
+}
+
+fn used_corrections(drift: &[(String, i64, i64)]) -> HashMap<String, i64> {
+    drift
+        .iter()
+        .map(|(user, has, should)| (user.clone(), should - has))
+        .collect()
+}
+
 /// Returns (reply code, "stock_total=.. available=.. held=.. sold=..").
-/// Counters from `sold_floor` and the live holds, terms from MySQL's definition, and,
-/// given each user's purchases, `used` from the live holds + those.
+/// Terms and stock_total from MySQL's definition; counters and `used` corrected by `fix`.
 async fn repair_counters(
     store: &Store,
     sku: &SkuId,
     definition: &SkuDefinition,
-    sold_floor: u64,
-    sold_per_user: Option<&HashMap<String, i64>>,
+    fix: &Corrections,
 ) -> Result<(String, String)> {
     let keys = SkuKeys::new(sku);
     let mut conn = store.connection();
-    let used_sold = match sold_per_user {
-        Some(per_user) => serde_json::to_string(per_user)
-            .map_err(|e| Error::Internal(format!("per-user sales: {e}")))?,
-        None => String::new(),
+    let used = if fix.used.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&fix.used)
+            .map_err(|e| Error::Internal(format!("usage corrections: {e}")))?
     };
     let mut invocation = SCRIPTS.repair.prepare_invoke();
     invocation
         .key(&keys.meta)
         .key(&keys.used)
-        .key(&keys.deadlines)
         .arg(definition.stock_total)
-        .arg(sold_floor)
-        .arg(crate::limits::SWEEP_BATCH)
-        .arg(SNAPSHOT_CAP);
+        .arg(fix.held)
+        .arg(fix.sold);
     for term in terms_of(definition) {
         invocation.arg(term);
     }
-    let reply: Vec<String> = invocation.arg(used_sold).invoke_async(&mut conn).await?;
+    let reply: Vec<String> = invocation.arg(used).invoke_async(&mut conn).await?;
+    // The repair may have taken back a retired SKU: it is swept and flushed again.
+    store.index_sku(sku).await?;
     let [code, stock_total, available, held, sold] = reply.as_slice() else {
         return Err(Error::Internal(format!(
             "unexpected repair reply {reply:?}"
@@ -685,11 +1126,22 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_parse() {
-        assert!(parse_snapshot(&reply(&["missing"])).unwrap().is_none());
-        let snap = parse_snapshot(&reply(&[
-            "ok", "1000", "10", "5", "3", "2", "3", "1", "0", "1", "2", "1", "2", "1", "600000",
-            "", "", "r1", "1", "alice", "r2", "1", "bob", "carol", "3", "alice", "1", "carol", "3",
+    fn check_heads_parse() {
+        assert!(parse_head(&reply(&["missing"])).unwrap().is_none());
+        let snap = parse_head(&reply(&[
+            "ok",
+            "1000",
+            "10",
+            "5",
+            "3",
+            "2",
+            "4",
+            "1",
+            "1700000000000-3",
+            "2",
+            "600000",
+            "",
+            "9",
         ]))
         .unwrap()
         .unwrap();
@@ -697,26 +1149,61 @@ mod tests {
             (snap.stock_total, snap.available, snap.held, snap.sold),
             (10, 5, 3, 2)
         );
-        assert_eq!(snap.live_held, Some(3));
-        assert_eq!(snap.outbox_confirms.as_ref().unwrap().len(), 2);
-        assert_eq!(snap.live_per_user.as_ref().unwrap()["carol"], 3);
-        assert_eq!(snap.used.as_ref().unwrap().len(), 2);
-        assert_eq!(snap.terms[1], "600000");
-        let snap = parse_snapshot(&reply(&[
-            "ok", "1", "1", "1", "0", "0", "-1", "0", "0", "0", "0", "-1", "-1", "1", "1000", "",
-            "",
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!((snap.live_held, snap.outbox_confirms), (None, None));
-        assert_eq!((snap.live_per_user, snap.used), (None, None));
-        assert!(parse_snapshot(&reply(&["ok", "1", "x"])).is_err());
-        // A count that promises more entries than the reply has.
-        assert!(parse_snapshot(&reply(&[
-            "ok", "1", "1", "1", "0", "0", "0", "0", "0", "1", "1", "0", "0", "1", "1000", "", "",
-            "r1", "1"
-        ]))
-        .is_err());
+        assert_eq!((snap.now_ms, snap.ghosts), (1000, 1));
+        assert_eq!(snap.terms, ["2", "600000", "", "9"].map(String::from));
+        assert!(snap.live_held.is_none() && snap.used.is_none());
+        assert!(parse_head(&reply(&["ok", "1", "x"])).is_err());
+        assert_eq!(EntryId::parse("5-2").unwrap(), EntryId(5, 2));
+        assert!(EntryId::parse("5-2").unwrap() < EntryId::parse("10-0").unwrap());
+        assert!(EntryId::parse("x").is_err());
+    }
+
+    #[test]
+    fn a_sliced_read_is_placed_at_its_instant() {
+        let hold = |q: i64, user: &str| (q, user.to_string());
+        let mut slices = Slices::default();
+        // r1 live throughout; r2 made after T; r4 seen live, confirmed after T.
+        slices.seen_holds.insert("r1".into(), hold(1, "alice"));
+        slices.seen_holds.insert("r2".into(), hold(2, "bob"));
+        slices.seen_holds.insert("r4".into(), hold(1, "erin"));
+        slices.created.push(("r2".into(), 2, "bob".into()));
+        slices.created.push(("r5".into(), 1, "dave".into()));
+        // r3 live at T, cancelled after T before the walk reached it; r5 made and
+        // cancelled after T; r4's sale.
+        let ended = |id: u64, rid: &str, q: i64, user: &str, released: bool| Ended {
+            id: EntryId(id, 0),
+            rid: rid.into(),
+            quantity: q,
+            user: user.into(),
+            released,
+        };
+        slices.ended.push(ended(10, "r3", 1, "carol", true));
+        slices.ended.push(ended(11, "r5", 1, "dave", true));
+        slices.ended.push(ended(12, "r4", 1, "erin", false));
+        let read = |units: i64, log_len: usize, at: u64| (units, log_len, EntryId(at, 0));
+        slices.seen_used.insert("alice".into(), read(1, 0, 1));
+        // bob read after his hold was made: it is taken back.
+        slices.seen_used.insert("bob".into(), read(2, 1, 1));
+        // carol read after her cancel: it is given back.
+        slices.seen_used.insert("carol".into(), read(0, 0, 10));
+        // dave read before his hold was made, erin after her sale (no change of usage).
+        slices.seen_used.insert("dave".into(), read(0, 1, 9));
+        slices.seen_used.insert("erin".into(), read(1, 2, 12));
+        let at_t = slices.at_t();
+        let mut live: Vec<&str> = at_t.live.keys().map(String::as_str).collect();
+        live.sort();
+        assert_eq!(live, ["r1", "r3", "r4"]);
+        let used = |u: &str| at_t.used[u];
+        assert_eq!(
+            (
+                used("alice"),
+                used("bob"),
+                used("carol"),
+                used("dave"),
+                used("erin")
+            ),
+            (1, 0, 1, 0, 1)
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use crate::config::RedisArgs;
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
-use crate::keys::{SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_INDEX};
+use crate::keys::{SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_INDEX, SKU_INDEX_GENERATION};
 use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
@@ -34,9 +34,13 @@ pub struct Scripts {
     pub view: Script,
     pub sku_view: Script,
     pub load_sku: Script,
-    pub snapshot: Script,
+    pub recon_begin: Script,
+    pub recon_holds: Script,
+    pub recon_used: Script,
+    pub recon_end: Script,
     pub repair: Script,
     pub resolve_compensation: Script,
+    pub reap_consumers: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -49,13 +53,17 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     view: script(include_str!("../lua/view.lua")),
     sku_view: script(include_str!("../lua/sku_view.lua")),
     load_sku: script(include_str!("../lua/load_sku.lua")),
-    snapshot: script(include_str!("../lua/snapshot.lua")),
+    recon_begin: script(include_str!("../lua/recon_begin.lua")),
+    recon_holds: script(include_str!("../lua/recon_holds.lua")),
+    recon_used: script(include_str!("../lua/recon_used.lua")),
+    recon_end: script(include_str!("../lua/recon_end.lua")),
     repair: script(include_str!("../lua/repair.lua")),
     resolve_compensation: script(include_str!("../lua/resolve_compensation.lua")),
+    reap_consumers: script(include_str!("../lua/reap_consumers.lua")),
 });
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 12] {
+fn all_scripts() -> [&'static Script; 16] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -67,9 +75,13 @@ fn all_scripts() -> [&'static Script; 12] {
         &s.view,
         &s.sku_view,
         &s.load_sku,
-        &s.snapshot,
+        &s.recon_begin,
+        &s.recon_holds,
+        &s.recon_used,
+        &s.recon_end,
         &s.repair,
         &s.resolve_compensation,
+        &s.reap_consumers,
     ]
 }
 
@@ -254,6 +266,57 @@ pub struct Swept {
     /// Index entries it looked at: expired holds and stale entries it dropped. Zero
     /// means there is nothing more this call could do.
     pub examined: u64,
+    /// Redis time of the call (ms).
+    pub now_ms: i64,
+    /// Deadline of the first live hold left, if any.
+    pub next_deadline_ms: Option<i64>,
+    /// The SKU's hold length: no hold created after this call is due sooner.
+    pub hold_ms: Option<i64>,
+    pub state: SaleState,
+}
+
+/// Where a SKU is in its life cycle, as the sweep found it (lua/sweep.lua).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaleState {
+    /// It can still take holds.
+    Open,
+    /// Its `ends_at` passed; holds, unflushed events or compensations remain.
+    Ended,
+    /// Retired: only a tombstone is left in Redis, MySQL keeps the record.
+    Retired,
+    /// Redis has no state for it.
+    Missing,
+}
+
+/// What an admin write did to the SKU in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// Redefined in place.
+    Updated,
+    /// Redis had no state for it (first definition, or Redis lost it).
+    Created,
+    /// It was retired: back on sale, without the per-user usage retirement dropped.
+    Reopened,
+}
+
+/// SKUs whose outbox this process has just written to: the flush looks at them at its
+/// next pass instead of waiting for their idle probe (worker.rs). Bounded by the SKUs
+/// on sale; a hint lost (or written by another process) only delays a flush.
+#[derive(Default)]
+pub struct OutboxHints(std::sync::Mutex<std::collections::HashSet<SkuId>>);
+
+impl OutboxHints {
+    pub fn note(&self, sku: &SkuId) {
+        let mut hinted = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !hinted.contains(sku) {
+            hinted.insert(sku.clone());
+        }
+    }
+
+    pub fn take(&self) -> Vec<SkuId> {
+        let mut hinted = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        hinted.drain().collect()
+    }
 }
 
 /// One outbox entry as read from the stream.
@@ -266,11 +329,15 @@ pub struct OutboxEntry {
 #[derive(Clone)]
 pub struct Store {
     conn: RedisConnection,
+    pub outbox_hints: std::sync::Arc<OutboxHints>,
 }
 
 impl Store {
     pub fn new(conn: RedisConnection) -> Store {
-        Store { conn }
+        Store {
+            conn,
+            outbox_hints: Default::default(),
+        }
     }
 
     pub fn connection(&self) -> RedisConnection {
@@ -414,6 +481,7 @@ impl Store {
             .arg(new_compensation_id)
             .invoke_async(&mut conn)
             .await?;
+        self.outbox_hints.note(sku);
         match reply.first().map(String::as_str) {
             Some("confirmed" | "unchanged") => {
                 Ok(ConfirmOutcome::Confirmed(transition(sku, &reply)?))
@@ -447,6 +515,7 @@ impl Store {
             .arg(caller_user_id.unwrap_or(""))
             .invoke_async(&mut conn)
             .await?;
+        self.outbox_hints.note(sku);
         transition(sku, &reply)
     }
 
@@ -470,6 +539,7 @@ impl Store {
             .arg(grace_ms)
             .invoke_async(&mut conn)
             .await?;
+        self.outbox_hints.note(sku);
         transition(sku, &reply)
     }
 
@@ -485,24 +555,125 @@ impl Store {
         ok_view(sku, &reply)
     }
 
-    /// Expires at most one batch of due holds.
+    /// Expires at most one batch of due holds; retires the SKU when its sale is over
+    /// and Redis has nothing of it MySQL lacks (lua/sweep.lua).
     pub async fn sweep(&self, sku: &SkuId) -> Result<Swept> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let (expired, still_due, available, examined): (u64, u64, Option<u64>, u64) = SCRIPTS
+        #[allow(clippy::type_complexity)]
+        let (expired, still_due, available, examined, now_ms, next_deadline, hold_ms, state): (
+            u64,
+            u64,
+            Option<u64>,
+            u64,
+            i64,
+            Option<String>,
+            Option<i64>,
+            String,
+        ) = SCRIPTS
             .sweep
             .key(&keys.meta)
             .key(&keys.used)
             .key(&keys.deadlines)
+            .key(&keys.outbox)
+            .key(&keys.comps)
+            .key(&keys.uholds)
             .arg(limits::SWEEP_BATCH)
+            .arg(limits::RETIRED_SKU_TOMBSTONE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
+        if expired > 0 {
+            self.outbox_hints.note(sku);
+        }
         Ok(Swept {
             expired,
             still_due,
             available,
             examined,
+            now_ms,
+            // A ZSET score comes back as text.
+            next_deadline_ms: next_deadline
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|f| f as i64),
+            hold_ms,
+            state: match state.as_str() {
+                "open" => SaleState::Open,
+                "ended" => SaleState::Ended,
+                "retired" => SaleState::Retired,
+                "missing" => SaleState::Missing,
+                _ => return Err(bad_reply("sweep state")),
+            },
         })
+    }
+
+    /// Puts the SKU in the index the workers walk and tells them to look again.
+    pub async fn index_sku(&self, sku: &SkuId) -> Result<()> {
+        // Two keys in two cluster slots: two commands, the index first.
+        let mut conn = self.conn.clone();
+        let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
+        let _: () = conn.incr(SKU_INDEX_GENERATION, 1).await?;
+        Ok(())
+    }
+
+    /// Takes a SKU the sweep retired out of the index. An admin PUT may have put it
+    /// back on sale in between (it indexes before it loads): then it stays indexed.
+    pub async fn unindex_retired(&self, sku: &SkuId) -> Result<()> {
+        // No generation bump: other workers drop it when their next visit finds it
+        // retired; a bump would make every worker re-plan every SKU.
+        let mut conn = self.conn.clone();
+        let _: () = conn.srem(SKU_INDEX, sku.as_str()).await?;
+        if self.on_sale(sku).await? {
+            self.index_sku(sku).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether Redis holds a sale for the SKU: defined and not retired.
+    pub async fn on_sale(&self, sku: &SkuId) -> Result<bool> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let state: (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("stock_total")
+            .arg("retired")
+            .query_async(&mut conn)
+            .await?;
+        Ok(matches!(state, (Some(_), None)))
+    }
+
+    /// Whether only the tombstone of a retired sale is left.
+    pub async fn is_retired(&self, sku: &SkuId) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hexists(SkuKeys::new(sku).meta, "retired").await?)
+    }
+
+    /// Moves whenever the index or some SKU's terms change.
+    pub async fn sku_index_generation(&self) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let generation: Option<u64> = conn.get(SKU_INDEX_GENERATION).await?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    /// Removes consumers of the flush group that have nothing pending and were idle for
+    /// `min_idle` (workers that stopped), never `keep` (the caller). Atomic per consumer,
+    /// so a consumer that just read entries is never dropped with them. Returns how many.
+    pub async fn reap_flush_consumers(
+        &self,
+        sku: &SkuId,
+        min_idle: std::time::Duration,
+        keep: &str,
+    ) -> Result<u64> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let reaped: u64 = SCRIPTS
+            .reap_consumers
+            .key(&keys.outbox)
+            .arg(FLUSH_GROUP)
+            .arg(min_idle.as_millis() as u64)
+            .arg(keep)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(reaped)
     }
 
     /// Creates or redefines the SKU in Redis; `sold_in_mysql` seeds `sold` only when
@@ -514,15 +685,14 @@ impl Store {
         sku: &SkuId,
         definition: &SkuDefinition,
         sold_in_mysql: u64,
-    ) -> Result<(Sku, bool)> {
-        let mut conn = self.conn.clone();
+    ) -> Result<(Sku, Loaded)> {
         // Indexed first: a SKU that exists must never be missed by the sweeper.
-        let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
-        let created = self
+        self.index_sku(sku).await?;
+        let loaded = self
             .run_load_sku(sku, definition, sold_in_mysql, false)
             .await?;
         self.ensure_outbox_group(sku).await?;
-        Ok((self.sku(sku).await?, created))
+        Ok((self.sku(sku).await?, loaded))
     }
 
     /// Whether Redis would take this definition (`stock_below_committed` otherwise);
@@ -544,7 +714,7 @@ impl Store {
         definition: &SkuDefinition,
         sold_in_mysql: u64,
         check_only: bool,
-    ) -> Result<bool> {
+    ) -> Result<Loaded> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = SCRIPTS
@@ -563,8 +733,9 @@ impl Store {
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
-            Some("ok") => Ok(false),
-            Some("created") => Ok(true),
+            Some("ok") => Ok(Loaded::Updated),
+            Some("created") => Ok(Loaded::Created),
+            Some("reopened") => Ok(Loaded::Reopened),
             _ => Err(refusal_of(&reply)),
         }
     }
@@ -768,6 +939,7 @@ impl Store {
             .arg(id)
             .invoke_async(&mut conn)
             .await?;
+        self.outbox_hints.note(&sku);
         match reply.as_slice() {
             [ok, raw] if ok == "ok" => Ok(Some(parse_compensation(&sku, id, raw)?)),
             _ => Ok(None),

@@ -49,7 +49,10 @@ fn describe() {
         "flashgate_request_duration_seconds",
         "HTTP request latency by route"
     );
-    describe_gauge!("flashgate_available_stock", "Units available per SKU");
+    describe_counter!(
+        "flashgate_sku_series_dropped_total",
+        "Per-SKU series not kept: more than SKU_SERIES_MAX SKUs on sale"
+    );
     describe_gauge!(
         "flashgate_http_connections_open",
         "HTTP connections open (capped by FLASHGATE_MAX_CONNECTIONS)"
@@ -97,10 +100,6 @@ fn describe() {
     );
     describe_gauge!("flashgate_outbox_backlog", "Outbox events not yet in MySQL");
     describe_gauge!(
-        "flashgate_reconcile_drift",
-        "Drift found per SKU at the last reconcile"
-    );
-    describe_gauge!(
         "flashgate_reconcile_last_run_seconds",
         "Unix time of the last reconciliation"
     );
@@ -122,7 +121,7 @@ pub fn compensation_recorded(refusal: &'static str) {
 }
 
 pub fn available_stock(sku: &str, available: u64) {
-    gauge!("flashgate_available_stock", "sku" => sku.to_owned()).set(available as f64);
+    sku_series().set(sku, |g| g.available = Some(available));
 }
 
 pub fn expired(count: u64) {
@@ -158,7 +157,112 @@ pub fn open_compensations(count: i64) {
 }
 
 pub fn reconcile_drift(sku: &str, findings: usize) {
-    gauge!("flashgate_reconcile_drift", "sku" => sku.to_owned()).set(findings as f64);
+    sku_series().set(sku, |g| g.drift = Some(findings));
+}
+
+/// A retired SKU's series leave `/metrics` at once.
+pub fn forget_sku(sku: &str) {
+    sku_series().forget(sku);
+}
+
+/// Per-SKU series live here, not in the recorder: the recorder cannot drop one series,
+/// and a series per SKU ever defined would grow `/metrics` with history. Only SKUs on
+/// sale are set (by the worker and the admin PUT); a retired SKU's series go with it,
+/// one not set for SKU_SERIES_IDLE (retired by another process) goes at the next
+/// render, and at most SKU_SERIES_MAX are kept.
+pub const SKU_SERIES_MAX: usize = 10_000;
+pub const SKU_SERIES_IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+pub struct SkuSeries(std::sync::Mutex<std::collections::BTreeMap<String, SkuGauges>>);
+
+#[derive(Debug, Clone)]
+pub struct SkuGauges {
+    pub available: Option<u64>,
+    pub drift: Option<usize>,
+    set_at: std::time::Instant,
+}
+
+fn sku_series() -> &'static SkuSeries {
+    static SERIES: OnceLock<SkuSeries> = OnceLock::new();
+    SERIES.get_or_init(SkuSeries::default)
+}
+
+impl SkuSeries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, SkuGauges>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set(&self, sku: &str, update: impl FnOnce(&mut SkuGauges)) {
+        let mut series = self.lock();
+        let now = std::time::Instant::now();
+        if let Some(gauges) = series.get_mut(sku) {
+            update(gauges);
+            gauges.set_at = now;
+            return;
+        }
+        if series.len() >= SKU_SERIES_MAX {
+            series.retain(|_, g| g.set_at.elapsed() < SKU_SERIES_IDLE);
+            if series.len() >= SKU_SERIES_MAX {
+                counter!("flashgate_sku_series_dropped_total").increment(1);
+                return;
+            }
+        }
+        let mut gauges = SkuGauges {
+            available: None,
+            drift: None,
+            set_at: now,
+        };
+        update(&mut gauges);
+        series.insert(sku.to_owned(), gauges);
+    }
+
+    pub fn forget(&self, sku: &str) {
+        self.lock().remove(sku);
+    }
+
+    pub fn contains(&self, sku: &str) -> bool {
+        self.lock().contains_key(sku)
+    }
+
+    /// The series in Prometheus text format (after dropping the idle ones).
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut series = self.lock();
+        series.retain(|_, g| g.set_at.elapsed() < SKU_SERIES_IDLE);
+        let mut page = String::new();
+        let mut family = |name: &str, help: &str, value: &dyn Fn(&SkuGauges) -> Option<f64>| {
+            let lines: Vec<(&String, f64)> = series
+                .iter()
+                .filter_map(|(sku, g)| value(g).map(|v| (sku, v)))
+                .collect();
+            if lines.is_empty() {
+                return;
+            }
+            let _ = writeln!(page, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (sku, v) in lines {
+                // SKU ids are [A-Za-z0-9_-]: nothing to escape in a label value.
+                let _ = writeln!(page, "{name}{{sku=\"{sku}\"}} {v}");
+            }
+            page.push('\n');
+        };
+        family(
+            "flashgate_available_stock",
+            "Units available per SKU on sale",
+            &|g| g.available.map(|v| v as f64),
+        );
+        family(
+            "flashgate_reconcile_drift",
+            "Drift found per SKU on sale at the last reconcile",
+            &|g| g.drift.map(|v| v as f64),
+        );
+        page
+    }
+}
+
+/// The per-SKU series (tests).
+pub fn sku_series_contains(sku: &str) -> bool {
+    sku_series().contains(sku)
 }
 
 pub fn reconcile_ran(unix_seconds: f64) {
@@ -219,7 +323,9 @@ impl MetricsPage {
                 return page.clone();
             }
         }
-        let page = bytes::Bytes::from(handle.render());
+        let mut text = handle.render();
+        text.push_str(&sku_series().render());
+        let page = bytes::Bytes::from(text);
         *last = Some((std::time::Instant::now(), page.clone()));
         page
     }

@@ -13,6 +13,16 @@
 //! and acknowledged only after the commit, so a crash anywhere leaves its entries
 //! pending, to be written again by whoever takes them over; writing twice changes
 //! nothing. The stream is trimmed only below what every group has acknowledged.
+//!
+//! Cost grows with the SKUs on sale, not with every SKU ever defined. The worker walks
+//! the index of SKUs on sale (`keys::SKU_INDEX`, re-read only when its generation
+//! counter moves) and keeps a plan per SKU: the sweeper visits a SKU when its first
+//! hold falls due, and at the latest one hold length after its last visit (no hold
+//! created since can be due sooner; a change of terms moves the generation and every
+//! SKU is visited again); the flush looks at a SKU's outbox when this process wrote to
+//! it (store::OutboxHints), while it has a backlog, and else at a backing-off interval
+//! up to FLUSH_IDLE_PROBE_MAX. A SKU whose sale is over and that has nothing left in
+//! Redis that MySQL lacks is retired by the sweep (lua/sweep.lua) and leaves the index.
 
 use futures::stream::{self, StreamExt};
 use redis::Value;
@@ -30,8 +40,9 @@ use crate::keys::{SkuKeys, FLUSH_GROUP};
 use crate::limits;
 use crate::reconcile;
 use crate::reservation::{Compensation, CompensationReason, Reservation, Status};
-use crate::store::{OutboxEntry, Store};
+use crate::store::{OutboxEntry, SaleState, Store, Swept};
 use crate::telemetry;
+use std::sync::{Arc, Mutex};
 
 /// First retry delay of a failing flush (MySQL down); doubles up to the maximum.
 const FLUSH_BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -40,6 +51,8 @@ const FLUSH_BACKOFF_MIN: Duration = Duration::from_millis(250);
 const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Longest the worker keeps flushing after shutdown was asked for.
 const FINAL_FLUSH_LIMIT: Duration = Duration::from_secs(10);
+/// Wait before the first idle probe of a SKU's outbox; it doubles with every idle one.
+const IDLE_PROBE_FIRST: Duration = Duration::from_millis(100);
 /// XAUTOCLAIM calls per batch: each scans at most 10 x COUNT pending entries.
 const AUTOCLAIM_ROUNDS: usize = 4;
 
@@ -64,6 +77,51 @@ pub struct Worker {
     pub consumer: String,
     /// Entries pending this long on another consumer are taken over (XAUTOCLAIM).
     pub claim_idle: Duration,
+    plans: Arc<Mutex<Plans>>,
+}
+
+/// When the worker looks at each SKU on sale next.
+#[derive(Default)]
+struct Plans {
+    /// SKU_INDEX generation the map was built from; None before the first read.
+    generation: Option<u64>,
+    read_at: Option<Instant>,
+    skus: HashMap<SkuId, Plan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    next_sweep: Instant,
+    next_probe: Instant,
+    /// Probes in a row that found nothing to flush: the next one waits longer.
+    idle_probes: u32,
+    /// Events waiting at the last probe.
+    backlog: u64,
+    next_reap: Instant,
+}
+
+impl Plan {
+    fn now() -> Plan {
+        let now = Instant::now();
+        Plan {
+            next_sweep: now,
+            next_probe: now,
+            idle_probes: 0,
+            backlog: 0,
+            next_reap: now,
+        }
+    }
+}
+
+impl Plans {
+    fn plan(&mut self, sku: &SkuId) -> &mut Plan {
+        self.skus.entry(sku.clone()).or_insert_with(Plan::now)
+    }
+
+    fn forget(&mut self, sku: &SkuId) {
+        self.skus.remove(sku);
+        telemetry::forget_sku(sku.as_str());
+    }
 }
 
 impl Worker {
@@ -74,7 +132,66 @@ impl Worker {
             db,
             consumer,
             claim_idle: limits::FLUSH_CLAIM_IDLE,
+            plans: Default::default(),
         }
+    }
+
+    fn plans(&self) -> std::sync::MutexGuard<'_, Plans> {
+        self.plans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The SKUs on sale, re-read from Redis only when the index's generation moved
+    /// (or SWEEP_IDLE_RECHECK passed). A changed generation (a SKU defined or its terms
+    /// changed) also makes every SKU due for a sweep and a probe at once.
+    async fn refresh_plans(&self) -> Result<()> {
+        let generation = self.store.sku_index_generation().await?;
+        let stale = {
+            let plans = self.plans();
+            plans.generation != Some(generation)
+                || plans
+                    .read_at
+                    .is_none_or(|at| at.elapsed() >= limits::SWEEP_IDLE_RECHECK)
+        };
+        if !stale {
+            return Ok(());
+        }
+        let indexed = self.store.sku_ids().await?;
+        let mut plans = self.plans();
+        let moved = plans.generation != Some(generation);
+        let gone: Vec<SkuId> = {
+            let keep: std::collections::HashSet<&SkuId> = indexed.iter().collect();
+            plans
+                .skus
+                .keys()
+                .filter(|s| !keep.contains(s))
+                .cloned()
+                .collect()
+        };
+        for sku in gone {
+            plans.forget(&sku);
+        }
+        for sku in indexed {
+            let plan = plans.plan(&sku);
+            if moved {
+                let now = Instant::now();
+                plan.next_sweep = now;
+                plan.next_probe = now;
+            }
+        }
+        plans.generation = Some(generation);
+        plans.read_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Every SKU on sale, or only those whose planned time has come.
+    fn planned(&self, due_only: bool, pick: impl Fn(&Plan) -> Instant) -> Vec<SkuId> {
+        let now = Instant::now();
+        self.plans()
+            .skus
+            .iter()
+            .filter(|(_, plan)| !due_only || pick(plan) <= now)
+            .map(|(sku, _)| sku.clone())
+            .collect()
     }
 
     pub fn with_claim_idle(mut self, claim_idle: Duration) -> Worker {
@@ -82,13 +199,19 @@ impl Worker {
         self
     }
 
-    /// Expires every due hold of every SKU, one bounded batch per script call. SKUs
-    /// are swept WORKER_SKU_CONCURRENCY at a time (their calls share the multiplexed
-    /// connection's pipeline), so a pass over thousands of SKUs is bounded by Redis's
-    /// work, not by round trips. A SKU that fails does not stop the others; the pass
-    /// then returns the first error.
+    /// Expires every due hold of every SKU on sale (and retires the SKUs whose sale is
+    /// over), one bounded batch per script call. SKUs are swept WORKER_SKU_CONCURRENCY
+    /// at a time (their calls share the multiplexed connection's pipeline). A SKU that
+    /// fails does not stop the others; the pass then returns the first error.
     pub async fn sweep_once(&self) -> Result<SweepReport> {
-        let swept: Vec<Result<u64>> = stream::iter(self.store.sku_ids().await?)
+        self.sweep_pass(false).await
+    }
+
+    /// A pass over the SKUs on sale whose planned visit has come (`due_only`), or all.
+    async fn sweep_pass(&self, due_only: bool) -> Result<SweepReport> {
+        self.refresh_plans().await?;
+        let skus = self.planned(due_only, |plan| plan.next_sweep);
+        let swept: Vec<Result<u64>> = stream::iter(skus)
             .map(|sku| self.sweep_sku(sku))
             .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
             .collect()
@@ -110,42 +233,81 @@ impl Worker {
         }
     }
 
-    /// Expires every due hold of one SKU, batch after batch.
+    /// Expires every due hold of one SKU, batch after batch, then plans its next visit
+    /// (or, when the sweep retired it, takes it out of the index).
     pub async fn sweep_sku(&self, sku: SkuId) -> Result<u64> {
         let mut expired = 0;
         loop {
+            let started = Instant::now();
             let swept = self.store.sweep(&sku).await?;
             expired += swept.expired;
-            if let Some(available) = swept.available {
-                telemetry::available_stock(sku.as_str(), available);
-            }
             // A batch of stale index entries expires nothing but still makes progress.
             if swept.still_due == 0 || swept.examined == 0 {
+                self.after_sweep(&sku, &swept, started).await?;
                 return Ok(expired);
             }
         }
     }
 
-    /// Flushes at most one batch per SKU; call until `flushed == 0` to drain. A SKU
-    /// whose flush fails does not hold the others back: every SKU gets its batch, then
-    /// the first failure is returned (an outage of MySQL or Redis ends the pass's flushing).
+    async fn after_sweep(&self, sku: &SkuId, swept: &Swept, started: Instant) -> Result<()> {
+        if swept.state == SaleState::Retired {
+            self.store.unindex_retired(sku).await?;
+            self.plans().forget(sku);
+            tracing::info!(sku = %sku, "SKU retired: its sale is over and MySQL has everything");
+            return Ok(());
+        }
+        if let Some(available) = swept.available {
+            telemetry::available_stock(sku.as_str(), available);
+        }
+        let wait_ms = match swept.state {
+            // Waiting for its last holds to end and its outbox to drain.
+            SaleState::Ended => swept
+                .next_deadline_ms
+                .map_or(0, |d| d - swept.now_ms)
+                .min(1_000),
+            // No hold created after this call can fall due before one hold length.
+            SaleState::Open => {
+                let first_due = swept.next_deadline_ms.map(|d| d - swept.now_ms);
+                let hold = swept.hold_ms.unwrap_or(0);
+                first_due.map_or(hold, |d| d.min(hold))
+            }
+            SaleState::Missing | SaleState::Retired => i64::MAX,
+        };
+        let wait = Duration::from_millis(wait_ms.max(0) as u64).min(limits::SWEEP_IDLE_RECHECK);
+        self.plans().plan(sku).next_sweep = started + wait;
+        Ok(())
+    }
+
+    /// Flushes at most one batch per SKU on sale; call until `flushed == 0` to drain.
+    /// A SKU whose flush fails does not hold the others back: every SKU gets its batch,
+    /// then the first failure is returned (an outage of MySQL or Redis ends the pass's
+    /// flushing).
     pub async fn flush_once(&self) -> Result<FlushReport> {
-        let (report, failure) = self.flush_pass().await?;
+        let (report, failure) = self.flush_pass(false).await?;
         match failure {
             Some(e) => Err(e),
             None => Ok(report),
         }
     }
 
-    /// One batch per SKU; Err only when the SKUs cannot even be listed.
-    async fn flush_pass(&self) -> Result<(FlushReport, Option<Error>)> {
+    /// One batch per SKU looked at: all SKUs on sale, or (`planned`) those this process
+    /// wrote to, those with a backlog and those whose idle probe is due. Err only when
+    /// the SKUs cannot even be listed.
+    async fn flush_pass(&self, planned: bool) -> Result<(FlushReport, Option<Error>)> {
+        self.refresh_plans().await?;
+        let mut skus = self.planned(planned, |plan| plan.next_probe);
+        let hinted: std::collections::HashSet<SkuId> =
+            self.store.outbox_hints.take().into_iter().collect();
+        if planned {
+            let listed: std::collections::HashSet<SkuId> = skus.iter().cloned().collect();
+            skus.extend(hinted.iter().filter(|s| !listed.contains(*s)).cloned());
+        }
         let mut report = FlushReport::default();
         let mut failure = None;
-        let mut backlog = 0;
         let mut outage = false;
         // One cheap XINFO per SKU first, many at once: most SKUs have nothing to
         // flush most of the time.
-        let probed: Vec<(SkuId, u64)> = stream::iter(self.store.sku_ids().await?)
+        let probed: Vec<(SkuId, u64)> = stream::iter(skus)
             .map(|sku| async move {
                 let waiting = self.store.outbox_backlog(&sku).await.unwrap_or(1);
                 (sku, waiting)
@@ -153,29 +315,80 @@ impl Worker {
             .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
             .collect()
             .await;
-        for (sku, waiting) in probed {
+        for (sku, mut waiting) in probed {
             // After an outage of MySQL or Redis, every other SKU would only wait for
             // the same timeouts: the pass just measures the backlog from there on.
-            if outage || waiting == 0 {
-                backlog += waiting;
-                continue;
-            }
-            match self.flush_sku(&sku).await {
-                Ok(flushed) => report.flushed += flushed,
-                Err(e @ Error::Unavailable { .. }) => {
-                    outage = true;
-                    failure = Some(e);
+            if !outage && waiting > 0 {
+                match self.flush_sku(&sku).await {
+                    Ok(flushed) => report.flushed += flushed,
+                    Err(e @ Error::Unavailable { .. }) => {
+                        outage = true;
+                        failure = Some(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!(sku = %sku, error = %e, "flush of one SKU failed");
+                        failure.get_or_insert(e);
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(sku = %sku, error = %e, "flush of one SKU failed");
-                    failure.get_or_insert(e);
-                }
+                waiting = self.store.outbox_backlog(&sku).await.unwrap_or(waiting);
             }
-            backlog += self.store.outbox_backlog(&sku).await.unwrap_or(0);
+            if !outage {
+                self.reap_consumers(&sku).await;
+            }
+            self.after_probe(&sku, waiting, hinted.contains(&sku));
         }
+        let backlog = self.plans().skus.values().map(|p| p.backlog).sum();
         telemetry::flushed(report.flushed);
         telemetry::outbox_backlog(backlog);
         Ok((report, failure))
+    }
+
+    /// Plans the SKU's next probe: at once while it has a backlog, else after a wait
+    /// that doubles with every idle probe, from one flush interval up to
+    /// FLUSH_IDLE_PROBE_MAX.
+    fn after_probe(&self, sku: &SkuId, waiting: u64, hinted: bool) {
+        let mut plans = self.plans();
+        let Some(plan) = plans.skus.get_mut(sku) else {
+            return; // not (or no longer) on sale
+        };
+        plan.backlog = waiting;
+        if waiting > 0 || hinted {
+            plan.idle_probes = 0;
+            plan.next_probe = Instant::now();
+        } else {
+            plan.idle_probes = plan.idle_probes.saturating_add(1);
+            let wait = IDLE_PROBE_FIRST
+                .saturating_mul(1 << plan.idle_probes.min(8))
+                .min(limits::FLUSH_IDLE_PROBE_MAX);
+            plan.next_probe = Instant::now() + wait;
+        }
+    }
+
+    /// Drops the SKU's dead flush consumers, at most every CONSUMER_REAP_EVERY.
+    async fn reap_consumers(&self, sku: &SkuId) {
+        {
+            let mut plans = self.plans();
+            let Some(plan) = plans.skus.get_mut(sku) else {
+                return;
+            };
+            if plan.next_reap > Instant::now() {
+                return;
+            }
+            plan.next_reap = Instant::now() + limits::CONSUMER_REAP_EVERY;
+        }
+        match self
+            .store
+            .reap_flush_consumers(sku, limits::CONSUMER_REAP_IDLE, &self.consumer)
+            .await
+        {
+            Ok(0) => {}
+            Ok(reaped) => {
+                tracing::info!(sku = %sku, reaped, "dropped stopped consumers from the flush group")
+            }
+            Err(e) => {
+                tracing::warn!(sku = %sku, error = %e, "could not drop stopped flush consumers")
+            }
+        }
     }
 
     /// One transaction per batch; XACK only after the commit, so a crash anywhere
@@ -252,6 +465,10 @@ impl Worker {
         let mut conn = self.store.connection();
         let reply: Value = match command().query_async(&mut conn).await {
             Err(e) if e.code() == Some("NOGROUP") => {
+                // Retired meanwhile: nothing to flush, and no stream to create again.
+                if !self.store.on_sale(sku).await? {
+                    return Ok(Vec::new());
+                }
                 // The group (or the stream) is gone, e.g. after Redis lost data: the
                 // group starts from the beginning of whatever the stream holds.
                 self.store.ensure_outbox_group(sku).await?;
@@ -315,7 +532,7 @@ impl Worker {
     /// be flushed (after the others were drained as far as they go).
     pub async fn flush_all(&self) -> Result<u64> {
         let (stop, _) = watch::channel(false);
-        self.drain(&stop.subscribe()).await
+        self.drain(&stop.subscribe(), false).await
     }
 
     /// Runs the sweeper, the flush and the reconciler side by side until `shutdown`
@@ -356,7 +573,7 @@ impl Worker {
                 changed = shutdown.changed() => if changed.is_err() { break } else { continue },
             }
             let started = Instant::now();
-            if let Err(e) = self.sweep_once().await {
+            if let Err(e) = self.sweep_pass(true).await {
                 tracing::warn!(error = %e, "sweep failed");
             }
             let took = started.elapsed();
@@ -373,7 +590,7 @@ impl Worker {
     async fn flush_loop(&self, every: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
         while !*shutdown.borrow() {
-            let wait = match self.drain(&shutdown).await {
+            let wait = match self.drain(&shutdown, true).await {
                 Ok(_) => {
                     if !backoff.is_zero() {
                         tracing::info!("flush recovered");
@@ -398,11 +615,12 @@ impl Worker {
 
     /// Flushes batch after batch while any SKU makes progress (a failing SKU does not
     /// stop the others); stops between batches when shutdown is asked for. Err when,
-    /// at the end, some SKU still failed.
-    async fn drain(&self, shutdown: &watch::Receiver<bool>) -> Result<u64> {
+    /// at the end, some SKU still failed. `planned`: only the SKUs the plan says to
+    /// look at (see flush_pass), else every SKU on sale.
+    async fn drain(&self, shutdown: &watch::Receiver<bool>, planned: bool) -> Result<u64> {
         let mut total = 0;
         while !*shutdown.borrow() {
-            let (report, failure) = self.flush_pass().await?;
+            let (report, failure) = self.flush_pass(planned).await?;
             total += report.flushed;
             if report.flushed == 0 {
                 return match failure {

@@ -13,4 +13,5 @@ mod operations;
 mod ops;
 mod races;
 mod reserve;
+mod retirement;
 mod server;
