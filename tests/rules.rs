@@ -100,16 +100,36 @@ impl Sale {
 
     /// sweep.lua at `now`: (expired, still due).
     async fn sweep_at(&self, now: i64, batch: u32) -> (i64, i64) {
-        let (expired, due, _, _): (i64, i64, Option<i64>, i64) =
+        let (expired, due, _) = self.sweep_state_at(now, batch).await;
+        (expired, due)
+    }
+
+    /// sweep.lua at `now`: (expired, still due, the SKU's life-cycle state).
+    async fn sweep_state_at(&self, now: i64, batch: u32) -> (i64, i64, String) {
+        type Reply = (
+            i64,
+            i64,
+            Option<i64>,
+            i64,
+            i64,
+            Option<String>,
+            Option<i64>,
+            String,
+        );
+        let (expired, due, _, _, _, _, _, state): Reply =
             script_with_clock(include_str!("../lua/sweep.lua"), now)
                 .key(&self.keys.meta)
                 .key(&self.keys.used)
                 .key(&self.keys.deadlines)
+                .key(&self.keys.outbox)
+                .key(&self.keys.comps)
+                .key(&self.keys.uholds)
                 .arg(batch)
+                .arg(86_400_000)
                 .invoke_async(&mut self.conn())
                 .await
                 .unwrap();
-        (expired, due)
+        (expired, due, state)
     }
 
     async fn used(&self, user: &str) -> Option<i64> {
@@ -250,4 +270,67 @@ async fn a_batch_written_twice_counts_its_sales_once() {
     .await
     .unwrap();
     assert_eq!((sold, sales), (2, 1));
+}
+
+/// The flush group has taken and acknowledged everything in the outbox.
+async fn flushed_everything(sale: &Sale) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(&sale.keys.outbox)
+        .arg(flashgate::keys::FLUSH_GROUP)
+        .arg("$")
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_has_everything() {
+    let sale = Sale::new("rule-retire", 1).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    // Ends after the first hold's deadline, before the second one's.
+    let end = now + 90_000;
+    let definition = SkuDefinition {
+        stock_total: 10,
+        per_user_limit: 1,
+        hold_seconds: 60,
+        starts_at_ms: None,
+        ends_at_ms: Some(end),
+    };
+    sale.store
+        .load_sku(&sale.sku, &definition, 0)
+        .await
+        .unwrap();
+    let (_, first_due) = sale.hold("u", "k", 1).await;
+    assert!(first_due < end);
+    assert_eq!(
+        sale.sweep_state_at(end - 1, 10).await,
+        (1, 0, "open".into())
+    );
+    // Ended, but the expiry's outbox event is not acknowledged by the flush yet.
+    assert_eq!(sale.sweep_state_at(end, 10).await.2, "ended");
+    flushed_everything(&sale).await;
+    assert_eq!(sale.sweep_state_at(end, 10).await.2, "retired");
+    assert_eq!(sale.sweep_state_at(end + 1, 10).await.2, "retired");
+    assert_eq!(sale.used("u").await, None, "the usage went with it");
+
+    // A live hold past the end keeps the SKU until it ends and is flushed.
+    let sale = Sale::new("rule-retire-live", 1).await;
+    let definition = SkuDefinition {
+        ends_at_ms: Some(now + 30_000),
+        ..definition
+    };
+    sale.store
+        .load_sku(&sale.sku, &definition, 0)
+        .await
+        .unwrap();
+    let (_, due) = sale.hold("u", "k", 1).await;
+    let end = now + 30_000;
+    assert!(due > end);
+    assert_eq!(sale.sweep_state_at(end, 10).await, (0, 0, "ended".into()));
+    flushed_everything(&sale).await;
+    assert_eq!(sale.sweep_state_at(due - 1, 10).await.2, "ended");
+    assert_eq!(sale.sweep_state_at(due, 10).await, (1, 0, "ended".into()));
+    flushed_everything(&sale).await;
+    assert_eq!(sale.sweep_state_at(due, 10).await.2, "retired");
 }
