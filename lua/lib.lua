@@ -17,6 +17,10 @@
 --                                created_at keep_until payment_ref
 --                                comp:<payment_ref> -> compensation id
 --   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = key lifetime (below)
+--   fg:{sku}:churn       HASH   user id -> "<holds released> <window end ms>": holds the
+--                                user cancelled or let expire in the current window
+--                                (the key lifetime), to cap what one account leaves
+--                                behind (ended reservations and keys live that long)
 --   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
 --                                reconciler check runs (meta `rlog_until`), see
 --                                recon_begin.lua; gone when the check ends
@@ -91,6 +95,45 @@ local function record_end(prefix, rid, r, now)
     'at', string.format('%d', now))
 end
 
+-- Counts one more hold the user released (cancelled or let expire) in the current
+-- window, which starts with the first release and lasts one key lifetime (what an
+-- ended reservation and its key stay in Redis).
+local function count_release(prefix, user, window_ms, now)
+  if not window_ms then
+    return -- a reservation from before key lifetimes were recorded
+  end
+  local key = prefix .. 'churn'
+  local entry = redis.call('HGET', key, user)
+  local count, window_end = 0, now + window_ms
+  if entry then
+    local space = string.find(entry, ' ', 1, true)
+    local ends = tonumber(string.sub(entry, space + 1))
+    if now < ends then
+      count, window_end = tonumber(string.sub(entry, 1, space - 1)), ends
+    end
+  end
+  redis.call('HSET', key, user, string.format('%d %d', count + 1, window_end))
+end
+
+-- Whether the user released `cap` holds of the SKU in the current window (cap 0: never).
+-- An entry whose window is over is dropped.
+local function churn_capped(prefix, user, cap, now)
+  if not cap or cap <= 0 then
+    return false
+  end
+  local key = prefix .. 'churn'
+  local entry = redis.call('HGET', key, user)
+  if not entry then
+    return false
+  end
+  local space = string.find(entry, ' ', 1, true)
+  if now >= tonumber(string.sub(entry, space + 1)) then
+    redis.call('HDEL', key, user)
+    return false
+  end
+  return tonumber(string.sub(entry, 1, space - 1)) >= cap
+end
+
 -- Ends a live hold as `final_status` ('cancelled' or 'expired') and returns its
 -- units to `available`. Returns false (and changes nothing) when it is not live,
 -- which is what makes a release happen exactly once.
@@ -110,6 +153,8 @@ local function release(meta, used, deadlines, rkey, rid, final_status, now)
   redis.call('ZREM', deadlines, rid)
   local prefix = sku_prefix(meta)
   forget_user_hold(prefix, r[2], rid)
+  local keep_until = tonumber(r[7] or '')
+  count_release(prefix, r[2], keep_until and (keep_until - tonumber(r[4])), now)
   r[1] = final_status
   record_end(prefix, rid, r, now)
   keep_ended(rkey, r[7], now)
@@ -276,7 +321,7 @@ end
 -- key creates at most one hold, and lives at least as long as that hold can be paid
 -- (key_ttl_ms >= hold + payment grace); available never goes below 0.
 local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, quantity, rid,
-                            idem_ttl_ms, grace_ms, reclaim_limit, now)
+                            idem_ttl_ms, grace_ms, reclaim_limit, churn_cap, now)
   local prior = redis.call('GET', idem_key)
   if prior then
     local space = string.find(prior, ' ', 1, true)
@@ -308,6 +353,10 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
     end
   end
   if already + quantity > sale.limit then
+    return { 'limit_exceeded' }
+  end
+  -- What one account can leave behind per SKU and key lifetime is bounded.
+  if churn_capped(sku_prefix(meta), user, churn_cap, now) then
     return { 'limit_exceeded' }
   end
   if sale.available < quantity then

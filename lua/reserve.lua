@@ -5,6 +5,7 @@
 -- ARGV[1] user id   ARGV[2] quantity (>= 1)   ARGV[3] new reservation id
 -- ARGV[4] idempotency TTL (ms)   ARGV[5] payment grace (ms)
 -- ARGV[6] expired holds to reclaim before sold_out
+-- ARGV[7] holds a user may release per key lifetime before `limit_exceeded` (0: no cap)
 --
 -- Replies:
 --   {'created', expires_at, created_at}   a new hold: rid, user, quantity as asked, status held
@@ -18,6 +19,6 @@
 -- replay (max(idempotency TTL, hold + grace)); available never goes below 0.
 local sale = load_sale(KEYS[1])
 local reply = reserve_hold(sale, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1],
-  tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), now_ms())
+  tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), now_ms())
 save_sale(KEYS[1], sale)
 return reply

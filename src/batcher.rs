@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
-use crate::store::{KeyLifetime, ReserveOutcome, ReserveRequest, Store};
+use crate::store::{ReserveOutcome, ReserveRequest, ReserveSettings, Store};
 
 /// What one batch call does: one outcome per request, in order.
 pub trait BatchWork: Send + Sync + 'static {
@@ -108,7 +108,7 @@ impl<W: BatchWork> Batcher<W> {
 /// Reserves: a batch of one runs `reserve.lua`, more run `reserve_batch.lua`.
 pub struct Reserves {
     pub store: Store,
-    pub keys_ttl: KeyLifetime,
+    pub keys_ttl: ReserveSettings,
 }
 
 impl BatchWork for Reserves {

@@ -118,6 +118,16 @@ pub struct ServeArgs {
         default_value_t = 86_400
     )]
     pub idempotency_ttl_seconds: u64,
+    /// Holds one user may release (cancel or let expire) per SKU within one key
+    /// lifetime (max(idempotency TTL, hold + grace)) before further reserves of that SKU
+    /// answer `limit_exceeded`: what one account can leave behind in Redis is bounded.
+    /// 0: no cap.
+    #[arg(
+        long,
+        env = "FLASHGATE_MAX_RELEASED_HOLDS_PER_USER",
+        default_value_t = limits::MAX_RELEASED_HOLDS_PER_USER
+    )]
+    pub max_released_holds_per_user: u64,
     /// Seconds of clock skew allowed on a user JWT's `exp` and `nbf`.
     #[arg(long, env = "FLASHGATE_JWT_LEEWAY_SECONDS", default_value_t = limits::JWT_LEEWAY_SECONDS)]
     pub jwt_leeway_seconds: u64,
@@ -305,6 +315,8 @@ pub struct TokenArgs {
 pub struct GatewaySettings {
     pub payment_grace: Duration,
     pub idempotency_ttl: Duration,
+    /// See ServeArgs::max_released_holds_per_user.
+    pub released_holds_cap: u64,
     pub wait_replicas: u32,
     pub wait_timeout: Duration,
     /// Signs reservation ids (derived from the JWT secret).
@@ -331,6 +343,7 @@ impl GatewaySettings {
         Ok(GatewaySettings {
             payment_grace: Duration::from_secs(args.payment_grace_seconds),
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
+            released_holds_cap: args.max_released_holds_per_user,
             wait_replicas: args.redis.redis_wait_replicas,
             wait_timeout: Duration::from_millis(args.redis.redis_wait_timeout_ms),
             id_key: crate::ids::IdKey::derive(&args.jwt_secret),

@@ -15,7 +15,9 @@ use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
 };
 use crate::sold_out::SoldOutFlags;
-use crate::store::{ConfirmOutcome, KeyLifetime, Loaded, ReserveOutcome, ReserveRequest, Store};
+use crate::store::{
+    ConfirmOutcome, Loaded, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+};
 use crate::telemetry;
 use std::sync::Arc;
 
@@ -38,9 +40,10 @@ impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
         let reserves = Arc::new(Batcher::new(Reserves {
             store: store.clone(),
-            keys_ttl: KeyLifetime {
+            keys_ttl: ReserveSettings {
                 idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
                 payment_grace_ms: settings.payment_grace.as_millis() as u64,
+                released_holds_cap: settings.released_holds_cap,
             },
         }));
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {

@@ -48,6 +48,9 @@ pub const SWEEP_IDLE_RECHECK: Duration = Duration::from_secs(60);
 /// FLUSH_CLAIM_IDLE: its entries were claimed by then).
 pub const CONSUMER_REAP_EVERY: Duration = Duration::from_secs(300);
 pub const CONSUMER_REAP_IDLE: Duration = Duration::from_secs(600);
+/// Default FLASHGATE_MAX_RELEASED_HOLDS_PER_USER: far above what a real buyer does
+/// (reserve, change their mind, reserve again), far below a reserve → cancel loop.
+pub const MAX_RELEASED_HOLDS_PER_USER: u64 = 20;
 /// Idempotency keys: a week is longer than any client retries. An ended reservation
 /// stays in Redis as long as the key that created it (lib.lua `keep_until`), so a
 /// replay always finds it; MySQL records it for longer.

@@ -223,9 +223,12 @@ pub struct ReserveRequest {
 /// How long an idempotency key lives: the configured TTL, and never less than the
 /// hold it creates can live (hold + payment grace; the script takes the larger).
 #[derive(Debug, Clone, Copy)]
-pub struct KeyLifetime {
+pub struct ReserveSettings {
     pub idempotency_ttl_ms: u64,
     pub payment_grace_ms: u64,
+    /// Holds one user may release (cancel, or let expire) per SKU within one key
+    /// lifetime before reserves of that SKU answer `limit_exceeded`; 0: no cap.
+    pub released_holds_cap: u64,
 }
 
 /// What the reserve script decided.
@@ -380,7 +383,7 @@ impl Store {
         &self,
         sku: &SkuId,
         request: &ReserveRequest,
-        keys_ttl: KeyLifetime,
+        keys_ttl: ReserveSettings,
     ) -> Result<ReserveOutcome> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
@@ -397,6 +400,7 @@ impl Store {
             .arg(keys_ttl.idempotency_ttl_ms)
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
+            .arg(keys_ttl.released_holds_cap)
             .invoke_async(&mut conn)
             .await?;
         reserve_outcome(sku, request, &reply)
@@ -428,7 +432,7 @@ impl Store {
         &self,
         sku: &SkuId,
         requests: &[ReserveRequest],
-        keys_ttl: KeyLifetime,
+        keys_ttl: ReserveSettings,
     ) -> Result<Vec<Result<ReserveOutcome>>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
@@ -439,7 +443,8 @@ impl Store {
             .key(&keys.deadlines)
             .arg(keys_ttl.idempotency_ttl_ms)
             .arg(keys_ttl.payment_grace_ms)
-            .arg(limits::RESERVE_RECLAIM_BATCH);
+            .arg(limits::RESERVE_RECLAIM_BATCH)
+            .arg(keys_ttl.released_holds_cap);
         for request in requests {
             invocation
                 .key(keys.idempotency(&request.user_id, &request.idempotency_key))

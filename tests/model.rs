@@ -15,7 +15,7 @@ use flashgate::error::Error;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::{Refusal, SkuDefinition, Status};
-use flashgate::store::{ConfirmOutcome, KeyLifetime, ReserveOutcome, ReserveRequest, Store};
+use flashgate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -24,9 +24,10 @@ const PER_USER_LIMIT: u64 = 3;
 const GRACE_MS: u64 = 300_000;
 const HOLD_MS: u64 = 600_000;
 /// Far below hold + grace: the key must live for the hold, not for this.
-const KEYS_TTL: KeyLifetime = KeyLifetime {
+const KEYS_TTL: ReserveSettings = ReserveSettings {
     idempotency_ttl_ms: 1_000,
     payment_grace_ms: GRACE_MS,
+    released_holds_cap: 0,
 };
 
 fn id_key() -> ids::IdKey {

@@ -8,7 +8,7 @@ mod common;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::SkuDefinition;
-use flashgate::store::{script_with_clock, KeyLifetime, ReserveOutcome, ReserveRequest, Store};
+use flashgate::store::{script_with_clock, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
 use redis::aio::ConnectionLike;
 
 const GRACE_MS: u64 = 1;
@@ -44,9 +44,10 @@ impl Sale {
             idempotency_key: key.into(),
             reservation_id: ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&self.sku),
         };
-        let ttl = KeyLifetime {
+        let ttl = ReserveSettings {
             idempotency_ttl_ms: 1_000,
             payment_grace_ms: GRACE_MS,
+            released_holds_cap: 2,
         };
         match self.store.reserve(&self.sku, &request, ttl).await.unwrap() {
             ReserveOutcome::Created(r) => (r.reservation_id, r.expires_at_ms),
@@ -333,4 +334,55 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     assert_eq!(sale.sweep_state_at(due, 10).await, (1, 0, "ended".into()));
     flushed_everything(&sale).await;
     assert_eq!(sale.sweep_state_at(due, 10).await.2, "retired");
+}
+
+impl Sale {
+    /// reserve.lua at `now` with a cap of 2 released holds: the reply's first word.
+    async fn reserve_at(&self, user: &str, key: &str, now: i64) -> String {
+        let rid = ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&self.sku);
+        let reply: Vec<String> = script_with_clock(include_str!("../lua/reserve.lua"), now)
+            .key(&self.keys.meta)
+            .key(&self.keys.used)
+            .key(&self.keys.deadlines)
+            .key(self.keys.idempotency(user, key))
+            .key(self.keys.reservation(&rid))
+            .arg(user)
+            .arg(1)
+            .arg(&rid)
+            .arg(1_000)
+            .arg(GRACE_MS)
+            .arg(10)
+            .arg(2)
+            .invoke_async(&mut self.conn())
+            .await
+            .unwrap();
+        reply[0].clone()
+    }
+}
+
+#[tokio::test]
+async fn a_user_who_released_the_cap_of_holds_waits_for_the_window_to_end() {
+    let sale = Sale::new("rule-churn", 1).await;
+    let (first, expires_at) = sale.hold("u", "k1", 1).await;
+    // The window opens with the first release and lasts one key lifetime:
+    // max(idempotency TTL 1 s, hold 60 s + grace).
+    let released_at = expires_at - 30_000;
+    let window_end = released_at + 60_000 + GRACE_MS as i64;
+    sale.cancel_at(&first, released_at).await;
+    let (second, _) = sale.hold("u", "k2", 1).await;
+    sale.cancel_at(&second, released_at + 1).await;
+    assert_eq!(
+        sale.reserve_at("u", "k3", window_end - 1).await,
+        "limit_exceeded"
+    );
+    assert_eq!(sale.reserve_at("v", "k3", window_end - 1).await, "created");
+    assert_eq!(sale.reserve_at("u", "k3", window_end).await, "created");
+    // A new window: the entry of the old one was dropped.
+    let churn: Option<String> = redis::cmd("HGET")
+        .arg(format!("fg:{{{}}}:churn", sale.sku))
+        .arg("u")
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(churn, None);
 }

@@ -230,3 +230,54 @@ async fn beyond_the_in_flight_cap_requests_are_shed_at_once() {
     let view = app.assert_stock_adds_up(&sku).await;
     assert!(view["held"].as_u64().unwrap() >= 2, "{view}");
 }
+
+/// Reserve → cancel churn: one account may release FLASHGATE_MAX_RELEASED_HOLDS_PER_USER
+/// holds of a SKU per key lifetime, then gets `limit_exceeded` for that SKU: what it can
+/// leave behind in Redis (ended reservations and their keys) is bounded. Concurrent
+/// loops of the same user cannot slip past the cap (one script decides each reserve).
+#[tokio::test]
+async fn one_user_cannot_churn_reserve_and_cancel_without_bound() {
+    const CAP: u64 = 3;
+    let app = spawn_app_with(ServeArgs {
+        max_released_holds_per_user: CAP,
+        ..serve_args(&redis_url(), &database_url())
+    })
+    .await;
+    let sku = unique_sku("churn");
+    app.create_sku(&sku, json!({ "stock": 100, "per_user_limit": 2 }))
+        .await;
+    let token = user_token("churner");
+    // Two loops at once, each reserve → cancel until refused.
+    let churn = |lane: u32| {
+        let app = &app;
+        let (sku, token) = (sku.clone(), token.clone());
+        async move {
+            for (released, i) in (0..20).enumerate() {
+                let (status, body) = app
+                    .reserve(&sku, "churner", &format!("k{lane}-{i}"), 1)
+                    .await;
+                if status == StatusCode::CONFLICT {
+                    assert_eq!(body["code"], "limit_exceeded", "{body}");
+                    return released as u64;
+                }
+                assert_eq!(status, StatusCode::CREATED, "{body}");
+                let id = body["reservation_id"].as_str().unwrap();
+                assert_eq!(app.cancel(id, &token).await.0, StatusCode::OK);
+            }
+            panic!("never capped");
+        }
+    };
+    let (a, b) = tokio::join!(churn(1), churn(2));
+    // Each loop stops at its first refusal; together they released at most CAP + 1
+    // (a reserve admitted at CAP - 1 releases may be cancelled after the other lane's).
+    assert!(a + b >= CAP && a + b <= CAP + 1, "released {a} + {b}");
+    // Refused from now on, whatever the key; other users are not affected.
+    let (status, body) = app.reserve(&sku, "churner", "k-late", 1).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("limit_exceeded"))
+    );
+    app.hold(&sku, "honest").await;
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["held"], 1);
+}

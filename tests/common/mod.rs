@@ -50,6 +50,9 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         service_token: SERVICE_TOKEN.into(),
         payment_grace_seconds: 300,
         idempotency_ttl_seconds: 86_400,
+        // Off: race tests cancel and reserve again freely; tests/api/admission.rs turns
+        // it on.
+        max_released_holds_per_user: 0,
         jwt_leeway_seconds: 0,
         connections: ConnectionSettings::default(),
         // Off: the race tests reserve hundreds of times from one address, some users
