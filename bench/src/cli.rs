@@ -28,6 +28,7 @@ pub struct Args {
     #[arg(
         long,
         env = "FLASHGATE_BENCH_BASE_URL",
+        global = true,
         default_value = "http://127.0.0.1:8080"
     )]
     pub base_url: String,
@@ -44,6 +45,7 @@ pub struct Args {
     #[arg(
         long,
         env = "FLASHGATE_REDIS_URL",
+        global = true,
         default_value = "redis://127.0.0.1:6390"
     )]
     pub redis_url: String,
@@ -52,6 +54,7 @@ pub struct Args {
     #[arg(
         long,
         env = "FLASHGATE_DATABASE_URL",
+        global = true,
         default_value = "mysql://root@127.0.0.1:3316/flashgate",
         hide_env_values = true
     )]
@@ -63,6 +66,7 @@ pub struct Args {
         short = 'c',
         long,
         env = "FLASHGATE_BENCH_CONCURRENCY",
+        global = true,
         default_value_t = 256
     )]
     pub concurrency: usize,
@@ -173,7 +177,7 @@ pub struct Args {
     pub late_pay_ratio: f64,
 
     /// Seed of every random choice (printed; random by default).
-    #[arg(long, env = "FLASHGATE_BENCH_SEED")]
+    #[arg(long, env = "FLASHGATE_BENCH_SEED", global = true)]
     pub seed: Option<u64>,
 
     /// Prefix of the SKU ids this run creates (each run adds a unique suffix).
@@ -181,7 +185,7 @@ pub struct Args {
     pub sku_prefix: String,
 
     /// Gateway process to read RSS and CPU from; found by the listening port when omitted.
-    #[arg(long, env = "FLASHGATE_BENCH_GATEWAY_PID")]
+    #[arg(long, env = "FLASHGATE_BENCH_GATEWAY_PID", global = true)]
     pub gateway_pid: Option<u32>,
 
     /// redis-benchmark binary.
@@ -201,11 +205,11 @@ pub struct Args {
     pub redis_benchmark_requests: u64,
 
     /// Per-request timeout; a timed-out request counts as an error.
-    #[arg(long, env = "FLASHGATE_BENCH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FLASHGATE_BENCH_TIMEOUT", global = true, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
 
     /// How long the validation waits for the outbox to drain to MySQL.
-    #[arg(long, env = "FLASHGATE_BENCH_FLUSH_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FLASHGATE_BENCH_FLUSH_TIMEOUT", global = true, default_value = "60s", value_parser = parse_duration)]
     pub flush_timeout: Duration,
 
     /// The gateway's sweep interval (ms): expired holds must be back in `available`
@@ -218,11 +222,16 @@ pub struct Args {
     pub validate_sample: usize,
 
     /// Threads of the load generator (it shares the machine with the gateway and Redis).
-    #[arg(long, env = "FLASHGATE_BENCH_THREADS", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_THREADS",
+        global = true,
+        default_value_t = 1
+    )]
     pub threads: usize,
 
     /// Where the JSON report and the SVG chart go.
-    #[arg(long, env = "FLASHGATE_BENCH_OUTPUT_DIR", default_value = DEFAULT_OUTPUT_DIR)]
+    #[arg(long, env = "FLASHGATE_BENCH_OUTPUT_DIR", global = true, default_value = DEFAULT_OUTPUT_DIR)]
     pub output_dir: PathBuf,
 
     /// Exit 1 when a performance target is missed (not only on a failed validation).
@@ -230,8 +239,218 @@ pub struct Args {
     pub enforce_targets: bool,
 
     /// No progress bars.
-    #[arg(long, env = "FLASHGATE_BENCH_NO_PROGRESS")]
+    #[arg(long, env = "FLASHGATE_BENCH_NO_PROGRESS", global = true)]
     pub no_progress: bool,
+
+    /// Without a subcommand: the load run (phases, validation, baselines).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Cost curves: what the gateway's background work, health endpoints and
+    /// reconciliation cost as the number of SKUs and of live holds grows. Defines its
+    /// own SKUs (scale-<run id>-...), writes holds straight into Redis with the gateway's
+    /// reserve script, runs `flashgate reconcile` as a subprocess, deletes the SKUs' Redis
+    /// keys at the end. Prints tables, writes scale-<run id>.json and .svg.
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScalePart {
+    /// The SKU-count curve.
+    Skus,
+    /// The hold-count curve on one SKU.
+    Holds,
+}
+
+/// Where `flashgate` is unless --flashgate-bin says otherwise: this checkout's release build.
+const DEFAULT_FLASHGATE_BIN: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/flashgate");
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScaleArgs {
+    /// Which curves: skus, holds.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_SCALE_PARTS",
+        value_delimiter = ',',
+        default_value = "skus,holds"
+    )]
+    pub scale_parts: Vec<ScalePart>,
+
+    /// SKU-count curve: total SKUs at each step, increasing (each step defines the
+    /// difference through the admin API). `k` and `m` suffixes allowed (100k).
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_SKUS", value_delimiter = ',',
+          default_value = "100,10000,100000", value_parser = parse_count)]
+    pub scale_skus: Vec<u64>,
+
+    /// SKU-count curve: how many of them stay on sale (no ends_at; the first defined);
+    /// every other one's sale ends --scale-ends-after after its definition.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_ON_SALE", default_value_t = 100)]
+    pub scale_on_sale: u64,
+
+    /// SKU-count curve: a SKU that does not stay on sale ends this long after it was defined.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_ENDS_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub scale_ends_after: Duration,
+
+    /// SKU-count curve: wait this long after the last sale ended before measuring.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_SETTLE", default_value = "5s", value_parser = parse_duration)]
+    pub scale_settle: Duration,
+
+    /// SKU-count curve: then wait up to this long more, until the ended SKUs have left
+    /// the gateway's index (it retires them at its next planned visit), before
+    /// measuring; 0: measure at once, retired or not.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_RETIRE_WAIT", default_value = "90s", value_parser = parse_duration)]
+    pub scale_retire_wait: Duration,
+
+    /// Admin PUTs in flight while defining SKUs.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_SCALE_DEFINE_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub scale_define_concurrency: usize,
+
+    /// SKU-count curve: the idle window over which Redis commands per second are counted.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_WINDOW", default_value = "5s", value_parser = parse_duration)]
+    pub scale_window: Duration,
+
+    /// SKU-count curve: sequential GET /readyz per step.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_SCALE_READYZ_REQUESTS",
+        default_value_t = 200
+    )]
+    pub scale_readyz_requests: usize,
+
+    /// SKU-count curve: sequential GET /metrics per step.
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_SCALE_METRICS_REQUESTS",
+        default_value_t = 100
+    )]
+    pub scale_metrics_requests: usize,
+
+    /// SKU-count curve: scrapes of flashgate_sweep_pass_seconds per step, a second apart.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_SWEEP_SAMPLES", default_value_t = 5)]
+    pub scale_sweep_samples: usize,
+
+    /// Hold-count curve: live holds on one SKU at each step, increasing (each step
+    /// writes the difference). `k` and `m` suffixes allowed (1m).
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_HOLDS", value_delimiter = ',',
+          default_value = "1000,100000,1000000", value_parser = parse_count)]
+    pub scale_holds: Vec<u64>,
+
+    /// Hold-count curve: reserve script calls per Redis pipeline while writing holds.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_PIPELINE", default_value_t = 1000)]
+    pub scale_pipeline: usize,
+
+    /// Hold-count curve: holds cancelled over HTTP at the end (bytes per ended
+    /// reservation); at most the last --scale-holds step.
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_CANCEL", default_value = "10000", value_parser = parse_count)]
+    pub scale_cancel: u64,
+
+    /// Hold-count curve: length of each reserve-throughput window on the second SKU
+    /// (alone, then while `flashgate reconcile --sku` runs on the SKU with the most holds).
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_LOAD_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub scale_load_duration: Duration,
+
+    /// The gateway binary, for `flashgate reconcile` (gets the harness's Redis and MySQL
+    /// URLs and secrets in its environment).
+    #[arg(long, env = "FLASHGATE_BENCH_FLASHGATE_BIN", default_value = DEFAULT_FLASHGATE_BIN)]
+    pub flashgate_bin: PathBuf,
+
+    /// A `flashgate reconcile` running longer than this is killed (and reported so).
+    #[arg(long, env = "FLASHGATE_BENCH_SCALE_RECONCILE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub scale_reconcile_timeout: Duration,
+
+    /// Where the gateway serves /metrics, when not on --base-url
+    /// (FLASHGATE_METRICS_LISTEN), e.g. http://127.0.0.1:9100/metrics.
+    #[arg(long, env = "FLASHGATE_BENCH_METRICS_URL")]
+    pub metrics_url: Option<String>,
+}
+
+impl ScaleArgs {
+    /// Holds cancelled at the end: --scale-cancel, at most the holds written.
+    pub fn cancels(&self) -> u64 {
+        self.scale_cancel
+            .min(self.scale_holds.last().copied().unwrap_or(0))
+    }
+
+    pub fn wants(&self, part: ScalePart) -> bool {
+        self.scale_parts.contains(&part)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(!self.scale_parts.is_empty(), "--scale-parts names nothing");
+        check_steps("--scale-skus", &self.scale_skus, 1_000_000)?;
+        check_steps("--scale-holds", &self.scale_holds, 10_000_000)?;
+        ensure!(
+            (1..=1024).contains(&self.scale_define_concurrency),
+            "--scale-define-concurrency must be within 1..=1024"
+        );
+        ensure!(
+            (1..=100_000).contains(&self.scale_pipeline),
+            "--scale-pipeline must be within 1..=100000"
+        );
+        ensure!(
+            self.scale_window >= Duration::from_millis(500),
+            "--scale-window must be at least 500ms"
+        );
+        ensure!(
+            self.scale_ends_after >= Duration::from_secs(1),
+            "--scale-ends-after must be at least 1s (the admin PUT must land before the end)"
+        );
+        ensure!(
+            self.scale_readyz_requests >= 1 && self.scale_metrics_requests >= 1,
+            "--scale-readyz-requests and --scale-metrics-requests must be at least 1"
+        );
+        ensure!(
+            !self.scale_load_duration.is_zero(),
+            "--scale-load-duration must be positive"
+        );
+        if let Some(url) = &self.metrics_url {
+            ensure!(
+                url.starts_with("http://"),
+                "--metrics-url must be an http:// URL"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Steps of a curve: non-empty, each at least 1, strictly increasing, at most `max`.
+fn check_steps(flag: &str, steps: &[u64], max: u64) -> Result<()> {
+    ensure!(!steps.is_empty(), "{flag} names no step");
+    ensure!(steps[0] >= 1, "{flag}: steps must be at least 1");
+    ensure!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "{flag}: steps must increase ({steps:?}): each step adds to the last"
+    );
+    ensure!(
+        steps.last().is_some_and(|&last| last <= max),
+        "{flag}: at most {max}"
+    );
+    Ok(())
+}
+
+/// `100`, `10_000`, `100k`, `1m`, `1M`.
+pub fn parse_count(raw: &str) -> Result<u64> {
+    let raw = raw.trim().replace('_', "");
+    let (number, factor) = match raw.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&raw[..i], 1_000),
+        Some((i, 'm' | 'M')) => (&raw[..i], 1_000_000),
+        _ => (raw.as_str(), 1),
+    };
+    let value: u64 = number
+        .parse()
+        .with_context(|| format!("not a count: {raw:?} (try 100, 10000, 100k, 1m)"))?;
+    value
+        .checked_mul(factor)
+        .with_context(|| format!("count too large: {raw:?}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
@@ -482,6 +701,65 @@ mod tests {
         assert_eq!(t.port, 8080);
         assert!(a.wants_baseline(BaselineName::Mysql));
         assert!(a.wants_baseline(BaselineName::Redis));
+    }
+
+    #[test]
+    fn counts_parse() {
+        assert_eq!(parse_count("100").unwrap(), 100);
+        assert_eq!(parse_count("10_000").unwrap(), 10_000);
+        assert_eq!(parse_count("100k").unwrap(), 100_000);
+        assert_eq!(parse_count("1M").unwrap(), 1_000_000);
+        assert!(parse_count("").is_err());
+        assert!(parse_count("1.5k").is_err());
+        assert!(parse_count("-3").is_err());
+    }
+
+    fn scale(extra: &[&str]) -> ScaleArgs {
+        let mut argv = vec!["scale"];
+        argv.extend_from_slice(extra);
+        match args(&argv).command {
+            Some(Command::Scale(s)) => s,
+            None => panic!("no subcommand"),
+        }
+    }
+
+    #[test]
+    fn scale_subcommand_parses() {
+        assert!(
+            args(&[]).command.is_none(),
+            "the default run has no subcommand"
+        );
+        let s = scale(&[]);
+        s.validate().unwrap();
+        assert_eq!(s.scale_skus, vec![100, 10_000, 100_000]);
+        assert_eq!(s.scale_holds, vec![1_000, 100_000, 1_000_000]);
+        assert!(s.wants(ScalePart::Skus) && s.wants(ScalePart::Holds));
+        let s = scale(&[
+            "--scale-skus",
+            "100,2k",
+            "--scale-holds",
+            "1000,20000",
+            "--scale-cancel",
+            "500",
+            "--scale-parts",
+            "holds",
+        ]);
+        s.validate().unwrap();
+        assert_eq!(s.scale_skus, vec![100, 2_000]);
+        assert_eq!(s.scale_holds, vec![1_000, 20_000]);
+        assert!(!s.wants(ScalePart::Skus));
+        // Global flags may come after the subcommand.
+        let a = args(&["scale", "--base-url", "http://127.0.0.1:8097", "-c", "64"]);
+        assert_eq!(a.target().unwrap().port, 8097);
+        assert_eq!(a.concurrency, 64);
+        assert!(scale(&["--scale-skus", "100,100"]).validate().is_err());
+        assert!(scale(&["--scale-skus", "1000,100"]).validate().is_err());
+        assert!(scale(&["--scale-holds", "0,10"]).validate().is_err());
+        assert_eq!(
+            scale(&["--scale-holds", "1000"]).cancels(),
+            1000,
+            "capped by the holds"
+        );
     }
 
     #[test]

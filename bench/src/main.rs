@@ -3,15 +3,18 @@
 //! A run: set up SKUs through the admin API → warm-up → load phases (reserve, soldout,
 //! mixed) → validation against the API and MySQL → baselines (MySQL transaction per
 //! reservation, redis-benchmark EVALSHA of the reserve script) → ratios → JSON + SVG.
+//! `flashgate-bench scale`: the cost curves (SKU count, live holds), see src/scale.rs.
 
 mod baseline_mysql;
 mod baseline_redis;
 mod cli;
 mod client;
 mod gateway;
+mod ids;
 mod load;
 mod probe;
 mod report;
+mod scale;
 mod stats;
 mod validate;
 
@@ -26,7 +29,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cli::{Args, BaselineName, PhaseName};
+use cli::{Args, BaselineName, Command, PhaseName};
 use load::{Ctx, Workload};
 use probe::{Pids, Snapshot};
 use report::{
@@ -64,7 +67,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(args)) {
+    let outcome = match args.command.clone() {
+        Some(Command::Scale(scale)) => {
+            if let Err(e) = scale.validate() {
+                eprintln!("flashgate-bench scale: {e:#}");
+                return ExitCode::from(2);
+            }
+            runtime.block_on(scale::run(args, scale))
+        }
+        None => runtime.block_on(run(args)),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
