@@ -317,8 +317,6 @@ pub struct GatewaySettings {
     pub idempotency_ttl: Duration,
     /// See ServeArgs::max_released_holds_per_user.
     pub released_holds_cap: u64,
-    pub wait_replicas: u32,
-    pub wait_timeout: Duration,
     /// Signs reservation ids (derived from the JWT secret).
     pub id_key: crate::ids::IdKey,
 }
@@ -344,8 +342,6 @@ impl GatewaySettings {
             payment_grace: Duration::from_secs(args.payment_grace_seconds),
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
             released_holds_cap: args.max_released_holds_per_user,
-            wait_replicas: args.redis.redis_wait_replicas,
-            wait_timeout: Duration::from_millis(args.redis.redis_wait_timeout_ms),
             id_key: crate::ids::IdKey::derive(&args.jwt_secret),
         })
     }

@@ -9,7 +9,7 @@ use crate::auth::Caller;
 use crate::batcher::{Batcher, IdempotencyProbes, Reserves};
 use crate::config::GatewaySettings;
 use crate::db;
-use crate::error::{Error, Outcome, Result};
+use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
@@ -125,7 +125,6 @@ impl Gateway {
         {
             self.store.index_compensation(compensation_id, &sku).await?;
         }
-        self.wait_for_replicas().await?;
         match outcome {
             ConfirmOutcome::Confirmed(t) => {
                 if t.changed {
@@ -460,30 +459,6 @@ impl Gateway {
                 Err(e) => Err(e),
                 _ => Err(Error::Refused(Refusal::NotFound)),
             },
-        }
-    }
-
-    async fn wait_for_replicas(&self) -> Result<()> {
-        let settings = &self.settings;
-        let acknowledged = self
-            .store
-            .wait_for_replicas(
-                settings.wait_replicas,
-                settings.wait_timeout.as_millis() as u64,
-            )
-            .await?;
-        if acknowledged {
-            Ok(())
-        } else {
-            // Applied on the primary, not yet on enough replicas: a failover now could
-            // lose it. A retry with the same payment_ref tells.
-            Err(Error::unavailable(
-                format!(
-                    "fewer than {} replicas acknowledged in {:?}; retry with the same payment_ref",
-                    settings.wait_replicas, settings.wait_timeout
-                ),
-                Outcome::Unknown,
-            ))
         }
     }
 }

@@ -63,6 +63,10 @@ pub const TIMESTAMP_MAX_MS: i64 = 253_402_300_799_999;
 /// One Redis round trip slower than this means Redis is in trouble: answer 503.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to Redis.
+/// Dedicated connections for confirms that wait for replicas (store::ReplicatedWrites):
+/// each is blocked for up to FLASHGATE_REDIS_WAIT_TIMEOUT_MS per confirm, so this many
+/// confirms wait at once; more queue for a connection (at most REDIS_RESPONSE_TIMEOUT).
+pub const WAIT_CONNECTIONS: usize = 64;
 pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// MySQL pool: enough for the admin path, the flush worker and reconciliation.
 pub const MYSQL_POOL_MAX: u32 = 16;

@@ -21,7 +21,9 @@ pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     let admission = Admission::new(&args.admission).map_err(anyhow::Error::msg)?;
     let redis = store::connect(&args.redis).await?;
     let pool = db::connect(&args.database.database_url)?;
-    let gateway = Gateway::new(store::Store::new(redis), pool, settings);
+    let store = store::Store::new(redis)
+        .with_replicated_writes(store::ReplicatedWrites::connect(&args.redis)?);
+    let gateway = Gateway::new(store, pool, settings);
     Ok(Arc::new(AppState {
         gateway,
         admission: Arc::new(admission),

@@ -8,7 +8,7 @@ use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
 use std::sync::LazyLock;
 
 use crate::config::RedisArgs;
-use crate::error::{Error, Result};
+use crate::error::{Error, Outcome, Result};
 use crate::ids::SkuId;
 use crate::keys::{SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_INDEX, SKU_INDEX_GENERATION};
 use crate::limits;
@@ -210,6 +210,140 @@ pub async fn connect(args: &RedisArgs) -> Result<RedisConnection> {
     ))
 }
 
+/// Writes that must reach replicas before they are answered
+/// (FLASHGATE_REDIS_WAIT_REPLICAS): the script and its WAIT run on one connection taken
+/// from a small pool of dedicated ones, so the WAIT counts exactly that connection's
+/// writes and blocks nobody else (every reserve shares the multiplexed connection, and
+/// WAIT blocks the connection it runs on). On a cluster the WAIT goes to the primary
+/// that owns the SKU's slot, the one that ran the script: its own replicas'
+/// acknowledgements, never the least over every primary (a shard without a replica,
+/// as a failover leaves one for a while, does not stall every other shard's confirms).
+#[derive(Clone)]
+pub struct ReplicatedWrites {
+    pool: WaitPool,
+    replicas: u32,
+    timeout: std::time::Duration,
+}
+
+#[derive(Clone)]
+enum WaitPool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+impl ReplicatedWrites {
+    /// None when no replica is waited for.
+    pub fn connect(args: &RedisArgs) -> Result<Option<ReplicatedWrites>> {
+        if args.redis_wait_replicas == 0 {
+            return Ok(None);
+        }
+        let timeout = std::time::Duration::from_millis(args.redis_wait_timeout_ms);
+        let setup = |e: &dyn std::fmt::Display| Error::Internal(format!("redis wait pool: {e}"));
+        let pool = if args.redis_cluster {
+            let nodes: Vec<String> = args
+                .redis_url
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .collect();
+            let manager = deadpool_redis::cluster::Manager::new(nodes, false)?;
+            WaitPool::Cluster(
+                deadpool_redis::cluster::Pool::builder(manager)
+                    .max_size(limits::WAIT_CONNECTIONS)
+                    .wait_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+                    .create_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
+                    .recycle_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| setup(&e))?,
+            )
+        } else {
+            // The WAIT may block up to its timeout: the response deadline is longer.
+            let config = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(timeout + limits::REDIS_RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(limits::REDIS_CONNECT_TIMEOUT));
+            let manager =
+                deadpool_redis::Manager::new_with_config(args.redis_url.as_str(), config)?;
+            WaitPool::Single(
+                deadpool_redis::Pool::builder(manager)
+                    .max_size(limits::WAIT_CONNECTIONS)
+                    .wait_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+                    .create_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
+                    .recycle_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| setup(&e))?,
+            )
+        };
+        Ok(Some(ReplicatedWrites {
+            pool,
+            replicas: args.redis_wait_replicas,
+            timeout,
+        }))
+    }
+
+    /// Runs the script on a dedicated connection, then WAIT on that same connection
+    /// (on a cluster, routed to the primary of `slot_key`'s slot). Err unavailable with
+    /// an unknown outcome when fewer replicas acknowledged in time: the write is on the
+    /// primary and a failover now could lose it; a retry tells.
+    async fn invoke(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        slot_key: &str,
+    ) -> Result<Vec<String>> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.replicas).arg(self.timeout.as_millis() as u64);
+        let run = async {
+            let (reply, acknowledged): (Vec<String>, u32) = match &self.pool {
+                WaitPool::Single(pool) => {
+                    let mut conn = pool.get().await.map_err(pool_error)?;
+                    let reply = invocation.invoke_async(&mut conn).await?;
+                    (reply, wait.query_async(&mut conn).await?)
+                }
+                WaitPool::Cluster(pool) => {
+                    use redis::cluster_routing::{
+                        Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                    };
+                    let mut conn = pool.get().await.map_err(pool_error)?;
+                    let reply = invocation.invoke_async(&mut conn).await?;
+                    let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::with_key(slot_key, SlotAddr::Master),
+                    ));
+                    let acknowledged = conn.route_command(wait, primary).await?;
+                    let acknowledged = redis::from_redis_value(acknowledged)
+                        .map_err(|e| Error::Internal(format!("WAIT reply: {e}")))?;
+                    (reply, acknowledged)
+                }
+            };
+            Ok::<_, Error>((reply, acknowledged))
+        };
+        let deadline = self.timeout + 2 * limits::REDIS_RESPONSE_TIMEOUT;
+        let (reply, acknowledged) = tokio::time::timeout(deadline, run).await.map_err(|_| {
+            Error::unavailable(
+                "redis: a write waiting for replicas timed out",
+                Outcome::Unknown,
+            )
+        })??;
+        if acknowledged < self.replicas {
+            return Err(Error::unavailable(
+                format!(
+                    "fewer than {} replicas acknowledged in {:?}; retry with the same payment_ref",
+                    self.replicas, self.timeout
+                ),
+                Outcome::Unknown,
+            ));
+        }
+        Ok(reply)
+    }
+}
+
+/// No pooled connection could be had: nothing was sent.
+fn pool_error(e: deadpool_redis::PoolError) -> Error {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => e.into(),
+        other => Error::unavailable(format!("redis: {other}"), Outcome::NotApplied),
+    }
+}
+
 /// One reserve request as the scripts take it.
 #[derive(Debug, Clone)]
 pub struct ReserveRequest {
@@ -332,6 +466,8 @@ pub struct OutboxEntry {
 #[derive(Clone)]
 pub struct Store {
     conn: RedisConnection,
+    /// Confirms go here when they must wait for replicas (see ReplicatedWrites).
+    replicated: Option<ReplicatedWrites>,
     pub outbox_hints: std::sync::Arc<OutboxHints>,
 }
 
@@ -339,8 +475,15 @@ impl Store {
     pub fn new(conn: RedisConnection) -> Store {
         Store {
             conn,
+            replicated: None,
             outbox_hints: Default::default(),
         }
+    }
+
+    /// Confirms (and the compensations they record) wait for replicas on these.
+    pub fn with_replicated_writes(mut self, replicated: Option<ReplicatedWrites>) -> Store {
+        self.replicated = replicated;
+        self
     }
 
     pub fn connection(&self) -> RedisConnection {
@@ -472,9 +615,8 @@ impl Store {
         new_compensation_id: &str,
     ) -> Result<ConfirmOutcome> {
         let keys = SkuKeys::new(sku);
-        let mut conn = self.conn.clone();
-        let reply: Vec<String> = SCRIPTS
-            .confirm
+        let mut invocation = SCRIPTS.confirm.prepare_invoke();
+        invocation
             .key(&keys.meta)
             .key(&keys.used)
             .key(&keys.deadlines)
@@ -483,9 +625,11 @@ impl Store {
             .arg(reservation_id)
             .arg(sku.as_str())
             .arg(payment_ref)
-            .arg(new_compensation_id)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(new_compensation_id);
+        let reply: Vec<String> = match &self.replicated {
+            Some(replicated) => replicated.invoke(&invocation, &keys.meta).await?,
+            None => invocation.invoke_async(&mut self.conn.clone()).await?,
+        };
         self.outbox_hints.note(sku);
         match reply.first().map(String::as_str) {
             Some("confirmed" | "unchanged") => {
@@ -961,20 +1105,6 @@ impl Store {
         let _: () = conn.hdel(SkuKeys::new(sku).comps, ids).await?;
         let _: () = conn.hdel(COMPENSATION_INDEX, ids).await?;
         Ok(())
-    }
-
-    /// Redis WAIT: true when `replicas` acknowledged every write of this connection.
-    pub async fn wait_for_replicas(&self, replicas: u32, timeout_ms: u64) -> Result<bool> {
-        if replicas == 0 {
-            return Ok(true);
-        }
-        let mut conn = self.conn.clone();
-        let acknowledged: u32 = redis::cmd("WAIT")
-            .arg(replicas)
-            .arg(timeout_ms)
-            .query_async(&mut conn)
-            .await?;
-        Ok(acknowledged >= replicas)
     }
 }
 

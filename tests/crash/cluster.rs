@@ -152,3 +152,128 @@ async fn the_scripts_run_unchanged_on_redis_cluster() {
         assert_eq!(report.exit_code(), 0, "{:?}", report.findings);
     }
 }
+
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> T {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Whether `port`'s node serves `sku`'s slot (as its own `CLUSTER NODES` line says).
+async fn serves(port: u16, sku: &str) -> bool {
+    let slot: u16 = query(
+        port,
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("fg:{{{sku}}}:meta")),
+    )
+    .await;
+    let nodes: String = query(port, redis::cmd("CLUSTER").arg("NODES")).await;
+    let me = nodes.lines().find(|l| l.contains("myself")).unwrap();
+    me.split_whitespace().skip(8).any(|range| {
+        let (from, to) = range.split_once('-').unwrap_or((range, range));
+        match (from.parse::<u16>(), to.parse::<u16>()) {
+            (Ok(from), Ok(to)) => (from..=to).contains(&slot),
+            _ => false,
+        }
+    })
+}
+
+/// FLASHGATE_REDIS_WAIT_REPLICAS on a cluster waits for the replicas of the primary
+/// that ran the confirm, not for the least over every primary: with one replica on
+/// one primary only, confirms of its SKUs are answered 200, those of another
+/// primary's SKUs 503 (no replica there to acknowledge).
+#[tokio::test]
+async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
+    let nodes: Vec<ClusterNode> = (0..4).map(|_| start_node()).collect();
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            assert!(Instant::now() < deadline, "cluster node did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let address = |n: &ClusterNode| format!("127.0.0.1:{}", n.port);
+    let cli = || Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"));
+    let created = cli()
+        .args(["--cluster", "create"])
+        .args(nodes[..3].iter().map(address))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(created.status.success(), "{created:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes[..3] {
+        while !cluster_state_ok(node.port).await {
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The fourth node replicates the first primary only.
+    let first_id: String = query(nodes[0].port, redis::cmd("CLUSTER").arg("MYID")).await;
+    let added = cli()
+        .args([
+            "--cluster",
+            "add-node",
+            &address(&nodes[3]),
+            &address(&nodes[0]),
+        ])
+        .args(["--cluster-slave", "--cluster-master-id", &first_id])
+        .output()
+        .expect("redis-cli runs");
+    assert!(added.status.success(), "{added:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = query(nodes[3].port, redis::cmd("INFO").arg("replication")).await;
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut with_replica = None;
+    let mut without_replica = None;
+    while with_replica.is_none() || without_replica.is_none() {
+        let sku = unique_sku("wait-own");
+        if serves(nodes[0].port, &sku).await {
+            with_replica.get_or_insert(sku);
+        } else {
+            without_replica.get_or_insert(sku);
+        }
+    }
+    let (with_replica, without_replica) = (with_replica.unwrap(), without_replica.unwrap());
+    let urls: Vec<String> = nodes[..3]
+        .iter()
+        .map(|n| format!("redis://{}", address(n)))
+        .collect();
+    let mut args = serve_args(&urls.join(","), &database_url());
+    args.redis.redis_cluster = true;
+    args.redis.redis_wait_replicas = 1;
+    args.redis.redis_wait_timeout_ms = 500;
+    let app = spawn_app_with(args).await;
+    for sku in [&with_replica, &without_replica] {
+        app.create_sku(sku, json!({"stock": 2})).await;
+    }
+    let held = app.hold(&with_replica, "buyer").await;
+    let (status, view) = app.confirm(&held, "pay").await;
+    assert_eq!(
+        (status, &view["status"]),
+        (StatusCode::OK, &json!("confirmed")),
+        "{view}"
+    );
+    let held = app.hold(&without_replica, "buyer").await;
+    let (status, problem) = app.confirm(&held, "pay").await;
+    assert_eq!(
+        (status, &problem["code"], &problem["outcome"]),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("unavailable"),
+            &json!("unknown")
+        ),
+        "{problem}"
+    );
+}
