@@ -309,8 +309,11 @@ impl ReplicatedWrites {
                         Route::with_key(slot_key, SlotAddr::Master),
                     ));
                     let acknowledged = conn.route_command(wait, primary).await?;
-                    let acknowledged = redis::from_redis_value(acknowledged)
-                        .map_err(|e| Error::Internal(format!("WAIT reply: {e}")))?;
+                    // Anything but a count (a node failing over) is an outage: the
+                    // script ran, whether it reached a replica is unknown.
+                    let acknowledged = redis::from_redis_value(acknowledged).map_err(|e| {
+                        Error::unavailable(format!("redis: WAIT: {e}"), Outcome::Unknown)
+                    })?;
                     (reply, acknowledged)
                 }
             };

@@ -11,16 +11,35 @@ use std::time::{Duration, Instant};
 
 struct ClusterNode {
     port: u16,
-    _dir: TempDir,
-    _proc: Proc,
+    bus_port: u16,
+    extra: Vec<String>,
+    dir: TempDir,
+    proc: Proc,
 }
 
 fn start_node() -> ClusterNode {
+    start_node_with(&[])
+}
+
+/// A cluster node; `extra` are more redis-server options.
+fn start_node_with(extra: &[&str]) -> ClusterNode {
     let port = free_port();
     // The bus port would default to port + 10000, outside the ports free_port hands
     // out (and possibly in the ephemeral range): pick it the same way.
     let bus_port = free_port();
     let dir = TempDir::new("cluster");
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let proc = spawn_node(port, bus_port, &extra, &dir);
+    ClusterNode {
+        port,
+        bus_port,
+        extra,
+        dir,
+        proc,
+    }
+}
+
+fn spawn_node(port: u16, bus_port: u16, extra: &[String], dir: &TempDir) -> Proc {
     let mut command = Command::new(tool("FLASHGATE_TEST_REDIS_SERVER", "/usr/bin/redis-server"));
     command
         .args([
@@ -33,17 +52,21 @@ fn start_node() -> ClusterNode {
         ])
         .args(["--appendonly", "no", "--cluster-enabled", "yes"])
         .args(["--cluster-port", &bus_port.to_string()])
+        .args(extra)
         .arg("--dir")
         .arg(dir.path())
         .arg("--cluster-config-file")
         .arg(dir.path().join("nodes.conf"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let proc = Proc::spawn("redis-server (cluster)", &mut command);
-    ClusterNode {
-        port,
-        _dir: dir,
-        _proc: proc,
+    Proc::spawn("redis-server (cluster)", &mut command)
+}
+
+impl ClusterNode {
+    /// Starts the node again with its cluster config: it rejoins the cluster (a primary
+    /// that was failed over comes back as a replica of its successor).
+    fn restart(&mut self) {
+        self.proc = spawn_node(self.port, self.bus_port, &self.extra, &self.dir);
     }
 }
 
@@ -183,9 +206,10 @@ async fn serves(port: u16, sku: &str) -> bool {
 /// that ran the confirm, not for the least over every primary: with one replica on
 /// one primary only, confirms of its SKUs are answered 200, those of another
 /// primary's SKUs 503 (no replica there to acknowledge).
-#[tokio::test]
-async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
-    let nodes: Vec<ClusterNode> = (0..4).map(|_| start_node()).collect();
+/// Three primaries, and a fourth node replicating the first one only (synced).
+/// `extra`: more redis-server options for every node.
+async fn cluster_with_one_replica(extra: &[&str]) -> Vec<ClusterNode> {
+    let nodes: Vec<ClusterNode> = (0..4).map(|_| start_node_with(extra)).collect();
     for node in &nodes {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
@@ -193,7 +217,6 @@ async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let address = |n: &ClusterNode| format!("127.0.0.1:{}", n.port);
     let cli = || Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"));
     let created = cli()
         .args(["--cluster", "create"])
@@ -209,7 +232,6 @@ async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // The fourth node replicates the first primary only.
     let first_id: String = query(nodes[0].port, redis::cmd("CLUSTER").arg("MYID")).await;
     let added = cli()
         .args([
@@ -234,18 +256,30 @@ async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    nodes
+}
 
-    let mut with_replica = None;
-    let mut without_replica = None;
-    while with_replica.is_none() || without_replica.is_none() {
-        let sku = unique_sku("wait-own");
-        if serves(nodes[0].port, &sku).await {
-            with_replica.get_or_insert(sku);
+fn address(node: &ClusterNode) -> String {
+    format!("127.0.0.1:{}", node.port)
+}
+
+/// Two SKUs: one served by the first node, one by another primary.
+async fn skus_on_and_off(first: &ClusterNode) -> (String, String) {
+    let mut on = None;
+    let mut off = None;
+    while on.is_none() || off.is_none() {
+        let sku = unique_sku("shard");
+        if serves(first.port, &sku).await {
+            on.get_or_insert(sku);
         } else {
-            without_replica.get_or_insert(sku);
+            off.get_or_insert(sku);
         }
     }
-    let (with_replica, without_replica) = (with_replica.unwrap(), without_replica.unwrap());
+    (on.unwrap(), off.unwrap())
+}
+
+/// Gateway settings for the three primaries, waiting for one replica.
+fn cluster_args(nodes: &[ClusterNode]) -> flashgate::config::ServeArgs {
     let urls: Vec<String> = nodes[..3]
         .iter()
         .map(|n| format!("redis://{}", address(n)))
@@ -254,7 +288,14 @@ async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
     args.redis.redis_cluster = true;
     args.redis.redis_wait_replicas = 1;
     args.redis.redis_wait_timeout_ms = 500;
-    let app = spawn_app_with(args).await;
+    args
+}
+
+#[tokio::test]
+async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
+    let nodes = cluster_with_one_replica(&[]).await;
+    let (with_replica, without_replica) = skus_on_and_off(&nodes[0]).await;
+    let app = spawn_app_with(cluster_args(&nodes)).await;
     for sku in [&with_replica, &without_replica] {
         app.create_sku(sku, json!({"stock": 2})).await;
     }
@@ -276,4 +317,113 @@ async fn a_confirm_waits_for_the_replicas_of_its_own_primary() {
         ),
         "{problem}"
     );
+}
+
+/// A primary SIGKILLed during a sale (FLASHGATE_REDIS_WAIT_REPLICAS=1), ten times in a
+/// row, the killed node coming back each time as its successor's replica. Until the
+/// replica is promoted, requests for its slots answer 503 (never 500, never a wrong
+/// answer) while other shards keep selling; then reserves succeed again (within the
+/// node timeout plus a few seconds); its confirms answer 503 `unknown` while the new
+/// primary has no replica to acknowledge them, and 200 once the old one rejoined; no
+/// confirm answered 200 is ever lost.
+#[tokio::test]
+async fn primaries_killed_mid_sale_fail_over_without_a_wrong_answer_or_a_lost_confirm() {
+    const FAILOVERS: usize = 10;
+    let mut nodes = cluster_with_one_replica(&[
+        "--cluster-node-timeout",
+        "1000",
+        "--cluster-require-full-coverage",
+        "no",
+    ])
+    .await;
+    let (doomed, other) = skus_on_and_off(&nodes[0]).await;
+    let app = spawn_app_with(cluster_args(&nodes)).await;
+    for sku in [&doomed, &other] {
+        app.create_sku(sku, json!({"stock": 10_000})).await;
+    }
+    let mut confirmed = Vec::new();
+    for i in 0..5 {
+        let rid = app.hold(&doomed, &format!("before{i}")).await;
+        let (status, view) = app.confirm(&rid, "pay").await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        confirmed.push(rid);
+    }
+
+    let mut outages = Vec::new();
+    for failover in 0..FAILOVERS {
+        // The doomed slot's primary: node 0 first, then its replica, and so on.
+        let victim = if failover % 2 == 0 { 0 } else { 3 };
+        nodes[victim].proc.kill();
+        let killed = Instant::now();
+        let mut round = 0;
+        let held = loop {
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "failover {failover}: the killed primary's slots never served again"
+            );
+            round += 1;
+            let user = format!("during{failover}-{round}");
+            let (on_doomed, on_other) = tokio::join!(
+                app.reserve(&doomed, &user, "k", 1),
+                // The other primary has no replica (its confirms cannot be acknowledged,
+                // by design); its reserves must go on.
+                app.reserve(&other, &user, "k", 1),
+            );
+            assert_eq!(
+                on_other.0,
+                StatusCode::CREATED,
+                "another shard was disturbed: {}",
+                on_other.1
+            );
+            match on_doomed.0 {
+                StatusCode::CREATED => {
+                    break on_doomed.1["reservation_id"].as_str().unwrap().to_owned()
+                }
+                StatusCode::SERVICE_UNAVAILABLE => {}
+                _ => panic!("a wrong answer during the failover: {}", on_doomed.1),
+            }
+        };
+        outages.push(killed.elapsed());
+        let (status, problem) = app.confirm(&held, "pay").await;
+        assert_eq!(
+            (status, &problem["outcome"]),
+            (StatusCode::SERVICE_UNAVAILABLE, &json!("unknown")),
+            "no replica to acknowledge: {problem}"
+        );
+        // The killed node rejoins as the new primary's replica: the retry of that
+        // confirm is acknowledged, and is its one sale.
+        nodes[victim].restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, view) = app.confirm(&held, "pay").await;
+            if status == StatusCode::OK {
+                assert_eq!(view["status"], "confirmed");
+                break;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{view}");
+            assert!(
+                Instant::now() < deadline,
+                "failover {failover}: confirms never acknowledged again"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        confirmed.push(held);
+    }
+    for rid in &confirmed {
+        let (status, view) = app.reservation(rid, SERVICE_TOKEN).await;
+        assert_eq!(
+            (status, &view["status"]),
+            (StatusCode::OK, &json!("confirmed")),
+            "{view}"
+        );
+    }
+    let view = app.assert_stock_adds_up(&doomed).await;
+    assert_eq!(
+        view["sold"].as_u64(),
+        Some(confirmed.len() as u64),
+        "{view}"
+    );
+    let worst = outages.iter().max().unwrap();
+    assert!(*worst < Duration::from_secs(15), "outages {outages:?}");
+    eprintln!("failovers: the killed primary's slots served again after {outages:?}");
 }
