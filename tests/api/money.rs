@@ -497,9 +497,11 @@ async fn reconcile_restores_every_term_from_mysql_and_one_broken_sku_does_not_st
     // The other SKU's state is unreadable (a key of the wrong type). Out of the SKU
     // index first: the other tests' sweeps walk it, and must not meet this one.
     let broken_keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&broken));
+    // (Two commands: the index and the SKU's keys may be in two cluster slots.)
+    let _: () = redis::AsyncCommands::srem(&mut conn, flashgate::keys::SKU_INDEX, &broken)
+        .await
+        .unwrap();
     let _: () = redis::pipe()
-        .srem(flashgate::keys::SKU_INDEX, &broken)
-        .ignore()
         .del(&broken_keys.deadlines)
         .ignore()
         .set(&broken_keys.deadlines, "not a zset")

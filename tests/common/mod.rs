@@ -21,6 +21,12 @@ pub fn redis_url() -> String {
     std::env::var("FLASHGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390/1".into())
 }
 
+/// FLASHGATE_REDIS_CLUSTER=1: FLASHGATE_REDIS_URL lists the nodes of a Redis Cluster
+/// (`scripts/dev test` runs the API suite a second time so).
+pub fn redis_cluster() -> bool {
+    std::env::var("FLASHGATE_REDIS_CLUSTER").is_ok_and(|v| v == "1" || v == "true")
+}
+
 pub fn database_url() -> String {
     std::env::var("FLASHGATE_DATABASE_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3316/flashgate_test".into())
@@ -60,7 +66,9 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         admission: AdmissionSettings::off(),
         redis: RedisArgs {
             redis_url: redis_url.into(),
-            redis_cluster: false,
+            // Only the shared servers may be a cluster; tests that start their own
+            // Redis pass its URL.
+            redis_cluster: redis_cluster() && redis_url == self::redis_url(),
             redis_wait_replicas: 0,
             redis_wait_timeout_ms: 500,
         },
