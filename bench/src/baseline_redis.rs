@@ -45,15 +45,15 @@ pub struct Outcome {
     pub runs: Vec<RedisBenchmark>,
 }
 
-struct RedisTarget {
-    host: String,
-    port: u16,
-    db: Option<u32>,
-    user: Option<String>,
-    password: Option<String>,
+pub(crate) struct RedisTarget {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) db: Option<u32>,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
 }
 
-fn parse_url(url: &str) -> Result<RedisTarget> {
+pub(crate) fn parse_url(url: &str) -> Result<RedisTarget> {
     let rest = url
         .strip_prefix("redis://")
         .context("--redis-url must be redis://")?;
