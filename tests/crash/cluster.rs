@@ -446,3 +446,184 @@ async fn primaries_killed_mid_sale_fail_over_without_a_wrong_answer_or_a_lost_co
     assert!(*worst < Duration::from_secs(15), "outages {outages:?}");
     eprintln!("failovers: the killed primary's slots served again after {outages:?}");
 }
+
+/// Three primaries, no replica. `extra`: more redis-server options for every node.
+async fn three_primaries(extra: &[&str]) -> Vec<ClusterNode> {
+    let nodes: Vec<ClusterNode> = (0..3).map(|_| start_node_with(extra)).collect();
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+            assert!(Instant::now() < deadline, "cluster node did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let created = Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"))
+        .args(["--cluster", "create"])
+        .args(nodes.iter().map(address))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(created.status.success(), "{created:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        while !cluster_state_ok(node.port).await {
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    nodes
+}
+
+/// The SKU's slot moves to another primary (`redis-cli --cluster reshard`, key by key)
+/// while it sells and a worker flushes: answers are right or 503 (never 500, never a
+/// wrong one), no unit is sold twice, MySQL records each sale once, and the reconciler
+/// finds no drift afterwards.
+#[tokio::test]
+async fn a_sku_resharded_during_a_sale_keeps_its_invariants() {
+    let nodes = three_primaries(&[]).await;
+    // A SKU in the first 200 slots of the first node: the ones the reshard moves.
+    let sku = loop {
+        let sku = unique_sku("reshard");
+        let slot: u16 = query(
+            nodes[0].port,
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("fg:{{{sku}}}:meta")),
+        )
+        .await;
+        if slot < 200 && serves(nodes[0].port, &sku).await {
+            break sku;
+        }
+    };
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("redis://{}", address(n)))
+        .collect();
+    let mut args = serve_args(&urls.join(","), &database_url());
+    args.redis.redis_cluster = true;
+    let app = std::sync::Arc::new(spawn_app_with(args).await);
+    const STOCK: u64 = 5_000;
+    app.create_sku(&sku, json!({"stock": STOCK, "per_user_limit": 1}))
+        .await;
+    // Keys in the slot before the move: 1,500 reservations, a third confirmed.
+    let mut sold = 0;
+    for i in 0..1_500 {
+        let rid = app.hold(&sku, &format!("early{i}")).await;
+        if i % 3 == 0 {
+            assert_eq!(app.confirm(&rid, "pay").await.0, StatusCode::OK);
+            sold += 1;
+        }
+    }
+
+    let from: String = query(nodes[0].port, redis::cmd("CLUSTER").arg("MYID")).await;
+    let to: String = query(nodes[1].port, redis::cmd("CLUSTER").arg("MYID")).await;
+    let mut reshard = Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"))
+        .args(["--cluster", "reshard", &address(&nodes[0])])
+        .args([
+            "--cluster-from",
+            &from,
+            "--cluster-to",
+            &to,
+            "--cluster-slots",
+            "200",
+        ])
+        .args(["--cluster-pipeline", "1", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-cli runs");
+    // Eight buyers at once until the move is over.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let moving = std::sync::Arc::new(AtomicBool::new(true));
+    let (sold_during, answered_503, rounds) = (
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+    );
+    let buyers: Vec<_> = (0..8)
+        .map(|buyer| {
+            let (app, sku, moving) = (app.clone(), sku.clone(), moving.clone());
+            let (sold_during, answered_503, rounds) =
+                (sold_during.clone(), answered_503.clone(), rounds.clone());
+            tokio::spawn(async move {
+                let mut round = 0;
+                while moving.load(Ordering::SeqCst) {
+                    round += 1;
+                    rounds.fetch_add(1, Ordering::SeqCst);
+                    let user = format!("during{buyer}-{round}");
+                    let (status, view) = app.reserve(&sku, &user, "k", 1).await;
+                    match status {
+                        StatusCode::CREATED => {}
+                        StatusCode::SERVICE_UNAVAILABLE => {
+                            answered_503.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        _ => panic!("a wrong answer during the reshard: {view}"),
+                    }
+                    let rid = view["reservation_id"].as_str().unwrap().to_owned();
+                    // A 503 is retried: the retry tells, and the sale happens once.
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    loop {
+                        let (status, view) = app.confirm(&rid, "pay").await;
+                        match status {
+                            StatusCode::OK => break,
+                            StatusCode::SERVICE_UNAVAILABLE => {
+                                answered_503.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => panic!("a wrong answer during the reshard: {view}"),
+                        }
+                        assert!(Instant::now() < deadline, "confirm never went through");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    sold_during.fetch_add(1, Ordering::SeqCst);
+                    if round % 20 == 0 {
+                        let _ = app.worker.flush_once().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let move_started = Instant::now();
+    let finished = loop {
+        if let Some(status) = reshard.try_wait().unwrap() {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    moving.store(false, Ordering::SeqCst);
+    for buyer in buyers {
+        buyer.await.unwrap();
+    }
+    sold += sold_during.load(Ordering::SeqCst);
+    let (round, unavailable) = (
+        rounds.load(Ordering::SeqCst),
+        answered_503.load(Ordering::SeqCst),
+    );
+    assert!(finished.success(), "redis-cli --cluster reshard failed");
+    assert!(serves(nodes[1].port, &sku).await, "the slot did not move");
+    let slot: u16 = query(
+        nodes[1].port,
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("fg:{{{sku}}}:meta")),
+    )
+    .await;
+    let moved: u64 = query(
+        nodes[1].port,
+        redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(slot),
+    )
+    .await;
+    eprintln!(
+        "reshard: {moved} keys of the SKU moved in {:?}; {round} reserves meanwhile, {unavailable} answered 503",
+        move_started.elapsed()
+    );
+
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["sold"].as_u64(), Some(sold), "{view}");
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, sold as i64);
+    let report = reconcile::run(&app.store, &app.db, Some(&TestApp::sku_id(&sku)), false)
+        .await
+        .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+}
