@@ -10,6 +10,7 @@ mod common;
 mod support;
 
 mod cluster;
+mod many_gateways;
 mod money;
 mod mysql_outage;
 mod reconcile;

@@ -1,0 +1,221 @@
+//! Several gateways and workers (issue 12 item 5): two `flashgate serve` processes
+//! (no worker) behind an imaginary load balancer and two `flashgate worker` processes
+//! sharing the sweep and the flush, on one Redis and one MySQL. Buyers race through
+//! both gateways at once; the stock is sold exactly, expired and cancelled units come
+//! back through either gateway, and MySQL records each sale once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::Barrier;
+
+use crate::common::{self, unique_sku, user_token, JWT_SECRET, SERVICE_TOKEN};
+use crate::support::*;
+
+struct Gateway {
+    base: String,
+    _proc: Proc,
+}
+
+async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
+    let port = free_port();
+    let mut command = flashgate(redis_url, database_url);
+    command
+        .arg("serve")
+        .arg("--no-worker")
+        .env("FLASHGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLASHGATE_JWT_SECRET", JWT_SECRET)
+        .env("FLASHGATE_SERVICE_TOKEN", SERVICE_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let proc = Proc::spawn("flashgate serve", &mut command);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "gateway on {port} never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Gateway { base, _proc: proc }
+}
+
+async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn reserve(client: &Client, base: &str, sku: &str, user: &str) -> (StatusCode, Value) {
+    answer(
+        client
+            .post(format!("{base}/v1/skus/{sku}/reservations"))
+            .bearer_auth(user_token(user))
+            .header("Idempotency-Key", "k")
+            .json(&json!({"quantity": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn service_post(client: &Client, url: String, body: Value) -> (StatusCode, Value) {
+    answer(
+        client
+            .post(url)
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// `users` buyers released at once, alternating between the gateways: the ids of the
+/// holds made (every other answer must be `sold_out`).
+async fn rush(
+    client: &Client,
+    gateways: &[Gateway],
+    sku: &str,
+    wave: &str,
+    users: usize,
+) -> Vec<String> {
+    let barrier = Arc::new(Barrier::new(users));
+    let tasks = (0..users).map(|i| {
+        let (client, barrier) = (client.clone(), barrier.clone());
+        let base = gateways[i % gateways.len()].base.clone();
+        let (sku, user) = (sku.to_owned(), format!("{wave}-{i}"));
+        tokio::spawn(async move {
+            barrier.wait().await;
+            reserve(&client, &base, &sku, &user).await
+        })
+    });
+    let mut held = Vec::new();
+    for result in join_all(tasks).await {
+        let (status, view) = result.unwrap();
+        match status {
+            StatusCode::CREATED => held.push(view["reservation_id"].as_str().unwrap().to_owned()),
+            StatusCode::CONFLICT => assert_eq!(view["code"], "sold_out", "{view}"),
+            _ => panic!("unexpected answer {status}: {view}"),
+        }
+    }
+    held
+}
+
+#[tokio::test]
+async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
+    const STOCK: usize = 100;
+    let redis = RedisServer::start(None).await;
+    let database_url = common::database_url();
+    shared_db().await;
+    let gateways = [
+        start_gateway(&redis.url(), &database_url).await,
+        start_gateway(&redis.url(), &database_url).await,
+    ];
+    let logs = TempDir::new("workers");
+    let _workers = [
+        WorkerProc::start(&redis.url(), &database_url, logs.path(), 2_000),
+        WorkerProc::start(&redis.url(), &database_url, logs.path(), 2_000),
+    ];
+    let client = Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    let sku = unique_sku("two-gateways");
+    let (status, view) = answer(
+        client
+            .put(format!("{}/v1/admin/skus/{sku}", gateways[0].base))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({"stock": STOCK, "per_user_limit": 1, "hold_seconds": 2}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+
+    // Wave 1: 600 buyers for 100 units, through both gateways at once.
+    let held = rush(&client, &gateways, &sku, "w1", 600).await;
+    assert_eq!(held.len(), STOCK);
+    // Half pay (through one gateway), a quarter cancel (through the other), the rest
+    // let their hold expire: the workers return those units.
+    let mut sold = Vec::new();
+    for (i, rid) in held.iter().enumerate() {
+        let base = &gateways[i % 2].base;
+        match i % 4 {
+            0 | 1 => {
+                let (status, view) = service_post(
+                    &client,
+                    format!("{base}/v1/reservations/{rid}/confirm"),
+                    json!({"payment_ref": format!("pay-{i}")}),
+                )
+                .await;
+                assert_eq!(status, StatusCode::OK, "{view}");
+                sold.push(rid.clone());
+            }
+            2 => {
+                let (status, view) = service_post(
+                    &client,
+                    format!("{base}/v1/reservations/{rid}/cancel"),
+                    json!({}),
+                )
+                .await;
+                assert_eq!(status, StatusCode::OK, "{view}");
+            }
+            _ => {}
+        }
+    }
+    // The abandoned holds expire (2 s) and the workers give their units back; the
+    // cancelled ones are back already. Wave 2 buys exactly what is left.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let again = rush(&client, &gateways, &sku, "w2", 300).await;
+    assert_eq!(
+        again.len(),
+        STOCK - sold.len(),
+        "the returned units, sold once more"
+    );
+
+    let view = answer(
+        client
+            .get(format!("{}/v1/skus/{sku}", gateways[1].base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .1;
+    let n = |f: &str| view[f].as_u64().unwrap();
+    assert_eq!(
+        n("available") + n("held") + n("sold"),
+        STOCK as u64,
+        "{view}"
+    );
+    assert_eq!(
+        (n("available"), n("sold")),
+        (0, sold.len() as u64),
+        "{view}"
+    );
+    // Both workers flush; MySQL ends with each sale once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (rows, _, mysql_sold) = mysql_sales(&shared_db().await, &sku).await;
+        if rows as usize == sold.len() {
+            assert_eq!(mysql_sold as usize, sold.len());
+            break;
+        }
+        assert!(rows as usize <= sold.len(), "a sale recorded twice");
+        assert!(
+            Instant::now() < deadline,
+            "the workers never flushed: {rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
