@@ -278,6 +278,12 @@ impl AdmissionSettings {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
+    /// Serve `/metrics` (and `/healthz`) on this address: the worker's own figures
+    /// (sweep pass, outbox backlog, reconcile drift, open compensations).
+    #[arg(long, env = "FLASHGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]

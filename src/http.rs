@@ -133,6 +133,25 @@ pub fn metrics_router(state: SharedState) -> Router {
         .with_state(state)
 }
 
+/// `/metrics` and `/healthz` of a `flashgate worker` process (FLASHGATE_METRICS_LISTEN).
+pub fn worker_metrics_router() -> Router {
+    let page = Arc::new(telemetry::MetricsPage::default());
+    let metrics = move || {
+        let page = page.clone();
+        async move {
+            (
+                [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+                page.get(&telemetry::prometheus()),
+            )
+                .into_response()
+        }
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+}
+
 // ---------------------------------------------------------------- errors
 
 /// The outcome code of a response, for the request metrics.

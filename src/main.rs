@@ -33,12 +33,30 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Worker(args) => {
             let _metrics = telemetry::prometheus();
+            let shutdown = server::shutdown_signal();
+            let metrics = match &args.metrics_listen {
+                Some(address) => {
+                    let listener = flashgate::connections::bind(address).await?;
+                    tracing::info!(listen = %listener.local_addr()?, "worker metrics serving");
+                    let limits = args.connections.limits().map_err(anyhow::Error::msg)?;
+                    Some(tokio::spawn(flashgate::connections::serve(
+                        listener,
+                        flashgate::http::worker_metrics_router(),
+                        limits,
+                        shutdown.clone(),
+                    )))
+                }
+                None => None,
+            };
             let redis = store::Store::new(store::connect(&args.redis).await?);
             let pool = db::connect(&args.database.database_url)?;
             worker::Worker::new(redis, pool)
                 .with_claim_idle(args.worker.flush_claim_idle())
-                .run(args.worker, server::shutdown_signal())
+                .run(args.worker, shutdown)
                 .await;
+            if let Some(metrics) = metrics {
+                metrics.await?;
+            }
         }
         Command::Reconcile(args) => {
             let only = match &args.sku {

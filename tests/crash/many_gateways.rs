@@ -219,3 +219,43 @@ async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `flashgate worker` with FLASHGATE_METRICS_LISTEN serves its own figures, so the
+/// alert rules on the sweep, the backlog and the reconciler see workers that run apart
+/// from the gateways.
+#[tokio::test]
+async fn a_worker_process_serves_its_metrics() {
+    let redis = RedisServer::start(None).await;
+    let port = free_port();
+    let mut command = flashgate(&redis.url(), &common::database_url());
+    command
+        .arg("worker")
+        .env("FLASHGATE_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLASHGATE_SWEEP_INTERVAL_MS", "100")
+        .env("FLASHGATE_RECONCILE_INTERVAL_SECONDS", "86400")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _worker = Proc::spawn("flashgate worker", &mut command);
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        {
+            let page = r.text().await.unwrap_or_default();
+            if page.contains("flashgate_sweep_pass_seconds") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no worker metrics on {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health = client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
