@@ -111,15 +111,7 @@ pub fn router(state: SharedState) -> Router {
                 "this route does not take that method",
             )
         })
-        .layer(middleware::from_fn_with_state(
-            state.body_timeout,
-            request_body,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.admission.clone(),
-            crate::admission::shed,
-        ))
-        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .layer(DefaultBodyLimit::max(limits::REQUEST_BODY_MAX_BYTES))
         .with_state(state)
 }
@@ -333,10 +325,28 @@ impl IntoResponse for Problem {
 /// Counts and times every request, and turns any error answer not produced by us
 /// (a body over the limit, a malformed query) into problem+json.
 /// Also gives the request its id (`request_id`): on the answer, and on its log lines.
-async fn observe(matched: Option<MatchedPath>, mut request: Request, next: Next) -> Response {
+/// What every request goes through, in one layer (each axum middleware layer boxes and
+/// moves the request's future): its id and log span, load shedding, the body rules,
+/// then, on the way out, problem+json for bodiless refusals and the request metrics.
+async fn edge(
+    State(state): State<SharedState>,
+    matched: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = crate::request_id::RequestId::begin(&mut request);
-    let response = tracing::Instrument::instrument(next.run(request), id.span()).await;
+    let admitted = async {
+        let _in_flight = match crate::admission::shed(&state.admission, &request) {
+            Ok(permit) => permit,
+            Err(refused) => return refused.into_response(),
+        };
+        match request_body(state.body_timeout, request).await {
+            Ok(request) => next.run(request).await,
+            Err(refused) => refused,
+        }
+    };
+    let response = tracing::Instrument::instrument(admitted, id.span()).await;
     let mut response =
         if response.status().is_success() || response.extensions().get::<Outcome>().is_some() {
             response
@@ -379,9 +389,9 @@ pub fn problem_json(status: StatusCode, code: &'static str, detail: &str) -> Str
 /// deadline (408), and a non-empty one must be `application/json` (415). Handlers then
 /// take it whole from memory. A request without a body passes untouched (a reserve's
 /// body is optional). Refusals that leave body bytes unread close the connection.
-async fn request_body(State(deadline): State<Duration>, request: Request, next: Next) -> Response {
+async fn request_body(deadline: Duration, request: Request) -> Result<Request, Response> {
     if request.body().is_end_stream() {
-        return next.run(request).await;
+        return Ok(request);
     }
     let declared = request
         .headers()
@@ -389,34 +399,39 @@ async fn request_body(State(deadline): State<Duration>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits::REQUEST_BODY_MAX_BYTES as u64) {
-        return closing(too_large());
+        return Err(closing(too_large()));
     }
     let json = is_json(&request);
     if declared.is_some_and(|n| n > 0) && !json {
-        return closing(unsupported_media_type());
+        return Err(closing(unsupported_media_type()));
     }
     let (parts, body) = request.into_parts();
     let read = http_body_util::Limited::new(body, limits::REQUEST_BODY_MAX_BYTES);
     let bytes = match tokio::time::timeout(deadline, http_body_util::BodyExt::collect(read)).await {
         Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return closing(too_large()),
-        Ok(Err(_)) => return closing(Problem::invalid("the request body could not be read")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(closing(too_large()))
+        }
+        Ok(Err(_)) => {
+            return Err(closing(Problem::invalid(
+                "the request body could not be read",
+            )))
+        }
         Err(_) => {
-            return closing(Problem::new(
+            return Err(closing(Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 format!(
                     "the request body did not arrive within {} ms",
                     deadline.as_millis()
                 ),
-            ))
+            )))
         }
     };
     if !bytes.is_empty() && !json {
-        return unsupported_media_type().into_response();
+        return Err(unsupported_media_type().into_response());
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 /// `application/json`, any case, parameters (`; charset=utf-8`) allowed.
@@ -501,6 +516,10 @@ impl FromRequestParts<SharedState> for User {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
+        // Verified already by the reserve route's admission layer.
+        if let Some(crate::admission::VerifiedUser(user)) = parts.extensions.remove() {
+            return Ok(User(user));
+        }
         bearer(parts)
             .and_then(|token| state.auth.user(token))
             .map(User)
