@@ -367,6 +367,15 @@ pub struct ScaleArgs {
     #[arg(long, env = "FLASHGATE_BENCH_SCALE_RECONCILE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub scale_reconcile_timeout: Duration,
 
+    /// Only clean up after an earlier run (its id, as printed): end its sales still
+    /// open (admin API), take its SKUs out of the gateway's index, delete their keys.
+    #[arg(long, value_name = "RUN_ID")]
+    pub scale_cleanup: Option<String>,
+
+    /// Only redraw the SVG of a scale report written before (its JSON), next to it.
+    #[arg(long, value_name = "JSON")]
+    pub scale_replot: Option<PathBuf>,
+
     /// Where the gateway serves /metrics, when not on --base-url
     /// (FLASHGATE_METRICS_LISTEN), e.g. http://127.0.0.1:9100/metrics.
     #[arg(long, env = "FLASHGATE_BENCH_METRICS_URL")]
@@ -412,6 +421,15 @@ impl ScaleArgs {
             !self.scale_load_duration.is_zero(),
             "--scale-load-duration must be positive"
         );
+        if let Some(id) = &self.scale_cleanup {
+            ensure!(
+                (1..=24).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+                "--scale-cleanup takes a run id as printed (lowercase letters and digits)"
+            );
+        }
         if let Some(url) = &self.metrics_url {
             ensure!(
                 url.starts_with("http://"),
@@ -755,6 +773,8 @@ mod tests {
         assert!(scale(&["--scale-skus", "100,100"]).validate().is_err());
         assert!(scale(&["--scale-skus", "1000,100"]).validate().is_err());
         assert!(scale(&["--scale-holds", "0,10"]).validate().is_err());
+        assert!(scale(&["--scale-cleanup", "tpebmn23b5"]).validate().is_ok());
+        assert!(scale(&["--scale-cleanup", "x%"]).validate().is_err());
         assert_eq!(
             scale(&["--scale-holds", "1000"]).cancels(),
             1000,
