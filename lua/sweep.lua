@@ -9,7 +9,7 @@
 -- Reply: {expired_count, holds_still_due, available (false when the SKU has no state),
 --         index entries looked at (expired + stale ones dropped), now_ms,
 --         earliest deadline left (false when none), hold_ms (false when no state),
---         state}
+--         state, ends_at (false when none, or not on sale)}
 --   state: 'open'    the sale can still take holds
 --          'ended'   ends_at passed; holds, unflushed events or compensations remain
 --          'retired' retired (now or earlier): only the tombstone meta is left
@@ -30,10 +30,10 @@ local meta, used, deadlines, outbox, comps, uholds =
 local now = now_ms()
 local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until')
 if not m[1] then
-  return { 0, 0, false, 0, now, false, false, 'missing' }
+  return { 0, 0, false, 0, now, false, false, 'missing', false }
 end
 if m[3] then
-  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired' }
+  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false }
 end
 
 local expired, examined = expire_due(meta, used, deadlines, now, tonumber(ARGV[1]))
@@ -80,4 +80,5 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
     state = 'retired'
   end
 end
-return { expired, still_due, available, examined, now, first[2] or false, m[1], state }
+return { expired, still_due, available, examined, now, first[2] or false, m[1], state,
+  m[2] ~= '' and m[2] or false }

@@ -413,6 +413,8 @@ pub struct Swept {
     /// The SKU's hold length: no hold created after this call is due sooner.
     pub hold_ms: Option<i64>,
     pub state: SaleState,
+    /// When the sale ends, if it does: the SKU may retire from then on.
+    pub ends_at_ms: Option<i64>,
 }
 
 /// Where a SKU is in its life cycle, as the sweep found it (lua/sweep.lua).
@@ -713,7 +715,17 @@ impl Store {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         #[allow(clippy::type_complexity)]
-        let (expired, still_due, available, examined, now_ms, next_deadline, hold_ms, state): (
+        let (
+            expired,
+            still_due,
+            available,
+            examined,
+            now_ms,
+            next_deadline,
+            hold_ms,
+            state,
+            ends_at,
+        ): (
             u64,
             u64,
             Option<u64>,
@@ -722,6 +734,7 @@ impl Store {
             Option<String>,
             Option<i64>,
             String,
+            Option<i64>,
         ) = SCRIPTS
             .sweep
             .key(&keys.meta)
@@ -748,6 +761,7 @@ impl Store {
                 .and_then(|s| s.parse::<f64>().ok())
                 .map(|f| f as i64),
             hold_ms,
+            ends_at_ms: ends_at,
             state: match state.as_str() {
                 "open" => SaleState::Open,
                 "ended" => SaleState::Ended,

@@ -156,8 +156,14 @@ pub fn open_compensations(count: i64) {
     gauge!("flashgate_compensations_open").set(count as f64);
 }
 
+/// Only SKUs with drift have a series: a pass over every SKU on sale (some retiring
+/// while it runs) leaves no series behind for the clean ones. Absent means no drift.
 pub fn reconcile_drift(sku: &str, findings: usize) {
-    sku_series().set(sku, |g| g.drift = Some(findings));
+    if findings > 0 {
+        sku_series().set(sku, |g| g.drift = Some(findings));
+    } else {
+        sku_series().clear_drift(sku);
+    }
 }
 
 /// A retired SKU's series leave `/metrics` at once.
@@ -215,6 +221,17 @@ impl SkuSeries {
         };
         update(&mut gauges);
         series.insert(sku.to_owned(), gauges);
+    }
+
+    /// Drops the SKU's drift gauge (the whole entry when it has nothing else).
+    pub fn clear_drift(&self, sku: &str) {
+        let mut series = self.lock();
+        if let Some(gauges) = series.get_mut(sku) {
+            gauges.drift = None;
+            if gauges.available.is_none() {
+                series.remove(sku);
+            }
+        }
     }
 
     pub fn forget(&self, sku: &str) {

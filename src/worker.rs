@@ -265,11 +265,13 @@ impl Worker {
                 .next_deadline_ms
                 .map_or(0, |d| d - swept.now_ms)
                 .min(1_000),
-            // No hold created after this call can fall due before one hold length.
+            // No hold created after this call can fall due before one hold length;
+            // and the SKU may retire once its sale ends.
             SaleState::Open => {
                 let first_due = swept.next_deadline_ms.map(|d| d - swept.now_ms);
                 let hold = swept.hold_ms.unwrap_or(0);
-                first_due.map_or(hold, |d| d.min(hold))
+                let ends = swept.ends_at_ms.map_or(i64::MAX, |e| e - swept.now_ms);
+                first_due.map_or(hold, |d| d.min(hold)).min(ends)
             }
             SaleState::Missing | SaleState::Retired => i64::MAX,
         };
@@ -315,6 +317,17 @@ impl Worker {
             .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
             .collect()
             .await;
+        // The backlog as probed, published before any flushing: a flush that waits
+        // (MySQL slow, a reconcile holding the SKU's row lock) must not hide it.
+        {
+            let mut plans = self.plans();
+            for (sku, waiting) in &probed {
+                if let Some(plan) = plans.skus.get_mut(sku) {
+                    plan.backlog = *waiting;
+                }
+            }
+            telemetry::outbox_backlog(plans.skus.values().map(|p| p.backlog).sum());
+        }
         for (sku, mut waiting) in probed {
             // After an outage of MySQL or Redis, every other SKU would only wait for
             // the same timeouts: the pass just measures the backlog from there on.

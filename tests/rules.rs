@@ -116,8 +116,9 @@ impl Sale {
             Option<String>,
             Option<i64>,
             String,
+            Option<i64>,
         );
-        let (expired, due, _, _, _, _, _, state): Reply =
+        let (expired, due, _, _, _, _, _, state, _): Reply =
             script_with_clock(include_str!("../lua/sweep.lua"), now)
                 .key(&self.keys.meta)
                 .key(&self.keys.used)

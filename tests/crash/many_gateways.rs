@@ -259,3 +259,49 @@ async fn a_worker_process_serves_its_metrics() {
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
+
+/// The worker plans a SKU's next visit at its `ends_at` at the latest: a sale that
+/// ends (with nothing to flush) retires within a sweep interval or two of its end, not
+/// one hold length (up to a minute) later. Private Redis: the worker runs for real.
+#[tokio::test]
+async fn a_sale_retires_right_after_it_ends_under_the_running_worker() {
+    let redis = RedisServer::start(None).await;
+    let app =
+        common::spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    shared_db().await;
+    let sku = unique_sku("retire-on-time");
+    let ends_in = Duration::from_millis(1_500);
+    let ends_at = (chrono::Utc::now() + chrono::Duration::milliseconds(1_500))
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    app.create_sku(
+        &sku,
+        json!({"stock": 5, "hold_seconds": 600, "ends_at": ends_at}),
+    )
+    .await;
+    let defined = Instant::now();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut settings = common::serve_args("", "").worker;
+    settings.sweep_interval_ms = 200;
+    settings.reconcile_interval_seconds = 86_400;
+    let worker = tokio::spawn(
+        flashgate::worker::Worker::new(app.store.clone(), app.db.clone()).run(settings, stopped),
+    );
+    let retired_after = loop {
+        let indexed = app.store.sku_ids().await.unwrap();
+        if !indexed.iter().any(|s| s.as_str() == sku) {
+            break defined.elapsed();
+        }
+        assert!(
+            defined.elapsed() < ends_in + Duration::from_secs(10),
+            "not retired 10 s after its end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        retired_after >= ends_in,
+        "retired before its end: {retired_after:?}"
+    );
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
