@@ -7,9 +7,13 @@ use crate::ids::SkuId;
 /// flusher and reconciler walk. A retired SKU leaves it (worker::Worker::sweep_sku);
 /// the admin PUT puts it back. Outside every SKU's slot: no script touches it.
 pub const SKU_INDEX: &str = "fg:skus";
-/// Counter bumped whenever SKU_INDEX or a SKU's terms change: workers re-read the
-/// index (and re-plan their sweeps) only when it moved, one GET per pass.
-pub const SKU_INDEX_GENERATION: &str = "fg:skus:gen";
+/// Counter bumped whenever a SKU's sale changes (defined, terms, reopened): workers
+/// look for changes only when it moved, one GET per pass.
+pub const SKU_INDEX_GENERATION: &str = "fg:{skus}:gen";
+/// SKU -> the generation of its last change (lua/mark_changed.lua, same slot as the
+/// counter): a worker that sees the generation move re-plans only the SKUs changed
+/// since, not every SKU on sale.
+pub const SKU_CHANGES: &str = "fg:{skus}:changed";
 /// Compensations recorded in Redis and not yet written to MySQL: id -> SKU. Lets a
 /// compensation be read, listed and resolved at once, also while MySQL is down. Written
 /// by the gateway right after the script that made the compensation, cleared by the

@@ -10,7 +10,9 @@ use std::sync::LazyLock;
 use crate::config::RedisArgs;
 use crate::error::{Error, Outcome, Result};
 use crate::ids::SkuId;
-use crate::keys::{SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_INDEX, SKU_INDEX_GENERATION};
+use crate::keys::{
+    SkuKeys, COMPENSATION_INDEX, FLUSH_GROUP, SKU_CHANGES, SKU_INDEX, SKU_INDEX_GENERATION,
+};
 use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
@@ -41,6 +43,7 @@ pub struct Scripts {
     pub repair: Script,
     pub resolve_compensation: Script,
     pub reap_consumers: Script,
+    pub mark_changed: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -60,10 +63,11 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     repair: script(include_str!("../lua/repair.lua")),
     resolve_compensation: script(include_str!("../lua/resolve_compensation.lua")),
     reap_consumers: script(include_str!("../lua/reap_consumers.lua")),
+    mark_changed: script(include_str!("../lua/mark_changed.lua")),
 });
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 16] {
+fn all_scripts() -> [&'static Script; 17] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -82,6 +86,7 @@ fn all_scripts() -> [&'static Script; 16] {
         &s.repair,
         &s.resolve_compensation,
         &s.reap_consumers,
+        &s.mark_changed,
     ]
 }
 
@@ -774,11 +779,42 @@ impl Store {
 
     /// Puts the SKU in the index the workers walk and tells them to look again.
     pub async fn index_sku(&self, sku: &SkuId) -> Result<()> {
-        // Two keys in two cluster slots: two commands, the index first.
         let mut conn = self.conn.clone();
         let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
-        let _: () = conn.incr(SKU_INDEX_GENERATION, 1).await?;
+        self.mark_changed(sku).await
+    }
+
+    /// Puts the SKU in the index without telling the workers yet (the admin write,
+    /// before its terms are in place: it marks the change once they are).
+    async fn index_quietly(&self, sku: &SkuId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.sadd(SKU_INDEX, sku.as_str()).await?;
         Ok(())
+    }
+
+    /// Tells the workers the SKU's sale changed (defined, terms, reopened): they plan
+    /// its next visits again. The change is recorded before the generation moves, so
+    /// a worker that sees the new generation finds it. (Keys in several cluster slots:
+    /// one command each.)
+    pub async fn mark_changed(&self, sku: &SkuId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: u64 = SCRIPTS
+            .mark_changed
+            .key(SKU_INDEX_GENERATION)
+            .key(SKU_CHANGES)
+            .arg(sku.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// SKUs whose sale changed after generation `since` (mark_changed).
+    pub async fn changed_since(&self, since: u64) -> Result<Vec<SkuId>> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn
+            .zrangebyscore(SKU_CHANGES, format!("({since}"), "+inf")
+            .await?;
+        Ok(raw.iter().filter_map(|s| SkuId::parse(s)).collect())
     }
 
     /// Takes a SKU the sweep retired out of the index. An admin PUT may have put it
@@ -788,6 +824,7 @@ impl Store {
         // retired; a bump would make every worker re-plan every SKU.
         let mut conn = self.conn.clone();
         let _: () = conn.srem(SKU_INDEX, sku.as_str()).await?;
+        let _: () = conn.zrem(SKU_CHANGES, sku.as_str()).await?;
         if self.on_sale(sku).await? {
             self.index_sku(sku).await?;
         }
@@ -852,12 +889,15 @@ impl Store {
         definition: &SkuDefinition,
         sold_in_mysql: u64,
     ) -> Result<(Sku, Loaded)> {
-        // Indexed first: a SKU that exists must never be missed by the sweeper.
-        self.index_sku(sku).await?;
+        // Indexed first: a SKU that exists must never be missed by the sweeper (its
+        // full re-reads of the index find it even if this write stops half-way).
+        self.index_quietly(sku).await?;
         let loaded = self
             .run_load_sku(sku, definition, sold_in_mysql, false)
             .await?;
         self.ensure_outbox_group(sku).await?;
+        // Its terms are in place now: workers plan its visits under them.
+        self.mark_changed(sku).await?;
         Ok((self.sku(sku).await?, loaded))
     }
 

@@ -85,7 +85,9 @@ pub struct Worker {
 struct Plans {
     /// SKU_INDEX generation the map was built from; None before the first read.
     generation: Option<u64>,
+    /// When the whole index was last read.
     read_at: Option<Instant>,
+
     skus: HashMap<SkuId, Plan>,
 }
 
@@ -140,47 +142,66 @@ impl Worker {
         self.plans.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The SKUs on sale, re-read from Redis only when the index's generation moved
-    /// (or SWEEP_IDLE_RECHECK passed). A changed generation (a SKU defined or its terms
-    /// changed) also makes every SKU due for a sweep and a probe at once.
+    /// The SKUs on sale. The whole index is read at start and every
+    /// SWEEP_IDLE_RECHECK (new SKUs are due at once, SKUs gone are forgotten); when its
+    /// generation moves, only the SKUs whose sale changed since the generation it saw
+    /// last (keys::SKU_CHANGES) are re-planned: due for a sweep and a probe at once. An
+    /// admin PUT costs one SKU's re-planning, not a pass over every SKU on sale.
     async fn refresh_plans(&self) -> Result<()> {
         let generation = self.store.sku_index_generation().await?;
-        let stale = {
+        let (full, seen) = {
             let plans = self.plans();
-            plans.generation != Some(generation)
-                || plans
+            (
+                plans
                     .read_at
-                    .is_none_or(|at| at.elapsed() >= limits::SWEEP_IDLE_RECHECK)
+                    .is_none_or(|at| at.elapsed() >= limits::SWEEP_IDLE_RECHECK),
+                plans.generation,
+            )
         };
-        if !stale {
+        if !full && seen == Some(generation) {
             return Ok(());
         }
-        let indexed = self.store.sku_ids().await?;
+        let indexed = if full {
+            Some(self.store.sku_ids().await?)
+        } else {
+            None
+        };
+        let changed = match seen {
+            Some(seen) if seen != generation => self.store.changed_since(seen).await?,
+            _ => Vec::new(),
+        };
         let mut plans = self.plans();
-        let moved = plans.generation != Some(generation);
-        let gone: Vec<SkuId> = {
+        if let Some(indexed) = indexed {
             let keep: std::collections::HashSet<&SkuId> = indexed.iter().collect();
-            plans
+            let gone: Vec<SkuId> = plans
                 .skus
                 .keys()
                 .filter(|s| !keep.contains(s))
                 .cloned()
-                .collect()
-        };
-        for sku in gone {
-            plans.forget(&sku);
-        }
-        for sku in indexed {
-            let plan = plans.plan(&sku);
-            if moved {
-                let now = Instant::now();
-                plan.next_sweep = now;
-                plan.next_probe = now;
+                .collect();
+            for sku in gone {
+                plans.forget(&sku);
             }
+            for sku in &indexed {
+                plans.plan(sku);
+            }
+            plans.read_at = Some(Instant::now());
+        }
+        let now = Instant::now();
+        for sku in &changed {
+            let plan = plans.plan(sku);
+            plan.next_sweep = now;
+            plan.next_probe = now;
         }
         plans.generation = Some(generation);
-        plans.read_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// The SKUs whose planned sweep has come, after looking for changes (tests).
+    #[doc(hidden)]
+    pub async fn due_for_sweep(&self) -> Result<Vec<SkuId>> {
+        self.refresh_plans().await?;
+        Ok(self.planned(true, |plan| plan.next_sweep))
     }
 
     /// Every SKU on sale, or only those whose planned time has come.

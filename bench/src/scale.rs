@@ -1777,7 +1777,7 @@ impl Scale {
         }
         if unindexed > 0 {
             let _: u64 = redis::cmd("INCR")
-                .arg("fg:skus:gen")
+                .arg("fg:{skus}:gen")
                 .query_async(&mut self.redis)
                 .await?;
         }

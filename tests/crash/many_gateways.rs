@@ -305,3 +305,33 @@ async fn a_sale_retires_right_after_it_ends_under_the_running_worker() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// An admin PUT makes only its own SKU due for the worker, not every SKU on sale (a
+/// burst of definitions must not turn into back-to-back passes over all of them).
+#[tokio::test]
+async fn an_admin_write_replans_only_its_sku() {
+    let redis = RedisServer::start(None).await;
+    let app =
+        common::spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    shared_db().await;
+    let skus: Vec<String> = (0..30).map(|_| unique_sku("replan")).collect();
+    for sku in &skus {
+        app.create_sku(sku, json!({"stock": 5, "hold_seconds": 600}))
+            .await;
+    }
+    // One pass visits them all; the next visits are a while away.
+    app.worker.sweep_once().await.unwrap();
+    assert_eq!(app.worker.due_for_sweep().await.unwrap(), vec![]);
+    // Redefining one makes that one due, and no other.
+    app.create_sku(&skus[7], json!({"stock": 6, "hold_seconds": 5}))
+        .await;
+    let due: Vec<String> = app
+        .worker
+        .due_for_sweep()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(due, vec![skus[7].clone()]);
+}
