@@ -733,6 +733,23 @@ pub async fn sold_per_user(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Ve
     .await?)
 }
 
+/// Units each user bought in sales confirmed before `before_ms` (the reconciler's
+/// instant: later sales were still holds then).
+pub async fn sold_per_user_before(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+    before_ms: i64,
+) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT user_id, CAST(SUM(quantity) AS SIGNED) FROM sales
+         WHERE sku = ? AND confirmed_at < ? GROUP BY user_id",
+    )
+    .bind(sku.as_str())
+    .bind(ms_to_datetime(before_ms))
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 pub async fn audit(pool: &MySqlPool, finding: &crate::reconcile::Finding) -> Result<()> {
     sqlx::query(
         "INSERT INTO reconcile_audit (sku, finding, detail, before_value, after_value, repaired)

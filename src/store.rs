@@ -44,6 +44,7 @@ pub struct Scripts {
     pub resolve_compensation: Script,
     pub reap_consumers: Script,
     pub mark_changed: Script,
+    pub trim_outbox: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -64,10 +65,11 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     resolve_compensation: script(include_str!("../lua/resolve_compensation.lua")),
     reap_consumers: script(include_str!("../lua/reap_consumers.lua")),
     mark_changed: script(include_str!("../lua/mark_changed.lua")),
+    trim_outbox: script(include_str!("../lua/trim_outbox.lua")),
 });
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 17] {
+fn all_scripts() -> [&'static Script; 18] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -87,6 +89,7 @@ fn all_scripts() -> [&'static Script; 17] {
         &s.resolve_compensation,
         &s.reap_consumers,
         &s.mark_changed,
+        &s.trim_outbox,
     ]
 }
 
@@ -1045,11 +1048,14 @@ impl Store {
             });
         }
         if let Some(floor) = floor {
-            let options = redis::streams::StreamTrimOptions::minid(
-                redis::streams::StreamTrimmingMode::Approx,
-                floor.to_string(),
-            );
-            let _: usize = conn.xtrim_options(&keys.outbox, &options).await?;
+            // Not while a reconciler check reads the outbox (lua/trim_outbox.lua).
+            let _: usize = SCRIPTS
+                .trim_outbox
+                .key(&keys.meta)
+                .key(&keys.outbox)
+                .arg(floor.to_string())
+                .invoke_async(&mut conn)
+                .await?;
         }
         Ok(())
     }
