@@ -8,8 +8,10 @@
 -- KEYS[4] fg:{sku}:rlog
 -- ARGV[1] ms past its deadline after which a still counted hold is a ghost
 -- ARGV[2] ms the creation log may stay on (a check that takes longer is incomplete)
+-- ARGV[3] this check's id: one check of a SKU at a time (the log is the SKU's)
 --
--- Reply: {'missing'} when the SKU has no state in Redis, else
+-- Reply: {'missing'} when the SKU has no state in Redis,
+--        {'busy', ms left} while another check of the SKU runs (retry later), else
 --   {'ok', T (ms), stock_total, available, held, sold, overdue holds, ghost holds,
 --    outbox position at T (the id of its last entry, '0-0' when empty),
 --    per_user_limit, hold_ms, starts_at, ends_at}
@@ -25,11 +27,16 @@ if not m[1] then
   return { 'missing' }
 end
 local now = now_ms()
+local running = redis.call('HMGET', meta, 'rlog_until', 'rlog_owner')
+if running[1] and now < tonumber(running[1]) and running[2] ~= ARGV[3] then
+  return { 'busy', tonumber(running[1]) - now }
+end
 local overdue = redis.call('ZCOUNT', deadlines, '-inf', now)
 local ghosts = redis.call('ZCOUNT', deadlines, '-inf', now - tonumber(ARGV[1]))
 local last = redis.call('XREVRANGE', outbox, '+', '-', 'COUNT', 1)
 local position = (#last > 0) and last[1][1] or '0-0'
 redis.call('UNLINK', log)
-redis.call('HSET', meta, 'rlog_until', string.format('%d', now + tonumber(ARGV[2])))
+redis.call('HSET', meta, 'rlog_until', string.format('%d', now + tonumber(ARGV[2])),
+  'rlog_owner', ARGV[3])
 redis.call('HDEL', meta, 'rlog_over')
 return { 'ok', now, m[1], m[2], m[3], m[4], overdue, ghosts, position, m[5], m[6], m[7], m[8] }

@@ -44,6 +44,9 @@ async fn pace(slice: usize, slice_started: std::time::Instant) {
     }
 }
 
+/// How long a check waits for another check of the same SKU to end.
+const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// How long one SKU's check may take (its creation log stays on this long at most);
 /// a check that takes longer is incomplete: drift unknown.
 const CHECK_WINDOW_MS: i64 = 15 * 60 * 1000;
@@ -144,16 +147,32 @@ impl Snapshot {
 async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
     let keys = SkuKeys::new(sku);
     let mut conn = store.connection();
-    let head: Vec<String> = SCRIPTS
-        .recon_begin
-        .key(&keys.meta)
-        .key(&keys.deadlines)
-        .key(&keys.outbox)
-        .key(&keys.rlog)
-        .arg(GHOST_AFTER_MS)
-        .arg(CHECK_WINDOW_MS)
-        .invoke_async(&mut conn)
-        .await?;
+    let check_id = format!("{:016x}", rand::random::<u64>());
+    let waiting_since = std::time::Instant::now();
+    // One check of a SKU at a time (the creation log is the SKU's): wait for one that
+    // runs (the worker's schedule and a cron may meet), for a while.
+    let head: Vec<String> = loop {
+        let head: Vec<String> = SCRIPTS
+            .recon_begin
+            .key(&keys.meta)
+            .key(&keys.deadlines)
+            .key(&keys.outbox)
+            .key(&keys.rlog)
+            .arg(GHOST_AFTER_MS)
+            .arg(CHECK_WINDOW_MS)
+            .arg(&check_id)
+            .invoke_async(&mut conn)
+            .await?;
+        if head.first().map(String::as_str) != Some("busy") {
+            break head;
+        }
+        if waiting_since.elapsed() >= CHECK_WAIT {
+            return Err(Error::Internal(format!(
+                "another check of {sku} has been running for over {CHECK_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
     let Some(mut snap) = parse_head(&head)? else {
         return Ok(None);
     };
@@ -164,6 +183,7 @@ async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
         .recon_end
         .key(&keys.meta)
         .key(&keys.rlog)
+        .arg(&check_id)
         .invoke_async(&mut conn)
         .await?;
     let mut slices = read?;

@@ -463,3 +463,28 @@ async fn a_sliced_check_is_exact_while_the_sale_runs() {
         (Some(1_200), Some(300))
     );
 }
+
+/// Two checks of one SKU at once (the worker's schedule and a cron run meet): they
+/// take turns (the creation log is the SKU's), and neither reports false drift or an
+/// incomplete check, while reserves go on.
+#[tokio::test]
+async fn two_checks_of_one_sku_at_once_take_turns() {
+    let redis = RedisServer::start(None).await;
+    let app =
+        Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
+    shared_db().await;
+    let sku = unique_sku("rec-twice");
+    app.create_sku(&sku, json!({ "stock": 5_000, "per_user_limit": 1 }))
+        .await;
+    reserve_many(&app, &sku, "u", 1_500).await;
+    for round in 0..3 {
+        let prefix = format!("more{round}");
+        let (a, b, _) = tokio::join!(
+            pass(&app, &sku, false),
+            pass(&app, &sku, false),
+            reserve_many(&app, &sku, &prefix, 200),
+        );
+        assert!(a.findings.is_empty(), "{:?}", a.findings);
+        assert!(b.findings.is_empty(), "{:?}", b.findings);
+    }
+}
