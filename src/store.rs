@@ -233,6 +233,19 @@ pub struct ReplicatedWrites {
     timeout: std::time::Duration,
 }
 
+/// The settings both kinds of wait pool (single, cluster) are built with.
+macro_rules! wait_pool {
+    ($builder:expr) => {
+        $builder
+            .max_size(limits::WAIT_CONNECTIONS)
+            .wait_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+            .create_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
+            .recycle_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+    };
+}
+
 #[derive(Clone)]
 enum WaitPool {
     Single(deadpool_redis::Pool),
@@ -255,13 +268,7 @@ impl ReplicatedWrites {
                 .collect();
             let manager = deadpool_redis::cluster::Manager::new(nodes, false)?;
             WaitPool::Cluster(
-                deadpool_redis::cluster::Pool::builder(manager)
-                    .max_size(limits::WAIT_CONNECTIONS)
-                    .wait_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
-                    .create_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
-                    .recycle_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
-                    .runtime(deadpool_redis::Runtime::Tokio1)
-                    .build()
+                wait_pool!(deadpool_redis::cluster::Pool::builder(manager))
                     .map_err(|e| setup(&e))?,
             )
         } else {
@@ -272,14 +279,7 @@ impl ReplicatedWrites {
             let manager =
                 deadpool_redis::Manager::new_with_config(args.redis_url.as_str(), config)?;
             WaitPool::Single(
-                deadpool_redis::Pool::builder(manager)
-                    .max_size(limits::WAIT_CONNECTIONS)
-                    .wait_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
-                    .create_timeout(Some(limits::REDIS_CONNECT_TIMEOUT))
-                    .recycle_timeout(Some(limits::REDIS_RESPONSE_TIMEOUT))
-                    .runtime(deadpool_redis::Runtime::Tokio1)
-                    .build()
-                    .map_err(|e| setup(&e))?,
+                wait_pool!(deadpool_redis::Pool::builder(manager)).map_err(|e| setup(&e))?,
             )
         };
         Ok(Some(ReplicatedWrites {

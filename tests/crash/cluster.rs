@@ -17,10 +17,6 @@ struct ClusterNode {
     proc: Proc,
 }
 
-fn start_node() -> ClusterNode {
-    start_node_with(&[])
-}
-
 /// A cluster node; `extra` are more redis-server options.
 fn start_node_with(extra: &[&str]) -> ClusterNode {
     let port = free_port();
@@ -86,39 +82,8 @@ async fn cluster_state_ok(port: u16) -> bool {
 
 #[tokio::test]
 async fn the_scripts_run_unchanged_on_redis_cluster() {
-    let nodes: Vec<ClusterNode> = (0..3).map(|_| start_node()).collect();
-    let addresses: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    // Wait until every node accepts connections, then join them.
-    for node in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-            assert!(Instant::now() < deadline, "cluster node did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let created = Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"))
-        .arg("--cluster")
-        .arg("create")
-        .args(&addresses)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .expect("redis-cli runs");
-    assert!(
-        created.status.success(),
-        "redis-cli --cluster create failed: {}{}",
-        String::from_utf8_lossy(&created.stdout),
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for node in &nodes {
-        while !cluster_state_ok(node.port).await {
-            assert!(Instant::now() < deadline, "cluster did not become ok");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let nodes = three_primaries(&[]).await;
+    let addresses: Vec<String> = nodes.iter().map(address).collect();
 
     let urls: Vec<String> = addresses.iter().map(|a| format!("redis://{a}")).collect();
     let mut args = serve_args(&urls.join(","), &database_url());
@@ -209,29 +174,14 @@ async fn serves(port: u16, sku: &str) -> bool {
 /// Three primaries, and a fourth node replicating the first one only (synced).
 /// `extra`: more redis-server options for every node.
 async fn cluster_with_one_replica(extra: &[&str]) -> Vec<ClusterNode> {
-    let nodes: Vec<ClusterNode> = (0..4).map(|_| start_node_with(extra)).collect();
-    for node in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-            assert!(Instant::now() < deadline, "cluster node did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let mut nodes = three_primaries(extra).await;
+    nodes.push(start_node_with(extra));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", nodes[3].port)).is_err() {
+        assert!(Instant::now() < deadline, "cluster node did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cli = || Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"));
-    let created = cli()
-        .args(["--cluster", "create"])
-        .args(nodes[..3].iter().map(address))
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .expect("redis-cli runs");
-    assert!(created.status.success(), "{created:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for node in &nodes[..3] {
-        while !cluster_state_ok(node.port).await {
-            assert!(Instant::now() < deadline, "cluster did not become ok");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
     let first_id: String = query(nodes[0].port, redis::cmd("CLUSTER").arg("MYID")).await;
     let added = cli()
         .args([

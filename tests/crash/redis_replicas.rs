@@ -17,10 +17,8 @@ async fn replication_up(replica: &RedisServer) -> bool {
     info.contains("master_link_status:up")
 }
 
-#[tokio::test]
-async fn confirms_wait_for_a_replica_and_a_timed_out_wait_is_safe_to_retry() {
-    let primary = RedisServer::start(Some("everysec")).await;
-    let replica = RedisServer::start(None).await;
+/// Makes `replica` replicate `primary`, and waits until it is in sync.
+async fn replicate(primary: &RedisServer, replica: &RedisServer) {
     let _: () = redis::cmd("REPLICAOF")
         .arg("127.0.0.1")
         .arg(primary.port)
@@ -28,10 +26,17 @@ async fn confirms_wait_for_a_replica_and_a_timed_out_wait_is_safe_to_retry() {
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !replication_up(&replica).await {
+    while !replication_up(replica).await {
         assert!(Instant::now() < deadline, "replication did not come up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn confirms_wait_for_a_replica_and_a_timed_out_wait_is_safe_to_retry() {
+    let primary = RedisServer::start(Some("everysec")).await;
+    let replica = RedisServer::start(None).await;
+    replicate(&primary, &replica).await;
 
     let mut args = serve_args(&primary.url(), &database_url());
     args.redis.redis_wait_replicas = 1;
@@ -86,17 +91,7 @@ async fn confirms_wait_for_a_replica_and_a_timed_out_wait_is_safe_to_retry() {
 async fn a_confirm_waiting_for_a_stalled_replica_stalls_no_reserve() {
     let primary = RedisServer::start(None).await;
     let replica = RedisServer::start(None).await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(primary.port)
-        .query_async(&mut replica.client().await)
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !replication_up(&replica).await {
-        assert!(Instant::now() < deadline, "replication did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replicate(&primary, &replica).await;
     let mut args = serve_args(&primary.url(), &database_url());
     args.redis.redis_wait_replicas = 1;
     args.redis.redis_wait_timeout_ms = 3_000;
