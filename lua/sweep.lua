@@ -73,8 +73,7 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
   local checked = m[5] and now < tonumber(m[5])
   if #first == 0 and not checked and redis.call('HLEN', comps) == 0 and outbox_flushed() then
-    local prefix = string.sub(meta, 1, #meta - 4)
-    redis.call('DEL', used, uholds, deadlines, outbox, comps, prefix .. 'churn')
+    redis.call('DEL', used, uholds, deadlines, outbox, comps, sku_prefix(meta) .. 'churn')
     redis.call('HSET', meta, 'retired', string.format('%d', now))
     redis.call('PEXPIRE', meta, ARGV[2])
     state = 'retired'

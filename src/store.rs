@@ -450,8 +450,9 @@ pub enum Loaded {
 }
 
 /// SKUs whose outbox this process has just written to: the flush looks at them at its
-/// next pass instead of waiting for their idle probe (worker.rs). Bounded by the SKUs
-/// on sale; a hint lost (or written by another process) only delays a flush.
+/// next pass instead of waiting for their idle probe (worker.rs). Noted only after a
+/// script wrote an event, so bounded by the SKUs on sale; a hint lost (or written by
+/// another process) only delays a flush.
 #[derive(Default)]
 pub struct OutboxHints(std::sync::Mutex<std::collections::HashSet<SkuId>>);
 
@@ -643,17 +644,23 @@ impl Store {
             Some(replicated) => replicated.invoke(&invocation, &keys.meta).await?,
             None => invocation.invoke_async(&mut self.conn.clone()).await?,
         };
-        self.outbox_hints.note(sku);
         match reply.first().map(String::as_str) {
             Some("confirmed" | "unchanged") => {
-                Ok(ConfirmOutcome::Confirmed(transition(sku, &reply)?))
+                let confirmed = transition(sku, &reply)?;
+                if confirmed.changed {
+                    self.outbox_hints.note(sku);
+                }
+                Ok(ConfirmOutcome::Confirmed(confirmed))
             }
             Some(
                 code @ ("already_confirmed" | "reservation_expired" | "reservation_cancelled"),
-            ) => Ok(ConfirmOutcome::Refused {
-                refusal: Refusal::from_code(code).expect("listed above"),
-                compensation_id: reply.get(1).cloned().unwrap_or_default(),
-            }),
+            ) => {
+                self.outbox_hints.note(sku);
+                Ok(ConfirmOutcome::Refused {
+                    refusal: Refusal::from_code(code).expect("listed above"),
+                    compensation_id: reply.get(1).cloned().unwrap_or_default(),
+                })
+            }
             _ => Err(refusal_of(&reply)),
         }
     }
@@ -677,8 +684,13 @@ impl Store {
             .arg(caller_user_id.unwrap_or(""))
             .invoke_async(&mut conn)
             .await?;
-        self.outbox_hints.note(sku);
-        transition(sku, &reply)
+        let cancelled = transition(sku, &reply)?;
+        // Only a call that wrote an event: the hints stay bounded by real SKUs,
+        // whatever ids a client invents.
+        if cancelled.changed {
+            self.outbox_hints.note(sku);
+        }
+        Ok(cancelled)
     }
 
     pub async fn payment_pending(
@@ -701,7 +713,6 @@ impl Store {
             .arg(grace_ms)
             .invoke_async(&mut conn)
             .await?;
-        self.outbox_hints.note(sku);
         transition(sku, &reply)
     }
 
@@ -1151,9 +1162,11 @@ impl Store {
             .arg(id)
             .invoke_async(&mut conn)
             .await?;
-        self.outbox_hints.note(&sku);
         match reply.as_slice() {
-            [ok, raw] if ok == "ok" => Ok(Some(parse_compensation(&sku, id, raw)?)),
+            [ok, raw] if ok == "ok" => {
+                self.outbox_hints.note(&sku);
+                Ok(Some(parse_compensation(&sku, id, raw)?))
+            }
             _ => Ok(None),
         }
     }

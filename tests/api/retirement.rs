@@ -317,3 +317,31 @@ async fn stopped_flush_consumers_are_dropped_once_they_have_nothing_pending() {
         .unwrap();
     assert_eq!(reaped, 0);
 }
+
+/// The flush hints (SKUs this process just wrote an outbox event for) are noted only
+/// after a script wrote one: cancels and payments for ids of SKUs that do not exist
+/// leave nothing behind, whatever a client invents; a real confirm leaves its SKU.
+#[tokio::test]
+async fn calls_for_invented_skus_leave_no_flush_hint() {
+    let app = spawn_app().await;
+    let store = &app.store;
+    let key = flashgate::ids::IdKey::derive(JWT_SECRET);
+    let _ = store.outbox_hints.take();
+    for _ in 0..20 {
+        let sku = TestApp::sku_id(&unique_sku("invented"));
+        let rid = key.new_reservation_id(&sku);
+        assert!(store.cancel(&sku, &rid, None).await.is_err());
+        assert!(store.confirm(&sku, &rid, "p", "c").await.is_err());
+        assert!(store.payment_pending(&sku, &rid, "p", 1_000).await.is_err());
+    }
+    assert_eq!(store.outbox_hints.take(), vec![]);
+    let sku = unique_sku("hinted");
+    app.create_sku(&sku, json!({"stock": 1})).await;
+    let rid = app.hold(&sku, "ann").await;
+    let _ = store.outbox_hints.take();
+    assert!(store
+        .confirm(&TestApp::sku_id(&sku), &rid, "p", "c")
+        .await
+        .is_ok());
+    assert_eq!(store.outbox_hints.take(), vec![TestApp::sku_id(&sku)]);
+}
