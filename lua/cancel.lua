@@ -1,7 +1,8 @@
 -- cancel.lua: the owner or the service gives a hold back.
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
--- KEYS[4] fg:{sku}:r:<rid>
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
+-- KEYS[9] fg:{sku}:r:<rid>
 -- ARGV[1] rid   ARGV[2] caller user id, or '' for the service
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
@@ -12,7 +13,7 @@
 --   {'not_found'}                      missing, or another user's reservation
 --
 -- Invariant: the units of a hold return to available exactly once (see release()).
-local meta, used, deadlines, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, used, deadlines, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[9]
 local rid, caller = ARGV[1], ARGV[2]
 local now = now_ms()
 

@@ -1,7 +1,8 @@
 -- confirm.lua: turn a live hold into a sale, or record the payment as a compensation.
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
--- KEYS[4] fg:{sku}:outbox KEYS[5] fg:{sku}:r:<rid>
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
+-- KEYS[9] fg:{sku}:r:<rid>
 -- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref
 -- ARGV[4] id for a new compensation (derived from rid and payment_ref: ids::compensation_id)
 --
@@ -17,7 +18,7 @@
 -- Invariants: a reservation is confirmed at most once; the confirmation and its outbox
 -- event (which records the reservation and the sale in MySQL) are written in one step; every refused payment yields exactly one
 -- compensation per (reservation, payment_ref), however often it is retried.
-local meta, used, deadlines, outbox, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta, used, deadlines, outbox, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[9]
 local rid, sku, payment_ref, new_compensation_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
 

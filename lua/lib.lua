@@ -1,5 +1,5 @@
 -- lib.lua: the reservation state machine shared by every script.
--- It is prepended to each script in lua/ at build time (see src/scripts.rs), so
+-- It is prepended to each script in lua/ at build time (see src/store.rs), so
 -- every transition of a hold lives here, in one place, and runs atomically
 -- inside whichever script calls it.
 --
@@ -24,6 +24,11 @@
 --   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
 --                                reconciler check runs (meta `rlog_until`), see
 --                                recon_begin.lua; gone when the check ends
+--
+-- A script that changes a sale declares the first eight of these as KEYS[1..8] (meta
+-- used deadlines uholds outbox comps churn rlog, SkuKeys::sale), then its own (an
+-- idempotency key, a reservation): on a cluster, only declared keys are checked before
+-- a script runs. Reservations found through an index are read with read_indexed.
 --
 -- Invariant kept by every function below: available + held + sold == stock_total
 -- and available >= 0; a live hold (held|paying) is counted in `held`, in `used`
@@ -56,6 +61,21 @@ end
 
 local function is_live(status)
   return status == 'held' or status == 'paying'
+end
+
+-- Reads fields of a reservation found through an index (deadlines, uholds, an
+-- idempotency key): a key the script could not declare. Nil when the key is not on
+-- this node: on a cluster, the SKU's slot is migrating and this hash already moved.
+-- Every caller reads before writing anything that depends on it, and on nil leaves
+-- the hold alone (indexed, counted): a later call, after the migration, ends it. (A
+-- plain redis.call would fail the script half-way, after some of its writes;
+-- lua/check_keys.lua holds every script to this in the tests.)
+local function read_indexed(rkey, ...)
+  local r = redis.pcall('HMGET', rkey, ...)
+  if r.err then
+    return nil
+  end
+  return r
 end
 
 -- Removes `rid` from the user's live-hold index.
@@ -136,10 +156,14 @@ end
 
 -- Ends a live hold as `final_status` ('cancelled' or 'expired') and returns its
 -- units to `available`. Returns false (and changes nothing) when it is not live,
--- which is what makes a release happen exactly once.
+-- which is what makes a release happen exactly once; nil (and changes nothing) when
+-- its hash is not on this node (read_indexed).
 local function release(meta, used, deadlines, rkey, rid, final_status, now)
-  local r = redis.call('HMGET', rkey, 'status', 'user', 'quantity', 'created_at', 'expires_at',
+  local r = read_indexed(rkey, 'status', 'user', 'quantity', 'created_at', 'expires_at',
     'payment_ref', 'keep_until')
+  if not r then
+    return nil
+  end
   if not is_live(r[1]) then
     return false
   end
@@ -161,37 +185,27 @@ local function release(meta, used, deadlines, rkey, rid, final_status, now)
   return true
 end
 
--- Units held by the live holds in the deadline index; with `prune`, entries that are
--- not live any more are removed from the index (never when called by a read-only script).
-local function count_live_held(meta, deadlines, prune)
-  local prefix = sku_prefix(meta)
-  local held = 0
-  for _, rid in ipairs(redis.call('ZRANGE', deadlines, 0, -1)) do
-    local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity')
-    if is_live(r[1]) then
-      held = held + tonumber(r[2])
-    elseif prune then
-      redis.call('ZREM', deadlines, rid)
-    end
-  end
-  return held
-end
-
 -- Expires up to `limit` holds whose deadline has passed. Returns how many it expired
 -- and how many index entries it looked at (stale ones are removed, not expired).
+-- Stops at a hold whose hash is not on this node (a cluster slot migrating).
 local function expire_due(meta, used, deadlines, now, limit)
   local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)
   local prefix = sku_prefix(meta)
-  local released = 0
+  local released, examined = 0, 0
   for _, rid in ipairs(due) do
-    if release(meta, used, deadlines, prefix .. 'r:' .. rid, rid, 'expired', now) then
+    local done = release(meta, used, deadlines, prefix .. 'r:' .. rid, rid, 'expired', now)
+    if done == nil then
+      break
+    end
+    examined = examined + 1
+    if done then
       released = released + 1
     else
       -- not live (or gone): it must not stay in the index of live holds
       redis.call('ZREM', deadlines, rid)
     end
   end
-  return released, #due
+  return released, examined
 end
 
 -- Expires the user's own holds whose deadline has passed, however many other holds
@@ -206,8 +220,10 @@ local function expire_user_holds(meta, used, deadlines, user, now)
   local released = 0
   for rid in string.gmatch(list, '%S+') do
     local rkey = prefix .. 'r:' .. rid
-    local r = redis.call('HMGET', rkey, 'status', 'expires_at')
-    if is_live(r[1]) then
+    local r = read_indexed(rkey, 'status', 'expires_at')
+    if not r then
+      -- its hash moved (a cluster slot migrating): it stays counted until it is back
+    elseif is_live(r[1]) then
       if now >= tonumber(r[2]) and release(meta, used, deadlines, rkey, rid, 'expired', now) then
         released = released + 1
       end
@@ -228,8 +244,12 @@ local function effective_status(status, expires_at, now)
 end
 
 -- Reservation view: {rid, user, quantity, status, expires_at, created_at, payment_ref}
+-- Nil when the hash is not on this node (read_indexed).
 local function view(rkey, rid, now)
-  local r = redis.call('HMGET', rkey, 'user', 'quantity', 'status', 'expires_at', 'created_at', 'payment_ref')
+  local r = read_indexed(rkey, 'user', 'quantity', 'status', 'expires_at', 'created_at', 'payment_ref')
+  if not r then
+    return nil
+  end
   return { rid, r[1], r[2], effective_status(r[3], r[4], now), r[4], r[5], r[6] or '' }
 end
 
@@ -314,6 +334,8 @@ end
 -- Returns the reply of reserve.lua:
 --   {'created', expires_at, created_at}   (the caller knows rid, user and quantity)
 --   {'replayed', rid, user, quantity, status, expires_at, created_at, payment_ref}
+--   {'moving'}: the replayed reservation's hash is not on this node (a cluster slot
+--               migrating; nothing was done, a retry after the migration answers)
 --   or {refusal code}.
 -- Numbers go to Redis as strings made with %d: Lua's own number-to-string conversion
 -- is a float printf, a measurable share of Redis's time per reserve.
@@ -330,6 +352,9 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
     end
     local prior_rid = string.sub(prior, space + 1)
     local reply = view(sku_prefix(meta) .. 'r:' .. prior_rid, prior_rid, now)
+    if not reply then
+      return { 'moving' } -- its reservation moved to another node: retry
+    end
     table.insert(reply, 1, 'replayed')
     return reply
   end

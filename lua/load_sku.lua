@@ -1,6 +1,7 @@
 -- load_sku.lua: create or redefine a SKU in Redis (admin PUT); held and sold carry over.
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
 -- ARGV[1] stock_total   ARGV[2] per_user_limit   ARGV[3] hold_ms
 -- ARGV[4] starts_at ms or ''   ARGV[5] ends_at ms or ''
 -- ARGV[6] units sold according to MySQL, used only when Redis has no state for the SKU

@@ -1,7 +1,8 @@
 -- payment_pending.lua: a payment has started; keep the hold for it a little longer, once.
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
--- KEYS[4] fg:{sku}:r:<rid>
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
+-- KEYS[9] fg:{sku}:r:<rid>
 -- ARGV[1] rid   ARGV[2] payment_ref   ARGV[3] payment grace (ms)
 --
 -- Replies (view = rid, user, quantity, status, expires_at, created_at, payment_ref):
@@ -12,7 +13,7 @@
 --
 -- Invariant: the deadline moves at most once, and only for a live hold within it;
 -- no refusal here creates a compensation (no money has arrived yet).
-local meta, used, deadlines, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, used, deadlines, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[9]
 local rid, payment_ref, grace_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 

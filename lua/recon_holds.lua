@@ -15,8 +15,11 @@ local reply = { scan[1] }
 local items = scan[2]
 for i = 1, #items, 2 do
   local rid = items[i]
-  local r = redis.call('HMGET', prefix .. 'r:' .. rid, 'status', 'quantity', 'user')
-  if is_live(r[1]) then
+  local r = read_indexed(prefix .. 'r:' .. rid, 'status', 'quantity', 'user')
+  if not r then
+    -- A cluster slot migrating: this slice cannot be read whole now (redis-rs retries).
+    return redis.error_reply('TRYAGAIN a hold of this SKU is moving to another node')
+  elseif is_live(r[1]) then
     reply[#reply + 1] = rid
     reply[#reply + 1] = r[2]
     reply[#reply + 1] = r[3]

@@ -2,7 +2,8 @@
 -- deadline count for nothing, swept or not, so the due ones are expired first
 -- (bounded; the sweeper does the same work at most one interval later).
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
 -- ARGV[1] most due holds to expire first
 --
 -- Reply: {stock_total, available, held, sold, per_user_limit, hold_ms, starts_at, ends_at}

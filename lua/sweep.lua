@@ -1,8 +1,8 @@
 -- sweep.lua: return the stock of holds whose deadline has passed, in a bounded batch;
 -- retire the SKU once its sale is over and nothing of it is left to do in Redis.
 --
--- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used   KEYS[3] fg:{sku}:deadlines
--- KEYS[4] fg:{sku}:outbox KEYS[5] fg:{sku}:comps  KEYS[6] fg:{sku}:uholds
+-- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
 -- ARGV[2] ms a retired SKU's meta stays as its tombstone
 --
@@ -25,8 +25,8 @@
 --
 -- Invariant: each expired hold returns its units exactly once (see release()), so any
 -- number of sweepers and the reserve script's reclaim may run at the same time.
-local meta, used, deadlines, outbox, comps, uholds =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local meta, used, deadlines, uholds, outbox, comps, churn =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local now = now_ms()
 local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until')
 if not m[1] then
@@ -73,7 +73,7 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
   local checked = m[5] and now < tonumber(m[5])
   if #first == 0 and not checked and redis.call('HLEN', comps) == 0 and outbox_flushed() then
-    redis.call('DEL', used, uholds, deadlines, outbox, comps, sku_prefix(meta) .. 'churn')
+    redis.call('DEL', used, uholds, deadlines, outbox, comps, churn)
     redis.call('HSET', meta, 'retired', string.format('%d', now))
     redis.call('PEXPIRE', meta, ARGV[2])
     state = 'retired'

@@ -34,6 +34,8 @@ pub struct SkuKeys {
     pub uholds: String,
     /// Holds created while a reconciler check runs (lua/recon_begin.lua).
     pub rlog: String,
+    /// User id -> holds released in the current window (the churn cap, lua/lib.lua).
+    pub churn: String,
     prefix: String,
 }
 
@@ -48,8 +50,26 @@ impl SkuKeys {
             comps: format!("{prefix}comps"),
             uholds: format!("{prefix}uholds"),
             rlog: format!("{prefix}rlog"),
+            churn: format!("{prefix}churn"),
             prefix,
         }
+    }
+
+    /// The keys a script that changes the sale may touch, declared first (KEYS[1..8])
+    /// by each such script: on a cluster only declared keys are checked before a
+    /// script runs, so while the SKU's slot migrates the script waits (TRYAGAIN)
+    /// instead of failing half-way on a key that already moved (lua/check_keys.lua).
+    pub fn sale(&self) -> [&str; 8] {
+        [
+            &self.meta,
+            &self.used,
+            &self.deadlines,
+            &self.uholds,
+            &self.outbox,
+            &self.comps,
+            &self.churn,
+            &self.rlog,
+        ]
     }
 
     pub fn reservation(&self, reservation_id: &str) -> String {
@@ -78,6 +98,7 @@ mod tests {
             &keys.comps,
             &keys.uholds,
             &keys.rlog,
+            &keys.churn,
         ] {
             assert!(key.starts_with("fg:{abc}:"), "{key}");
         }

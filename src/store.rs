@@ -4,7 +4,7 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamId;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
 use std::sync::LazyLock;
 
 use crate::config::RedisArgs;
@@ -21,8 +21,16 @@ use crate::reservation::{
 /// The shared state machine, prepended to every script.
 const LUA_LIB: &str = include_str!("../lua/lib.lua");
 
+/// Debug builds (every test) check that each script names only keys it declared
+/// (lua/check_keys.lua): what keeps scripts whole while a cluster slot migrates.
+const LUA_KEY_CHECK: &str = if cfg!(debug_assertions) {
+    include_str!("../lua/check_keys.lua")
+} else {
+    ""
+};
+
 fn script(source: &str) -> Script {
-    Script::new(&format!("{LUA_LIB}\n{source}"))
+    Script::new(&format!("{LUA_KEY_CHECK}\n{LUA_LIB}\n{source}"))
 }
 
 /// Every script, compiled once; invoked by EVALSHA and reloaded on NOSCRIPT.
@@ -68,6 +76,16 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     trim_outbox: script(include_str!("../lua/trim_outbox.lua")),
 });
 
+/// An invocation of a script that changes a sale, with the sale's keys declared first
+/// (KEYS[1..8], see `SkuKeys::sale`).
+pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys.sale() {
+        invocation.key(key);
+    }
+    invocation
+}
+
 /// Every script, as `load_scripts` uploads them.
 fn all_scripts() -> [&'static Script; 18] {
     let s = &*SCRIPTS;
@@ -100,7 +118,7 @@ pub fn script_with_clock(source: &str, now_ms: i64) -> Script {
     let clock = "return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
     assert!(LUA_LIB.contains(clock), "lib.lua's clock moved");
     let lib = LUA_LIB.replace(clock, &format!("return {now_ms}"));
-    Script::new(&format!("{lib}\n{source}"))
+    Script::new(&format!("{LUA_KEY_CHECK}\n{lib}\n{source}"))
 }
 
 /// One multiplexed connection, cloned per request (no pool checkout round trip).
@@ -544,11 +562,7 @@ impl Store {
     ) -> Result<ReserveOutcome> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let reply: Vec<String> = SCRIPTS
-            .reserve
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
+        let reply: Vec<String> = with_sale_keys(&SCRIPTS.reserve, &keys)
             .key(keys.idempotency(&request.user_id, &request.idempotency_key))
             .key(keys.reservation(&request.reservation_id))
             .arg(&request.user_id)
@@ -593,11 +607,8 @@ impl Store {
     ) -> Result<Vec<Result<ReserveOutcome>>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let mut invocation = SCRIPTS.reserve_batch.prepare_invoke();
+        let mut invocation = with_sale_keys(&SCRIPTS.reserve_batch, &keys);
         invocation
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
             .arg(keys_ttl.idempotency_ttl_ms)
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
@@ -629,12 +640,8 @@ impl Store {
         new_compensation_id: &str,
     ) -> Result<ConfirmOutcome> {
         let keys = SkuKeys::new(sku);
-        let mut invocation = SCRIPTS.confirm.prepare_invoke();
+        let mut invocation = with_sale_keys(&SCRIPTS.confirm, &keys);
         invocation
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
-            .key(&keys.outbox)
             .key(keys.reservation(reservation_id))
             .arg(reservation_id)
             .arg(sku.as_str())
@@ -674,11 +681,7 @@ impl Store {
     ) -> Result<Transition> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let reply: Vec<String> = SCRIPTS
-            .cancel
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
+        let reply: Vec<String> = with_sale_keys(&SCRIPTS.cancel, &keys)
             .key(keys.reservation(reservation_id))
             .arg(reservation_id)
             .arg(caller_user_id.unwrap_or(""))
@@ -702,11 +705,7 @@ impl Store {
     ) -> Result<Transition> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let reply: Vec<String> = SCRIPTS
-            .payment_pending
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
+        let reply: Vec<String> = with_sale_keys(&SCRIPTS.payment_pending, &keys)
             .key(keys.reservation(reservation_id))
             .arg(reservation_id)
             .arg(payment_ref)
@@ -754,14 +753,7 @@ impl Store {
             Option<i64>,
             String,
             Option<i64>,
-        ) = SCRIPTS
-            .sweep
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
-            .key(&keys.outbox)
-            .key(&keys.comps)
-            .key(&keys.uholds)
+        ) = with_sale_keys(&SCRIPTS.sweep, &keys)
             .arg(limits::SWEEP_BATCH)
             .arg(limits::RETIRED_SKU_TOMBSTONE.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -937,11 +929,7 @@ impl Store {
     ) -> Result<Loaded> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
-        let reply: Vec<String> = SCRIPTS
-            .load_sku
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
+        let reply: Vec<String> = with_sale_keys(&SCRIPTS.load_sku, &keys)
             .arg(definition.stock_total)
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)
@@ -975,11 +963,7 @@ impl Store {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         // Holds past their deadline count for nothing: the script expires them first.
-        let fields: Vec<Option<String>> = SCRIPTS
-            .sku_view
-            .key(&keys.meta)
-            .key(&keys.used)
-            .key(&keys.deadlines)
+        let fields: Vec<Option<String>> = with_sale_keys(&SCRIPTS.sku_view, &keys)
             .arg(limits::SWEEP_BATCH)
             .invoke_async(&mut conn)
             .await?;
@@ -1278,6 +1262,10 @@ fn reserve_outcome(
             Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?))
         }
         Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
+        Some("moving") => Err(Error::unavailable(
+            "redis: the reservation this key replays is moving to another node",
+            Outcome::NotApplied,
+        )),
         _ => Err(refusal_of(reply)),
     }
 }

@@ -8,7 +8,9 @@ mod common;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::SkuDefinition;
-use flashgate::store::{script_with_clock, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
+use flashgate::store::{
+    script_with_clock, with_sale_keys, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+};
 use redis::aio::ConnectionLike;
 
 const GRACE_MS: u64 = 1;
@@ -71,32 +73,31 @@ impl Sale {
     }
 
     async fn cancel_at(&self, rid: &str, now: i64) -> Vec<String> {
-        script_with_clock(include_str!("../lua/cancel.lua"), now)
-            .key(&self.keys.meta)
-            .key(&self.keys.used)
-            .key(&self.keys.deadlines)
-            .key(self.keys.reservation(rid))
-            .arg(rid)
-            .arg("")
-            .invoke_async(&mut self.conn())
-            .await
-            .unwrap()
+        with_sale_keys(
+            &script_with_clock(include_str!("../lua/cancel.lua"), now),
+            &self.keys,
+        )
+        .key(self.keys.reservation(rid))
+        .arg(rid)
+        .arg("")
+        .invoke_async(&mut self.conn())
+        .await
+        .unwrap()
     }
 
     async fn confirm_at(&self, rid: &str, payment_ref: &str, now: i64) -> Vec<String> {
-        script_with_clock(include_str!("../lua/confirm.lua"), now)
-            .key(&self.keys.meta)
-            .key(&self.keys.used)
-            .key(&self.keys.deadlines)
-            .key(&self.keys.outbox)
-            .key(self.keys.reservation(rid))
-            .arg(rid)
-            .arg(self.sku.as_str())
-            .arg(payment_ref)
-            .arg(ids::compensation_id(rid, payment_ref))
-            .invoke_async(&mut self.conn())
-            .await
-            .unwrap()
+        with_sale_keys(
+            &script_with_clock(include_str!("../lua/confirm.lua"), now),
+            &self.keys,
+        )
+        .key(self.keys.reservation(rid))
+        .arg(rid)
+        .arg(self.sku.as_str())
+        .arg(payment_ref)
+        .arg(ids::compensation_id(rid, payment_ref))
+        .invoke_async(&mut self.conn())
+        .await
+        .unwrap()
     }
 
     /// sweep.lua at `now`: (expired, still due).
@@ -118,19 +119,15 @@ impl Sale {
             String,
             Option<i64>,
         );
-        let (expired, due, _, _, _, _, _, state, _): Reply =
-            script_with_clock(include_str!("../lua/sweep.lua"), now)
-                .key(&self.keys.meta)
-                .key(&self.keys.used)
-                .key(&self.keys.deadlines)
-                .key(&self.keys.outbox)
-                .key(&self.keys.comps)
-                .key(&self.keys.uholds)
-                .arg(batch)
-                .arg(86_400_000)
-                .invoke_async(&mut self.conn())
-                .await
-                .unwrap();
+        let (expired, due, _, _, _, _, _, state, _): Reply = with_sale_keys(
+            &script_with_clock(include_str!("../lua/sweep.lua"), now),
+            &self.keys,
+        )
+        .arg(batch)
+        .arg(86_400_000)
+        .invoke_async(&mut self.conn())
+        .await
+        .unwrap();
         (expired, due, state)
     }
 
@@ -341,22 +338,22 @@ impl Sale {
     /// reserve.lua at `now` with a cap of 2 released holds: the reply's first word.
     async fn reserve_at(&self, user: &str, key: &str, now: i64) -> String {
         let rid = ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&self.sku);
-        let reply: Vec<String> = script_with_clock(include_str!("../lua/reserve.lua"), now)
-            .key(&self.keys.meta)
-            .key(&self.keys.used)
-            .key(&self.keys.deadlines)
-            .key(self.keys.idempotency(user, key))
-            .key(self.keys.reservation(&rid))
-            .arg(user)
-            .arg(1)
-            .arg(&rid)
-            .arg(1_000)
-            .arg(GRACE_MS)
-            .arg(10)
-            .arg(2)
-            .invoke_async(&mut self.conn())
-            .await
-            .unwrap();
+        let reply: Vec<String> = with_sale_keys(
+            &script_with_clock(include_str!("../lua/reserve.lua"), now),
+            &self.keys,
+        )
+        .key(self.keys.idempotency(user, key))
+        .key(self.keys.reservation(&rid))
+        .arg(user)
+        .arg(1)
+        .arg(&rid)
+        .arg(1_000)
+        .arg(GRACE_MS)
+        .arg(10)
+        .arg(2)
+        .invoke_async(&mut self.conn())
+        .await
+        .unwrap();
         reply[0].clone()
     }
 }

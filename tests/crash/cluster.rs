@@ -577,3 +577,119 @@ async fn a_sku_resharded_during_a_sale_keeps_its_invariants() {
         .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
 }
+
+/// While a SKU's slot migrates key by key, a script runs on the old node only when
+/// every key it declared is still there (else Redis answers TRYAGAIN before it runs).
+/// A hold it finds through an index (the deadlines) is not declared: when that hash
+/// already moved, the script leaves the hold alone instead of failing half-way after
+/// some of its writes. Once the slot has moved, the hold ends there and the stock adds
+/// up. (The debug builds of every test also check that scripts name only declared
+/// keys: lua/check_keys.lua.)
+#[tokio::test]
+async fn a_slot_migrating_under_a_sweep_never_leaves_half_a_script() {
+    let nodes = three_primaries(&[]).await;
+    let (sku, _) = skus_on_and_off(&nodes[0]).await;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("redis://{}", address(n)))
+        .collect();
+    let mut args = serve_args(&urls.join(","), &database_url());
+    args.redis.redis_cluster = true;
+    let app = spawn_app_with(args).await;
+    app.create_sku(
+        &sku,
+        json!({"stock": 10, "per_user_limit": 2, "hold_seconds": 1}),
+    )
+    .await;
+    // Deadlines in this order: the sweep meets the moved hold last.
+    for user in ["a", "b"] {
+        app.hold(&sku, user).await;
+    }
+    let moved = app.hold(&sku, "mover").await;
+    let sku_id = TestApp::sku_id(&sku);
+    let keys = flashgate::keys::SkuKeys::new(&sku_id);
+    // Every declared key exists on the old node (the state in which a script still
+    // runs there during the move): give the ones this sale has not made yet an entry.
+    let (from, to) = (nodes[0].port, nodes[1].port);
+    let _: () = query(
+        from,
+        redis::cmd("HSET").arg(&keys.churn).arg("x").arg("0 0"),
+    )
+    .await;
+    let _: () = query(from, redis::cmd("HSET").arg(&keys.comps).arg("x").arg("{}")).await;
+    let _: () = query(from, redis::cmd("RPUSH").arg(&keys.rlog).arg("x")).await;
+    for key in keys.sale() {
+        let exists: u32 = query(from, redis::cmd("EXISTS").arg(key)).await;
+        assert_eq!(exists, 1, "{key} should exist");
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // all three are due
+
+    let slot: u16 = query(from, redis::cmd("CLUSTER").arg("KEYSLOT").arg(&keys.meta)).await;
+    let from_id: String = query(from, redis::cmd("CLUSTER").arg("MYID")).await;
+    let to_id: String = query(to, redis::cmd("CLUSTER").arg("MYID")).await;
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    let _: () = query(to, &setslot("IMPORTING", &from_id)).await;
+    let _: () = query(from, &setslot("MIGRATING", &to_id)).await;
+    let migrate = |keys: &[String]| {
+        let mut cmd = redis::cmd("MIGRATE");
+        cmd.arg("127.0.0.1").arg(to).arg("").arg(0).arg(5_000);
+        cmd.arg("KEYS").arg(keys);
+        cmd
+    };
+    let moved_key = keys.reservation(&moved);
+    let _: () = query(from, &migrate(std::slice::from_ref(&moved_key))).await;
+
+    let swept = app.store.sweep(&sku_id).await.expect("the sweep runs");
+    assert_eq!(swept.expired, 2, "{swept:?}");
+    let still_indexed: Option<f64> =
+        query(from, redis::cmd("ZSCORE").arg(&keys.deadlines).arg(&moved)).await;
+    assert!(still_indexed.is_some(), "the moved hold left the index");
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["held"], 1, "{view}");
+
+    // The rest of the slot moves; the slot is the new node's.
+    let rest: Vec<String> = query(
+        from,
+        redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(10_000),
+    )
+    .await;
+    let _: () = query(from, &migrate(&rest)).await;
+    for node in &nodes {
+        let _: () = query(node.port, &setslot("NODE", &to_id)).await;
+    }
+    let _: () = query(to, redis::cmd("HDEL").arg(&keys.churn).arg("x")).await;
+    let _: () = query(to, redis::cmd("HDEL").arg(&keys.comps).arg("x")).await;
+    let _: () = query(to, redis::cmd("DEL").arg(&keys.rlog)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let swept = loop {
+        match app.store.sweep(&sku_id).await {
+            Ok(swept) => break swept,
+            Err(e) => assert!(Instant::now() < deadline, "sweep after the move: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(swept.expired, 1, "{swept:?}");
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["held"].as_u64(), view["available"].as_u64()),
+        (Some(0), Some(10))
+    );
+    let (status, view) = app.reservation(&moved, &user_token("mover")).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("expired"))
+    );
+    app.flush(&sku).await;
+    let report = reconcile::run(&app.store, &app.db, Some(&sku_id), false)
+        .await
+        .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+}
