@@ -36,9 +36,10 @@
 -- (confirmed, cancelled, expired) appends its outbox event in the same step, so MySQL
 -- records every reservation that ended.
 
--- An ended reservation is kept at least this long (ms) even when its idempotency key
--- dies sooner: long enough for the flush to record it in MySQL in normal operation
--- (reads fall back to MySQL afterwards; until the flush, the outbox holds the event).
+-- An ended reservation's hash goes once the flush has written its end to MySQL
+-- (Worker::flush_sku); until then it expires by itself no sooner than this (ms), even
+-- when its idempotency key dies sooner (reads fall back to MySQL afterwards; until the
+-- flush, the outbox holds the event).
 local ENDED_KEEP_MIN_MS = 15 * 60 * 1000
 -- Reservations written before `keep_until` existed: the old 8-day retention.
 local LEGACY_KEEP_MS = 8 * 86400 * 1000
@@ -244,11 +245,13 @@ local function effective_status(status, expires_at, now)
 end
 
 -- Reservation view: {rid, user, quantity, status, expires_at, created_at, payment_ref}
--- Nil when the hash is not on this node (read_indexed).
+-- Nil when the hash is not on this node (read_indexed), false when there is none.
 local function view(rkey, rid, now)
   local r = read_indexed(rkey, 'user', 'quantity', 'status', 'expires_at', 'created_at', 'payment_ref')
   if not r then
     return nil
+  elseif not r[1] then
+    return false
   end
   return { rid, r[1], r[2], effective_status(r[3], r[4], now), r[4], r[5], r[6] or '' }
 end
@@ -334,6 +337,8 @@ end
 -- Returns the reply of reserve.lua:
 --   {'created', expires_at, created_at}   (the caller knows rid, user and quantity)
 --   {'replayed', rid, user, quantity, status, expires_at, created_at, payment_ref}
+--   {'forgotten', rid}: the key replays a reservation that ended and that only MySQL
+--               keeps now (its hash goes once the flush wrote its end)
 --   {'moving'}: the replayed reservation's hash is not on this node (a cluster slot
 --               migrating; nothing was done, a retry after the migration answers)
 --   or {refusal code}.
@@ -352,8 +357,12 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
     end
     local prior_rid = string.sub(prior, space + 1)
     local reply = view(sku_prefix(meta) .. 'r:' .. prior_rid, prior_rid, now)
-    if not reply then
+    if reply == nil then
       return { 'moving' } -- its reservation moved to another node: retry
+    elseif not reply then
+      -- It ended, MySQL has it and its hash went (the flush, Worker::flush_sku): the
+      -- key still replays it, from MySQL's record.
+      return { 'forgotten', prior_rid }
     end
     table.insert(reply, 1, 'replayed')
     return reply

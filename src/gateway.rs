@@ -98,6 +98,16 @@ impl Gateway {
                 (r, false)
             }
             ReserveOutcome::Replayed(r) => (r, true),
+            // Only MySQL keeps it now: the record answers (a replay of an ended
+            // reservation; rare, and bounded per user by the rate limit).
+            ReserveOutcome::ReplayedFromRecord(rid) => match self.recorded(&rid).await? {
+                Recorded::Reservation(r) => (r, true),
+                Recorded::Lost => {
+                    return Err(Error::Internal(format!(
+                        "reservation {rid} left Redis without a record in MySQL"
+                    )))
+                }
+            },
         })
     }
 

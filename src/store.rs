@@ -399,6 +399,8 @@ pub struct ReserveSettings {
 pub enum ReserveOutcome {
     Created(Reservation),
     Replayed(Reservation),
+    /// The idempotency key replays this reservation, which ended and is in MySQL only.
+    ReplayedFromRecord(String),
 }
 
 /// What the confirm script decided.
@@ -1166,6 +1168,22 @@ impl Store {
         let _: () = conn.hdel(COMPENSATION_INDEX, ids).await?;
         Ok(())
     }
+
+    /// Drops the hashes of reservations whose end MySQL has committed: what keeps an
+    /// ended reservation's Redis cost to its idempotency key. (One UNLINK: the keys
+    /// share the SKU's slot.)
+    pub async fn forget_ended_reservations(&self, sku: &SkuId, ids: &[&str]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys = SkuKeys::new(sku);
+        let hashes: Vec<String> = ids.iter().map(|id| keys.reservation(id)).collect();
+        let _: () = redis::cmd("UNLINK")
+            .arg(&hashes)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
 }
 
 /// A compensation record as compensate() in lib.lua writes it:
@@ -1262,6 +1280,10 @@ fn reserve_outcome(
             Ok(ReserveOutcome::Created(parse_view(sku, &reply[1..])?))
         }
         Some("replayed") => Ok(ReserveOutcome::Replayed(parse_view(sku, &reply[1..])?)),
+        Some("forgotten") => match reply {
+            [_, rid] => Ok(ReserveOutcome::ReplayedFromRecord(rid.clone())),
+            _ => Err(bad_reply("forgotten arity")),
+        },
         Some("moving") => Err(Error::unavailable(
             "redis: the reservation this key replays is moving to another node",
             Outcome::NotApplied,

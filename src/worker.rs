@@ -460,6 +460,19 @@ impl Worker {
             })
             .collect();
         self.store.forget_compensations(sku, &written).await?;
+        // MySQL records how these reservations ended: their hashes go (reads, replays
+        // and late payments are answered from the record), the idempotency keys stay.
+        let ended: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                OutboxEvent::Confirmed { reservation, .. }
+                | OutboxEvent::Ended { reservation, .. } => {
+                    Some(reservation.reservation_id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        self.store.forget_ended_reservations(sku, &ended).await?;
         let ids: Vec<String> = entries.iter().map(|e| e.stream_id.clone()).collect();
         self.store.ack_outbox(sku, &ids).await?;
         Ok(ids.len() as u64)

@@ -593,3 +593,87 @@ async fn the_sold_out_flag_answers_sold_out_only_and_only_for_its_200_ms() {
         "limit_exceeded"
     );
 }
+
+/// Once the flush has written how a reservation ended, Redis keeps only its
+/// idempotency key: the hash goes, and replays, reads and late payments are answered
+/// from MySQL's record (what keeps an ended reservation's Redis cost small, issue 10).
+#[tokio::test]
+async fn an_ended_reservation_keeps_only_its_key_in_redis_once_mysql_has_it() {
+    let app = spawn_app().await;
+    let sku = unique_sku("ended-lean");
+    app.create_sku(&sku, json!({ "stock": 5 })).await;
+    let sold = app.hold(&sku, "buyer").await;
+    let cancelled = app.hold(&sku, "quitter").await;
+    let live = app.hold(&sku, "waiter").await;
+    assert_eq!(app.confirm(&sold, "pay-1").await.0, StatusCode::OK);
+    assert_eq!(
+        app.cancel(&cancelled, SERVICE_TOKEN).await.0,
+        StatusCode::OK
+    );
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let exists = |key: String| {
+        let mut conn = app.store.connection();
+        async move {
+            let n: u32 = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n == 1
+        }
+    };
+    assert!(exists(keys.reservation(&sold)).await, "kept until flushed");
+    app.flush(&sku).await;
+    for (rid, user) in [(&sold, "buyer"), (&cancelled, "quitter")] {
+        assert!(!exists(keys.reservation(rid)).await, "{user}'s hash stayed");
+        let key = keys.idempotency(user, &format!("key-{user}"));
+        assert!(exists(key).await, "{user}'s idempotency key went");
+    }
+    assert!(
+        exists(keys.reservation(&live)).await,
+        "a live hold keeps its hash"
+    );
+
+    // The key still makes no second hold: it replays the reservation from MySQL.
+    let response = app.reserve_raw(&sku, "buyer", "key-buyer", 1).await;
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    let (status, view) = body(response).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(
+        (view["reservation_id"].as_str(), view["status"].as_str()),
+        (Some(sold.as_str()), Some("confirmed"))
+    );
+    let (status, view) = app.reserve(&sku, "quitter", "key-quitter", 1).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::CREATED, Some("cancelled"))
+    );
+    let (status, problem) = app.reserve(&sku, "quitter", "key-quitter", 2).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused"))
+    );
+    // Reads and payments: the record answers, the money is never lost.
+    let (status, view) = app.reservation(&sold, &user_token("buyer")).await;
+    assert_eq!(
+        (status, view["payment_ref"].as_str()),
+        (StatusCode::OK, Some("pay-1"))
+    );
+    assert_eq!(app.confirm(&sold, "pay-1").await.0, StatusCode::OK);
+    let (status, problem) = app.confirm(&cancelled, "pay-late").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("reservation_cancelled"))
+    );
+    let (status, comp) = get_compensation(&app, problem["compensation_id"].as_str().unwrap()).await;
+    assert_eq!(
+        (status, comp["reason"].as_str()),
+        (StatusCode::OK, Some("cancelled"))
+    );
+    assert_eq!(app.mysql_compensations(&sku).await, 1);
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["held"].as_u64(), view["sold"].as_u64()),
+        (Some(1), Some(1))
+    );
+}

@@ -80,8 +80,7 @@ async fn a_second_payment_after_a_redis_rollback_becomes_a_compensation() {
         StatusCode::OK,
         "Redis sees a live hold again: {view}"
     );
-    app.flush(&sku).await;
-    // Replayed event (a worker that dies before its XACK): still one compensation.
+    // Read before the flush, which drops the hash once MySQL has the end.
     let event = flashgate::db::OutboxEvent::Confirmed {
         reservation: app
             .store
@@ -90,6 +89,8 @@ async fn a_second_payment_after_a_redis_rollback_becomes_a_compensation() {
             .unwrap(),
         at_ms: 1,
     };
+    app.flush(&sku).await;
+    // Replayed event (a worker that dies before its XACK): still one compensation.
     flashgate::db::apply_events(&app.db, &[event.clone(), event])
         .await
         .unwrap();
