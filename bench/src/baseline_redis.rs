@@ -98,10 +98,12 @@ fn shell_quote(arg: &str) -> String {
 }
 
 async fn define(conn: &mut MultiplexedConnection, sku: &str, stock: u64) -> Result<()> {
-    let reply: Vec<String> = redis::Script::new(&gateway::load_sku_script())
-        .key(gateway::key(sku, "meta"))
-        .key(gateway::key(sku, "used"))
-        .key(gateway::key(sku, "deadlines"))
+    let script = redis::Script::new(&gateway::load_sku_script());
+    let mut invocation = script.prepare_invoke();
+    for key in gateway::sale_keys(sku) {
+        invocation.key(key);
+    }
+    let reply: Vec<String> = invocation
         .arg(stock)
         .arg(1_000_000_000u64) // per-user limit: random users may repeat
         .arg(600_000u64)
@@ -234,10 +236,10 @@ pub async fn run(
             "--csv".into(),
             "EVALSHA".into(),
             sha.clone(),
-            "5".into(),
-            gateway::key(&sku, "meta"),
-            gateway::key(&sku, "used"),
-            gateway::key(&sku, "deadlines"),
+            "10".into(),
+        ]);
+        argv.extend(gateway::sale_keys(&sku));
+        argv.extend([
             gateway::idempotency_key(&sku, user, "k__rand_int__"),
             gateway::key(&sku, "r:rb__rand_int__"),
             user.into(),

@@ -36,6 +36,24 @@ pub fn key(sku: &str, suffix: &str) -> String {
     format!("fg:{{{sku}}}:{suffix}")
 }
 
+/// The keys every script that changes a sale declares first, in this order (the
+/// gateway's `SkuKeys::sale`, lua/lib.lua).
+pub fn sale_keys(sku: &str) -> Vec<String> {
+    [
+        "meta",
+        "used",
+        "deadlines",
+        "uholds",
+        "outbox",
+        "comps",
+        "churn",
+        "rlog",
+    ]
+    .iter()
+    .map(|suffix| key(sku, suffix))
+    .collect()
+}
+
 /// `fg:{sku}:idem:<len(user)>:<user>:<key>`.
 pub fn idempotency_key(sku: &str, user: &str, key: &str) -> String {
     format!("fg:{{{sku}}}:idem:{}:{user}:{key}", user.len())
@@ -78,6 +96,10 @@ mod tests {
     #[test]
     fn keys_follow_the_gateway_layout() {
         assert_eq!(key("s1", "meta"), "fg:{s1}:meta");
+        let sale = sale_keys("s1");
+        assert_eq!(sale.len(), 8);
+        assert_eq!(sale[0], "fg:{s1}:meta");
+        assert_eq!(sale[7], "fg:{s1}:rlog");
         assert_eq!(
             idempotency_key("s1", "alice", "k1"),
             "fg:{s1}:idem:5:alice:k1"

@@ -34,10 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cli::{Args, ScaleArgs, ScalePart};
+use crate::cli::{Args, Pace, ScaleArgs, ScalePart};
 use crate::client::{Answer, Auth, Client, Method};
 use crate::ids::IdKey;
-use crate::load::{self, Ctx, Workload};
+use crate::load::{self, Ctx, Load, Workload};
 use crate::probe::{self, Pids, Snapshot};
 use crate::{gateway, redis_connection};
 
@@ -1204,10 +1204,8 @@ impl Scale {
                 }
                 pipe.cmd("EVALSHA")
                     .arg(sha)
-                    .arg(5)
-                    .arg(gateway::key(sku, "meta"))
-                    .arg(gateway::key(sku, "used"))
-                    .arg(gateway::key(sku, "deadlines"))
+                    .arg(10)
+                    .arg(gateway::sale_keys(sku))
                     .arg(gateway::idempotency_key(sku, &user, &idem))
                     .arg(gateway::key(sku, &format!("r:{rid}")))
                     .arg(&user)
@@ -1361,15 +1359,20 @@ impl Scale {
             None,
             forks(self.info_shared("stats").await.ok()),
         );
+        let reserves = Load::new(
+            Workload::Reserve {
+                sku: sku.to_string(),
+            },
+            Pace::Closed {
+                clients: self.args.concurrency,
+            },
+        );
         let (rec, elapsed) = load::run_phase(
             ctx,
-            Arc::new(Workload::Reserve {
-                sku: sku.to_string(),
-            }),
+            vec![reserves],
             title,
             100 + index,
             self.opts.scale_load_duration,
-            false,
         )
         .await;
         let snap1 = Snapshot::take(
