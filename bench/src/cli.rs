@@ -41,7 +41,9 @@ pub struct Args {
     #[arg(long, env = "FLASHGATE_SERVICE_TOKEN", hide_env_values = true)]
     pub service_token: String,
 
-    /// The gateway's Redis (command statistics, redis-benchmark baseline).
+    /// The gateway's Redis (command statistics, redis-benchmark baseline): a redis://
+    /// URL, or with --redis-cluster a comma-separated list of cluster nodes, as the
+    /// gateway takes it.
     #[arg(
         long,
         env = "FLASHGATE_REDIS_URL",
@@ -49,6 +51,15 @@ pub struct Args {
         default_value = "redis://127.0.0.1:6390"
     )]
     pub redis_url: String,
+
+    /// The gateway runs on a Redis Cluster (FLASHGATE_REDIS_CLUSTER=1, as for the
+    /// gateway): statistics are read from every primary (found with CLUSTER NODES on
+    /// the first --redis-url node that answers) and summed; each phase also reports
+    /// every primary's share. No redis-benchmark baseline.
+    #[arg(long, env = "FLASHGATE_REDIS_CLUSTER", global = true, default_value = "0",
+          num_args = 0..=1, require_equals = true, default_missing_value = "1",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
 
     /// The gateway's MySQL/MariaDB (validation; the MySQL baseline creates bench_* tables there).
     #[arg(
@@ -97,7 +108,9 @@ pub struct Args {
     /// Phases to run, in this order: reserve (pure reserves on a SKU with huge stock),
     /// soldout (reserves on a sold-out SKU, with a reopen check), ceiling (GET /healthz:
     /// what this machine and this client can do over HTTP at all, for --soldout-duration),
-    /// mixed (the flash sale).
+    /// mixed (the flash sale); and, not by default, abuse (honest users alone, then next
+    /// to one abusive user; 2 x --duration) and overload (an open loop at twice the
+    /// sustainable reserve rate; --overload-probe + 2 x --duration).
     #[arg(
         long,
         env = "FLASHGATE_BENCH_PHASES",
@@ -175,6 +188,31 @@ pub struct Args {
     /// anyway, late: → 409 reservation_cancelled / reservation_expired, refund_required.
     #[arg(long, env = "FLASHGATE_BENCH_LATE_PAY_RATIO", default_value_t = 0.3)]
     pub late_pay_ratio: f64,
+
+    /// Abuse phase: honest reserves per second (open loop), spread evenly over
+    /// --abuse-users users taken in turn.
+    #[arg(long, env = "FLASHGATE_BENCH_ABUSE_RATE", default_value_t = 2000.0)]
+    pub abuse_rate: f64,
+
+    /// Abuse phase: honest users; each sends --abuse-rate / --abuse-users reserves per
+    /// second, which must stay within the gateway's FLASHGATE_RATE_PER_USER (5 by default).
+    #[arg(long, env = "FLASHGATE_BENCH_ABUSE_USERS", default_value_t = 1000)]
+    pub abuse_users: usize,
+
+    /// Abuse phase: connections of the one abusive user, each sending its next reserve
+    /// as soon as the last is answered.
+    #[arg(long, env = "FLASHGATE_BENCH_ABUSER_CONNECTIONS", default_value_t = 64)]
+    pub abuser_connections: usize,
+
+    /// Overload phase: the sustainable reserve rate X (201 answers per second); the
+    /// phase runs open loops at 0.8 X and 2 X. Measured by a closed-loop probe (-c
+    /// clients, --overload-probe) when omitted.
+    #[arg(long, env = "FLASHGATE_BENCH_SUSTAINABLE_RATE")]
+    pub sustainable_rate: Option<f64>,
+
+    /// Overload phase: length of the closed-loop probe that measures the sustainable rate.
+    #[arg(long, env = "FLASHGATE_BENCH_OVERLOAD_PROBE", default_value = "5s", value_parser = parse_duration)]
+    pub overload_probe: Duration,
 
     /// Seed of every random choice (printed; random by default).
     #[arg(long, env = "FLASHGATE_BENCH_SEED", global = true)]
@@ -478,6 +516,10 @@ pub enum PhaseName {
     Soldout,
     Ceiling,
     Mixed,
+    /// Honest users alone, then next to one abusive user (issue 11).
+    Abuse,
+    /// An open loop at twice the sustainable reserve rate, against one at 0.8 times it.
+    Overload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -601,9 +643,43 @@ impl Args {
             (1..=64).contains(&self.threads),
             "--threads must be within 1..=64"
         );
+        if self.redis_cluster {
+            let urls = self.redis_urls();
+            ensure!(
+                !urls.is_empty() && urls.iter().all(|u| u.starts_with("redis://")),
+                "--redis-url must be a comma-separated list of redis:// URLs of cluster nodes"
+            );
+        } else {
+            ensure!(
+                !self.redis_url.contains(','),
+                "--redis-url lists several nodes: add --redis-cluster (FLASHGATE_REDIS_CLUSTER=1)"
+            );
+            ensure!(
+                self.redis_url.starts_with("redis://"),
+                "--redis-url must be a redis:// URL (single node)"
+            );
+        }
         ensure!(
-            self.redis_url.starts_with("redis://"),
-            "--redis-url must be a redis:// URL (single node)"
+            self.abuse_rate.is_finite() && self.abuse_rate > 0.0 && self.abuse_rate <= 1_000_000.0,
+            "--abuse-rate must be within (0, 1000000] reserves per second"
+        );
+        ensure!(
+            (1..=1_000_000).contains(&self.abuse_users),
+            "--abuse-users must be within 1..=1000000"
+        );
+        ensure!(
+            (1..=4096).contains(&self.abuser_connections),
+            "--abuser-connections must be within 1..=4096"
+        );
+        if let Some(rate) = self.sustainable_rate {
+            ensure!(
+                rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0,
+                "--sustainable-rate must be within (0, 1000000] reserves per second"
+            );
+        }
+        ensure!(
+            !self.overload_probe.is_zero(),
+            "--overload-probe must be positive"
         );
         ensure!(
             self.database_url.starts_with("mysql://")
@@ -649,13 +725,52 @@ impl Args {
         self.baseline.contains(&BaselineName::All) || self.baseline.contains(&which)
     }
 
-    pub fn mode(&self) -> String {
+    /// The nodes --redis-url names (one, or a cluster's).
+    pub fn redis_urls(&self) -> Vec<String> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How the load phases start their flows: --rate (open loop) or -c (closed loop).
+    pub fn pace(&self) -> Pace {
         match self.rate {
-            Some(rate) => format!(
-                "open loop at {rate} flows/s (max {} in flight)",
-                self.max_in_flight
-            ),
-            None => format!("closed loop, {} clients", self.concurrency),
+            Some(rate) => Pace::Open {
+                rate,
+                max_in_flight: self.max_in_flight,
+            },
+            None => Pace::Closed {
+                clients: self.concurrency,
+            },
+        }
+    }
+
+    pub fn mode(&self) -> String {
+        self.pace().describe()
+    }
+}
+
+/// How a load starts its flows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// This many clients, each starting its next flow when its last one ended.
+    Closed { clients: usize },
+    /// `rate` flows per second whatever the answers, at most `max_in_flight` at once;
+    /// latency counts from each flow's intended start.
+    Open { rate: f64, max_in_flight: usize },
+}
+
+impl Pace {
+    pub fn describe(&self) -> String {
+        match self {
+            Pace::Open {
+                rate,
+                max_in_flight,
+            } => format!("open loop at {rate} flows/s (max {max_in_flight} in flight)"),
+            Pace::Closed { clients } => format!("closed loop, {clients} clients"),
         }
     }
 }
@@ -779,6 +894,75 @@ mod tests {
             scale(&["--scale-holds", "1000"]).cancels(),
             1000,
             "capped by the holds"
+        );
+    }
+
+    #[test]
+    fn a_cluster_takes_a_list_of_nodes() {
+        let a = args(&[]);
+        assert!(!a.redis_cluster);
+        assert_eq!(a.redis_urls(), vec!["redis://127.0.0.1:6390"]);
+        let list = "redis://127.0.0.1:7390, redis://127.0.0.1:7391,redis://127.0.0.1:7392";
+        assert!(
+            args(&["--redis-url", list]).validate().is_err(),
+            "a list needs --redis-cluster"
+        );
+        for flag in [
+            "--redis-cluster",
+            "--redis-cluster=1",
+            "--redis-cluster=true",
+        ] {
+            let a = args(&["--redis-url", list, flag]);
+            assert!(a.redis_cluster, "{flag}");
+            a.validate().unwrap();
+            assert_eq!(
+                a.redis_urls(),
+                vec![
+                    "redis://127.0.0.1:7390",
+                    "redis://127.0.0.1:7391",
+                    "redis://127.0.0.1:7392"
+                ]
+            );
+        }
+        assert!(!args(&["--redis-cluster=0"]).redis_cluster);
+        assert!(!args(&["--redis-cluster=false"]).redis_cluster);
+        let bad = args(&["--redis-cluster", "--redis-url", "redis://a:1,http://b:2"]);
+        assert!(bad.validate().is_err());
+        // The flag takes no separate value: what follows is the next argument.
+        let a = args(&["--redis-cluster", "scale"]);
+        assert!(a.redis_cluster && a.command.is_some());
+    }
+
+    #[test]
+    fn admission_phases_parse() {
+        let a = args(&["--phases", "abuse,overload"]);
+        a.validate().unwrap();
+        assert_eq!(a.phases, vec![PhaseName::Abuse, PhaseName::Overload]);
+        assert_eq!(
+            (a.abuse_rate, a.abuse_users, a.abuser_connections),
+            (2000.0, 1000, 64)
+        );
+        assert_eq!(a.sustainable_rate, None);
+        assert_eq!(a.overload_probe, Duration::from_secs(5));
+        assert!(args(&["--abuse-users", "0"]).validate().is_err());
+        assert!(args(&["--abuser-connections", "0"]).validate().is_err());
+        assert!(args(&["--sustainable-rate", "0"]).validate().is_err());
+        assert!(args(&["--sustainable-rate", "12000"]).validate().is_ok());
+    }
+
+    #[test]
+    fn the_pace_says_what_it_was_always_said() {
+        assert_eq!(args(&[]).mode(), "closed loop, 256 clients");
+        assert_eq!(
+            args(&["--rate", "8000"]).mode(),
+            "open loop at 8000 flows/s (max 4096 in flight)"
+        );
+        assert_eq!(
+            args(&["--rate", "8000"]).pace(),
+            Pace::Open {
+                rate: 8000.0,
+                max_in_flight: 4096
+            }
         );
     }
 

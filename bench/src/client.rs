@@ -58,6 +58,8 @@ pub struct Client {
 pub struct Answer {
     pub status: u16,
     pub replayed: bool,
+    /// The answer carried a `Retry-After` header (429 and 503 refusals must).
+    pub retry_after: bool,
     pub body: Bytes,
     pub error: Option<&'static str>,
 }
@@ -325,13 +327,14 @@ impl Connection {
 /// at, and the body (Content-Length or chunked). Returns whether the connection may
 /// be reused.
 async fn read_response(connection: &mut Connection) -> Result<(Answer, bool), &'static str> {
-    let (status, replayed, keep_alive, framing, head_len) = loop {
+    let (status, replayed, retry_after, keep_alive, framing, head_len) = loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&connection.read) {
             Ok(httparse::Status::Complete(head_len)) => {
                 let status = response.code.ok_or("status")?;
                 let mut replayed = false;
+                let mut retry_after = false;
                 let mut keep_alive = response.version == Some(1);
                 let mut framing = Framing::UntilClose;
                 for header in response.headers.iter() {
@@ -350,6 +353,8 @@ async fn read_response(connection: &mut Connection) -> Result<(Answer, bool), &'
                         replayed = header.value == b"true";
                     } else if name.eq_ignore_ascii_case("connection") {
                         keep_alive = !header.value.eq_ignore_ascii_case(b"close");
+                    } else if name.eq_ignore_ascii_case("retry-after") {
+                        retry_after = true;
                     }
                 }
                 // Informational answers (100 Continue) carry no body: skip them.
@@ -357,7 +362,7 @@ async fn read_response(connection: &mut Connection) -> Result<(Answer, bool), &'
                     connection.read.advance(head_len);
                     continue;
                 }
-                break (status, replayed, keep_alive, framing, head_len);
+                break (status, replayed, retry_after, keep_alive, framing, head_len);
             }
             Ok(httparse::Status::Partial) => {
                 if connection.read.len() > MAX_RESPONSE_HEAD_BYTES {
@@ -379,13 +384,11 @@ async fn read_response(connection: &mut Connection) -> Result<(Answer, bool), &'
         Framing::Chunked => read_chunked(connection).await?,
         Framing::UntilClose => {
             while fill(connection).await.is_ok() {}
-            return Ok((
-                Answer::ok(status, replayed, connection.read.split().freeze()),
-                false,
-            ));
+            let body = connection.read.split().freeze();
+            return Ok((Answer::ok(status, replayed, retry_after, body), false));
         }
     };
-    Ok((Answer::ok(status, replayed, body), keep_alive))
+    Ok((Answer::ok(status, replayed, retry_after, body), keep_alive))
 }
 
 enum Framing {
@@ -449,10 +452,11 @@ fn is_header_value(value: &str) -> bool {
 }
 
 impl Answer {
-    fn ok(status: u16, replayed: bool, body: Bytes) -> Answer {
+    fn ok(status: u16, replayed: bool, retry_after: bool, body: Bytes) -> Answer {
         Answer {
             status,
             replayed,
+            retry_after,
             body,
             error: None,
         }
@@ -462,6 +466,7 @@ impl Answer {
         Answer {
             status: 0,
             replayed: false,
+            retry_after: false,
             body: Bytes::new(),
             error: Some(error),
         }
@@ -504,17 +509,23 @@ mod tests {
     async fn reads_length_and_chunked_bodies_on_one_connection() {
         let client = canned(vec![
             b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\nidempotent-replayed: true\r\n\r\nhello",
-            b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\nRetry-After: 1\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nrest of it",
         ])
         .await;
         let first = client
             .send(Method::POST, "/a", Auth::Service, Some("k"), None)
             .await;
-        assert_eq!((first.status, first.replayed), (201, true));
+        assert_eq!(
+            (first.status, first.replayed, first.retry_after),
+            (201, true, false)
+        );
         assert_eq!(&first.body[..], b"hello");
         let second = client.send(Method::GET, "/b", Auth::None, None, None).await;
-        assert_eq!((second.status, second.replayed), (409, false));
+        assert_eq!(
+            (second.status, second.replayed, second.retry_after),
+            (409, false, true)
+        );
         assert_eq!(&second.body[..], b"abcde");
         let third = client.send(Method::GET, "/c", Auth::None, None, None).await;
         assert_eq!(third.status, 200);

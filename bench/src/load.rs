@@ -1,6 +1,7 @@
 //! The load: user flows (reserve, then pay / cancel / abandon, with retries and
-//! duplicate webhooks) driven closed-loop by N clients or open-loop at a rate, and the
-//! ledger of what the gateway acknowledged, which the validation checks afterwards.
+//! duplicate webhooks) driven closed-loop by N clients or open-loop at a rate (several
+//! loads may share a phase: honest users next to an abuser), and the ledger of what the
+//! gateway acknowledged, which the validation checks afterwards.
 
 use crate::client::Method;
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cli::Args;
+use crate::cli::{Args, Pace};
 use crate::client::{Answer, Auth, Client, Fields};
 use crate::gateway::TokenMinter;
 use crate::stats::{intern, Endpoint, Recorder};
@@ -99,10 +100,20 @@ impl Ctx {
 
     /// A fresh user (id and token) and a flow number for keys and payment refs.
     fn new_user(&self) -> (u64, String, String) {
-        let n = self.flows.fetch_add(1, Ordering::Relaxed);
+        let n = self.next_flow();
         let user = format!("u{n}");
         let token = self.minter.mint(&user, TOKEN_TTL_SECONDS);
         (n, user, token)
+    }
+
+    /// A number no other flow of the run has (idempotency keys, payment refs).
+    fn next_flow(&self) -> u64 {
+        self.flows.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A token of `user`, valid longer than any run.
+    pub fn token_for(&self, user: &str) -> String {
+        self.minter.mint(user, TOKEN_TTL_SECONDS)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -128,9 +139,11 @@ impl Ctx {
         (answer, fields)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn reserve(
         &self,
         rec: &Recorder,
+        endpoint: Endpoint,
         sku: &str,
         token: &str,
         key: &str,
@@ -144,7 +157,7 @@ impl Ctx {
         };
         self.call(
             rec,
-            Endpoint::Reserve,
+            endpoint,
             Method::POST,
             &format!("/v1/skus/{sku}/reservations"),
             Auth::Bearer(token),
@@ -221,7 +234,8 @@ fn label(endpoint: Endpoint, answer: &Answer, fields: &Fields) -> &'static str {
         return intern(error);
     }
     if (200..300).contains(&answer.status) {
-        if endpoint == Endpoint::Reserve && answer.status == 201 {
+        let reserve = matches!(endpoint, Endpoint::Reserve | Endpoint::AbuserReserve);
+        if reserve && answer.status == 201 {
             return if answer.replayed {
                 "replayed"
             } else {
@@ -246,6 +260,20 @@ fn label(endpoint: Endpoint, answer: &Answer, fields: &Fields) -> &'static str {
 pub enum Workload {
     /// Reserves by fresh users on one SKU with stock to spare: the hot path.
     Reserve { sku: String },
+    /// The same where the gateway may shed load (503 `overloaded`) or rate-limit (429
+    /// `rate_limited`): both are allowed answers there (the overload phase, and the
+    /// warm-up, which may meet a gateway with a low FLASHGATE_MAX_IN_FLIGHT).
+    Sheddable { sku: String },
+    /// One reserve by the next of a fixed set of users, taken in turn (each user's pace
+    /// is the load's rate over their number), recorded as `endpoint`; admission
+    /// refusals are allowed answers (counted). The abuse phase's honest users, and with
+    /// one user its abuser.
+    Users {
+        sku: String,
+        tokens: Vec<String>,
+        next: AtomicU64,
+        endpoint: Endpoint,
+    },
     /// Reserves by fresh users on a SKU that is sold out (after its first units).
     SoldOut { sku: String },
     /// The flash sale: reserve, then pay / cancel / abandon, retries, duplicate webhooks.
@@ -259,8 +287,25 @@ pub enum Workload {
 impl Workload {
     async fn flow(&self, ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, intended: Instant) {
         match self {
-            Workload::Reserve { sku } => reserve_only(ctx, rec, sku, intended, false).await,
-            Workload::SoldOut { sku } => reserve_only(ctx, rec, sku, intended, true).await,
+            Workload::Reserve { sku } => reserve_only(ctx, rec, sku, intended, false, false).await,
+            Workload::SoldOut { sku } => reserve_only(ctx, rec, sku, intended, true, false).await,
+            Workload::Sheddable { sku } => reserve_only(ctx, rec, sku, intended, false, true).await,
+            Workload::Users {
+                sku,
+                tokens,
+                next,
+                endpoint,
+            } => {
+                let turn = next.fetch_add(1, Ordering::Relaxed) as usize % tokens.len();
+                let key = format!("k{}", ctx.next_flow());
+                let one = OneReserve {
+                    endpoint: *endpoint,
+                    sku,
+                    token: &tokens[turn],
+                    key: &key,
+                };
+                reserve_checked(ctx, rec, one, intended, false, true).await
+            }
             Workload::Mixed { skus } => {
                 let sku = &skus[rng.random_range(0..skus.len())];
                 mixed(ctx, rec, rng, sku, intended).await
@@ -287,10 +332,59 @@ impl Workload {
     }
 }
 
-async fn reserve_only(ctx: &Ctx, rec: &Recorder, sku: &str, intended: Instant, track: bool) {
+/// One reserve by a fresh user; see `reserve_checked` for `track` and `admission`.
+async fn reserve_only(
+    ctx: &Ctx,
+    rec: &Recorder,
+    sku: &str,
+    intended: Instant,
+    track: bool,
+    admission: bool,
+) {
     let (n, _user, token) = ctx.new_user();
     let key = format!("k{n}");
-    let (answer, fields) = ctx.reserve(rec, sku, &token, &key, 1, intended).await;
+    let one = OneReserve {
+        endpoint: Endpoint::Reserve,
+        sku,
+        token: &token,
+        key: &key,
+    };
+    reserve_checked(ctx, rec, one, intended, track, admission).await
+}
+
+/// One reserve of one unit: who sends it, where, with which key.
+struct OneReserve<'a> {
+    endpoint: Endpoint,
+    sku: &'a str,
+    token: &'a str,
+    key: &'a str,
+}
+
+/// Sends one reserve and files its answer: a new hold in the ledger (with when, if
+/// `track`), `sold_out` as allowed, a transport failure as ambiguous. With `admission`
+/// a 429 `rate_limited` or 503 `overloaded` is allowed too, provided it says when to
+/// come back (`Retry-After`); anything else is a violation.
+async fn reserve_checked(
+    ctx: &Ctx,
+    rec: &Recorder,
+    one: OneReserve<'_>,
+    intended: Instant,
+    track: bool,
+    admission: bool,
+) {
+    let OneReserve {
+        endpoint,
+        sku,
+        token,
+        key,
+    } = one;
+    let (answer, fields) = ctx
+        .reserve(rec, endpoint, sku, token, key, 1, intended)
+        .await;
+    let refused = matches!(
+        (answer.status, fields.code.as_deref()),
+        (429, Some("rate_limited")) | (503, Some("overloaded"))
+    );
     match answer.status {
         201 if !answer.replayed => {
             let at = Instant::now();
@@ -303,11 +397,15 @@ async fn reserve_only(ctx: &Ctx, rec: &Recorder, sku: &str, intended: Instant, t
             });
         }
         409 if fields.code.as_deref() == Some("sold_out") => {}
-        0 => ctx.with_ledger(sku, |l| l.ambiguous_reserve_units += 1),
-        _ => ctx.violations.add(format!(
-            "reserve by a fresh user on {sku}: {}",
+        429 | 503 if admission && refused && answer.retry_after => {}
+        429 | 503 if admission && refused => ctx.violations.add(format!(
+            "admission refusal without Retry-After on {sku}: {}",
             answer.text()
         )),
+        0 => ctx.with_ledger(sku, |l| l.ambiguous_reserve_units += 1),
+        _ => ctx
+            .violations
+            .add(format!("{} on {sku}: {}", endpoint.name(), answer.text())),
     }
 }
 
@@ -316,9 +414,9 @@ async fn mixed(ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, sku: &str, intended:
     let quantity = args.quantity;
     let (n, _user, token) = ctx.new_user();
     let key = format!("k{n}");
-    let (answer, fields) = ctx
-        .reserve(rec, sku, &token, &key, quantity, intended)
-        .await;
+    // This flow's reserve; its retries send it again with the same Idempotency-Key.
+    let send = |at: Instant| ctx.reserve(rec, Endpoint::Reserve, sku, &token, &key, quantity, at);
+    let (answer, fields) = send(intended).await;
     let rid = match (
         answer.status,
         answer.replayed,
@@ -329,9 +427,7 @@ async fn mixed(ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, sku: &str, intended:
             // The user presses "try again" with the same key: a refusal recorded
             // nothing, so it may succeed now (stock came back) or be refused again.
             if rng.random_bool(args.retry_ratio) {
-                let (again, again_fields) = ctx
-                    .reserve(rec, sku, &token, &key, quantity, Instant::now())
-                    .await;
+                let (again, again_fields) = send(Instant::now()).await;
                 match (again.status, again.replayed, again_fields.reservation_id) {
                     (201, false, Some(rid)) => {
                         // Stock came back: the hold is real; let it expire.
@@ -366,9 +462,7 @@ async fn mixed(ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, sku: &str, intended:
 
     // The client did not see the answer: it sends the same request again.
     if rng.random_bool(args.retry_ratio) {
-        let (again, again_fields) = ctx
-            .reserve(rec, sku, &token, &key, quantity, Instant::now())
-            .await;
+        let (again, again_fields) = send(Instant::now()).await;
         let same = again_fields.reservation_id.as_deref() == Some(rid.as_str());
         let replayed = again.status == 201 && again.replayed && same;
         if !replayed && !again.is_transport_error() {
@@ -477,15 +571,30 @@ async fn mixed(ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, sku: &str, intended:
     }
 }
 
-/// Runs `workload` for `duration`: closed loop (`--concurrency` clients) or open loop
-/// (`--rate` flows per second). Returns the recorder and the phase's wall time.
+/// One load of a phase: what its flows do and how they are started.
+pub struct Load {
+    pub workload: Arc<Workload>,
+    pub pace: Pace,
+}
+
+impl Load {
+    pub fn new(workload: Workload, pace: Pace) -> Load {
+        Load {
+            workload: Arc::new(workload),
+            pace,
+        }
+    }
+}
+
+/// Runs `loads` side by side for `duration`, each closed loop (N clients) or open loop
+/// (flows per second), all recorded in one recorder. Returns it and the phase's wall
+/// time.
 pub async fn run_phase(
     ctx: &Arc<Ctx>,
-    workload: Arc<Workload>,
+    loads: Vec<Load>,
     title: &str,
     phase_index: u64,
     duration: Duration,
-    open_loop: bool,
 ) -> (Arc<Recorder>, Duration) {
     let start = Instant::now();
     let rec = Arc::new(Recorder::new(start));
@@ -515,44 +624,88 @@ pub async fn run_phase(
         })
     };
 
-    let seed = ctx.seed ^ (phase_index << 48);
-    if let (true, Some(rate)) = (open_loop, ctx.args.rate) {
-        let mut tasks = tokio::task::JoinSet::new();
-        let unsent = dispatch_open_loop(
-            start,
-            deadline,
-            rate,
-            ctx.args.max_in_flight,
-            |i, intended, permit| {
-                let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
-                tasks.spawn(async move {
-                    let mut rng = StdRng::seed_from_u64(seed ^ i);
-                    workload.flow(&ctx, &rec, &mut rng, intended).await;
-                    drop(permit);
-                });
-                while tasks.try_join_next().is_some() {}
-            },
-        )
-        .await;
-        rec.unsent.store(unsent, Ordering::Relaxed);
-        while tasks.join_next().await.is_some() {}
-    } else {
-        let mut tasks = tokio::task::JoinSet::new();
-        for worker in 0..ctx.args.concurrency as u64 {
-            let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
-            tasks.spawn(async move {
-                let mut rng = StdRng::seed_from_u64(seed ^ worker);
-                while Instant::now() < deadline {
-                    workload.flow(&ctx, &rec, &mut rng, Instant::now()).await;
+    let mut clients = tokio::task::JoinSet::new();
+    let mut open = Vec::new();
+    for (index, load) in loads.into_iter().enumerate() {
+        // The first load of a phase has the seed a phase always had.
+        let seed = ctx.seed ^ (phase_index << 48) ^ ((index as u64) << 40);
+        match load.pace {
+            Pace::Closed { clients: n } => {
+                for worker in 0..n as u64 {
+                    let (ctx, rec, workload) = (ctx.clone(), rec.clone(), load.workload.clone());
+                    clients.spawn(async move {
+                        let mut rng = StdRng::seed_from_u64(seed ^ worker);
+                        while Instant::now() < deadline {
+                            workload.flow(&ctx, &rec, &mut rng, Instant::now()).await;
+                        }
+                    });
                 }
-            });
+            }
+            Pace::Open {
+                rate,
+                max_in_flight,
+            } => open.push((load.workload, rate, max_in_flight, seed)),
         }
-        while tasks.join_next().await.is_some() {}
     }
+    // The first open loop is dispatched from this task, as the only one always was;
+    // any other from a task of its own.
+    let mut open = open.into_iter();
+    let first = open.next();
+    let mut dispatchers = tokio::task::JoinSet::new();
+    for (workload, rate, max_in_flight, seed) in open {
+        let (ctx, rec) = (ctx.clone(), rec.clone());
+        dispatchers.spawn(async move {
+            let window = (start, deadline);
+            open_loop(&ctx, &rec, workload, rate, max_in_flight, seed, window).await
+        });
+    }
+    let mut unsent = 0;
+    if let Some((workload, rate, max_in_flight, seed)) = first {
+        let window = (start, deadline);
+        unsent += open_loop(ctx, &rec, workload, rate, max_in_flight, seed, window).await;
+    }
+    while let Some(result) = dispatchers.join_next().await {
+        unsent += result.unwrap_or(0);
+    }
+    rec.unsent.store(unsent, Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
     let elapsed = start.elapsed();
     ticker.abort();
     bar.finish_and_clear();
     (rec, elapsed)
+}
+
+/// One open loop of a phase (`window`: its start and end), until its last flow ended.
+/// Returns how many of its flows were never started.
+async fn open_loop(
+    ctx: &Arc<Ctx>,
+    rec: &Arc<Recorder>,
+    workload: Arc<Workload>,
+    rate: f64,
+    max_in_flight: usize,
+    seed: u64,
+    (start, deadline): (Instant, Instant),
+) -> u64 {
+    let mut tasks = tokio::task::JoinSet::new();
+    let unsent = dispatch_open_loop(
+        start,
+        deadline,
+        rate,
+        max_in_flight,
+        |i, intended, permit| {
+            let (ctx, rec, workload) = (ctx.clone(), rec.clone(), workload.clone());
+            tasks.spawn(async move {
+                rec.record_lag(intended.elapsed());
+                let mut rng = StdRng::seed_from_u64(seed ^ i);
+                workload.flow(&ctx, &rec, &mut rng, intended).await;
+                drop(permit);
+            });
+            while tasks.try_join_next().is_some() {}
+        },
+    )
+    .await;
+    while tasks.join_next().await.is_some() {}
+    unsent
 }
 
 /// Open loop: starts flow `i` at `start + i / rate` whatever the answers (latency is
@@ -633,5 +786,37 @@ pub async fn reopen(ctx: Arc<Ctx>, sku: String, units: u64, after: Duration) {
                 answer.text()
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &'static str) -> (Answer, Fields) {
+        let answer = Answer {
+            status,
+            replayed: false,
+            retry_after: status == 429 || status == 503,
+            body: Bytes::from_static(body.as_bytes()),
+            error: None,
+        };
+        let fields = answer.fields();
+        (answer, fields)
+    }
+
+    #[test]
+    fn reserve_answers_are_labelled_alike_for_every_reserving_endpoint() {
+        let (created, fields) = answer(201, r#"{"reservation_id":"r1","status":"held"}"#);
+        assert_eq!(label(Endpoint::Reserve, &created, &fields), "created");
+        assert_eq!(label(Endpoint::AbuserReserve, &created, &fields), "created");
+        assert_eq!(label(Endpoint::GetReservation, &created, &fields), "held");
+        let (limited, fields) = answer(429, r#"{"status":429,"code":"rate_limited"}"#);
+        assert_eq!(
+            label(Endpoint::AbuserReserve, &limited, &fields),
+            "rate_limited"
+        );
+        let (shed, fields) = answer(503, r#"{"status":503,"code":"overloaded"}"#);
+        assert_eq!(label(Endpoint::Reserve, &shed, &fields), "overloaded");
     }
 }

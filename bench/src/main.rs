@@ -1,14 +1,18 @@
 //! flashgate-bench: the load-test harness. See bench/README.md.
 //!
 //! A run: set up SKUs through the admin API → warm-up → load phases (reserve, soldout,
-//! mixed) → validation against the API and MySQL → baselines (MySQL transaction per
-//! reservation, redis-benchmark EVALSHA of the reserve script) → ratios → JSON + SVG.
+//! mixed; abuse and overload on demand) → validation against the API and MySQL →
+//! baselines (MySQL transaction per reservation, redis-benchmark EVALSHA of the
+//! reserve script) → ratios → JSON + SVG. Redis statistics come from one server or
+//! from every primary of a Redis Cluster (--redis-cluster, src/cluster.rs).
 //! `flashgate-bench scale`: the cost curves (SKU count, live holds), see src/scale.rs.
 
+mod admission;
 mod baseline_mysql;
 mod baseline_redis;
 mod cli;
 mod client;
+mod cluster;
 mod gateway;
 mod ids;
 mod load;
@@ -29,11 +33,12 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cli::{Args, BaselineName, Command, PhaseName};
-use load::{Ctx, Workload};
+use cli::{Args, BaselineName, Command, Pace, PhaseName};
+use load::{Ctx, Load, Workload};
 use probe::{Pids, Snapshot};
 use report::{
-    Environment, Memory, MysqlReport, PhaseReport, Ratio, RedisReport, Report, ValidationReport,
+    Environment, Memory, MysqlReport, PhaseReport, Ratio, RedisNode, RedisReport, Report,
+    ValidationReport,
 };
 use stats::Recorder;
 use validate::SkuPlan;
@@ -44,6 +49,9 @@ const HUGE_STOCK: u64 = 1_000_000_000;
 const HOLD_MARGIN: Duration = Duration::from_secs(120);
 /// How long the harness watches the gateway with no load before starting.
 const IDLE_PROBE: Duration = Duration::from_secs(2);
+/// Per-user limit of the abuse phase's SKU: every hold an honest user or the abuser
+/// gets must be granted (the per-user rate limit is what is measured).
+const ABUSE_PER_USER_LIMIT: u64 = 1_000_000;
 
 fn main() -> ExitCode {
     // `scripts/dev bench -- FLAGS` passes the `--` through: skip it.
@@ -71,6 +79,10 @@ fn main() -> ExitCode {
         Some(Command::Scale(scale)) => {
             if let Err(e) = scale.validate() {
                 eprintln!("flashgate-bench scale: {e:#}");
+                return ExitCode::from(2);
+            }
+            if args.redis_cluster {
+                eprintln!("flashgate-bench scale: not on a Redis Cluster (it writes holds and reads memory on one Redis server): run it against a single Redis");
                 return ExitCode::from(2);
             }
             runtime.block_on(scale::run(args, scale))
@@ -113,16 +125,84 @@ pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection> {
         .await?)
 }
 
-async fn redis_info(conn: &mut Option<MultiplexedConnection>, section: &str) -> Option<String> {
-    let c = conn.as_mut()?;
-    redis::cmd("INFO").arg(section).query_async(c).await.ok()
+/// The gateway's Redis as the harness reads its statistics.
+pub enum RedisStats {
+    /// One server (None: unreachable).
+    Single(Option<MultiplexedConnection>),
+    /// Every node of a cluster (None: no node answered).
+    Cluster(Option<cluster::Cluster>),
+}
+
+/// What the harness samples around each phase: the processes under test and Redis.
+pub struct Probes {
+    pub pids: Pids,
+    pub redis: RedisStats,
+}
+
+impl Probes {
+    pub async fn snapshot(&mut self) -> Snapshot {
+        match &mut self.redis {
+            RedisStats::Single(conn) => snapshot(&self.pids, conn).await,
+            RedisStats::Cluster(cluster) => {
+                let nodes = match cluster.as_mut() {
+                    Some(c) => c.sample().await,
+                    None => Vec::new(),
+                };
+                Snapshot::take(&self.pids, None, None).with_nodes(nodes)
+            }
+        }
+    }
+
+    /// The single Redis server's connection (None on a cluster).
+    pub fn single(&mut self) -> Option<&mut MultiplexedConnection> {
+        match &mut self.redis {
+            RedisStats::Single(conn) => conn.as_mut(),
+            RedisStats::Cluster(_) => None,
+        }
+    }
+}
+
+/// One measured phase: `loads` side by side for `duration`, sampled before and after,
+/// reported and printed.
+pub async fn measure(
+    ctx: &Arc<Ctx>,
+    probes: &mut Probes,
+    name: &str,
+    loads: Vec<Load>,
+    index: u64,
+    duration: Duration,
+    skus: Vec<String>,
+) -> PhaseReport {
+    let mode = loads
+        .iter()
+        .map(|l| l.pace.describe())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let before = probes.snapshot().await;
+    let opened_before = ctx.client.opened.load(std::sync::atomic::Ordering::Relaxed);
+    let (rec, elapsed) = load::run_phase(ctx, loads, name, index, duration).await;
+    let after = probes.snapshot().await;
+    let mut report = phase_report(
+        name,
+        mode,
+        skus,
+        ctx.run_start,
+        &rec,
+        elapsed,
+        &before,
+        &after,
+    );
+    report.connections_opened =
+        Some(ctx.client.opened.load(std::sync::atomic::Ordering::Relaxed) - opened_before);
+    report::print_phase(&report);
+    report
 }
 
 async fn snapshot(pids: &Pids, redis: &mut Option<MultiplexedConnection>) -> Snapshot {
-    let stats = redis_info(redis, "commandstats")
+    let stats = cluster::info(redis, "commandstats")
         .await
         .map(|info| probe::CommandStats::parse(&info));
-    let forks = redis_info(redis, "stats").await.and_then(|info| {
+    let forks = cluster::info(redis, "stats").await.and_then(|info| {
         info.lines()
             .find_map(|l| l.strip_prefix("total_forks:"))
             .and_then(|v| v.trim().parse().ok())
@@ -146,6 +226,7 @@ fn phase_report(
     let requests: u64 = endpoints.iter().map(|e| e.count).sum();
     PhaseReport {
         unsent_flows: rec.unsent.load(std::sync::atomic::Ordering::Relaxed),
+        start_lag: rec.lag(),
         connections_opened: None,
         name: name.to_string(),
         mode,
@@ -160,7 +241,7 @@ fn phase_report(
     }
 }
 
-fn ratio(
+pub(crate) fn ratio(
     name: &str,
     value: Option<f64>,
     target: &str,
@@ -221,8 +302,11 @@ async fn run(args: Args) -> Result<bool> {
     }
 
     // Who is who: the processes under test, for RSS and CPU.
-    let mut redis_conn = match redis::Client::open(args.redis_url.as_str()) {
-        Ok(c) => {
+    // One server's connection; on a cluster, `cluster` below.
+    let single = (!args.redis_cluster).then(|| redis::Client::open(args.redis_url.as_str()));
+    let mut redis_conn = match single {
+        None | Some(Err(_)) => None,
+        Some(Ok(c)) => {
             match tokio::time::timeout(Duration::from_secs(3), c.get_multiplexed_async_connection())
                 .await
             {
@@ -230,9 +314,17 @@ async fn run(args: Args) -> Result<bool> {
                 _ => None,
             }
         }
-        Err(_) => None,
     };
-    if redis_conn.is_none() {
+    let mut cluster = None;
+    if args.redis_cluster {
+        match cluster::Cluster::discover(&args.redis_urls()).await {
+            Ok(c) => cluster = Some(c),
+            Err(e) => println!(
+                "  warning: Redis Cluster at {} unreachable ({e:#}): no Redis statistics",
+                args.redis_url
+            ),
+        }
+    } else if redis_conn.is_none() {
         println!(
             "  warning: Redis at {} unreachable: no Redis statistics, no redis-benchmark baseline",
             args.redis_url
@@ -244,7 +336,7 @@ async fn run(args: Args) -> Result<bool> {
             .or_else(|| probe::pid_listening_on(target.port)),
         ..Pids::default()
     };
-    let redis_server = redis_info(&mut redis_conn, "server")
+    let redis_server = cluster::info(&mut redis_conn, "server")
         .await
         .unwrap_or_default();
     pids.redis = redis_server
@@ -252,30 +344,31 @@ async fn run(args: Args) -> Result<bool> {
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|p| p.trim().parse().ok())
         .filter(|pid: &u32| std::path::Path::new(&format!("/proc/{pid}")).exists());
-    let redis_persistence = redis_info(&mut redis_conn, "persistence")
+    let redis_persistence = cluster::info(&mut redis_conn, "persistence")
         .await
         .unwrap_or_default();
     let aof = redis_persistence
         .lines()
         .find_map(|l| l.strip_prefix("aof_enabled:"))
         .map(|v| v.trim() == "1");
-    let appendfsync: Option<String> = match redis_conn.as_mut() {
-        Some(c) => redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query_async::<Vec<String>>(c)
-            .await
-            .ok()
-            .and_then(|v| v.get(1).cloned()),
-        None => None,
-    };
+    let appendfsync = cluster::config_get(redis_conn.as_mut(), "appendfsync").await;
     let redis_version = redis_server
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
         .unwrap_or("?")
         .trim()
         .to_string();
-    let redis_desc = format!(
+    let redis_nodes: Vec<RedisNode> = cluster
+        .iter()
+        .flat_map(|c: &cluster::Cluster| c.nodes.iter())
+        .map(|n| RedisNode {
+            addr: n.info.addr.clone(),
+            primary: n.info.primary,
+            pid: n.pid,
+            slots: n.info.slots.clone(),
+        })
+        .collect();
+    let single_desc = format!(
         "Redis {redis_version} pid {}, AOF {}{}",
         pids.redis.map_or("?".into(), |p| p.to_string()),
         match aof {
@@ -287,6 +380,11 @@ async fn run(args: Args) -> Result<bool> {
             .map(|f| format!(" (appendfsync {f})"))
             .unwrap_or_default()
     );
+    let redis_desc = match cluster.as_mut() {
+        Some(c) => c.describe().await,
+        None if args.redis_cluster => "Redis Cluster: unreachable".to_string(),
+        None => single_desc,
+    };
     let db_options = MySqlConnectOptions::from_str(&args.database_url).context("--database-url")?;
     pids.mysql = probe::pid_listening_on(db_options.get_port());
     let db = MySqlPoolOptions::new()
@@ -325,6 +423,14 @@ async fn run(args: Args) -> Result<bool> {
         None => "gateway pid unknown (pass --gateway-pid): no RSS/CPU for it".to_string(),
     };
     println!("  {gateway_desc}\n  {redis_desc}\n  {mysql_desc}");
+    let mut probes = Probes {
+        pids,
+        redis: if args.redis_cluster {
+            RedisStats::Cluster(cluster)
+        } else {
+            RedisStats::Single(redis_conn)
+        },
+    };
 
     let mint_started = Instant::now();
     let minter = gateway::TokenMinter::new(&args.jwt_secret);
@@ -383,9 +489,18 @@ async fn run(args: Args) -> Result<bool> {
             * (args
                 .phases
                 .iter()
-                .filter(|p| !matches!(p, PhaseName::Soldout | PhaseName::Ceiling))
+                .filter(|p| matches!(p, PhaseName::Reserve | PhaseName::Mixed))
                 .count() as u32
                 + 1)
+        + args
+            .phases
+            .iter()
+            .map(|p| match p {
+                PhaseName::Abuse => admission::phase_time(&args, false),
+                PhaseName::Overload => admission::phase_time(&args, true),
+                _ => Duration::ZERO,
+            })
+            .sum::<Duration>()
         + args.soldout_duration * 2
         + args.flush_timeout / 4
         + Duration::from_secs(args.hold_seconds);
@@ -405,6 +520,8 @@ async fn run(args: Args) -> Result<bool> {
     }
     let reserve_sku = format!("{sku_base}-r");
     let soldout_sku = format!("{sku_base}-s");
+    let abuse_sku = format!("{sku_base}-a");
+    let overload_sku = format!("{sku_base}-o");
     let mixed_skus: Vec<String> = (0..args.skus).map(|i| format!("{sku_base}-m{i}")).collect();
     for phase in &args.phases {
         match phase {
@@ -422,6 +539,19 @@ async fn run(args: Args) -> Result<bool> {
                 .await?,
             ),
             PhaseName::Ceiling => {}
+            PhaseName::Abuse => plans.push(
+                define(
+                    abuse_sku.clone(),
+                    HUGE_STOCK,
+                    ABUSE_PER_USER_LIMIT,
+                    long_hold,
+                    *phase,
+                )
+                .await?,
+            ),
+            PhaseName::Overload => {
+                plans.push(define(overload_sku.clone(), HUGE_STOCK, 1, long_hold, *phase).await?)
+            }
             PhaseName::Mixed => {
                 for sku in &mixed_skus {
                     plans.push(
@@ -447,13 +577,14 @@ async fn run(args: Args) -> Result<bool> {
             .join(", ")
     );
     // ---- what the gateway costs with no load at all (its worker's background work)
-    let skus_indexed: Option<u64> = match redis_conn.as_mut() {
-        Some(c) => redis::cmd("SCARD").arg("fg:skus").query_async(c).await.ok(),
-        None => None,
+    let skus_indexed: Option<u64> = match &mut probes.redis {
+        RedisStats::Single(Some(c)) => redis::cmd("SCARD").arg("fg:skus").query_async(c).await.ok(),
+        RedisStats::Cluster(Some(c)) => c.scard("fg:skus").await.ok(),
+        _ => None,
     };
-    let before = snapshot(&pids, &mut redis_conn).await;
+    let before = probes.snapshot().await;
     tokio::time::sleep(IDLE_PROBE).await;
-    let after = snapshot(&pids, &mut redis_conn).await;
+    let after = probes.snapshot().await;
     let idle = probe::delta(&before, &after, 1);
     let idle = report::Idle {
         seconds: idle.wall_s,
@@ -493,12 +624,16 @@ async fn run(args: Args) -> Result<bool> {
             "\n== baseline redis-benchmark ({} requests per path, {} connections): the reserve script by EVALSHA",
             args.redis_benchmark_requests, args.concurrency
         );
-        if !baseline_redis::installed(&args.redis_benchmark) {
+        if args.redis_cluster {
+            println!(
+                "  skipped: the gateway runs on a Redis Cluster (--redis-cluster); redis-benchmark drives one server, and a SKU's reserve script runs on the one primary serving its slot (run redis-benchmark against that primary by hand to compare)"
+            );
+        } else if !baseline_redis::installed(&args.redis_benchmark) {
             println!(
                 "  skipped: {} is not installed (apt-get install redis-tools)",
                 args.redis_benchmark
             );
-        } else if redis_conn.is_none() {
+        } else if probes.single().is_none() {
             println!("  skipped: Redis unreachable");
         } else {
             match baseline_redis::run(
@@ -542,7 +677,7 @@ async fn run(args: Args) -> Result<bool> {
                 }
                 Err(e) => println!("  redis-benchmark failed: {e:#}"),
             }
-            if let Some(conn) = redis_conn.as_mut() {
+            if let Some(conn) = probes.single() {
                 match baseline_redis::compact_aof(conn).await {
                     Ok(Some(took)) => println!(
                         "  AOF rewritten after the baseline ({:.1} s), so that its {} written and deleted keys do not trigger a rewrite in the gateway's phases",
@@ -561,26 +696,41 @@ async fn run(args: Args) -> Result<bool> {
         .await;
 
     // ---- warm-up and load phases
-    let open_loop = args.rate.is_some();
     if !args.warmup.is_zero() {
         println!(
             "\n== warm-up ({:.1} s, closed loop, not recorded)",
             args.warmup.as_secs_f64()
         );
-        load::run_phase(
-            &ctx,
-            Arc::new(Workload::Reserve { sku: warmup_sku }),
-            "warm-up",
-            99,
-            args.warmup,
-            false,
-        )
-        .await;
+        // Not recorded: an admission refusal (a gateway with a low cap) is no violation.
+        let warmup = Load::new(
+            Workload::Sheddable { sku: warmup_sku },
+            Pace::Closed {
+                clients: args.concurrency,
+            },
+        );
+        load::run_phase(&ctx, vec![warmup], "warm-up", 99, args.warmup).await;
     }
     memory.lock().unwrap().rss_after_warmup_kb = pids.gateway.and_then(probe::rss_kb);
     let mut phases: Vec<PhaseReport> = Vec::new();
+    let mut abuse_report = None;
+    let mut overload_report = None;
     for (index, phase) in args.phases.iter().enumerate() {
-        let (name, workload, duration, skus) = match phase {
+        let index = index as u64;
+        let (name, workload, duration, skus, what) = match phase {
+            PhaseName::Abuse => {
+                let (reports, summary) =
+                    admission::abuse(&ctx, &mut probes, &abuse_sku, index).await;
+                phases.extend(reports);
+                abuse_report = Some(summary);
+                continue;
+            }
+            PhaseName::Overload => {
+                let (reports, summary) =
+                    admission::overload(&ctx, &mut probes, &overload_sku, index).await;
+                phases.extend(reports);
+                overload_report = summary;
+                continue;
+            }
             PhaseName::Reserve => (
                 "reserve",
                 Workload::Reserve {
@@ -588,6 +738,7 @@ async fn run(args: Args) -> Result<bool> {
                 },
                 args.duration,
                 vec![reserve_sku.clone()],
+                "reserves by fresh users on one SKU with stock to spare".to_string(),
             ),
             PhaseName::Soldout => (
                 "soldout",
@@ -596,8 +747,18 @@ async fn run(args: Args) -> Result<bool> {
                 },
                 args.soldout_duration,
                 vec![soldout_sku.clone()],
+                format!(
+                    "reserves by fresh users on one SKU of {} units, sold out at once; {} units cancelled half-way must sell again",
+                    args.soldout_stock, args.reopen_units
+                ),
             ),
-            PhaseName::Ceiling => ("ceiling", Workload::Ceiling, args.soldout_duration, vec![]),
+            PhaseName::Ceiling => (
+                "ceiling",
+                Workload::Ceiling,
+                args.soldout_duration,
+                vec![],
+                "GET /healthz: the fastest answer this machine and this client manage over HTTP".to_string(),
+            ),
             PhaseName::Mixed => (
                 "mixed",
                 Workload::Mixed {
@@ -605,19 +766,11 @@ async fn run(args: Args) -> Result<bool> {
                 },
                 args.duration,
                 mixed_skus.clone(),
-            ),
-        };
-        let what = match phase {
-            PhaseName::Reserve => "reserves by fresh users on one SKU with stock to spare".to_string(),
-            PhaseName::Soldout => format!(
-                "reserves by fresh users on one SKU of {} units, sold out at once; {} units cancelled half-way must sell again",
-                args.soldout_stock, args.reopen_units
-            ),
-            PhaseName::Ceiling => "GET /healthz: the fastest answer this machine and this client manage over HTTP".to_string(),
-            PhaseName::Mixed => format!(
-                "flash sale on {} SKUs x {} units: pay {:.0}% / cancel {:.0}% / abandon {:.0}%, retries {:.0}%, duplicate webhooks {:.0}%",
-                args.skus, args.stock, args.pay * 100.0, args.cancel * 100.0, args.abandon * 100.0,
-                args.retry_ratio * 100.0, args.dup_webhook_ratio * 100.0
+                format!(
+                    "flash sale on {} SKUs x {} units: pay {:.0}% / cancel {:.0}% / abandon {:.0}%, retries {:.0}%, duplicate webhooks {:.0}%",
+                    args.skus, args.stock, args.pay * 100.0, args.cancel * 100.0, args.abandon * 100.0,
+                    args.retry_ratio * 100.0, args.dup_webhook_ratio * 100.0
+                ),
             ),
         };
         println!(
@@ -633,34 +786,11 @@ async fn run(args: Args) -> Result<bool> {
                 duration / 2,
             ))
         });
-        let before = snapshot(&pids, &mut redis_conn).await;
-        let opened_before = ctx.client.opened.load(std::sync::atomic::Ordering::Relaxed);
-        let (rec, elapsed) = load::run_phase(
-            &ctx,
-            Arc::new(workload),
-            name,
-            index as u64,
-            duration,
-            open_loop,
-        )
-        .await;
-        let after = snapshot(&pids, &mut redis_conn).await;
+        let loads = vec![Load::new(workload, args.pace())];
+        let report = measure(&ctx, &mut probes, name, loads, index, duration, skus).await;
         if let Some(task) = reopen {
             let _ = task.await;
         }
-        let mut report = phase_report(
-            name,
-            args.mode(),
-            skus,
-            ctx.run_start,
-            &rec,
-            elapsed,
-            &before,
-            &after,
-        );
-        report.connections_opened =
-            Some(ctx.client.opened.load(std::sync::atomic::Ordering::Relaxed) - opened_before);
-        report::print_phase(&report);
         phases.push(report);
     }
 
@@ -688,7 +818,7 @@ async fn run(args: Args) -> Result<bool> {
             args.mode(),
             args.concurrency
         );
-        let before = snapshot(&pids, &mut redis_conn).await;
+        let before = probes.snapshot().await;
         match baseline_mysql::run(
             &args.database_url,
             args.concurrency,
@@ -700,7 +830,7 @@ async fn run(args: Args) -> Result<bool> {
         .await
         {
             Ok(b) => {
-                let after = snapshot(&pids, &mut redis_conn).await;
+                let after = probes.snapshot().await;
                 let phase = phase_report(
                     "mysql",
                     args.mode(),
@@ -769,7 +899,7 @@ async fn run(args: Args) -> Result<bool> {
     } else {
         ""
     };
-    let ratios = vec![
+    let mut ratios = vec![
         ratio(
             "reserve throughput: gateway / MySQL baseline",
             closed(div(reserve_rate, mysql_rate)),
@@ -833,7 +963,21 @@ async fn run(args: Args) -> Result<bool> {
             ),
         ),
     ];
-    println!("\n== ratios (targets of issue 5)");
+    let admission_ratios: Vec<Ratio> = abuse_report
+        .iter()
+        .flat_map(|a| a.ratios())
+        .chain(overload_report.iter().flat_map(|o| o.ratios()))
+        .collect();
+    let admission_measured = !admission_ratios.is_empty();
+    ratios.extend(admission_ratios);
+    println!(
+        "\n== ratios (targets of issue 5{})",
+        if admission_measured {
+            " and issue 11"
+        } else {
+            ""
+        }
+    );
     report::print_ratios(&ratios);
     let noisy: Vec<String> = phases
         .iter()
@@ -868,6 +1012,7 @@ async fn run(args: Args) -> Result<bool> {
         environment: Environment {
             gateway_pid: pids.gateway,
             redis: redis_desc,
+            redis_nodes,
             mysql: mysql_desc,
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             bench_threads: args.threads,
@@ -878,6 +1023,8 @@ async fn run(args: Args) -> Result<bool> {
         ratios,
         idle,
         memory: mem,
+        abuse: abuse_report,
+        overload: overload_report,
         validation: Some(ValidationReport {
             passed: validation_passed,
             flush_seconds: validation.flush_seconds,

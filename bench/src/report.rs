@@ -5,9 +5,10 @@ use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+use crate::admission::{AbuseReport, OverloadReport};
 use crate::baseline_redis::RedisBenchmark;
 use crate::probe::Resources;
-use crate::stats::{EndpointSummary, TickSummary};
+use crate::stats::{EndpointSummary, OutcomeLatency, TickSummary};
 use crate::validate::Check;
 
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +23,10 @@ pub struct PhaseReport {
     pub throughput_rps: f64,
     /// Open loop: flows due in the phase that never started (rate not reached).
     pub unsent_flows: u64,
+    /// Open loop: how late flows started after their intended time (inside the
+    /// latencies, which count from the intended time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_lag: Option<OutcomeLatency>,
     /// New client connections the phase needed (HTTP phases).
     pub connections_opened: Option<u64>,
     pub endpoints: Vec<EndpointSummary>,
@@ -93,9 +98,22 @@ pub struct Idle {
 pub struct Environment {
     pub gateway_pid: Option<u32>,
     pub redis: String,
+    /// Cluster (--redis-cluster): every node the harness reads, as found at the start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redis_nodes: Vec<RedisNode>,
     pub mysql: String,
     pub cpus: usize,
     pub bench_threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisNode {
+    /// `host:port`.
+    pub addr: String,
+    pub primary: bool,
+    pub pid: Option<u32>,
+    /// Slot ranges (primaries), inclusive.
+    pub slots: Vec<(u16, u16)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +143,12 @@ pub struct Report {
     pub ratios: Vec<Ratio>,
     pub idle: Idle,
     pub memory: Memory,
+    /// The abuse phase's figures (its phases are `abuse-alone` and `abuse`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<AbuseReport>,
+    /// The overload phase's figures (`overload-probe`, `overload-0.8x`, `overload-2x`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overload: Option<OverloadReport>,
     pub validation: Option<ValidationReport>,
     pub passed: bool,
 }
@@ -134,15 +158,25 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 pub fn print_phase(p: &PhaseReport) {
-    let errors: u64 = p
-        .endpoints
-        .iter()
-        .flat_map(|e| e.outcomes.iter())
-        .filter(|(k, _)| k.starts_with("error") || k.starts_with('5'))
-        .map(|(_, n)| n)
-        .sum();
+    let count = |keep: fn(&str) -> bool| -> u64 {
+        p.endpoints
+            .iter()
+            .flat_map(|e| e.outcomes.iter())
+            .filter(|(k, _)| keep(k))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let errors = count(|k| (k.starts_with("error") || k.starts_with('5')) && k != SHED);
+    let refused = [
+        (count(|k| k == SHED), "shed (503 overloaded)"),
+        (count(|k| k == RATE_LIMITED), "rate-limited (429)"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!(", {n} {what}"))
+    .collect::<String>();
     println!(
-        "  {} requests in {:.1} s = {:.0} req/s, {} errors (5xx or transport){}",
+        "  {} requests in {:.1} s = {:.0} req/s, {} errors (5xx or transport){refused}{}",
         p.requests,
         p.duration_s,
         p.throughput_rps,
@@ -156,6 +190,12 @@ pub fn print_phase(p: &PhaseReport) {
         println!(
             "  NOTE     {} flows due in this phase never started: the system under test did not keep up with the offered rate (held at --max-in-flight)",
             p.unsent_flows
+        );
+    }
+    if let Some(lag) = p.start_lag {
+        println!(
+            "  lag      flows started p50 {:.2} / p99 {:.2} / max {:.2} ms after their intended time (the harness's own delay, inside the latencies below)",
+            lag.p50_ms, lag.p99_ms, lag.max_ms
         );
     }
     println!(
@@ -224,7 +264,52 @@ pub fn print_phase(p: &PhaseReport) {
                 calls.join(", ")
             );
         }
+        if let Some(line) = primaries_line(r) {
+            println!("  {line}");
+        }
     }
+}
+
+/// The outcome key of a load shed and of a rate-limit refusal.
+pub const SHED: &str = "503 overloaded";
+pub const RATE_LIMITED: &str = "429 rate_limited";
+
+/// Cluster: "redis per primary: 127.0.0.1:7390 34% / 7391 33% / 7392 33% of calls, …".
+pub fn primaries_line(r: &Resources) -> Option<String> {
+    if r.redis_primaries.is_empty() {
+        return None;
+    }
+    let nodes: Vec<&str> = r.redis_primaries.iter().map(|p| p.node.as_str()).collect();
+    let names = crate::cluster::short_addrs(&nodes);
+    let pct = |v: f64| format!("{:.0}%", v * 100.0);
+    let join = |f: &dyn Fn(&crate::probe::PrimaryShare) -> String| {
+        r.redis_primaries
+            .iter()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let calls: Vec<String> = names
+        .iter()
+        .zip(&r.redis_primaries)
+        .map(|(name, p)| format!("{name} {}", pct(p.calls_share)))
+        .collect();
+    let mut line = format!(
+        "redis per primary: {} of calls · {} of executing time",
+        calls.join(" / "),
+        join(&|p| pct(p.exec_share))
+    );
+    if r.redis_primaries.iter().all(|p| p.cpu_share.is_some()) {
+        line += &format!(
+            " · {} of CPU ({} µs/req)",
+            join(&|p| p.cpu_share.map_or("-".into(), pct)),
+            join(&|p| opt(p.cpu_us_per_request, 0))
+        );
+    }
+    if let Some(c) = r.redis_replica_cores {
+        line += &format!(" · replicas {c:.2} cores");
+    }
+    Some(line)
 }
 
 pub fn print_ratios(ratios: &[Ratio]) {
@@ -267,6 +352,8 @@ fn phase_color(name: &str) -> RGBColor {
         "soldout" => RGBColor(255, 127, 14),
         "mixed" => RGBColor(44, 160, 44),
         "mysql" => RGBColor(214, 39, 40),
+        "abuse-alone" | "abuse" => RGBColor(148, 103, 189),
+        "overload-probe" | "overload-0.8x" | "overload-2x" => RGBColor(140, 86, 75),
         _ => RGBColor(110, 110, 110),
     }
 }
@@ -480,4 +567,48 @@ fn chart(report: &Report, path: &Path) -> Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{self, CommandStats, NodeSample, Pids, Snapshot};
+
+    fn sample(addr: &str, calls: u64, cpu: f64) -> NodeSample {
+        NodeSample {
+            addr: addr.to_string(),
+            primary: true,
+            cpu: Some(cpu),
+            stats: Some(CommandStats::parse(&format!(
+                "cmdstat_evalsha:calls={calls},usec={calls}"
+            ))),
+            forks: Some(0),
+        }
+    }
+
+    #[test]
+    fn the_primaries_line_gives_each_share() {
+        let pids = Pids::default();
+        let at = |c: [u64; 3], cpu: [f64; 3]| {
+            let nodes = ["127.0.0.1:7390", "127.0.0.1:7391", "127.0.0.1:7392"]
+                .iter()
+                .zip(c.iter().zip(cpu))
+                .map(|(a, (c, cpu))| sample(a, *c, cpu))
+                .collect();
+            Snapshot::take(&pids, None, None).with_nodes(nodes)
+        };
+        let before = at([0, 0, 0], [0.0, 0.0, 0.0]);
+        let after = at([34, 33, 33], [0.002, 0.001, 0.001]);
+        let r = probe::delta(&before, &after, 100);
+        assert_eq!(
+            primaries_line(&r).unwrap(),
+            "redis per primary: 127.0.0.1:7390 34% / 7391 33% / 7392 33% of calls · 34% / 33% / 33% of executing time · 50% / 25% / 25% of CPU (20 / 10 / 10 µs/req)"
+        );
+        let single = probe::delta(
+            &Snapshot::take(&pids, None, None),
+            &Snapshot::take(&pids, None, None),
+            1,
+        );
+        assert_eq!(primaries_line(&single), None);
+    }
 }

@@ -22,6 +22,8 @@ pub enum Endpoint {
     GetReservation,
     Healthz,
     MysqlReserve,
+    /// The abuse phase's abusive user (its honest users' reserves are `Reserve`).
+    AbuserReserve,
 }
 
 impl Endpoint {
@@ -34,6 +36,7 @@ impl Endpoint {
             Endpoint::GetReservation => "get_reservation",
             Endpoint::Healthz => "healthz",
             Endpoint::MysqlReserve => "mysql_reserve",
+            Endpoint::AbuserReserve => "abuser_reserve",
         }
     }
 }
@@ -67,6 +70,8 @@ pub fn intern(code: &str) -> &'static str {
         "reservation_cancelled+refund",
         "other+refund",
         "stock_below_committed",
+        "rate_limited",
+        "overloaded",
         "unavailable",
         "internal",
         "connect",
@@ -94,8 +99,9 @@ fn micros(d: Duration) -> u64 {
 
 struct EndpointStats {
     hist: Histogram<u64>,
-    /// (HTTP status, outcome label) → count; status 0 = transport error.
-    outcomes: BTreeMap<(u16, &'static str), u64>,
+    /// (HTTP status, outcome label) → the latencies of those answers (2 significant
+    /// figures; its length is the count); status 0 = transport error.
+    outcomes: BTreeMap<(u16, &'static str), Histogram<u64>>,
 }
 
 #[derive(Default)]
@@ -110,6 +116,8 @@ struct Tick {
 struct Inner {
     endpoints: BTreeMap<Endpoint, EndpointStats>,
     timeline: Vec<Tick>,
+    /// Open loop: how late each flow started after its intended time.
+    lag: Option<Histogram<u64>>,
 }
 
 pub struct Recorder {
@@ -132,6 +140,7 @@ impl Recorder {
             inner: Mutex::new(Inner {
                 endpoints: BTreeMap::new(),
                 timeline: Vec::new(),
+                lag: None,
             }),
         }
     }
@@ -146,7 +155,9 @@ impl Recorder {
     ) {
         let us = micros(latency);
         let second = self.start.elapsed().as_secs() as usize;
-        let error = status == 0 || status >= 500;
+        // A load shed (503 overloaded) is the gateway's intended answer to overload,
+        // counted apart from failures.
+        let error = status == 0 || (status >= 500 && outcome != "overloaded");
         self.requests.fetch_add(1, Ordering::Relaxed);
         if error {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -160,7 +171,11 @@ impl Recorder {
                 outcomes: BTreeMap::new(),
             });
         let _ = stats.hist.record(us);
-        *stats.outcomes.entry((status, outcome)).or_insert(0) += 1;
+        let _ = stats
+            .outcomes
+            .entry((status, outcome))
+            .or_insert_with(|| histogram(2))
+            .record(us);
         if inner.timeline.len() <= second {
             inner.timeline.resize_with(second + 1, Tick::default);
         }
@@ -174,6 +189,26 @@ impl Recorder {
             tick.errors += 1;
         }
         let _ = tick.hist.get_or_insert_with(|| histogram(2)).record(us);
+    }
+
+    /// Open loop: a flow started `lag` after its intended time (the generator's own
+    /// delay: dispatch, a permit, the runtime's queue), which its latencies include.
+    pub fn record_lag(&self, lag: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        let _ = inner
+            .lag
+            .get_or_insert_with(|| histogram(2))
+            .record(micros(lag));
+    }
+
+    /// Open loop: the flows' start lag (None in closed loop).
+    pub fn lag(&self) -> Option<OutcomeLatency> {
+        let inner = self.inner.lock().unwrap();
+        inner.lag.as_ref().map(|h| OutcomeLatency {
+            p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            max_ms: h.max() as f64 / 1000.0,
+        })
     }
 
     /// Summarises the phase; `offset_s` places its ticks on the run's time axis.
@@ -203,7 +238,20 @@ impl Recorder {
                     outcomes: stats
                         .outcomes
                         .iter()
-                        .map(|((status, label), n)| (outcome_key(*status, label), *n))
+                        .map(|((status, label), h)| (outcome_key(*status, label), h.len()))
+                        .collect(),
+                    outcome_latency: stats
+                        .outcomes
+                        .iter()
+                        .map(|((status, label), h)| {
+                            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+                            let latency = OutcomeLatency {
+                                p50_ms: ms(0.50),
+                                p99_ms: ms(0.99),
+                                max_ms: h.max() as f64 / 1000.0,
+                            };
+                            (outcome_key(*status, label), latency)
+                        })
                         .collect(),
                 }
             })
@@ -259,11 +307,25 @@ pub struct EndpointSummary {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub outcomes: BTreeMap<String, u64>,
+    /// Latency of each outcome's answers (2 significant figures): a 201's and a
+    /// refusal's are told apart.
+    pub outcome_latency: BTreeMap<String, OutcomeLatency>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct OutcomeLatency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 impl EndpointSummary {
     pub fn outcome(&self, key: &str) -> u64 {
         self.outcomes.get(key).copied().unwrap_or(0)
+    }
+
+    pub fn latency_of(&self, key: &str) -> Option<OutcomeLatency> {
+        self.outcome_latency.get(key).copied()
     }
 }
 
@@ -300,6 +362,11 @@ mod tests {
         assert_eq!(reserve.outcome("409 sold_out"), 1);
         assert!((reserve.p50_ms - 50.0).abs() < 1.0, "{}", reserve.p50_ms);
         assert!((reserve.p99_ms - 99.0).abs() < 1.0, "{}", reserve.p99_ms);
+        let created = reserve.latency_of("201 created").unwrap();
+        assert!((created.p99_ms - 99.0).abs() < 1.0, "{created:?}");
+        let sold_out = reserve.latency_of("409 sold_out").unwrap();
+        assert!((sold_out.p99_ms - 5.0).abs() < 0.1, "{sold_out:?}");
+        assert_eq!(reserve.latency_of("503 overloaded"), None);
         let confirm = endpoints.iter().find(|e| e.endpoint == "confirm").unwrap();
         assert_eq!(confirm.outcome("error timeout"), 1);
         assert_eq!(timeline.len(), 1);
@@ -314,6 +381,45 @@ mod tests {
             (102, 100, 1, 1)
         );
         assert_eq!(rec.errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn open_loop_lag_is_kept_apart() {
+        let rec = Recorder::new(Instant::now());
+        assert_eq!(rec.lag(), None, "closed loop: no lag");
+        for ms in 1..=100u64 {
+            rec.record_lag(Duration::from_millis(ms));
+        }
+        let lag = rec.lag().unwrap();
+        assert!((lag.p50_ms - 50.0).abs() < 1.0 && (lag.p99_ms - 99.0).abs() < 1.0);
+        assert_eq!(rec.requests.load(Ordering::Relaxed), 0, "not a request");
+    }
+
+    #[test]
+    fn a_load_shed_is_not_an_error() {
+        let rec = Recorder::new(Instant::now());
+        rec.record(
+            Endpoint::Reserve,
+            Duration::from_millis(1),
+            503,
+            "overloaded",
+        );
+        rec.record(
+            Endpoint::Reserve,
+            Duration::from_millis(1),
+            429,
+            "rate_limited",
+        );
+        rec.record(
+            Endpoint::Reserve,
+            Duration::from_millis(1),
+            503,
+            "unavailable",
+        );
+        assert_eq!(rec.errors.load(Ordering::Relaxed), 1);
+        let (endpoints, _) = rec.summary(Duration::from_secs(1), 0.0);
+        assert_eq!(endpoints[0].outcome("503 overloaded"), 1);
+        assert_eq!(endpoints[0].outcome("429 rate_limited"), 1);
     }
 
     #[test]

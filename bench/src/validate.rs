@@ -445,7 +445,7 @@ async fn check_sku(ctx: &Arc<Ctx>, db: Option<&MySqlPool>, plan: &SkuPlan, check
             );
         }
         PhaseName::Ceiling => {}
-        PhaseName::Reserve | PhaseName::Soldout => {
+        PhaseName::Reserve | PhaseName::Soldout | PhaseName::Abuse | PhaseName::Overload => {
             let live = view.held + view.sold;
             let expected = created - reopened;
             let ok = live >= expected && live <= expected + ambiguous_reserve;
