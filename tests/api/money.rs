@@ -651,7 +651,10 @@ async fn an_ended_reservation_keeps_only_its_key_in_redis_once_mysql_has_it() {
     let (status, problem) = app.reserve(&sku, "quitter", "key-quitter", 2).await;
     assert_eq!(
         (status, problem["code"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused"))
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("idempotency_key_reused")
+        )
     );
     // Reads and payments: the record answers, the money is never lost.
     let (status, view) = app.reservation(&sold, &user_token("buyer")).await;
