@@ -461,6 +461,22 @@ async fn check_sku(ctx: &Arc<Ctx>, db: Option<&MySqlPool>, plan: &SkuPlan, check
     }
 
     let Some(pool) = db else { return };
+    // /readyz's outbox_backlog is set at the end of a flush pass, so it can read 0 while
+    // the events of late payments sent during the validation are still in the outbox:
+    // wait (up to --flush-timeout) for the compensation rows themselves.
+    let wanted: HashSet<&str> = refunds.iter().map(|(id, ..)| id.as_str()).collect();
+    let deadline = Instant::now() + ctx.args.flush_timeout;
+    while !wanted.is_empty() && Instant::now() < deadline {
+        let found: Result<Vec<String>, _> =
+            sqlx::query_scalar("SELECT id FROM compensations WHERE sku = ?")
+                .bind(sku)
+                .fetch_all(pool)
+                .await;
+        match found {
+            Ok(ids) if wanted.iter().all(|w| ids.iter().any(|id| id == w)) => break,
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
     let row: Result<Option<(u64, u64)>, _> =
         sqlx::query_as("SELECT stock_total, sold FROM skus WHERE sku = ?")
             .bind(sku)
