@@ -899,12 +899,15 @@ mod tests {
 
     #[test]
     fn a_cluster_takes_a_list_of_nodes() {
-        let a = args(&[]);
+        // Explicit flags: the environment (FLASHGATE_REDIS_URL in CI) must not decide.
+        let a = args(&["--redis-url", "redis://127.0.0.1:6390", "--redis-cluster=0"]);
         assert!(!a.redis_cluster);
         assert_eq!(a.redis_urls(), vec!["redis://127.0.0.1:6390"]);
         let list = "redis://127.0.0.1:7390, redis://127.0.0.1:7391,redis://127.0.0.1:7392";
         assert!(
-            args(&["--redis-url", list]).validate().is_err(),
+            args(&["--redis-url", list, "--redis-cluster=0"])
+                .validate()
+                .is_err(),
             "a list needs --redis-cluster"
         );
         for flag in [

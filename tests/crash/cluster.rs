@@ -228,14 +228,20 @@ async fn skus_on_and_off(first: &ClusterNode) -> (String, String) {
     (on.unwrap(), off.unwrap())
 }
 
-/// Gateway settings for the three primaries, waiting for one replica.
-fn cluster_args(nodes: &[ClusterNode]) -> flashgate::config::ServeArgs {
-    let urls: Vec<String> = nodes[..3]
+/// Gateway settings for a cluster reached through `nodes`.
+fn cluster_serve_args(nodes: &[ClusterNode]) -> flashgate::config::ServeArgs {
+    let urls: Vec<String> = nodes
         .iter()
         .map(|n| format!("redis://{}", address(n)))
         .collect();
     let mut args = serve_args(&urls.join(","), &database_url());
     args.redis.redis_cluster = true;
+    args
+}
+
+/// Gateway settings for the three primaries, waiting for one replica.
+fn cluster_args(nodes: &[ClusterNode]) -> flashgate::config::ServeArgs {
+    let mut args = cluster_serve_args(&nodes[..3]);
     args.redis.redis_wait_replicas = 1;
     // Long enough for a replica on a loaded machine, short enough for the 503s.
     args.redis.redis_wait_timeout_ms = 1_000;
@@ -445,12 +451,7 @@ async fn a_sku_resharded_during_a_sale_keeps_its_invariants() {
             break sku;
         }
     };
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("redis://{}", address(n)))
-        .collect();
-    let mut args = serve_args(&urls.join(","), &database_url());
-    args.redis.redis_cluster = true;
+    let args = cluster_serve_args(&nodes);
     let app = std::sync::Arc::new(spawn_app_with(args).await);
     const STOCK: u64 = 5_000;
     app.create_sku(&sku, json!({"stock": STOCK, "per_user_limit": 1}))
@@ -589,12 +590,7 @@ async fn a_sku_resharded_during_a_sale_keeps_its_invariants() {
 async fn a_slot_migrating_under_a_sweep_never_leaves_half_a_script() {
     let nodes = three_primaries(&[]).await;
     let (sku, _) = skus_on_and_off(&nodes[0]).await;
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("redis://{}", address(n)))
-        .collect();
-    let mut args = serve_args(&urls.join(","), &database_url());
-    args.redis.redis_cluster = true;
+    let args = cluster_serve_args(&nodes);
     let app = spawn_app_with(args).await;
     app.create_sku(
         &sku,
