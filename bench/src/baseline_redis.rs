@@ -130,27 +130,7 @@ async fn define(conn: &mut MultiplexedConnection, sku: &str, stock: u64) -> Resu
 }
 
 async fn delete_sku_keys(conn: &mut MultiplexedConnection, sku: &str) -> Result<u64> {
-    let pattern = format!("fg:{{{sku}}}:*");
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            deleted += keys.len() as u64;
-            let _: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
+    crate::scale::delete_matching(conn, &format!("fg:{{{sku}}}:*"), true).await
 }
 
 fn parse_csv(stdout: &str) -> Result<[f64; 7]> {

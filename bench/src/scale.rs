@@ -1977,7 +1977,7 @@ pub fn unacknowledged(groups: &[Vec<redis::Value>], name: &str) -> Option<u64> {
 }
 
 /// UNLINKs (or only counts, when `delete` is false) the keys matching `pattern`.
-async fn delete_matching(
+pub async fn delete_matching(
     conn: &mut MultiplexedConnection,
     pattern: &str,
     delete: bool,
