@@ -1,8 +1,8 @@
 -- confirm.lua: turn a live hold into a sale, or record the payment as a compensation.
 --
--- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
---            outbox comps churn rlog
--- KEYS[9] fg:{sku}:r:<rid>
+-- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog holds
+-- KEYS[10] fg:{sku}:r:<rid> (layout 1's reservation hash)
 -- ARGV[1] rid   ARGV[2] sku   ARGV[3] payment_ref
 -- ARGV[4] id for a new compensation (derived from rid and payment_ref: ids::compensation_id)
 --
@@ -16,63 +16,65 @@
 --                   the caller answers from MySQL, which records how it ended
 --
 -- Invariants: a reservation is confirmed at most once; the confirmation and its outbox
--- event (which records the reservation and the sale in MySQL) are written in one step; every refused payment yields exactly one
--- compensation per (reservation, payment_ref), however often it is retried.
-local meta, used, deadlines, outbox, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[9]
-local rid, sku, payment_ref, new_compensation_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- event (which records the reservation and the sale in MySQL) are written in one step;
+-- every refused payment yields exactly one compensation per (reservation, payment_ref),
+-- however often it is retried.
+local K = sale_keys()
+local payment_ref, new_compensation_id = ARGV[3], ARGV[4]
 local now = now_ms()
 
-local r = redis.call('HMGET', rkey, 'status', 'expires_at', 'payment_ref', 'user', 'quantity',
-  'created_at', 'keep_until')
-local status = r[1]
-if not status then
+local h = load_hold(K, ARGV[1])
+if h == nil then
+  return redis.error_reply(MOVING_REPLY)
+elseif not h then
   return { 'not_found' }
 end
 -- A retired SKU takes no more outbox events (nothing would flush them); its ended
 -- reservations are all in MySQL.
-local sale = redis.call('HMGET', meta, 'stock_total', 'retired')
+local sale = redis.call('HMGET', K.meta, 'stock_total', 'retired')
 if not sale[1] or sale[2] then
   return { 'not_found' }
 end
 
-local function refused(code, reason)
-  local compensation_id = compensate(outbox, rkey, rid, sku, payment_ref, reason, new_compensation_id, now)
-  local reply = view(rkey, rid, now)
-  table.insert(reply, 1, compensation_id)
+local function answer(code, compensation_id)
+  local reply = view(K, h, now)
+  if compensation_id then
+    table.insert(reply, 1, compensation_id)
+  end
   table.insert(reply, 1, code)
   return reply
 end
 
-if status == 'confirmed' then
-  if r[3] == payment_ref then
-    local reply = view(rkey, rid, now)
-    table.insert(reply, 1, 'unchanged')
-    return reply
+local function refused(code, reason)
+  return answer(code, compensate(K, h, payment_ref, reason, new_compensation_id, now))
+end
+
+if h.status == 'confirmed' then
+  if h.payment_ref == payment_ref then
+    return answer('unchanged')
   end
   return refused('already_confirmed', 'duplicate_payment')
 end
-if is_live(status) and now >= tonumber(r[2]) then
-  release(meta, used, deadlines, rkey, rid, 'expired', now)
-  status = 'expired'
+if is_live(h.status) and now >= tonumber(h.expires_at) then
+  release(K, h, 'expired', now)
 end
-if status == 'expired' then
+if h.status == 'expired' then
   return refused('reservation_expired', 'expired')
 end
-if status == 'cancelled' then
+if h.status == 'cancelled' then
   return refused('reservation_cancelled', 'cancelled')
 end
 
--- A live hold within its deadline: the sale.
-local quantity = tonumber(r[5])
-redis.call('HSET', rkey, 'status', 'confirmed', 'payment_ref', payment_ref,
-  'ended_at', string.format('%d', now))
-redis.call('HINCRBY', meta, 'held', -quantity)
-redis.call('HINCRBY', meta, 'sold', quantity)
-redis.call('ZREM', deadlines, rid)
-local prefix = sku_prefix(meta)
-forget_user_hold(prefix, r[4], rid)
-record_end(prefix, rid, { 'confirmed', r[4], r[5], r[6], r[2], payment_ref }, now)
-keep_ended(rkey, r[7], now)
-local reply = view(rkey, rid, now)
-table.insert(reply, 1, 'confirmed')
-return reply
+-- A live hold within its deadline: the sale. Its units stay in the user's usage (a
+-- purchase counts toward the limit); its claim ends.
+local quantity = tonumber(h.quantity)
+h.status, h.payment_ref = 'confirmed', payment_ref
+store_hold(K, h)
+redis.call('HINCRBY', K.meta, 'held', -quantity)
+redis.call('HINCRBY', K.meta, 'sold', quantity)
+redis.call('ZREM', K.deadlines, h.tail)
+local u = load_usage(K, h.user)
+end_claim(u, h.tail)
+save_usage(K, u, now)
+record_end(K, h, now)
+return answer('confirmed')

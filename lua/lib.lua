@@ -5,44 +5,51 @@
 --
 -- Key layout of one SKU (all share the hash tag {sku}, so one cluster slot):
 --   fg:{sku}:meta        HASH   stock_total available held sold per_user_limit
---                                hold_ms starts_at ends_at (ms since epoch, '' = none)
---   fg:{sku}:used        HASH   user id -> held + paying + confirmed quantity
---   fg:{sku}:uholds      HASH   user id -> "rid rid ..": the user's live holds (an index
---                                to find them; a stale rid in it is skipped and pruned)
---   fg:{sku}:deadlines   ZSET   reservation id scored by expires_at (ms): live holds
+--                                hold_ms starts_at ends_at (ms since epoch, '' = none),
+--                                layout ('2' for a SKU created with this layout)
+--   fg:{sku}:holds       HASH   reservation tail -> hold record (below), from its creation
+--                                until the flush has written its end to MySQL
+--   fg:{sku}:used        HASH   user id -> usage record (below)
+--   fg:{sku}:deadlines   ZSET   reservation tail scored by expires_at (ms): live holds
 --   fg:{sku}:outbox      STREAM events for the flush worker: confirmed, ended (cancelled /
 --                                expired), compensation, compensation_resolved
 --   fg:{sku}:comps       HASH   compensation id -> JSON record, until the flush wrote it
---   fg:{sku}:r:<rid>     HASH   one reservation: user quantity status expires_at
---                                created_at keep_until payment_ref
---                                comp:<payment_ref> -> compensation id
---   fg:{sku}:idem:<n>:<user>:<key>  STRING "<quantity> <rid>", TTL = key lifetime (below)
---   fg:{sku}:churn       HASH   user id -> "<holds released> <window end ms>": holds the
---                                user cancelled or let expire in the current window
---                                (the key lifetime), to cap what one account leaves
---                                behind (ended reservations and keys live that long)
 --   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
 --                                reconciler check runs (meta `rlog_until`), see
 --                                recon_begin.lua; gone when the check ends
 --
--- A script that changes a sale declares the first eight of these as KEYS[1..8] (meta
--- used deadlines uholds outbox comps churn rlog, SkuKeys::sale), then its own (an
--- idempotency key, a reservation): on a cluster, only declared keys are checked before
--- a script runs. Reservations found through an index are read with read_indexed.
+-- A reservation id is "<base64url(sku)>.<tail>"; Redis keeps only the tail (27 chars),
+-- the head is the SKU's (rid_head).
+--
+-- Hold record (one string, so a hold costs one hash entry, not a key of its own):
+--   "<status> <quantity> <created_at> <expires_at> <keep_until> <payment> <n> <comp>... <user>"
+--   status held|paying|confirmed|cancelled|expired; payment '=' .. payment_ref or '-';
+--   n compensations, each "<compensation id>=<payment_ref>"; the user id last (it may
+--   hold spaces). keep_until: when the idempotency key that made it stops replaying it.
+-- Usage record of one user (what the per-user limit, the idempotency keys and the
+-- churn cap need, read and written once per reserve):
+--   "<units> <released> <window_end> <claim>..."
+--   units: held + paying + confirmed quantity; released: holds the user cancelled or
+--   let expire in the window that ends at window_end (the churn cap); a claim per
+--   idempotency key of the user: "<+|-><tail>:<quantity>:<keep_until>:<key>", '+' while
+--   its hold is live, '-' once it ended; an ended claim is dropped after keep_until.
+--   A bare "<units>" (older records) reads as units with nothing else.
+--
+-- Layout 1 (SKUs created before layout 2; read, and moved on write): a hash
+-- fg:{sku}:r:<rid> per reservation, fg:{sku}:uholds (user -> "rid rid .."),
+-- fg:{sku}:churn, and a key fg:{sku}:idem:<n>:<user>:<key> = "<quantity> <rid>" per
+-- idempotency key. A layout-1 hold is moved into `holds` by its next transition.
+--
+-- A script that changes a sale declares the first nine keys as KEYS[1..9] (meta used
+-- deadlines uholds outbox comps churn rlog holds, SkuKeys::sale), then its own: on a
+-- cluster, only declared keys are checked before a script runs. Layout-1 hashes found
+-- through an index are read with read_indexed.
 --
 -- Invariant kept by every function below: available + held + sold == stock_total
--- and available >= 0; a live hold (held|paying) is counted in `held`, in `used`
--- and in `deadlines`, and leaves all three exactly once. Every end of a hold
+-- and available >= 0; a live hold (held|paying) is counted in `held`, in its user's
+-- units and in `deadlines`, and leaves all three exactly once. Every end of a hold
 -- (confirmed, cancelled, expired) appends its outbox event in the same step, so MySQL
 -- records every reservation that ended.
-
--- An ended reservation's hash goes once the flush has written its end to MySQL
--- (Worker::flush_sku); until then it expires by itself no sooner than this (ms), even
--- when its idempotency key dies sooner (reads fall back to MySQL afterwards; until the
--- flush, the outbox holds the event).
-local ENDED_KEEP_MIN_MS = 15 * 60 * 1000
--- Reservations written before `keep_until` existed: the old 8-day retention.
-local LEGACY_KEEP_MS = 8 * 86400 * 1000
 
 -- One clock decides every deadline: the Redis server's.
 local function now_ms()
@@ -64,13 +71,55 @@ local function is_live(status)
   return status == 'held' or status == 'paying'
 end
 
--- Reads fields of a reservation found through an index (deadlines, uholds, an
--- idempotency key): a key the script could not declare. Nil when the key is not on
--- this node: on a cluster, the SKU's slot is migrating and this hash already moved.
--- Every caller reads before writing anything that depends on it, and on nil leaves
--- the hold alone (indexed, counted): a later call, after the migration, ends it. (A
--- plain redis.call would fail the script half-way, after some of its writes;
--- lua/check_keys.lua holds every script to this in the tests.)
+local function ms(n)
+  return string.format('%d', n)
+end
+
+-- The sale's keys, as declared first by every script that changes a sale.
+local function sale_keys()
+  return { meta = KEYS[1], used = KEYS[2], deadlines = KEYS[3], uholds = KEYS[4],
+    outbox = KEYS[5], comps = KEYS[6], churn = KEYS[7], rlog = KEYS[8], holds = KEYS[9],
+    prefix = sku_prefix(KEYS[1]) }
+end
+
+local BASE64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+
+-- base64url(sku) without padding, as src/ids.rs writes it: the head of the SKU's
+-- reservation ids. Computed once per script call.
+local function rid_head(K)
+  if not K.head then
+    local sku, out = sku_of_prefix(K.prefix), {}
+    for i = 1, #sku, 3 do
+      local a, b, c = string.byte(sku, i, i + 2)
+      local n = a * 65536 + (b or 0) * 256 + (c or 0)
+      local chars = c and 4 or (b and 3 or 2)
+      for j = 1, chars do
+        local v = math.floor(n / 2 ^ (18 - 6 * (j - 1))) % 64
+        out[#out + 1] = string.sub(BASE64URL, v + 1, v + 1)
+      end
+    end
+    K.head = table.concat(out)
+  end
+  return K.head
+end
+
+-- 'head.tail' -> 'tail' (a tail stays itself)
+local function tail_of(id)
+  local dot = string.find(id, '.', 1, true)
+  return dot and string.sub(id, dot + 1) or id
+end
+
+-- Reads fields of a layout-1 reservation hash found through an index: a key the
+-- script could not declare. Nil when the key is not on this node: on a cluster, the
+-- SKU's slot is migrating and this hash already moved. Every caller reads before
+-- writing anything that depends on it, and on nil leaves the hold alone (indexed,
+-- counted): a later call, after the migration, ends it. (A plain redis.call would
+-- fail the script half-way, after some of its writes; lua/check_keys.lua holds every
+-- script to this in the tests.)
+-- The error a script answers when the reservation it was called for is a layout-1
+-- hash already moved (redis-rs retries TRYAGAIN).
+local MOVING_REPLY = 'TRYAGAIN a reservation of this SKU is moving to another node'
+
 local function read_indexed(rkey, ...)
   local r = redis.pcall('HMGET', rkey, ...)
   if r.err then
@@ -79,10 +128,69 @@ local function read_indexed(rkey, ...)
   return r
 end
 
--- Removes `rid` from the user's live-hold index.
-local function forget_user_hold(prefix, user, rid)
-  local key = prefix .. 'uholds'
-  local list = redis.call('HGET', key, user)
+-- Hold records ------------------------------------------------------------------------
+
+local function parse_hold(raw, tail)
+  local status, quantity, created_at, expires_at, keep_until, payment, n, rest =
+    string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%d+) (.*)$')
+  local h = { tail = tail, status = status, quantity = quantity, created_at = created_at,
+    expires_at = expires_at, keep_until = keep_until, comps = {},
+    payment_ref = payment ~= '-' and string.sub(payment, 2) or nil }
+  for i = 1, tonumber(n) do
+    local space = string.find(rest, ' ', 1, true)
+    h.comps[i] = string.sub(rest, 1, space - 1)
+    rest = string.sub(rest, space + 1)
+  end
+  h.user = rest
+  return h
+end
+
+local function format_hold(h)
+  local parts = { h.status, h.quantity, h.created_at, h.expires_at, h.keep_until,
+    h.payment_ref and ('=' .. h.payment_ref) or '-', ms(#h.comps) }
+  for _, comp in ipairs(h.comps) do
+    parts[#parts + 1] = comp
+  end
+  parts[#parts + 1] = h.user
+  return table.concat(parts, ' ')
+end
+
+-- The hold a reservation id (or a tail from an index) names: a table; false when there
+-- is none (never made, or ended and forgotten once MySQL had it); nil when it is a
+-- layout-1 hash that is not on this node (read_indexed: a cluster slot migrating).
+local function load_hold(K, id)
+  local tail = tail_of(id)
+  local raw = redis.call('HGET', K.holds, tail)
+  if raw then
+    return parse_hold(raw, tail)
+  elseif tail == id then
+    return false
+  end
+  local legacy_key = K.prefix .. 'r:' .. id
+  local r = redis.pcall('HGETALL', legacy_key)
+  if r.err then
+    return nil
+  elseif #r == 0 then
+    return false
+  end
+  local f = {}
+  for i = 1, #r, 2 do
+    f[r[i]] = r[i + 1]
+  end
+  local h = { tail = tail, status = f.status, quantity = f.quantity, created_at = f.created_at,
+    expires_at = f.expires_at, keep_until = f.keep_until or '0', payment_ref = f.payment_ref,
+    user = f.user, comps = {}, legacy_key = legacy_key, legacy_rid = id }
+  for i = 1, #r, 2 do
+    if string.sub(r[i], 1, 5) == 'comp:' then
+      h.comps[#h.comps + 1] = r[i + 1] .. '=' .. string.sub(r[i], 6)
+    end
+  end
+  return h
+end
+
+-- Layout 1: removes `rid` from the user's live-hold index.
+local function forget_user_hold(K, user, rid)
+  local list = redis.call('HGET', K.uholds, user)
   if not list then
     return
   end
@@ -93,117 +201,154 @@ local function forget_user_hold(prefix, user, rid)
     end
   end
   if #rest == 0 then
-    redis.call('HDEL', key, user)
+    redis.call('HDEL', K.uholds, user)
   else
-    redis.call('HSET', key, user, table.concat(rest, ' '))
+    redis.call('HSET', K.uholds, user, table.concat(rest, ' '))
   end
 end
 
--- An ended reservation stays readable longer than the idempotency key that created it
--- can replay it (keep_until, set at creation; a second more, so the key always dies
--- first), and at least ENDED_KEEP_MIN_MS.
-local function keep_ended(rkey, keep_until, now)
-  local until_ms = (tonumber(keep_until or '') or (now + LEGACY_KEEP_MS)) + 1000
-  redis.call('PEXPIREAT', rkey, string.format('%d', math.max(until_ms, now + ENDED_KEEP_MIN_MS)))
+-- Writes a hold record. A layout-1 hold moves into `holds` here: its hash goes and
+-- its index entries take the tail.
+local function store_hold(K, h)
+  redis.call('HSET', K.holds, h.tail, format_hold(h))
+  if h.legacy_key then
+    redis.call('DEL', h.legacy_key)
+    redis.call('ZREM', K.deadlines, h.legacy_rid)
+    if is_live(h.status) then
+      redis.call('ZADD', K.deadlines, h.expires_at, h.tail)
+    end
+    forget_user_hold(K, h.user, h.legacy_rid)
+    h.legacy_key = nil
+  end
 end
 
--- Appends the outbox event that records an ended reservation in MySQL.
--- `r` = {status, user, quantity, created_at, expires_at, payment_ref}
-local function record_end(prefix, rid, r, now)
-  redis.call('XADD', prefix .. 'outbox', '*', 'type', r[1] == 'confirmed' and 'confirmed' or 'ended',
-    'reservation_id', rid, 'sku', sku_of_prefix(prefix), 'user_id', r[2], 'quantity', r[3],
-    'status', r[1], 'payment_ref', r[6] or '', 'created_at', r[4], 'expires_at', r[5],
-    'at', string.format('%d', now))
+-- Usage records -----------------------------------------------------------------------
+
+local function load_usage(K, user)
+  local raw = redis.call('HGET', K.used, user)
+  local u = { user = user, units = 0, released = 0, window_end = 0, claims = {} }
+  if not raw then
+    return u
+  end
+  local i = 0
+  for token in string.gmatch(raw, '%S+') do
+    i = i + 1
+    if i == 1 then
+      u.units = tonumber(token)
+    elseif i == 2 then
+      u.released = tonumber(token)
+    elseif i == 3 then
+      u.window_end = tonumber(token)
+    else
+      local mark, tail, quantity, keep_until, key =
+        string.match(token, '^([+-])([^:]*):(%d+):(%d+):(.*)$')
+      u.claims[#u.claims + 1] = { live = mark == '+', tail = tail,
+        quantity = tonumber(quantity), keep_until = tonumber(keep_until), key = key }
+    end
+  end
+  return u
+end
+
+-- Writes a usage record back; ended claims past their key lifetime are dropped, and
+-- so is a record left with nothing in it.
+local function save_usage(K, u, now)
+  local parts = { ms(math.max(u.units, 0)), ms(u.released), ms(u.window_end) }
+  for _, c in ipairs(u.claims) do
+    if c.live or now < c.keep_until then
+      parts[#parts + 1] = (c.live and '+' or '-') .. c.tail .. ':' .. ms(c.quantity) .. ':'
+        .. ms(c.keep_until) .. ':' .. c.key
+    end
+  end
+  if u.units <= 0 and #parts == 3 and now >= u.window_end then
+    redis.call('HDEL', K.used, u.user)
+  else
+    redis.call('HSET', K.used, u.user, table.concat(parts, ' '))
+  end
+end
+
+local function end_claim(u, tail)
+  for _, c in ipairs(u.claims) do
+    if c.tail == tail then
+      c.live = false
+    end
+  end
 end
 
 -- Counts one more hold the user released (cancelled or let expire) in the current
--- window, which starts with the first release and lasts one key lifetime (what an
--- ended reservation and its key stay in Redis).
-local function count_release(prefix, user, window_ms, now)
-  if not window_ms then
-    return -- a reservation from before key lifetimes were recorded
+-- window, which starts with the first release and lasts one key lifetime (what the
+-- claim of an ended hold stays).
+local function count_release(u, window_ms, now)
+  if window_ms <= 0 then
+    return -- a layout-1 reservation from before key lifetimes were recorded
   end
-  local key = prefix .. 'churn'
-  local entry = redis.call('HGET', key, user)
-  local count, window_end = 0, now + window_ms
-  if entry then
-    local space = string.find(entry, ' ', 1, true)
-    local ends = tonumber(string.sub(entry, space + 1))
-    if now < ends then
-      count, window_end = tonumber(string.sub(entry, 1, space - 1)), ends
-    end
+  if now >= u.window_end then
+    u.released, u.window_end = 0, now + window_ms
   end
-  redis.call('HSET', key, user, string.format('%d %d', count + 1, window_end))
+  u.released = u.released + 1
 end
 
 -- Whether the user released `cap` holds of the SKU in the current window (cap 0: never).
--- An entry whose window is over is dropped.
-local function churn_capped(prefix, user, cap, now)
-  if not cap or cap <= 0 then
-    return false
+-- The count of a window that is over is dropped (with the record's next write).
+local function churn_capped(u, cap, now)
+  if now >= u.window_end then
+    u.released, u.window_end = 0, 0
   end
-  local key = prefix .. 'churn'
-  local entry = redis.call('HGET', key, user)
-  if not entry then
-    return false
-  end
-  local space = string.find(entry, ' ', 1, true)
-  if now >= tonumber(string.sub(entry, space + 1)) then
-    redis.call('HDEL', key, user)
-    return false
-  end
-  return tonumber(string.sub(entry, 1, space - 1)) >= cap
+  return cap and cap > 0 and u.released >= cap
 end
 
--- Ends a live hold as `final_status` ('cancelled' or 'expired') and returns its
--- units to `available`. Returns false (and changes nothing) when it is not live,
--- which is what makes a release happen exactly once; nil (and changes nothing) when
--- its hash is not on this node (read_indexed).
-local function release(meta, used, deadlines, rkey, rid, final_status, now)
-  local r = read_indexed(rkey, 'status', 'user', 'quantity', 'created_at', 'expires_at',
-    'payment_ref', 'keep_until')
-  if not r then
-    return nil
+-- Transitions -------------------------------------------------------------------------
+
+local function full_rid(K, h)
+  return rid_head(K) .. '.' .. h.tail
+end
+
+-- Appends the outbox event that records an ended reservation in MySQL.
+local function record_end(K, h, now)
+  redis.call('XADD', K.outbox, '*', 'type', h.status == 'confirmed' and 'confirmed' or 'ended',
+    'reservation_id', full_rid(K, h), 'sku', sku_of_prefix(K.prefix), 'user_id', h.user,
+    'quantity', h.quantity, 'status', h.status, 'payment_ref', h.payment_ref or '',
+    'created_at', h.created_at, 'expires_at', h.expires_at, 'at', ms(now))
+end
+
+-- Ends a live hold `h` as `final_status` ('cancelled' or 'expired') and returns its
+-- units to `available`. Callers check that it is live: that check and this write in
+-- one script are what make a release happen exactly once.
+local function release(K, h, final_status, now)
+  local quantity = tonumber(h.quantity)
+  h.status = final_status
+  store_hold(K, h)
+  redis.call('HINCRBY', K.meta, 'held', -quantity)
+  redis.call('HINCRBY', K.meta, 'available', quantity)
+  redis.call('ZREM', K.deadlines, h.tail)
+  local u = load_usage(K, h.user)
+  u.units = u.units - quantity
+  end_claim(u, h.tail)
+  local keep_until = tonumber(h.keep_until)
+  if keep_until > 0 then
+    count_release(u, keep_until - tonumber(h.created_at), now)
   end
-  if not is_live(r[1]) then
-    return false
-  end
-  local quantity = tonumber(r[3])
-  redis.call('HSET', rkey, 'status', final_status, 'ended_at', string.format('%d', now))
-  redis.call('HINCRBY', meta, 'held', -quantity)
-  redis.call('HINCRBY', meta, 'available', quantity)
-  if redis.call('HINCRBY', used, r[2], -quantity) <= 0 then
-    redis.call('HDEL', used, r[2])
-  end
-  redis.call('ZREM', deadlines, rid)
-  local prefix = sku_prefix(meta)
-  forget_user_hold(prefix, r[2], rid)
-  local keep_until = tonumber(r[7] or '')
-  count_release(prefix, r[2], keep_until and (keep_until - tonumber(r[4])), now)
-  r[1] = final_status
-  record_end(prefix, rid, r, now)
-  keep_ended(rkey, r[7], now)
-  return true
+  save_usage(K, u, now)
+  record_end(K, h, now)
 end
 
 -- Expires up to `limit` holds whose deadline has passed. Returns how many it expired
 -- and how many index entries it looked at (stale ones are removed, not expired).
--- Stops at a hold whose hash is not on this node (a cluster slot migrating).
-local function expire_due(meta, used, deadlines, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, limit)
-  local prefix = sku_prefix(meta)
+-- Stops at a layout-1 hold whose hash is not on this node (a cluster slot migrating).
+local function expire_due(K, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)
   local released, examined = 0, 0
-  for _, rid in ipairs(due) do
-    local done = release(meta, used, deadlines, prefix .. 'r:' .. rid, rid, 'expired', now)
-    if done == nil then
+  for _, member in ipairs(due) do
+    local h = load_hold(K, member)
+    if h == nil then
       break
     end
     examined = examined + 1
-    if done then
+    if h and is_live(h.status) then
+      release(K, h, 'expired', now)
       released = released + 1
     else
       -- not live (or gone): it must not stay in the index of live holds
-      redis.call('ZREM', deadlines, rid)
+      redis.call('ZREM', K.deadlines, member)
     end
   end
   return released, examined
@@ -212,24 +357,28 @@ end
 -- Expires the user's own holds whose deadline has passed, however many other holds
 -- are due: a hold past its deadline counts for nothing toward the user's limit.
 -- Returns how many it expired.
-local function expire_user_holds(meta, used, deadlines, user, now)
-  local prefix = sku_prefix(meta)
-  local list = redis.call('HGET', prefix .. 'uholds', user)
-  if not list then
-    return 0
-  end
+local function expire_user_holds(K, sale, user, now)
   local released = 0
-  for rid in string.gmatch(list, '%S+') do
-    local rkey = prefix .. 'r:' .. rid
-    local r = read_indexed(rkey, 'status', 'expires_at')
-    if not r then
-      -- its hash moved (a cluster slot migrating): it stays counted until it is back
-    elseif is_live(r[1]) then
-      if now >= tonumber(r[2]) and release(meta, used, deadlines, rkey, rid, 'expired', now) then
-        released = released + 1
+  local function expire(id)
+    local h = load_hold(K, id)
+    if h and is_live(h.status) and now >= tonumber(h.expires_at) then
+      release(K, h, 'expired', now)
+      released = released + 1
+    end
+    return h
+  end
+  for _, c in ipairs(load_usage(K, user).claims) do
+    if c.live then
+      expire(c.tail)
+    end
+  end
+  if sale.legacy then
+    local list = redis.call('HGET', K.uholds, user)
+    for rid in string.gmatch(list or '', '%S+') do
+      local h = expire(rid)
+      if h == false or (h and not is_live(h.status)) then
+        forget_user_hold(K, user, rid)
       end
-    else
-      forget_user_hold(prefix, user, rid)
     end
   end
   return released
@@ -245,37 +394,34 @@ local function effective_status(status, expires_at, now)
 end
 
 -- Reservation view: {rid, user, quantity, status, expires_at, created_at, payment_ref}
--- Nil when the hash is not on this node (read_indexed), false when there is none.
-local function view(rkey, rid, now)
-  local r = read_indexed(rkey, 'user', 'quantity', 'status', 'expires_at', 'created_at', 'payment_ref')
-  if not r then
-    return nil
-  elseif not r[1] then
-    return false
-  end
-  return { rid, r[1], r[2], effective_status(r[3], r[4], now), r[4], r[5], r[6] or '' }
+local function view(K, h, now)
+  return { full_rid(K, h), h.user, h.quantity, effective_status(h.status, h.expires_at, now),
+    h.expires_at, h.created_at, h.payment_ref or '' }
 end
 
 -- Records one compensation per (reservation, payment_ref): its outbox event and a
 -- readable record (fg:{sku}:comps, until the flush wrote it to MySQL), in the same
 -- step. Returns the compensation id (the existing one on retries).
-local function compensate(outbox, rkey, rid, sku, payment_ref, reason, new_id, now)
-  local field = 'comp:' .. payment_ref
-  local existing = redis.call('HGET', rkey, field)
-  if existing then
-    return existing
+local function compensate(K, h, payment_ref, reason, new_id, now)
+  for _, comp in ipairs(h.comps) do
+    local eq = string.find(comp, '=', 1, true)
+    if string.sub(comp, eq + 1) == payment_ref then
+      return string.sub(comp, 1, eq - 1)
+    end
   end
-  local r = redis.call('HMGET', rkey, 'user', 'quantity')
-  local at = string.format('%d', now)
-  redis.call('HSET', rkey, field, new_id)
-  redis.call('XADD', outbox, '*', 'type', 'compensation', 'id', new_id, 'reservation_id', rid,
-    'sku', sku, 'user_id', r[1], 'quantity', r[2], 'payment_ref', payment_ref,
-    'reason', reason, 'at', at)
-  local comps = string.sub(outbox, 1, #outbox - 6) .. 'comps'
-  redis.call('HSET', comps, new_id, cjson.encode({ rid, r[1], r[2], payment_ref, reason, at, 'open' }))
+  h.comps[#h.comps + 1] = new_id .. '=' .. payment_ref
+  store_hold(K, h)
+  local at = ms(now)
+  local rid = full_rid(K, h)
+  redis.call('XADD', K.outbox, '*', 'type', 'compensation', 'id', new_id, 'reservation_id', rid,
+    'sku', sku_of_prefix(K.prefix), 'user_id', h.user, 'quantity', h.quantity,
+    'payment_ref', payment_ref, 'reason', reason, 'at', at)
+  redis.call('HSET', K.comps, new_id,
+    cjson.encode({ rid, h.user, h.quantity, payment_ref, reason, at, 'open' }))
   return new_id
 end
 
+-- Reserves ----------------------------------------------------------------------------
 
 -- The sale state of a SKU, read once per script call: reserve_hold counts holds into
 -- it, save_sale writes it back in one HSET (a batch of 64 reserves pays one HMGET and
@@ -284,13 +430,13 @@ end
 -- only before a script's first write, never in the middle of one.
 local function load_sale(meta)
   local m = redis.call('HMGET', meta, 'available', 'held', 'per_user_limit', 'hold_ms',
-    'starts_at', 'ends_at', 'rlog_until')
+    'starts_at', 'ends_at', 'rlog_until', 'layout', 'claims_until')
   if not m[1] then
     return nil
   end
   return { available = tonumber(m[1]), held = tonumber(m[2] or '0'), limit = tonumber(m[3]),
     hold_ms = tonumber(m[4]), starts_at = m[5], ends_at = m[6], changed = false,
-    log_until = tonumber(m[7]) }
+    log_until = tonumber(m[7]), legacy = m[8] ~= '2', claims_until = tonumber(m[9] or '0') }
 end
 
 -- Most entries the creation log of a reconciler check takes; past it the check
@@ -300,72 +446,90 @@ local RECON_LOG_MAX = 2000000
 -- While a reconciler check runs (recon_begin.lua), every new hold is logged: the
 -- check, reading the SKU in slices, tells holds that existed at its instant from
 -- those made later. (Ends of holds need no log: each is an outbox event.)
-local function log_creation(meta, sale, rid, quantity_text, user)
-  local log = sku_prefix(meta) .. 'rlog'
-  local n = redis.call('RPUSH', log, quantity_text .. ' ' .. rid .. ' ' .. user)
+local function log_creation(K, sale, rid, quantity_text, user)
+  local n = redis.call('RPUSH', K.rlog, quantity_text .. ' ' .. rid .. ' ' .. user)
   if n == 1 then
     -- A check that died leaves no log behind.
-    redis.call('PEXPIREAT', log, string.format('%d', sale.log_until + 60000))
+    redis.call('PEXPIREAT', K.rlog, ms(sale.log_until + 60000))
   elseif n > RECON_LOG_MAX then
-    redis.call('HSET', meta, 'rlog_until', '0', 'rlog_over', '1')
+    redis.call('HSET', K.meta, 'rlog_until', '0', 'rlog_over', '1')
     sale.log_until = nil
   end
 end
 
-local function save_sale(meta, sale)
+-- claims_until: the last key lifetime of any claim, so that a retired SKU keeps its
+-- usage records (the claims that replay idempotency keys) that long (sweep.lua).
+local function save_sale(K, sale)
   if sale and sale.changed then
-    redis.call('HSET', meta, 'available', string.format('%d', sale.available),
-      'held', string.format('%d', sale.held))
+    redis.call('HSET', K.meta, 'available', ms(sale.available), 'held', ms(sale.held),
+      'claims_until', ms(sale.claims_until))
     sale.changed = false
   end
 end
 
 -- Brings meta up to date, runs `reclaim` (which releases holds, counting in meta
 -- itself), and reads the counters back into `sale`. Returns what reclaim returned.
-local function reclaim_into(meta, sale, reclaim)
-  save_sale(meta, sale)
+local function reclaim_into(K, sale, reclaim)
+  save_sale(K, sale)
   local released = reclaim()
   if released > 0 then
-    local m = redis.call('HMGET', meta, 'available', 'held')
+    local m = redis.call('HMGET', K.meta, 'available', 'held')
     sale.available, sale.held = tonumber(m[1]), tonumber(m[2])
   end
   return released
 end
 
+-- The reply for an idempotency key that made a hold before: `h` is load_hold's answer.
+local function replay(K, h, tail, now)
+  if h == nil then
+    return { 'moving' } -- its reservation moved to another node: retry
+  elseif not h then
+    -- It ended, MySQL has it and its record went (the flush, Worker::flush_sku): the
+    -- key still replays it, from MySQL's record.
+    return { 'forgotten', rid_head(K) .. '.' .. tail }
+  end
+  local reply = view(K, h, now)
+  table.insert(reply, 1, 'replayed')
+  return reply
+end
+
 -- Takes a hold for one request, or says why not (the body of reserve.lua and
 -- reserve_batch.lua). `sale` is load_sale(meta); the caller saves it afterwards.
+-- `legacy_key` is the layout-1 idempotency key (read only for layout-1 SKUs).
 -- Returns the reply of reserve.lua:
 --   {'created', expires_at, created_at}   (the caller knows rid, user and quantity)
 --   {'replayed', rid, user, quantity, status, expires_at, created_at, payment_ref}
 --   {'forgotten', rid}: the key replays a reservation that ended and that only MySQL
---               keeps now (its hash goes once the flush wrote its end)
+--               keeps now (its record goes once the flush wrote its end)
 --   {'moving'}: the replayed reservation's hash is not on this node (a cluster slot
 --               migrating; nothing was done, a retry after the migration answers)
 --   or {refusal code}.
 -- Numbers go to Redis as strings made with %d: Lua's own number-to-string conversion
 -- is a float printf, a measurable share of Redis's time per reserve.
 -- A rejection writes nothing but the reclaim of already expired holds; one idempotency
--- key creates at most one hold, and lives at least as long as that hold can be paid
--- (key_ttl_ms >= hold + payment grace); available never goes below 0.
-local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, quantity, rid,
-                            idem_ttl_ms, grace_ms, reclaim_limit, churn_cap, now)
-  local prior = redis.call('GET', idem_key)
-  if prior then
-    local space = string.find(prior, ' ', 1, true)
-    if tonumber(string.sub(prior, 1, space - 1)) ~= quantity then
-      return { 'idempotency_key_reused' }
+-- key creates at most one hold, and replays it at least as long as that hold can be
+-- paid (key lifetime >= hold + payment grace); available never goes below 0.
+local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem_ttl_ms,
+                            grace_ms, reclaim_limit, churn_cap, now)
+  local u = load_usage(K, user)
+  for _, c in ipairs(u.claims) do
+    if c.key == idem and (c.live or now < c.keep_until) then
+      if c.quantity ~= quantity then
+        return { 'idempotency_key_reused' }
+      end
+      return replay(K, load_hold(K, c.tail), c.tail, now)
     end
-    local prior_rid = string.sub(prior, space + 1)
-    local reply = view(sku_prefix(meta) .. 'r:' .. prior_rid, prior_rid, now)
-    if reply == nil then
-      return { 'moving' } -- its reservation moved to another node: retry
-    elseif not reply then
-      -- It ended, MySQL has it and its hash went (the flush, Worker::flush_sku): the
-      -- key still replays it, from MySQL's record.
-      return { 'forgotten', prior_rid }
+  end
+  if not sale or sale.legacy then
+    local prior = redis.call('GET', legacy_key)
+    if prior then
+      local space = string.find(prior, ' ', 1, true)
+      if tonumber(string.sub(prior, 1, space - 1)) ~= quantity then
+        return { 'idempotency_key_reused' }
+      end
+      local prior_rid = string.sub(prior, space + 1)
+      return replay(K, load_hold(K, prior_rid), tail_of(prior_rid), now)
     end
-    table.insert(reply, 1, 'replayed')
-    return reply
   end
 
   if not sale then
@@ -377,27 +541,28 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
   if sale.ends_at ~= '' and now >= tonumber(sale.ends_at) then
     return { 'ended' }
   end
-  local already = tonumber(redis.call('HGET', used, user) or '0')
-  if already + quantity > sale.limit and already > 0 then
+  if u.units + quantity > sale.limit and u.units > 0 then
     -- The user's own holds past their deadline count for nothing, swept or not.
-    if reclaim_into(meta, sale, function()
-          return expire_user_holds(meta, used, deadlines, user, now)
+    if reclaim_into(K, sale, function()
+          return expire_user_holds(K, sale, user, now)
         end) > 0 then
-      already = tonumber(redis.call('HGET', used, user) or '0')
+      u = load_usage(K, user)
     end
   end
-  if already + quantity > sale.limit then
+  if u.units + quantity > sale.limit then
     return { 'limit_exceeded' }
   end
   -- What one account can leave behind per SKU and key lifetime is bounded.
-  if churn_capped(sku_prefix(meta), user, churn_cap, now) then
+  if churn_capped(u, churn_cap, now) then
     return { 'limit_exceeded' }
   end
   if sale.available < quantity then
     -- The sweeper may lag: give back what has expired before saying no.
-    reclaim_into(meta, sale, function()
-      return (expire_due(meta, used, deadlines, now, reclaim_limit))
-    end)
+    if reclaim_into(K, sale, function()
+          return (expire_due(K, now, reclaim_limit))
+        end) > 0 then
+      u = load_usage(K, user)
+    end
     if sale.available < quantity then
       return { 'sold_out' }
     end
@@ -406,21 +571,22 @@ local function reserve_hold(sale, meta, used, deadlines, idem_key, rkey, user, q
   sale.available = sale.available - quantity
   sale.held = sale.held + quantity
   sale.changed = true
-  local quantity_text = string.format('%d', quantity)
-  local key_ttl_ms = math.max(tonumber(idem_ttl_ms), sale.hold_ms + tonumber(grace_ms))
-  local expires_at = string.format('%d', now + sale.hold_ms)
-  local created_at = string.format('%d', now)
-  redis.call('HINCRBY', used, user, quantity_text)
-  redis.call('HSET', rkey, 'user', user, 'quantity', quantity_text, 'status', 'held',
-    'expires_at', expires_at, 'created_at', created_at,
-    'keep_until', string.format('%d', now + key_ttl_ms))
-  redis.call('ZADD', deadlines, expires_at, rid)
-  local uholds = sku_prefix(meta) .. 'uholds'
-  local holds = already > 0 and redis.call('HGET', uholds, user)
-  redis.call('HSET', uholds, user, holds and (holds .. ' ' .. rid) or rid)
-  redis.call('SET', idem_key, quantity_text .. ' ' .. rid, 'PX', string.format('%d', key_ttl_ms))
+  local quantity_text = ms(quantity)
+  local keep_until = now + math.max(tonumber(idem_ttl_ms), sale.hold_ms + tonumber(grace_ms))
+  sale.claims_until = math.max(sale.claims_until, keep_until)
+  local expires_at = ms(now + sale.hold_ms)
+  local created_at = ms(now)
+  local tail = tail_of(rid)
+  u.units = u.units + quantity
+  u.claims[#u.claims + 1] = { live = true, tail = tail, quantity = quantity,
+    keep_until = keep_until, key = idem }
+  save_usage(K, u, now)
+  redis.call('HSET', K.holds, tail, format_hold({ status = 'held', quantity = quantity_text,
+    created_at = created_at, expires_at = expires_at, keep_until = ms(keep_until),
+    comps = {}, user = user }))
+  redis.call('ZADD', K.deadlines, expires_at, tail)
   if sale.log_until and now < sale.log_until then
-    log_creation(meta, sale, rid, quantity_text, user)
+    log_creation(K, sale, rid, quantity_text, user)
   end
   return { 'created', expires_at, created_at }
 end

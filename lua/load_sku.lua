@@ -1,7 +1,7 @@
 -- load_sku.lua: create or redefine a SKU in Redis (admin PUT); held and sold carry over.
 --
--- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
---            outbox comps churn rlog
+-- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog holds
 -- ARGV[1] stock_total   ARGV[2] per_user_limit   ARGV[3] hold_ms
 -- ARGV[4] starts_at ms or ''   ARGV[5] ends_at ms or ''
 -- ARGV[6] units sold according to MySQL, used only when Redis has no state for the SKU
@@ -11,15 +11,17 @@
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
 --          {'reopened', stock_total, available, held, sold} it was retired (sweep.lua):
---                 back on sale; its per-user usage went with it (the caller restores it)
+--                 back on sale; its per-user usage may have gone with it (the caller
+--                 restores what is missing)
 --          {'stock_below_committed', held, sold}   nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
 -- their deadline are expired first, so they never count as committed.
-local meta, used, deadlines = KEYS[1], KEYS[2], KEYS[3]
+local K = sale_keys()
+local meta = K.meta
 local stock_total = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 1 then
-  expire_due(meta, used, deadlines, now_ms(), tonumber(ARGV[7]))
+  expire_due(K, now_ms(), tonumber(ARGV[7]))
 end
 local m = redis.call('HMGET', meta, 'held', 'sold', 'retired')
 local created = not m[2]
@@ -33,11 +35,17 @@ if ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
     'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
     'ends_at', ARGV[5])
+  if created then
+    -- A new SKU has no layout-1 keys to look for (lib.lua).
+    redis.call('HSET', meta, 'layout', '2')
+  end
   if reopened then
     -- The tombstone is a sale again: no expiry, no retirement mark.
     redis.call('HDEL', meta, 'retired')
     redis.call('PERSIST', meta)
   end
+  -- Usage records a retirement kept for their claims are the sale's again.
+  redis.call('PERSIST', K.used)
 end
 local code = (created and 'created') or (reopened and 'reopened') or 'ok'
 return { code, stock_total, available, held, sold }

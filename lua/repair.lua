@@ -17,7 +17,7 @@
 --
 -- Invariant restored: available + held + sold == stock_total, available >= 0, with
 -- held equal to the live holds and sold never below what MySQL has recorded;
--- used[user] = the user's live holds + purchases. MySQL wins for sales: sold only ever
+-- the user's units = the user's live holds + purchases. MySQL wins for sales: sold only ever
 -- moves up here, so no unit is sold twice.
 local meta, used = KEYS[1], KEYS[2]
 if redis.call('EXISTS', meta) == 0 then
@@ -27,10 +27,11 @@ local m = redis.call('HMGET', meta, 'held', 'sold')
 local held = math.max(0, tonumber(m[1] or '0') + tonumber(ARGV[2]))
 local sold = tonumber(m[2] or '0') + math.max(0, tonumber(ARGV[3]))
 if ARGV[8] ~= '' then
+  local K, now = { used = used }, now_ms()
   for user, correction in pairs(cjson.decode(ARGV[8])) do
-    if redis.call('HINCRBY', used, user, string.format('%d', correction)) <= 0 then
-      redis.call('HDEL', used, user)
-    end
+    local u = load_usage(K, user)
+    u.units = u.units + correction
+    save_usage(K, u, now)
   end
 end
 local stock_total = tonumber(ARGV[1])

@@ -2,18 +2,19 @@
 -- deadline count for nothing, swept or not, so the due ones are expired first
 -- (bounded; the sweeper does the same work at most one interval later).
 --
--- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
---            outbox comps churn rlog
+-- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog holds
 -- ARGV[1] most due holds to expire first
 --
 -- Reply: {stock_total, available, held, sold, per_user_limit, hold_ms, starts_at, ends_at}
 --        ({} when the SKU has no state)
 --
 -- Invariant: the expiries are release()s: each hold's units come back exactly once.
-local meta, used, deadlines = KEYS[1], KEYS[2], KEYS[3]
+local K = sale_keys()
+local meta = K.meta
 if redis.call('EXISTS', meta) == 0 then
   return {}
 end
-expire_due(meta, used, deadlines, now_ms(), tonumber(ARGV[1]))
+expire_due(K, now_ms(), tonumber(ARGV[1]))
 return redis.call('HMGET', meta, 'stock_total', 'available', 'held', 'sold', 'per_user_limit',
   'hold_ms', 'starts_at', 'ends_at')

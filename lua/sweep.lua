@@ -1,8 +1,8 @@
 -- sweep.lua: return the stock of holds whose deadline has passed, in a bounded batch;
 -- retire the SKU once its sale is over and nothing of it is left to do in Redis.
 --
--- KEYS[1..8] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
---            outbox comps churn rlog
+-- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
+--            outbox comps churn rlog holds
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
 -- ARGV[2] ms a retired SKU's meta stays as its tombstone
 --
@@ -20,15 +20,17 @@
 -- (MySQL has every event) and no unflushed compensation has nothing left in Redis that
 -- MySQL lacks. Its keys go; meta stays as a tombstone (`retired` = when) for
 -- ARGV[2] ms, so reserves answer `ended` and the SKU view answers without MySQL; the
--- admin PUT takes the tombstone back into a sale (load_sku.lua). Reservation hashes and
--- idempotency keys keep their own TTLs: replays still work.
+-- admin PUT takes the tombstone back into a sale (load_sku.lua). The usage records stay
+-- until the last claim's key lifetime ends (meta `claims_until`), so idempotency keys
+-- still replay (from MySQL's record); layout-1 keys keep their own TTLs.
 --
 -- Invariant: each expired hold returns its units exactly once (see release()), so any
 -- number of sweepers and the reserve script's reclaim may run at the same time.
-local meta, used, deadlines, uholds, outbox, comps, churn =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local K = sale_keys()
+local meta, deadlines, outbox = K.meta, K.deadlines, K.outbox
 local now = now_ms()
-local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until')
+local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until',
+  'claims_until')
 if not m[1] then
   return { 0, 0, false, 0, now, false, false, 'missing', false }
 end
@@ -36,7 +38,7 @@ if m[3] then
   return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false }
 end
 
-local expired, examined = expire_due(meta, used, deadlines, now, tonumber(ARGV[1]))
+local expired, examined = expire_due(K, now, tonumber(ARGV[1]))
 local still_due = redis.call('ZCOUNT', deadlines, '-inf', now)
 local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
 local available = redis.call('HGET', meta, 'available') or false
@@ -72,8 +74,14 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   state = 'ended'
   -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
   local checked = m[5] and now < tonumber(m[5])
-  if #first == 0 and not checked and redis.call('HLEN', comps) == 0 and outbox_flushed() then
-    redis.call('DEL', used, uholds, deadlines, outbox, comps, churn)
+  if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0 and outbox_flushed() then
+    redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
+    local claims_until = tonumber(m[6] or '0')
+    if claims_until > now then
+      redis.call('PEXPIREAT', K.used, ms(claims_until))
+    else
+      redis.call('DEL', K.used)
+    end
     redis.call('HSET', meta, 'retired', string.format('%d', now))
     redis.call('PEXPIRE', meta, ARGV[2])
     state = 'retired'

@@ -30,12 +30,15 @@ pub struct SkuKeys {
     pub outbox: String,
     /// Compensation id -> JSON record, until the flush wrote it to MySQL.
     pub comps: String,
-    /// User id -> the user's live holds (an index, see lua/lib.lua).
+    /// User id -> the user's live holds (layout 1's index, see lua/lib.lua).
     pub uholds: String,
     /// Holds created while a reconciler check runs (lua/recon_begin.lua).
     pub rlog: String,
-    /// User id -> holds released in the current window (the churn cap, lua/lib.lua).
+    /// User id -> holds released in the current window (layout 1; layout 2 keeps this
+    /// in the usage record, lua/lib.lua).
     pub churn: String,
+    /// Reservation tail -> hold record (lua/lib.lua), until MySQL has its end.
+    pub holds: String,
     prefix: String,
 }
 
@@ -51,15 +54,16 @@ impl SkuKeys {
             uholds: format!("{prefix}uholds"),
             rlog: format!("{prefix}rlog"),
             churn: format!("{prefix}churn"),
+            holds: format!("{prefix}holds"),
             prefix,
         }
     }
 
-    /// The keys a script that changes the sale may touch, declared first (KEYS[1..8])
+    /// The keys a script that changes the sale may touch, declared first (KEYS[1..9])
     /// by each such script: on a cluster only declared keys are checked before a
     /// script runs, so while the SKU's slot migrates the script waits (TRYAGAIN)
     /// instead of failing half-way on a key that already moved (lua/check_keys.lua).
-    pub fn sale(&self) -> [&str; 8] {
+    pub fn sale(&self) -> [&str; 9] {
         [
             &self.meta,
             &self.used,
@@ -69,14 +73,25 @@ impl SkuKeys {
             &self.comps,
             &self.churn,
             &self.rlog,
+            &self.holds,
         ]
     }
 
+    /// The part of a reservation id Redis keeps (`holds`, `deadlines`): what follows the
+    /// SKU's head (src/ids.rs); the whole id when it has no head.
+    pub fn tail(reservation_id: &str) -> &str {
+        reservation_id
+            .split_once('.')
+            .map_or(reservation_id, |(_, tail)| tail)
+    }
+
+    /// Layout 1's hash of one reservation (lua/lib.lua): read, and moved into `holds`.
     pub fn reservation(&self, reservation_id: &str) -> String {
         format!("{}r:{reservation_id}", self.prefix)
     }
 
-    /// Scoped to user and SKU; the user id's length comes first so that no
+    /// Layout 1's idempotency key (read for layout-1 SKUs; layout 2 keeps the key in the
+    /// user's usage record). Scoped to user and SKU; the user id's length comes first so that no
     /// (user, key) pair can spell another pair's key.
     pub fn idempotency(&self, user_id: &str, key: &str) -> String {
         format!("{}idem:{}:{user_id}:{key}", self.prefix, user_id.len())
@@ -99,6 +114,7 @@ mod tests {
             &keys.uholds,
             &keys.rlog,
             &keys.churn,
+            &keys.holds,
         ] {
             assert!(key.starts_with("fg:{abc}:"), "{key}");
         }

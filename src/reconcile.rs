@@ -348,6 +348,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
             .recon_holds
             .key(&keys.meta)
             .key(&keys.deadlines)
+            .key(&keys.holds)
             .arg(&cursor)
             .arg(HOLDS_SLICE)
             .invoke_async(&mut conn)

@@ -53,6 +53,7 @@ pub struct Scripts {
     pub reap_consumers: Script,
     pub mark_changed: Script,
     pub trim_outbox: Script,
+    pub probe_keys: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -74,10 +75,11 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reap_consumers: script(include_str!("../lua/reap_consumers.lua")),
     mark_changed: script(include_str!("../lua/mark_changed.lua")),
     trim_outbox: script(include_str!("../lua/trim_outbox.lua")),
+    probe_keys: script(include_str!("../lua/probe_keys.lua")),
 });
 
 /// An invocation of a script that changes a sale, with the sale's keys declared first
-/// (KEYS[1..8], see `SkuKeys::sale`).
+/// (KEYS[1..9], see `SkuKeys::sale`).
 pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocation<'a> {
     let mut invocation = script.prepare_invoke();
     for key in keys.sale() {
@@ -87,7 +89,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 18] {
+fn all_scripts() -> [&'static Script; 19] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -108,6 +110,7 @@ fn all_scripts() -> [&'static Script; 18] {
         &s.reap_consumers,
         &s.mark_changed,
         &s.trim_outbox,
+        &s.probe_keys,
     ]
 }
 
@@ -566,10 +569,10 @@ impl Store {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.reserve, &keys)
             .key(keys.idempotency(&request.user_id, &request.idempotency_key))
-            .key(keys.reservation(&request.reservation_id))
             .arg(&request.user_id)
             .arg(request.quantity)
             .arg(&request.reservation_id)
+            .arg(&request.idempotency_key)
             .arg(keys_ttl.idempotency_ttl_ms)
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
@@ -580,23 +583,27 @@ impl Store {
     }
 
     /// For each (user id, idempotency key) of the SKU: whether it is recorded (it
-    /// created a hold). One MGET: the keys share the SKU's slot.
+    /// created a hold). One script call (lua/probe_keys.lua).
     pub async fn idempotency_keys_exist(
         &self,
         sku: &SkuId,
         user_keys: &[(String, String)],
     ) -> Result<Vec<bool>> {
         let keys = SkuKeys::new(sku);
-        let mut mget = redis::cmd("MGET");
+        let mut invocation = SCRIPTS.probe_keys.prepare_invoke();
+        invocation.key(&keys.meta).key(&keys.used);
         for (user_id, key) in user_keys {
-            mget.arg(keys.idempotency(user_id, key));
+            invocation
+                .key(keys.idempotency(user_id, key))
+                .arg(user_id)
+                .arg(key);
         }
         let mut conn = self.conn.clone();
-        let values: Vec<Option<Vec<u8>>> = mget.query_async(&mut conn).await?;
-        if values.len() != user_keys.len() {
-            return Err(bad_reply("MGET arity"));
+        let found: Vec<u8> = invocation.invoke_async(&mut conn).await?;
+        if found.len() != user_keys.len() {
+            return Err(bad_reply("probe arity"));
         }
-        Ok(values.iter().map(Option::is_some).collect())
+        Ok(found.iter().map(|f| *f == 1).collect())
     }
 
     /// Several reserves of one SKU in one script call, decided in order; one outcome
@@ -618,10 +625,10 @@ impl Store {
         for request in requests {
             invocation
                 .key(keys.idempotency(&request.user_id, &request.idempotency_key))
-                .key(keys.reservation(&request.reservation_id))
                 .arg(&request.user_id)
                 .arg(request.quantity)
-                .arg(&request.reservation_id);
+                .arg(&request.reservation_id)
+                .arg(&request.idempotency_key);
         }
         let replies: Vec<Vec<String>> = invocation.invoke_async(&mut conn).await?;
         if replies.len() != requests.len() {
@@ -722,6 +729,7 @@ impl Store {
         let mut conn = self.conn.clone();
         let reply: Vec<String> = SCRIPTS
             .view
+            .key(&keys.holds)
             .key(keys.reservation(reservation_id))
             .arg(reservation_id)
             .invoke_async(&mut conn)
@@ -1169,17 +1177,25 @@ impl Store {
         Ok(())
     }
 
-    /// Drops the hashes of reservations whose end MySQL has committed: what keeps an
-    /// ended reservation's Redis cost to its idempotency key. (One UNLINK: the keys
-    /// share the SKU's slot.)
+    /// Drops the records of reservations whose end MySQL has committed: what keeps an
+    /// ended reservation's Redis cost to its claim in the user's usage record (layout
+    /// 1: to its idempotency key). One HDEL, and one UNLINK for layout-1 hashes (the
+    /// keys share the SKU's slot).
     pub async fn forget_ended_reservations(&self, sku: &SkuId, ids: &[&str]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         let keys = SkuKeys::new(sku);
+        let tails: Vec<&str> = ids.iter().map(|id| SkuKeys::tail(id)).collect();
         let hashes: Vec<String> = ids.iter().map(|id| keys.reservation(id)).collect();
-        let _: () = redis::cmd("UNLINK")
+        let _: () = redis::pipe()
+            .cmd("HDEL")
+            .arg(&keys.holds)
+            .arg(&tails)
+            .ignore()
+            .cmd("UNLINK")
             .arg(&hashes)
+            .ignore()
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(())
@@ -1329,6 +1345,224 @@ fn parse_view(sku: &SkuId, view: &[String]) -> Result<Reservation> {
         created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
         payment_ref: (!payment_ref.is_empty()).then(|| payment_ref.clone()),
     })
+}
+
+/// The Redis records of lua/lib.lua (hold and usage records), read and nudged from
+/// outside the scripts: for tests and an operator's debugging; the gateway never uses it.
+pub mod inspect {
+    use std::collections::HashMap;
+
+    use super::{script, RedisConnection};
+    use crate::error::Result;
+    use crate::keys::SkuKeys;
+
+    /// A hold record: `fg:{sku}:holds` field (the reservation's tail).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Hold {
+        pub status: String,
+        pub quantity: u64,
+        pub created_at: i64,
+        pub expires_at: i64,
+        pub keep_until: i64,
+        pub payment_ref: Option<String>,
+        /// (compensation id, payment_ref)
+        pub compensations: Vec<(String, String)>,
+        pub user: String,
+    }
+
+    /// A user's usage record: `fg:{sku}:used` field (the user id).
+    #[derive(Debug, Clone, PartialEq, Eq, Default)]
+    pub struct Usage {
+        pub units: u64,
+        pub released: u64,
+        pub window_end: i64,
+        pub claims: Vec<Claim>,
+    }
+
+    /// One idempotency key of a user and the hold it made.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Claim {
+        pub live: bool,
+        pub tail: String,
+        pub quantity: u64,
+        pub keep_until: i64,
+        pub key: String,
+    }
+
+    pub fn parse_hold(raw: &str) -> Option<Hold> {
+        let mut parts = raw.splitn(8, ' ');
+        let mut next = || parts.next();
+        let (status, quantity, created_at, expires_at, keep_until, payment, n) = (
+            next()?,
+            next()?,
+            next()?,
+            next()?,
+            next()?,
+            next()?,
+            next()?,
+        );
+        let mut rest = next()?;
+        let mut compensations = Vec::new();
+        for _ in 0..n.parse::<usize>().ok()? {
+            let (comp, after) = rest.split_once(' ')?;
+            let (id, payment_ref) = comp.split_once('=')?;
+            compensations.push((id.to_owned(), payment_ref.to_owned()));
+            rest = after;
+        }
+        Some(Hold {
+            status: status.to_owned(),
+            quantity: quantity.parse().ok()?,
+            created_at: created_at.parse().ok()?,
+            expires_at: expires_at.parse().ok()?,
+            keep_until: keep_until.parse().ok()?,
+            payment_ref: payment.strip_prefix('=').map(str::to_owned),
+            compensations,
+            user: rest.to_owned(),
+        })
+    }
+
+    pub fn parse_usage(raw: &str) -> Option<Usage> {
+        let mut tokens = raw.split(' ');
+        let mut usage = Usage {
+            units: tokens.next()?.parse().ok()?,
+            ..Usage::default()
+        };
+        if let Some(released) = tokens.next() {
+            usage.released = released.parse().ok()?;
+            usage.window_end = tokens.next()?.parse().ok()?;
+        }
+        for token in tokens {
+            let live = token.starts_with('+');
+            let mut fields = token.get(1..)?.splitn(4, ':');
+            usage.claims.push(Claim {
+                live,
+                tail: fields.next()?.to_owned(),
+                quantity: fields.next()?.parse().ok()?,
+                keep_until: fields.next()?.parse().ok()?,
+                key: fields.next()?.to_owned(),
+            });
+        }
+        Some(usage)
+    }
+
+    /// The hold record of a reservation (layout 2 only).
+    pub async fn hold(
+        conn: &mut RedisConnection,
+        keys: &SkuKeys,
+        reservation_id: &str,
+    ) -> Result<Option<Hold>> {
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&keys.holds)
+            .arg(SkuKeys::tail(reservation_id))
+            .query_async(conn)
+            .await?;
+        Ok(raw.and_then(|r| parse_hold(&r)))
+    }
+
+    /// Every usage record of the SKU, by user.
+    pub async fn usage(
+        conn: &mut RedisConnection,
+        keys: &SkuKeys,
+    ) -> Result<HashMap<String, Usage>> {
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&keys.used)
+            .query_async(conn)
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(user, r)| parse_usage(&r).map(|u| (user, u)))
+            .collect())
+    }
+
+    /// Moves a hold's deadline (record and index) as if its time had passed; true when
+    /// there was such a hold.
+    pub async fn set_deadline(
+        conn: &mut RedisConnection,
+        keys: &SkuKeys,
+        reservation_id: &str,
+        expires_at_ms: i64,
+    ) -> Result<bool> {
+        let rewind = script(
+            "local K = sale_keys()\n\
+             local h = load_hold(K, ARGV[1])\n\
+             if not h then return 0 end\n\
+             h.expires_at = ARGV[2]\n\
+             store_hold(K, h)\n\
+             if is_live(h.status) then redis.call('ZADD', K.deadlines, ARGV[2], h.tail) end\n\
+             return 1",
+        );
+        let mut invocation = rewind.prepare_invoke();
+        for key in keys.sale() {
+            invocation.key(key);
+        }
+        let found: i64 = invocation
+            .key(keys.reservation(reservation_id))
+            .arg(reservation_id)
+            .arg(expires_at_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(found == 1)
+    }
+
+    /// Makes Redis forget a reservation of `user`, as a lost write or an expired
+    /// retention would: its hold record (if the flush has not dropped it already) and
+    /// its claim (so its idempotency key) go; the counters stay. True when there was a
+    /// record or a claim.
+    pub async fn forget(
+        conn: &mut RedisConnection,
+        keys: &SkuKeys,
+        reservation_id: &str,
+        user: &str,
+    ) -> Result<bool> {
+        let forget = script(
+            "local K = sale_keys()\n\
+             local tail = tail_of(ARGV[1])\n\
+             local found = redis.call('HDEL', K.holds, tail)\n\
+             local u = load_usage(K, ARGV[2])\n\
+             local kept = {}\n\
+             for _, c in ipairs(u.claims) do\n\
+               if c.tail ~= tail then kept[#kept + 1] = c end\n\
+             end\n\
+             if #kept == #u.claims and found == 0 then return 0 end\n\
+             u.claims = kept\n\
+             save_usage(K, u, now_ms())\n\
+             return 1",
+        );
+        let mut invocation = forget.prepare_invoke();
+        for key in keys.sale() {
+            invocation.key(key);
+        }
+        let found: i64 = invocation
+            .arg(reservation_id)
+            .arg(user)
+            .invoke_async(conn)
+            .await?;
+        Ok(found == 1)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn records_parse_as_lib_lua_writes_them() {
+            let hold = parse_hold("paying 2 10 20 30 =pay-1 1 cid=pay 0 a user").unwrap();
+            assert_eq!(hold.status, "paying");
+            assert_eq!(
+                (hold.quantity, hold.created_at, hold.expires_at),
+                (2, 10, 20)
+            );
+            assert_eq!(hold.payment_ref.as_deref(), Some("pay-1"));
+            assert_eq!(hold.compensations, vec![("cid".into(), "pay".into())]);
+            assert_eq!(hold.user, "0 a user");
+            assert_eq!(parse_hold("held 1 1 2 3 - 0 u").unwrap().payment_ref, None);
+            let usage = parse_usage("3 1 99 +t1:1:50:k:1 -t2:2:60:k2").unwrap();
+            assert_eq!((usage.units, usage.released, usage.window_end), (3, 1, 99));
+            assert_eq!(usage.claims[0].key, "k:1");
+            assert!(usage.claims[0].live && !usage.claims[1].live);
+            assert_eq!(parse_usage("7").unwrap().units, 7);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use flashgate::error::Error;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::{Refusal, SkuDefinition, Status};
-use flashgate::store::{ConfirmOutcome, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
+use flashgate::store::{
+    inspect, ConfirmOutcome, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -278,14 +280,10 @@ impl Harness {
                 let past = seconds * 1000 - 1;
                 for hold in m.holds.iter_mut().filter(|h| h.live()) {
                     hold.overdue = true;
-                    let _: () = redis::pipe()
-                        .hset(keys.reservation(&hold.id), "expires_at", past)
-                        .ignore()
-                        .zadd(&keys.deadlines, &hold.id, past)
-                        .ignore()
-                        .query_async(&mut conn)
+                    let moved = inspect::set_deadline(&mut conn, &keys, &hold.id, past)
                         .await
                         .unwrap();
+                    assert!(moved, "{} has no record", hold.id);
                 }
             }
             Op::Sweep => {
@@ -327,11 +325,12 @@ impl Harness {
             (m.available, m.held, m.sold),
             "counters"
         );
-        let used: HashMap<String, u64> = redis::cmd("HGETALL")
-            .arg(&keys.used)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let usage = inspect::usage(&mut conn, &keys).await.unwrap();
+        let used: HashMap<String, u64> = usage
+            .iter()
+            .filter(|(_, u)| u.units > 0)
+            .map(|(user, u)| (user.clone(), u.units))
+            .collect();
         let model_used: HashMap<String, u64> = m
             .used
             .iter()
@@ -339,50 +338,45 @@ impl Harness {
             .map(|(u, q)| (u.clone(), *q))
             .collect();
         assert_eq!(used, model_used, "per-user counts of the limit");
-        let index: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(format!("fg:{{{}}}:uholds", self.sku))
+        // Every key that made a hold is claimed in its user's usage record, live exactly
+        // while the hold is, and replays at least as long as the hold can be paid.
+        for (&(ref user, key), &i) in &m.keys {
+            let hold = &m.holds[i];
+            let claim = usage
+                .get(user)
+                .and_then(|u| u.claims.iter().find(|c| c.key == format!("key{key}")))
+                .unwrap_or_else(|| panic!("no claim of {user}'s key{key}"));
+            assert_eq!(
+                claim.tail,
+                SkuKeys::tail(&hold.id),
+                "claim of {user}'s key{key}"
+            );
+            assert_eq!(claim.live, hold.live(), "claim of {} live", hold.id);
+            let record = inspect::hold(&mut conn, &keys, &hold.id)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{} has no record", hold.id));
+            assert_eq!(claim.keep_until, record.keep_until);
+            assert!(
+                record.keep_until - record.created_at >= (HOLD_MS + GRACE_MS) as i64,
+                "the key of {} replays for less than its hold can be paid",
+                hold.id
+            );
+        }
+        let indexed: HashSet<String> = redis::cmd("ZRANGE")
+            .arg(&keys.deadlines)
+            .arg(0)
+            .arg(-1)
             .query_async(&mut conn)
             .await
             .unwrap();
-        for user in (0..USERS).map(|u| format!("user{u}")) {
-            let mut indexed: Vec<&str> = index
-                .get(&user)
-                .map(|l| l.split(' ').collect())
-                .unwrap_or_default();
-            let mut live: Vec<&str> = m
-                .holds
-                .iter()
-                .filter(|h| h.user == user && h.live())
-                .map(|h| h.id.as_str())
-                .collect();
-            indexed.sort_unstable();
-            live.sort_unstable();
-            assert_eq!(indexed, live, "live-hold index of {user}");
-        }
-        for (&(ref user, key), &i) in &m.keys {
-            let idem = keys.idempotency(user, &format!("key{key}"));
-            let key_ttl: i64 = redis::cmd("PTTL")
-                .arg(&idem)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            assert!(
-                key_ttl > (HOLD_MS + GRACE_MS) as i64 - 60_000,
-                "the key of {} lives {key_ttl} ms: less than its hold can",
-                m.holds[i].id
-            );
-            if !m.holds[i].live() {
-                let kept: i64 = redis::cmd("PTTL")
-                    .arg(keys.reservation(&m.holds[i].id))
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                assert!(
-                    kept >= key_ttl,
-                    "an ended reservation ({kept} ms) must outlive its key ({key_ttl} ms)"
-                );
-            }
-        }
+        let live: HashSet<String> = m
+            .holds
+            .iter()
+            .filter(|h| h.live())
+            .map(|h| SkuKeys::tail(&h.id).to_owned())
+            .collect();
+        assert_eq!(indexed, live, "index of live holds");
         for hold in &m.holds {
             let r = self.store.reservation(&self.sku, &hold.id).await.unwrap();
             assert_eq!(r.status, hold.effective(), "status of {}", hold.id);

@@ -9,7 +9,8 @@ use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::SkuDefinition;
 use flashgate::store::{
-    script_with_clock, with_sale_keys, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+    inspect, script_with_clock, with_sale_keys, ReserveOutcome, ReserveRequest, ReserveSettings,
+    Store,
 };
 use redis::aio::ConnectionLike;
 
@@ -64,6 +65,7 @@ impl Sale {
     /// view.lua at `now`: the status a caller sees.
     async fn status_at(&self, rid: &str, now: i64) -> String {
         let reply: Vec<String> = script_with_clock(include_str!("../lua/view.lua"), now)
+            .key(&self.keys.holds)
             .key(self.keys.reservation(rid))
             .arg(rid)
             .invoke_async(&mut self.conn())
@@ -131,21 +133,20 @@ impl Sale {
         (expired, due, state)
     }
 
-    async fn used(&self, user: &str) -> Option<i64> {
-        redis::cmd("HGET")
+    /// The user's usage record, if any.
+    async fn usage(&self, user: &str) -> Option<inspect::Usage> {
+        let raw: Option<String> = redis::cmd("HGET")
             .arg(&self.keys.used)
             .arg(user)
             .query_async(&mut self.conn())
             .await
-            .unwrap()
+            .unwrap();
+        raw.map(|r| inspect::parse_usage(&r).unwrap())
     }
 
-    async fn pttl(&self, key: &str) -> i64 {
-        redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await
-            .unwrap()
+    /// The units the user's limit counts.
+    async fn used(&self, user: &str) -> u64 {
+        self.usage(user).await.map_or(0, |u| u.units)
     }
 }
 
@@ -172,11 +173,11 @@ async fn cancelling_an_overdue_hold_before_the_sweep_expires_it() {
 async fn a_multi_unit_release_gives_back_the_users_whole_usage() {
     let sale = Sale::new("rule-multi", 5).await;
     let (rid, expires_at) = sale.hold("u", "k1", 3).await;
-    assert_eq!(sale.used("u").await, Some(3));
+    assert_eq!(sale.used("u").await, 3);
     sale.cancel_at(&rid, expires_at - 1).await;
-    assert_eq!(sale.used("u").await, None, "the entry goes at zero");
+    assert_eq!(sale.used("u").await, 0);
     sale.hold("u", "k2", 5).await; // the whole limit again
-    assert_eq!(sale.used("u").await, Some(5));
+    assert_eq!(sale.used("u").await, 5);
 }
 
 #[tokio::test]
@@ -223,21 +224,30 @@ async fn confirming_a_paying_hold_after_its_deadline_is_a_refund_with_one_id() {
 }
 
 #[tokio::test]
-async fn a_key_outlives_the_idempotency_ttl_while_its_hold_can_be_paid_and_the_reservation_outlives_the_key(
-) {
+async fn a_key_replays_its_hold_beyond_the_idempotency_ttl_while_the_hold_can_be_paid() {
     let sale = Sale::new("rule-retention", 1).await;
     let (rid, expires_at) = sale.hold("u", "k", 1).await;
-    let key = sale.keys.idempotency("u", "k");
-    let key_ttl = sale.pttl(&key).await;
-    assert!(
-        key_ttl > 59_000,
-        "hold 60 s + grace, not the 1 s TTL: {key_ttl}"
-    );
+    let claim = sale.usage("u").await.unwrap().claims.remove(0);
+    let hold = inspect::hold(&mut sale.store.connection(), &sale.keys, &rid)
+        .await
+        .unwrap()
+        .unwrap();
+    // max(idempotency TTL 1 s, hold 60 s + grace)
+    assert_eq!(claim.keep_until, hold.created_at + 60_000 + GRACE_MS as i64);
+    assert_eq!((claim.key.as_str(), claim.live), ("k", true));
     sale.cancel_at(&rid, expires_at - 1).await;
-    let kept = sale.pttl(&sale.keys.reservation(&rid)).await;
-    assert!(kept > sale.pttl(&key).await, "{kept} ms");
-    // Ended reservations are kept at least 15 minutes (the flush records them).
-    assert!(kept >= 15 * 60 * 1000 - 5_000, "{kept} ms");
+    let claim = sale.usage("u").await.unwrap().claims.remove(0);
+    assert!(!claim.live, "an ended hold's claim stays, ended");
+    // Long past the 1 s TTL, within the key lifetime: the cancelled hold replays.
+    assert_eq!(
+        sale.reserve_at("u", "k", claim.keep_until - 1).await,
+        "replayed"
+    );
+    // From the end of the key lifetime on, the key is free again.
+    assert_eq!(sale.reserve_at("u", "k", claim.keep_until).await, "created");
+    let claims = sale.usage("u").await.unwrap().claims;
+    assert_eq!(claims.len(), 1, "the ended claim was dropped: {claims:?}");
+    assert_ne!(claims[0].tail, SkuKeys::tail(&rid));
 }
 
 #[tokio::test]
@@ -311,7 +321,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     flushed_everything(&sale).await;
     assert_eq!(sale.sweep_state_at(end, 10).await.2, "retired");
     assert_eq!(sale.sweep_state_at(end + 1, 10).await.2, "retired");
-    assert_eq!(sale.used("u").await, None, "the usage went with it");
+    assert_eq!(sale.usage("u").await, None, "the usage went with it");
 
     // A live hold past the end keeps the SKU until it ends and is flushed.
     let sale = Sale::new("rule-retire-live", 1).await;
@@ -343,10 +353,10 @@ impl Sale {
             &self.keys,
         )
         .key(self.keys.idempotency(user, key))
-        .key(self.keys.reservation(&rid))
         .arg(user)
         .arg(1)
         .arg(&rid)
+        .arg(key)
         .arg(1_000)
         .arg(GRACE_MS)
         .arg(10)
@@ -375,12 +385,109 @@ async fn a_user_who_released_the_cap_of_holds_waits_for_the_window_to_end() {
     );
     assert_eq!(sale.reserve_at("v", "k3", window_end - 1).await, "created");
     assert_eq!(sale.reserve_at("u", "k3", window_end).await, "created");
-    // A new window: the entry of the old one was dropped.
-    let churn: Option<String> = redis::cmd("HGET")
-        .arg(format!("fg:{{{}}}:churn", sale.sku))
-        .arg("u")
+    // A new window: the count of the old one was dropped.
+    let usage = sale.usage("u").await.unwrap();
+    assert_eq!((usage.units, usage.released), (1, 0), "{usage:?}");
+}
+
+impl Sale {
+    /// A hold as layout 1 wrote it (a SKU from before layout 2: no `layout` in meta): its
+    /// own hash, the user's live-hold index, a key per idempotency key, a bare count
+    /// of units. Returns (rid, expires_at ms).
+    async fn layout_1_hold(&self, user: &str, key: &str, now: i64) -> (String, i64) {
+        let rid = ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&self.sku);
+        let (expires_at, keep_until) = (now + 60_000, now + 61_001);
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(&self.keys.meta, "layout")
+            .hset_multiple(
+                self.keys.reservation(&rid),
+                &[
+                    ("user", user.to_string()),
+                    ("quantity", "1".into()),
+                    ("status", "held".into()),
+                    ("expires_at", expires_at.to_string()),
+                    ("created_at", now.to_string()),
+                    ("keep_until", keep_until.to_string()),
+                ],
+            )
+            .zadd(&self.keys.deadlines, &rid, expires_at)
+            .hset(&self.keys.uholds, user, &rid)
+            .cmd("SET")
+            .arg(self.keys.idempotency(user, key))
+            .arg(format!("1 {rid}"))
+            .arg("PX")
+            .arg(61_001)
+            .hincr(&self.keys.used, user, 1)
+            .hincr(&self.keys.meta, "available", -1)
+            .hincr(&self.keys.meta, "held", 1)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+        (rid, expires_at)
+    }
+
+    async fn exists(&self, key: &str) -> bool {
+        let n: u32 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .unwrap();
+        n == 1
+    }
+}
+
+/// A gateway upgraded in the middle of a sale finds holds layout 1 wrote: it reads
+/// them, replays their keys, counts them toward the limit, and its next transition of
+/// each moves it into layout 2 (record in `holds`, index by tail), exactly once.
+#[tokio::test]
+async fn layout_1_holds_are_read_and_moved_by_their_next_transition() {
+    let sale = Sale::new("rule-layout-1", 1).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (expiring, expires_at) = sale.layout_1_hold("u", "k", now - 1_000).await;
+    let (paid, _) = sale.layout_1_hold("v", "k", now).await;
+
+    assert_eq!(sale.status_at(&expiring, now).await, "held");
+    assert_eq!(sale.reserve_at("u", "k", now).await, "replayed");
+    assert_eq!(sale.reserve_at("u", "k2", now).await, "limit_exceeded");
+
+    // The sweep expires the layout-1 hold and moves it.
+    assert_eq!(sale.sweep_at(expires_at, 10).await, (1, 0));
+    assert!(!sale.exists(&sale.keys.reservation(&expiring)).await);
+    let record = inspect::hold(&mut sale.store.connection(), &sale.keys, &expiring)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (record.status.as_str(), record.user.as_str()),
+        ("expired", "u")
+    );
+    assert_eq!(sale.used("u").await, 0);
+    assert_eq!(sale.status_at(&expiring, expires_at).await, "expired");
+    assert_eq!(sale.reserve_at("u", "k", expires_at).await, "replayed");
+
+    // A payment for the other one: confirmed, moved, its index entries gone.
+    let confirmed = sale.confirm_at(&paid, "pay", now + 1).await;
+    assert_eq!(
+        (confirmed[0].as_str(), confirmed[4].as_str()),
+        ("confirmed", "confirmed")
+    );
+    assert!(!sale.exists(&sale.keys.reservation(&paid)).await);
+    assert!(
+        !sale.exists(&sale.keys.uholds).await,
+        "the live-hold index emptied"
+    );
+    let indexed: u64 = redis::cmd("ZCARD")
+        .arg(&sale.keys.deadlines)
         .query_async(&mut sale.conn())
         .await
         .unwrap();
-    assert_eq!(churn, None);
+    assert_eq!(indexed, 0);
+    assert_eq!(
+        sale.used("v").await,
+        1,
+        "a purchase counts toward the limit"
+    );
+    let view = sale.store.sku(&sale.sku).await.unwrap();
+    assert_eq!((view.available, view.held, view.sold), (9, 0, 1));
 }

@@ -221,10 +221,10 @@ pub async fn run(
         argv.extend(gateway::sale_keys(&sku));
         argv.extend([
             gateway::idempotency_key(&sku, user, "k__rand_int__"),
-            gateway::key(&sku, "r:rb__rand_int__"),
             user.into(),
             "1".into(),
             "rb__rand_int__".into(),
+            "k__rand_int__".into(),
             gateway::IDEMPOTENCY_TTL_MS.to_string(),
             gateway::PAYMENT_GRACE_MS.to_string(),
             gateway::RESERVE_RECLAIM_BATCH.to_string(),

@@ -48,6 +48,7 @@ pub fn sale_keys(sku: &str) -> Vec<String> {
         "comps",
         "churn",
         "rlog",
+        "holds",
     ]
     .iter()
     .map(|suffix| key(sku, suffix))
@@ -97,9 +98,10 @@ mod tests {
     fn keys_follow_the_gateway_layout() {
         assert_eq!(key("s1", "meta"), "fg:{s1}:meta");
         let sale = sale_keys("s1");
-        assert_eq!(sale.len(), 8);
+        assert_eq!(sale.len(), 9);
         assert_eq!(sale[0], "fg:{s1}:meta");
         assert_eq!(sale[7], "fg:{s1}:rlog");
+        assert_eq!(sale[8], "fg:{s1}:holds");
         assert_eq!(
             idempotency_key("s1", "alice", "k1"),
             "fg:{s1}:idem:5:alice:k1"

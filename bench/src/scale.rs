@@ -169,8 +169,8 @@ pub struct HoldStep {
     pub bytes_per_hold: Option<f64>,
     /// The same over this step's holds only.
     pub step_bytes_per_hold: Option<f64>,
-    /// MEMORY USAGE of a sample of holds' own keys plus the SKU's shared structures
-    /// (deadlines, used, uholds) / holds: immune to other databases, but an estimate.
+    /// MEMORY USAGE of the SKU's per-hold structures (holds, deadlines, used) / holds:
+    /// immune to other databases, but an estimate (MEMORY USAGE samples elements).
     pub sampled_bytes_per_hold: Option<f64>,
     pub reconcile: Option<ReconcileRun>,
     /// SLOWLOG entries (calls over 1 ms) during the reconcile, every client.
@@ -232,8 +232,9 @@ pub struct Ended {
     pub bytes_delta_per_ended: Option<f64>,
     /// Bytes per live hold + that delta: what an ended reservation still holds.
     pub bytes_per_ended: Option<f64>,
-    /// MEMORY USAGE of a sample of the ended reservations' keys (their hash and
-    /// idempotency key, which stay until `keep_until`): immune to other databases.
+    /// Bytes of a sample of the ended reservations' usage records (user id and record,
+    /// where the claim of the idempotency key stays until `keep_until`; the hash
+    /// entry's own ~40 bytes not counted): immune to other databases.
     pub sampled_bytes_per_ended: Option<f64>,
 }
 
@@ -1086,18 +1087,17 @@ impl Scale {
                 h - written_so_far
             );
             let started = Instant::now();
-            let sample = self
-                .write_holds(
-                    &sku,
-                    &sha,
-                    written_so_far,
-                    h,
-                    &key,
-                    &mut rng,
-                    &mut keep,
-                    cancels,
-                )
-                .await?;
+            self.write_holds(
+                &sku,
+                &sha,
+                written_so_far,
+                h,
+                &key,
+                &mut rng,
+                &mut keep,
+                cancels,
+            )
+            .await?;
             let write_seconds = started.elapsed().as_secs_f64();
             let written = h - written_so_far;
             // Let the AOF buffer drain before weighing.
@@ -1110,7 +1110,7 @@ impl Scale {
                 .ok()
                 .flatten();
             let used_memory = self.used_memory().await;
-            let sampled_bytes_per_hold = self.sampled_bytes_per_hold(&sku, &sample, h).await;
+            let sampled_bytes_per_hold = self.sampled_bytes_per_hold(&sku, h).await;
             // Reconcile of this SKU, with the slowlog around it.
             let (reconcile, slow) = self.reconcile_with_slowlog(&sku).await?;
             let step = HoldStep {
@@ -1156,8 +1156,7 @@ impl Scale {
     }
 
     /// Writes holds `from..to` on `sku` with the gateway's reserve script, pipelined.
-    /// Keeps the first `keep_max` reservation ids in `keep`; returns a sample of
-    /// (hold index, reservation id) of this step for weighing.
+    /// Keeps the first `keep_max` reservation ids in `keep`.
     #[allow(clippy::too_many_arguments)]
     async fn write_holds(
         &mut self,
@@ -1169,9 +1168,7 @@ impl Scale {
         rng: &mut StdRng,
         keep: &mut Vec<String>,
         keep_max: u64,
-    ) -> Result<Vec<(u64, String)>> {
-        let stride = ((to - from) / MEMORY_SAMPLE as u64).max(1);
-        let mut sample = Vec::new();
+    ) -> Result<()> {
         let bar = self.bar(to - from, "holds");
         let mut tasks: tokio::task::JoinSet<Result<(u64, Option<String>)>> =
             tokio::task::JoinSet::new();
@@ -1199,18 +1196,15 @@ impl Scale {
                 if keep.len() < keep_max as usize {
                     keep.push(rid.clone());
                 }
-                if (i - from).is_multiple_of(stride) && sample.len() < MEMORY_SAMPLE {
-                    sample.push((i, rid.clone()));
-                }
                 pipe.cmd("EVALSHA")
                     .arg(sha)
                     .arg(10)
                     .arg(gateway::sale_keys(sku))
                     .arg(gateway::idempotency_key(sku, &user, &idem))
-                    .arg(gateway::key(sku, &format!("r:{rid}")))
                     .arg(&user)
                     .arg(1)
                     .arg(&rid)
+                    .arg(&idem)
                     .arg(gateway::IDEMPOTENCY_TTL_MS)
                     .arg(gateway::PAYMENT_GRACE_MS)
                     .arg(gateway::RESERVE_RECLAIM_BATCH);
@@ -1255,43 +1249,25 @@ impl Scale {
                 refused.unwrap_or_default()
             );
         }
-        Ok(sample)
+        Ok(())
     }
 
-    /// MEMORY USAGE of the sampled holds' own keys (hold hash, idempotency key) and of
-    /// the SKU's per-hold structures, per hold.
-    async fn sampled_bytes_per_hold(
-        &mut self,
-        sku: &str,
-        sample: &[(u64, String)],
-        holds: u64,
-    ) -> Option<f64> {
-        if sample.is_empty() || holds == 0 {
+    /// MEMORY USAGE of the SKU's per-hold structures (hold records, deadlines, usage
+    /// records with the idempotency claims; layout 2 keeps no key per hold), per hold.
+    /// (MEMORY USAGE samples the elements of large structures: an estimate.)
+    async fn sampled_bytes_per_hold(&mut self, sku: &str, holds: u64) -> Option<f64> {
+        if holds == 0 {
             return None;
         }
         let mut pipe = redis::pipe();
-        for (i, rid) in sample {
-            pipe.cmd("MEMORY")
-                .arg("USAGE")
-                .arg(gateway::key(sku, &format!("r:{rid}")));
-            pipe.cmd("MEMORY")
-                .arg("USAGE")
-                .arg(gateway::idempotency_key(
-                    sku,
-                    &format!("h{i}"),
-                    &format!("k{i}"),
-                ));
-        }
-        for shared in ["deadlines", "used", "uholds"] {
+        for shared in ["holds", "deadlines", "used"] {
             pipe.cmd("MEMORY")
                 .arg("USAGE")
                 .arg(gateway::key(sku, shared));
         }
         let sizes: Vec<Option<u64>> = pipe.query_async(&mut self.redis).await.ok()?;
-        let (own, shared) = sizes.split_at(sample.len() * 2);
-        let own_per_hold = own.iter().flatten().sum::<u64>() as f64 / sample.len() as f64;
-        let shared: u64 = shared.iter().flatten().sum();
-        Some(own_per_hold + shared as f64 / holds as f64)
+        let shared: u64 = sizes.iter().flatten().sum();
+        Some(shared as f64 / holds as f64)
     }
 
     async fn reconcile_with_slowlog(
@@ -1624,29 +1600,22 @@ impl Scale {
         let after = self.used_memory().await;
         let sampled_bytes_per_ended = {
             let mut pipe = redis::pipe();
-            let sample: Vec<(usize, &String)> = work
-                .iter()
-                .enumerate()
+            // The kept ids are holds 0, 1, 2, … in order: user h<i>. What an ended
+            // reservation keeps is its claim in the user's usage record (layout 2): the
+            // record's bytes and the user id, without the hash entry's own overhead.
+            let users: Vec<String> = (0..work.len())
                 .step_by((work.len() / MEMORY_SAMPLE).max(1))
                 .take(MEMORY_SAMPLE)
+                .map(|i| format!("h{i}"))
                 .collect();
-            // The kept ids are holds 0, 1, 2, … in order: user h<i>, key k<i>.
-            for (i, rid) in &sample {
-                pipe.cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(gateway::key(sku, &format!("r:{rid}")));
-                pipe.cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(gateway::idempotency_key(
-                        sku,
-                        &format!("h{i}"),
-                        &format!("k{i}"),
-                    ));
+            for user in &users {
+                pipe.cmd("HSTRLEN").arg(gateway::key(sku, "used")).arg(user);
             }
-            let sizes: Option<Vec<Option<u64>>> = pipe.query_async(&mut self.redis).await.ok();
-            sizes
-                .filter(|_| !sample.is_empty())
-                .map(|sizes| sizes.iter().flatten().sum::<u64>() as f64 / sample.len() as f64)
+            let sizes: Option<Vec<u64>> = pipe.query_async(&mut self.redis).await.ok();
+            sizes.filter(|_| !users.is_empty()).map(|sizes| {
+                let bytes: usize = users.iter().map(String::len).sum();
+                (sizes.iter().sum::<u64>() + bytes as u64) as f64 / users.len() as f64
+            })
         };
         let delta = match (before, after) {
             (Some(a), Some(b)) => per_item(a, b, cancelled),

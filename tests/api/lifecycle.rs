@@ -312,14 +312,10 @@ async fn one_sweep_pass_returns_the_expired_stock_of_every_sku() {
             // Its deadline, moved into the past (as if the hold time had gone by).
             let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
             let mut conn = app.store.connection();
-            let _: () = redis::pipe()
-                .hset(keys.reservation(&id), "expires_at", 1)
-                .ignore()
-                .zadd(&keys.deadlines, &id, 1)
-                .ignore()
-                .query_async(&mut conn)
+            let moved = flashgate::store::inspect::set_deadline(&mut conn, &keys, &id, 1)
                 .await
                 .unwrap();
+            assert!(moved);
         })
     });
     for task in futures::future::join_all(tasks).await {

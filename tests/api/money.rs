@@ -1,6 +1,7 @@
 //! The money trail (issue 9): reservations Redis forgot or lost, compensations visible
 //! at once, expired holds that count for nothing, key lifetimes, strict timestamps.
 
+use flashgate::store::inspect;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -9,32 +10,22 @@ use crate::common::{
 };
 
 /// Redis forgets a reservation (what its retention does once the key that could replay
-/// it is gone): the hash and the idempotency key.
+/// it is gone): the hold record and the claim of its idempotency key.
 async fn forget(app: &TestApp, sku: &str, rid: &str, user: &str) {
     let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
     let mut conn = app.store.connection();
-    let _: () = redis::pipe()
-        .del(keys.reservation(rid))
-        .ignore()
-        .del(keys.idempotency(user, &format!("key-{user}")))
-        .ignore()
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let forgotten = inspect::forget(&mut conn, &keys, rid, user).await.unwrap();
+    assert!(forgotten, "{rid} has no record");
 }
 
 /// Moves a live hold's deadline into the past, as if its hold time had gone by.
 async fn overdue(app: &TestApp, sku: &str, rid: &str) {
     let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
     let mut conn = app.store.connection();
-    let _: () = redis::pipe()
-        .hset(keys.reservation(rid), "expires_at", 1)
-        .ignore()
-        .zadd(&keys.deadlines, rid, 1)
-        .ignore()
-        .query_async(&mut conn)
+    let moved = inspect::set_deadline(&mut conn, &keys, rid, 1)
         .await
         .unwrap();
+    assert!(moved, "{rid} has no record");
 }
 
 async fn get_compensation(app: &TestApp, id: &str) -> (StatusCode, serde_json::Value) {
@@ -445,11 +436,12 @@ async fn user_ids_are_compared_byte_for_byte_and_reconcile_recounts_per_user_lim
         "{:?}",
         report.findings
     );
-    let used: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
-        .arg(&keys.used)
-        .query_async(&mut conn)
+    let used: std::collections::HashMap<String, u64> = inspect::usage(&mut conn, &keys)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|(user, u)| (user, u.units))
+        .collect();
     let expected: std::collections::HashMap<String, u64> =
         [("alice", 1), ("alice ", 1), ("bob", 1)]
             .map(|(u, q)| (u.to_string(), q))
@@ -559,11 +551,8 @@ async fn the_sweep_goes_on_past_a_batch_of_stale_index_entries() {
     for i in 0..(flashgate::limits::SWEEP_BATCH + 10) {
         pipe.zadd(&keys.deadlines, format!("gone-{i}"), 0).ignore();
     }
-    pipe.hset(keys.reservation(&rid), "expires_at", 1)
-        .ignore()
-        .zadd(&keys.deadlines, &rid, 1)
-        .ignore();
     let _: () = pipe.query_async(&mut conn).await.unwrap();
+    overdue(&app, &sku, &rid).await;
     let expired = app.worker.sweep_sku(TestApp::sku_id(&sku)).await.unwrap();
     assert_eq!(expired, 1);
     assert_eq!(app.sku(&sku).await["available"], 1);
@@ -594,9 +583,10 @@ async fn the_sold_out_flag_answers_sold_out_only_and_only_for_its_200_ms() {
     );
 }
 
-/// Once the flush has written how a reservation ended, Redis keeps only its
-/// idempotency key: the hash goes, and replays, reads and late payments are answered
-/// from MySQL's record (what keeps an ended reservation's Redis cost small, issue 10).
+/// Once the flush has written how a reservation ended, Redis keeps only the claim of
+/// its idempotency key: the hold record goes, and replays, reads and late payments are
+/// answered from MySQL's record (what keeps an ended reservation's Redis cost small,
+/// issue 10).
 #[tokio::test]
 async fn an_ended_reservation_keeps_only_its_key_in_redis_once_mysql_has_it() {
     let app = spawn_app().await;
@@ -611,27 +601,25 @@ async fn an_ended_reservation_keeps_only_its_key_in_redis_once_mysql_has_it() {
         StatusCode::OK
     );
     let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
-    let exists = |key: String| {
-        let mut conn = app.store.connection();
-        async move {
-            let n: u32 = redis::cmd("EXISTS")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            n == 1
-        }
-    };
-    assert!(exists(keys.reservation(&sold)).await, "kept until flushed");
+    let mut conn = app.store.connection();
+    let record = inspect::hold(&mut conn, &keys, &sold).await.unwrap();
+    assert_eq!(record.unwrap().status, "confirmed", "kept until flushed");
     app.flush(&sku).await;
+    let usage = inspect::usage(&mut conn, &keys).await.unwrap();
     for (rid, user) in [(&sold, "buyer"), (&cancelled, "quitter")] {
-        assert!(!exists(keys.reservation(rid)).await, "{user}'s hash stayed");
-        let key = keys.idempotency(user, &format!("key-{user}"));
-        assert!(exists(key).await, "{user}'s idempotency key went");
+        let record = inspect::hold(&mut conn, &keys, rid).await.unwrap();
+        assert_eq!(record, None, "{user}'s hold record stayed");
+        let claims = &usage[user].claims;
+        assert!(
+            claims.len() == 1 && !claims[0].live && claims[0].key == format!("key-{user}"),
+            "{user}'s key: {claims:?}"
+        );
     }
-    assert!(
-        exists(keys.reservation(&live)).await,
-        "a live hold keeps its hash"
+    let record = inspect::hold(&mut conn, &keys, &live).await.unwrap();
+    assert_eq!(
+        record.unwrap().status,
+        "held",
+        "a live hold keeps its record"
     );
 
     // The key still makes no second hold: it replays the reservation from MySQL.

@@ -332,6 +332,7 @@ async fn redefining_a_sku_redis_lost_restores_sold_and_per_user_usage_from_mysql
         .arg(&keys.used)
         .arg(&keys.deadlines)
         .arg(&keys.outbox)
+        .arg(&keys.holds)
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -95,16 +95,40 @@ async fn an_ended_sale_retires_once_nothing_is_left_and_comes_back_with_a_put() 
     assert!(exists(&app, &keys.outbox).await);
     flush_until_retired(&app, &sku).await;
 
-    // Retired: every per-SKU key but the tombstone is gone, and it left the index.
+    // Retired: every per-SKU key but the tombstone and the usage records is gone, and it
+    // left the index.
     for key in [
-        &keys.used,
         &keys.deadlines,
         &keys.outbox,
         &keys.comps,
         &keys.uholds,
+        &keys.holds,
     ] {
         assert!(!exists(&app, key).await, "{key} should be gone");
     }
+    // The usage records stay as long as an idempotency key may replay, then expire:
+    // bob's key still replays his cancelled hold (from MySQL's record).
+    let used_ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys.used)
+        .query_async(&mut app.store.connection())
+        .await
+        .unwrap();
+    assert!(used_ttl > 0, "the usage records expire: {used_ttl}");
+    let response = app.reserve_raw(&sku, "bob", "key-bob", 1).await;
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    let (status, replayed) = crate::common::body(response).await;
+    assert_eq!(
+        (
+            status,
+            replayed["reservation_id"].as_str(),
+            replayed["status"].as_str()
+        ),
+        (
+            StatusCode::CREATED,
+            Some(cancelled.as_str()),
+            Some("cancelled")
+        )
+    );
     assert!(!indexed(&app, &sku).await);
     assert!(!flashgate::telemetry::sku_series_contains(&sku));
     let mut conn = app.store.connection();

@@ -418,10 +418,17 @@ async fn a_sliced_check_is_exact_while_the_sale_runs() {
     // still adds up), and one unit too many in a user's usage.
     let mut conn = redis.client().await;
     hincrby(&mut conn, &sku, &[("held", 2), ("available", -2)]).await;
-    let _: i64 = conn
-        .hincr(format!("fg:{{{sku}}}:used"), "u-900", 1)
-        .await
-        .unwrap();
+    // (The units are the first field of a usage record, lua/lib.lua.)
+    let _: () = redis::Script::new(
+        "local r = redis.call('HGET', KEYS[1], ARGV[1])
+         local units, rest = string.match(r, '^(%d+)(.*)$')
+         redis.call('HSET', KEYS[1], ARGV[1], (tonumber(units) + 1) .. rest)",
+    )
+    .key(format!("fg:{{{sku}}}:used"))
+    .arg("u-900")
+    .invoke_async(&mut conn)
+    .await
+    .unwrap();
     let second = storm(2, rids[400..500].to_vec(), rids[500..600].to_vec());
     let report = pass(&app, &sku, false).await;
     assert_eq!(
