@@ -24,13 +24,13 @@ const LUA_LIB: &str = include_str!("../lua/lib.lua");
 /// Debug builds (every test) check that each script names only keys it declared
 /// (lua/check_keys.lua): what keeps scripts whole while a cluster slot migrates.
 const LUA_KEY_CHECK: &str = if cfg!(debug_assertions) {
-    include_str!("../lua/check_keys.lua")
+    concat!(include_str!("../lua/check_keys.lua"), "\n")
 } else {
     ""
 };
 
 fn script(source: &str) -> Script {
-    Script::new(&format!("{LUA_KEY_CHECK}\n{LUA_LIB}\n{source}"))
+    Script::new(&format!("{LUA_KEY_CHECK}{LUA_LIB}\n{source}"))
 }
 
 /// Every script, compiled once; invoked by EVALSHA and reloaded on NOSCRIPT.
@@ -121,7 +121,7 @@ pub fn script_with_clock(source: &str, now_ms: i64) -> Script {
     let clock = "return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
     assert!(LUA_LIB.contains(clock), "lib.lua's clock moved");
     let lib = LUA_LIB.replace(clock, &format!("return {now_ms}"));
-    Script::new(&format!("{LUA_KEY_CHECK}\n{lib}\n{source}"))
+    Script::new(&format!("{LUA_KEY_CHECK}{lib}\n{source}"))
 }
 
 /// One multiplexed connection, cloned per request (no pool checkout round trip).

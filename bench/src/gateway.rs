@@ -14,11 +14,11 @@ const LUA_LIB: &str = include_str!("../../lua/lib.lua");
 const LUA_RESERVE: &str = include_str!("../../lua/reserve.lua");
 const LUA_LOAD_SKU: &str = include_str!("../../lua/load_sku.lua");
 
-/// src/limits.rs RESERVE_RECLAIM_BATCH: ARGV[6] of the reserve script.
+/// src/limits.rs RESERVE_RECLAIM_BATCH: ARGV[7] of the reserve script.
 pub const RESERVE_RECLAIM_BATCH: u32 = 16;
-/// The gateway's default FLASHGATE_IDEMPOTENCY_TTL_SECONDS, in ms: ARGV[4] of reserve.
+/// The gateway's default FLASHGATE_IDEMPOTENCY_TTL_SECONDS, in ms: ARGV[5] of reserve.
 pub const IDEMPOTENCY_TTL_MS: u64 = 86_400_000;
-/// The gateway's default FLASHGATE_PAYMENT_GRACE_SECONDS, in ms: ARGV[5] of reserve.
+/// The gateway's default FLASHGATE_PAYMENT_GRACE_SECONDS, in ms: ARGV[6] of reserve.
 pub const PAYMENT_GRACE_MS: u64 = 300_000;
 
 /// The reserve script exactly as the gateway sends it to Redis.
