@@ -32,6 +32,9 @@ pub struct Admission {
     addresses: Option<Keyed<IpAddr>>,
     client: ClientAddress,
     in_flight: Option<Arc<Semaphore>>,
+    /// How long a `rate_limited` answer waits before it leaves (http's `edge` layer,
+    /// after the in-flight permit is released).
+    pub rate_limited_delay: Duration,
 }
 
 impl Admission {
@@ -54,6 +57,7 @@ impl Admission {
             )?,
             in_flight: (settings.max_in_flight > 0)
                 .then(|| Arc::new(Semaphore::new(settings.max_in_flight))),
+            rate_limited_delay: Duration::from_millis(settings.rate_limited_delay_ms),
         })
     }
 

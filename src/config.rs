@@ -248,6 +248,13 @@ pub struct AdmissionSettings {
     /// 503 `overloaded` at once. 0 = no cap.
     #[arg(long, env = "FLASHGATE_MAX_IN_FLIGHT", default_value_t = limits::MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
+    /// Milliseconds a `rate_limited` answer waits before it leaves (no in-flight permit
+    /// held meanwhile; less than its Retry-After): what slows a client that hammers in
+    /// a closed loop. 0 = at once.
+    #[arg(long, env = "FLASHGATE_RATE_LIMITED_DELAY_MS",
+          default_value_t = limits::RATE_LIMITED_DELAY.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub rate_limited_delay_ms: u64,
 }
 
 impl Default for AdmissionSettings {
@@ -261,6 +268,7 @@ impl Default for AdmissionSettings {
             client_ip_header: None,
             trusted_proxies: Vec::new(),
             max_in_flight: limits::MAX_IN_FLIGHT,
+            rate_limited_delay_ms: limits::RATE_LIMITED_DELAY.as_millis() as u64,
         }
     }
 }
@@ -271,6 +279,7 @@ impl AdmissionSettings {
         AdmissionSettings {
             rate_per_user: 0,
             max_in_flight: 0,
+            rate_limited_delay_ms: 0,
             ..AdmissionSettings::default()
         }
     }

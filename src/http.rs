@@ -369,6 +369,11 @@ async fn edge(
         .unwrap_or("unmatched");
     telemetry::request(route, outcome, started.elapsed());
     id.finish(&mut response);
+    if outcome == "rate_limited" {
+        // Slows a closed-loop abuser to a few requests a second per connection; the
+        // permit is back already, so waiting refusals never crowd out other requests.
+        tokio::time::sleep(state.admission.rate_limited_delay).await;
+    }
     response
 }
 

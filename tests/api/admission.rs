@@ -281,3 +281,41 @@ async fn one_user_cannot_churn_reserve_and_cancel_without_bound() {
     let view = app.assert_stock_adds_up(&sku).await;
     assert_eq!(view["held"], 1);
 }
+
+/// A refused reserve leaves after the refusal delay (what slows a client hammering in
+/// a closed loop), and while it waits it holds no in-flight permit: with a cap of one
+/// request in flight, another user's reserve is served meanwhile.
+#[tokio::test]
+async fn a_rate_limited_answer_waits_without_holding_a_place_in_flight() {
+    let delay = Duration::from_millis(400);
+    let app = spawn_app_with(args(AdmissionSettings {
+        rate_per_user: 1,
+        rate_per_user_burst: 1,
+        max_in_flight: 1,
+        rate_limited_delay_ms: delay.as_millis() as u64,
+        ..AdmissionSettings::off()
+    }))
+    .await;
+    let sku = sale(&app).await;
+    let (status, _, value) = reserve_from(&app, &sku, "abuser", "k1", None).await;
+    assert_eq!(status, StatusCode::CREATED, "{value}");
+    let started = Instant::now();
+    let refused = reserve_from(&app, &sku, "abuser", "k2", None);
+    let honest = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = reserve_from(&app, &sku, "honest", "h1", None).await;
+        (answer, started.elapsed())
+    };
+    let ((status, retry_after, value), ((honest_status, _, honest_value), honest_at)) =
+        tokio::join!(refused, honest);
+    let refused_at = started.elapsed();
+    assert_rate_limited(status, retry_after, &value);
+    assert!(refused_at >= delay, "the refusal left after {refused_at:?}");
+    assert_eq!(honest_status, StatusCode::CREATED, "{honest_value}");
+    assert!(
+        honest_at < delay,
+        "the honest reserve waited for the refusal: {honest_at:?}"
+    );
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["held"], 2, "{view}");
+}
