@@ -31,7 +31,7 @@
 --   "<units> <released> <window_end> <claim>..."
 --   units: held + paying + confirmed quantity; released: holds the user cancelled or
 --   let expire in the window that ends at window_end (the churn cap); a claim per
---   idempotency key of the user: "<+|-><tail>:<quantity>:<keep_until>:<key>", '+' while
+--   idempotency key of the user: "<key>|<+|-><tail>:<quantity>:<keep_until>", '+' while
 --   its hold is live, '-' once it ended; an ended claim is dropped after keep_until.
 --   A bare "<units>" (older records) reads as units with nothing else.
 --
@@ -223,54 +223,93 @@ local function store_hold(K, h)
 end
 
 -- Usage records -----------------------------------------------------------------------
+-- A record is read and written as a string, its claims never split into Lua tables on
+-- the reserve path: a user with dozens of live holds costs a few string searches in C,
+-- not dozens of Lua parses per reserve.
 
 local function load_usage(K, user)
   local raw = redis.call('HGET', K.used, user)
-  local u = { user = user, units = 0, released = 0, window_end = 0, claims = {} }
+  local u = { user = user, units = 0, released = 0, window_end = 0, claims = '' }
   if not raw then
     return u
   end
-  local i = 0
-  for token in string.gmatch(raw, '%S+') do
-    i = i + 1
-    if i == 1 then
-      u.units = tonumber(token)
-    elseif i == 2 then
-      u.released = tonumber(token)
-    elseif i == 3 then
-      u.window_end = tonumber(token)
-    else
-      local mark, tail, quantity, keep_until, key =
-        string.match(token, '^([+-])([^:]*):(%d+):(%d+):(.*)$')
-      u.claims[#u.claims + 1] = { live = mark == '+', tail = tail,
-        quantity = tonumber(quantity), keep_until = tonumber(keep_until), key = key }
-    end
+  local units, released, window_end, claims = string.match(raw, '^(%S+) (%S+) (%S+)(.*)$')
+  if units then
+    u.units, u.released, u.window_end, u.claims =
+      tonumber(units), tonumber(released), tonumber(window_end), claims
+  else
+    u.units = tonumber(raw) -- a bare count (older records)
   end
   return u
 end
 
--- Writes a usage record back; ended claims past their key lifetime are dropped, and
--- so is a record left with nothing in it.
-local function save_usage(K, u, now)
-  local parts = { ms(math.max(u.units, 0)), ms(u.released), ms(u.window_end) }
-  for _, c in ipairs(u.claims) do
-    if c.live or now < c.keep_until then
-      parts[#parts + 1] = (c.live and '+' or '-') .. c.tail .. ':' .. ms(c.quantity) .. ':'
-        .. ms(c.keep_until) .. ':' .. c.key
+-- The claim of idempotency key `key` in `u`, if it still replays at `now`:
+-- {live, tail, quantity, keep_until}. A claim is " <key>|<+|-><tail>:<quantity>:<keep_until>":
+-- keys hold no space, so " <key>|" only matches where a claim starts; the rest of the
+-- token must then be the suffix (no '|' in it), which tells a key "a" from a key "a|b".
+local function find_claim(u, key, now)
+  local needle, from = ' ' .. key .. '|', 1
+  while true do
+    local at = string.find(u.claims, needle, from, true)
+    if not at then
+      return nil
     end
-  end
-  if u.units <= 0 and #parts == 3 and now >= u.window_end then
-    redis.call('HDEL', K.used, u.user)
-  else
-    redis.call('HSET', K.used, u.user, table.concat(parts, ' '))
+    local mark, tail, quantity, keep_until =
+      string.match(u.claims, '^([+-])([%w_-]+):(%d+):(%d+)', at + #needle)
+    local after = at + #needle + (mark and (#tail + #quantity + #keep_until + 3) or 0)
+    if mark and (after > #u.claims or string.sub(u.claims, after, after) == ' ') then
+      keep_until = tonumber(keep_until)
+      if mark == '+' or now < keep_until then
+        return { live = mark == '+', tail = tail, quantity = tonumber(quantity),
+          keep_until = keep_until }
+      end
+      -- an ended claim past its time (dropped at the user's next end of a hold): the
+      -- key may have made a newer hold since
+    end
+    from = at + 1
   end
 end
 
-local function end_claim(u, tail)
-  for _, c in ipairs(u.claims) do
-    if c.tail == tail then
-      c.live = false
+local function add_claim(u, key, tail, quantity, keep_until)
+  u.claims = u.claims .. ' ' .. key .. '|+' .. tail .. ':' .. ms(quantity) .. ':' .. ms(keep_until)
+end
+
+-- The tails of the user's live holds. (A claim's suffix follows the last '|' of its
+-- token: a key may hold '|', the suffix never does.)
+local function live_claims(u)
+  local tails = {}
+  for token in string.gmatch(u.claims, '%S+') do
+    local tail = string.match(token, '|%+([%w_-]+):%d+:%d+$')
+    if tail then
+      tails[#tails + 1] = tail
     end
+  end
+  return tails
+end
+
+-- The hold `tail` ended: its claim now only replays the key until its keep_until; the
+-- ended claims whose time is over are dropped (on the release path, not the reserve's).
+local function end_claim(u, tail, now)
+  u.claims = (string.gsub(u.claims, ' (%S+)', function(token)
+    local key, mark, t, rest, keep_until =
+      string.match(token, '^(.*)|([+-])([%w_-]+)(:%d+:(%d+))$')
+    if not key then
+      return nil
+    elseif mark == '+' and t == tail then
+      return ' ' .. key .. '|-' .. t .. rest
+    elseif mark == '-' and now >= tonumber(keep_until) then
+      return ''
+    end
+  end))
+end
+
+-- Writes a usage record back; a record left with nothing in it goes.
+local function save_usage(K, u, now)
+  if u.units <= 0 and u.claims == '' and now >= u.window_end then
+    redis.call('HDEL', K.used, u.user)
+  else
+    redis.call('HSET', K.used, u.user, ms(math.max(u.units, 0)) .. ' ' .. ms(u.released) .. ' '
+      .. ms(u.window_end) .. u.claims)
   end
 end
 
@@ -322,7 +361,7 @@ local function release(K, h, final_status, now)
   redis.call('ZREM', K.deadlines, h.tail)
   local u = load_usage(K, h.user)
   u.units = u.units - quantity
-  end_claim(u, h.tail)
+  end_claim(u, h.tail, now)
   local keep_until = tonumber(h.keep_until)
   if keep_until > 0 then
     count_release(u, keep_until - tonumber(h.created_at), now)
@@ -367,10 +406,8 @@ local function expire_user_holds(K, sale, user, now)
     end
     return h
   end
-  for _, c in ipairs(load_usage(K, user).claims) do
-    if c.live then
-      expire(c.tail)
-    end
+  for _, tail in ipairs(live_claims(load_usage(K, user))) do
+    expire(tail)
   end
   if sale.legacy then
     local list = redis.call('HGET', K.uholds, user)
@@ -512,13 +549,12 @@ end
 local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem_ttl_ms,
                             grace_ms, reclaim_limit, churn_cap, now)
   local u = load_usage(K, user)
-  for _, c in ipairs(u.claims) do
-    if c.key == idem and (c.live or now < c.keep_until) then
-      if c.quantity ~= quantity then
-        return { 'idempotency_key_reused' }
-      end
-      return replay(K, load_hold(K, c.tail), c.tail, now)
+  local claim = find_claim(u, idem, now)
+  if claim then
+    if claim.quantity ~= quantity then
+      return { 'idempotency_key_reused' }
     end
+    return replay(K, load_hold(K, claim.tail), claim.tail, now)
   end
   if not sale or sale.legacy then
     local prior = redis.call('GET', legacy_key)
@@ -578,8 +614,7 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
   local created_at = ms(now)
   local tail = tail_of(rid)
   u.units = u.units + quantity
-  u.claims[#u.claims + 1] = { live = true, tail = tail, quantity = quantity,
-    keep_until = keep_until, key = idem }
+  add_claim(u, idem, tail, quantity, keep_until)
   save_usage(K, u, now)
   redis.call('HSET', K.holds, tail, format_hold({ status = 'held', quantity = quantity_text,
     created_at = created_at, expires_at = expires_at, keep_until = ms(keep_until),

@@ -13,12 +13,7 @@ local legacy = redis.call('HGET', KEYS[1], 'layout') ~= '2'
 local found = {}
 for i = 1, #KEYS - 2 do
   local user, key = ARGV[2 * i - 1], ARGV[2 * i]
-  found[i] = 0
-  for _, c in ipairs(load_usage(K, user).claims) do
-    if c.key == key and (c.live or now < c.keep_until) then
-      found[i] = 1
-    end
-  end
+  found[i] = find_claim(load_usage(K, user), key, now) and 1 or 0
   if found[i] == 0 and legacy and redis.call('EXISTS', KEYS[2 + i]) == 1 then
     found[i] = 1
   end

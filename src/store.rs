@@ -1432,14 +1432,16 @@ pub mod inspect {
             usage.window_end = tokens.next()?.parse().ok()?;
         }
         for token in tokens {
-            let live = token.starts_with('+');
-            let mut fields = token.get(1..)?.splitn(4, ':');
+            // "<key>|<+|-><tail>:<quantity>:<keep_until>": the suffix follows the last '|'.
+            let (key, suffix) = token.rsplit_once('|')?;
+            let live = suffix.starts_with('+');
+            let mut fields = suffix.get(1..)?.split(':');
             usage.claims.push(Claim {
                 live,
                 tail: fields.next()?.to_owned(),
                 quantity: fields.next()?.parse().ok()?,
                 keep_until: fields.next()?.parse().ok()?,
-                key: fields.next()?.to_owned(),
+                key: key.to_owned(),
             });
         }
         Some(usage)
@@ -1519,12 +1521,15 @@ pub mod inspect {
              local tail = tail_of(ARGV[1])\n\
              local found = redis.call('HDEL', K.holds, tail)\n\
              local u = load_usage(K, ARGV[2])\n\
-             local kept = {}\n\
-             for _, c in ipairs(u.claims) do\n\
-               if c.tail ~= tail then kept[#kept + 1] = c end\n\
-             end\n\
-             if #kept == #u.claims and found == 0 then return 0 end\n\
-             u.claims = kept\n\
+             local dropped = 0\n\
+             local claims = string.gsub(u.claims, ' (%S+)', function(token)\n\
+               if string.match(token, '|[+-]([%w_-]+):%d+:%d+$') == tail then\n\
+                 dropped = dropped + 1\n\
+                 return ''\n\
+               end\n\
+             end)\n\
+             if dropped == 0 and found == 0 then return 0 end\n\
+             u.claims = claims\n\
              save_usage(K, u, now_ms())\n\
              return 1",
         );
@@ -1556,9 +1561,13 @@ pub mod inspect {
             assert_eq!(hold.compensations, vec![("cid".into(), "pay".into())]);
             assert_eq!(hold.user, "0 a user");
             assert_eq!(parse_hold("held 1 1 2 3 - 0 u").unwrap().payment_ref, None);
-            let usage = parse_usage("3 1 99 +t1:1:50:k:1 -t2:2:60:k2").unwrap();
+            let usage = parse_usage("3 1 99 k:1|+t1:1:50 k|2|-t2:2:60").unwrap();
             assert_eq!((usage.units, usage.released, usage.window_end), (3, 1, 99));
             assert_eq!(usage.claims[0].key, "k:1");
+            assert_eq!(
+                (usage.claims[1].key.as_str(), usage.claims[1].tail.as_str()),
+                ("k|2", "t2")
+            );
             assert!(usage.claims[0].live && !usage.claims[1].live);
             assert_eq!(parse_usage("7").unwrap().units, 7);
         }

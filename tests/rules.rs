@@ -245,8 +245,31 @@ async fn a_key_replays_its_hold_beyond_the_idempotency_ttl_while_the_hold_can_be
     );
     // From the end of the key lifetime on, the key is free again.
     assert_eq!(sale.reserve_at("u", "k", claim.keep_until).await, "created");
+    assert_eq!(
+        sale.reserve_at("u", "k", claim.keep_until + 1).await,
+        "replayed",
+        "the key now replays its new hold"
+    );
     let claims = sale.usage("u").await.unwrap().claims;
-    assert_eq!(claims.len(), 1, "the ended claim was dropped: {claims:?}");
+    assert_eq!(claims.len(), 2, "{claims:?}");
+    assert!(!claims[0].live && claims[1].live, "{claims:?}");
+    // The old claim goes with the user's next end of a hold (here the new one's expiry).
+    let second = sale.usage("u").await.unwrap().claims.remove(1);
+    let record = inspect::hold(&mut sale.store.connection(), &sale.keys, &second.tail)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sale.sweep_at(record.expires_at, 10).await, (1, 0));
+    let claims = sale.usage("u").await.unwrap().claims;
+    assert_eq!(
+        claims.len(),
+        1,
+        "the old ended claim was dropped: {claims:?}"
+    );
+    assert_eq!(
+        (claims[0].tail.as_str(), claims[0].live),
+        (second.tail.as_str(), false)
+    );
     assert_ne!(claims[0].tail, SkuKeys::tail(&rid));
 }
 
@@ -490,4 +513,56 @@ async fn layout_1_holds_are_read_and_moved_by_their_next_transition() {
     );
     let view = sale.store.sku(&sale.sku).await.unwrap();
     assert_eq!((view.available, view.held, view.sold), (9, 0, 1));
+}
+
+/// Idempotency keys are any visible ASCII: a key that spells another key's prefix, a
+/// claim separator or another hold's suffix still replays exactly its own hold, and
+/// ending one hold ends exactly its claim.
+#[tokio::test]
+async fn keys_that_spell_claim_syntax_replay_only_their_own_hold() {
+    let sale = Sale::new("rule-hostile-keys", 5).await;
+    let (first, expires_at) = sale.hold("u", "a|b", 1).await;
+    let first_tail = SkuKeys::tail(&first).to_owned();
+    let hostile = [
+        "a".to_string(),
+        "a|".to_string(),
+        format!("x|+{first_tail}:1:9"),
+        format!("|+{first_tail}:1:{}", i64::MAX),
+    ];
+    let mut holds = vec![("a|b".to_string(), first.clone())];
+    for key in &hostile {
+        holds.push((key.clone(), sale.hold("u", key, 1).await.0));
+    }
+    let now = expires_at - 1;
+    for (key, rid) in &holds {
+        let reply: Vec<String> = with_sale_keys(
+            &script_with_clock(include_str!("../lua/reserve.lua"), now),
+            &sale.keys,
+        )
+        .key(sale.keys.idempotency("u", key))
+        .arg("u")
+        .arg(1)
+        .arg(ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&sale.sku))
+        .arg(key)
+        .arg(1_000)
+        .arg(GRACE_MS)
+        .arg(10)
+        .arg(2)
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap();
+        assert_eq!(
+            (reply[0].as_str(), reply[1].as_str()),
+            ("replayed", rid.as_str()),
+            "{key}"
+        );
+    }
+    // Cancel the first: its claim alone ends.
+    sale.cancel_at(&first, now).await;
+    let usage = sale.usage("u").await.unwrap();
+    assert_eq!(usage.units, 4);
+    for claim in &usage.claims {
+        assert_eq!(claim.live, claim.tail != first_tail, "{claim:?}");
+    }
+    assert_eq!(usage.claims.len(), 5, "{usage:?}");
 }
