@@ -589,6 +589,11 @@ struct DefineSku {
     /// End of the sale, after `starts_at`; absent or null: no end.
     #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
     ends_at: Option<String>,
+    /// Redis hash slots the SKU's stock is split over. This gateway keeps every SKU in
+    /// one (README, "Deviations from the contract"): any other value is refused.
+    #[serde(default = "DefineSku::default_buckets")]
+    #[schema(default = 1, minimum = 1, maximum = 1)]
+    buckets: u64,
 }
 
 impl DefineSku {
@@ -600,7 +605,19 @@ impl DefineSku {
         600
     }
 
+    fn default_buckets() -> u64 {
+        1
+    }
+
     fn definition(self) -> Result<SkuDefinition, Problem> {
+        if self.buckets != 1 {
+            // Refused rather than ignored: an operator asking for buckets must not get a
+            // SKU that silently runs on one Redis core.
+            return Err(Problem::invalid(
+                "`buckets` must be 1: this gateway does not split a SKU's stock over \
+                 several hash slots yet",
+            ));
+        }
         let definition = SkuDefinition {
             stock_total: within("stock", self.stock, 0..=limits::STOCK_MAX)?,
             per_user_limit: within("per_user_limit", self.per_user_limit, 1..=u32::MAX as u64)?,

@@ -599,3 +599,39 @@ async fn the_openapi_document_is_served_and_describes_real_answers() {
         "the document's route has its own metrics label"
     );
 }
+
+/// `buckets` (contract v1.1) is understood: 1 (or omitted) is today's layout; any other
+/// value is refused with a problem (README, "Deviations from the contract") and
+/// defines nothing, rather than silently ignored.
+#[tokio::test]
+async fn a_sku_with_buckets_other_than_one_is_refused_not_ignored() {
+    let app = spawn_app().await;
+    let sku = unique_sku("buckets");
+    for buckets in [json!(0), json!(3), json!(1.5), json!("2")] {
+        let (status, problem) = app
+            .put_sku(&sku, json!({ "stock": 10, "buckets": buckets }))
+            .await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{buckets}: {problem}"
+        );
+    }
+    let status = app
+        .client
+        .get(app.url(&format!("/v1/skus/{sku}")))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "a refused PUT defined nothing"
+    );
+    let (status, view) = app
+        .put_sku(&sku, json!({ "stock": 10, "buckets": 1 }))
+        .await;
+    assert!(status.is_success(), "{view}");
+    assert_eq!(view["stock_total"], 10);
+}
