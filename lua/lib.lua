@@ -62,9 +62,9 @@ local function sku_prefix(meta_key)
   return string.sub(meta_key, 1, #meta_key - 4)
 end
 
--- 'fg:{sku}:' -> 'sku'
+-- 'fg:{sku}:' -> 'sku', and a bucket's 'fg:{sku~b~n}:' -> 'sku' (src/buckets.rs)
 local function sku_of_prefix(prefix)
-  return string.sub(prefix, 5, #prefix - 2)
+  return string.match(string.sub(prefix, 5, #prefix - 2), '^[^~]*')
 end
 
 local function is_live(status)
@@ -84,8 +84,8 @@ end
 
 local BASE64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
 
--- base64url(sku) without padding, as src/ids.rs writes it: the head of the SKU's
--- reservation ids. Computed once per script call.
+-- base64url(sku) without padding, as src/ids.rs writes it, then a bucket's '~b~n':
+-- the head of the reservation ids of this sale. Computed once per script call.
 local function rid_head(K)
   if not K.head then
     local sku, out = sku_of_prefix(K.prefix), {}
@@ -98,7 +98,8 @@ local function rid_head(K)
         out[#out + 1] = string.sub(BASE64URL, v + 1, v + 1)
       end
     end
-    K.head = table.concat(out)
+    local tag = string.sub(K.prefix, 5, #K.prefix - 2)
+    K.head = table.concat(out) .. string.sub(tag, #sku + 1)
   end
   return K.head
 end

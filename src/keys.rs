@@ -39,12 +39,19 @@ pub struct SkuKeys {
     pub churn: String,
     /// Reservation tail -> hold record (lua/lib.lua), until MySQL has its end.
     pub holds: String,
+    /// Transfers of stock to or from this bucket not finished yet (src/buckets.rs).
+    pub transfers: String,
     prefix: String,
 }
 
 impl SkuKeys {
     pub fn new(sku: &SkuId) -> SkuKeys {
-        let prefix = format!("fg:{{{sku}}}:");
+        SkuKeys::for_tag(sku.as_str())
+    }
+
+    /// The keys of one bucket of a SKU, by its hash tag (`buckets::tag`).
+    pub fn for_tag(tag: &str) -> SkuKeys {
+        let prefix = format!("fg:{{{tag}}}:");
         SkuKeys {
             meta: format!("{prefix}meta"),
             used: format!("{prefix}used"),
@@ -55,6 +62,7 @@ impl SkuKeys {
             rlog: format!("{prefix}rlog"),
             churn: format!("{prefix}churn"),
             holds: format!("{prefix}holds"),
+            transfers: format!("{prefix}transfers"),
             prefix,
         }
     }
@@ -83,6 +91,11 @@ impl SkuKeys {
         reservation_id
             .split_once('.')
             .map_or(reservation_id, |(_, tail)| tail)
+    }
+
+    /// The hash tag of these keys: the SKU, or one of its buckets (src/buckets.rs).
+    pub fn tag(&self) -> &str {
+        &self.prefix[4..self.prefix.len() - 2]
     }
 
     /// Layout 1's hash of one reservation (lua/lib.lua): read, and moved into `holds`.

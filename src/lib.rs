@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod auth;
 pub mod batcher;
+pub mod buckets;
 pub mod config;
 pub mod connections;
 pub mod db;

@@ -54,6 +54,9 @@ pub struct Scripts {
     pub mark_changed: Script,
     pub trim_outbox: Script,
     pub probe_keys: Script,
+    pub transfer_take: Script,
+    pub transfer_give: Script,
+    pub transfer_done: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -76,7 +79,14 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     mark_changed: script(include_str!("../lua/mark_changed.lua")),
     trim_outbox: script(include_str!("../lua/trim_outbox.lua")),
     probe_keys: script(include_str!("../lua/probe_keys.lua")),
+    transfer_take: script(include_str!("../lua/transfer_take.lua")),
+    transfer_give: script(include_str!("../lua/transfer_give.lua")),
+    transfer_done: script(include_str!("../lua/transfer_done.lua")),
 });
+
+/// How long after its take a transfer's own caller may still give (src/buckets.rs);
+/// past it only `finish_transfers`, which waits much longer, does.
+pub const TRANSFER_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An invocation of a script that changes a sale, with the sale's keys declared first
 /// (KEYS[1..9], see `SkuKeys::sale`).
@@ -89,7 +99,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 19] {
+fn all_scripts() -> [&'static Script; 22] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -111,6 +121,9 @@ fn all_scripts() -> [&'static Script; 19] {
         &s.mark_changed,
         &s.trim_outbox,
         &s.probe_keys,
+        &s.transfer_take,
+        &s.transfer_give,
+        &s.transfer_done,
     ]
 }
 
@@ -1175,6 +1188,132 @@ impl Store {
         let _: () = conn.hdel(SkuKeys::new(sku).comps, ids).await?;
         let _: () = conn.hdel(COMPENSATION_INDEX, ids).await?;
         Ok(())
+    }
+
+    /// Moves up to `wanted` available units from one bucket of a SKU to another
+    /// (src/buckets.rs): take on the donor, give to the receiver, then the donor's
+    /// record and the receiver's go. Returns the units moved (0: the donor had none).
+    /// Cut short at any step, `finish_transfers` completes it exactly once.
+    pub async fn transfer(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<u64> {
+        let id = crate::ids::random_name();
+        let started = std::time::Instant::now();
+        let taken = self.transfer_take(from, to, &id, wanted).await?;
+        // Past the lease, the give is `finish_transfers`'s alone: never two givers.
+        if taken == 0 || started.elapsed() >= TRANSFER_LEASE {
+            return Ok(0);
+        }
+        if !self.transfer_give(from, to, &id, taken).await? {
+            return Ok(0); // no receiver: the units wait in transit, finish_transfers undoes it
+        }
+        self.transfer_done(from, &format!("out:{id}")).await?;
+        self.transfer_done(to, &format!("in:{id}")).await?;
+        Ok(taken)
+    }
+
+    /// Step 1 of a transfer (lua/transfer_take.lua): the units taken from the donor.
+    pub async fn transfer_take(
+        &self,
+        from: &SkuKeys,
+        to: &SkuKeys,
+        id: &str,
+        wanted: u64,
+    ) -> Result<u64> {
+        Ok(SCRIPTS
+            .transfer_take
+            .key(&from.meta)
+            .key(&from.transfers)
+            .arg(id)
+            .arg(wanted)
+            .arg(to.tag())
+            .invoke_async(&mut self.conn.clone())
+            .await?)
+    }
+
+    /// Step 2 of a transfer (lua/transfer_give.lua): true when the receiver has the
+    /// units (now or before), false when it has no state (the units stay in transit).
+    pub async fn transfer_give(
+        &self,
+        from: &SkuKeys,
+        to: &SkuKeys,
+        id: &str,
+        units: u64,
+    ) -> Result<bool> {
+        let reply: String = SCRIPTS
+            .transfer_give
+            .key(&to.meta)
+            .key(&to.transfers)
+            .arg(id)
+            .arg(units)
+            .arg(from.tag())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply != "missing")
+    }
+
+    /// Steps 3 and 4 of a transfer (lua/transfer_done.lua): `out:<id>` on the donor,
+    /// then `in:<id>` on the receiver.
+    pub async fn transfer_done(&self, bucket: &SkuKeys, record: &str) -> Result<bool> {
+        let dropped: u64 = SCRIPTS
+            .transfer_done
+            .key(&bucket.transfers)
+            .arg(record)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(dropped == 1)
+    }
+
+    /// Finishes the transfers among `buckets` (one SKU's) that were cut short: every
+    /// take older than `older_than` (far more than TRANSFER_LEASE) is given (a give
+    /// already made counts once; to the donor itself when the receiver has no state),
+    /// then its records go; a receiver's record whose take is gone goes too. Returns
+    /// the transfers finished. (What the worker will run for a bucketed SKU.)
+    pub async fn finish_transfers(
+        &self,
+        buckets: &[SkuKeys],
+        older_than: std::time::Duration,
+    ) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let stale = |at: &str| {
+            at.parse::<i64>()
+                .is_ok_and(|at| now_ms - at >= older_than.as_millis() as i64)
+        };
+        let mut finished = 0;
+        for from in buckets {
+            let records: std::collections::HashMap<String, String> =
+                conn.hgetall(&from.transfers).await?;
+            for (field, record) in records {
+                let mut parts = record.splitn(3, ' ');
+                let (Some(units), Some(at), Some(peer)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(bad_reply("transfer record"));
+                };
+                if !stale(at) {
+                    continue;
+                }
+                let peer = SkuKeys::for_tag(peer);
+                if let Some(id) = field.strip_prefix("out:") {
+                    let units: u64 = units.parse().map_err(|_| bad_reply("transfer units"))?;
+                    // A receiver with no state (gone since): the units go back.
+                    let receiver = if self.transfer_give(from, &peer, id, units).await? {
+                        &peer
+                    } else {
+                        self.transfer_give(from, from, id, units).await?;
+                        from
+                    };
+                    self.transfer_done(from, &field).await?;
+                    self.transfer_done(receiver, &format!("in:{id}")).await?;
+                    finished += 1;
+                } else if let Some(id) = field.strip_prefix("in:") {
+                    let taken: bool = conn.hexists(&peer.transfers, format!("out:{id}")).await?;
+                    if !taken {
+                        self.transfer_done(from, &field).await?;
+                    }
+                }
+            }
+        }
+        Ok(finished)
     }
 
     /// Drops the records of reservations whose end MySQL has committed: what keeps an

@@ -566,3 +566,189 @@ async fn keys_that_spell_claim_syntax_replay_only_their_own_hold() {
     }
     assert_eq!(usage.claims.len(), 5, "{usage:?}");
 }
+
+/// Buckets of one SKU for the transfer tests (src/buckets.rs): bucket 0 defined through
+/// the store, the others given their share the way a bucketed definition will.
+async fn buckets_of(sale: &Sale, shares: &[u64]) -> Vec<SkuKeys> {
+    let k = shares.len() as u32;
+    let mut keys = Vec::new();
+    for (b, share) in shares.iter().enumerate() {
+        let bucket = SkuKeys::for_tag(&flashgate::buckets::tag(&sale.sku, b as u32, k));
+        let _: () = redis::cmd("HSET")
+            .arg(&bucket.meta)
+            .arg(&[
+                ("stock_total", share.to_string()),
+                ("available", share.to_string()),
+                ("held", "0".into()),
+                ("sold", "0".into()),
+            ])
+            .query_async(&mut sale.conn())
+            .await
+            .unwrap();
+        keys.push(bucket);
+    }
+    keys
+}
+
+/// (Σ stock_total, Σ units in transit: taken, not yet given) over the buckets; panics
+/// unless every bucket's own equation holds.
+async fn stock_of(sale: &Sale, buckets: &[SkuKeys]) -> (u64, u64) {
+    let mut conn = sale.conn();
+    let (mut total, mut transit) = (0, 0);
+    for bucket in buckets {
+        let m: Vec<u64> = redis::cmd("HMGET")
+            .arg(&bucket.meta)
+            .arg(&["stock_total", "available", "held", "sold"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(m[1] + m[2] + m[3], m[0], "{}: {m:?}", bucket.tag());
+        total += m[0];
+        let records: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&bucket.transfers)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for (field, record) in records {
+            let Some(id) = field.strip_prefix("out:") else {
+                continue;
+            };
+            let mut parts = record.splitn(3, ' ');
+            let units: u64 = parts.next().unwrap().parse().unwrap();
+            let receiver = SkuKeys::for_tag(parts.nth(1).unwrap());
+            let given: bool = redis::cmd("HEXISTS")
+                .arg(&receiver.transfers)
+                .arg(format!("in:{id}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !given {
+                transit += units;
+            }
+        }
+    }
+    (total, transit)
+}
+
+async fn available(sale: &Sale, bucket: &SkuKeys) -> u64 {
+    redis::cmd("HGET")
+        .arg(&bucket.meta)
+        .arg("available")
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap()
+}
+
+/// A transfer is take → give → done (donor) → done (receiver), each one script: the
+/// SKU's stock (Σ stock_total + in transit) is the same after every step, a repeated
+/// step counts once, and a transfer cut after any step is finished exactly once.
+#[tokio::test]
+async fn a_transfer_keeps_the_skus_stock_at_every_step_and_moves_it_once() {
+    let sale = Sale::new("rule-transfer", 1).await;
+    let b = buckets_of(&sale, &[10, 10, 10]).await;
+    let store = &sale.store;
+    assert_eq!(stock_of(&sale, &b).await, (30, 0));
+
+    // Step by step, each step twice.
+    for _ in 0..2 {
+        assert_eq!(store.transfer_take(&b[0], &b[1], "t1", 4).await.unwrap(), 4);
+        assert_eq!(stock_of(&sale, &b).await, (26, 4));
+    }
+    for _ in 0..2 {
+        assert!(store.transfer_give(&b[0], &b[1], "t1", 4).await.unwrap());
+        assert_eq!(stock_of(&sale, &b).await, (30, 0));
+    }
+    assert_eq!(
+        (available(&sale, &b[0]).await, available(&sale, &b[1]).await),
+        (6, 14)
+    );
+    assert!(store.transfer_done(&b[0], "out:t1").await.unwrap());
+    assert!(store.transfer_done(&b[1], "in:t1").await.unwrap());
+    assert_eq!(stock_of(&sale, &b).await, (30, 0));
+
+    // More than the donor has: what it has; from an empty donor: nothing, no record.
+    assert_eq!(store.transfer(&b[0], &b[2], 100).await.unwrap(), 6);
+    assert_eq!(store.transfer(&b[0], &b[2], 1).await.unwrap(), 0);
+    assert_eq!(available(&sale, &b[2]).await, 16);
+
+    // Cut after the take, after the give, after the donor's done: finished once.
+    let now = std::time::Duration::ZERO;
+    store.transfer_take(&b[1], &b[0], "cut-1", 3).await.unwrap();
+    store.transfer_take(&b[2], &b[0], "cut-2", 2).await.unwrap();
+    store.transfer_give(&b[2], &b[0], "cut-2", 2).await.unwrap();
+    store.transfer_take(&b[2], &b[1], "cut-3", 1).await.unwrap();
+    store.transfer_give(&b[2], &b[1], "cut-3", 1).await.unwrap();
+    store.transfer_done(&b[2], "out:cut-3").await.unwrap();
+    assert_eq!(stock_of(&sale, &b).await, (27, 3));
+    assert_eq!(store.finish_transfers(&b, now).await.unwrap(), 2);
+    assert_eq!(stock_of(&sale, &b).await, (30, 0));
+    assert_eq!(store.finish_transfers(&b, now).await.unwrap(), 0, "once");
+    let available_now = [
+        available(&sale, &b[0]).await,
+        available(&sale, &b[1]).await,
+        available(&sale, &b[2]).await,
+    ];
+    assert_eq!(available_now, [5, 12, 13]);
+    for bucket in &b {
+        assert!(
+            !sale.exists(&bucket.transfers).await,
+            "{} kept a record",
+            bucket.tag()
+        );
+    }
+
+    // A receiver with no state: the units wait in transit, then go back to the donor.
+    let gone = SkuKeys::for_tag(&format!("{}~9~0", sale.sku));
+    assert_eq!(store.transfer(&b[1], &gone, 2).await.unwrap(), 0);
+    assert_eq!(stock_of(&sale, &b).await, (28, 2));
+    assert_eq!(store.finish_transfers(&b, now).await.unwrap(), 1);
+    assert_eq!(stock_of(&sale, &b).await, (30, 0));
+    assert_eq!(available(&sale, &b[1]).await, 12);
+}
+
+/// Hundreds of transfers racing between three buckets, with the worker's finishing
+/// pass running alongside: no bucket goes below zero, the SKU's stock never changes,
+/// and nothing stays in transit.
+#[tokio::test]
+async fn racing_transfers_between_buckets_never_make_or_lose_stock() {
+    let sale = Sale::new("rule-transfer-race", 1).await;
+    let b = buckets_of(&sale, &[100, 100, 100]).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(300));
+    let moves = (0..300u64).map(|i| {
+        let (store, b, barrier) = (sale.store.clone(), b.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let (from, to) = ((i % 3) as usize, ((i / 3 + 1 + i % 3) % 3) as usize);
+            barrier.wait().await;
+            if from == to {
+                return 0;
+            }
+            store.transfer(&b[from], &b[to], 1 + i % 7).await.unwrap()
+        })
+    });
+    let finisher = {
+        let (store, b) = (sale.store.clone(), b.clone());
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                store
+                    .finish_transfers(&b, std::time::Duration::from_secs(10))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let moved: u64 = futures::future::join_all(moves)
+        .await
+        .into_iter()
+        .map(|m| m.unwrap())
+        .sum();
+    finisher.await.unwrap();
+    assert!(moved > 0);
+    assert_eq!(stock_of(&sale, &b).await, (300, 0));
+    for bucket in &b {
+        assert!(
+            !sale.exists(&bucket.transfers).await,
+            "{} kept a record",
+            bucket.tag()
+        );
+    }
+}

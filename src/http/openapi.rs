@@ -417,6 +417,7 @@ mod tests {
                     "hold_seconds",
                     "starts_at",
                     "ends_at",
+                    "buckets",
                 ][..],
             ),
             ("ReserveBody", &["quantity"]),
