@@ -82,7 +82,15 @@ impl IdKey {
 
     /// `<base64url(sku)>.<base64url(96 random bits ++ 64-bit MAC)>`: '.' is in neither alphabet.
     pub fn new_reservation_id(&self, sku: &SkuId) -> String {
-        let sku_part = URL_SAFE_NO_PAD.encode(sku.as_str());
+        self.new_reservation_id_in(sku.as_str())
+    }
+
+    /// A reservation id of the sale under hash tag `tag`: the SKU itself, or one of its
+    /// buckets (`sku~b~n`, src/buckets.rs), whose `~b~n` follows the SKU's base64 (so
+    /// the id routes to its bucket with no lookup, and the MAC covers the bucket too).
+    pub fn new_reservation_id_in(&self, tag: &str) -> String {
+        let (sku, bucket) = tag.split_at(tag.find('~').unwrap_or(tag.len()));
+        let sku_part = format!("{}{bucket}", URL_SAFE_NO_PAD.encode(sku));
         let mut bytes = [0u8; RANDOM_BYTES + MAC_BYTES];
         rand::rng().fill_bytes(&mut bytes[..RANDOM_BYTES]);
         let mac = self.mac(&sku_part, &bytes[..RANDOM_BYTES]);
@@ -109,14 +117,35 @@ impl IdKey {
 
 /// The SKU a reservation id belongs to, or None when the id is not one of ours.
 pub fn sku_of_reservation(id: &str) -> Option<SkuId> {
+    tag_of_reservation(id).map(|(sku, _)| sku)
+}
+
+/// The SKU of a reservation id and the hash tag of the sale that holds it: the SKU's
+/// own, or a bucket's (`sku~b~n`, src/buckets.rs). None when the id is not one of ours.
+pub fn tag_of_reservation(id: &str) -> Option<(SkuId, String)> {
     let (sku_part, tail) = id.split_once('.')?;
     if !matches!(tail.len(), TAIL_CHARS | LEGACY_TAIL_CHARS)
         || URL_SAFE_NO_PAD.decode(tail).is_err()
     {
         return None;
     }
-    let sku = URL_SAFE_NO_PAD.decode(sku_part).ok()?;
-    SkuId::parse(std::str::from_utf8(&sku).ok()?)
+    let (encoded, bucket) = sku_part.split_at(sku_part.find('~').unwrap_or(sku_part.len()));
+    if !bucket.is_empty() {
+        let (b, n) = bucket[1..].split_once('~')?;
+        let number =
+            |v: &str| !v.is_empty() && v.len() <= 9 && v.bytes().all(|c| c.is_ascii_digit());
+        let b_ok = number(b)
+            && !b.starts_with('0')
+            && b.parse::<u32>()
+                .is_ok_and(|b| b < crate::buckets::BUCKETS_MAX);
+        if !b_ok || !number(n) || (n.starts_with('0') && n != "0") {
+            return None;
+        }
+    }
+    let sku = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+    let sku = SkuId::parse(std::str::from_utf8(&sku).ok()?)?;
+    let tag = format!("{sku}{bucket}");
+    Some((sku, tag))
 }
 
 /// The one compensation id of a (reservation, payment_ref): the gateway, the flush and
@@ -220,6 +249,30 @@ mod tests {
         let legacy = format!("{head}.{}", URL_SAFE_NO_PAD.encode([7u8; 16]));
         assert_eq!(sku_of_reservation(&legacy), Some(sku));
         assert!(!key().issued(&legacy));
+    }
+
+    #[test]
+    fn bucket_reservation_ids_route_to_their_bucket_and_the_mac_covers_it() {
+        let sku = SkuId::parse("hot").unwrap();
+        let tag = crate::buckets::tag(&sku, 2, 3);
+        let id = key().new_reservation_id_in(&tag);
+        assert_eq!(tag_of_reservation(&id), Some((sku.clone(), tag.clone())));
+        assert_eq!(sku_of_reservation(&id), Some(sku.clone()));
+        assert!(key().issued(&id));
+        // Pointed at another bucket: still routes, never vouched for.
+        let other = id.replacen("~2~", "~1~", 1);
+        assert!(tag_of_reservation(&other).is_some());
+        assert!(!key().issued(&other));
+        let plain = key().new_reservation_id(&sku);
+        assert_eq!(tag_of_reservation(&plain), Some((sku, "hot".to_string())));
+        let (head, tail) = id.split_once('.').unwrap();
+        let base = head.split('~').next().unwrap();
+        for bad in [
+            "~", "~1", "~1~", "~0~3", "~01~3", "~1~03", "~16~0", "~x~1", "~1~1~1",
+        ] {
+            let forged = format!("{base}{bad}.{tail}");
+            assert_eq!(tag_of_reservation(&forged), None, "{forged}");
+        }
     }
 
     #[test]

@@ -752,3 +752,81 @@ async fn racing_transfers_between_buckets_never_make_or_lose_stock() {
         );
     }
 }
+
+/// A bucket (src/buckets.rs) is a whole sale under its own hash tag: the scripts run on
+/// it unchanged, its reservation ids carry the bucket (Lua's and Rust's heads agree),
+/// and its outbox events name the SKU itself.
+#[tokio::test]
+async fn a_bucket_is_a_whole_sale_under_its_own_tag() {
+    let sale = Sale::new("rule-bucket", 2).await;
+    let tag = flashgate::buckets::tag(&sale.sku, 1, 3);
+    let keys = SkuKeys::for_tag(&tag);
+    let defined: Vec<String> = with_sale_keys(&flashgate::store::SCRIPTS.load_sku, &keys)
+        .arg(5)
+        .arg(2)
+        .arg(60_000)
+        .arg("")
+        .arg("")
+        .arg(0)
+        .arg(10)
+        .arg(0)
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(defined[0], "created");
+    let rid = ids::IdKey::derive(common::JWT_SECRET).new_reservation_id_in(&tag);
+    assert_eq!(
+        ids::tag_of_reservation(&rid),
+        Some((sale.sku.clone(), tag.clone()))
+    );
+    let reserve = |rid: String| {
+        let keys = keys.clone();
+        let mut conn = sale.conn();
+        async move {
+            let reply: Vec<String> = with_sale_keys(&flashgate::store::SCRIPTS.reserve, &keys)
+                .key(keys.idempotency("u", "k"))
+                .arg("u")
+                .arg(1)
+                .arg(rid)
+                .arg("k")
+                .arg(1_000)
+                .arg(GRACE_MS)
+                .arg(10)
+                .arg(2)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            reply
+        }
+    };
+    assert_eq!(reserve(rid.clone()).await[0], "created");
+    let replayed = reserve("unused.AAAAAAAAAAAAAAAAAAAAAAAAAAA".into()).await;
+    assert_eq!(
+        (replayed[0].as_str(), replayed[1].as_str()),
+        ("replayed", rid.as_str())
+    );
+    let cancelled: Vec<String> = with_sale_keys(&flashgate::store::SCRIPTS.cancel, &keys)
+        .key(keys.reservation(&rid))
+        .arg(&rid)
+        .arg("")
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(
+        (cancelled[0].as_str(), cancelled[4].as_str()),
+        ("ok", "cancelled")
+    );
+    let events: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&keys.outbox)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    let event = &events.ids[0];
+    assert_eq!(
+        event.get::<String>("sku").as_deref(),
+        Some(sale.sku.as_str())
+    );
+    assert_eq!(event.get::<String>("reservation_id"), Some(rid));
+}
