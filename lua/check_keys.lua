@@ -8,7 +8,7 @@
 -- the other node, and a command on it then fails in the middle of the script, after
 -- some of its writes. Declared keys make the script wait for the migration instead
 -- (TRYAGAIN / ASK before it runs); an index read through redis.pcall (lib.lua
--- read_indexed) is checked by the script itself, before anything that depends on it.
+-- load_hold) is checked by the script itself, before anything that depends on it.
 --
 -- Shadows `redis` with a table that checks each call and then forwards it.
 local redis = (function(real)

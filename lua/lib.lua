@@ -43,7 +43,7 @@
 -- A script that changes a sale declares the first nine keys as KEYS[1..9] (meta used
 -- deadlines uholds outbox comps churn rlog holds, SkuKeys::sale), then its own: on a
 -- cluster, only declared keys are checked before a script runs. Layout-1 hashes found
--- through an index are read with read_indexed.
+-- through an index are read with redis.pcall (load_hold).
 --
 -- Invariant kept by every function below: available + held + sold == stock_total
 -- and available >= 0; a live hold (held|paying) is counted in `held`, in its user's
@@ -110,24 +110,9 @@ local function tail_of(id)
   return dot and string.sub(id, dot + 1) or id
 end
 
--- Reads fields of a layout-1 reservation hash found through an index: a key the
--- script could not declare. Nil when the key is not on this node: on a cluster, the
--- SKU's slot is migrating and this hash already moved. Every caller reads before
--- writing anything that depends on it, and on nil leaves the hold alone (indexed,
--- counted): a later call, after the migration, ends it. (A plain redis.call would
--- fail the script half-way, after some of its writes; lua/check_keys.lua holds every
--- script to this in the tests.)
 -- The error a script answers when the reservation it was called for is a layout-1
 -- hash already moved (redis-rs retries TRYAGAIN).
 local MOVING_REPLY = 'TRYAGAIN a reservation of this SKU is moving to another node'
-
-local function read_indexed(rkey, ...)
-  local r = redis.pcall('HMGET', rkey, ...)
-  if r.err then
-    return nil
-  end
-  return r
-end
 
 -- Hold records ------------------------------------------------------------------------
 
@@ -158,7 +143,12 @@ end
 
 -- The hold a reservation id (or a tail from an index) names: a table; false when there
 -- is none (never made, or ended and forgotten once MySQL had it); nil when it is a
--- layout-1 hash that is not on this node (read_indexed: a cluster slot migrating).
+-- layout-1 hash that is not on this node. Such a hash is a key the script could not
+-- declare: on a cluster whose SKU slot is migrating it may have moved already, so it
+-- is read with redis.pcall before anything that depends on it, and on nil the caller
+-- leaves the hold alone (indexed, counted) for a call after the migration. (A plain
+-- redis.call would fail the script half-way, after some of its writes;
+-- lua/check_keys.lua holds every script to this in the tests.)
 local function load_hold(K, id)
   local tail = tail_of(id)
   local raw = redis.call('HGET', K.holds, tail)

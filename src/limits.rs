@@ -51,9 +51,9 @@ pub const CONSUMER_REAP_IDLE: Duration = Duration::from_secs(600);
 /// Default FLASHGATE_MAX_RELEASED_HOLDS_PER_USER: far above what a real buyer does
 /// (reserve, change their mind, reserve again), far below a reserve → cancel loop.
 pub const MAX_RELEASED_HOLDS_PER_USER: u64 = 20;
-/// Idempotency keys: a week is longer than any client retries. An ended reservation
-/// stays in Redis as long as the key that created it (lib.lua `keep_until`), so a
-/// replay always finds it; MySQL records it for longer.
+/// Idempotency keys: a week is longer than any client retries. A key's claim stays in
+/// its user's usage record that long (lib.lua `keep_until`), so a replay always finds
+/// the reservation (in Redis, or once flushed in MySQL, which records it for longer).
 pub const IDEMPOTENCY_TTL_MAX_SECONDS: u64 = 7 * 86_400;
 /// Admin writes of one SKU wait this long for another's to finish (MySQL GET_LOCK).
 pub const SKU_LOCK_WAIT_SECONDS: u32 = 5;
