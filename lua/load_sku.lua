@@ -7,6 +7,12 @@
 -- ARGV[6] units sold according to MySQL, used only when Redis has no state for the SKU
 -- ARGV[7] most due holds to expire before the check
 -- ARGV[8] '1' to check only (write nothing but the expiry of due holds)
+-- ARGV[9] buckets of the SKU (src/buckets.rs; '1' for an unsplit SKU), kept in meta
+-- ARGV[10] '' to set stock_total to ARGV[1]; else a signed change of this bucket's
+--          stock_total (a bucketed SKU's redefinition: transfers move stock between
+--          buckets, so only a change can be applied, never a total); a bucket with
+--          no state still takes ARGV[1]
+-- ARGV[11] the SKU's stock_total over all its buckets (meta `sku_stock`, for the view)
 --
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
@@ -23,8 +29,11 @@ local stock_total = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 1 then
   expire_due(K, now_ms(), tonumber(ARGV[7]))
 end
-local m = redis.call('HMGET', meta, 'held', 'sold', 'retired')
+local m = redis.call('HMGET', meta, 'held', 'sold', 'retired', 'stock_total')
 local created = not m[2]
+if ARGV[10] ~= '' and m[4] then
+  stock_total = tonumber(m[4]) + tonumber(ARGV[10])
+end
 local reopened = m[3] and true or false
 local held, sold = tonumber(m[1] or '0'), tonumber(m[2] or ARGV[6])
 if stock_total < held + sold then
@@ -34,7 +43,7 @@ local available = stock_total - held - sold
 if ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
     'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
-    'ends_at', ARGV[5])
+    'ends_at', ARGV[5], 'buckets', ARGV[9], 'sku_stock', ARGV[11])
   if created then
     -- A new SKU has no layout-1 keys to look for (lib.lua).
     redis.call('HSET', meta, 'layout', '2')

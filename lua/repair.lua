@@ -4,7 +4,8 @@
 -- adding the difference found at T makes them right now, whatever was sold meanwhile.
 --
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used
--- ARGV[1] stock_total (MySQL, the source of truth)
+-- ARGV[1] stock_total (MySQL, the source of truth); '' keeps the sale's own (a bucket of
+--         a split SKU: its share moves with transfers; the SKU-wide sum is checked apart)
 -- ARGV[2] held correction (live holds at T - held at T)
 -- ARGV[3] sold correction (>= 0: MySQL sold + unflushed confirmations at T - sold at T)
 -- ARGV[4] per_user_limit  ARGV[5] hold_ms  ARGV[6] starts_at ms or ''  ARGV[7] ends_at ms or ''
@@ -34,7 +35,7 @@ if ARGV[8] ~= '' then
     save_usage(K, u, now)
   end
 end
-local stock_total = tonumber(ARGV[1])
+local stock_total = tonumber(ARGV[1] ~= '' and ARGV[1] or redis.call('HGET', meta, 'stock_total'))
 local available = stock_total - held - sold
 local code = 'ok'
 if available < 0 then

@@ -3,13 +3,15 @@
 --
 -- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
 --            outbox comps churn rlog holds
+-- KEYS[10] fg:{sku}:transfers (src/buckets.rs): a bucket with a transfer not finished
+--          does not retire (its units in transit would be lost with it)
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
 -- ARGV[2] ms a retired SKU's meta stays as its tombstone
 --
 -- Reply: {expired_count, holds_still_due, available (false when the SKU has no state),
 --         index entries looked at (expired + stale ones dropped), now_ms,
 --         earliest deadline left (false when none), hold_ms (false when no state),
---         state, ends_at (false when none, or not on sale)}
+--         state, ends_at (false when none, or not on sale), buckets of the SKU}
 --   state: 'open'    the sale can still take holds
 --          'ended'   ends_at passed; holds, unflushed events or compensations remain
 --          'retired' retired (now or earlier): only the tombstone meta is left
@@ -30,12 +32,13 @@ local K = sale_keys()
 local meta, deadlines, outbox = K.meta, K.deadlines, K.outbox
 local now = now_ms()
 local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available', 'rlog_until',
-  'claims_until')
+  'claims_until', 'buckets')
+local buckets = tonumber(m[7] or '1')
 if not m[1] then
-  return { 0, 0, false, 0, now, false, false, 'missing', false }
+  return { 0, 0, false, 0, now, false, false, 'missing', false, 1 }
 end
 if m[3] then
-  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false }
+  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false, buckets }
 end
 
 local expired, examined = expire_due(K, now, tonumber(ARGV[1]))
@@ -74,7 +77,8 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   state = 'ended'
   -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
   local checked = m[5] and now < tonumber(m[5])
-  if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0 and outbox_flushed() then
+  if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0
+      and redis.call('HLEN', KEYS[10]) == 0 and outbox_flushed() then
     redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
     local claims_until = tonumber(m[6] or '0')
     if claims_until > now then
@@ -88,4 +92,4 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   end
 end
 return { expired, still_due, available, examined, now, first[2] or false, m[1], state,
-  m[2] ~= '' and m[2] or false }
+  m[2] ~= '' and m[2] or false, buckets }

@@ -22,4 +22,5 @@ local units = tonumber(ARGV[2])
 redis.call('HSET', meta, 'available', ms(tonumber(m[1]) + units),
   'stock_total', ms(tonumber(m[2]) + units))
 redis.call('HSET', transfers, 'in:' .. id, ms(units) .. ' ' .. ms(now_ms()) .. ' ' .. ARGV[3])
+redis.call('HINCRBY', meta, 'moves', 1) -- as in transfer_take.lua
 return 'given'

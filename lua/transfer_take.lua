@@ -28,4 +28,7 @@ end
 redis.call('HSET', meta, 'available', ms(tonumber(m[1]) - taken),
   'stock_total', ms(tonumber(m[2]) - taken))
 redis.call('HSET', transfers, 'out:' .. id, ms(taken) .. ' ' .. ms(now_ms()) .. ' ' .. ARGV[3])
+-- Counts this bucket's stock moves: a reader of several buckets (lua/bucket_stock.lua)
+-- that sees it unchanged twice knows no transfer touched the bucket in between.
+redis.call('HINCRBY', meta, 'moves', 1)
 return taken

@@ -3,9 +3,10 @@
 //! wait and go together in the next call. No task outlives the work: a SKU's queue is
 //! dropped as soon as it is empty.
 //!
-//! Two kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
-//! order, exactly as single calls would) and, while a SKU's sold-out flag is up, the
-//! idempotency probes that tell a replay from a refusal (one `MGET` per batch).
+//! Three kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
+//! order, exactly as single calls would); while a SKU's sold-out flag is up, the
+//! idempotency probes that tell a replay from a refusal (one script call per batch);
+//! and the reads of a split SKU's buckets when reserves find their home bucket empty.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
-use crate::store::{ReserveOutcome, ReserveRequest, ReserveSettings, Store};
+use crate::store::{BucketState, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
 
 /// What one batch call does: one outcome per request, in order.
 pub trait BatchWork: Send + Sync + 'static {
@@ -138,6 +139,28 @@ impl BatchWork for IdempotencyProbes {
     async fn run(&self, sku: &SkuId, requests: Vec<(String, String)>) -> Vec<Result<bool>> {
         match self.store.idempotency_keys_exist(sku, &requests).await {
             Ok(found) => found.into_iter().map(Ok).collect(),
+            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// Reads of a split SKU's buckets (src/buckets.rs) for reserves whose home bucket ran
+/// dry: every reserve waiting for one shares the next read (one script call per bucket),
+/// so a burst that finds its buckets empty costs Redis a few reads, not one per request.
+/// Request: the SKU's bucket count.
+pub struct BucketReads {
+    pub store: Store,
+}
+
+impl BatchWork for BucketReads {
+    type Request = u32;
+    type Outcome = Vec<BucketState>;
+
+    async fn run(&self, sku: &SkuId, requests: Vec<u32>) -> Vec<Result<Vec<BucketState>>> {
+        let buckets = requests.first().copied().unwrap_or(1);
+        let sales = crate::buckets::sales(sku, buckets);
+        match self.store.bucket_stock(&sales).await {
+            Ok(stock) => requests.iter().map(|_| Ok(stock.clone())).collect(),
             Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
         }
     }

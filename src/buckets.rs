@@ -1,6 +1,6 @@
-//! Stock buckets (issue 13), the pieces built so far: where bucket b of a SKU lives, and
-//! moving stock between buckets. Not wired into the admin API or the reserve path yet
-//! (`buckets` other than 1 is refused: README, "Deviations from the contract").
+//! Stock buckets (issue 13): one hot SKU's stock split over k Redis hash slots, so
+//! over a cluster's primaries, with the per-user limit, idempotency and `sold_out`
+//! exactly as with one.
 //!
 //! A bucket is a complete sale of its share of the stock under its own hash tag:
 //! bucket 0 is `{sku}` itself (so one bucket is today's layout, at today's cost) and
@@ -8,12 +8,20 @@
 //! slot lies in the middle of the ((k-th of bucket 0) + b) mod k-th k-th of the slot
 //! space: on a cluster whose slots are split evenly over k primaries (what
 //! `redis-cli --cluster create` does), the k buckets land on k different primaries.
+//! Inside flashgate a bucket is named by `SkuId::of_tag`: every script, the sweep, the
+//! flush and the reconciler's per-sale checks run on it unchanged.
 //!
-//! A transfer moves stock from a donor bucket to a receiver in steps that are each one
-//! atomic script (lua/transfer_take.lua, transfer_give.lua, transfer_done.lua), so that
-//! at every instant Σ over buckets of stock_total + Σ stock in transit == the SKU's
-//! stock_total, and a transfer cut at any step is finished by `Store::finish_transfers`
-//! exactly once.
+//! - A user's reserves always go to one **home bucket** (`home`): the limit, the
+//!   idempotency key and the user's holds are decided by one atomic script, as with one.
+//! - A reservation id carries its bucket (src/ids.rs): every later call routes by it.
+//! - When the home bucket cannot serve a quantity, stock moves to it from the bucket
+//!   with the most (src/gateway.rs): a **transfer** is steps that are each one atomic
+//!   script (lua/transfer_take.lua, transfer_give.lua, transfer_done.lua), so that at
+//!   every instant Σ over buckets of stock_total + Σ stock in transit == the SKU's
+//!   stock_total; a transfer cut at any step is finished by `Store::finish_transfers`
+//!   (the worker, every sweep pass) exactly once. `sold_out` only once no bucket has
+//!   the quantity.
+//! - MySQL keeps one record per SKU; the number of buckets is fixed at creation.
 
 use crate::ids::SkuId;
 
@@ -48,6 +56,38 @@ pub fn tag(sku: &SkuId, bucket: u32, buckets: u32) -> String {
         .expect("a suffix lands in any arc")
 }
 
+/// The sales (hash tags) of every bucket of a SKU, bucket 0 first.
+pub fn sales(sku: &SkuId, buckets: u32) -> Vec<SkuId> {
+    (0..buckets)
+        .map(|b| SkuId::of_tag(&tag(sku, b, buckets)).expect("bucket tags are valid"))
+        .collect()
+}
+
+/// The bucket a user's reserves of a SKU go to: fixed for (user, SKU, k), spread
+/// evenly over the buckets.
+pub fn home(sku: &SkuId, user_id: &str, buckets: u32) -> u32 {
+    use sha2::{Digest, Sha256};
+    if buckets <= 1 {
+        return 0;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update((user_id.len() as u64).to_be_bytes());
+    hasher.update(user_id.as_bytes());
+    hasher.update(sku.as_str().as_bytes());
+    let digest = hasher.finalize();
+    let word = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    (word % u64::from(buckets)) as u32
+}
+
+/// The stock of each bucket of a new SKU: `stock` split as evenly as it goes, the
+/// first buckets one unit more.
+pub fn split(stock: u64, buckets: u32) -> Vec<u64> {
+    let k = u64::from(buckets.max(1));
+    (0..k)
+        .map(|b| stock / k + u64::from(b < stock % k))
+        .collect()
+}
+
 /// The SKU of a hash tag (`sku` or `sku~b~n`).
 pub fn sku_of_tag(tag: &str) -> &str {
     tag.split_once('~').map_or(tag, |(sku, _)| sku)
@@ -63,6 +103,32 @@ mod tests {
         assert_eq!(slot("foo"), 12182);
         assert_eq!(slot("bar"), 5061);
         assert_eq!(slot("123456789"), 12739);
+    }
+
+    #[test]
+    fn stock_splits_whole_and_users_spread_over_their_homes() {
+        assert_eq!(split(10, 3), vec![4, 3, 3]);
+        assert_eq!(split(2, 4), vec![1, 1, 0, 0]);
+        assert_eq!(split(7, 1), vec![7]);
+        let sku = SkuId::parse("hot").unwrap();
+        let mut homes = [0u32; 4];
+        for u in 0..4_000 {
+            let h = home(&sku, &format!("user-{u}"), 4);
+            assert_eq!(
+                h,
+                home(&sku, &format!("user-{u}"), 4),
+                "the same home every time"
+            );
+            homes[h as usize] += 1;
+        }
+        assert!(
+            homes.iter().all(|&n| (800..1_200).contains(&n)),
+            "{homes:?}"
+        );
+        assert_eq!(home(&sku, "anyone", 1), 0);
+        let sales = sales(&sku, 3);
+        assert_eq!(sales[0], sku);
+        assert!(sales[1..].iter().all(|s| s.is_bucket() && s.sku() == sku));
     }
 
     #[test]

@@ -42,8 +42,9 @@ pub async fn upsert_sku(
     definition: &SkuDefinition,
 ) -> Result<u64> {
     sqlx::query(
-        "INSERT INTO skus (sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at)
-         VALUES (?, ?, ?, ?, ?, ?)
+        "INSERT INTO skus (sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at,
+           buckets)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE stock_total = VALUES(stock_total),
            per_user_limit = VALUES(per_user_limit), hold_seconds = VALUES(hold_seconds),
            starts_at = VALUES(starts_at), ends_at = VALUES(ends_at)",
@@ -54,6 +55,7 @@ pub async fn upsert_sku(
     .bind(definition.hold_seconds)
     .bind(definition.starts_at_ms.map(ms_to_datetime))
     .bind(definition.ends_at_ms.map(ms_to_datetime))
+    .bind(definition.buckets)
     .execute(&mut **tx)
     .await?;
     let sold: u64 = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
@@ -139,7 +141,7 @@ pub struct SkuRecord {
 
 pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -150,7 +152,7 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
 
 pub async fn sku_record_in(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -171,6 +173,7 @@ fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
             ends_at_ms: row
                 .try_get::<Option<NaiveDateTime>, _>("ends_at")?
                 .map(datetime_to_ms),
+            buckets: row.try_get("buckets")?,
         },
         sold: row.try_get("sold")?,
     })
@@ -675,7 +678,7 @@ pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, M
 /// no admin write of it applies meanwhile (both lock the same row first).
 pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ? FOR UPDATE",
     )
     .bind(sku.as_str())
@@ -684,19 +687,48 @@ pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<
     row.map(|row| sku_record_from_row(&row)).transpose()
 }
 
-/// Units of the SKU MySQL records as sold: (all of them, those confirmed before `before_ms`).
+/// The sales a query counts: all of a SKU's, or those one bucket of a split SKU made
+/// (src/buckets.rs; a reservation id's head names its bucket, src/ids.rs).
+#[derive(Debug, Clone)]
+pub struct SalesOf {
+    pub sku: SkuId,
+    /// Reservation ids start with this ('' for all of the SKU's).
+    head: String,
+}
+
+impl SalesOf {
+    pub fn sku(sku: &SkuId) -> SalesOf {
+        SalesOf {
+            sku: sku.sku(),
+            head: String::new(),
+        }
+    }
+
+    /// One bucket's sales (bucket 0's too: its ids' head is the SKU's base64 alone).
+    pub fn bucket(sale: &SkuId) -> SalesOf {
+        SalesOf {
+            sku: sale.sku(),
+            head: format!("{}.", crate::ids::reservation_head(sale.as_str())),
+        }
+    }
+}
+
+/// Units MySQL records as sold: (all of them, those confirmed before `before_ms`).
 pub async fn sales_totals(
     conn: &mut MySqlConnection,
-    sku: &SkuId,
+    of: &SalesOf,
     before_ms: i64,
 ) -> Result<(u64, u64)> {
+    // LEFT(.., 0) = '' for all of them; not LIKE: '_' is in base64url.
     let (total, before): (i64, i64) = sqlx::query_as(
         "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED),
                 CAST(COALESCE(SUM(CASE WHEN confirmed_at < ? THEN quantity ELSE 0 END), 0) AS SIGNED)
-         FROM sales WHERE sku = ?",
+         FROM sales WHERE sku = ? AND LEFT(reservation_id, ?) = ?",
     )
     .bind(ms_to_datetime(before_ms))
-    .bind(sku.as_str())
+    .bind(of.sku.as_str())
+    .bind(of.head.len() as u64)
+    .bind(&of.head)
     .fetch_one(&mut *conn)
     .await?;
     Ok((total.max(0) as u64, before.max(0) as u64))
@@ -733,18 +765,44 @@ pub async fn sold_per_user(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Ve
     .await?)
 }
 
+/// Units MySQL records as sold per sale of a split SKU (src/buckets.rs): a sale's
+/// reservation ids name its bucket, so the head of the id (before '.') says where
+/// each sale was made. Returns (hash tag, units); the unsplit SKU's heads give its id.
+pub async fn sold_per_bucket(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+) -> Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT SUBSTRING_INDEX(reservation_id, '.', 1) AS head,
+                CAST(SUM(quantity) AS SIGNED)
+         FROM sales WHERE sku = ? GROUP BY head",
+    )
+    .bind(sku.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(head, units)| {
+            let bucket = head.find('~').map_or("", |at| &head[at..]);
+            (format!("{sku}{bucket}"), units.max(0) as u64)
+        })
+        .collect())
+}
+
 /// Units each user bought in sales confirmed before `before_ms` (the reconciler's
 /// instant: later sales were still holds then).
 pub async fn sold_per_user_before(
     conn: &mut MySqlConnection,
-    sku: &SkuId,
+    of: &SalesOf,
     before_ms: i64,
 ) -> Result<Vec<(String, i64)>> {
     Ok(sqlx::query_as(
         "SELECT user_id, CAST(SUM(quantity) AS SIGNED) FROM sales
-         WHERE sku = ? AND confirmed_at < ? GROUP BY user_id",
+         WHERE sku = ? AND LEFT(reservation_id, ?) = ? AND confirmed_at < ? GROUP BY user_id",
     )
-    .bind(sku.as_str())
+    .bind(of.sku.as_str())
+    .bind(of.head.len() as u64)
+    .bind(&of.head)
     .bind(ms_to_datetime(before_ms))
     .fetch_all(&mut *conn)
     .await?)

@@ -6,20 +6,34 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, IdempotencyProbes, Reserves};
+use crate::batcher::{Batcher, BucketReads, IdempotencyProbes, Reserves};
+use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
+use crate::keys::SkuKeys;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
 };
 use crate::sold_out::SoldOutFlags;
 use crate::store::{
-    ConfirmOutcome, Loaded, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+    BucketStock, ConfirmOutcome, Loaded, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
 };
 use crate::telemetry;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How long a reserve whose home bucket ran dry waits for stock in transit to land
+/// somewhere before it may answer `sold_out` (src/buckets.rs).
+const TRANSFER_WAIT: Duration = Duration::from_millis(20);
+/// Rounds of (read the buckets, transfer, reserve again) a reserve makes at most.
+/// (Reads that find too little stock anywhere are not rounds: they end in `sold_out`
+/// within TRANSFER_WAIT.)
+const TRANSFER_ROUNDS: usize = 8;
+/// SKUs whose bucket count a gateway remembers; past it the memory starts over.
+const BUCKET_COUNTS_MAX: usize = 65_536;
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -29,11 +43,15 @@ pub struct Gateway {
     sold_out: Arc<SoldOutFlags>,
     reserves: Arc<Batcher<Reserves>>,
     replay_probes: Arc<Batcher<IdempotencyProbes>>,
+    bucket_reads: Arc<Batcher<BucketReads>>,
+    /// SKU -> its buckets (fixed when the SKU is created, so never stale).
+    bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
 }
 
-/// A reservation id that is not ours is simply not found.
-fn sku_of(reservation_id: &str) -> Result<SkuId> {
-    ids::sku_of_reservation(reservation_id).ok_or(Error::Refused(Refusal::NotFound))
+/// The sale (the SKU, or its bucket) holding a reservation id; an id that is not
+/// ours is simply not found.
+fn sale_of(reservation_id: &str) -> Result<SkuId> {
+    ids::sale_of_reservation(reservation_id).ok_or(Error::Refused(Refusal::NotFound))
 }
 
 impl Gateway {
@@ -49,6 +67,9 @@ impl Gateway {
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
         }));
+        let bucket_reads = Arc::new(Batcher::new(BucketReads {
+            store: store.clone(),
+        }));
         Gateway {
             store,
             db,
@@ -56,7 +77,34 @@ impl Gateway {
             sold_out: Default::default(),
             reserves,
             replay_probes,
+            bucket_reads,
+            bucket_counts: Default::default(),
         }
+    }
+
+    /// The buckets a SKU is split over: from memory, else from Redis (1 for a SKU
+    /// Redis has no sale for: its reserve answers why).
+    async fn bucket_count(&self, sku: &SkuId) -> Result<u32> {
+        if let Some(&k) = self
+            .bucket_counts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sku)
+        {
+            return Ok(k);
+        }
+        let Some(k) = self.store.bucket_count(sku).await? else {
+            return Ok(1);
+        };
+        let mut counts = self
+            .bucket_counts
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if counts.len() >= BUCKET_COUNTS_MAX {
+            counts.clear();
+        }
+        counts.insert(sku.clone(), k);
+        Ok(k)
     }
 
     /// Returns the reservation and whether it is an idempotent replay.
@@ -67,12 +115,20 @@ impl Gateway {
         quantity: u64,
         idempotency_key: &str,
     ) -> Result<(Reservation, bool)> {
+        // A user's reserves of a SKU always go to one bucket: the limit and the key
+        // are decided there, in one script, as for an unsplit SKU.
+        let k = self.bucket_count(sku).await?;
+        let home = buckets::home(sku, user_id, k);
+        let sale = match k {
+            1 => sku.clone(),
+            _ => buckets::sales(sku, k).swap_remove(home as usize),
+        };
         // The flag spares the script, not the replay: a key that created a hold
         // still gets its reservation back. The probes of a burst share one MGET.
         if self.sold_out.is_sold_out(sku, quantity)
             && !self
                 .replay_probes
-                .submit(sku, (user_id.to_owned(), idempotency_key.to_owned()))
+                .submit(&sale, (user_id.to_owned(), idempotency_key.to_owned()))
                 .await?
         {
             return Err(Error::Refused(Refusal::SoldOut));
@@ -81,9 +137,15 @@ impl Gateway {
             user_id: user_id.to_owned(),
             quantity,
             idempotency_key: idempotency_key.to_owned(),
-            reservation_id: self.settings.id_key.new_reservation_id(sku),
+            reservation_id: self.settings.id_key.new_reservation_id_in(sale.as_str()),
         };
-        let outcome = match self.reserves.submit(sku, request).await {
+        let outcome = match self.reserves.submit(&sale, request.clone()).await {
+            Err(Error::Refused(Refusal::SoldOut)) if k > 1 => {
+                self.reserve_with_transfer(sku, k, home, request).await
+            }
+            other => other,
+        };
+        let outcome = match outcome {
             Err(Error::Refused(Refusal::SoldOut)) => {
                 self.sold_out.raise(sku, quantity);
                 Err(Error::Refused(Refusal::SoldOut))
@@ -111,15 +173,99 @@ impl Gateway {
         })
     }
 
+    /// The user's home bucket cannot serve the quantity: stock moves to it from the
+    /// bucket with the most, and the reserve runs again. `sold_out` only once the
+    /// buckets together have less than the quantity with nothing in transit, in two
+    /// reads between which no transfer touched any bucket (the buckets are read one by
+    /// one: a transfer finishing between the reads of its receiver and its donor would
+    /// hide its units from one read, never from two such); or once transit did not
+    /// land within TRANSFER_WAIT. Stock left elsewhere after TRANSFER_ROUNDS (other
+    /// reserves took each transfer first) is an honest 503: nothing was held, a retry
+    /// with the same key is safe.
+    async fn reserve_with_transfer(
+        &self,
+        sku: &SkuId,
+        k: u32,
+        home: u32,
+        request: ReserveRequest,
+    ) -> Result<ReserveOutcome> {
+        let started = Instant::now();
+        let sales = buckets::sales(sku, k);
+        let home = home as usize;
+        let quantity = request.quantity;
+        let mut short_before: Option<Vec<u64>> = None;
+        let mut rounds = 0;
+        while rounds < TRANSFER_ROUNDS {
+            let stock = self.bucket_reads.submit(sku, k).await?;
+            let total: u64 = stock.iter().map(|b| b.available).sum();
+            if total < quantity {
+                let in_transit = stock.iter().any(|b| b.transfers > 0);
+                let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
+                let settled = short_before.as_ref() == Some(&moves);
+                let waited = started.elapsed();
+                // Short in every read for 10 waits, transfers or not: sold out.
+                if settled && (!in_transit || waited >= TRANSFER_WAIT)
+                    || waited >= 10 * TRANSFER_WAIT
+                {
+                    telemetry::bucket_transfer_wait(started.elapsed(), "sold_out");
+                    return Err(Error::Refused(Refusal::SoldOut));
+                }
+                if in_transit {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                short_before = Some(moves);
+                continue;
+            }
+            short_before = None;
+            rounds += 1;
+            let have = stock[home].available;
+            if have < quantity {
+                let (donor, most) = stock
+                    .iter()
+                    .enumerate()
+                    .filter(|(b, _)| *b != home)
+                    .map(|(b, state)| (b, state.available))
+                    .max_by_key(|(_, available)| *available)
+                    .expect("k > 1");
+                // Half of what the donor has, never less than this reserve needs: the
+                // home bucket serves its next users too, and the donor keeps serving its own.
+                let wanted = (quantity - have).max(most.div_ceil(2)).min(most);
+                let moved = self
+                    .store
+                    .transfer(
+                        &SkuKeys::new(&sales[donor]),
+                        &SkuKeys::new(&sales[home]),
+                        wanted,
+                    )
+                    .await?;
+                telemetry::bucket_transfer(moved);
+            }
+            match self.reserves.submit(&sales[home], request.clone()).await {
+                Err(Error::Refused(Refusal::SoldOut)) => continue,
+                outcome => {
+                    telemetry::bucket_transfer_wait(started.elapsed(), "served");
+                    return outcome;
+                }
+            }
+        }
+        telemetry::bucket_transfer_wait(started.elapsed(), "gave_up");
+        Err(Error::unavailable(
+            "stock is left in other buckets of this SKU but moving it lost every race; \
+             retry with the same Idempotency-Key",
+            crate::error::Outcome::NotApplied,
+        ))
+    }
+
     /// A confirm that cannot become a sale answers `RefundRequired`: the compensation
     /// exists before the answer leaves (in Redis, readable by id, and in the outbox; or
     /// in MySQL for a reservation Redis no longer has).
     pub async fn confirm(&self, reservation_id: &str, payment_ref: &str) -> Result<Reservation> {
-        let sku = sku_of(reservation_id)?;
+        let sale = sale_of(reservation_id)?;
+        let sku = sale.sku();
         let compensation_id = ids::compensation_id(reservation_id, payment_ref);
         let outcome = match self
             .store
-            .confirm(&sku, reservation_id, payment_ref, &compensation_id)
+            .confirm(&sale, reservation_id, payment_ref, &compensation_id)
             .await
         {
             Err(Error::Refused(Refusal::NotFound)) => {
@@ -133,7 +279,9 @@ impl Gateway {
             compensation_id, ..
         } = &outcome
         {
-            self.store.index_compensation(compensation_id, &sku).await?;
+            self.store
+                .index_compensation(compensation_id, &sale)
+                .await?;
         }
         match outcome {
             ConfirmOutcome::Confirmed(t) => {
@@ -240,10 +388,10 @@ impl Gateway {
     }
 
     pub async fn cancel(&self, reservation_id: &str, caller: &Caller) -> Result<Reservation> {
-        let sku = sku_of(reservation_id)?;
+        let sale = sale_of(reservation_id)?;
         let t = match self
             .store
-            .cancel(&sku, reservation_id, caller.user_id())
+            .cancel(&sale, reservation_id, caller.user_id())
             .await
         {
             // Ended long ago: cancelling it again changes nothing, as in Redis.
@@ -257,7 +405,7 @@ impl Gateway {
             other => other?,
         };
         if t.changed {
-            self.sold_out.lower(&sku);
+            self.sold_out.lower(&sale.sku());
             telemetry::transition(t.reservation.status.as_str());
         }
         Ok(t.reservation)
@@ -268,11 +416,11 @@ impl Gateway {
         reservation_id: &str,
         payment_ref: &str,
     ) -> Result<Reservation> {
-        let sku = sku_of(reservation_id)?;
+        let sale = sale_of(reservation_id)?;
         let grace_ms = self.settings.payment_grace.as_millis() as u64;
         let t = match self
             .store
-            .payment_pending(&sku, reservation_id, payment_ref, grace_ms)
+            .payment_pending(&sale, reservation_id, payment_ref, grace_ms)
             .await
         {
             // No money has arrived: say why it must not be taken, record nothing.
@@ -298,8 +446,8 @@ impl Gateway {
 
     /// Another user's reservation is not found, exactly like a missing one.
     pub async fn reservation(&self, reservation_id: &str, caller: &Caller) -> Result<Reservation> {
-        let sku = sku_of(reservation_id)?;
-        let r = match self.store.reservation(&sku, reservation_id).await {
+        let sale = sale_of(reservation_id)?;
+        let r = match self.store.reservation(&sale, reservation_id).await {
             Err(Error::Refused(Refusal::NotFound)) => self.forgotten(reservation_id).await?,
             other => other?,
         };
@@ -309,7 +457,7 @@ impl Gateway {
     /// From Redis while the SKU is on sale (or its retirement's tombstone is there),
     /// else from MySQL's record: a retired SKU has no holds, and MySQL has every sale.
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
-        match self.store.sku(sku).await {
+        match self.sale_views(sku).await {
             Err(Error::Refused(Refusal::NotFound)) => {
                 let record = db::sku_record(&self.db, sku)
                     .await?
@@ -329,6 +477,36 @@ impl Gateway {
             }
             other => other,
         }
+    }
+
+    /// The SKU's view from Redis: a split SKU's is the sum of its buckets', with the
+    /// units in transit between them counted as available (they are on their way to
+    /// a bucket that sells them).
+    async fn sale_views(&self, sku: &SkuId) -> Result<Sku> {
+        let k = self.bucket_count(sku).await?;
+        if k == 1 {
+            return self.store.sku(sku).await;
+        }
+        let views = buckets::sales(sku, k)
+            .into_iter()
+            .map(|sale| async move { self.store.sale_view(&sale).await });
+        let views = futures::future::join_all(views).await;
+        let mut views = views.into_iter();
+        let (mut sum, sku_stock) = views.next().expect("bucket 0")?;
+        for view in views {
+            match view {
+                Ok((bucket, _)) => {
+                    sum.held += bucket.held;
+                    sum.sold += bucket.sold;
+                }
+                // Retired and its tombstone gone before bucket 0's: nothing held.
+                Err(Error::Refused(Refusal::NotFound)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sum.stock_total = sku_stock.unwrap_or(sum.stock_total);
+        sum.available = sum.stock_total.saturating_sub(sum.held + sum.sold);
+        Ok(sum)
     }
 
     /// Why a reserve found no sale in Redis: `ended` for a SKU MySQL records as ended
@@ -375,11 +553,22 @@ impl Gateway {
         sku: &SkuId,
         definition: &SkuDefinition,
     ) -> Result<Sku> {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         // A plain read: the named lock keeps other admin writes of the SKU out, and a
         // locking read of a row not there yet would take gap locks that deadlock
         // concurrent inserts of other new SKUs.
-        let previous = db::sku_record_in(&mut tx, sku).await?;
+        let previous = db::sku_record_in(&mut *conn, sku).await?;
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.definition.buckets != definition.buckets)
+        {
+            return Err(Error::Refused(Refusal::BucketsChanged));
+        }
+        if definition.buckets > 1 {
+            return self
+                .define_buckets_locked(conn, sku, definition, previous)
+                .await;
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
@@ -405,6 +594,102 @@ impl Gateway {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `define_sku_locked` for a SKU split over buckets. Each bucket is loaded with the
+    /// same terms; the stock goes as a change, never as a total (transfers move stock
+    /// between buckets at any time): a new SKU's stock is split evenly; more stock
+    /// later goes to bucket 0 (transfers carry it on); less is taken from the buckets
+    /// with the most available. A bucket Redis has no state for (a new SKU, a data
+    /// loss) starts with what MySQL records it sold plus its share of the rest.
+    async fn define_buckets_locked(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+        previous: Option<db::SkuRecord>,
+    ) -> Result<Sku> {
+        let k = definition.buckets;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let sales = buckets::sales(sku, k);
+        let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
+        if definition.stock_total < sold_in_mysql {
+            return Err(Error::Refused(Refusal::StockBelowCommitted));
+        }
+        let sold: HashMap<String, u64> = db::sold_per_bucket(&mut tx, sku)
+            .await?
+            .into_iter()
+            .collect();
+        let sold: Vec<u64> = sales
+            .iter()
+            .map(|s| sold.get(s.as_str()).copied().unwrap_or(0))
+            .collect();
+        let fresh = buckets::split(definition.stock_total - sold.iter().sum::<u64>(), k);
+        let changes = match &previous {
+            None => vec![0; k as usize],
+            Some(p) => {
+                let stock = self.bucket_reads.submit(sku, k).await?;
+                let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
+                stock_changes(
+                    definition.stock_total as i64 - p.definition.stock_total as i64,
+                    &available,
+                )
+                .ok_or(Error::Refused(Refusal::StockBelowCommitted))?
+            }
+        };
+        let plan: Vec<BucketStock> = (0..k as usize)
+            .map(|b| BucketStock {
+                if_new: sold[b] + fresh[b],
+                change: Some(changes[b]),
+            })
+            .collect();
+        for (b, sale) in sales.iter().enumerate() {
+            self.store
+                .check_bucket(sale, definition, &plan[b], sold[b])
+                .await?;
+        }
+        tx.commit().await?;
+        let mut usage_gone = false;
+        for (b, sale) in sales.iter().enumerate() {
+            match self
+                .store
+                .load_bucket(sale, definition, &plan[b], sold[b])
+                .await
+            {
+                Ok(Loaded::Created) => usage_gone |= sold[b] > 0,
+                Ok(Loaded::Reopened) => usage_gone = true,
+                Ok(Loaded::Updated) => {}
+                Err(refused @ Error::Refused(_)) => {
+                    // Reserves took the stock a decrease counted on: the buckets done
+                    // get their stock and terms back, then MySQL its definition.
+                    if let Some(p) = &previous {
+                        for (done, sale) in sales.iter().enumerate().take(b) {
+                            let back = BucketStock {
+                                if_new: plan[done].if_new,
+                                change: Some(-changes[done]),
+                            };
+                            self.store
+                                .load_bucket(sale, &p.definition, &back, sold[done])
+                                .await?;
+                        }
+                    }
+                    db::restore_sku(&mut *conn, sku, previous.as_ref()).await?;
+                    return Err(refused);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if usage_gone {
+            // Its buyers' limits must still count what they bought, in their home bucket.
+            let mut bought: Vec<Vec<(String, i64)>> = vec![Vec::new(); k as usize];
+            for (user, units) in db::sold_per_user(&mut *conn, sku).await? {
+                bought[buckets::home(sku, &user, k) as usize].push((user, units));
+            }
+            for (sale, bought) in sales.iter().zip(&bought) {
+                self.store.restore_usage(sale, bought).await?;
+            }
+        }
+        self.sale_views(sku).await
     }
 
     /// Oldest first: MySQL's record, merged with the compensations still waiting in
@@ -479,6 +764,26 @@ enum Recorded {
     /// Issued by this deployment (its MAC holds) and recorded nowhere: Redis lost the
     /// hold before anything about it reached MySQL.
     Lost,
+}
+
+/// How a change of a split SKU's stock is spread over its buckets: an increase goes
+/// to bucket 0; a decrease comes from the buckets with the most available. None when
+/// the buckets together have less available than the decrease.
+fn stock_changes(change: i64, available: &[u64]) -> Option<Vec<i64>> {
+    let mut changes = vec![0i64; available.len()];
+    if change >= 0 {
+        changes[0] = change;
+        return Some(changes);
+    }
+    let mut left = change.unsigned_abs();
+    let mut richest: Vec<usize> = (0..available.len()).collect();
+    richest.sort_by_key(|&b| std::cmp::Reverse(available[b]));
+    for b in richest {
+        let taken = left.min(available[b]);
+        changes[b] = -(taken as i64);
+        left -= taken;
+    }
+    (left == 0).then_some(changes)
 }
 
 /// Another user's reservation is not found, exactly like a missing one.

@@ -22,6 +22,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use crate::auth::{Authenticator, Caller};
+use crate::buckets;
 use crate::error::{self, Error};
 use crate::gateway::Gateway;
 use crate::ids::SkuId;
@@ -231,7 +232,8 @@ fn refusal_status(refusal: Refusal) -> StatusCode {
         | Refusal::PaymentInProgress
         | Refusal::ReservationExpired
         | Refusal::ReservationCancelled
-        | Refusal::StockBelowCommitted => StatusCode::CONFLICT,
+        | Refusal::StockBelowCommitted
+        | Refusal::BucketsChanged => StatusCode::CONFLICT,
     }
 }
 
@@ -250,6 +252,9 @@ fn refusal_detail(refusal: Refusal) -> &'static str {
         Refusal::ReservationExpired => "the reservation has expired",
         Refusal::ReservationCancelled => "the reservation was cancelled",
         Refusal::StockBelowCommitted => "the new stock is below the units held and sold",
+        Refusal::BucketsChanged => {
+            "a SKU keeps the number of buckets it was created with; define a new SKU instead"
+        }
     }
 }
 
@@ -589,10 +594,11 @@ struct DefineSku {
     /// End of the sale, after `starts_at`; absent or null: no end.
     #[schema(format = DateTime, pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
     ends_at: Option<String>,
-    /// Redis hash slots the SKU's stock is split over. This gateway keeps every SKU in
-    /// one (README, "Deviations from the contract"): any other value is refused.
+    /// Redis hash slots the SKU's stock is split over (so over a cluster's primaries),
+    /// 1..=16; fixed when the SKU is created (another value later: 409
+    /// `buckets_changed`). More than one is for a SKU hotter than one Redis core.
     #[serde(default = "DefineSku::default_buckets")]
-    #[schema(default = 1, minimum = 1, maximum = 1)]
+    #[schema(default = 1, minimum = 1, maximum = 16)]
     buckets: u64,
 }
 
@@ -610,14 +616,6 @@ impl DefineSku {
     }
 
     fn definition(self) -> Result<SkuDefinition, Problem> {
-        if self.buckets != 1 {
-            // Refused rather than ignored: an operator asking for buckets must not get a
-            // SKU that silently runs on one Redis core.
-            return Err(Problem::invalid(
-                "`buckets` must be 1: this gateway does not split a SKU's stock over \
-                 several hash slots yet",
-            ));
-        }
         let definition = SkuDefinition {
             stock_total: within("stock", self.stock, 0..=limits::STOCK_MAX)?,
             per_user_limit: within("per_user_limit", self.per_user_limit, 1..=u32::MAX as u64)?,
@@ -628,6 +626,7 @@ impl DefineSku {
             )?,
             starts_at_ms: timestamp("starts_at", self.starts_at.as_deref())?,
             ends_at_ms: timestamp("ends_at", self.ends_at.as_deref())?,
+            buckets: within("buckets", self.buckets, 1..=u64::from(buckets::BUCKETS_MAX))? as u32,
         };
         if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
             if ends <= starts {

@@ -38,9 +38,44 @@ impl SkuId {
         valid.then(|| SkuId(raw.to_owned()))
     }
 
+    /// The sale under a hash tag: a SKU (`sku`) or one bucket of a SKU (`sku~b~n`,
+    /// src/buckets.rs). Redis-side code (store, worker, reconciler) names a bucket this
+    /// way, since a bucket is a whole sale of its share; clients only ever name SKUs
+    /// (`parse` refuses '~').
+    pub fn of_tag(tag: &str) -> Option<SkuId> {
+        let (sku, bucket) = tag.split_at(tag.find('~').unwrap_or(tag.len()));
+        let sku = SkuId::parse(sku)?;
+        if bucket.is_empty() {
+            return Some(sku);
+        }
+        let (b, n) = bucket[1..].split_once('~')?;
+        valid_bucket_suffix(b, n).then(|| SkuId(tag.to_owned()))
+    }
+
+    /// The SKU this sale belongs to: itself, or the SKU of a bucket.
+    pub fn sku(&self) -> SkuId {
+        SkuId(crate::buckets::sku_of_tag(&self.0).to_owned())
+    }
+
+    /// True when this names one bucket of a SKU split over several (not bucket 0,
+    /// whose tag is the SKU's own).
+    pub fn is_bucket(&self) -> bool {
+        self.0.contains('~')
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// `b` and `n` of a bucket tag `sku~b~n`: decimal, no leading zeros, b in 1..BUCKETS_MAX.
+fn valid_bucket_suffix(b: &str, n: &str) -> bool {
+    let number = |v: &str| !v.is_empty() && v.len() <= 9 && v.bytes().all(|c| c.is_ascii_digit());
+    let b_ok = number(b)
+        && !b.starts_with('0')
+        && b.parse::<u32>()
+            .is_ok_and(|b| b < crate::buckets::BUCKETS_MAX);
+    b_ok && number(n) && !(n.starts_with('0') && n != "0")
 }
 
 impl fmt::Display for SkuId {
@@ -89,8 +124,7 @@ impl IdKey {
     /// buckets (`sku~b~n`, src/buckets.rs), whose `~b~n` follows the SKU's base64 (so
     /// the id routes to its bucket with no lookup, and the MAC covers the bucket too).
     pub fn new_reservation_id_in(&self, tag: &str) -> String {
-        let (sku, bucket) = tag.split_at(tag.find('~').unwrap_or(tag.len()));
-        let sku_part = format!("{}{bucket}", URL_SAFE_NO_PAD.encode(sku));
+        let sku_part = reservation_head(tag);
         let mut bytes = [0u8; RANDOM_BYTES + MAC_BYTES];
         rand::rng().fill_bytes(&mut bytes[..RANDOM_BYTES]);
         let mac = self.mac(&sku_part, &bytes[..RANDOM_BYTES]);
@@ -115,6 +149,13 @@ impl IdKey {
     }
 }
 
+/// What every reservation id of the sale under hash tag `tag` starts with, before its
+/// '.': the SKU's base64, then the bucket's `~b~n` for a bucket (src/buckets.rs).
+pub fn reservation_head(tag: &str) -> String {
+    let (sku, bucket) = tag.split_at(tag.find('~').unwrap_or(tag.len()));
+    format!("{}{bucket}", URL_SAFE_NO_PAD.encode(sku))
+}
+
 /// The SKU a reservation id belongs to, or None when the id is not one of ours.
 pub fn sku_of_reservation(id: &str) -> Option<SkuId> {
     tag_of_reservation(id).map(|(sku, _)| sku)
@@ -132,13 +173,7 @@ pub fn tag_of_reservation(id: &str) -> Option<(SkuId, String)> {
     let (encoded, bucket) = sku_part.split_at(sku_part.find('~').unwrap_or(sku_part.len()));
     if !bucket.is_empty() {
         let (b, n) = bucket[1..].split_once('~')?;
-        let number =
-            |v: &str| !v.is_empty() && v.len() <= 9 && v.bytes().all(|c| c.is_ascii_digit());
-        let b_ok = number(b)
-            && !b.starts_with('0')
-            && b.parse::<u32>()
-                .is_ok_and(|b| b < crate::buckets::BUCKETS_MAX);
-        if !b_ok || !number(n) || (n.starts_with('0') && n != "0") {
+        if !valid_bucket_suffix(b, n) {
             return None;
         }
     }
@@ -146,6 +181,11 @@ pub fn tag_of_reservation(id: &str) -> Option<(SkuId, String)> {
     let sku = SkuId::parse(std::str::from_utf8(&sku).ok()?)?;
     let tag = format!("{sku}{bucket}");
     Some((sku, tag))
+}
+
+/// The sale (the SKU, or the bucket of it: `SkuId::of_tag`) holding a reservation id.
+pub fn sale_of_reservation(id: &str) -> Option<SkuId> {
+    tag_of_reservation(id).and_then(|(_, tag)| SkuId::of_tag(&tag))
 }
 
 /// The one compensation id of a (reservation, payment_ref): the gateway, the flush and

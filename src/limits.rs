@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+/// A transfer between buckets this old and not finished was cut short (its gateway
+/// stopped between steps; the gateway's own lease is 1 s): the worker finishes it.
+pub const TRANSFER_STALE: Duration = Duration::from_secs(5);
+
 /// SKU ids are part of every Redis key of the SKU and of reservation ids (contract).
 pub const SKU_ID_MAX_LEN: usize = 64;
 /// JWT `sub` is the user id; it is stored in MySQL `VARCHAR(64)` columns (contract).

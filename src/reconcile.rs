@@ -645,13 +645,14 @@ pub async fn run(
     repair: bool,
 ) -> Result<ReconcileReport> {
     let skus: Vec<SkuId> = match only {
-        Some(sku) => vec![sku.clone()],
+        Some(sku) => vec![sku.sku()],
         None => {
+            // A split SKU's buckets are indexed one by one: each SKU is checked once.
             let mut all: HashSet<String> = store
                 .sku_ids()
                 .await?
                 .into_iter()
-                .map(|s| s.to_string())
+                .map(|s| s.sku().to_string())
                 .collect();
             all.extend(db::open_sku_ids(pool, chrono::Utc::now().timestamp_millis()).await?);
             let mut all: Vec<SkuId> = all.iter().filter_map(|s| SkuId::parse(s)).collect();
@@ -711,47 +712,188 @@ pub async fn run_skus(
     Ok(report)
 }
 
-/// Checks (and repairs) one SKU inside one MySQL transaction holding the SKU's row lock.
+/// What one check covers: a SKU, or one bucket of a SKU split over several
+/// (src/buckets.rs). A bucket is checked as a sale of its own against the MySQL sales
+/// it made (its reservation ids name it); what only the whole SKU has (its stock_total,
+/// skus.sold, compensations after a rollback) is checked once per SKU.
+struct Scope {
+    sku: SkuId,
+    sale: SkuId,
+    sales: db::SalesOf,
+    buckets: u32,
+}
+
+impl Scope {
+    fn whole(sku: &SkuId) -> Scope {
+        Scope {
+            sku: sku.clone(),
+            sale: sku.clone(),
+            sales: db::SalesOf::sku(sku),
+            buckets: 1,
+        }
+    }
+
+    fn bucket(sale: &SkuId, buckets: u32) -> Scope {
+        Scope {
+            sku: sale.sku(),
+            sale: sale.clone(),
+            sales: db::SalesOf::bucket(sale),
+            buckets,
+        }
+    }
+
+    fn split(&self) -> bool {
+        self.buckets > 1
+    }
+
+    /// The check that also covers what belongs to the whole SKU (bucket 0's).
+    fn first(&self) -> bool {
+        self.sale == self.sku
+    }
+}
+
 /// Checks (and repairs) one SKU: Redis first, read in slices at one instant T while
 /// sales go on (no MySQL lock held meanwhile: a big SKU takes a while), then MySQL in
 /// one transaction that locks the SKU's row, comparing what MySQL records before T.
 /// Sales flushed after T are filtered by their `confirmed_at`; no outbox entry after T
 /// is trimmed while the check runs (lua/trim_outbox.lua), and one before T trimmed
-/// before it was read was committed to MySQL before it was trimmed.
+/// before it was read was committed to MySQL before it was trimmed. A split SKU is
+/// checked bucket by bucket, then its stock over all buckets.
 async fn reconcile_sku(
     store: &Store,
     pool: &MySqlPool,
     sku: &SkuId,
     repair: bool,
 ) -> Result<Vec<Finding>> {
+    // Fixed at creation: MySQL's word, else what Redis says (a SKU MySQL lacks).
+    let buckets = match db::sku_record(pool, sku).await? {
+        Some(record) => record.definition.buckets,
+        None => store.bucket_count(sku).await?.unwrap_or(1),
+    };
+    if buckets <= 1 {
+        return reconcile_sale(store, pool, &Scope::whole(sku), repair).await;
+    }
+    let mut findings = Vec::new();
+    for sale in crate::buckets::sales(sku, buckets) {
+        let scope = Scope::bucket(&sale, buckets);
+        findings.extend(reconcile_sale(store, pool, &scope, repair).await?);
+    }
+    findings.extend(check_split_stock(store, pool, sku, buckets, repair).await?);
+    Ok(findings)
+}
+
+async fn reconcile_sale(
+    store: &Store,
+    pool: &MySqlPool,
+    scope: &Scope,
+    repair: bool,
+) -> Result<Vec<Finding>> {
     // Retired: the sweep found nothing in Redis MySQL lacks, and dropped the rest.
-    if store.is_retired(sku).await? {
+    if store.is_retired(&scope.sale).await? {
         return Ok(Vec::new());
     }
-    let snap = snapshot(store, sku).await?;
+    let snap = snapshot(store, &scope.sale).await?;
     let mut conn = pool.acquire().await?;
     let mut tx = db::begin_check(&mut conn).await?;
-    let findings = check_sku(store, &mut tx, sku, snap, repair).await?;
+    let findings = check_sku(store, &mut tx, scope, snap, repair).await?;
     tx.commit().await?;
     Ok(findings)
+}
+
+/// Readings of a split SKU's stock taken before drift is called: the buckets are read
+/// one after another, so a transfer running meanwhile can make one reading look off.
+const SPLIT_STOCK_READINGS: usize = 5;
+
+/// A split SKU's stock over all its buckets: Σ stock_total + in transit == MySQL's
+/// stock_total. Drift only when every reading agrees on it; the repair changes bucket
+/// 0's stock_total by the difference (transfers spread it), never below its committed
+/// units.
+async fn check_split_stock(
+    store: &Store,
+    pool: &MySqlPool,
+    sku: &SkuId,
+    buckets: u32,
+    repair: bool,
+) -> Result<Vec<Finding>> {
+    let Some(record) = db::sku_record(pool, sku).await? else {
+        return Ok(Vec::new());
+    };
+    let sales = crate::buckets::sales(sku, buckets);
+    let mut readings = Vec::new();
+    for reading in 0..SPLIT_STOCK_READINGS {
+        if reading > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (stock, in_transit) = store.split_stock(&sales).await?;
+        if stock.iter().all(Option::is_none) {
+            return Ok(Vec::new()); // retired everywhere: nothing left to sell
+        }
+        let held: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
+        if held == record.definition.stock_total {
+            return Ok(Vec::new());
+        }
+        readings.push((stock, in_transit, held));
+    }
+    let (stock, in_transit, held) = readings.pop().expect("readings");
+    let change = record.definition.stock_total as i64 - held as i64;
+    let mut finding = Finding {
+        sku: sku.to_string(),
+        kind: "stock_total_mismatch",
+        detail: format!(
+            "the buckets' stock_total {stock:?} + {in_transit} in transit add up to {held}, \
+             MySQL stock_total {}",
+            record.definition.stock_total
+        ),
+        before: format!("stock_total={held}"),
+        after: None,
+        repaired: false,
+    };
+    if repair {
+        let fix = crate::store::BucketStock {
+            if_new: 0,
+            change: Some(change),
+        };
+        let bucket_0 = match stock[0] {
+            Some(_) => {
+                store
+                    .check_bucket(&sales[0], &record.definition, &fix, 0)
+                    .await
+            }
+            None => Err(Error::Refused(crate::reservation::Refusal::NotFound)),
+        };
+        match bucket_0 {
+            Ok(()) => {
+                store
+                    .load_bucket(&sales[0], &record.definition, &fix, 0)
+                    .await?;
+                finding.after = Some(format!("stock_total={}", record.definition.stock_total));
+                finding.repaired = true;
+            }
+            Err(Error::Refused(_)) => {
+                finding.detail += "; not repaired: bucket 0 lacks the units (or its state)";
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(vec![finding])
 }
 
 async fn check_sku(
     store: &Store,
     tx: &mut MySqlConnection,
-    sku: &SkuId,
+    scope: &Scope,
     snap: Option<Snapshot>,
     repair: bool,
 ) -> Result<Vec<Finding>> {
-    let record = db::lock_sku_record(tx, sku).await?;
+    let record = db::lock_sku_record(tx, &scope.sku).await?;
     match (snap, record) {
         // Indexed in Redis but defined nowhere: nothing to compare.
         (None, None) => Ok(Vec::new()),
         // Its sale is over and Redis has nothing of it: retired (the tombstone expired),
         // and nothing can be sold under it again until an admin PUT reopens it.
         (None, Some(record)) if sale_over(&record) => Ok(Vec::new()),
-        (None, Some(record)) => restore_missing(store, tx, sku, &record, repair).await,
-        (Some(snap), record) => compare(store, tx, sku, snap, record, repair).await,
+        (None, Some(record)) => restore_missing(store, tx, scope, &record, repair).await,
+        (Some(snap), record) => compare(store, tx, scope, snap, record, repair).await,
     }
 }
 
@@ -763,14 +905,17 @@ fn sale_over(record: &SkuRecord) -> bool {
 }
 
 /// Redis lost the SKU (a restart without persistence, a wipe): rebuild it from MySQL,
-/// with every unit MySQL records as sold counted as sold, so none is sold twice.
+/// with every unit MySQL records as sold counted as sold, so none is sold twice. A
+/// lost bucket of a split SKU gets the units its sales took plus whatever of the SKU's
+/// stock the other buckets (and transfers) do not hold.
 async fn restore_missing(
     store: &Store,
     tx: &mut MySqlConnection,
-    sku: &SkuId,
+    scope: &Scope,
     record: &SkuRecord,
     repair: bool,
 ) -> Result<Vec<Finding>> {
+    let sku = &scope.sale;
     let mut finding = Finding {
         sku: sku.to_string(),
         kind: "redis_state_missing",
@@ -783,13 +928,37 @@ async fn restore_missing(
         repaired: false,
     };
     if repair {
-        let (sold, _) = db::sales_totals(tx, sku, 0).await?;
-        store.load_sku(sku, &record.definition, sold).await?;
-        store
-            .restore_usage(sku, &db::sold_per_user(tx, sku).await?)
-            .await?;
-        if sold != record.sold {
-            db::set_sold(tx, sku, sold).await?;
+        let (sold, _) = db::sales_totals(tx, &scope.sales, 0).await?;
+        let bought = db::sold_per_user(tx, &scope.sku).await?;
+        if scope.split() {
+            let sales = crate::buckets::sales(&scope.sku, scope.buckets);
+            let (stock, in_transit) = store.split_stock(&sales).await?;
+            let elsewhere: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
+            let stock = crate::store::BucketStock {
+                if_new: sold
+                    + record
+                        .definition
+                        .stock_total
+                        .saturating_sub(elsewhere + sold),
+                change: None,
+            };
+            store
+                .load_bucket(sku, &record.definition, &stock, sold)
+                .await?;
+            let home: Vec<(String, i64)> = bought
+                .into_iter()
+                .filter(|(user, _)| {
+                    let b = crate::buckets::home(&scope.sku, user, scope.buckets);
+                    sales[b as usize] == *sku
+                })
+                .collect();
+            store.restore_usage(sku, &home).await?;
+        } else {
+            store.load_sku(sku, &record.definition, sold).await?;
+            store.restore_usage(sku, &bought).await?;
+            if sold != record.sold {
+                db::set_sold(tx, sku, sold).await?;
+            }
         }
         // Only the counters may be gone (a partial loss): count the holds that
         // survived and the confirmations still waiting in the outbox.
@@ -799,15 +968,15 @@ async fn restore_missing(
                 fix.held = live - snap.held;
             }
             if let Some(confirms) = &snap.outbox_confirms {
-                let expected = expected_sold(tx, sku, &snap, confirms).await?;
+                let expected = expected_sold(tx, &scope.sales, &snap, confirms).await?;
                 fix.sold = (expected.total as i64 - snap.sold).max(0);
                 if let (Some(used), Some(live)) = (&snap.used, &snap.live_per_user) {
-                    let per_user = sold_per_user(tx, sku, &expected).await?;
+                    let per_user = sold_per_user(tx, &scope.sales, &expected).await?;
                     fix.used = used_corrections(&used_drift(used, live, &per_user));
                 }
             }
         }
-        let (code, after) = repair_counters(store, sku, &record.definition, &fix).await?;
+        let (code, after) = repair_counters(store, scope, &record.definition, &fix).await?;
         finding.after = Some(after.clone());
         finding.repaired = true;
         if code == "overcommitted" {
@@ -820,11 +989,12 @@ async fn restore_missing(
 async fn compare(
     store: &Store,
     tx: &mut MySqlConnection,
-    sku: &SkuId,
+    scope: &Scope,
     snap: Snapshot,
     record: Option<SkuRecord>,
     repair: bool,
 ) -> Result<Vec<Finding>> {
+    let sku = &scope.sale;
     let mut findings = Vec::new();
     let mut finding = |kind: &'static str, detail: String| {
         findings.push(Finding {
@@ -870,7 +1040,8 @@ async fn compare(
         );
         return Ok(findings);
     };
-    if record.definition.stock_total as i64 != snap.stock_total {
+    // A bucket's share moves with transfers: the SKU's sum is checked apart.
+    if !scope.split() && record.definition.stock_total as i64 != snap.stock_total {
         finding(
             "stock_total_mismatch",
             format!("MySQL stock_total {}", record.definition.stock_total),
@@ -887,7 +1058,10 @@ async fn compare(
             ),
         );
     }
-    let rollbacks = db::open_flush_compensations(tx, sku).await?;
+    let rollbacks = match scope.first() {
+        true => db::open_flush_compensations(tx, &scope.sku).await?,
+        false => Vec::new(),
+    };
     if !rollbacks.is_empty() {
         let ids: Vec<&str> = rollbacks.iter().map(|c| c.id.as_str()).take(10).collect();
         finding(
@@ -902,9 +1076,9 @@ async fn compare(
     }
     // One MySQL snapshot for all of this (REPEATABLE READ; and the row lock keeps
     // flushes of this SKU out until the check is done).
-    let (mysql_sold, _) = db::sales_totals(tx, sku, snap.now_ms).await?;
+    let (mysql_sold, _) = db::sales_totals(tx, &db::SalesOf::sku(&scope.sku), snap.now_ms).await?;
     let mut mysql_sold_fix = None;
-    if mysql_sold != record.sold {
+    if scope.first() && mysql_sold != record.sold {
         finding(
             "mysql_sold_mismatch",
             format!(
@@ -920,11 +1094,11 @@ async fn compare(
     };
     match &snap.outbox_confirms {
         Some(confirms) => {
-            let breakdown = expected_sold(tx, sku, &snap, confirms).await?;
+            let breakdown = expected_sold(tx, &scope.sales, &snap, confirms).await?;
             let (sold_before_snapshot, unflushed) = (breakdown.recorded, breakdown.unflushed);
             let expected = breakdown.total as i64;
             fix.sold = (expected - snap.sold).max(0);
-            let per_user = sold_per_user(tx, sku, &breakdown).await?;
+            let per_user = sold_per_user(tx, &scope.sales, &breakdown).await?;
             match (&snap.used, &snap.live_per_user) {
                 (Some(used), Some(live)) => {
                     let drift = used_drift(used, live, &per_user);
@@ -989,9 +1163,9 @@ async fn compare(
             }
         }
     }
-    let (code, after) = repair_counters(store, sku, &record.definition, &fix).await?;
+    let (code, after) = repair_counters(store, scope, &record.definition, &fix).await?;
     if let Some(sold) = mysql_sold_fix {
-        db::set_sold(tx, sku, sold).await?;
+        db::set_sold(tx, &scope.sku, sold).await?;
     }
     for f in findings.iter_mut().filter(|f| !f.is_unknown()) {
         f.after = Some(after.clone());
@@ -1032,11 +1206,11 @@ struct ExpectedSold {
 
 async fn expected_sold(
     tx: &mut MySqlConnection,
-    sku: &SkuId,
+    sales: &db::SalesOf,
     snap: &Snapshot,
     outbox_confirms: &[(String, i64, String)],
 ) -> Result<ExpectedSold> {
-    let (_, sold_before) = db::sales_totals(tx, sku, snap.now_ms).await?;
+    let (_, sold_before) = db::sales_totals(tx, sales, snap.now_ms).await?;
     let rids: Vec<&str> = outbox_confirms
         .iter()
         .map(|(rid, _, _)| rid.as_str())
@@ -1063,10 +1237,10 @@ async fn expected_sold(
 /// SKU's row lock no flush commits, so MySQL's sales are exactly those before T.)
 async fn sold_per_user(
     tx: &mut MySqlConnection,
-    sku: &SkuId,
+    sales: &db::SalesOf,
     expected: &ExpectedSold,
 ) -> Result<HashMap<String, i64>> {
-    let mut per_user: HashMap<String, i64> = db::sold_per_user_before(tx, sku, expected.at_ms)
+    let mut per_user: HashMap<String, i64> = db::sold_per_user_before(tx, sales, expected.at_ms)
         .await?
         .into_iter()
         .collect();
@@ -1136,10 +1310,11 @@ fn used_corrections(drift: &[(String, i64, i64)]) -> HashMap<String, i64> {
 /// Terms and stock_total from MySQL's definition; counters and `used` corrected by `fix`.
 async fn repair_counters(
     store: &Store,
-    sku: &SkuId,
+    scope: &Scope,
     definition: &SkuDefinition,
     fix: &Corrections,
 ) -> Result<(String, String)> {
+    let sku = &scope.sale;
     let keys = SkuKeys::new(sku);
     let mut conn = store.connection();
     let used = if fix.used.is_empty() {
@@ -1152,7 +1327,10 @@ async fn repair_counters(
     invocation
         .key(&keys.meta)
         .key(&keys.used)
-        .arg(definition.stock_total)
+        .arg(match scope.split() {
+            true => String::new(),
+            false => definition.stock_total.to_string(),
+        })
         .arg(fix.held)
         .arg(fix.sold);
     for term in terms_of(definition) {

@@ -72,6 +72,8 @@ pub struct SkuDefinition {
     pub hold_seconds: u64,
     pub starts_at_ms: Option<i64>,
     pub ends_at_ms: Option<i64>,
+    /// Redis hash slots the stock is split over (src/buckets.rs); fixed at creation.
+    pub buckets: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -129,10 +131,12 @@ pub enum Refusal {
     ReservationExpired,
     ReservationCancelled,
     StockBelowCommitted,
+    /// An admin PUT asked a defined SKU for another number of buckets.
+    BucketsChanged,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::NotFound,
         Refusal::SoldOut,
         Refusal::LimitExceeded,
@@ -144,6 +148,7 @@ impl Refusal {
         Refusal::ReservationExpired,
         Refusal::ReservationCancelled,
         Refusal::StockBelowCommitted,
+        Refusal::BucketsChanged,
     ];
 
     pub fn code(self) -> &'static str {
@@ -159,6 +164,7 @@ impl Refusal {
             Refusal::ReservationExpired => "reservation_expired",
             Refusal::ReservationCancelled => "reservation_cancelled",
             Refusal::StockBelowCommitted => "stock_below_committed",
+            Refusal::BucketsChanged => "buckets_changed",
         }
     }
 
@@ -176,6 +182,7 @@ impl Refusal {
             "reservation_expired" => Refusal::ReservationExpired,
             "reservation_cancelled" => Refusal::ReservationCancelled,
             "stock_below_committed" => Refusal::StockBelowCommitted,
+            "buckets_changed" => Refusal::BucketsChanged,
             _ => return None,
         })
     }

@@ -57,6 +57,7 @@ pub struct Scripts {
     pub transfer_take: Script,
     pub transfer_give: Script,
     pub transfer_done: Script,
+    pub bucket_stock: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -82,6 +83,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     transfer_take: script(include_str!("../lua/transfer_take.lua")),
     transfer_give: script(include_str!("../lua/transfer_give.lua")),
     transfer_done: script(include_str!("../lua/transfer_done.lua")),
+    bucket_stock: script(include_str!("../lua/bucket_stock.lua")),
 });
 
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
@@ -99,7 +101,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 22] {
+fn all_scripts() -> [&'static Script; 23] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -124,6 +126,7 @@ fn all_scripts() -> [&'static Script; 22] {
         &s.transfer_take,
         &s.transfer_give,
         &s.transfer_done,
+        &s.bucket_stock,
     ]
 }
 
@@ -459,6 +462,9 @@ pub struct Swept {
     pub state: SaleState,
     /// When the sale ends, if it does: the SKU may retire from then on.
     pub ends_at_ms: Option<i64>,
+    /// Buckets of the SKU (src/buckets.rs): above 1, the worker also finishes the
+    /// sale's transfers cut short.
+    pub buckets: u32,
 }
 
 /// Where a SKU is in its life cycle, as the sweep found it (lua/sweep.lua).
@@ -511,6 +517,38 @@ impl OutboxHints {
 pub struct OutboxEntry {
     pub stream_id: String,
     pub fields: StreamId,
+}
+
+/// One bucket of a split SKU as a reserve looking for stock reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketState {
+    /// Units available (0 when the bucket has no state).
+    pub available: u64,
+    /// Transfers to or from it not finished (units may be in transit).
+    pub transfers: u64,
+    /// Transfers that ever took from or gave to it: the same count in two reads means
+    /// no transfer touched it in between.
+    pub moves: u64,
+}
+
+/// How much of a SKU's stock one sale (the SKU, or one of its buckets) takes in a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketStock {
+    /// Its stock_total when Redis has no state for it (and the total when `change` is None).
+    pub if_new: u64,
+    /// When it has state: change its stock_total by this much instead of setting it
+    /// (a bucketed SKU: transfers move stock between buckets, so only a change applies).
+    pub change: Option<i64>,
+}
+
+impl BucketStock {
+    /// An unsplit SKU: its stock_total is the definition's.
+    pub fn whole(definition: &SkuDefinition) -> BucketStock {
+        BucketStock {
+            if_new: definition.stock_total,
+            change: None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -666,7 +704,7 @@ impl Store {
         invocation
             .key(keys.reservation(reservation_id))
             .arg(reservation_id)
-            .arg(sku.as_str())
+            .arg(sku.sku().as_str())
             .arg(payment_ref)
             .arg(new_compensation_id);
         let reply: Vec<String> = match &self.replicated {
@@ -766,6 +804,7 @@ impl Store {
             hold_ms,
             state,
             ends_at,
+            buckets,
         ): (
             u64,
             u64,
@@ -776,7 +815,9 @@ impl Store {
             Option<i64>,
             String,
             Option<i64>,
+            u32,
         ) = with_sale_keys(&SCRIPTS.sweep, &keys)
+            .key(&keys.transfers)
             .arg(limits::SWEEP_BATCH)
             .arg(limits::RETIRED_SKU_TOMBSTONE.as_millis() as u64)
             .invoke_async(&mut conn)
@@ -796,6 +837,7 @@ impl Store {
                 .map(|f| f as i64),
             hold_ms,
             ends_at_ms: ends_at,
+            buckets,
             state: match state.as_str() {
                 "open" => SaleState::Open,
                 "ended" => SaleState::Ended,
@@ -843,7 +885,7 @@ impl Store {
         let raw: Vec<String> = conn
             .zrangebyscore(SKU_CHANGES, format!("({since}"), "+inf")
             .await?;
-        Ok(raw.iter().filter_map(|s| SkuId::parse(s)).collect())
+        Ok(raw.iter().filter_map(|s| SkuId::of_tag(s)).collect())
     }
 
     /// Takes a SKU the sweep retired out of the index. An admin PUT may have put it
@@ -918,16 +960,32 @@ impl Store {
         definition: &SkuDefinition,
         sold_in_mysql: u64,
     ) -> Result<(Sku, Loaded)> {
+        let stock = BucketStock::whole(definition);
+        let loaded = self
+            .load_bucket(sku, definition, &stock, sold_in_mysql)
+            .await?;
+        Ok((self.sku(sku).await?, loaded))
+    }
+
+    /// Creates or redefines one sale: a whole SKU, or one bucket of a split one
+    /// (`stock` says how much of the SKU's stock is its own).
+    pub async fn load_bucket(
+        &self,
+        sale: &SkuId,
+        definition: &SkuDefinition,
+        stock: &BucketStock,
+        sold_in_mysql: u64,
+    ) -> Result<Loaded> {
         // Indexed first: a SKU that exists must never be missed by the sweeper (its
         // full re-reads of the index find it even if this write stops half-way).
-        self.index_quietly(sku).await?;
+        self.index_quietly(sale).await?;
         let loaded = self
-            .run_load_sku(sku, definition, sold_in_mysql, false)
+            .run_load_sku(sale, definition, stock, sold_in_mysql, false)
             .await?;
-        self.ensure_outbox_group(sku).await?;
+        self.ensure_outbox_group(sale).await?;
         // Its terms are in place now: workers plan its visits under them.
-        self.mark_changed(sku).await?;
-        Ok((self.sku(sku).await?, loaded))
+        self.mark_changed(sale).await?;
+        Ok(loaded)
     }
 
     /// Whether Redis would take this definition (`stock_below_committed` otherwise);
@@ -938,22 +996,36 @@ impl Store {
         definition: &SkuDefinition,
         sold_in_mysql: u64,
     ) -> Result<()> {
-        self.run_load_sku(sku, definition, sold_in_mysql, true)
+        let stock = BucketStock::whole(definition);
+        self.check_bucket(sku, definition, &stock, sold_in_mysql)
+            .await
+    }
+
+    /// `check_sku` for one sale (a SKU or one of its buckets).
+    pub async fn check_bucket(
+        &self,
+        sale: &SkuId,
+        definition: &SkuDefinition,
+        stock: &BucketStock,
+        sold_in_mysql: u64,
+    ) -> Result<()> {
+        self.run_load_sku(sale, definition, stock, sold_in_mysql, true)
             .await
             .map(drop)
     }
 
     async fn run_load_sku(
         &self,
-        sku: &SkuId,
+        sale: &SkuId,
         definition: &SkuDefinition,
+        stock: &BucketStock,
         sold_in_mysql: u64,
         check_only: bool,
     ) -> Result<Loaded> {
-        let keys = SkuKeys::new(sku);
+        let keys = SkuKeys::new(sale);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.load_sku, &keys)
-            .arg(definition.stock_total)
+            .arg(stock.if_new)
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)
             .arg(optional_ms(definition.starts_at_ms))
@@ -961,6 +1033,9 @@ impl Store {
             .arg(sold_in_mysql)
             .arg(limits::SWEEP_BATCH)
             .arg(if check_only { "1" } else { "0" })
+            .arg(definition.buckets)
+            .arg(stock.change.map_or(String::new(), |c| c.to_string()))
+            .arg(definition.stock_total)
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -983,7 +1058,13 @@ impl Store {
     }
 
     pub async fn sku(&self, sku: &SkuId) -> Result<Sku> {
-        let keys = SkuKeys::new(sku);
+        Ok(self.sale_view(sku).await?.0)
+    }
+
+    /// One sale's view (its own counters: a bucket's share) and, for a bucket, its
+    /// SKU's stock_total over every bucket (`sku_stock`, set by every load).
+    pub async fn sale_view(&self, sale: &SkuId) -> Result<(Sku, Option<u64>)> {
+        let keys = SkuKeys::new(sale);
         let mut conn = self.conn.clone();
         // Holds past their deadline count for nothing: the script expires them first.
         let fields: Vec<Option<String>> = with_sale_keys(&SCRIPTS.sku_view, &keys)
@@ -993,13 +1074,13 @@ impl Store {
         if fields.is_empty() {
             return Err(Error::Refused(Refusal::NotFound));
         }
-        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends)] =
-            <[Option<String>; 8]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
+        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends), sku_stock] =
+            <[Option<String>; 9]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
         else {
             return Err(Error::Refused(Refusal::NotFound));
         };
-        Ok(Sku {
-            sku: sku.to_string(),
+        let sku = Sku {
+            sku: sale.sku().to_string(),
             stock_total: number(&stock_total)?,
             available: number(&available)?,
             held: number(&held)?,
@@ -1008,13 +1089,88 @@ impl Store {
             hold_seconds: number(&hold_ms)? / 1000,
             starts_at_ms: parse_optional_ms(&starts)?,
             ends_at_ms: parse_optional_ms(&ends)?,
-        })
+        };
+        Ok((sku, sku_stock.as_deref().map(number).transpose()?))
+    }
+
+    /// The buckets a SKU is split over, from its bucket 0 (the SKU's own tag): None
+    /// when Redis has no sale for it; 1 for a SKU defined before buckets existed.
+    pub async fn bucket_count(&self, sku: &SkuId) -> Result<Option<u32>> {
+        let mut conn = self.conn.clone();
+        let (stock_total, buckets): (Option<String>, Option<u32>) = redis::cmd("HMGET")
+            .arg(SkuKeys::new(sku).meta)
+            .arg("stock_total")
+            .arg("buckets")
+            .query_async(&mut conn)
+            .await?;
+        Ok(stock_total.map(|_| buckets.unwrap_or(1)))
+    }
+
+    /// For each of these sales (buckets of one SKU): what lua/bucket_stock.lua reads
+    /// (holds past their deadline expired first). One script call each, concurrently
+    /// (the buckets are in different slots).
+    pub async fn bucket_stock(&self, sales: &[SkuId]) -> Result<Vec<BucketState>> {
+        let reads = sales.iter().map(|sale| {
+            let mut conn = self.conn.clone();
+            let keys = SkuKeys::new(sale);
+            async move {
+                let (available, transfers, moves): (u64, u64, u64) =
+                    with_sale_keys(&SCRIPTS.bucket_stock, &keys)
+                        .key(&keys.transfers)
+                        .arg(limits::RESERVE_RECLAIM_BATCH)
+                        .invoke_async(&mut conn)
+                        .await?;
+                Ok::<_, Error>(BucketState {
+                    available,
+                    transfers,
+                    moves,
+                })
+            }
+        });
+        futures::future::try_join_all(reads).await
+    }
+
+    /// A split SKU's stock as its buckets hold it: each bucket's stock_total (None: no
+    /// state) and the units in transit (taken from a donor, not yet given to the
+    /// receiver). Σ stock_total + in transit is the SKU's stock. Not one instant (the
+    /// buckets are in different slots): a transfer running meanwhile may show.
+    pub async fn split_stock(&self, sales: &[SkuId]) -> Result<(Vec<Option<u64>>, u64)> {
+        let reads = sales.iter().map(|sale| {
+            let mut conn = self.conn.clone();
+            let keys = SkuKeys::new(sale);
+            async move {
+                let read: (Option<u64>, std::collections::HashMap<String, String>) = redis::pipe()
+                    .hget(&keys.meta, "stock_total")
+                    .hgetall(&keys.transfers)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, Error>(read)
+            }
+        });
+        let reads = futures::future::try_join_all(reads).await?;
+        let given: std::collections::HashSet<&str> = reads
+            .iter()
+            .flat_map(|(_, records)| records.keys())
+            .filter_map(|field| field.strip_prefix("in:"))
+            .collect();
+        let mut in_transit = 0;
+        for (_, records) in &reads {
+            for (field, record) in records {
+                if let Some(id) = field.strip_prefix("out:") {
+                    if !given.contains(id) {
+                        let units = record.split(' ').next().and_then(|u| u.parse::<u64>().ok());
+                        in_transit += units.ok_or_else(|| bad_reply("transfer record"))?;
+                    }
+                }
+            }
+        }
+        Ok((reads.iter().map(|(stock, _)| *stock).collect(), in_transit))
     }
 
     pub async fn sku_ids(&self) -> Result<Vec<SkuId>> {
         let mut conn = self.conn.clone();
         let raw: Vec<String> = conn.smembers(SKU_INDEX).await?;
-        Ok(raw.iter().filter_map(|s| SkuId::parse(s)).collect())
+        Ok(raw.iter().filter_map(|s| SkuId::of_tag(s)).collect())
     }
 
     pub async fn ensure_outbox_group(&self, sku: &SkuId) -> Result<()> {
@@ -1109,7 +1265,7 @@ impl Store {
     pub async fn pending_compensation(&self, id: &str) -> Result<Option<Compensation>> {
         let mut conn = self.conn.clone();
         let sku: Option<String> = conn.hget(COMPENSATION_INDEX, id).await?;
-        let Some(sku) = sku.as_deref().and_then(SkuId::parse) else {
+        let Some(sku) = sku.as_deref().and_then(SkuId::of_tag) else {
             return Ok(None);
         };
         let raw: Option<String> = conn.hget(SkuKeys::new(&sku).comps, id).await?;
@@ -1128,7 +1284,7 @@ impl Store {
         }
         let mut found = Vec::new();
         for (sku, ids) in by_sku {
-            let Some(sku) = SkuId::parse(&sku) else {
+            let Some(sku) = SkuId::of_tag(&sku) else {
                 continue;
             };
             let raw: Vec<Option<String>> = redis::cmd("HMGET")
@@ -1158,7 +1314,7 @@ impl Store {
     pub async fn resolve_pending_compensation(&self, id: &str) -> Result<Option<Compensation>> {
         let mut conn = self.conn.clone();
         let sku: Option<String> = conn.hget(COMPENSATION_INDEX, id).await?;
-        let Some(sku) = sku.as_deref().and_then(SkuId::parse) else {
+        let Some(sku) = sku.as_deref().and_then(SkuId::of_tag) else {
             return Ok(None);
         };
         let keys = SkuKeys::new(&sku);
@@ -1352,7 +1508,7 @@ fn parse_compensation(sku: &SkuId, id: &str, raw: &str) -> Result<Compensation> 
     Ok(Compensation {
         id: id.to_owned(),
         reservation_id: rid.clone(),
-        sku: sku.to_string(),
+        sku: sku.sku().to_string(),
         user_id: user.clone(),
         quantity: number(quantity)?,
         payment_ref: payment_ref.clone(),
@@ -1420,7 +1576,7 @@ fn reserve_outcome(
             };
             Ok(ReserveOutcome::Created(Reservation {
                 reservation_id: request.reservation_id.clone(),
-                sku: sku.to_string(),
+                sku: sku.sku().to_string(),
                 user_id: request.user_id.clone(),
                 quantity: request.quantity,
                 status: Status::Held,
@@ -1476,7 +1632,7 @@ fn parse_view(sku: &SkuId, view: &[String]) -> Result<Reservation> {
     };
     Ok(Reservation {
         reservation_id: rid.clone(),
-        sku: sku.to_string(),
+        sku: sku.sku().to_string(),
         user_id: user.clone(),
         quantity: number(quantity)?,
         status: Status::parse(status).ok_or_else(|| bad_reply("status"))?,

@@ -89,6 +89,18 @@ fn describe() {
         "flashgate_compensations_open",
         "Open compensations in MySQL"
     );
+    describe_counter!(
+        "flashgate_bucket_transfers_total",
+        "Transfers of stock between the buckets of a split SKU (src/buckets.rs)"
+    );
+    describe_counter!(
+        "flashgate_bucket_transferred_units_total",
+        "Units moved between the buckets of split SKUs"
+    );
+    describe_histogram!(
+        "flashgate_bucket_transfer_wait_seconds",
+        "Time a reserve whose home bucket ran dry spent moving stock, by outcome (served, sold_out, gave_up)"
+    );
     describe_counter!("flashgate_expired_total", "Holds expired by the sweeper");
     describe_gauge!(
         "flashgate_sweep_pass_seconds",
@@ -122,6 +134,16 @@ pub fn compensation_recorded(refusal: &'static str) {
 
 pub fn available_stock(sku: &str, available: u64) {
     sku_series().set(sku, |g| g.available = Some(available));
+}
+
+pub fn bucket_transfer(units: u64) {
+    counter!("flashgate_bucket_transfers_total").increment(1);
+    counter!("flashgate_bucket_transferred_units_total").increment(units);
+}
+
+pub fn bucket_transfer_wait(waited: Duration, outcome: &'static str) {
+    histogram!("flashgate_bucket_transfer_wait_seconds", "outcome" => outcome)
+        .record(waited.as_secs_f64());
 }
 
 pub fn expired(count: u64) {

@@ -264,6 +264,13 @@ impl Worker {
             expired += swept.expired;
             // A batch of stale index entries expires nothing but still makes progress.
             if swept.still_due == 0 || swept.examined == 0 {
+                if swept.buckets > 1 {
+                    // A transfer cut short (a gateway stopped between its steps) is
+                    // finished exactly once; its units are never lost in transit.
+                    self.store
+                        .finish_transfers(&[SkuKeys::new(&sku)], limits::TRANSFER_STALE)
+                        .await?;
+                }
                 self.after_sweep(&sku, &swept, started).await?;
                 return Ok(expired);
             }

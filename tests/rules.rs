@@ -33,6 +33,7 @@ impl Sale {
             hold_seconds: 60,
             starts_at_ms: None,
             ends_at_ms: None,
+            buckets: 1,
         };
         store.load_sku(&sku, &definition, 0).await.unwrap();
         let keys = SkuKeys::new(&sku);
@@ -120,11 +121,13 @@ impl Sale {
             Option<i64>,
             String,
             Option<i64>,
+            u32,
         );
-        let (expired, due, _, _, _, _, _, state, _): Reply = with_sale_keys(
+        let (expired, due, _, _, _, _, _, state, _, _): Reply = with_sale_keys(
             &script_with_clock(include_str!("../lua/sweep.lua"), now),
             &self.keys,
         )
+        .key(&self.keys.transfers)
         .arg(batch)
         .arg(86_400_000)
         .invoke_async(&mut self.conn())
@@ -328,6 +331,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         hold_seconds: 60,
         starts_at_ms: None,
         ends_at_ms: Some(end),
+        buckets: 1,
     };
     sale.store
         .load_sku(&sale.sku, &definition, 0)
@@ -350,6 +354,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     let sale = Sale::new("rule-retire-live", 1).await;
     let definition = SkuDefinition {
         ends_at_ms: Some(now + 30_000),
+        buckets: 1,
         ..definition
     };
     sale.store
@@ -770,6 +775,9 @@ async fn a_bucket_is_a_whole_sale_under_its_own_tag() {
         .arg(0)
         .arg(10)
         .arg(0)
+        .arg(3)
+        .arg("")
+        .arg(15)
         .invoke_async(&mut sale.conn())
         .await
         .unwrap();

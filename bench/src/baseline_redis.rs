@@ -112,6 +112,9 @@ async fn define(conn: &mut MultiplexedConnection, sku: &str, stock: u64) -> Resu
         .arg(0)
         .arg(gateway::RESERVE_RECLAIM_BATCH) // due holds expired before the check
         .arg("0") // apply, not only check
+        .arg(1) // one bucket
+        .arg("") // set the stock, not a change
+        .arg(stock) // the SKU's stock over its buckets
         .invoke_async(conn)
         .await?;
     // 'ok' (redefined) or 'created' depending on the revision of lua/load_sku.lua;

@@ -128,6 +128,13 @@ pub struct Args {
     )]
     pub baseline: Vec<BaselineName>,
 
+    /// Stock buckets of every SKU the run defines (the admin PUT's `buckets`, 1..=16):
+    /// above 1 each SKU's stock is split over that many hash slots (on a cluster, over
+    /// that many primaries).
+    #[arg(long, env = "FLASHGATE_BENCH_BUCKETS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub buckets: u32,
+
     /// Mixed phase: number of SKUs on sale at once (the burst is spread evenly).
     #[arg(long, env = "FLASHGATE_BENCH_SKUS", default_value_t = 2)]
     pub skus: usize,

@@ -471,7 +471,8 @@ async fn run(args: Args) -> Result<bool> {
                 .client
                 .define_sku(
                     &sku,
-                    json!({"stock": stock, "per_user_limit": limit, "hold_seconds": hold}),
+                    json!({"stock": stock, "per_user_limit": limit, "hold_seconds": hold,
+                           "buckets": ctx.args.buckets}),
                 )
                 .await?;
             anyhow::ensure!(

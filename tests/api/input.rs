@@ -600,14 +600,20 @@ async fn the_openapi_document_is_served_and_describes_real_answers() {
     );
 }
 
-/// `buckets` (contract v1.1) is understood: 1 (or omitted) is today's layout; any other
-/// value is refused with a problem (README, "Deviations from the contract") and
-/// defines nothing, rather than silently ignored.
+/// `buckets` (contract v1.1): 1..=16, a whole number; anything else is a 400 problem
+/// that defines nothing.
 #[tokio::test]
-async fn a_sku_with_buckets_other_than_one_is_refused_not_ignored() {
+async fn a_sku_with_buckets_out_of_range_is_refused_and_defines_nothing() {
     let app = spawn_app().await;
     let sku = unique_sku("buckets");
-    for buckets in [json!(0), json!(3), json!(1.5), json!("2")] {
+    for buckets in [
+        json!(0),
+        json!(17),
+        json!(-1),
+        json!(1.5),
+        json!("2"),
+        json!(null),
+    ] {
         let (status, problem) = app
             .put_sku(&sku, json!({ "stock": 10, "buckets": buckets }))
             .await;
@@ -630,7 +636,7 @@ async fn a_sku_with_buckets_other_than_one_is_refused_not_ignored() {
         "a refused PUT defined nothing"
     );
     let (status, view) = app
-        .put_sku(&sku, json!({ "stock": 10, "buckets": 1 }))
+        .put_sku(&sku, json!({ "stock": 10, "buckets": 16 }))
         .await;
     assert!(status.is_success(), "{view}");
     assert_eq!(view["stock_total"], 10);

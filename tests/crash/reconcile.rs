@@ -208,6 +208,7 @@ async fn each_finding_is_detected_repaired_and_audited() {
         hold_seconds: 600,
         starts_at_ms: None,
         ends_at_ms: None,
+        buckets: 1,
     };
     app.store
         .load_sku(&id(&orphan), &definition, 0)
