@@ -13,6 +13,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
 use crate::keys::SkuKeys;
+use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
 };
@@ -194,6 +195,7 @@ impl Gateway {
         let home = home as usize;
         let quantity = request.quantity;
         let mut short_before: Option<Vec<u64>> = None;
+        let mut finished_stale = false;
         let mut rounds = 0;
         while rounds < TRANSFER_ROUNDS {
             let stock = self.bucket_reads.submit(sku, k).await?;
@@ -203,6 +205,22 @@ impl Gateway {
                 let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
                 let settled = short_before.as_ref() == Some(&moves);
                 let waited = started.elapsed();
+                if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
+                    // Units stuck in a transfer its gateway never finished (it stopped,
+                    // or a failover cut it): finish those past their lease now rather
+                    // than answer `sold_out` until the worker's sweep does.
+                    finished_stale = true;
+                    let keys: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
+                    if self
+                        .store
+                        .finish_transfers(&keys, limits::TRANSFER_STALE)
+                        .await?
+                        > 0
+                    {
+                        short_before = None;
+                        continue;
+                    }
+                }
                 // Short in every read for 10 waits, transfers or not: sold out.
                 if settled && (!in_transit || waited >= TRANSFER_WAIT)
                     || waited >= 10 * TRANSFER_WAIT

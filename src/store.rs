@@ -330,15 +330,15 @@ impl ReplicatedWrites {
     /// (on a cluster, routed to the primary of `slot_key`'s slot). Err unavailable with
     /// an unknown outcome when fewer replicas acknowledged in time: the write is on the
     /// primary and a failover now could lose it; a retry tells.
-    async fn invoke(
+    async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
         slot_key: &str,
-    ) -> Result<Vec<String>> {
+    ) -> Result<T> {
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.replicas).arg(self.timeout.as_millis() as u64);
         let run = async {
-            let (reply, acknowledged): (Vec<String>, u32) = match &self.pool {
+            let (reply, acknowledged): (T, u32) = match &self.pool {
                 WaitPool::Single(pool) => {
                     let mut conn = pool.get().await.map_err(pool_error)?;
                     let reply = invocation.invoke_async(&mut conn).await?;
@@ -374,7 +374,7 @@ impl ReplicatedWrites {
         if acknowledged < self.replicas {
             return Err(Error::unavailable(
                 format!(
-                    "fewer than {} replicas acknowledged in {:?}; retry with the same payment_ref",
+                    "fewer than {} replicas acknowledged in {:?}; a retry (same payment_ref or Idempotency-Key) tells the outcome",
                     self.replicas, self.timeout
                 ),
                 Outcome::Unknown,
@@ -1367,6 +1367,11 @@ impl Store {
     }
 
     /// Step 1 of a transfer (lua/transfer_take.lua): the units taken from the donor.
+    /// With FLASHGATE_REDIS_WAIT_REPLICAS, each step is acknowledged by the donor's (or
+    /// receiver's) replicas before the next runs, as a confirm is: a failover that
+    /// loses a take can then not have its give applied (stock made from nothing), nor
+    /// one that loses a give have its records dropped (stock lost). Without, a lost
+    /// step is the reconciler's `stock_total_mismatch`.
     pub async fn transfer_take(
         &self,
         from: &SkuKeys,
@@ -1374,15 +1379,17 @@ impl Store {
         id: &str,
         wanted: u64,
     ) -> Result<u64> {
-        Ok(SCRIPTS
-            .transfer_take
+        let mut invocation = SCRIPTS.transfer_take.prepare_invoke();
+        invocation
             .key(&from.meta)
             .key(&from.transfers)
             .arg(id)
             .arg(wanted)
-            .arg(to.tag())
-            .invoke_async(&mut self.conn.clone())
-            .await?)
+            .arg(to.tag());
+        match &self.replicated {
+            Some(replicated) => replicated.invoke(&invocation, &from.meta).await,
+            None => Ok(invocation.invoke_async(&mut self.conn.clone()).await?),
+        }
     }
 
     /// Step 2 of a transfer (lua/transfer_give.lua): true when the receiver has the
@@ -1394,15 +1401,17 @@ impl Store {
         id: &str,
         units: u64,
     ) -> Result<bool> {
-        let reply: String = SCRIPTS
-            .transfer_give
+        let mut invocation = SCRIPTS.transfer_give.prepare_invoke();
+        invocation
             .key(&to.meta)
             .key(&to.transfers)
             .arg(id)
             .arg(units)
-            .arg(from.tag())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(from.tag());
+        let reply: String = match &self.replicated {
+            Some(replicated) => replicated.invoke(&invocation, &to.meta).await?,
+            None => invocation.invoke_async(&mut self.conn.clone()).await?,
+        };
         Ok(reply != "missing")
     }
 

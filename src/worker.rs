@@ -303,7 +303,11 @@ impl Worker {
             }
             SaleState::Missing | SaleState::Retired => i64::MAX,
         };
-        let wait = Duration::from_millis(wait_ms.max(0) as u64).min(limits::SWEEP_IDLE_RECHECK);
+        let mut wait = Duration::from_millis(wait_ms.max(0) as u64).min(limits::SWEEP_IDLE_RECHECK);
+        if swept.buckets > 1 {
+            // A bucket's transfers cut short are finished by its sweep: soon.
+            wait = wait.min(limits::TRANSFER_STALE);
+        }
         self.plans().plan(sku).next_sweep = started + wait;
         Ok(())
     }

@@ -685,3 +685,205 @@ async fn a_slot_migrating_under_a_sweep_never_leaves_half_a_script() {
         .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
 }
+
+/// A node replicating `nodes[primary]`, synced.
+async fn add_replica(nodes: &mut Vec<ClusterNode>, primary: usize, extra: &[&str]) {
+    let node = start_node_with(extra);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+        assert!(Instant::now() < deadline, "cluster node did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let primary_id: String = query(nodes[primary].port, redis::cmd("CLUSTER").arg("MYID")).await;
+    let added = Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"))
+        .args([
+            "--cluster",
+            "add-node",
+            &address(&node),
+            &address(&nodes[primary]),
+        ])
+        .args(["--cluster-slave", "--cluster-master-id", &primary_id])
+        .output()
+        .expect("redis-cli runs");
+    assert!(added.status.success(), "{added:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = query(node.port, redis::cmd("INFO").arg("replication")).await;
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nodes.push(node);
+}
+
+/// A SKU split over three buckets, one per primary of a 3 + 3 cluster
+/// (FLASHGATE_REDIS_WAIT_REPLICAS=1), sells to users homed mostly in one bucket, so
+/// stock keeps moving to it from the others; the primary of another bucket is
+/// SIGKILLed mid-sale (and comes back as its successor's replica). Every answer is
+/// right or 503 (never 500); clients retry a 503 with the same key or payment_ref.
+/// (Units a transfer cut by the kill left in transit are sellable again once the
+/// transfer is past TRANSFER_STALE, 5 s: until then the SKU may answer `sold_out` for
+/// them.) Afterwards, transfers cut by the kill finished: each bucket's equation holds, the
+/// buckets' stock adds up to the SKU's with nothing in transit, nothing is sold beyond
+/// the stock, every confirm answered 200 is a sale Redis and MySQL both have once, and
+/// the reconciler finds no drift.
+#[tokio::test]
+async fn a_buckets_primary_killed_mid_transfer_loses_no_unit_and_sells_none_twice() {
+    static REFUNDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let extra = [
+        "--cluster-node-timeout",
+        "1000",
+        "--cluster-require-full-coverage",
+        "no",
+    ];
+    let mut nodes = three_primaries(&extra).await;
+    for primary in 0..3 {
+        add_replica(&mut nodes, primary, &extra).await;
+    }
+    let sku = unique_sku("bk-kill");
+    let id = TestApp::sku_id(&sku);
+    let sales = flashgate::buckets::sales(&id, 3);
+    let mut victim_bucket = None;
+    for (b, sale) in sales.iter().enumerate() {
+        if serves(nodes[0].port, sale.as_str()).await {
+            victim_bucket = Some(b);
+        }
+    }
+    let victim_bucket = victim_bucket.expect("one bucket on each primary");
+    let hot_bucket = (victim_bucket + 1) % 3;
+    let mut args = cluster_serve_args(&nodes[..3]);
+    args.redis.redis_wait_replicas = 1;
+    args.redis.redis_wait_timeout_ms = 1_000;
+    let app = std::sync::Arc::new(spawn_app_with(args).await);
+    let stock = 300u64;
+    app.create_sku(&sku, json!({ "stock": stock, "buckets": 3 }))
+        .await;
+    // Four users in five are homed in the hot bucket, the fifth in the victim's.
+    let mut users = Vec::new();
+    for n in 0.. {
+        let user = format!("kill-{n}");
+        let home = flashgate::buckets::home(&id, &user, 3) as usize;
+        if home == hot_bucket || (home == victim_bucket && users.len() % 5 == 4) {
+            users.push(user);
+        }
+        if users.len() == 2 * stock as usize {
+            break;
+        }
+    }
+    let flushing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flusher = {
+        let (app, flushing) = (app.clone(), flushing.clone());
+        tokio::spawn(async move {
+            while flushing.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = app.worker.flush_once().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Each buyer: reserve (a 503 retried with the same key), then confirm (a 503
+    // retried with the same payment_ref) until a definite answer.
+    let buyers = users.into_iter().map(|user| {
+        let (app, sku) = (app.clone(), sku.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let held = loop {
+                let (status, body) = app.reserve(&sku, &user, "k", 1).await;
+                match status {
+                    StatusCode::CREATED => {
+                        break Some(body["reservation_id"].as_str().unwrap().to_owned())
+                    }
+                    StatusCode::CONFLICT => {
+                        assert_eq!(body["code"], "sold_out", "{body}");
+                        break None;
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {}
+                    other => panic!("a wrong answer: {other} {body}"),
+                }
+                assert!(Instant::now() < deadline, "{user}: no definite answer");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let rid = held?;
+            loop {
+                let (status, body) = app.confirm(&rid, &format!("pay-{user}")).await;
+                match status {
+                    StatusCode::OK => return Some(rid),
+                    // Its hold was lost with the killed primary's last writes: a refund.
+                    StatusCode::CONFLICT => {
+                        assert_eq!(body["refund_required"], true, "{body}");
+                        REFUNDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return None;
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => {}
+                    other => panic!("a wrong answer: {other} {body}"),
+                }
+                assert!(Instant::now() < deadline, "{user}: confirm never answered");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    // 32 at a time, as a closed loop of clients.
+    let buyers: Vec<_> = buyers.collect();
+    let sale = tokio::spawn(async move {
+        use futures::StreamExt;
+        futures::stream::iter(buyers)
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await
+    });
+    // Mid-sale, with the hot bucket drawing on the others: the victim's primary dies.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nodes[0].proc.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nodes[0].restart();
+    let confirmed: Vec<String> = sale.await.unwrap().into_iter().flatten().collect();
+    flushing.store(false, std::sync::atomic::Ordering::SeqCst);
+    flusher.await.unwrap();
+    // Transfers the kill cut short are finished (or undone) by the worker's finisher.
+    let keys: Vec<flashgate::keys::SkuKeys> =
+        sales.iter().map(flashgate::keys::SkuKeys::new).collect();
+    // (WAIT may refuse until the restarted node has synced as a replica.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = app.store.finish_transfers(&keys, Duration::ZERO).await {
+        assert!(Instant::now() < deadline, "transfers never finished: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (bucket_stock, in_transit) = app.store.split_stock(&sales).await.unwrap();
+    assert_eq!(in_transit, 0);
+    assert_eq!(
+        bucket_stock.iter().flatten().sum::<u64>(),
+        stock,
+        "no unit made or lost: {bucket_stock:?}"
+    );
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        view["sold"].as_u64(),
+        Some(confirmed.len() as u64),
+        "{view}"
+    );
+    assert!(confirmed.len() as u64 <= stock);
+    for rid in &confirmed {
+        let (status, read) = app.reservation(rid, SERVICE_TOKEN).await;
+        assert_eq!(
+            (status, read["status"].as_str()),
+            (StatusCode::OK, Some("confirmed"))
+        );
+    }
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, confirmed.len() as i64);
+    let report = reconcile::run_skus(&app.store, &app.db, &[id], false)
+        .await
+        .unwrap();
+    assert_eq!(report.exit_code(), 0, "{:?}", report.findings);
+    eprintln!(
+        "bucket kill: {} confirmed of {stock}, {} refunded (holds lost with the primary), \
+         {} available after, buckets {bucket_stock:?}",
+        confirmed.len(),
+        REFUNDS.load(std::sync::atomic::Ordering::Relaxed),
+        view["available"]
+    );
+}
