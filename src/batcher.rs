@@ -165,3 +165,107 @@ impl BatchWork for BucketReads {
         }
     }
 }
+
+/// Stock moves towards the home buckets of reserves that found theirs short (src/buckets.rs):
+/// every reserve waiting shares the next batch, which reads the buckets once, adds up
+/// what each home bucket lacks for the reserves waiting on it, and moves that (or half a
+/// donor's spare stock, if more) from the buckets with the most to spare, one transfer
+/// per (donor, receiver). A burst of reserves on empty buckets makes a few transfers,
+/// not one race per request. Request: (bucket count, home bucket, quantity); outcome:
+/// the units moved for the whole batch.
+pub struct BucketMoves {
+    pub store: Store,
+}
+
+impl BatchWork for BucketMoves {
+    type Request = (u32, u32, u64);
+    type Outcome = u64;
+
+    async fn run(&self, sku: &SkuId, requests: Vec<(u32, u32, u64)>) -> Vec<Result<u64>> {
+        let buckets = requests.first().map_or(1, |r| r.0);
+        let sales = crate::buckets::sales(sku, buckets);
+        let moved = async {
+            let stock = self.store.bucket_stock(&sales).await?;
+            let mut wanted = vec![0u64; sales.len()];
+            for &(_, home, quantity) in &requests {
+                wanted[home as usize] += quantity;
+            }
+            let moves = plan_moves(
+                &stock.iter().map(|b| b.available).collect::<Vec<_>>(),
+                &wanted,
+            );
+            let mut moved = 0;
+            for (donor, receiver, units) in moves {
+                moved += self
+                    .store
+                    .transfer(
+                        &crate::keys::SkuKeys::new(&sales[donor]),
+                        &crate::keys::SkuKeys::new(&sales[receiver]),
+                        units,
+                    )
+                    .await?;
+            }
+            crate::telemetry::bucket_transfer(moved);
+            Ok::<u64, crate::error::Error>(moved)
+        }
+        .await;
+        match moved {
+            Ok(moved) => requests.iter().map(|_| Ok(moved)).collect(),
+            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// Transfers (donor, receiver, units) that give each bucket what it lacks for the
+/// units `wanted` of it: from the donors with the most to spare (what they have beyond
+/// their own wants), at least the lack, half the donor's spare if that is more.
+pub fn plan_moves(available: &[u64], wanted: &[u64]) -> Vec<(usize, usize, u64)> {
+    let mut spare: Vec<u64> = available
+        .iter()
+        .zip(wanted)
+        .map(|(a, w)| a.saturating_sub(*w))
+        .collect();
+    let mut moves = Vec::new();
+    for receiver in 0..available.len() {
+        let mut lack = wanted[receiver].saturating_sub(available[receiver]);
+        while lack > 0 {
+            let Some(donor) = (0..spare.len())
+                .filter(|&d| d != receiver && spare[d] > 0)
+                .max_by_key(|&d| spare[d])
+            else {
+                break;
+            };
+            let units = lack.max(spare[donor].div_ceil(2)).min(spare[donor]);
+            spare[donor] -= units;
+            lack = lack.saturating_sub(units);
+            moves.push((donor, receiver, units));
+        }
+    }
+    moves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_moves;
+
+    #[test]
+    fn moves_give_each_short_bucket_its_lack_from_the_richest_spare() {
+        // Bucket 0 lacks 5; bucket 2 has 10 to spare, bucket 1 wants its own 3.
+        assert_eq!(plan_moves(&[0, 3, 10], &[5, 3, 0]), vec![(2, 0, 5)]);
+        // Half of a large spare, not just the lack.
+        assert_eq!(plan_moves(&[0, 0, 40], &[1, 0, 0]), vec![(2, 0, 20)]);
+        // A lack bigger than any one donor: several donors.
+        assert_eq!(
+            plan_moves(&[0, 2, 3], &[4, 0, 0]),
+            vec![(2, 0, 3), (1, 0, 1)]
+        );
+        // Not enough anywhere: all there is.
+        assert_eq!(plan_moves(&[0, 1, 0], &[9, 0, 0]), vec![(1, 0, 1)]);
+        // Two short buckets share the one donor.
+        assert_eq!(
+            plan_moves(&[0, 0, 4], &[2, 2, 0]),
+            vec![(2, 0, 2), (2, 1, 2)]
+        );
+        assert!(plan_moves(&[5, 5], &[1, 1]).is_empty());
+    }
+}

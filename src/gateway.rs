@@ -6,7 +6,7 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, BucketReads, IdempotencyProbes, Reserves};
+use crate::batcher::{Batcher, BucketMoves, BucketReads, IdempotencyProbes, Reserves};
 use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 /// How long a reserve whose home bucket ran dry waits for stock in transit to land
 /// somewhere before it may answer `sold_out` (src/buckets.rs).
 const TRANSFER_WAIT: Duration = Duration::from_millis(20);
-/// Rounds of (read the buckets, transfer, reserve again) a reserve makes at most.
+/// Rounds of (read the buckets, move stock, reserve again) a reserve makes at most;
+/// losing each one to other reserves ends in `sold_out`.
 /// (Reads that find too little stock anywhere are not rounds: they end in `sold_out`
 /// within TRANSFER_WAIT.)
-const TRANSFER_ROUNDS: usize = 8;
+const TRANSFER_ROUNDS: usize = 4;
 /// SKUs whose bucket count a gateway remembers; past it the memory starts over.
 const BUCKET_COUNTS_MAX: usize = 65_536;
 
@@ -45,6 +46,7 @@ pub struct Gateway {
     reserves: Arc<Batcher<Reserves>>,
     replay_probes: Arc<Batcher<IdempotencyProbes>>,
     bucket_reads: Arc<Batcher<BucketReads>>,
+    bucket_moves: Arc<Batcher<BucketMoves>>,
     /// SKU -> its buckets (fixed when the SKU is created, so never stale).
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
 }
@@ -71,6 +73,9 @@ impl Gateway {
         let bucket_reads = Arc::new(Batcher::new(BucketReads {
             store: store.clone(),
         }));
+        let bucket_moves = Arc::new(Batcher::new(BucketMoves {
+            store: store.clone(),
+        }));
         Gateway {
             store,
             db,
@@ -79,6 +84,7 @@ impl Gateway {
             reserves,
             replay_probes,
             bucket_reads,
+            bucket_moves,
             bucket_counts: Default::default(),
         }
     }
@@ -174,15 +180,16 @@ impl Gateway {
         })
     }
 
-    /// The user's home bucket cannot serve the quantity: stock moves to it from the
-    /// bucket with the most, and the reserve runs again. `sold_out` only once the
+    /// The user's home bucket cannot serve the quantity: stock moves to it (the
+    /// reserves short at the same moment share one batch of moves, `BucketMoves`),
+    /// and the reserve runs again. `sold_out` only once the
     /// buckets together have less than the quantity with nothing in transit, in two
     /// reads between which no transfer touched any bucket (the buckets are read one by
     /// one: a transfer finishing between the reads of its receiver and its donor would
     /// hide its units from one read, never from two such); or once transit did not
-    /// land within TRANSFER_WAIT. Stock left elsewhere after TRANSFER_ROUNDS (other
-    /// reserves took each transfer first) is an honest 503: nothing was held, a retry
-    /// with the same key is safe.
+    /// land within TRANSFER_WAIT (then two short reads in a row suffice). A reserve
+    /// whose every round's stock went to other reserves first (TRANSFER_ROUNDS) is
+    /// `sold_out`, as it would have been behind them in one bucket.
     async fn reserve_with_transfer(
         &self,
         sku: &SkuId,
@@ -201,9 +208,15 @@ impl Gateway {
             let stock = self.bucket_reads.submit(sku, k).await?;
             let total: u64 = stock.iter().map(|b| b.available).sum();
             if total < quantity {
+                // The burst behind this reserve is answered from the flag at once (as
+                // with one bucket), not each down this path; this one still settles.
+                self.sold_out.raise(sku, quantity);
                 let in_transit = stock.iter().any(|b| b.transfers > 0);
                 let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
+                // Short twice in a row with no transfer in between (moves unchanged):
+                // no unit can have hidden from both reads.
                 let settled = short_before.as_ref() == Some(&moves);
+                let short_twice = short_before.is_some();
                 let waited = started.elapsed();
                 if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
                     // Units stuck in a transfer its gateway never finished (it stopped,
@@ -221,10 +234,10 @@ impl Gateway {
                         continue;
                     }
                 }
-                // Short in every read for 10 waits, transfers or not: sold out.
-                if settled && (!in_transit || waited >= TRANSFER_WAIT)
-                    || waited >= 10 * TRANSFER_WAIT
-                {
+                // Past TRANSFER_WAIT, two short reads in a row are enough even if
+                // transfers (other reserves' moves) ran in between: at the tail of a
+                // sale, returned units trickle in and move all the time.
+                if settled && !in_transit || short_twice && waited >= TRANSFER_WAIT {
                     telemetry::bucket_transfer_wait(started.elapsed(), "sold_out");
                     return Err(Error::Refused(Refusal::SoldOut));
                 }
@@ -236,27 +249,11 @@ impl Gateway {
             }
             short_before = None;
             rounds += 1;
-            let have = stock[home].available;
-            if have < quantity {
-                let (donor, most) = stock
-                    .iter()
-                    .enumerate()
-                    .filter(|(b, _)| *b != home)
-                    .map(|(b, state)| (b, state.available))
-                    .max_by_key(|(_, available)| *available)
-                    .expect("k > 1");
-                // Half of what the donor has, never less than this reserve needs: the
-                // home bucket serves its next users too, and the donor keeps serving its own.
-                let wanted = (quantity - have).max(most.div_ceil(2)).min(most);
-                let moved = self
-                    .store
-                    .transfer(
-                        &SkuKeys::new(&sales[donor]),
-                        &SkuKeys::new(&sales[home]),
-                        wanted,
-                    )
+            if stock[home].available < quantity {
+                // With the other reserves short at the same time: one batch of moves.
+                self.bucket_moves
+                    .submit(sku, (k, home as u32, quantity))
                     .await?;
-                telemetry::bucket_transfer(moved);
             }
             match self.reserves.submit(&sales[home], request.clone()).await {
                 Err(Error::Refused(Refusal::SoldOut)) => continue,
@@ -266,12 +263,10 @@ impl Gateway {
                 }
             }
         }
-        telemetry::bucket_transfer_wait(started.elapsed(), "gave_up");
-        Err(Error::unavailable(
-            "stock is left in other buckets of this SKU but moving it lost every race; \
-             retry with the same Idempotency-Key",
-            crate::error::Outcome::NotApplied,
-        ))
+        // Every round moved stock towards this reserve's bucket and other reserves took
+        // it first: the units there were went to them, as with one bucket.
+        telemetry::bucket_transfer_wait(started.elapsed(), "outrun");
+        Err(Error::Refused(Refusal::SoldOut))
     }
 
     /// A confirm that cannot become a sale answers `RefundRequired`: the compensation
