@@ -6,7 +6,8 @@
 //! Three kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
 //! order, exactly as single calls would); while a SKU's sold-out flag is up, the
 //! idempotency probes that tell a replay from a refusal (one script call per batch);
-//! and the reads of a split SKU's buckets when reserves find their home bucket empty.
+//! and, for a split SKU, the reads of its buckets and moves of stock for reserves that
+//! found their home bucket short.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -144,59 +145,41 @@ impl BatchWork for IdempotencyProbes {
     }
 }
 
-/// Reads of a split SKU's buckets (src/buckets.rs) for reserves whose home bucket ran
-/// dry: every reserve waiting for one shares the next read (one script call per bucket),
-/// so a burst that finds its buckets empty costs Redis a few reads, not one per request.
-/// Request: the SKU's bucket count.
-pub struct BucketReads {
-    pub store: Store,
-}
-
-impl BatchWork for BucketReads {
-    type Request = u32;
-    type Outcome = Vec<BucketState>;
-
-    async fn run(&self, sku: &SkuId, requests: Vec<u32>) -> Vec<Result<Vec<BucketState>>> {
-        let buckets = requests.first().copied().unwrap_or(1);
-        let sales = crate::buckets::sales(sku, buckets);
-        match self.store.bucket_stock(&sales).await {
-            Ok(stock) => requests.iter().map(|_| Ok(stock.clone())).collect(),
-            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
-        }
-    }
-}
-
 /// Stock moves towards the home buckets of reserves that found theirs short (src/buckets.rs):
-/// every reserve waiting shares the next batch, which reads the buckets once, adds up
-/// what each home bucket lacks for the reserves waiting on it, and moves that (or half a
-/// donor's spare stock, if more) from the buckets with the most to spare, one transfer
-/// per (donor, receiver). A burst of reserves on empty buckets makes a few transfers,
-/// not one race per request. Request: (bucket count, home bucket, quantity); outcome:
-/// the units moved for the whole batch.
+/// every reserve waiting shares the next batch, which reads the buckets once (one script
+/// call each, lua/bucket_stock.lua), adds up what each home bucket lacks for the
+/// reserves waiting on it (those the buckets together could serve), and moves that (or
+/// half a donor's spare stock, if more) from the buckets with the most to spare, one
+/// transfer per (donor, receiver). A burst of reserves on empty buckets makes a few
+/// transfers, not one race per request. Request: (bucket count, home bucket,
+/// quantity); outcome: the buckets as read before the moves.
 pub struct BucketMoves {
     pub store: Store,
 }
 
 impl BatchWork for BucketMoves {
     type Request = (u32, u32, u64);
-    type Outcome = u64;
+    type Outcome = Vec<BucketState>;
 
-    async fn run(&self, sku: &SkuId, requests: Vec<(u32, u32, u64)>) -> Vec<Result<u64>> {
+    async fn run(
+        &self,
+        sku: &SkuId,
+        requests: Vec<(u32, u32, u64)>,
+    ) -> Vec<Result<Vec<BucketState>>> {
         let buckets = requests.first().map_or(1, |r| r.0);
         let sales = crate::buckets::sales(sku, buckets);
-        let moved = async {
+        let read = async {
             let stock = self.store.bucket_stock(&sales).await?;
+            let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
+            let total: u64 = available.iter().sum();
             let mut wanted = vec![0u64; sales.len()];
             for &(_, home, quantity) in &requests {
-                wanted[home as usize] += quantity;
+                if quantity <= total {
+                    wanted[home as usize] += quantity;
+                }
             }
-            let moves = plan_moves(
-                &stock.iter().map(|b| b.available).collect::<Vec<_>>(),
-                &wanted,
-            );
-            let mut moved = 0;
-            for (donor, receiver, units) in moves {
-                moved += self
+            for (donor, receiver, units) in plan_moves(&available, &wanted) {
+                let moved = self
                     .store
                     .transfer(
                         &crate::keys::SkuKeys::new(&sales[donor]),
@@ -204,13 +187,13 @@ impl BatchWork for BucketMoves {
                         units,
                     )
                     .await?;
+                crate::telemetry::bucket_transfer(moved);
             }
-            crate::telemetry::bucket_transfer(moved);
-            Ok::<u64, crate::error::Error>(moved)
+            Ok::<_, crate::error::Error>(stock)
         }
         .await;
-        match moved {
-            Ok(moved) => requests.iter().map(|_| Ok(moved)).collect(),
+        match read {
+            Ok(stock) => requests.iter().map(|_| Ok(stock.clone())).collect(),
             Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
         }
     }

@@ -6,7 +6,7 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, BucketMoves, BucketReads, IdempotencyProbes, Reserves};
+use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, Reserves};
 use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
@@ -45,7 +45,6 @@ pub struct Gateway {
     sold_out: Arc<SoldOutFlags>,
     reserves: Arc<Batcher<Reserves>>,
     replay_probes: Arc<Batcher<IdempotencyProbes>>,
-    bucket_reads: Arc<Batcher<BucketReads>>,
     bucket_moves: Arc<Batcher<BucketMoves>>,
     /// SKU -> its buckets (fixed when the SKU is created, so never stale).
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
@@ -70,9 +69,6 @@ impl Gateway {
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
         }));
-        let bucket_reads = Arc::new(Batcher::new(BucketReads {
-            store: store.clone(),
-        }));
         let bucket_moves = Arc::new(Batcher::new(BucketMoves {
             store: store.clone(),
         }));
@@ -83,7 +79,6 @@ impl Gateway {
             sold_out: Default::default(),
             reserves,
             replay_probes,
-            bucket_reads,
             bucket_moves,
             bucket_counts: Default::default(),
         }
@@ -205,7 +200,12 @@ impl Gateway {
         let mut finished_stale = false;
         let mut rounds = 0;
         while rounds < TRANSFER_ROUNDS {
-            let stock = self.bucket_reads.submit(sku, k).await?;
+            // One batch with the other reserves short now: it reads every bucket and
+            // moves what their home buckets lack (nothing if all together lack it).
+            let stock = self
+                .bucket_moves
+                .submit(sku, (k, home as u32, quantity))
+                .await?;
             let total: u64 = stock.iter().map(|b| b.available).sum();
             if total < quantity {
                 // The burst behind this reserve is answered from the flag at once (as
@@ -249,12 +249,6 @@ impl Gateway {
             }
             short_before = None;
             rounds += 1;
-            if stock[home].available < quantity {
-                // With the other reserves short at the same time: one batch of moves.
-                self.bucket_moves
-                    .submit(sku, (k, home as u32, quantity))
-                    .await?;
-            }
             match self.reserves.submit(&sales[home], request.clone()).await {
                 Err(Error::Refused(Refusal::SoldOut)) => continue,
                 outcome => {
@@ -641,7 +635,7 @@ impl Gateway {
         let changes = match &previous {
             None => vec![0; k as usize],
             Some(p) => {
-                let stock = self.bucket_reads.submit(sku, k).await?;
+                let stock = self.store.bucket_stock(&sales).await?;
                 let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
                 stock_changes(
                     definition.stock_total as i64 - p.definition.stock_total as i64,

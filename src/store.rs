@@ -1361,8 +1361,18 @@ impl Store {
         if !self.transfer_give(from, to, &id, taken).await? {
             return Ok(0); // no receiver: the units wait in transit, finish_transfers undoes it
         }
-        self.transfer_done(from, &format!("out:{id}")).await?;
-        self.transfer_done(to, &format!("in:{id}")).await?;
+        // The units are the receiver's now: its records can go after the caller's
+        // reserve (a record left by a stop here is the finisher's: the give counts once).
+        let (store, from, to) = (self.clone(), from.clone(), to.clone());
+        tokio::spawn(async move {
+            if store
+                .transfer_done(&from, &format!("out:{id}"))
+                .await
+                .is_ok()
+            {
+                let _ = store.transfer_done(&to, &format!("in:{id}")).await;
+            }
+        });
         Ok(taken)
     }
 
