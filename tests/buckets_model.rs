@@ -10,6 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::model::{self, runtime, Hold};
 use flashgate::auth::Caller;
 use flashgate::buckets;
 use flashgate::error::Error;
@@ -67,29 +68,6 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(from, to, units, steps)| Op::CutTransfer { from, to, units, steps }),
         1 => Just(Op::FinishTransfers),
     ]
-}
-
-#[derive(Debug, Clone)]
-struct Hold {
-    id: String,
-    user: String,
-    quantity: u64,
-    status: Status,
-    overdue: bool,
-    payment_ref: Option<String>,
-}
-
-impl Hold {
-    fn live(&self) -> bool {
-        matches!(self.status, Status::Held | Status::Paying)
-    }
-    fn effective(&self) -> Status {
-        if self.live() && self.overdue {
-            Status::Expired
-        } else {
-            self.status
-        }
-    }
 }
 
 /// The contract for the whole SKU, plus the units a cut transfer left in transit.
@@ -195,14 +173,7 @@ impl Harness {
                         m.held += quantity;
                         *m.used.entry(user.clone()).or_default() += quantity;
                         m.keys.insert((user.clone(), key), m.holds.len());
-                        m.holds.push(Hold {
-                            id: r.reservation_id,
-                            user,
-                            quantity,
-                            status: Status::Held,
-                            overdue: false,
-                            payment_ref: None,
-                        });
+                        m.holds.push(Hold::held(r.reservation_id, user, quantity));
                     }
                     (_, Err(Error::Refused(Refusal::SoldOut))) if flagged => {}
                     (Err(refusal), Err(Error::Refused(got))) => {
@@ -215,7 +186,9 @@ impl Harness {
                 }
             }
             Op::Confirm { pick, payment } => {
-                let Some(i) = pick_hold(m, pick) else { return };
+                let Some(i) = model::pick(&m.holds, pick) else {
+                    return;
+                };
                 let payment_ref = format!("pay{payment}");
                 let got = self.gateway.confirm(&m.holds[i].id, &payment_ref).await;
                 if m.holds[i].live() && m.holds[i].overdue {
@@ -246,7 +219,9 @@ impl Harness {
                 }
             }
             Op::Cancel { pick } => {
-                let Some(i) = pick_hold(m, pick) else { return };
+                let Some(i) = model::pick(&m.holds, pick) else {
+                    return;
+                };
                 let got = self.gateway.cancel(&m.holds[i].id, &Caller::Service).await;
                 let hold = m.holds[i].clone();
                 let expected = if hold.live() && hold.overdue {
@@ -382,20 +357,7 @@ impl Harness {
     }
 }
 
-fn pick_hold(m: &Model, pick: usize) -> Option<usize> {
-    (!m.holds.is_empty()).then(|| pick % m.holds.len())
-}
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-}
-
+/// One gateway for every case (its pools live in `runtime()`).
 fn gateway() -> Gateway {
     static STATE: tokio::sync::OnceCell<Gateway> = tokio::sync::OnceCell::const_new();
     runtime().block_on(async {

@@ -11,6 +11,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::model::{self, runtime, Hold};
 use flashgate::error::Error;
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
@@ -74,30 +75,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sweep),
         1 => Just(Op::ViewSku),
     ]
-}
-
-#[derive(Debug, Clone)]
-struct Hold {
-    id: String,
-    user: String,
-    quantity: u64,
-    status: Status,
-    /// The deadline has passed (only meaningful while held/paying).
-    overdue: bool,
-    payment_ref: Option<String>,
-}
-
-impl Hold {
-    fn live(&self) -> bool {
-        matches!(self.status, Status::Held | Status::Paying)
-    }
-    fn effective(&self) -> Status {
-        if self.live() && self.overdue {
-            Status::Expired
-        } else {
-            self.status
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -166,7 +143,9 @@ impl Harness {
                 }
             }
             Op::Confirm { pick, payment } => {
-                let Some(i) = pick_hold(m, pick) else { return };
+                let Some(i) = model::pick(&m.holds, pick) else {
+                    return;
+                };
                 let payment_ref = format!("pay{payment}");
                 let got = self
                     .store
@@ -209,7 +188,9 @@ impl Harness {
                 }
             }
             Op::Cancel { pick, by_owner } => {
-                let Some(i) = pick_hold(m, pick) else { return };
+                let Some(i) = model::pick(&m.holds, pick) else {
+                    return;
+                };
                 let caller = by_owner.then(|| m.holds[i].user.clone());
                 let got = self
                     .store
@@ -239,7 +220,9 @@ impl Harness {
                 }
             }
             Op::PaymentPending { pick } => {
-                let Some(i) = pick_hold(m, pick) else { return };
+                let Some(i) = model::pick(&m.holds, pick) else {
+                    return;
+                };
                 let got = self
                     .store
                     .payment_pending(&self.sku, &m.holds[i].id, "pay0", GRACE_MS)
@@ -494,32 +477,11 @@ fn expect_reserve(
             m.held += quantity;
             *m.used.entry(user.clone()).or_default() += quantity;
             m.keys.insert((user.clone(), key), m.holds.len());
-            m.holds.push(Hold {
-                id: rid,
-                user,
-                quantity,
-                status: Status::Held,
-                overdue: false,
-                payment_ref: None,
-            });
+            m.holds.push(Hold::held(rid, user, quantity));
         }
         (Err(refusal), Err(Error::Refused(got))) => assert_eq!(refusal, got),
         (expected, got) => panic!("reserve: model {expected:?}, redis {got:?}"),
     }
-}
-
-fn pick_hold(m: &Model, pick: usize) -> Option<usize> {
-    (!m.holds.is_empty()).then(|| pick % m.holds.len())
-}
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    })
 }
 
 proptest! {

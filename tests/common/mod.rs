@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
+pub mod model;
+
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef";
 
 pub fn redis_url() -> String {

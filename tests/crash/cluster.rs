@@ -175,37 +175,7 @@ async fn serves(port: u16, sku: &str) -> bool {
 /// `extra`: more redis-server options for every node.
 async fn cluster_with_one_replica(extra: &[&str]) -> Vec<ClusterNode> {
     let mut nodes = three_primaries(extra).await;
-    nodes.push(start_node_with(extra));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", nodes[3].port)).is_err() {
-        assert!(Instant::now() < deadline, "cluster node did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cli = || Command::new(tool("FLASHGATE_TEST_REDIS_CLI", "redis-cli"));
-    let first_id: String = query(nodes[0].port, redis::cmd("CLUSTER").arg("MYID")).await;
-    let added = cli()
-        .args([
-            "--cluster",
-            "add-node",
-            &address(&nodes[3]),
-            &address(&nodes[0]),
-        ])
-        .args(["--cluster-slave", "--cluster-master-id", &first_id])
-        .output()
-        .expect("redis-cli runs");
-    assert!(added.status.success(), "{added:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info: String = query(nodes[3].port, redis::cmd("INFO").arg("replication")).await;
-        if info.contains("master_link_status:up") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica did not sync: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    add_replica(&mut nodes, 0, extra).await;
     nodes
 }
 
