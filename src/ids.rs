@@ -316,6 +316,27 @@ mod tests {
     }
 
     #[test]
+    fn sale_tags_name_a_sku_or_one_of_its_buckets() {
+        let bucket = SkuId::of_tag("hot~2~17").unwrap();
+        assert!(bucket.is_bucket());
+        assert_eq!(bucket.sku(), SkuId::parse("hot").unwrap());
+        assert_eq!(SkuId::of_tag("hot"), SkuId::parse("hot"));
+        assert!(!SkuId::of_tag("hot").unwrap().is_bucket());
+        for bad in [
+            "hot~0~1",
+            "hot~1~01",
+            "~1~1",
+            "hot~16~1",
+            "hot~1",
+            "hot~1~1~1",
+            "h t~1~1",
+        ] {
+            assert_eq!(SkuId::of_tag(bad), None, "{bad}");
+        }
+        assert_eq!(SkuId::parse("hot~1~1"), None, "clients name SKUs only");
+    }
+
+    #[test]
     fn compensation_ids_are_one_per_reservation_and_payment() {
         let a = compensation_id("r1", "pay-1");
         assert_eq!(a, compensation_id("r1", "pay-1"));

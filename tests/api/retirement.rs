@@ -369,3 +369,72 @@ async fn calls_for_invented_skus_leave_no_flush_hint() {
         .is_ok());
     assert_eq!(store.outbox_hints.take(), vec![TestApp::sku_id(&sku)]);
 }
+
+/// A SKU split over buckets retires bucket by bucket, each once nothing of it is left
+/// in Redis; the SKU view then answers from MySQL, and a PUT reopens every bucket with
+/// its buyers' limits intact.
+#[tokio::test]
+async fn a_split_sku_retires_bucket_by_bucket_and_reopens_whole() {
+    let app = spawn_app().await;
+    let sku = unique_sku("retire-split");
+    let start = tokio::time::Instant::now();
+    app.create_sku(
+        &sku,
+        json!({"stock": 6, "per_user_limit": 1, "buckets": 3, "ends_at": rfc3339_in(1_000)}),
+    )
+    .await;
+    let id = TestApp::sku_id(&sku);
+    let sales = flashgate::buckets::sales(&id, 3);
+    let bought = app.hold(&sku, "ann").await;
+    assert_eq!(app.confirm(&bought, "pay-ann").await.0, StatusCode::OK);
+    wait_until(start + Duration::from_millis(1_000)).await;
+    for sale in &sales {
+        for _ in 0..200 {
+            app.flush(&sku).await;
+            app.worker.sweep_sku(sale.clone()).await.unwrap();
+            if app.store.sweep(sale).await.unwrap().state == SaleState::Retired {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(app.store.is_retired(sale).await.unwrap(), "{sale} retired");
+        assert!(!exists(&app, &SkuKeys::new(sale).deadlines).await);
+    }
+    let indexed: Vec<String> = app
+        .store
+        .sku_ids()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert!(
+        sales.iter().all(|s| !indexed.contains(&s.to_string())),
+        "out of the index"
+    );
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["sold"].as_u64(), view["stock_total"].as_u64()),
+        (Some(1), Some(6))
+    );
+    let (status, refused) = app.reserve(&sku, "bob", "k", 1).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (StatusCode::CONFLICT, Some("ended"))
+    );
+    // Reopened: every bucket on sale again, ann's purchase still counts for her limit.
+    let view = app
+        .create_sku(&sku, json!({"stock": 6, "per_user_limit": 1, "buckets": 3}))
+        .await;
+    assert_eq!(
+        (view["sold"].as_u64(), view["available"].as_u64()),
+        (Some(1), Some(5))
+    );
+    let (status, refused) = app.reserve(&sku, "ann", "k2", 1).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (StatusCode::CONFLICT, Some("limit_exceeded"))
+    );
+    let (status, body) = app.reserve(&sku, "bob", "k2", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
