@@ -177,14 +177,14 @@ impl Gateway {
 
     /// The user's home bucket cannot serve the quantity: stock moves to it (the
     /// reserves short at the same moment share one batch of moves, `BucketMoves`),
-    /// and the reserve runs again. `sold_out` only once the
-    /// buckets together have less than the quantity with nothing in transit, in two
-    /// reads between which no transfer touched any bucket (the buckets are read one by
-    /// one: a transfer finishing between the reads of its receiver and its donor would
-    /// hide its units from one read, never from two such); or once transit did not
-    /// land within TRANSFER_WAIT (then two short reads in a row suffice). A reserve
-    /// whose every round's stock went to other reserves first (TRANSFER_ROUNDS) is
-    /// `sold_out`, as it would have been behind them in one bucket.
+    /// and the reserve runs again. `sold_out` only once the buckets together have
+    /// less than the quantity with nothing in transit, in two reads between which no
+    /// transfer touched any bucket (the buckets are read one by one: a transfer
+    /// finishing between the reads of its receiver and its donor would hide its units
+    /// from one read, never from two such); or once transit did not land within
+    /// TRANSFER_WAIT (then two short reads in a row suffice). A reserve whose every
+    /// round's stock went to other reserves first (TRANSFER_ROUNDS) is `sold_out`, as
+    /// it would have been behind them in one bucket.
     async fn reserve_with_transfer(
         &self,
         sku: &SkuId,
