@@ -55,6 +55,20 @@ impl<W: BatchWork> Batcher<W> {
     }
 
     pub async fn submit(self: &Arc<Self>, sku: &SkuId, request: W::Request) -> Result<W::Outcome> {
+        self.submit_sharing(sku, request, 1).await
+    }
+
+    /// `submit` for one of `shares` sales that split one SKU's traffic (the buckets of
+    /// a split SKU): each runs at most BATCHES_IN_FLIGHT / shares calls at once (at
+    /// least one), so the SKU as a whole keeps about the calls in flight, and the batch
+    /// sizes, of an unsplit one.
+    pub async fn submit_sharing(
+        self: &Arc<Self>,
+        sku: &SkuId,
+        request: W::Request,
+        shares: u32,
+    ) -> Result<W::Outcome> {
+        let in_flight = (BATCHES_IN_FLIGHT / shares.max(1) as usize).max(1);
         let (reply, answer) = oneshot::channel();
         let start_runner = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -63,7 +77,7 @@ impl<W: BatchWork> Batcher<W> {
                 runners: 0,
             });
             queue.waiting.push(Waiting { request, reply });
-            let start = queue.runners < BATCHES_IN_FLIGHT;
+            let start = queue.runners < in_flight;
             if start {
                 queue.runners += 1;
             }
@@ -229,7 +243,49 @@ pub fn plan_moves(available: &[u64], wanted: &[u64]) -> Vec<(usize, usize, u64)>
 
 #[cfg(test)]
 mod tests {
-    use super::plan_moves;
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts the calls running at once and the largest batch.
+    #[derive(Default)]
+    struct Probe {
+        running: AtomicUsize,
+        most_running: AtomicUsize,
+    }
+
+    impl BatchWork for Arc<Probe> {
+        type Request = ();
+        type Outcome = ();
+
+        async fn run(&self, _: &SkuId, requests: Vec<()>) -> Vec<Result<()>> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_running.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            requests.iter().map(|_| Ok(())).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_split_skus_buckets_share_the_calls_in_flight_of_one_sku() {
+        let sku = SkuId::parse("s").unwrap();
+        for (shares, most) in [(1, BATCHES_IN_FLIGHT), (3, 1), (2, BATCHES_IN_FLIGHT / 2)] {
+            let probe = Arc::new(Probe::default());
+            let batcher = Arc::new(Batcher::new(probe.clone()));
+            let calls = (0..200).map(|_| {
+                let (batcher, sku) = (batcher.clone(), sku.clone());
+                tokio::spawn(async move { batcher.submit_sharing(&sku, (), shares).await })
+            });
+            for call in futures::future::join_all(calls).await {
+                call.unwrap().unwrap();
+            }
+            assert_eq!(
+                probe.most_running.load(Ordering::SeqCst),
+                most,
+                "{shares} shares"
+            );
+        }
+    }
 
     #[test]
     fn moves_give_each_short_bucket_its_lack_from_the_richest_spare() {

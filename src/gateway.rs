@@ -141,7 +141,11 @@ impl Gateway {
             idempotency_key: idempotency_key.to_owned(),
             reservation_id: self.settings.id_key.new_reservation_id_in(sale.as_str()),
         };
-        let outcome = match self.reserves.submit(&sale, request.clone()).await {
+        let outcome = match self
+            .reserves
+            .submit_sharing(&sale, request.clone(), k)
+            .await
+        {
             Err(Error::Refused(Refusal::SoldOut)) if k > 1 => {
                 self.reserve_with_transfer(sku, k, home, request).await
             }
@@ -249,7 +253,11 @@ impl Gateway {
             }
             short_before = None;
             rounds += 1;
-            match self.reserves.submit(&sales[home], request.clone()).await {
+            match self
+                .reserves
+                .submit_sharing(&sales[home], request.clone(), k)
+                .await
+            {
                 Err(Error::Refused(Refusal::SoldOut)) => continue,
                 outcome => {
                     telemetry::bucket_transfer_wait(started.elapsed(), "served");
