@@ -57,12 +57,6 @@ impl SkuId {
         SkuId(crate::buckets::sku_of_tag(&self.0).to_owned())
     }
 
-    /// True when this names one bucket of a SKU split over several (not bucket 0,
-    /// whose tag is the SKU's own).
-    pub fn is_bucket(&self) -> bool {
-        self.0.contains('~')
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -318,10 +312,13 @@ mod tests {
     #[test]
     fn sale_tags_name_a_sku_or_one_of_its_buckets() {
         let bucket = SkuId::of_tag("hot~2~17").unwrap();
-        assert!(bucket.is_bucket());
+        assert_eq!(bucket.as_str(), "hot~2~17");
         assert_eq!(bucket.sku(), SkuId::parse("hot").unwrap());
         assert_eq!(SkuId::of_tag("hot"), SkuId::parse("hot"));
-        assert!(!SkuId::of_tag("hot").unwrap().is_bucket());
+        assert_eq!(
+            SkuId::of_tag("hot").unwrap().sku(),
+            SkuId::parse("hot").unwrap()
+        );
         for bad in [
             "hot~0~1",
             "hot~1~01",
