@@ -521,6 +521,27 @@ local function replay(K, h, tail, now)
   return reply
 end
 
+-- The second step of a transfer of stock between buckets of a SKU (src/buckets.rs): the
+-- receiver (meta, transfers) gets the units the donor's transfer_take.lua took, once per
+-- transfer id. Returns 'given' (now), 'already' (before: nothing done) or 'missing' (the
+-- receiver has no state: nothing done, the units stay in transit for the finisher).
+-- Keeps available + held + sold == stock_total in the receiver (both grow by the units);
+-- `in:<id>` makes a repeated give count once. It goes only after the donor's `out:<id>`.
+local function give_units(meta, transfers, id, units, donor_tag)
+  if redis.call('HEXISTS', transfers, 'in:' .. id) == 1 then
+    return 'already'
+  end
+  local m = redis.call('HMGET', meta, 'available', 'stock_total')
+  if not m[1] then
+    return 'missing'
+  end
+  redis.call('HSET', meta, 'available', ms(tonumber(m[1]) + units),
+    'stock_total', ms(tonumber(m[2]) + units))
+  redis.call('HSET', transfers, 'in:' .. id, ms(units) .. ' ' .. ms(now_ms()) .. ' ' .. donor_tag)
+  redis.call('HINCRBY', meta, 'moves', 1) -- as in transfer_take.lua
+  return 'given'
+end
+
 -- Takes a hold for one request, or says why not (the body of reserve.lua and
 -- reserve_batch.lua). `sale` is load_sale(meta); the caller saves it afterwards.
 -- `legacy_key` is the layout-1 idempotency key (read only for layout-1 SKUs).

@@ -16,8 +16,10 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
+use crate::keys::SkuKeys;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
-use crate::store::{BucketState, ReserveOutcome, ReserveRequest, ReserveSettings, Store};
+use crate::reservation::Refusal;
+use crate::store::{BucketState, ReserveOutcome, ReserveRequest, ReserveSettings, Store, Taken};
 
 /// What one batch call does: one outcome per request, in order.
 pub trait BatchWork: Send + Sync + 'static {
@@ -159,57 +161,124 @@ impl BatchWork for IdempotencyProbes {
     }
 }
 
-/// Stock moves towards the home buckets of reserves that found theirs short (src/buckets.rs):
-/// every reserve waiting shares the next batch, which reads the buckets once (one script
-/// call each, lua/bucket_stock.lua), adds up what each home bucket lacks for the
-/// reserves waiting on it (those the buckets together could serve), and moves that (or
-/// half a donor's spare stock, if more) from the buckets with the most to spare, one
-/// transfer per (donor, receiver). A burst of reserves on empty buckets makes a few
-/// transfers, not one race per request. Request: (bucket count, home bucket,
-/// quantity); outcome: the buckets as read before the moves.
+/// Reserves of a split SKU whose home bucket was short (src/buckets.rs), with the stock
+/// they need moved to their home buckets: every such reserve waiting shares the next
+/// batch, which reads the buckets once (one script call each, lua/bucket_stock.lua),
+/// adds up what each home bucket lacks for the reserves waiting on it (in arrival
+/// order, those the buckets together can serve), takes that (or half a donor's spare
+/// stock, if more) from the buckets with the most to spare, one take per (donor,
+/// receiver), and runs each home bucket's reserves together with the gives of what was
+/// taken for them, in one atomic call (lua/reserve_moved.lua): moved units go to the
+/// reserves that asked for them, never to another reserve in between. A burst of
+/// reserves on empty buckets makes a few transfers, not one race per request.
 pub struct BucketMoves {
     pub store: Store,
+    pub keys_ttl: ReserveSettings,
+}
+
+/// A reserve whose home bucket was short: the SKU's bucket count, its home bucket, and
+/// the reserve itself.
+pub struct MoveRequest {
+    pub buckets: u32,
+    pub home: u32,
+    pub reserve: ReserveRequest,
+}
+
+/// What one reserve got from a batch of moves.
+#[derive(Debug)]
+pub struct Moved {
+    /// The buckets as read before the moves.
+    pub stock: Vec<BucketState>,
+    /// The reserve in its home bucket after the moves; `sold_out` also when it was not
+    /// tried (the buckets together lacked its quantity).
+    pub outcome: Result<ReserveOutcome>,
 }
 
 impl BatchWork for BucketMoves {
-    type Request = (u32, u32, u64);
-    type Outcome = Vec<BucketState>;
+    type Request = MoveRequest;
+    type Outcome = Moved;
 
-    async fn run(
-        &self,
-        sku: &SkuId,
-        requests: Vec<(u32, u32, u64)>,
-    ) -> Vec<Result<Vec<BucketState>>> {
-        let buckets = requests.first().map_or(1, |r| r.0);
+    async fn run(&self, sku: &SkuId, requests: Vec<MoveRequest>) -> Vec<Result<Moved>> {
+        let buckets = requests.first().map_or(1, |r| r.buckets);
         let sales = crate::buckets::sales(sku, buckets);
-        let read = async {
-            let stock = self.store.bucket_stock(&sales).await?;
-            let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
-            let total: u64 = available.iter().sum();
-            let mut wanted = vec![0u64; sales.len()];
-            for &(_, home, quantity) in &requests {
-                if quantity <= total {
-                    wanted[home as usize] += quantity;
+        let stock = match self.store.bucket_stock(&sales).await {
+            Ok(stock) => stock,
+            Err(e) => return requests.iter().map(|_| Err(e.duplicate())).collect(),
+        };
+        let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
+        let total: u64 = available.iter().sum();
+        // In arrival order, as one bucket would serve them.
+        let mut wanted = vec![0u64; sales.len()];
+        let mut planned = 0u64;
+        for request in &requests {
+            let quantity = request.reserve.quantity;
+            if planned + quantity <= total {
+                planned += quantity;
+                wanted[request.home as usize] += quantity;
+            }
+        }
+        let keys: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
+        let keys = &keys;
+        let takes = plan_moves(&available, &wanted).into_iter().map(
+            |(donor, receiver, units)| async move {
+                let taken = self.store.take(&keys[donor], &keys[receiver], units).await;
+                (receiver, taken)
+            },
+        );
+        let mut gives: Vec<Vec<Taken>> = vec![Vec::new(); sales.len()];
+        for (receiver, taken) in futures::future::join_all(takes).await {
+            // A take that failed is retried by the reserves' next round.
+            if let Ok(Some(taken)) = taken {
+                crate::telemetry::bucket_transfer(taken.units);
+                gives[receiver].push(taken);
+            }
+        }
+        // Every home bucket with a reserve the buckets together could serve: its
+        // reserves (the planned first, in order) with the units taken for them.
+        let mut outcomes: Vec<Option<Result<ReserveOutcome>>> =
+            requests.iter().map(|_| None).collect();
+        let calls = (0..sales.len()).filter_map(|bucket| {
+            let homed: Vec<usize> = (0..requests.len())
+                .filter(|&i| {
+                    requests[i].home as usize == bucket && requests[i].reserve.quantity <= total
+                })
+                .collect();
+            if homed.is_empty() {
+                return None;
+            }
+            let reserves: Vec<ReserveRequest> =
+                homed.iter().map(|&i| requests[i].reserve.clone()).collect();
+            let (store, sale, gives) = (&self.store, &sales[bucket], &gives[bucket]);
+            Some(async move {
+                let replies = store
+                    .reserve_moved(sale, gives, &reserves, self.keys_ttl)
+                    .await;
+                (homed, replies)
+            })
+        });
+        for (homed, replies) in futures::future::join_all(calls).await {
+            match replies {
+                Ok(replies) => {
+                    for (i, reply) in homed.into_iter().zip(replies) {
+                        outcomes[i] = Some(reply);
+                    }
+                }
+                Err(e) => {
+                    for i in homed {
+                        outcomes[i] = Some(Err(e.duplicate()));
+                    }
                 }
             }
-            for (donor, receiver, units) in plan_moves(&available, &wanted) {
-                let moved = self
-                    .store
-                    .transfer(
-                        &crate::keys::SkuKeys::new(&sales[donor]),
-                        &crate::keys::SkuKeys::new(&sales[receiver]),
-                        units,
-                    )
-                    .await?;
-                crate::telemetry::bucket_transfer(moved);
-            }
-            Ok::<_, crate::error::Error>(stock)
         }
-        .await;
-        match read {
-            Ok(stock) => requests.iter().map(|_| Ok(stock.clone())).collect(),
-            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
-        }
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                Ok(Moved {
+                    stock: stock.clone(),
+                    outcome: outcome.unwrap_or(Err(Error::Refused(Refusal::SoldOut))),
+                })
+            })
+            .collect()
     }
 }
 

@@ -6,11 +6,11 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, Reserves};
+use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Reserves};
 use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
-use crate::error::{Error, Result};
+use crate::error::{Error, Outcome, Result};
 use crate::ids::{self, SkuId};
 use crate::keys::SkuKeys;
 use crate::limits;
@@ -29,11 +29,10 @@ use std::time::{Duration, Instant};
 /// How long a reserve whose home bucket ran dry waits for stock in transit to land
 /// somewhere before it may answer `sold_out` (src/buckets.rs).
 const TRANSFER_WAIT: Duration = Duration::from_millis(20);
-/// Rounds of (read the buckets, move stock, reserve again) a reserve makes at most;
-/// losing each one to other reserves ends in `sold_out`.
-/// (Reads that find too little stock anywhere are not rounds: they end in `sold_out`
-/// within TRANSFER_WAIT.)
-const TRANSFER_ROUNDS: usize = 4;
+/// How long a reserve whose home bucket ran dry keeps trying while the buckets together
+/// have its quantity and other reserves take it first; then 503 (nothing done). Each
+/// such round means others bought the units, so stock runs out well before.
+const TRANSFER_GIVE_UP: Duration = Duration::from_secs(1);
 /// SKUs whose bucket count a gateway remembers; past it the memory starts over.
 const BUCKET_COUNTS_MAX: usize = 65_536;
 
@@ -58,19 +57,21 @@ fn sale_of(reservation_id: &str) -> Result<SkuId> {
 
 impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
+        let keys_ttl = ReserveSettings {
+            idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+            payment_grace_ms: settings.payment_grace.as_millis() as u64,
+            released_holds_cap: settings.released_holds_cap,
+        };
         let reserves = Arc::new(Batcher::new(Reserves {
             store: store.clone(),
-            keys_ttl: ReserveSettings {
-                idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
-                payment_grace_ms: settings.payment_grace.as_millis() as u64,
-                released_holds_cap: settings.released_holds_cap,
-            },
+            keys_ttl,
         }));
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
         }));
         let bucket_moves = Arc::new(Batcher::new(BucketMoves {
             store: store.clone(),
+            keys_ttl,
         }));
         Gateway {
             store,
@@ -179,16 +180,17 @@ impl Gateway {
         })
     }
 
-    /// The user's home bucket cannot serve the quantity: stock moves to it (the
-    /// reserves short at the same moment share one batch of moves, `BucketMoves`),
-    /// and the reserve runs again. `sold_out` only once the buckets together have
+    /// The user's home bucket cannot serve the quantity: stock moves to it, and the
+    /// reserve runs there together with the give (the reserves short at the same moment
+    /// share one batch, `BucketMoves`), so the units moved for it are its own. It runs
+    /// again while the buckets together have its quantity and others took it first
+    /// (each such round, they sold it). `sold_out` only once the buckets together have
     /// less than the quantity with nothing in transit, in two reads between which no
     /// transfer touched any bucket (the buckets are read one by one: a transfer
     /// finishing between the reads of its receiver and its donor would hide its units
     /// from one read, never from two such); or once transit did not land within
-    /// TRANSFER_WAIT (then two short reads in a row suffice). A reserve whose every
-    /// round's stock went to other reserves first (TRANSFER_ROUNDS) is `sold_out`, as
-    /// it would have been behind them in one bucket.
+    /// TRANSFER_WAIT (then two short reads in a row suffice). Past TRANSFER_GIVE_UP of
+    /// losing rounds, 503 (nothing done; a retry with the same key is safe).
     async fn reserve_with_transfer(
         &self,
         sku: &SkuId,
@@ -197,78 +199,80 @@ impl Gateway {
         request: ReserveRequest,
     ) -> Result<ReserveOutcome> {
         let started = Instant::now();
-        let sales = buckets::sales(sku, k);
-        let home = home as usize;
         let quantity = request.quantity;
         let mut short_before: Option<Vec<u64>> = None;
         let mut finished_stale = false;
-        let mut rounds = 0;
-        while rounds < TRANSFER_ROUNDS {
-            // One batch with the other reserves short now: it reads every bucket and
-            // moves what their home buckets lack (nothing if all together lack it).
-            let stock = self
+        loop {
+            let moved = self
                 .bucket_moves
-                .submit(sku, (k, home as u32, quantity))
+                .submit(
+                    sku,
+                    MoveRequest {
+                        buckets: k,
+                        home,
+                        reserve: request.clone(),
+                    },
+                )
                 .await?;
-            let total: u64 = stock.iter().map(|b| b.available).sum();
-            if total < quantity {
-                // The burst behind this reserve is answered from the flag at once (as
-                // with one bucket), not each down this path; this one still settles.
-                self.sold_out.raise(sku, quantity);
-                let in_transit = stock.iter().any(|b| b.transfers > 0);
-                let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
-                // Short twice in a row with no transfer in between (moves unchanged):
-                // no unit can have hidden from both reads.
-                let settled = short_before.as_ref() == Some(&moves);
-                let short_twice = short_before.is_some();
-                let waited = started.elapsed();
-                if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
-                    // Units stuck in a transfer its gateway never finished (it stopped,
-                    // or a failover cut it): finish those past their lease now rather
-                    // than answer `sold_out` until the worker's sweep does.
-                    finished_stale = true;
-                    let keys: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
-                    if self
-                        .store
-                        .finish_transfers(&keys, limits::TRANSFER_STALE)
-                        .await?
-                        > 0
-                    {
-                        short_before = None;
-                        continue;
-                    }
-                }
-                // Past TRANSFER_WAIT, two short reads in a row are enough even if
-                // transfers (other reserves' moves) ran in between: at the tail of a
-                // sale, returned units trickle in and move all the time.
-                if settled && !in_transit || short_twice && waited >= TRANSFER_WAIT {
-                    telemetry::bucket_transfer_wait(started.elapsed(), "sold_out");
-                    return Err(Error::Refused(Refusal::SoldOut));
-                }
-                if in_transit {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                short_before = Some(moves);
-                continue;
-            }
-            short_before = None;
-            rounds += 1;
-            match self
-                .reserves
-                .submit_sharing(&sales[home], request.clone(), k)
-                .await
-            {
-                Err(Error::Refused(Refusal::SoldOut)) => continue,
+            match moved.outcome {
+                Err(Error::Refused(Refusal::SoldOut)) => {}
                 outcome => {
                     telemetry::bucket_transfer_wait(started.elapsed(), "served");
                     return outcome;
                 }
             }
+            let stock = moved.stock;
+            let waited = started.elapsed();
+            let total: u64 = stock.iter().map(|b| b.available).sum();
+            if total >= quantity {
+                // Other reserves took the units first: they are sold; look again.
+                short_before = None;
+                if waited >= TRANSFER_GIVE_UP {
+                    telemetry::bucket_transfer_wait(waited, "gave_up");
+                    return Err(Error::unavailable(
+                        "redis: the stock of this SKU's buckets kept going to other reserves",
+                        Outcome::NotApplied,
+                    ));
+                }
+                continue;
+            }
+            // The burst behind this reserve is answered from the flag at once (as
+            // with one bucket), not each down this path; this one still settles.
+            self.sold_out.raise(sku, quantity);
+            let in_transit = stock.iter().any(|b| b.transfers > 0);
+            let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
+            // Short twice in a row with no transfer in between (moves unchanged):
+            // no unit can have hidden from both reads.
+            let settled = short_before.as_ref() == Some(&moves);
+            let short_twice = short_before.is_some();
+            if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
+                // Units stuck in a transfer its gateway never finished (it stopped,
+                // or a failover cut it): finish those past their lease now rather
+                // than answer `sold_out` until the worker's sweep does.
+                finished_stale = true;
+                let keys: Vec<SkuKeys> = buckets::sales(sku, k).iter().map(SkuKeys::new).collect();
+                if self
+                    .store
+                    .finish_transfers(&keys, limits::TRANSFER_STALE)
+                    .await?
+                    > 0
+                {
+                    short_before = None;
+                    continue;
+                }
+            }
+            // Past TRANSFER_WAIT, two short reads in a row are enough even if
+            // transfers (other reserves' moves) ran in between: at the tail of a
+            // sale, returned units trickle in and move all the time.
+            if settled && !in_transit || short_twice && waited >= TRANSFER_WAIT {
+                telemetry::bucket_transfer_wait(started.elapsed(), "sold_out");
+                return Err(Error::Refused(Refusal::SoldOut));
+            }
+            if in_transit {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            short_before = Some(moves);
         }
-        // Every round moved stock towards this reserve's bucket and other reserves took
-        // it first: the units there were went to them, as with one bucket.
-        telemetry::bucket_transfer_wait(started.elapsed(), "outrun");
-        Err(Error::Refused(Refusal::SoldOut))
     }
 
     /// A confirm that cannot become a sale answers `RefundRequired`: the compensation

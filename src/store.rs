@@ -58,6 +58,7 @@ pub struct Scripts {
     pub transfer_give: Script,
     pub transfer_done: Script,
     pub bucket_stock: Script,
+    pub reserve_moved: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -84,6 +85,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     transfer_give: script(include_str!("../lua/transfer_give.lua")),
     transfer_done: script(include_str!("../lua/transfer_done.lua")),
     bucket_stock: script(include_str!("../lua/bucket_stock.lua")),
+    reserve_moved: script(include_str!("../lua/reserve_moved.lua")),
 });
 
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
@@ -101,7 +103,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 23] {
+fn all_scripts() -> [&'static Script; 24] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -127,6 +129,7 @@ fn all_scripts() -> [&'static Script; 23] {
         &s.transfer_give,
         &s.transfer_done,
         &s.bucket_stock,
+        &s.reserve_moved,
     ]
 }
 
@@ -517,6 +520,23 @@ impl OutboxHints {
 pub struct OutboxEntry {
     pub stream_id: String,
     pub fields: StreamId,
+}
+
+/// Units a transfer took from a donor bucket (step 1, lua/transfer_take.lua), not yet
+/// given to the receiver.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub id: String,
+    pub from: SkuKeys,
+    pub units: u64,
+    taken_at: std::time::Instant,
+}
+
+impl Taken {
+    /// Whether its taker may still give it (TRANSFER_LEASE).
+    fn within_lease(&self) -> bool {
+        self.taken_at.elapsed() < TRANSFER_LEASE
+    }
 }
 
 /// One bucket of a split SKU as a reserve looking for stock reads it.
@@ -1351,19 +1371,99 @@ impl Store {
     /// record and the receiver's go. Returns the units moved (0: the donor had none).
     /// Cut short at any step, `finish_transfers` completes it exactly once.
     pub async fn transfer(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<u64> {
-        let id = crate::ids::random_name();
-        let started = std::time::Instant::now();
-        let taken = self.transfer_take(from, to, &id, wanted).await?;
-        // Past the lease, the give is `finish_transfers`'s alone: never two givers.
-        if taken == 0 || started.elapsed() >= TRANSFER_LEASE {
+        let Some(taken) = self.take(from, to, wanted).await? else {
             return Ok(0);
-        }
-        if !self.transfer_give(from, to, &id, taken).await? {
+        };
+        // Past the lease, the give is `finish_transfers`'s alone: never two givers.
+        if !taken.within_lease() || !self.transfer_give(from, to, &taken.id, taken.units).await? {
             return Ok(0); // no receiver: the units wait in transit, finish_transfers undoes it
         }
-        // The units are the receiver's now: its records can go after the caller's
-        // reserve (a record left by a stop here is the finisher's: the give counts once).
-        let (store, from, to) = (self.clone(), from.clone(), to.clone());
+        self.drop_transfer_records(&taken, to);
+        Ok(taken.units)
+    }
+
+    /// Step 1 of a transfer with a new id: None when the donor had nothing to give.
+    pub async fn take(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<Option<Taken>> {
+        let id = crate::ids::random_name();
+        let taken_at = std::time::Instant::now();
+        let units = self.transfer_take(from, to, &id, wanted).await?;
+        Ok((units > 0).then(|| Taken {
+            id,
+            from: from.clone(),
+            units,
+            taken_at,
+        }))
+    }
+
+    /// The reserves `requests` (all homed in the bucket `sale`) together with the gives
+    /// of the units `gives` took for them, in one atomic call (lua/reserve_moved.lua):
+    /// the moved units go to these reserves before any other can take them. Gives past
+    /// their lease are left to `finish_transfers`. One outcome per request, as
+    /// `reserve_many` gives.
+    pub async fn reserve_moved(
+        &self,
+        sale: &SkuId,
+        gives: &[Taken],
+        requests: &[ReserveRequest],
+        keys_ttl: ReserveSettings,
+    ) -> Result<Vec<Result<ReserveOutcome>>> {
+        let keys = SkuKeys::new(sale);
+        let gives: Vec<&Taken> = gives.iter().filter(|t| t.within_lease()).collect();
+        let mut invocation = with_sale_keys(&SCRIPTS.reserve_moved, &keys);
+        invocation
+            .key(&keys.transfers)
+            .arg(keys_ttl.idempotency_ttl_ms)
+            .arg(keys_ttl.payment_grace_ms)
+            .arg(limits::RESERVE_RECLAIM_BATCH)
+            .arg(keys_ttl.released_holds_cap)
+            .arg(gives.len());
+        for give in &gives {
+            invocation
+                .arg(&give.id)
+                .arg(give.units)
+                .arg(give.from.tag());
+        }
+        for request in requests {
+            invocation
+                .key(keys.idempotency(&request.user_id, &request.idempotency_key))
+                .arg(&request.user_id)
+                .arg(request.quantity)
+                .arg(&request.reservation_id)
+                .arg(&request.idempotency_key);
+        }
+        // The gives must survive a failover before their records go (transfer_give).
+        let replies: Vec<Vec<String>> = match (&self.replicated, gives.is_empty()) {
+            (Some(replicated), false) => replicated.invoke(&invocation, &keys.meta).await?,
+            _ => invocation.invoke_async(&mut self.conn.clone()).await?,
+        };
+        let Some((given, replies)) = replies.split_first() else {
+            return Err(bad_reply("reserve_moved arity"));
+        };
+        if replies.len() != requests.len() {
+            return Err(bad_reply("reserve_moved arity"));
+        }
+        if given.first().map(String::as_str) == Some("given") {
+            for give in gives {
+                self.drop_transfer_records(give, &keys);
+            }
+        }
+        Ok(replies
+            .iter()
+            .zip(requests)
+            .map(|(reply, request)| reserve_outcome(sale, request, reply))
+            .collect())
+    }
+
+    /// Steps 3 and 4 of a given transfer, in the background: the units are the
+    /// receiver's now (a record left by a stop here is the finisher's: the give counts
+    /// once).
+    fn drop_transfer_records(&self, taken: &Taken, to: &SkuKeys) {
+        let (store, from, to, id) = (
+            self.clone(),
+            taken.from.clone(),
+            to.clone(),
+            taken.id.clone(),
+        );
         tokio::spawn(async move {
             if store
                 .transfer_done(&from, &format!("out:{id}"))
@@ -1373,7 +1473,6 @@ impl Store {
                 let _ = store.transfer_done(&to, &format!("in:{id}")).await;
             }
         });
-        Ok(taken)
     }
 
     /// Step 1 of a transfer (lua/transfer_take.lua): the units taken from the donor.

@@ -99,7 +99,7 @@ fn describe() {
     );
     describe_histogram!(
         "flashgate_bucket_transfer_wait_seconds",
-        "Time a reserve whose home bucket ran dry spent moving stock, by outcome (served; sold_out: too little in every bucket; outrun: other reserves took the stock moved first)"
+        "Time a reserve whose home bucket ran dry spent moving stock, by outcome (served; sold_out: too little in every bucket; gave_up: 503 after 1 s of rounds whose stock other reserves took first)"
     );
     describe_counter!("flashgate_expired_total", "Holds expired by the sweeper");
     describe_gauge!(

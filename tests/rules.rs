@@ -711,6 +711,123 @@ async fn a_transfer_keeps_the_skus_stock_at_every_step_and_moves_it_once() {
     assert_eq!(available(&sale, &b[1]).await, 12);
 }
 
+/// A reserve on a short home bucket gets the units taken for it in the same step as
+/// their give (lua/reserve_moved.lua): the reserves that asked are served first, in
+/// order; a repeated give counts once; a home bucket with no state gives nothing and
+/// serves nothing (`not_found`), the units waiting in transit for the finisher.
+#[tokio::test]
+async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
+    let sale = Sale::new("rule-moved", 1).await;
+    let store = &sale.store;
+    let definition = SkuDefinition {
+        stock_total: 10,
+        per_user_limit: 2,
+        hold_seconds: 60,
+        starts_at_ms: None,
+        ends_at_ms: None,
+        buckets: 2,
+    };
+    let sales = flashgate::buckets::sales(&sale.sku, 2);
+    for (sale_of_bucket, share) in sales.iter().zip([0, 5]) {
+        let stock = flashgate::store::BucketStock {
+            if_new: share,
+            change: None,
+        };
+        store
+            .load_bucket(sale_of_bucket, &definition, &stock, 0)
+            .await
+            .unwrap();
+    }
+    let b: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
+    let id_key = ids::IdKey::derive(common::JWT_SECRET);
+    let request = |user: &str, quantity| ReserveRequest {
+        user_id: user.into(),
+        quantity,
+        idempotency_key: "k".into(),
+        reservation_id: id_key.new_reservation_id_in(sales[0].as_str()),
+    };
+    let ttl = ReserveSettings {
+        idempotency_ttl_ms: 60_000,
+        payment_grace_ms: GRACE_MS,
+        released_holds_cap: 2,
+    };
+    let taken = store.take(&b[1], &b[0], 3).await.unwrap().unwrap();
+    assert_eq!((taken.units, stock_of(&sale, &b).await), (3, (2, 3)));
+    // The two reserves, the give first: the one that fits gets the moved units.
+    let outcomes = store
+        .reserve_moved(
+            &sales[0],
+            &[taken],
+            &[request("a", 2), request("b", 2)],
+            ttl,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(&outcomes[0], Ok(ReserveOutcome::Created(r)) if r.quantity == 2));
+    assert!(
+        matches!(&outcomes[1], Err(flashgate::error::Error::Refused(r)) if r.code() == "sold_out"),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(stock_of(&sale, &b).await, (5, 0));
+    assert_eq!(
+        (available(&sale, &b[0]).await, available(&sale, &b[1]).await),
+        (1, 2)
+    );
+
+    // A give made before (a first attempt whose answer was lost) counts once.
+    let taken = store.take(&b[1], &b[0], 1).await.unwrap().unwrap();
+    assert!(store
+        .transfer_give(&b[1], &b[0], &taken.id, 1)
+        .await
+        .unwrap());
+    let outcomes = store
+        .reserve_moved(&sales[0], &[taken], &[request("b", 2)], ttl)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], Ok(ReserveOutcome::Created(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(stock_of(&sale, &b).await, (5, 0));
+    assert_eq!(
+        (available(&sale, &b[0]).await, available(&sale, &b[1]).await),
+        (0, 1)
+    );
+
+    // The records go in the background once given.
+    for bucket in &b {
+        let mut polls = 0;
+        while sale.exists(&bucket.transfers).await {
+            polls += 1;
+            assert!(polls < 500, "{} kept a record", bucket.tag());
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    // No state in the home bucket: nothing given, nothing sold, the units in transit.
+    let gone_sale = SkuId::of_tag(&format!("{}~9~0", sale.sku)).unwrap();
+    let gone = SkuKeys::new(&gone_sale);
+    let taken = store.take(&b[1], &gone, 1).await.unwrap().unwrap();
+    let outcomes = store
+        .reserve_moved(&gone_sale, &[taken], &[request("c", 1)], ttl)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], Err(flashgate::error::Error::Refused(r)) if r.code() == "not_found"),
+        "{outcomes:?}"
+    );
+    assert_eq!(stock_of(&sale, &b).await, (4, 1));
+    assert_eq!(
+        store
+            .finish_transfers(&b, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(stock_of(&sale, &b).await, (5, 0));
+}
+
 /// Hundreds of transfers racing between three buckets, with the worker's finishing
 /// pass running alongside: no bucket goes below zero, the SKU's stock never changes,
 /// and nothing stays in transit.

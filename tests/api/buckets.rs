@@ -171,6 +171,79 @@ async fn thousands_of_users_racing_for_a_split_sku_hold_exactly_its_stock() {
     assert_eq!(counters.iter().map(|c| c[0]).sum::<u64>(), stock);
 }
 
+/// Demand equals the stock exactly and most of it comes from one bucket's users, in
+/// quantities of 1 to 3: every reserve must be served (a `sold_out` here would leave
+/// a unit unsold while its buyer was told there was none), and the SKU ends empty.
+#[tokio::test]
+async fn when_demand_equals_the_stock_every_racing_reserve_is_served() {
+    let app = Arc::new(spawn_app().await);
+    let sku = unique_sku("bk-exact");
+    let stock = 600u64;
+    app.create_sku(
+        &sku,
+        json!({ "stock": stock, "buckets": 3, "per_user_limit": 3 }),
+    )
+    .await;
+    // Four in five reserves from users of bucket 0, the rest from the others' users;
+    // one reserve per user, so the limit never refuses.
+    let mut homed = users_homed(&sku, 3, 300, "exact");
+    let mut attempts: Vec<(String, u64)> = Vec::new();
+    let mut demand = 0;
+    for n in 0.. {
+        let bucket = if n % 5 == 4 { 1 + n / 5 % 2 } else { 0 };
+        let user = homed[bucket].pop().unwrap();
+        let quantity = (1 + n as u64 % 3).min(stock - demand);
+        demand += quantity;
+        attempts.push((user, quantity));
+        if demand == stock {
+            break;
+        }
+    }
+    // They arrive over 40 ms, as a sale's traffic does: moved units meet fresh
+    // reserves of their bucket, not only the ones that asked for them.
+    let barrier = Arc::new(Barrier::new(attempts.len()));
+    let answers = join_all(
+        attempts
+            .into_iter()
+            .enumerate()
+            .map(|(n, (user, quantity))| {
+                let (app, sku, barrier) = (app.clone(), sku.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    tokio::time::sleep(std::time::Duration::from_millis(n as u64 % 40)).await;
+                    let mut answer = app.reserve(&sku, &user, "k", quantity).await;
+                    for _ in 0..5 {
+                        if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+                            break;
+                        }
+                        answer = app.reserve(&sku, &user, "k", quantity).await;
+                    }
+                    (quantity, answer.0, answer.1)
+                })
+            }),
+    )
+    .await;
+    let mut held = 0;
+    for answer in answers {
+        let (quantity, status, body) = answer.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "stock remained: {body}");
+        held += quantity;
+    }
+    assert_eq!(held, stock);
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["available"].as_u64(), view["held"].as_u64()),
+        (Some(0), Some(stock))
+    );
+    let counters = bucket_counters(&app, &sku, 3).await;
+    assert_eq!(counters.iter().map(|c| c[0]).sum::<u64>(), stock);
+    let (status, body) = app.reserve(&sku, "after-the-race", "k", 1).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out"))
+    );
+}
+
 /// One user's keys all go to the user's home bucket: the per-user limit is exact and
 /// a key replays its hold, whatever bucket holds the stock.
 #[tokio::test]
