@@ -17,9 +17,10 @@
 -- then for request i, from a = 5 + 3g: ARGV[a + 4i - 3] user id, ARGV[a + 4i - 2]
 --         quantity, ARGV[a + 4i - 1] new rid, ARGV[a + 4i] idempotency key
 --
--- Reply: { {'given' | 'missing'}, then one reserve.lua reply per request, in order }.
--- 'missing': the bucket has no state; nothing was given (the units stay in transit
--- for the finisher) and the reserves answer as reserve.lua would (`not_found`).
+-- Reply: { {what became of each give: 'given' | 'already' | 'missing'}, then one
+-- reserve.lua reply per request, in order }. 'missing': the bucket has no state;
+-- nothing was given (the units stay in transit for the finisher) and the reserves
+-- answer as reserve.lua would (`not_found`).
 --
 -- Invariants: those of give_units and of reserve_hold in lib.lua; the gives come
 -- first, so available + held + sold == stock_total holds at the end as at the start.
@@ -28,16 +29,14 @@ local transfers = KEYS[10]
 local idem_ttl_ms, grace_ms, reclaim_limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local churn_cap = tonumber(ARGV[4])
 local gives = tonumber(ARGV[5])
-local given = 'given'
+local given = {}
 for j = 1, gives do
   local at = 5 + 3 * j
-  if give_units(K.meta, transfers, ARGV[at - 2], tonumber(ARGV[at - 1]), ARGV[at]) == 'missing' then
-    given = 'missing'
-  end
+  given[j] = give_units(K.meta, transfers, ARGV[at - 2], tonumber(ARGV[at - 1]), ARGV[at])
 end
 local now = now_ms()
 local sale = load_sale(K.meta)
-local replies = { { given } }
+local replies = { given }
 local a = 5 + 3 * gives
 for i = 1, #KEYS - 10 do
   replies[i + 1] = reserve_hold(K, sale, KEYS[10 + i], ARGV[a + 4 * i - 3], ARGV[a + 4 * i],

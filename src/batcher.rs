@@ -19,7 +19,9 @@ use crate::ids::SkuId;
 use crate::keys::SkuKeys;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
 use crate::reservation::Refusal;
-use crate::store::{BucketState, ReserveOutcome, ReserveRequest, ReserveSettings, Store, Taken};
+use crate::store::{
+    BucketState, Give, ReserveOutcome, ReserveRequest, ReserveSettings, Store, Taken,
+};
 
 /// What one batch call does: one outcome per request, in order.
 pub trait BatchWork: Send + Sync + 'static {
@@ -46,6 +48,10 @@ struct Queue<W: BatchWork> {
 pub struct Batcher<W: BatchWork> {
     work: W,
     queues: Mutex<HashMap<SkuId, Queue<W>>>,
+    /// Calls of one SKU running at once at most.
+    in_flight: usize,
+    /// Requests decided in one call at most.
+    batch_max: usize,
 }
 
 impl<W: BatchWork> Batcher<W> {
@@ -53,6 +59,18 @@ impl<W: BatchWork> Batcher<W> {
         Batcher {
             work,
             queues: Mutex::new(HashMap::new()),
+            in_flight: BATCHES_IN_FLIGHT,
+            batch_max: BATCH_MAX,
+        }
+    }
+
+    /// A batcher that runs one call of a SKU at a time, each call seeing what the one
+    /// before it did, with up to `batch_max` requests (BucketMoves).
+    pub fn one_at_a_time(work: W, batch_max: usize) -> Batcher<W> {
+        Batcher {
+            in_flight: 1,
+            batch_max,
+            ..Batcher::new(work)
         }
     }
 
@@ -61,16 +79,16 @@ impl<W: BatchWork> Batcher<W> {
     }
 
     /// `submit` for one of `shares` sales that split one SKU's traffic (the buckets of
-    /// a split SKU): each runs at most BATCHES_IN_FLIGHT / shares calls at once (at
-    /// least one), so the SKU as a whole keeps about the calls in flight, and the batch
-    /// sizes, of an unsplit one.
+    /// a split SKU): each runs at most `in_flight` / shares calls at once (at least
+    /// one), so the SKU as a whole keeps about the calls in flight, and the batch sizes,
+    /// of an unsplit one.
     pub async fn submit_sharing(
         self: &Arc<Self>,
         sku: &SkuId,
         request: W::Request,
         shares: u32,
     ) -> Result<W::Outcome> {
-        let in_flight = (BATCHES_IN_FLIGHT / shares.max(1) as usize).max(1);
+        let in_flight = (self.in_flight / shares.max(1) as usize).max(1);
         let (reply, answer) = oneshot::channel();
         let start_runner = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,7 +128,7 @@ impl<W: BatchWork> Batcher<W> {
                     }
                     return;
                 }
-                let take = queue.waiting.len().min(BATCH_MAX);
+                let take = queue.waiting.len().min(self.batch_max);
                 queue.waiting.drain(..take).collect()
             };
             let (requests, replies): (Vec<W::Request>, Vec<_>) =
@@ -171,9 +189,51 @@ impl BatchWork for IdempotencyProbes {
 /// taken for them, in one atomic call (lua/reserve_moved.lua): moved units go to the
 /// reserves that asked for them, never to another reserve in between. A burst of
 /// reserves on empty buckets makes a few transfers, not one race per request.
+///
+/// Batches of one SKU run one at a time, so that each knows what the one before did.
+/// `sold_out` is decided here when the read was *settled*: it saw nothing in transit,
+/// and neither did the SKU's read before it, whose `moves` (plus those of the previous
+/// batch's own transfers, finished and their records dropped before this read) it
+/// matches in every bucket. The buckets are read one by one: units hide from a read
+/// only in a transfer taken before the donor's read and given after the receiver's.
+/// Such a transfer, if not the previous batch's own, was in transit at the read
+/// before if it was taken before that read's donor read, or changed `moves` beyond
+/// the expected if taken after: settled reads miss no unit. A reserve the batch
+/// serves nothing to is then `sold_out` when what the read found, less what the batch
+/// sold, is below its quantity: stock only leaves meanwhile, except for units
+/// returned since, which count as after it (as with one bucket).
 pub struct BucketMoves {
     pub store: Store,
     pub keys_ttl: ReserveSettings,
+    /// Per split SKU: what its last batch read and did (capped at LAST_READS_MAX SKUs).
+    last_batches: Mutex<HashMap<SkuId, LastBatch>>,
+}
+
+/// SKUs whose last batch BucketMoves remembers; past it the memory starts over (a
+/// forgotten batch costs one more read, nothing else).
+const LAST_READS_MAX: usize = 65_536;
+/// A remembered batch older than this is not compared with (a bucket retired and
+/// remade since would count its transfers anew).
+const LAST_READ_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a SKU's last batch of moves left behind.
+#[derive(Default)]
+struct LastBatch {
+    /// The buckets as the batch read them, their `moves` advanced by the batch's own
+    /// transfers; None when what it did is not known exactly (a call failed).
+    expected: Option<(Vec<BucketState>, std::time::Instant)>,
+    /// The dropping of its transfers' records, awaited before the next read.
+    drops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BucketMoves {
+    pub fn new(store: Store, keys_ttl: ReserveSettings) -> BucketMoves {
+        BucketMoves {
+            store,
+            keys_ttl,
+            last_batches: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// A reserve whose home bucket was short: the SKU's bucket count, its home bucket, and
@@ -186,12 +246,17 @@ pub struct MoveRequest {
 
 /// What one reserve got from a batch of moves.
 #[derive(Debug)]
-pub struct Moved {
-    /// The buckets as read before the moves.
-    pub stock: Vec<BucketState>,
-    /// The reserve in its home bucket after the moves; `sold_out` also when it was not
-    /// tried (the buckets together lacked its quantity).
-    pub outcome: Result<ReserveOutcome>,
+pub enum Moved {
+    /// Its answer: served (or refused) in its home bucket, or `sold_out` on a settled
+    /// read.
+    Answered(Result<ReserveOutcome>),
+    /// Not served, and no settled `sold_out`: the reserve needs another batch.
+    Again {
+        /// The buckets together had less than its quantity.
+        short: bool,
+        /// Some transfer was not finished (its units may land).
+        in_transit: bool,
+    },
 }
 
 impl BatchWork for BucketMoves {
@@ -201,47 +266,170 @@ impl BatchWork for BucketMoves {
     async fn run(&self, sku: &SkuId, requests: Vec<MoveRequest>) -> Vec<Result<Moved>> {
         let buckets = requests.first().map_or(1, |r| r.buckets);
         let sales = crate::buckets::sales(sku, buckets);
+        let before = self.previous_batch(sku).await;
         let stock = match self.store.bucket_stock(&sales).await {
             Ok(stock) => stock,
-            Err(e) => return requests.iter().map(|_| Err(e.duplicate())).collect(),
+            Err(e) => {
+                self.remember(sku, None, Vec::new());
+                return requests.iter().map(|_| Err(e.duplicate())).collect();
+            }
         };
+        let in_transit = stock.iter().any(|b| b.transfers > 0);
+        let settled = !in_transit
+            && before.is_some_and(|before| {
+                before.len() == stock.len()
+                    && before
+                        .iter()
+                        .zip(&stock)
+                        .all(|(b, s)| b.transfers == 0 && b.moves == s.moves)
+            });
         let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
+        let total: u64 = available.iter().sum();
+        let done = self.move_and_reserve(&sales, &available, &requests).await;
+        let expected = done.moves.map(|moves| {
+            stock
+                .iter()
+                .zip(moves)
+                .map(|(read, own)| BucketState {
+                    moves: read.moves + own,
+                    ..*read
+                })
+                .collect()
+        });
+        self.remember(sku, expected, done.drops);
+        let sold: u64 = done
+            .outcomes
+            .iter()
+            .zip(&requests)
+            .filter(|(o, _)| matches!(o, Some(Ok(ReserveOutcome::Created(_)))))
+            .map(|(_, r)| r.reserve.quantity)
+            .sum();
+        let left = total.saturating_sub(sold);
+        done.outcomes
+            .into_iter()
+            .zip(&requests)
+            .map(|(outcome, request)| {
+                let quantity = request.reserve.quantity;
+                Ok(match outcome {
+                    Some(Err(Error::Refused(Refusal::SoldOut))) | None => {
+                        if settled && left < quantity {
+                            Moved::Answered(Err(Error::Refused(Refusal::SoldOut)))
+                        } else {
+                            Moved::Again {
+                                short: total < quantity,
+                                in_transit,
+                            }
+                        }
+                    }
+                    Some(outcome) => Moved::Answered(outcome),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What `move_and_reserve` did.
+struct MovesDone {
+    /// Per request: its outcome, or None when not tried (what the read found was
+    /// planned for the reserves ahead of it).
+    outcomes: Vec<Option<Result<ReserveOutcome>>>,
+    /// Per bucket, how much its `moves` grew by this batch's transfers; None when not
+    /// known exactly (a call failed: it may or may not have run).
+    moves: Option<Vec<u64>>,
+    /// The dropping of the records of the transfers given.
+    drops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BucketMoves {
+    /// What the SKU's previous batch expected the buckets' moves to be, once the
+    /// dropping of its transfers' records has finished.
+    async fn previous_batch(&self, sku: &SkuId) -> Option<Vec<BucketState>> {
+        let (expected, drops) = {
+            let mut last = self.last_batches.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = last.entry(sku.clone()).or_default();
+            (entry.expected.take(), std::mem::take(&mut entry.drops))
+        };
+        for drop in drops {
+            let _ = drop.await;
+        }
+        expected
+            .filter(|(_, at)| at.elapsed() < LAST_READ_FRESH)
+            .map(|(stock, _)| stock)
+    }
+
+    fn remember(
+        &self,
+        sku: &SkuId,
+        expected: Option<Vec<BucketState>>,
+        drops: Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        let mut last = self.last_batches.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() >= LAST_READS_MAX && !last.contains_key(sku) {
+            last.clear();
+        }
+        last.insert(
+            sku.clone(),
+            LastBatch {
+                expected: expected.map(|e| (e, std::time::Instant::now())),
+                drops,
+            },
+        );
+    }
+
+    /// Takes what the home buckets lack from the others and runs every home bucket's
+    /// reserves with the gives of their units (lua/reserve_moved.lua).
+    async fn move_and_reserve(
+        &self,
+        sales: &[SkuId],
+        available: &[u64],
+        requests: &[MoveRequest],
+    ) -> MovesDone {
         let total: u64 = available.iter().sum();
         // In arrival order, as one bucket would serve them.
         let mut wanted = vec![0u64; sales.len()];
-        let mut planned = 0u64;
-        for request in &requests {
+        let mut planned = vec![false; requests.len()];
+        let mut units_planned = 0u64;
+        for (i, request) in requests.iter().enumerate() {
             let quantity = request.reserve.quantity;
-            if planned + quantity <= total {
-                planned += quantity;
+            if units_planned + quantity <= total {
+                units_planned += quantity;
                 wanted[request.home as usize] += quantity;
+                planned[i] = true;
             }
         }
         let keys: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
         let keys = &keys;
-        let takes = plan_moves(&available, &wanted).into_iter().map(
-            |(donor, receiver, units)| async move {
-                let taken = self.store.take(&keys[donor], &keys[receiver], units).await;
-                (receiver, taken)
-            },
-        );
+        let takes =
+            plan_moves(available, &wanted)
+                .into_iter()
+                .map(|(donor, receiver, units)| async move {
+                    let taken = self.store.take(&keys[donor], &keys[receiver], units).await;
+                    (donor, receiver, taken)
+                });
+        let mut moves = Some(vec![0u64; sales.len()]);
         let mut gives: Vec<Vec<Taken>> = vec![Vec::new(); sales.len()];
-        for (receiver, taken) in futures::future::join_all(takes).await {
-            // A take that failed is retried by the reserves' next round.
-            if let Ok(Some(taken)) = taken {
-                crate::telemetry::bucket_transfer(taken.units);
-                gives[receiver].push(taken);
+        for (donor, receiver, taken) in futures::future::join_all(takes).await {
+            match taken {
+                Ok(Some(taken)) => {
+                    crate::telemetry::bucket_transfer(taken.units);
+                    if let Some(moves) = &mut moves {
+                        moves[donor] += 1;
+                    }
+                    gives[receiver].push(taken);
+                }
+                Ok(None) => {}
+                // It may have taken: the reserves' next batch reads again.
+                Err(_) => moves = None,
             }
         }
-        // Every home bucket with a reserve the buckets together could serve: its
-        // reserves (the planned first, in order) with the units taken for them.
+        // Every home bucket with a reserve planned: those reserves (in arrival order)
+        // with the units taken for them. (The others wait for the next batch: what the
+        // read found is planned for the reserves ahead of them.)
         let mut outcomes: Vec<Option<Result<ReserveOutcome>>> =
             requests.iter().map(|_| None).collect();
         let calls = (0..sales.len()).filter_map(|bucket| {
             let homed: Vec<usize> = (0..requests.len())
-                .filter(|&i| {
-                    requests[i].home as usize == bucket && requests[i].reserve.quantity <= total
-                })
+                .filter(|&i| planned[i] && requests[i].home as usize == bucket)
                 .collect();
             if homed.is_empty() {
                 return None;
@@ -253,32 +441,44 @@ impl BatchWork for BucketMoves {
                 let replies = store
                     .reserve_moved(sale, gives, &reserves, self.keys_ttl)
                     .await;
-                (homed, replies)
+                (bucket, homed, replies)
             })
         });
-        for (homed, replies) in futures::future::join_all(calls).await {
+        let mut drops = Vec::new();
+        for (bucket, homed, replies) in futures::future::join_all(calls).await {
             match replies {
-                Ok(replies) => {
+                Ok((given, replies)) => {
+                    for (taken, give) in gives[bucket].iter().zip(given) {
+                        if give == Give::Given {
+                            if let Some(moves) = &mut moves {
+                                moves[bucket] += 1;
+                            }
+                        }
+                        if matches!(give, Give::Given | Give::Already) {
+                            let (store, taken, to) =
+                                (self.store.clone(), taken.clone(), keys[bucket].clone());
+                            drops.push(tokio::spawn(async move {
+                                let _ = store.drop_transfer_records(&taken, &to).await;
+                            }));
+                        }
+                    }
                     for (i, reply) in homed.into_iter().zip(replies) {
                         outcomes[i] = Some(reply);
                     }
                 }
                 Err(e) => {
+                    moves = None;
                     for i in homed {
                         outcomes[i] = Some(Err(e.duplicate()));
                     }
                 }
             }
         }
-        outcomes
-            .into_iter()
-            .map(|outcome| {
-                Ok(Moved {
-                    stock: stock.clone(),
-                    outcome: outcome.unwrap_or(Err(Error::Refused(Refusal::SoldOut))),
-                })
-            })
-            .collect()
+        MovesDone {
+            outcomes,
+            moves,
+            drops,
+        }
     }
 }
 
@@ -320,6 +520,7 @@ mod tests {
     struct Probe {
         running: AtomicUsize,
         most_running: AtomicUsize,
+        largest_batch: AtomicUsize,
     }
 
     impl BatchWork for Arc<Probe> {
@@ -329,6 +530,8 @@ mod tests {
         async fn run(&self, _: &SkuId, requests: Vec<()>) -> Vec<Result<()>> {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_running.fetch_max(now, Ordering::SeqCst);
+            self.largest_batch
+                .fetch_max(requests.len(), Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             self.running.fetch_sub(1, Ordering::SeqCst);
             requests.iter().map(|_| Ok(())).collect()
@@ -354,6 +557,23 @@ mod tests {
                 "{shares} shares"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_one_at_a_time_batcher_runs_one_call_per_sku_with_larger_batches() {
+        let sku = SkuId::parse("s").unwrap();
+        let probe = Arc::new(Probe::default());
+        let batcher = Arc::new(Batcher::one_at_a_time(probe.clone(), 300));
+        let calls = (0..1000).map(|_| {
+            let (batcher, sku) = (batcher.clone(), sku.clone());
+            tokio::spawn(async move { batcher.submit(&sku, ()).await })
+        });
+        for call in futures::future::join_all(calls).await {
+            call.unwrap().unwrap();
+        }
+        assert_eq!(probe.most_running.load(Ordering::SeqCst), 1);
+        let largest = probe.largest_batch.load(Ordering::SeqCst);
+        assert!(largest > BATCH_MAX && largest <= 300, "{largest}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Reserves};
+use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Moved, Reserves};
 use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
@@ -69,10 +69,10 @@ impl Gateway {
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
         }));
-        let bucket_moves = Arc::new(Batcher::new(BucketMoves {
-            store: store.clone(),
-            keys_ttl,
-        }));
+        let bucket_moves = Arc::new(Batcher::one_at_a_time(
+            BucketMoves::new(store.clone(), keys_ttl),
+            limits::MOVES_BATCH_MAX,
+        ));
         Gateway {
             store,
             db,
@@ -182,15 +182,15 @@ impl Gateway {
 
     /// The user's home bucket cannot serve the quantity: stock moves to it, and the
     /// reserve runs there together with the give (the reserves short at the same moment
-    /// share one batch, `BucketMoves`), so the units moved for it are its own. It runs
-    /// again while the buckets together have its quantity and others took it first
-    /// (each such round, they sold it). `sold_out` only once the buckets together have
-    /// less than the quantity with nothing in transit, in two reads between which no
-    /// transfer touched any bucket (the buckets are read one by one: a transfer
-    /// finishing between the reads of its receiver and its donor would hide its units
-    /// from one read, never from two such); or once transit did not land within
-    /// TRANSFER_WAIT (then two short reads in a row suffice). Past TRANSFER_GIVE_UP of
-    /// losing rounds, 503 (nothing done; a retry with the same key is safe).
+    /// share one batch, `BucketMoves`), so the units moved for it are its own. The
+    /// batch answers `sold_out` once a settled read of the buckets (see `BucketMoves`)
+    /// shows less than the quantity left. Otherwise the reserve runs again: while the
+    /// buckets together have its quantity and others took it first (each such round,
+    /// they bought it), for TRANSFER_GIVE_UP at most, then 503 (nothing done; a retry
+    /// with the same key is safe); and while reads are short but not settled, for
+    /// TRANSFER_WAIT, after which two short reads in a row are `sold_out` (at the tail of
+    /// a sale returned units trickle in and move all the time), units stuck in transfers
+    /// past their lease being finished first.
     async fn reserve_with_transfer(
         &self,
         sku: &SkuId,
@@ -200,7 +200,7 @@ impl Gateway {
     ) -> Result<ReserveOutcome> {
         let started = Instant::now();
         let quantity = request.quantity;
-        let mut short_before: Option<Vec<u64>> = None;
+        let mut short_before = false;
         let mut finished_stale = false;
         loop {
             let moved = self
@@ -214,19 +214,19 @@ impl Gateway {
                     },
                 )
                 .await?;
-            match moved.outcome {
-                Err(Error::Refused(Refusal::SoldOut)) => {}
-                outcome => {
-                    telemetry::bucket_transfer_wait(started.elapsed(), "served");
+            let (short, in_transit) = match moved {
+                Moved::Answered(outcome) => {
+                    let sold_out = matches!(outcome, Err(Error::Refused(Refusal::SoldOut)));
+                    let label = if sold_out { "sold_out" } else { "served" };
+                    telemetry::bucket_transfer_wait(started.elapsed(), label);
                     return outcome;
                 }
-            }
-            let stock = moved.stock;
+                Moved::Again { short, in_transit } => (short, in_transit),
+            };
             let waited = started.elapsed();
-            let total: u64 = stock.iter().map(|b| b.available).sum();
-            if total >= quantity {
+            if !short {
                 // Other reserves took the units first: they are sold; look again.
-                short_before = None;
+                short_before = false;
                 if waited >= TRANSFER_GIVE_UP {
                     telemetry::bucket_transfer_wait(waited, "gave_up");
                     return Err(Error::unavailable(
@@ -239,12 +239,6 @@ impl Gateway {
             // The burst behind this reserve is answered from the flag at once (as
             // with one bucket), not each down this path; this one still settles.
             self.sold_out.raise(sku, quantity);
-            let in_transit = stock.iter().any(|b| b.transfers > 0);
-            let moves: Vec<u64> = stock.iter().map(|b| b.moves).collect();
-            // Short twice in a row with no transfer in between (moves unchanged):
-            // no unit can have hidden from both reads.
-            let settled = short_before.as_ref() == Some(&moves);
-            let short_twice = short_before.is_some();
             if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
                 // Units stuck in a transfer its gateway never finished (it stopped,
                 // or a failover cut it): finish those past their lease now rather
@@ -257,21 +251,18 @@ impl Gateway {
                     .await?
                     > 0
                 {
-                    short_before = None;
+                    short_before = false;
                     continue;
                 }
             }
-            // Past TRANSFER_WAIT, two short reads in a row are enough even if
-            // transfers (other reserves' moves) ran in between: at the tail of a
-            // sale, returned units trickle in and move all the time.
-            if settled && !in_transit || short_twice && waited >= TRANSFER_WAIT {
-                telemetry::bucket_transfer_wait(started.elapsed(), "sold_out");
+            if short_before && waited >= TRANSFER_WAIT {
+                telemetry::bucket_transfer_wait(waited, "sold_out");
                 return Err(Error::Refused(Refusal::SoldOut));
             }
             if in_transit {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            short_before = Some(moves);
+            short_before = true;
         }
     }
 

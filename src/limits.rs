@@ -99,6 +99,11 @@ pub const WORKER_SKU_CONCURRENCY: usize = 32;
 /// Requests of one SKU decided in one Redis call at most (see `batcher`): bounds how
 /// long one call keeps Redis busy (about 20 µs of script time per reserve).
 pub const BATCH_MAX: usize = 64;
+/// Reserves of one split SKU waiting for stock moves decided in one batch at most
+/// (`batcher::BucketMoves`, one batch at a time): only those the stock read can serve
+/// cost script time, the others a comparison each, so at the tail of a sale, when
+/// hundreds wait for a few units, they are answered together.
+pub const MOVES_BATCH_MAX: usize = 1024;
 /// Calls of one SKU in flight at once: while they run, new requests gather into the
 /// next batch; more than one keeps Redis busy during the round trips.
 pub const BATCHES_IN_FLIGHT: usize = 4;

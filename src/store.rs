@@ -539,6 +539,19 @@ impl Taken {
     }
 }
 
+/// What became of one give of `Store::reserve_moved`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Give {
+    /// Given now (the receiver's `moves` grew by one).
+    Given,
+    /// Given before (a retry): nothing done.
+    Already,
+    /// The receiver has no state: the units stay in transit.
+    Missing,
+    /// Past its lease: not sent, the finisher's now.
+    Late,
+}
+
 /// One bucket of a split SKU as a reserve looking for stock reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketState {
@@ -1378,8 +1391,9 @@ impl Store {
         if !taken.within_lease() || !self.transfer_give(from, to, &taken.id, taken.units).await? {
             return Ok(0); // no receiver: the units wait in transit, finish_transfers undoes it
         }
-        self.drop_transfer_records(&taken, to);
-        Ok(taken.units)
+        let (store, to, units) = (self.clone(), to.clone(), taken.units);
+        tokio::spawn(async move { store.drop_transfer_records(&taken, &to).await });
+        Ok(units)
     }
 
     /// Step 1 of a transfer with a new id: None when the donor had nothing to give.
@@ -1397,18 +1411,24 @@ impl Store {
 
     /// The reserves `requests` (all homed in the bucket `sale`) together with the gives
     /// of the units `gives` took for them, in one atomic call (lua/reserve_moved.lua):
-    /// the moved units go to these reserves before any other can take them. Gives past
-    /// their lease are left to `finish_transfers`. One outcome per request, as
-    /// `reserve_many` gives.
+    /// the moved units go to these reserves before any other can take them. Returns
+    /// what became of each give, and one outcome per request as `reserve_many` gives.
+    /// The records of the gives made are the caller's to drop (`drop_transfer_records`).
     pub async fn reserve_moved(
         &self,
         sale: &SkuId,
         gives: &[Taken],
         requests: &[ReserveRequest],
         keys_ttl: ReserveSettings,
-    ) -> Result<Vec<Result<ReserveOutcome>>> {
+    ) -> Result<(Vec<Give>, Vec<Result<ReserveOutcome>>)> {
         let keys = SkuKeys::new(sale);
-        let gives: Vec<&Taken> = gives.iter().filter(|t| t.within_lease()).collect();
+        // Past the lease, a give is `finish_transfers`'s alone: never two givers.
+        let in_lease: Vec<bool> = gives.iter().map(Taken::within_lease).collect();
+        let sent: Vec<&Taken> = gives
+            .iter()
+            .zip(&in_lease)
+            .filter_map(|(give, &in_lease)| in_lease.then_some(give))
+            .collect();
         let mut invocation = with_sale_keys(&SCRIPTS.reserve_moved, &keys);
         invocation
             .key(&keys.transfers)
@@ -1416,8 +1436,8 @@ impl Store {
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .arg(keys_ttl.released_holds_cap)
-            .arg(gives.len());
-        for give in &gives {
+            .arg(sent.len());
+        for give in &sent {
             invocation
                 .arg(&give.id)
                 .arg(give.units)
@@ -1432,47 +1452,44 @@ impl Store {
                 .arg(&request.idempotency_key);
         }
         // The gives must survive a failover before their records go (transfer_give).
-        let replies: Vec<Vec<String>> = match (&self.replicated, gives.is_empty()) {
+        let replies: Vec<Vec<String>> = match (&self.replicated, sent.is_empty()) {
             (Some(replicated), false) => replicated.invoke(&invocation, &keys.meta).await?,
             _ => invocation.invoke_async(&mut self.conn.clone()).await?,
         };
         let Some((given, replies)) = replies.split_first() else {
             return Err(bad_reply("reserve_moved arity"));
         };
-        if replies.len() != requests.len() {
+        if replies.len() != requests.len() || given.len() != sent.len() {
             return Err(bad_reply("reserve_moved arity"));
         }
-        if given.first().map(String::as_str) == Some("given") {
-            for give in gives {
-                self.drop_transfer_records(give, &keys);
-            }
-        }
-        Ok(replies
+        let mut statuses = given.iter();
+        let gives = in_lease
+            .iter()
+            .map(|&in_lease| match in_lease {
+                false => Ok(Give::Late),
+                true => match statuses.next().map(String::as_str) {
+                    Some("given") => Ok(Give::Given),
+                    Some("already") => Ok(Give::Already),
+                    Some("missing") => Ok(Give::Missing),
+                    _ => Err(bad_reply("reserve_moved give")),
+                },
+            })
+            .collect::<Result<Vec<Give>>>()?;
+        let outcomes = replies
             .iter()
             .zip(requests)
             .map(|(reply, request)| reserve_outcome(sale, request, reply))
-            .collect())
+            .collect();
+        Ok((gives, outcomes))
     }
 
-    /// Steps 3 and 4 of a given transfer, in the background: the units are the
-    /// receiver's now (a record left by a stop here is the finisher's: the give counts
-    /// once).
-    fn drop_transfer_records(&self, taken: &Taken, to: &SkuKeys) {
-        let (store, from, to, id) = (
-            self.clone(),
-            taken.from.clone(),
-            to.clone(),
-            taken.id.clone(),
-        );
-        tokio::spawn(async move {
-            if store
-                .transfer_done(&from, &format!("out:{id}"))
-                .await
-                .is_ok()
-            {
-                let _ = store.transfer_done(&to, &format!("in:{id}")).await;
-            }
-        });
+    /// Steps 3 and 4 of a given transfer: the units are the receiver's now (a record
+    /// left by a stop here is the finisher's: the give counts once).
+    pub async fn drop_transfer_records(&self, taken: &Taken, to: &SkuKeys) -> Result<()> {
+        self.transfer_done(&taken.from, &format!("out:{}", taken.id))
+            .await?;
+        self.transfer_done(to, &format!("in:{}", taken.id)).await?;
+        Ok(())
     }
 
     /// Step 1 of a transfer (lua/transfer_take.lua): the units taken from the donor.
