@@ -17,7 +17,7 @@ use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
 };
-use crate::sold_out::SoldOutFlags;
+use crate::sold_out::{FlagCheck, SoldOutFlags};
 use crate::store::{
     BucketStock, ConfirmOutcome, Loaded, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
 };
@@ -128,7 +128,8 @@ impl Gateway {
         };
         // The flag spares the script, not the replay: a key that created a hold
         // still gets its reservation back. The probes of a burst share one MGET.
-        if self.sold_out.is_sold_out(sku, quantity)
+        let flag = self.sold_out.check(sku, quantity);
+        if flag == FlagCheck::SoldOut
             && !self
                 .replay_probes
                 .submit(&sale, (user_id.to_owned(), idempotency_key.to_owned()))
@@ -161,6 +162,13 @@ impl Gateway {
             Err(Error::Refused(Refusal::NotFound)) => Err(self.not_in_redis(sku).await),
             other => other,
         };
+        if flag == FlagCheck::Refresh {
+            match &outcome {
+                Ok(ReserveOutcome::Created(_)) => self.sold_out.lower(sku),
+                Err(Error::Refused(Refusal::SoldOut)) => {} // raised again above
+                _ => self.sold_out.refreshed(sku),
+            }
+        }
         Ok(match outcome? {
             ReserveOutcome::Created(r) => {
                 telemetry::transition("held");
@@ -415,7 +423,7 @@ impl Gateway {
             other => other?,
         };
         if t.changed {
-            self.sold_out.lower(&sale.sku());
+            self.sold_out.returned(&sale.sku(), t.reservation.quantity);
             telemetry::transition(t.reservation.status.as_str());
         }
         Ok(t.reservation)

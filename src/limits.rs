@@ -91,6 +91,14 @@ pub const SOLD_OUT_FLAG_TTL: Duration = Duration::from_millis(200);
 
 const _: () = assert!(SOLD_OUT_FLAG_TTL.as_millis() < 1000);
 
+/// Age of a sold-out flag from which one request at a time asks Redis again while
+/// the others still get the flag's answer (src/sold_out.rs): far enough before
+/// SOLD_OUT_FLAG_TTL for that request's answer (a split SKU's settles in tens of ms
+/// under load) to renew the flag before every request would ask at once.
+pub const SOLD_OUT_FLAG_REFRESH: Duration = Duration::from_millis(120);
+
+const _: () = assert!(SOLD_OUT_FLAG_REFRESH.as_millis() < SOLD_OUT_FLAG_TTL.as_millis());
+
 /// SKUs the worker sweeps (and probes for an outbox backlog) at once: their calls
 /// share one pipelined connection, so a pass over many SKUs costs Redis time, not
 /// round trips.

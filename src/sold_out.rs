@@ -1,19 +1,41 @@
 //! The local sold-out flag: once Redis answered `sold_out` for a SKU and a quantity,
 //! this gateway answers the same for that quantity or more without a round trip, for
 //! at most SOLD_OUT_FLAG_TTL. A cheap refusal keeps a sold-out burst off Redis.
+//! From SOLD_OUT_FLAG_REFRESH on, one request at a time asks Redis again while the
+//! others still get the flag's answer: its `sold_out` renews the flag, so a sold-out
+//! SKU sees one request per refresh, not the burst of every request at expiry.
+//! Units a cancel through this gateway gives back let requests for as many units ask
+//! Redis (not every request: at the tail of a sale cancels come all the time).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::Instant;
 
 use crate::ids::SkuId;
-use crate::limits::SOLD_OUT_FLAG_TTL;
+use crate::limits::{SOLD_OUT_FLAG_REFRESH, SOLD_OUT_FLAG_TTL};
 
-#[derive(Clone, Copy)]
 struct Flag {
     /// Redis refused this quantity: available was below it.
     smallest_refused_quantity: u64,
     raised_at: Instant,
+    /// A request is asking Redis again (it got `FlagCheck::Refresh`).
+    refreshing: AtomicBool,
+    /// Units given back through this gateway since the flag went up, not yet passed
+    /// on to requests that ask Redis for them.
+    returned: AtomicU64,
+}
+
+/// What the flag says about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagCheck {
+    /// Ask Redis: no flag for this quantity.
+    Ask,
+    /// Answer `sold_out` (unless the request replays a hold).
+    SoldOut,
+    /// Ask Redis for everyone: the flag is old. Report the answer: `raise` on
+    /// `sold_out`, `lower` when served, `refreshed` otherwise.
+    Refresh,
 }
 
 #[derive(Default)]
@@ -22,13 +44,34 @@ pub struct SoldOutFlags {
 }
 
 impl SoldOutFlags {
-    /// True when Redis recently refused `quantity` or less for this SKU.
-    pub fn is_sold_out(&self, sku: &SkuId, quantity: u64) -> bool {
+    /// Whether a request of `quantity` gets `sold_out` from the flag (Redis recently
+    /// refused that quantity or less for this SKU), asks Redis, or refreshes the flag.
+    pub fn check(&self, sku: &SkuId, quantity: u64) -> FlagCheck {
         let flags = self.flags.read().unwrap_or_else(|e| e.into_inner());
-        flags.get(sku).is_some_and(|flag| {
-            quantity >= flag.smallest_refused_quantity
-                && flag.raised_at.elapsed() < SOLD_OUT_FLAG_TTL
-        })
+        let Some(flag) = flags.get(sku) else {
+            return FlagCheck::Ask;
+        };
+        let age = flag.raised_at.elapsed();
+        if quantity < flag.smallest_refused_quantity
+            || age >= SOLD_OUT_FLAG_TTL
+            || flag
+                .returned
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| {
+                    (units > 0).then(|| units.saturating_sub(quantity))
+                })
+                .is_ok()
+        {
+            FlagCheck::Ask
+        } else if age >= SOLD_OUT_FLAG_REFRESH
+            && flag
+                .refreshing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            FlagCheck::Refresh
+        } else {
+            FlagCheck::SoldOut
+        }
     }
 
     pub fn raise(&self, sku: &SkuId, quantity: u64) {
@@ -37,6 +80,8 @@ impl SoldOutFlags {
         let flag = flags.entry(sku.clone()).or_insert(Flag {
             smallest_refused_quantity: quantity,
             raised_at: now,
+            refreshing: AtomicBool::new(false),
+            returned: AtomicU64::new(0),
         });
         if flag.raised_at.elapsed() >= SOLD_OUT_FLAG_TTL
             || quantity < flag.smallest_refused_quantity
@@ -44,9 +89,31 @@ impl SoldOutFlags {
             flag.smallest_refused_quantity = quantity;
         }
         flag.raised_at = now;
+        flag.refreshing.store(false, Ordering::Release);
+        flag.returned.store(0, Ordering::Release);
     }
 
-    /// Stock came back through this gateway (cancel, restock): ask Redis again.
+    /// A cancel through this gateway gave back `units`: requests ask Redis until they
+    /// asked for that many units (a returned unit is sellable at once, as with no flag;
+    /// a request for more than is left to pass asks too, since the units may be
+    /// enough with what was there).
+    pub fn returned(&self, sku: &SkuId, units: u64) {
+        let flags = self.flags.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(flag) = flags.get(sku) {
+            flag.returned.fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
+    /// A refresh (`FlagCheck::Refresh`) ended in neither `sold_out` nor a hold (an
+    /// error, another refusal): the next request past the refresh age asks instead.
+    pub fn refreshed(&self, sku: &SkuId) {
+        let flags = self.flags.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(flag) = flags.get(sku) {
+            flag.refreshing.store(false, Ordering::Release);
+        }
+    }
+
+    /// The SKU was (re)defined, or a refresh was served: ask Redis again.
     pub fn lower(&self, sku: &SkuId) {
         let mut flags = self.flags.write().unwrap_or_else(|e| e.into_inner());
         flags.remove(sku);
@@ -61,19 +128,64 @@ mod tests {
     fn a_flag_covers_the_refused_quantity_and_more_until_it_expires() {
         let flags = SoldOutFlags::default();
         let sku = SkuId::parse("s").unwrap();
-        assert!(!flags.is_sold_out(&sku, 1));
+        let sold_out = |q| flags.check(&sku, q) == FlagCheck::SoldOut;
+        assert!(!sold_out(1));
         flags.raise(&sku, 2);
-        assert!(flags.is_sold_out(&sku, 2) && flags.is_sold_out(&sku, 5));
-        assert!(
-            !flags.is_sold_out(&sku, 1),
-            "a smaller quantity may still fit"
-        );
+        assert!(sold_out(2) && sold_out(5));
+        assert!(!sold_out(1), "a smaller quantity may still fit");
         flags.raise(&sku, 1);
-        assert!(flags.is_sold_out(&sku, 1));
+        assert!(sold_out(1));
         flags.lower(&sku);
-        assert!(!flags.is_sold_out(&sku, 3));
+        assert!(!sold_out(3));
         flags.raise(&sku, 1);
         std::thread::sleep(SOLD_OUT_FLAG_TTL);
-        assert!(!flags.is_sold_out(&sku, 1), "the flag expires");
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask, "the flag expires");
+    }
+
+    #[test]
+    fn an_old_flag_lets_one_request_at_a_time_ask_redis() {
+        let flags = SoldOutFlags::default();
+        let sku = SkuId::parse("s").unwrap();
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask);
+        flags.raise(&sku, 1);
+        assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
+        std::thread::sleep(SOLD_OUT_FLAG_REFRESH);
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Refresh);
+        assert_eq!(flags.check(&sku, 2), FlagCheck::SoldOut, "one at a time");
+        flags.refreshed(&sku); // it ended without an answer: another may ask
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Refresh);
+        flags.raise(&sku, 1); // it was sold out: renewed
+        assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
+        std::thread::sleep(SOLD_OUT_FLAG_REFRESH);
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Refresh);
+        flags.lower(&sku); // it was served
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask);
+        flags.raise(&sku, 1);
+        std::thread::sleep(SOLD_OUT_FLAG_TTL);
+        assert_eq!(
+            flags.check(&sku, 1),
+            FlagCheck::Ask,
+            "past the TTL everyone asks"
+        );
+    }
+
+    #[test]
+    fn units_given_back_let_requests_for_that_many_units_ask() {
+        let flags = SoldOutFlags::default();
+        let sku = SkuId::parse("s").unwrap();
+        flags.returned(&sku, 5); // no flag: nothing to remember
+        flags.raise(&sku, 1);
+        assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
+        flags.returned(&sku, 3);
+        assert_eq!(flags.check(&sku, 2), FlagCheck::Ask);
+        assert_eq!(flags.check(&sku, 2), FlagCheck::Ask, "1 unit left: may do");
+        assert_eq!(
+            flags.check(&sku, 1),
+            FlagCheck::SoldOut,
+            "3 units asked for"
+        );
+        flags.returned(&sku, 1);
+        flags.raise(&sku, 1); // Redis said sold_out since: the units went
+        assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
     }
 }

@@ -84,6 +84,9 @@ struct Model {
     /// refused since the last cancel. While up, a new key of that quantity or more
     /// may be refused `sold_out` without asking Redis (for at most 200 ms).
     flag: Option<u64>,
+    /// Units cancels gave back since the flag went up, not yet passed on to requests
+    /// (`SoldOutFlags::returned`).
+    returned: u64,
 }
 
 impl Model {
@@ -130,7 +133,13 @@ impl Harness {
                     .reserve(&self.sku, &user, quantity, &format!("key{key}"))
                     .await;
                 let prior = m.keys.get(&(user.clone(), key)).copied();
-                let flagged = prior.is_none() && m.flag.is_some_and(|q| quantity >= q);
+                // Units given back let requests through to Redis, as many units' worth
+                // (replays too: the flag is looked at before the key).
+                let covered = m.flag.is_some_and(|q| quantity >= q);
+                let flagged = prior.is_none() && covered && m.returned == 0;
+                if covered {
+                    m.returned = m.returned.saturating_sub(quantity);
+                }
                 let expected: Result<Option<usize>, Refusal> = match prior {
                     Some(i) if m.holds[i].quantity != quantity => {
                         Err(Refusal::IdempotencyKeyReused)
@@ -180,6 +189,7 @@ impl Harness {
                         assert_eq!(refusal, got);
                         if refusal == Refusal::SoldOut {
                             m.flag = Some(m.flag.map_or(quantity, |q| q.min(quantity)));
+                            m.returned = 0;
                         }
                     }
                     (expected, got) => panic!("reserve: model {expected:?}, gateway {got:?}"),
@@ -235,8 +245,8 @@ impl Harness {
                 } else {
                     Ok(hold.status)
                 };
-                if hold.live() {
-                    m.flag = None; // the gateway lowers its flag on a cancel
+                if hold.live() && m.flag.is_some() {
+                    m.returned += hold.quantity; // the gateway lets that much through
                 }
                 match (expected, got) {
                     (Ok(status), Ok(r)) => assert_eq!(r.status, status),
