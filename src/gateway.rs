@@ -26,13 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// How long a reserve whose home bucket ran dry waits for stock in transit to land
-/// somewhere before it may answer `sold_out` (src/buckets.rs).
-const TRANSFER_WAIT: Duration = Duration::from_millis(20);
-/// How long a reserve whose home bucket ran dry keeps trying while the buckets together
-/// have its quantity and other reserves take it first; then 503 (nothing done). Each
-/// such round means others bought the units, so stock runs out well before.
-const TRANSFER_GIVE_UP: Duration = Duration::from_secs(1);
 /// SKUs whose bucket count a gateway remembers; past it the memory starts over.
 const BUCKET_COUNTS_MAX: usize = 65_536;
 
@@ -235,7 +228,7 @@ impl Gateway {
             if !short {
                 // Other reserves took the units first: they are sold; look again.
                 short_before = false;
-                if waited >= TRANSFER_GIVE_UP {
+                if waited >= limits::TRANSFER_GIVE_UP {
                     telemetry::bucket_transfer_wait(waited, "gave_up");
                     return Err(Error::unavailable(
                         "redis: the stock of this SKU's buckets kept going to other reserves",
@@ -247,7 +240,7 @@ impl Gateway {
             // The burst behind this reserve is answered from the flag at once (as
             // with one bucket), not each down this path; this one still settles.
             self.sold_out.raise(sku, quantity);
-            if in_transit && waited >= TRANSFER_WAIT && !finished_stale {
+            if in_transit && waited >= limits::TRANSFER_WAIT && !finished_stale {
                 // Units stuck in a transfer its gateway never finished (it stopped,
                 // or a failover cut it): finish those past their lease now rather
                 // than answer `sold_out` until the worker's sweep does.
@@ -263,7 +256,7 @@ impl Gateway {
                     continue;
                 }
             }
-            if short_before && waited >= TRANSFER_WAIT {
+            if short_before && waited >= limits::TRANSFER_WAIT {
                 telemetry::bucket_transfer_wait(waited, "sold_out");
                 return Err(Error::Refused(Refusal::SoldOut));
             }

@@ -6,6 +6,16 @@ use std::time::Duration;
 /// A transfer between buckets this old and not finished was cut short (its gateway
 /// stopped between steps; the gateway's own lease is 1 s): the worker finishes it.
 pub const TRANSFER_STALE: Duration = Duration::from_secs(5);
+/// How long a reserve whose home bucket ran dry waits for stock in transit to land
+/// somewhere, or for a read of the buckets that no transfer overlapped, before two
+/// short reads in a row answer `sold_out` (src/buckets.rs; issue 13 asks ~20 ms).
+pub const TRANSFER_WAIT: Duration = Duration::from_millis(20);
+/// How long a reserve whose home bucket ran dry keeps trying while the buckets together
+/// have its quantity and other reserves buy it first; then 503 `unavailable` (nothing
+/// done, a retry with the same key is safe). Each such round means others bought
+/// units, so the stock runs out well before; within REDIS_RESPONSE_TIMEOUT, the
+/// deadline of one Redis call.
+pub const TRANSFER_GIVE_UP: Duration = Duration::from_secs(1);
 
 /// SKU ids are part of every Redis key of the SKU and of reservation ids (contract).
 pub const SKU_ID_MAX_LEN: usize = 64;
