@@ -244,6 +244,66 @@ async fn when_demand_equals_the_stock_every_racing_reserve_is_served() {
     );
 }
 
+/// Two gateways sell one split SKU at once: each one's transfers are the other's
+/// unknown ones, so their reads settle only by the slower rule (src/batcher.rs,
+/// `BucketMoves`). Demand equal to the stock, three in four units asked for by users of
+/// bucket 0, half through each gateway: every reserve is served, then both gateways
+/// answer `sold_out` to anyone.
+#[tokio::test]
+async fn two_gateways_racing_for_a_split_sku_sell_all_of_it_and_no_more() {
+    let gateways = Arc::new([spawn_app().await, spawn_app().await]);
+    let sku = unique_sku("bk-two");
+    let stock = 400usize;
+    gateways[0]
+        .create_sku(&sku, json!({ "stock": stock, "buckets": 3 }))
+        .await;
+    let mut homed = users_homed(&sku, 3, stock, "two");
+    let buyers: Vec<String> = (0..stock)
+        .map(|n| {
+            homed[if n % 4 == 3 { 1 + n / 4 % 2 } else { 0 }]
+                .pop()
+                .unwrap()
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(buyers.len()));
+    let answers = join_all(buyers.into_iter().enumerate().map(|(n, user)| {
+        let (gateways, sku, barrier) = (gateways.clone(), sku.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let app = &gateways[n % 2];
+            barrier.wait().await;
+            tokio::time::sleep(std::time::Duration::from_millis(n as u64 % 40)).await;
+            let mut answer = app.reserve(&sku, &user, "k", 1).await;
+            for _ in 0..5 {
+                if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+                    break;
+                }
+                answer = app.reserve(&sku, &user, "k", 1).await;
+            }
+            answer
+        })
+    }))
+    .await;
+    for answer in answers {
+        let (status, body) = answer.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "stock remained: {body}");
+    }
+    let view = gateways[1].assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (view["available"].as_u64(), view["held"].as_u64()),
+        (Some(0), Some(stock as u64))
+    );
+    let counters = bucket_counters(&gateways[0], &sku, 3).await;
+    assert_eq!(counters.iter().map(|c| c[0]).sum::<u64>(), stock as u64);
+    for (n, bucket) in homed.iter_mut().enumerate() {
+        let user = bucket.pop().unwrap();
+        let (status, body) = gateways[n % 2].reserve(&sku, &user, "k", 1).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::CONFLICT, Some("sold_out"))
+        );
+    }
+}
+
 /// One user's keys all go to the user's home bucket: the per-user limit is exact and
 /// a key replays its hold, whatever bucket holds the stock.
 #[tokio::test]
