@@ -706,14 +706,7 @@ impl Store {
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .arg(keys_ttl.released_holds_cap);
-        for request in requests {
-            invocation
-                .key(keys.idempotency(&request.user_id, &request.idempotency_key))
-                .arg(&request.user_id)
-                .arg(request.quantity)
-                .arg(&request.reservation_id)
-                .arg(&request.idempotency_key);
-        }
+        push_reserves(&mut invocation, &keys, requests);
         let replies: Vec<Vec<String>> = invocation.invoke_async(&mut conn).await?;
         if replies.len() != requests.len() {
             return Err(bad_reply("batch arity"));
@@ -1443,14 +1436,7 @@ impl Store {
                 .arg(give.units)
                 .arg(give.from.tag());
         }
-        for request in requests {
-            invocation
-                .key(keys.idempotency(&request.user_id, &request.idempotency_key))
-                .arg(&request.user_id)
-                .arg(request.quantity)
-                .arg(&request.reservation_id)
-                .arg(&request.idempotency_key);
-        }
+        push_reserves(&mut invocation, &keys, requests);
         // The gives must survive a failover before their records go (transfer_give).
         let replies: Vec<Vec<String>> = match (&self.replicated, sent.is_empty()) {
             (Some(replicated), false) => replicated.invoke(&invocation, &keys.meta).await?,
@@ -1699,6 +1685,23 @@ fn refusal_of(reply: &[String]) -> Error {
 
 /// `{'created', expires_at, created_at}` (the rest is the request's) or
 /// `{'replayed', view...}` or `{refusal code}`.
+/// Declares each request's layout-1 idempotency key and passes its user, quantity,
+/// new reservation id and key, in order (lua/reserve_batch.lua, lua/reserve_moved.lua).
+fn push_reserves(
+    invocation: &mut ScriptInvocation<'_>,
+    keys: &SkuKeys,
+    requests: &[ReserveRequest],
+) {
+    for request in requests {
+        invocation
+            .key(keys.idempotency(&request.user_id, &request.idempotency_key))
+            .arg(&request.user_id)
+            .arg(request.quantity)
+            .arg(&request.reservation_id)
+            .arg(&request.idempotency_key);
+    }
+}
+
 fn reserve_outcome(
     sku: &SkuId,
     request: &ReserveRequest,

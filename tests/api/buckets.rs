@@ -23,6 +23,25 @@ async fn bucket_counters(app: &TestApp, sku: &str, k: u32) -> Vec<[u64; 4]> {
     out
 }
 
+/// A reserve, retried with the same key after a 503 (Redis too slow for its deadline on
+/// a loaded box), as the contract says clients may: safe, and it tells the outcome.
+async fn reserve_retrying(
+    app: &TestApp,
+    sku: &str,
+    user: &str,
+    key: &str,
+    quantity: u64,
+) -> (StatusCode, serde_json::Value) {
+    let mut answer = app.reserve(sku, user, key, quantity).await;
+    for _ in 0..5 {
+        if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        answer = app.reserve(sku, user, key, quantity).await;
+    }
+    answer
+}
+
 /// Users homed in each bucket: `per_bucket` users per bucket, named `prefix-<n>`.
 fn users_homed(sku: &str, k: u32, per_bucket: usize, prefix: &str) -> Vec<Vec<String>> {
     let id = TestApp::sku_id(sku);
@@ -126,15 +145,7 @@ async fn thousands_of_users_racing_for_a_split_sku_hold_exactly_its_stock() {
         let (app, sku, barrier) = (app.clone(), sku.clone(), barrier.clone());
         tokio::spawn(async move {
             barrier.wait().await;
-            // A 503 (Redis too slow for its deadline on a loaded box) is retried with
-            // the same key, as the contract says: safe, and it tells the outcome.
-            let mut answer = app.reserve(&sku, &user, &key, quantity).await;
-            for _ in 0..5 {
-                if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
-                    break;
-                }
-                answer = app.reserve(&sku, &user, &key, quantity).await;
-            }
+            let answer = reserve_retrying(&app, &sku, &user, &key, quantity).await;
             (user, quantity, answer.0, answer.1)
         })
     }))
@@ -211,13 +222,7 @@ async fn when_demand_equals_the_stock_every_racing_reserve_is_served() {
                 tokio::spawn(async move {
                     barrier.wait().await;
                     tokio::time::sleep(std::time::Duration::from_millis(n as u64 % 40)).await;
-                    let mut answer = app.reserve(&sku, &user, "k", quantity).await;
-                    for _ in 0..5 {
-                        if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
-                            break;
-                        }
-                        answer = app.reserve(&sku, &user, "k", quantity).await;
-                    }
+                    let answer = reserve_retrying(&app, &sku, &user, "k", quantity).await;
                     (quantity, answer.0, answer.1)
                 })
             }),
@@ -272,13 +277,7 @@ async fn two_gateways_racing_for_a_split_sku_sell_all_of_it_and_no_more() {
             let app = &gateways[n % 2];
             barrier.wait().await;
             tokio::time::sleep(std::time::Duration::from_millis(n as u64 % 40)).await;
-            let mut answer = app.reserve(&sku, &user, "k", 1).await;
-            for _ in 0..5 {
-                if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
-                    break;
-                }
-                answer = app.reserve(&sku, &user, "k", 1).await;
-            }
+            let answer = reserve_retrying(app, &sku, &user, "k", 1).await;
             answer
         })
     }))
