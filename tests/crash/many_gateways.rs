@@ -17,7 +17,7 @@ use crate::support::*;
 
 struct Gateway {
     base: String,
-    _proc: Proc,
+    proc: Proc,
 }
 
 async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
@@ -44,7 +44,7 @@ async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
         assert!(Instant::now() < deadline, "gateway on {port} never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Gateway { base, _proc: proc }
+    Gateway { base, proc }
 }
 
 async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
@@ -218,6 +218,206 @@ async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Buyers of a SKU split over `k` buckets: three in four homed in bucket 0 (so its
+/// stock runs out first and the others' moves to it), the rest spread over the others.
+fn buyers_mostly_of_bucket_0(sku: &str, k: u32, wave: &str, count: usize) -> Vec<String> {
+    let id = flashgate::ids::SkuId::parse(sku).unwrap();
+    let (mut of_0, mut others) = (Vec::new(), Vec::new());
+    for n in 0.. {
+        let user = format!("{wave}-{n}");
+        match flashgate::buckets::home(&id, &user, k) {
+            0 if of_0.len() < count * 3 / 4 => of_0.push(user),
+            b if b > 0 && others.len() < count - count * 3 / 4 => others.push(user),
+            _ => {}
+        }
+        if of_0.len() + others.len() == count {
+            break;
+        }
+    }
+    of_0.into_iter().chain(others).collect()
+}
+
+/// A gateway SIGKILLed while it moves stock between the buckets of a split SKU (issue
+/// 13): the transfers it cut (taken and not given, or given with their records left)
+/// are finished by a `flashgate worker` once past TRANSFER_STALE; then nothing is in
+/// transit, each bucket's equation holds, the buckets' stock adds up to the SKU's, and
+/// a second gateway sells exactly what is left: no unit lost, none sold twice.
+#[tokio::test]
+async fn a_gateway_killed_mid_transfer_loses_no_unit_of_a_split_sku() {
+    const STOCK: u64 = 300;
+    let redis = RedisServer::start(None).await;
+    let database_url = common::database_url();
+    shared_db().await;
+    let args = common::serve_args(&redis.url(), &database_url);
+    let store = flashgate::store::Store::new(flashgate::store::connect(&args.redis).await.unwrap());
+    let client = Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    // Until a kill leaves a transfer unfinished.
+    let mut cut = None;
+    for _attempt in 0..12 {
+        let mut gateway = start_gateway(&redis.url(), &database_url).await;
+        let sku = unique_sku("bk-gw-kill");
+        let (status, view) = answer(
+            client
+                .put(format!("{}/v1/admin/skus/{sku}", gateway.base))
+                .bearer_auth(SERVICE_TOKEN)
+                .json(&json!({"stock": STOCK, "per_user_limit": 1, "buckets": 3}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        let buyers = buyers_mostly_of_bucket_0(&sku, 3, "first", 2 * STOCK as usize);
+        let barrier = Arc::new(Barrier::new(buyers.len() + 1));
+        let tasks: Vec<_> = buyers
+            .into_iter()
+            .enumerate()
+            .map(|(n, user)| {
+                let (client, barrier) = (client.clone(), barrier.clone());
+                let url = format!("{}/v1/skus/{sku}/reservations", gateway.base);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    // Arriving over 300 ms: bucket 0 runs dry early, then stock keeps
+                    // moving to it for the rest of the rush.
+                    tokio::time::sleep(Duration::from_millis(n as u64 % 300)).await;
+                    let sent = client
+                        .post(url)
+                        .bearer_auth(user_token(&user))
+                        .header("Idempotency-Key", "k")
+                        .json(&json!({"quantity": 1}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(response) => Some(answer(response).await),
+                        Err(_) => None, // the gateway died under it
+                    }
+                })
+            })
+            .collect();
+        let sales = flashgate::buckets::sales(&flashgate::ids::SkuId::parse(&sku).unwrap(), 3);
+        barrier.wait().await;
+        // Kill as soon as a transfer is seen under way (or when the rush is over).
+        let watch_until = Instant::now() + Duration::from_secs(5);
+        while transfer_records(&redis, &sales).await == 0
+            && Instant::now() < watch_until
+            && !tasks.iter().all(|t| t.is_finished())
+        {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        gateway.proc.kill();
+        let mut created = 0;
+        for task in join_all(tasks).await {
+            match task.unwrap() {
+                Some((StatusCode::CREATED, _)) => created += 1,
+                Some((StatusCode::CONFLICT, view)) => assert_eq!(view["code"], "sold_out"),
+                Some((status, view)) => panic!("unexpected answer {status}: {view}"),
+                None => {}
+            }
+        }
+        let records = transfer_records(&redis, &sales).await;
+        if records > 0 {
+            cut = Some((sku, sales, created));
+            break;
+        }
+    }
+    let (sku, sales, created) = cut.expect("no kill in 12 cut a transfer short");
+
+    // A worker finishes what the dead gateway left (past TRANSFER_STALE, 5 s).
+    let logs = TempDir::new("bk-gw-kill");
+    let worker = WorkerProc::start(&redis.url(), &database_url, logs.path(), 2_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while transfer_records(&redis, &sales).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "transfers never finished: {}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (stock, in_transit) = store.split_stock(&sales).await.unwrap();
+    assert_eq!(in_transit, 0);
+    assert_eq!(stock.iter().map(|s| s.unwrap()).sum::<u64>(), STOCK);
+    let mut held_before = 0;
+    for sale in &sales {
+        let (view, _) = store.sale_view(sale).await.unwrap();
+        assert_eq!(
+            view.available + view.held + view.sold,
+            view.stock_total,
+            "{sale:?}"
+        );
+        held_before += view.held;
+    }
+    assert!(held_before >= created, "every hold answered is held");
+
+    // A second gateway sells what is left, exactly.
+    let gateway = start_gateway(&redis.url(), &database_url).await;
+    let more = buyers_mostly_of_bucket_0(&sku, 3, "second", STOCK as usize + 100);
+    let again = rush_users(&client, &gateway, &sku, more).await;
+    assert_eq!(held_before + again, STOCK, "the units left, sold once");
+    // The SKU's view sums its buckets.
+    let view = answer(
+        client
+            .get(format!("{}/v1/skus/{sku}", gateway.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .1;
+    let n = |f: &str| view[f].as_u64().unwrap();
+    assert_eq!(
+        (n("stock_total"), n("available"), n("held"), n("sold")),
+        (STOCK, 0, STOCK, 0),
+        "{view}"
+    );
+    let run = reconcile_cli(&redis.url(), &database_url, &["--sku", &sku]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}
+
+/// Transfer records (`out:` and `in:`) over a split SKU's buckets: none once every
+/// transfer finished.
+async fn transfer_records(redis: &RedisServer, sales: &[flashgate::ids::SkuId]) -> usize {
+    let mut conn = redis.client().await;
+    let mut records = 0;
+    for sale in sales {
+        let keys = flashgate::keys::SkuKeys::new(sale);
+        let n: usize = redis::cmd("HLEN")
+            .arg(&keys.transfers)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        records += n;
+    }
+    records
+}
+
+/// Named buyers released at once through one gateway: the holds made (every other
+/// answer must be `sold_out`).
+async fn rush_users(client: &Client, gateway: &Gateway, sku: &str, users: Vec<String>) -> u64 {
+    let barrier = Arc::new(Barrier::new(users.len()));
+    let tasks = users.into_iter().map(|user| {
+        let (client, barrier) = (client.clone(), barrier.clone());
+        let (base, sku) = (gateway.base.clone(), sku.to_owned());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            reserve(&client, &base, &sku, &user).await
+        })
+    });
+    let mut held = 0;
+    for result in join_all(tasks).await {
+        let (status, view) = result.unwrap();
+        match status {
+            StatusCode::CREATED => held += 1,
+            StatusCode::CONFLICT => assert_eq!(view["code"], "sold_out", "{view}"),
+            _ => panic!("unexpected answer {status}: {view}"),
+        }
+    }
+    held
 }
 
 /// `flashgate worker` with FLASHGATE_METRICS_LISTEN serves its own figures, so the
