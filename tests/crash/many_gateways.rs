@@ -66,6 +66,27 @@ async fn reserve(client: &Client, base: &str, sku: &str, user: &str) -> (StatusC
     .await
 }
 
+/// Defines a SKU through a gateway; panics unless 200.
+async fn define_sku(client: &Client, gateway: &Gateway, sku: &str, definition: Value) {
+    let (status, view) = answer(
+        client
+            .put(format!("{}/v1/admin/skus/{sku}", gateway.base))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&definition)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+}
+
+/// The SKU view a gateway answers (for a split SKU, summed over its buckets).
+async fn sku_view(client: &Client, gateway: &Gateway, sku: &str) -> Value {
+    let url = format!("{}/v1/skus/{sku}", gateway.base);
+    answer(client.get(url).send().await.unwrap()).await.1
+}
+
 async fn service_post(client: &Client, url: String, body: Value) -> (StatusCode, Value) {
     answer(
         client
@@ -130,17 +151,13 @@ async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
         .build()
         .unwrap();
     let sku = unique_sku("two-gateways");
-    let (status, view) = answer(
-        client
-            .put(format!("{}/v1/admin/skus/{sku}", gateways[0].base))
-            .bearer_auth(SERVICE_TOKEN)
-            .json(&json!({"stock": STOCK, "per_user_limit": 1, "hold_seconds": 2}))
-            .send()
-            .await
-            .unwrap(),
+    define_sku(
+        &client,
+        &gateways[0],
+        &sku,
+        json!({"stock": STOCK, "per_user_limit": 1, "hold_seconds": 2}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{view}");
 
     // Wave 1: 600 buyers for 100 units, through both gateways at once.
     let held = rush(&client, &gateways, &sku, "w1", 600).await;
@@ -183,15 +200,7 @@ async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
         "the returned units, sold once more"
     );
 
-    let view = answer(
-        client
-            .get(format!("{}/v1/skus/{sku}", gateways[1].base))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-    .1;
+    let view = sku_view(&client, &gateways[1], &sku).await;
     let n = |f: &str| view[f].as_u64().unwrap();
     assert_eq!(
         n("available") + n("held") + n("sold"),
@@ -261,17 +270,13 @@ async fn a_gateway_killed_mid_transfer_loses_no_unit_of_a_split_sku() {
     for _attempt in 0..12 {
         let mut gateway = start_gateway(&redis.url(), &database_url).await;
         let sku = unique_sku("bk-gw-kill");
-        let (status, view) = answer(
-            client
-                .put(format!("{}/v1/admin/skus/{sku}", gateway.base))
-                .bearer_auth(SERVICE_TOKEN)
-                .json(&json!({"stock": STOCK, "per_user_limit": 1, "buckets": 3}))
-                .send()
-                .await
-                .unwrap(),
+        define_sku(
+            &client,
+            &gateway,
+            &sku,
+            json!({"stock": STOCK, "per_user_limit": 1, "buckets": 3}),
         )
         .await;
-        assert_eq!(status, StatusCode::OK, "{view}");
         let buyers = buyers_mostly_of_bucket_0(&sku, 3, "first", 2 * STOCK as usize);
         let barrier = Arc::new(Barrier::new(buyers.len() + 1));
         let tasks: Vec<_> = buyers
@@ -360,15 +365,7 @@ async fn a_gateway_killed_mid_transfer_loses_no_unit_of_a_split_sku() {
     let again = rush_users(&client, &gateway, &sku, more).await;
     assert_eq!(held_before + again, STOCK, "the units left, sold once");
     // The SKU's view sums its buckets.
-    let view = answer(
-        client
-            .get(format!("{}/v1/skus/{sku}", gateway.base))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-    .1;
+    let view = sku_view(&client, &gateway, &sku).await;
     let n = |f: &str| view[f].as_u64().unwrap();
     assert_eq!(
         (n("stock_total"), n("available"), n("held"), n("sold")),
