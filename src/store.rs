@@ -1372,23 +1372,6 @@ impl Store {
         Ok(())
     }
 
-    /// Moves up to `wanted` available units from one bucket of a SKU to another
-    /// (src/buckets.rs): take on the donor, give to the receiver, then the donor's
-    /// record and the receiver's go. Returns the units moved (0: the donor had none).
-    /// Cut short at any step, `finish_transfers` completes it exactly once.
-    pub async fn transfer(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<u64> {
-        let Some(taken) = self.take(from, to, wanted).await? else {
-            return Ok(0);
-        };
-        // Past the lease, the give is `finish_transfers`'s alone: never two givers.
-        if !taken.within_lease() || !self.transfer_give(from, to, &taken.id, taken.units).await? {
-            return Ok(0); // no receiver: the units wait in transit, finish_transfers undoes it
-        }
-        let (store, to, units) = (self.clone(), to.clone(), taken.units);
-        tokio::spawn(async move { store.drop_transfer_records(&taken, &to).await });
-        Ok(units)
-    }
-
     /// Step 1 of a transfer with a new id: None when the donor had nothing to give.
     pub async fn take(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<Option<Taken>> {
         let id = crate::ids::random_name();
