@@ -106,7 +106,7 @@ impl<W: BatchWork> Batcher<W> {
         if start_runner {
             // A task, not this request: it keeps serving the queue after our answer,
             // and a client that hangs up does not stop it.
-            tokio::spawn(self.clone().run(sku.clone()));
+            tokio::spawn(crate::explore::inherit(self.clone().run(sku.clone())));
         }
         answer
             .await
@@ -457,9 +457,9 @@ impl BucketMoves {
                         if matches!(give, Give::Given | Give::Already) {
                             let (store, taken, to) =
                                 (self.store.clone(), taken.clone(), keys[bucket].clone());
-                            drops.push(tokio::spawn(async move {
+                            drops.push(tokio::spawn(crate::explore::inherit(async move {
                                 let _ = store.drop_transfer_records(&taken, &to).await;
-                            }));
+                            })));
                         }
                     }
                     for (i, reply) in homed.into_iter().zip(replies) {

@@ -41,6 +41,7 @@ pub async fn upsert_sku(
     sku: &SkuId,
     definition: &SkuDefinition,
 ) -> Result<u64> {
+    let _turn = crate::explore::mysql_step("upsert_sku").await;
     sqlx::query(
         "INSERT INTO skus (sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at,
            buckets)
@@ -76,6 +77,7 @@ impl SkuLock {
     }
 
     pub async fn acquire(conn: &mut MySqlConnection, sku: &SkuId) -> Result<()> {
+        let _turn = crate::explore::mysql_step("acquire").await;
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
             .bind(Self::name(sku))
             .bind(limits::SKU_LOCK_WAIT_SECONDS)
@@ -91,6 +93,7 @@ impl SkuLock {
     }
 
     pub async fn release(conn: &mut MySqlConnection, sku: &SkuId) -> Result<()> {
+        let _turn = crate::explore::mysql_step("release").await;
         sqlx::query("SELECT RELEASE_LOCK(?)")
             .bind(Self::name(sku))
             .execute(&mut *conn)
@@ -106,6 +109,7 @@ pub async fn restore_sku(
     sku: &SkuId,
     previous: Option<&SkuRecord>,
 ) -> Result<()> {
+    let _turn = crate::explore::mysql_step("restore_sku").await;
     match previous {
         Some(record) => {
             let d = &record.definition;
@@ -140,6 +144,7 @@ pub struct SkuRecord {
 }
 
 pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecord>> {
+    let _turn = crate::explore::mysql_step("sku_record").await;
     let row = sqlx::query(
         "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ?",
@@ -151,6 +156,7 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
 }
 
 pub async fn sku_record_in(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
+    let _turn = crate::explore::mysql_step("sku_record_in").await;
     let row = sqlx::query(
         "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ?",
@@ -245,6 +251,7 @@ pub struct Applied {
 /// Compensations are idempotent by their keys (`INSERT IGNORE`); ended reservations
 /// are recorded once, and a sale's record is never overwritten.
 pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Applied> {
+    let _turn = crate::explore::mysql_step("apply_events").await;
     let mut applied = Applied::default();
     if events.is_empty() {
         return Ok(applied);
@@ -495,6 +502,7 @@ async fn recorded_sales(
 /// A reservation as MySQL records it: from `reservations` (every ended one), or from
 /// `sales` for a sale flushed before that table existed.
 pub async fn reservation(pool: &MySqlPool, reservation_id: &str) -> Result<Option<Reservation>> {
+    let _turn = crate::explore::mysql_step("reservation").await;
     let row = sqlx::query(
         "SELECT sku, user_id, quantity, CAST(status AS CHAR) AS status, payment_ref, created_at,
                 expires_at
@@ -545,6 +553,7 @@ pub async fn record_compensation(
     compensation: &Compensation,
     found_by: FoundBy,
 ) -> Result<Compensation> {
+    // Its inner calls are the explorer's steps.
     let mut conn = pool.acquire().await?;
     insert_compensations(&mut conn, &[(compensation, found_by)]).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -558,6 +567,7 @@ pub async fn record_compensation(
 }
 
 pub async fn compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {
+    let _turn = crate::explore::mysql_step("compensation").await;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE id = ?"
     )))
@@ -573,6 +583,7 @@ pub async fn open_flush_compensations(
     conn: &mut MySqlConnection,
     sku: &SkuId,
 ) -> Result<Vec<Compensation>> {
+    let _turn = crate::explore::mysql_step("open_flush_compensations").await;
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COMPENSATION_COLUMNS} FROM compensations
          WHERE sku = ? AND found_by = 'flush' AND status = 'open' ORDER BY created_at, id LIMIT 1000"
@@ -610,6 +621,7 @@ pub async fn list_compensations(
     sku: Option<&SkuId>,
     limit: u32,
 ) -> Result<Vec<Compensation>> {
+    let _turn = crate::explore::mysql_step("list_compensations").await;
     let mut query = QueryBuilder::<MySql>::new(format!(
         "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE 1 = 1"
     ));
@@ -630,6 +642,7 @@ pub async fn list_compensations(
 
 /// Idempotent: resolving a resolved compensation changes nothing.
 pub async fn resolve_compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {
+    // Its inner calls are the explorer's steps.
     sqlx::query(
         "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3)
          WHERE id = ? AND status = 'open'",
@@ -641,6 +654,7 @@ pub async fn resolve_compensation(pool: &MySqlPool, id: &str) -> Result<Option<C
 }
 
 pub async fn open_compensations(pool: &MySqlPool) -> Result<i64> {
+    let _turn = crate::explore::mysql_step("open_compensations").await;
     Ok(
         sqlx::query_scalar("SELECT COUNT(*) FROM compensations WHERE status = 'open'")
             .fetch_one(pool)
@@ -649,6 +663,7 @@ pub async fn open_compensations(pool: &MySqlPool) -> Result<i64> {
 }
 
 pub async fn ping(pool: &MySqlPool) -> Result<()> {
+    let _turn = crate::explore::mysql_step("ping").await;
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }
@@ -656,6 +671,7 @@ pub async fn ping(pool: &MySqlPool) -> Result<()> {
 /// SKUs whose sale has not ended at `now_ms` (or never ends): the ones MySQL expects
 /// Redis to hold. Ended ones are retired or about to be (the Redis index lists those).
 pub async fn open_sku_ids(pool: &MySqlPool, now_ms: i64) -> Result<Vec<String>> {
+    let _turn = crate::explore::mysql_step("open_sku_ids").await;
     Ok(
         sqlx::query_scalar("SELECT sku FROM skus WHERE ends_at IS NULL OR ends_at > ?")
             .bind(ms_to_datetime(now_ms))
@@ -667,6 +683,7 @@ pub async fn open_sku_ids(pool: &MySqlPool, now_ms: i64) -> Result<Vec<String>> 
 /// Opens the transaction the reconciler checks one SKU in: REPEATABLE READ, so all its
 /// plain reads see one snapshot of `sales`.
 pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, MySql>> {
+    let _turn = crate::explore::mysql_step("begin_check").await;
     // Applies to the next transaction of this connection only.
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *conn)
@@ -677,6 +694,7 @@ pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, M
 /// The SKU's row, locked until the transaction ends: no flush of the SKU commits and
 /// no admin write of it applies meanwhile (both lock the same row first).
 pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
+    let _turn = crate::explore::mysql_step("lock_sku_record").await;
     let row = sqlx::query(
         "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
          FROM skus WHERE sku = ? FOR UPDATE",
@@ -719,6 +737,7 @@ pub async fn sales_totals(
     of: &SalesOf,
     before_ms: i64,
 ) -> Result<(u64, u64)> {
+    let _turn = crate::explore::mysql_step("sales_totals").await;
     // LEFT(.., 0) = '' for all of them; not LIKE: '_' is in base64url.
     let (total, before): (i64, i64) = sqlx::query_as(
         "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED),
@@ -740,6 +759,7 @@ pub async fn sales_recorded_before(
     reservation_ids: &[&str],
     before_ms: i64,
 ) -> Result<HashSet<String>> {
+    let _turn = crate::explore::mysql_step("sales_recorded_before").await;
     Ok(recorded_sales(conn, reservation_ids, Some(before_ms))
         .await?
         .into_keys()
@@ -748,6 +768,7 @@ pub async fn sales_recorded_before(
 
 /// Sets the derived `skus.sold` (the reconciler, when it differs from the sales rows).
 pub async fn set_sold(conn: &mut MySqlConnection, sku: &SkuId, sold: u64) -> Result<()> {
+    let _turn = crate::explore::mysql_step("set_sold").await;
     sqlx::query("UPDATE skus SET sold = ? WHERE sku = ?")
         .bind(sold)
         .bind(sku.as_str())
@@ -757,6 +778,7 @@ pub async fn set_sold(conn: &mut MySqlConnection, sku: &SkuId, sold: u64) -> Res
 }
 
 pub async fn sold_per_user(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Vec<(String, i64)>> {
+    let _turn = crate::explore::mysql_step("sold_per_user").await;
     Ok(sqlx::query_as(
         "SELECT user_id, CAST(SUM(quantity) AS SIGNED) FROM sales WHERE sku = ? GROUP BY user_id",
     )
@@ -772,6 +794,7 @@ pub async fn sold_per_bucket(
     conn: &mut MySqlConnection,
     sku: &SkuId,
 ) -> Result<Vec<(String, u64)>> {
+    let _turn = crate::explore::mysql_step("sold_per_bucket").await;
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT SUBSTRING_INDEX(reservation_id, '.', 1) AS head,
                 CAST(SUM(quantity) AS SIGNED)
@@ -796,6 +819,7 @@ pub async fn sold_per_user_before(
     of: &SalesOf,
     before_ms: i64,
 ) -> Result<Vec<(String, i64)>> {
+    let _turn = crate::explore::mysql_step("sold_per_user_before").await;
     Ok(sqlx::query_as(
         "SELECT user_id, CAST(SUM(quantity) AS SIGNED) FROM sales
          WHERE sku = ? AND LEFT(reservation_id, ?) = ? AND confirmed_at < ? GROUP BY user_id",
@@ -809,6 +833,7 @@ pub async fn sold_per_user_before(
 }
 
 pub async fn audit(pool: &MySqlPool, finding: &crate::reconcile::Finding) -> Result<()> {
+    let _turn = crate::explore::mysql_step("audit").await;
     sqlx::query(
         "INSERT INTO reconcile_audit (sku, finding, detail, before_value, after_value, repaired)
          VALUES (?, ?, ?, ?, ?, ?)",

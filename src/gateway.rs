@@ -248,7 +248,7 @@ impl Gateway {
                 let keys: Vec<SkuKeys> = buckets::sales(sku, k).iter().map(SkuKeys::new).collect();
                 if self
                     .store
-                    .finish_transfers(&keys, limits::TRANSFER_STALE)
+                    .finish_transfers(&keys, self.store.transfer_timing.stale)
                     .await?
                     > 0
                 {
@@ -353,7 +353,7 @@ impl Gateway {
                 None,
             ),
         };
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = crate::explore::host_clock_ms();
         let compensation = db::record_compensation(
             &self.db,
             &Compensation {
@@ -529,7 +529,7 @@ impl Gateway {
                 if record
                     .definition
                     .ends_at_ms
-                    .is_some_and(|end| end <= chrono::Utc::now().timestamp_millis()) =>
+                    .is_some_and(|end| end <= crate::explore::host_clock_ms()) =>
             {
                 Error::Refused(Refusal::Ended)
             }

@@ -285,6 +285,32 @@ mod tests {
         assert!(!key().issued(&legacy));
     }
 
+    /// Every bit of an issued id's tail is checked: one bit flipped anywhere in the MAC
+    /// (all 64 bits, not a prefix of them) or in the random part it covers, and the key
+    /// no longer vouches for the id.
+    #[test]
+    fn every_bit_of_the_mac_and_of_the_random_part_is_checked() {
+        let sku = SkuId::parse("s").unwrap();
+        let id = key().new_reservation_id(&sku);
+        assert!(key().issued(&id));
+        let (head, tail) = id.split_once('.').unwrap();
+        let bytes = URL_SAFE_NO_PAD.decode(tail).unwrap();
+        assert_eq!(bytes.len(), RANDOM_BYTES + MAC_BYTES);
+        for byte in 0..bytes.len() {
+            let part = if byte < RANDOM_BYTES { "random" } else { "MAC" };
+            for bit in 0..8 {
+                let mut forged = bytes.clone();
+                forged[byte] ^= 1 << bit;
+                let forged = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&forged));
+                assert_eq!(tag_of_reservation(&forged), tag_of_reservation(&id));
+                assert!(
+                    !key().issued(&forged),
+                    "{part} byte {byte} bit {bit} not checked: {forged}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bucket_reservation_ids_route_to_their_bucket_and_the_mac_covers_it() {
         let sku = SkuId::parse("hot").unwrap();

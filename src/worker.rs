@@ -268,7 +268,7 @@ impl Worker {
                     // A transfer cut short (a gateway stopped between its steps) is
                     // finished exactly once; its units are never lost in transit.
                     self.store
-                        .finish_transfers(&[SkuKeys::new(&sku)], limits::TRANSFER_STALE)
+                        .finish_transfers(&[SkuKeys::new(&sku)], self.store.transfer_timing.stale)
                         .await?;
                 }
                 self.after_sweep(&sku, &swept, started).await?;

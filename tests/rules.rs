@@ -24,11 +24,15 @@ struct Sale {
 
 impl Sale {
     async fn new(prefix: &str, per_user_limit: u64) -> Sale {
+        Sale::with_stock(prefix, 10, per_user_limit).await
+    }
+
+    async fn with_stock(prefix: &str, stock_total: u64, per_user_limit: u64) -> Sale {
         let args = common::serve_args(&common::redis_url(), "");
         let store = Store::new(flashgate::store::connect(&args.redis).await.unwrap());
         let sku = SkuId::parse(&common::unique_sku(prefix)).unwrap();
         let definition = SkuDefinition {
-            stock_total: 10,
+            stock_total,
             per_user_limit,
             hold_seconds: 60,
             starts_at_ms: None,
@@ -159,6 +163,68 @@ async fn a_hold_is_expired_from_its_deadline_millisecond_on() {
     let (rid, expires_at) = sale.hold("u", "k", 1).await;
     assert_eq!(sale.status_at(&rid, expires_at - 1).await, "held");
     assert_eq!(sale.status_at(&rid, expires_at).await, "expired");
+}
+
+/// The user's own reclaim before the limit check counts the deadline millisecond as
+/// expired, as every other call does: at `expires_at - 1` the hold still fills the
+/// limit, at `expires_at` it counts for nothing (swept or not).
+#[tokio::test]
+async fn a_hold_stops_counting_toward_the_limit_from_its_deadline_millisecond_on() {
+    let sale = Sale::new("rule-limit-deadline", 1).await;
+    let (rid, expires_at) = sale.hold("u", "k1", 1).await;
+    assert_eq!(
+        sale.reserve_at("u", "k2", expires_at - 1).await,
+        "limit_exceeded"
+    );
+    assert_eq!(sale.status_at(&rid, expires_at).await, "expired");
+    assert_eq!(sale.reserve_at("u", "k2", expires_at).await, "created");
+    assert_eq!(sale.used("u").await, 1, "the new hold alone counts");
+}
+
+/// A reserve that finds the SKU sold out reclaims every overdue hold, the caller's own
+/// among them: what the user's limit counts afterwards is the new hold alone, and the
+/// claim of the reclaimed hold stays ended.
+#[tokio::test]
+async fn a_reserve_that_reclaims_the_users_own_overdue_hold_counts_only_the_new_one() {
+    // Limit 2: the user's own reclaim (at the limit only) leaves it to the sold-out one.
+    let sale = Sale::with_stock("rule-reclaim-own", 2, 2).await;
+    let (_, first_due) = sale.hold("u0", "k1", 1).await;
+    let (_, second_due) = sale.hold("u1", "k1", 1).await;
+    let now = first_due.max(second_due);
+    assert_eq!(available(&sale, &sale.keys).await, 0);
+    assert_eq!(sale.reserve_at("u0", "k2", now).await, "created");
+    assert_eq!(sale.used("u0").await, 1, "{:?}", sale.usage("u0").await);
+    assert_eq!(sale.used("u1").await, 0);
+    let claims = sale.usage("u0").await.unwrap().claims;
+    let live: Vec<(&str, bool)> = claims.iter().map(|c| (c.key.as_str(), c.live)).collect();
+    assert_eq!(live, [("k1", false), ("k2", true)]);
+    assert_eq!(available(&sale, &sale.keys).await, 1);
+}
+
+/// The sweep at a paying hold's deadline (payment started, 1 ms grace, no confirm)
+/// expires it and its units come back, as for a hold that was never paid.
+#[tokio::test]
+async fn the_sweep_expires_a_paying_hold_at_its_deadline_and_returns_its_units() {
+    let sale = Sale::new("rule-paying-sweep", 1).await;
+    let (rid, _) = sale.hold("u", "k", 1).await;
+    let paying = sale
+        .store
+        .payment_pending(&sale.sku, &rid, "pay", GRACE_MS)
+        .await
+        .unwrap()
+        .reservation;
+    assert_eq!(paying.status, flashgate::reservation::Status::Paying);
+    let deadline = paying.expires_at_ms;
+    assert_eq!(sale.sweep_at(deadline - 1, 10).await, (0, 0));
+    assert_eq!(available(&sale, &sale.keys).await, 9);
+    assert_eq!(sale.sweep_at(deadline, 10).await, (1, 0));
+    assert_eq!(available(&sale, &sale.keys).await, 10);
+    assert_eq!(sale.used("u").await, 0);
+    let record = inspect::hold(&mut sale.store.connection(), &sale.keys, &rid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.status, "expired");
 }
 
 #[tokio::test]
@@ -375,6 +441,12 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
 impl Sale {
     /// reserve.lua at `now` with a cap of 2 released holds: the reply's first word.
     async fn reserve_at(&self, user: &str, key: &str, now: i64) -> String {
+        self.reserve_id_at(user, key, now).await.0
+    }
+
+    /// reserve.lua at `now` (as `reserve_at`): the reply's first word and the id the
+    /// call would give a new hold.
+    async fn reserve_id_at(&self, user: &str, key: &str, now: i64) -> (String, String) {
         let rid = ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&self.sku);
         let reply: Vec<String> = with_sale_keys(
             &script_with_clock(include_str!("../lua/reserve.lua"), now),
@@ -392,7 +464,29 @@ impl Sale {
         .invoke_async(&mut self.conn())
         .await
         .unwrap();
-        reply[0].clone()
+        (reply[0].clone(), rid)
+    }
+
+    /// payment_pending.lua at `now`: the reply's code and the deadline it answers.
+    async fn payment_pending_at(
+        &self,
+        rid: &str,
+        payment_ref: &str,
+        grace_ms: i64,
+        now: i64,
+    ) -> (String, i64) {
+        let reply: Vec<String> = with_sale_keys(
+            &script_with_clock(include_str!("../lua/payment_pending.lua"), now),
+            &self.keys,
+        )
+        .key(self.keys.reservation(rid))
+        .arg(rid)
+        .arg(payment_ref)
+        .arg(grace_ms)
+        .invoke_async(&mut self.conn())
+        .await
+        .unwrap();
+        (reply[0].clone(), reply[5].parse().unwrap())
     }
 }
 
@@ -416,6 +510,79 @@ async fn a_user_who_released_the_cap_of_holds_waits_for_the_window_to_end() {
     // A new window: the count of the old one was dropped.
     let usage = sale.usage("u").await.unwrap();
     assert_eq!((usage.units, usage.released), (1, 0), "{usage:?}");
+}
+
+/// The window of released holds: a release at the window's end millisecond opens a new
+/// window (its count 1, its end one key lifetime later) instead of counting in the
+/// old one, so the cap cannot be passed by one release at that millisecond.
+#[tokio::test]
+async fn a_release_at_the_windows_end_millisecond_counts_in_a_new_window() {
+    let sale = Sale::new("rule-churn-edge", 1).await;
+    // One key lifetime: max(idempotency TTL 1 s, hold 60 s + grace).
+    let lifetime = 60_000 + GRACE_MS as i64;
+    let t = chrono::Utc::now().timestamp_millis();
+    let (reply, first) = sale.reserve_id_at("u", "k1", t).await;
+    assert_eq!(reply, "created");
+    sale.cancel_at(&first, t + 1).await;
+    let window_end = t + 1 + lifetime;
+    let usage = sale.usage("u").await.unwrap();
+    assert_eq!((usage.released, usage.window_end), (1, window_end));
+    let (reply, second) = sale.reserve_id_at("u", "k2", t + 3).await;
+    assert_eq!(reply, "created");
+    let cancelled = sale.cancel_at(&second, window_end).await;
+    assert_eq!(
+        (cancelled[0].as_str(), cancelled[4].as_str()),
+        ("ok", "cancelled")
+    );
+    let usage = sale.usage("u").await.unwrap();
+    assert_eq!(
+        (usage.released, usage.window_end),
+        (1, window_end + lifetime),
+        "a new window"
+    );
+    // Its second release reaches the cap of 2.
+    let (reply, third) = sale.reserve_id_at("u", "k3", window_end + 1).await;
+    assert_eq!(reply, "created");
+    sale.cancel_at(&third, window_end + 2).await;
+    assert_eq!(
+        sale.reserve_at("u", "k4", window_end + 3).await,
+        "limit_exceeded"
+    );
+    assert_eq!(
+        sale.reserve_at("u", "k4", window_end + lifetime).await,
+        "created"
+    );
+}
+
+/// payment_pending moves a deadline once, and only later: to max(deadline, now + grace).
+#[tokio::test]
+async fn payment_pending_moves_the_deadline_only_later_and_once() {
+    let sale = Sale::new("rule-pending-deadline", 2).await;
+    let (short, short_due) = sale.hold("u", "k1", 1).await;
+    // A grace shorter than what is left: the deadline stays.
+    assert_eq!(
+        sale.payment_pending_at(&short, "pay-1", 1_000, short_due - 5_000)
+            .await,
+        ("ok".into(), short_due)
+    );
+    let (long, long_due) = sale.hold("u", "k2", 1).await;
+    // Longer: now + grace.
+    assert_eq!(
+        sale.payment_pending_at(&long, "pay-2", 1_000, long_due - 10)
+            .await,
+        ("ok".into(), long_due + 990)
+    );
+    // Once: a repeat with a longer grace leaves it.
+    assert_eq!(
+        sale.payment_pending_at(&long, "pay-2", 5_000, long_due)
+            .await,
+        ("unchanged".into(), long_due + 990)
+    );
+    assert_eq!(sale.status_at(&long, long_due + 989).await, "paying");
+    assert_eq!(sale.status_at(&long, long_due + 990).await, "expired");
+    assert_eq!(sale.sweep_at(short_due, 10).await, (1, 0));
+    assert_eq!(sale.sweep_at(long_due + 989, 10).await, (0, 0));
+    assert_eq!(sale.sweep_at(long_due + 990, 10).await, (1, 0));
 }
 
 impl Sale {

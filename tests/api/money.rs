@@ -668,3 +668,76 @@ async fn an_ended_reservation_keeps_only_its_key_in_redis_once_mysql_has_it() {
         (Some(1), Some(1))
     );
 }
+
+/// The flush meets a second payment for a sale MySQL already records: Redis rolled the
+/// SKU back after the first confirmation was flushed (what a failover without WAIT can
+/// do; here its keys are restored as they were before that confirmation) and confirmed
+/// the hold again. The sale stays the first payment's, and the second payment becomes
+/// exactly one `duplicate_payment` compensation, found by the flush.
+#[tokio::test]
+async fn the_flush_makes_a_second_payment_for_a_recorded_sale_one_compensation() {
+    let app = spawn_app().await;
+    let sku = unique_sku("flush-second-pay");
+    app.create_sku(&sku, json!({ "stock": 3 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let mut before = Vec::new();
+    for key in keys.sale() {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        before.push((key, dump));
+    }
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+
+    // The rollback: the SKU's keys as they were before the confirmation.
+    for (key, dump) in &before {
+        let mut cmd = redis::cmd(if dump.is_some() { "RESTORE" } else { "DEL" });
+        cmd.arg(*key);
+        if let Some(dump) = dump {
+            cmd.arg(0).arg(dump).arg("REPLACE");
+        }
+        let _: () = cmd.query_async(&mut conn).await.unwrap();
+    }
+    let (status, view) = app.confirm(&rid, "pay-2").await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("confirmed")),
+        "Redis sees a live hold again: {view}"
+    );
+    app.flush(&sku).await;
+
+    let (payment_ref, sold): (String, u64) = sqlx::query_as(
+        "SELECT s.payment_ref, k.sold FROM sales s JOIN skus k ON k.sku = s.sku WHERE s.reservation_id = ?",
+    )
+    .bind(&rid)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((payment_ref.as_str(), sold), ("pay-1", 1));
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    let comps: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT id, payment_ref, CAST(reason AS CHAR), CAST(found_by AS CHAR)
+         FROM compensations WHERE reservation_id = ?",
+    )
+    .bind(&rid)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let expected = (
+        flashgate::ids::compensation_id(&rid, "pay-2"),
+        "pay-2".to_string(),
+        "duplicate_payment".to_string(),
+        "flush".to_string(),
+    );
+    assert_eq!(
+        comps,
+        [expected],
+        "one compensation, for the second payment"
+    );
+}

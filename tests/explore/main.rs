@@ -1,0 +1,135 @@
+//! The interleaving explorer: `scripts/dev explore [--seeds N] [--seed S] [--minutes M]`.
+//!
+//! Real gateway, worker, finisher and reconciler code against the real Redis (the real
+//! Lua scripts) and MariaDB, a split SKU sold by several simulated processes at once.
+//! Every Redis command and MySQL call waits at a gate (flashgate::explore) and a
+//! scheduler seeded by the seed picks which waiting call runs next; between calls it
+//! injects faults (a process killed, a process stalled past its leases, Redis losing
+//! the SKU or one bucket, a host clock off from Redis's). After every call it checks
+//! the invariants of the contract (tests/explore/world.rs). A failure prints its seed
+//! and the schedule's tail; `--seed S` runs the same seed again.
+//!
+//! To explore a new protocol: add its actor to `world::Actor` (one enum arm and its
+//! step) and, if it brings a new way to fail, a fault to `world::Fault`; the
+//! scheduler needs nothing, since every call passes its gate.
+
+mod schedule;
+mod world;
+
+use std::time::{Duration, Instant};
+
+/// Seeds a plain run (CI) explores.
+const CI_SEEDS: u64 = 40;
+
+struct Args {
+    seeds: u64,
+    first: u64,
+    minutes: Option<u64>,
+    variant: world::Variant,
+    verbose: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seeds: CI_SEEDS,
+        first: 1,
+        minutes: None,
+        variant: world::Variant::Current,
+        verbose: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(format!("{name} takes a number"))
+        };
+        match arg.as_str() {
+            "--seeds" => args.seeds = value("--seeds")?,
+            "--seed" => {
+                args.first = value("--seed")?;
+                args.seeds = 1;
+            }
+            "--from" => args.first = value("--from")?,
+            "--minutes" => args.minutes = Some(value("--minutes")?),
+            "--old-finisher" => args.variant = world::Variant::OldFinisher,
+            "--old-rebuild" => args.variant = world::Variant::OldRebuild,
+            "--verbose" => args.verbose = true,
+            // What `cargo test` may pass to every test binary.
+            "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
+            other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
+            _ => {} // a test-name filter from `cargo test NAME`: the explorer runs whole
+        }
+    }
+    Ok(args)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--verbose]");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let code = runtime.block_on(flashgate::explore::as_process(
+        schedule::OBSERVER,
+        explore(args),
+    ));
+    std::process::exit(code);
+}
+
+async fn explore(args: Args) -> i32 {
+    let turnstile = schedule::Turnstile::default();
+    assert!(
+        flashgate::explore::install(std::sync::Arc::new(turnstile.clone())),
+        "one gate per process"
+    );
+    let env = world::Env::connect().await;
+    let started = Instant::now();
+    let deadline = args.minutes.map(|m| started + Duration::from_secs(m * 60));
+    let (mut ran, mut steps, mut faults) = (0u64, 0u64, 0u64);
+    let mut seed = args.first;
+    loop {
+        let done = match deadline {
+            Some(deadline) => Instant::now() >= deadline,
+            None => ran >= args.seeds,
+        };
+        if done {
+            break;
+        }
+        let outcome = world::run_seed(&env, &turnstile, seed, args.variant, args.verbose).await;
+        ran += 1;
+        steps += outcome.steps;
+        faults += outcome.faults;
+        if let Some(failure) = outcome.failure {
+            println!(
+                "explore: seed {seed} FAILED after {} steps ({:?} code): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}",
+                outcome.steps,
+                args.variant,
+                outcome.trace_tail,
+                args.variant.flag()
+            );
+            return 1;
+        }
+        if args.verbose {
+            println!(
+                "explore: seed {seed} held ({} steps, {} faults)",
+                outcome.steps, outcome.faults
+            );
+        }
+        seed += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "explore: {ran} seeds held ({} to {}), {steps} steps, {faults} faults in {secs:.0} s ({:.1} seeds/min)",
+        args.first,
+        seed - 1,
+        ran as f64 * 60.0 / secs.max(0.001)
+    );
+    0
+}

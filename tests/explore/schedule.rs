@@ -1,0 +1,216 @@
+//! The scheduler: every Redis command and MySQL call of the simulated processes waits at
+//! the gate (flashgate::explore) until the scheduler, from its seed, picks it. One call
+//! runs at a time; after it completes every task runs on until it waits at the gate
+//! again (or ends), then the world's invariants are checked and the next call is picked.
+
+use flashgate::explore::{Gate, Permit, Step};
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The explorer's own calls (the invariants' reads, the faults) pass the gate at once.
+pub const OBSERVER: u32 = u32::MAX;
+
+/// How long a granted call may take before the scheduler treats it as blocked (a MySQL
+/// lock held by a process waiting at the gate) and goes on with the others.
+const BLOCKED_AFTER: Duration = Duration::from_millis(300);
+
+struct Waiting {
+    step: Step,
+    /// Sends the call its permit; the permit's drop closes `done`.
+    grant: oneshot::Sender<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Calls that reached the gate so far: the scheduler's sign of life.
+    arrivals: u64,
+}
+
+/// The gate installed in the process: queues every step for the scheduler.
+#[derive(Clone, Default)]
+pub struct Turnstile {
+    queue: Arc<Mutex<Queue>>,
+}
+
+impl Gate for Turnstile {
+    fn enter(&self, step: Step) -> Pin<Box<dyn Future<Output = Permit> + Send>> {
+        if step.process == OBSERVER {
+            return Box::pin(async { Permit::new(()) });
+        }
+        let (grant, granted) = oneshot::channel();
+        {
+            let mut queue = self.queue.lock().unwrap();
+            queue.arrivals += 1;
+            queue.waiting.push(Waiting { step, grant });
+        }
+        Box::pin(async move {
+            match granted.await {
+                Ok(done) => Permit::new(done),
+                // The scheduler dropped the call (its process was killed, or the seed
+                // ended): it never runs.
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+}
+
+/// One seed's scheduler over the turnstile.
+pub struct Scheduler {
+    turnstile: Turnstile,
+    pub rng: StdRng,
+    /// Processes whose calls are never granted again (killed).
+    dead: HashSet<u32>,
+    /// Process -> the step number until which it is not scheduled (stalled).
+    stalled: HashMap<u32, u64>,
+    pub steps: u64,
+    /// Calls granted that did not complete in time (blocked on a lock).
+    blocked: Vec<oneshot::Receiver<()>>,
+    /// The schedule so far, for the report of a failing seed.
+    pub trace: Vec<String>,
+    /// How many granted calls blocked.
+    pub blocked_calls: u64,
+}
+
+impl Scheduler {
+    pub fn new(turnstile: &Turnstile, rng: StdRng) -> Scheduler {
+        turnstile.queue.lock().unwrap().waiting.clear();
+        Scheduler {
+            turnstile: turnstile.clone(),
+            rng,
+            dead: HashSet::new(),
+            stalled: HashMap::new(),
+            steps: 0,
+            blocked: Vec::new(),
+            trace: Vec::new(),
+            blocked_calls: 0,
+        }
+    }
+
+    fn arrivals(&self) -> u64 {
+        self.turnstile.queue.lock().unwrap().arrivals
+    }
+
+    /// Lets every task that can run reach the gate (or its end).
+    pub async fn settle(&mut self) {
+        let mut last = self.arrivals();
+        let mut quiet = 0;
+        while quiet < 3 {
+            // A yield lets every ready task run and the I/O driver be polled.
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            let now = self.arrivals();
+            if now == last {
+                quiet += 1;
+            } else {
+                last = now;
+                quiet = 0;
+            }
+        }
+        self.blocked
+            .retain_mut(|done| matches!(done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+    }
+
+    pub fn kill(&mut self, process: u32) {
+        self.dead.insert(process);
+        self.turnstile
+            .queue
+            .lock()
+            .unwrap()
+            .waiting
+            .retain(|w| w.step.process != process);
+    }
+
+    pub fn stall(&mut self, process: u32, steps: u64) {
+        self.stalled.insert(process, self.steps + steps);
+    }
+
+    /// Calls waiting now, by process (for the faults' choices).
+    pub fn waiting_processes(&self) -> Vec<u32> {
+        let queue = self.turnstile.queue.lock().unwrap();
+        let mut processes: Vec<u32> = queue.waiting.iter().map(|w| w.step.process).collect();
+        processes.sort_unstable();
+        processes.dedup();
+        processes
+    }
+
+    /// Grants one waiting call, chosen by the seed among those of live processes not
+    /// stalled, and waits for it to complete. False when no call could run.
+    pub async fn step(&mut self) -> bool {
+        let chosen = {
+            let mut queue = self.turnstile.queue.lock().unwrap();
+            // Arrival order is the tasks' own order; the seed picks among them.
+            let runnable: Vec<usize> = (0..queue.waiting.len())
+                .filter(|&i| {
+                    let p = queue.waiting[i].step.process;
+                    !self.dead.contains(&p)
+                        && !self
+                            .stalled
+                            .get(&p)
+                            .is_some_and(|&until| until > self.steps)
+                })
+                .collect();
+            if runnable.is_empty() {
+                None
+            } else {
+                let i = runnable[self.rng.random_range(0..runnable.len())];
+                Some(queue.waiting.remove(i))
+            }
+        };
+        let Some(chosen) = chosen else {
+            // Only stalled processes wait: time passes for them.
+            if let Some((&p, _)) = self.stalled.iter().min_by_key(|(_, &until)| until) {
+                self.stalled.remove(&p);
+                return true;
+            }
+            return false;
+        };
+        self.steps += 1;
+        self.trace.push(format!(
+            "{:>5} p{} {}",
+            self.steps, chosen.step.process, chosen.step.label
+        ));
+        let (done_tx, mut done) = oneshot::channel();
+        if chosen.grant.send(done_tx).is_err() {
+            return true; // its task is gone (aborted)
+        }
+        if tokio::time::timeout(BLOCKED_AFTER, &mut done)
+            .await
+            .is_err()
+        {
+            self.trace
+                .push("      (blocked: goes on in the background)".into());
+            self.blocked.push(done);
+            self.blocked_calls += 1;
+        }
+        true
+    }
+
+    /// The faults of the whole run, then the last lines of the schedule.
+    pub fn tail(&self, lines: usize) -> String {
+        let from = self.trace.len().saturating_sub(lines);
+        let earlier_faults = self.trace[..from].iter().filter(|l| l.contains("FAULT"));
+        let mut out: Vec<&str> = earlier_faults.map(String::as_str).collect();
+        out.push("  ...");
+        out.extend(self.trace[from..].iter().map(String::as_str));
+        out.join("\n")
+    }
+}
+
+/// Whether the seed's generator says yes with probability 1/n.
+pub fn one_in(rng: &mut StdRng, n: u32) -> bool {
+    rng.random_range(0..n) == 0
+}
+
+#[allow(dead_code)]
+pub fn seed_rng(seed: u64, salt: u64) -> StdRng {
+    use rand::SeedableRng;
+    StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt)
+}
