@@ -684,12 +684,11 @@ pub async fn run_skus_with(
     repair: bool,
     old_rebuild: bool,
 ) -> Result<ReconcileReport> {
-    let _ = old_rebuild;
     let mut report = ReconcileReport::default();
     for sku in skus {
         // One SKU that cannot be checked is reported (drift unknown) and the pass goes
         // on; an outage of Redis or MySQL ends it (could not run).
-        let findings = match reconcile_sku(store, pool, sku, repair).await {
+        let findings = match reconcile_sku(store, pool, sku, repair, old_rebuild).await {
             Ok(findings) => findings,
             Err(e) if store.ping().await.is_err() || db::ping(pool).await.is_err() => {
                 return Err(e)
@@ -736,6 +735,11 @@ struct Scope {
     sale: SkuId,
     sales: db::SalesOf,
     buckets: u32,
+    /// A lost bucket of a split SKU: the stock_total the rebuild planned for it with
+    /// the SKU's other lost buckets (`rebuild_lost_buckets`); None outside that plan.
+    planned: Option<u64>,
+    /// The explorer's old planner: each lost bucket planned alone.
+    old_rebuild: bool,
 }
 
 impl Scope {
@@ -745,6 +749,8 @@ impl Scope {
             sale: sku.clone(),
             sales: db::SalesOf::sku(sku),
             buckets: 1,
+            planned: None,
+            old_rebuild: false,
         }
     }
 
@@ -754,6 +760,8 @@ impl Scope {
             sale: sale.clone(),
             sales: db::SalesOf::bucket(sale),
             buckets,
+            planned: None,
+            old_rebuild: false,
         }
     }
 
@@ -779,6 +787,7 @@ async fn reconcile_sku(
     pool: &MySqlPool,
     sku: &SkuId,
     repair: bool,
+    old_rebuild: bool,
 ) -> Result<Vec<Finding>> {
     // Fixed at creation: MySQL's word, else what Redis says (a SKU MySQL lacks).
     let buckets = match db::sku_record(pool, sku).await? {
@@ -789,8 +798,12 @@ async fn reconcile_sku(
         return reconcile_sale(store, pool, &Scope::whole(sku), repair).await;
     }
     let mut findings = Vec::new();
+    if repair && !old_rebuild {
+        findings.extend(rebuild_lost_buckets(store, pool, sku, buckets).await?);
+    }
     for sale in crate::buckets::sales(sku, buckets) {
-        let scope = Scope::bucket(&sale, buckets);
+        let mut scope = Scope::bucket(&sale, buckets);
+        scope.old_rebuild = old_rebuild;
         findings.extend(reconcile_sale(store, pool, &scope, repair).await?);
     }
     findings.extend(check_split_stock(store, pool, sku, buckets, repair).await?);
@@ -842,6 +855,11 @@ async fn check_split_stock(
         let (stock, in_transit) = store.split_stock(&sales).await?;
         if stock.iter().all(Option::is_none) {
             return Ok(Vec::new()); // retired everywhere: nothing left to sell
+        }
+        if stock.iter().any(Option::is_none) {
+            // A lost bucket: its rebuild (`rebuild_lost_buckets`) plans the stock; a
+            // change to bucket 0 now would count the lost bucket's units twice.
+            return Ok(Vec::new());
         }
         let held: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
         if held == record.definition.stock_total {
@@ -912,6 +930,58 @@ async fn check_sku(
     }
 }
 
+/// Rebuilds every lost bucket of a split SKU in one plan, under the SKU's row lock
+/// (so a worker's scheduled repair and `flashgate reconcile --repair` plan one after
+/// the other, the second reading what the first loaded). Each lost bucket gets the
+/// units MySQL records as sold through it, and the stock no bucket holds is shared
+/// among them: Σ stock_total over the buckets + in transit never exceeds the SKU's
+/// stock, also while the rebuild runs (a lost bucket's sold units are counted before
+/// any bucket is loaded). Units in transit to a lost bucket stay in transit.
+async fn rebuild_lost_buckets(
+    store: &Store,
+    pool: &MySqlPool,
+    sku: &SkuId,
+    buckets: u32,
+) -> Result<Vec<Finding>> {
+    let sales = crate::buckets::sales(sku, buckets);
+    let (stock, _) = store.split_stock(&sales).await?;
+    if stock.iter().all(Option::is_some) {
+        return Ok(Vec::new());
+    }
+    let mut conn = pool.acquire().await?;
+    let mut tx = db::begin_check(&mut conn).await?;
+    let Some(record) = db::lock_sku_record(&mut tx, sku).await? else {
+        return Ok(Vec::new());
+    };
+    if sale_over(&record) {
+        return Ok(Vec::new());
+    }
+    // Read again under the lock: another rebuild may have loaded some meanwhile.
+    let (stock, in_transit) = store.split_stock(&sales).await?;
+    let mut lost = Vec::new();
+    for (b, sale) in sales.iter().enumerate() {
+        if stock[b].is_none() && !store.is_retired(sale).await? {
+            let (sold, _) = db::sales_totals(&mut tx, &db::SalesOf::bucket(sale), 0).await?;
+            lost.push((b, sold));
+        }
+    }
+    let held: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
+    let lost_sold: u64 = lost.iter().map(|(_, sold)| sold).sum();
+    let free = record
+        .definition
+        .stock_total
+        .saturating_sub(held + lost_sold);
+    let shares = crate::buckets::split(free, lost.len() as u32);
+    let mut findings = Vec::new();
+    for ((b, sold), share) in lost.into_iter().zip(shares) {
+        let mut scope = Scope::bucket(&sales[b], buckets);
+        scope.planned = Some(sold + share);
+        findings.extend(restore_missing(store, &mut tx, &scope, &record, true).await?);
+    }
+    tx.commit().await?;
+    Ok(findings)
+}
+
 fn sale_over(record: &SkuRecord) -> bool {
     record
         .definition
@@ -947,14 +1017,26 @@ async fn restore_missing(
         let bought = db::sold_per_user(tx, &scope.sku).await?;
         if scope.split() {
             let sales = crate::buckets::sales(&scope.sku, scope.buckets);
-            let (stock, in_transit) = store.split_stock(&sales).await?;
-            let elsewhere: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
-            let stock = crate::store::BucketStock {
-                if_new: sold
-                    + record
+            let if_new = match scope.planned {
+                Some(planned) => planned,
+                // The planner the explorer broke: whatever the present buckets lack,
+                // while other lost buckets may still have sold units of their own.
+                None if scope.old_rebuild => {
+                    let (stock, in_transit) = store.split_stock(&sales).await?;
+                    let elsewhere: u64 = stock.iter().flatten().sum::<u64>() + in_transit;
+                    sold + record
                         .definition
                         .stock_total
-                        .saturating_sub(elsewhere + sold),
+                        .saturating_sub(elsewhere + sold)
+                }
+                None => {
+                    finding.detail +=
+                        "; rebuilt together with the SKU's other lost buckets (next pass)";
+                    return Ok(vec![finding]);
+                }
+            };
+            let stock = crate::store::BucketStock {
+                if_new,
                 change: None,
             };
             store

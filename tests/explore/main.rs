@@ -18,8 +18,11 @@ mod world;
 
 use std::time::{Duration, Instant};
 
-/// Seeds a plain run (CI) explores.
-const CI_SEEDS: u64 = 40;
+/// Seeds a plain run (CI) explores with today's code.
+const CI_SEEDS: u64 = 20;
+/// Seeds a plain run gives the rebuild planner the audit broke: one must fail, or the
+/// explorer has gone blind to it.
+const CI_PROOF_SEEDS: u64 = 10;
 
 struct Args {
     seeds: u64,
@@ -65,6 +68,14 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() {
+    // A plain run (CI's `cargo test`): today's code on CI_SEEDS seeds, then the proof
+    // that the explorer still finds what the audit found.
+    let plain = std::env::args().skip(1).all(|a| {
+        !a.starts_with("--seed")
+            && !a.starts_with("--minutes")
+            && !a.starts_with("--old")
+            && !a.starts_with("--from")
+    });
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
@@ -76,20 +87,40 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let code = runtime.block_on(flashgate::explore::as_process(
-        schedule::OBSERVER,
-        explore(args),
-    ));
+    let code = runtime.block_on(flashgate::explore::as_process(schedule::OBSERVER, async {
+        let turnstile = schedule::Turnstile::default();
+        assert!(
+            flashgate::explore::install(std::sync::Arc::new(turnstile.clone())),
+            "one gate per process"
+        );
+        let env = world::Env::connect().await;
+        let verbose = args.verbose;
+        let code = explore(&env, &turnstile, args).await;
+        if code != 0 || !plain {
+            return code;
+        }
+        let proof = Args {
+            seeds: CI_PROOF_SEEDS,
+            first: 1,
+            minutes: None,
+            variant: world::Variant::OldRebuild,
+            verbose,
+        };
+        match explore(&env, &turnstile, proof).await {
+            1 => {
+                println!("explore: the old rebuild planner's over-allocation is found, as it must be");
+                0
+            }
+            _ => {
+                println!("explore: BLIND: {CI_PROOF_SEEDS} seeds did not find the old rebuild planner's over-allocation");
+                1
+            }
+        }
+    }));
     std::process::exit(code);
 }
 
-async fn explore(args: Args) -> i32 {
-    let turnstile = schedule::Turnstile::default();
-    assert!(
-        flashgate::explore::install(std::sync::Arc::new(turnstile.clone())),
-        "one gate per process"
-    );
-    let env = world::Env::connect().await;
+async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) -> i32 {
     let started = Instant::now();
     let deadline = args.minutes.map(|m| started + Duration::from_secs(m * 60));
     let (mut ran, mut steps, mut faults) = (0u64, 0u64, 0u64);
@@ -102,7 +133,7 @@ async fn explore(args: Args) -> i32 {
         if done {
             break;
         }
-        let outcome = world::run_seed(&env, &turnstile, seed, args.variant, args.verbose).await;
+        let outcome = world::run_seed(env, turnstile, seed, args.variant, args.verbose).await;
         ran += 1;
         steps += outcome.steps;
         faults += outcome.faults;

@@ -151,10 +151,10 @@ impl Scheduler {
                 .filter(|&i| {
                     let p = queue.waiting[i].step.process;
                     !self.dead.contains(&p)
-                        && !self
+                        && self
                             .stalled
                             .get(&p)
-                            .is_some_and(|&until| until > self.steps)
+                            .is_none_or(|&until| until <= self.steps)
                 })
                 .collect();
             if runnable.is_empty() {

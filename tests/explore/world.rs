@@ -647,8 +647,15 @@ async fn settle_and_check_money(env: &Env, world: &World, stock: u64) -> Result<
             "after repair: Σ stock_total {totals:?} + in transit {in_transit} != stock {stock}"
         ));
     }
-    let journal = world.journal.lock().unwrap();
-    if journal.losses > 0 {
+    let (losses, sold, compensated) = {
+        let journal = world.journal.lock().unwrap();
+        (
+            journal.losses,
+            journal.sold.clone(),
+            journal.compensated.clone(),
+        )
+    };
+    if losses > 0 {
         // A sale Redis lost before its flush is lost with it (no AOF here): the money
         // check covers runs without a Redis loss.
         return Ok(());
@@ -664,7 +671,7 @@ async fn settle_and_check_money(env: &Env, world: &World, stock: u64) -> Result<
     .map_err(|e| e.to_string())?
     .into_iter()
     .collect();
-    for (rid, payment_ref) in &journal.sold {
+    for (rid, payment_ref) in &sold {
         if !recorded.contains(&(rid.clone(), payment_ref.clone())) {
             return Err(format!(
                 "payment {payment_ref} for {rid} was answered 200 but MySQL has neither a sale nor a compensation (invariant 5)"
@@ -679,7 +686,7 @@ async fn settle_and_check_money(env: &Env, world: &World, stock: u64) -> Result<
             .map_err(|e| e.to_string())?
             .into_iter()
             .collect();
-    for id in &journal.compensated {
+    for id in &compensated {
         if !compensations.contains(id) {
             return Err(format!(
                 "compensation {id} answered in a 409 is not in MySQL (invariant 5)"
