@@ -6,16 +6,17 @@
 -- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale): meta used deadlines uholds
 --            outbox comps churn rlog holds
 -- KEYS[10] fg:{bucket}:transfers
--- ARGV[1] most due holds to expire first
+-- ARGV[1] most due holds to expire first   ARGV[2] the give window (ms, lib.lua give_units)
 --
 -- Reply: {available (0 when the bucket has no state), transfers not finished, moves: the
 --         transfers that took from or gave to it so far (meta `moves`)}
 --
 -- Invariant: the expiries are release()s: each hold's units come back exactly once.
 local K = sale_keys()
+local now, window = now_ms(), tonumber(ARGV[2])
 if redis.call('EXISTS', K.meta) == 0 then
-  return { 0, redis.call('HLEN', KEYS[10]), 0 }
+  return { 0, open_transfers(KEYS[10], now, window), 0 }
 end
-expire_due(K, now_ms(), tonumber(ARGV[1]))
+expire_due(K, now, tonumber(ARGV[1]))
 local m = redis.call('HMGET', K.meta, 'available', 'moves')
-return { tonumber(m[1] or '0'), redis.call('HLEN', KEYS[10]), tonumber(m[2] or '0') }
+return { tonumber(m[1] or '0'), open_transfers(KEYS[10], now, window), tonumber(m[2] or '0') }

@@ -521,15 +521,24 @@ local function replay(K, h, tail, now)
   return reply
 end
 
--- The second step of a transfer of stock between buckets of a SKU (src/buckets.rs): the
--- receiver (meta, transfers) gets the units the donor's transfer_take.lua took, once per
--- transfer id. Returns 'given' (now), 'already' (before: nothing done) or 'missing' (the
--- receiver has no state: nothing done, the units stay in transit for the finisher).
--- Keeps available + held + sold == stock_total in the receiver (both grow by the units);
--- `in:<id>` makes a repeated give count once. It goes only after the donor's `out:<id>`.
-local function give_units(meta, transfers, id, units, donor_tag)
+-- The second step of a transfer (src/buckets.rs): the receiver (meta, transfers) gets the
+-- units the donor's transfer_take.lua took, once per transfer id, whoever gives and however
+-- late. `read_at` is the donor's Redis time (ms) when the giver learned of the transfer
+-- (the take itself, or a finisher's read of the donor's records; '' for now): a give is
+-- taken only within `window` ms of it. The receiver's `in:<id>`, once the transfer is
+-- done, stays marked for 2 * window more (open_transfers purges it then): any give of the
+-- id still within its window was read before the donor dropped `out:<id>`, so before the
+-- mark, and finds the record ('already'). Returns 'given' (now), 'already' (before:
+-- nothing done), 'late' (read too long ago: nothing done, a later read gives it) or
+-- 'missing' (the receiver has no state: nothing done, the units stay in transit until it
+-- is rebuilt). Keeps available + held + sold == stock_total in the receiver.
+local function give_units(meta, transfers, id, units, donor_tag, read_at, window)
   if redis.call('HEXISTS', transfers, 'in:' .. id) == 1 then
     return 'already'
+  end
+  local now = now_ms()
+  if read_at ~= '' and tonumber(read_at) + window <= now then
+    return 'late'
   end
   local m = redis.call('HMGET', meta, 'available', 'stock_total')
   if not m[1] then
@@ -537,9 +546,25 @@ local function give_units(meta, transfers, id, units, donor_tag)
   end
   redis.call('HSET', meta, 'available', ms(tonumber(m[1]) + units),
     'stock_total', ms(tonumber(m[2]) + units))
-  redis.call('HSET', transfers, 'in:' .. id, ms(units) .. ' ' .. ms(now_ms()) .. ' ' .. donor_tag)
+  redis.call('HSET', transfers, 'in:' .. id, ms(units) .. ' ' .. ms(now) .. ' ' .. donor_tag)
   redis.call('HINCRBY', meta, 'moves', 1) -- as in transfer_take.lua
   return 'given'
+end
+
+-- The transfers of a bucket not finished: its `out:` records and its `in:` records not
+-- marked done. Marked `in:` records older than 2 * window (ms) go (see give_units).
+local function open_transfers(transfers, now, window)
+  local open = 0
+  local records = redis.call('HGETALL', transfers)
+  for i = 1, #records, 2 do
+    local done_at = string.match(records[i + 1], '^%d+ %d+ %S+ (%d+)$')
+    if not done_at then
+      open = open + 1
+    elseif tonumber(done_at) + 2 * window <= now then
+      redis.call('HDEL', transfers, records[i])
+    end
+  end
+  return open
 end
 
 -- Takes a hold for one request, or says why not (the body of reserve.lua and

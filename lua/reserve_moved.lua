@@ -12,12 +12,13 @@
 -- ARGV[1] idempotency TTL (ms)   ARGV[2] payment grace (ms)
 -- ARGV[3] expired holds to reclaim before sold_out
 -- ARGV[4] holds a user may release per key lifetime before `limit_exceeded` (0: no cap)
--- ARGV[5] g, the gives; then for give j (j = 1..g): ARGV[5 + 3j - 2] transfer id,
---         ARGV[5 + 3j - 1] units taken, ARGV[5 + 3j] the donor's hash tag
--- then for request i, from a = 5 + 3g: ARGV[a + 4i - 3] user id, ARGV[a + 4i - 2]
+-- ARGV[5] g, the gives; ARGV[6] the give window (ms); then for give j (j = 1..g):
+--         ARGV[6 + 4j - 3] transfer id, ARGV[6 + 4j - 2] units taken, ARGV[6 + 4j - 1]
+--         the donor's hash tag, ARGV[6 + 4j] the donor's Redis time of the take (ms)
+-- then for request i, from a = 6 + 4g: ARGV[a + 4i - 3] user id, ARGV[a + 4i - 2]
 --         quantity, ARGV[a + 4i - 1] new rid, ARGV[a + 4i] idempotency key
 --
--- Reply: { {what became of each give: 'given' | 'already' | 'missing'}, then one
+-- Reply: { {what became of each give: 'given' | 'already' | 'late' | 'missing'}, then one
 -- reserve.lua reply per request, in order }. 'missing': the bucket has no state;
 -- nothing was given (the units stay in transit for the finisher) and the reserves
 -- answer as reserve.lua would (`not_found`).
@@ -28,16 +29,17 @@ local K = sale_keys()
 local transfers = KEYS[10]
 local idem_ttl_ms, grace_ms, reclaim_limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local churn_cap = tonumber(ARGV[4])
-local gives = tonumber(ARGV[5])
+local gives, window = tonumber(ARGV[5]), tonumber(ARGV[6])
 local given = {}
 for j = 1, gives do
-  local at = 5 + 3 * j
-  given[j] = give_units(K.meta, transfers, ARGV[at - 2], tonumber(ARGV[at - 1]), ARGV[at])
+  local at = 6 + 4 * j
+  given[j] = give_units(K.meta, transfers, ARGV[at - 3], tonumber(ARGV[at - 2]), ARGV[at - 1],
+    ARGV[at], window)
 end
 local now = now_ms()
 local sale = load_sale(K.meta)
 local replies = { given }
-local a = 5 + 3 * gives
+local a = 6 + 4 * gives
 for i = 1, #KEYS - 10 do
   replies[i + 1] = reserve_hold(K, sale, KEYS[10 + i], ARGV[a + 4 * i - 3], ARGV[a + 4 * i],
     tonumber(ARGV[a + 4 * i - 2]), ARGV[a + 4 * i - 1], idem_ttl_ms, grace_ms, reclaim_limit,

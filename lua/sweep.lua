@@ -7,6 +7,7 @@
 --          does not retire (its units in transit would be lost with it)
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
 -- ARGV[2] ms a retired SKU's meta stays as its tombstone
+-- ARGV[3] the give window (ms, lib.lua give_units)
 --
 -- Reply: {expired_count, holds_still_due, available (false when the SKU has no state),
 --         index entries looked at (expired + stale ones dropped), now_ms,
@@ -78,7 +79,7 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   -- Not while a reconciler check reads the SKU in slices (recon_begin.lua).
   local checked = m[5] and now < tonumber(m[5])
   if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0
-      and redis.call('HLEN', KEYS[10]) == 0 and outbox_flushed() then
+      and open_transfers(KEYS[10], now, tonumber(ARGV[3])) == 0 and outbox_flushed() then
     redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
     local claims_until = tonumber(m[6] or '0')
     if claims_until > now then

@@ -4,11 +4,15 @@
 --
 -- KEYS[1] fg:{receiver}:meta   KEYS[2] fg:{receiver}:transfers
 -- ARGV[1] transfer id   ARGV[2] units (what transfer_take.lua took)   ARGV[3] the donor's tag
+-- ARGV[4] the donor's Redis time (ms) when the giver read the transfer ('' for now)
+-- ARGV[5] the give window (ms)
 --
--- Replies: 'given' (now), 'already' (given before: nothing done), 'missing' (the
--- receiver has no state: nothing done; the units stay in transit)
+-- Replies: 'given' (now), 'already' (given before: nothing done), 'late' (read more
+-- than the window ago: nothing done), 'missing' (the receiver has no state: nothing
+-- done; the units stay in transit)
 --
 -- Invariant: available + held + sold == stock_total in the receiver (both grow by the
--- units); `in:<id>` makes a repeated give (a retry, the worker finishing a transfer cut
--- short) count once.
-return give_units(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+-- units); `in:<id>` makes a repeated give (a retry, several finishers at once, however
+-- late) count once (see give_units).
+return give_units(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
+  tonumber(ARGV[5]))

@@ -6,6 +6,10 @@ use std::time::Duration;
 /// A transfer between buckets this old and not finished was cut short (its gateway
 /// stopped between steps; the gateway's own lease is 1 s): the worker finishes it.
 pub const TRANSFER_STALE: Duration = Duration::from_secs(5);
+/// How long after a transfer was read a give of it is taken (lib.lua give_units): more
+/// than the gateway's 1 s lease; a finished transfer's receiver record lasts twice this,
+/// so two Redis primaries' clocks may differ by up to this much.
+pub const TRANSFER_GIVE_WINDOW: Duration = Duration::from_secs(2);
 /// How long a reserve whose home bucket ran dry waits for stock in transit to land
 /// somewhere, or for a read of the buckets that no transfer overlapped, before two
 /// short reads in a row answer `sold_out` (src/buckets.rs; issue 13 asks ~20 ms).

@@ -820,6 +820,23 @@ async fn stock_of(sale: &Sale, buckets: &[SkuKeys]) -> (u64, u64) {
     (total, transit)
 }
 
+/// No transfer left open: what remains are receivers' records marked done, kept for
+/// the give window (lib.lua give_units).
+async fn assert_no_open_transfer(sale: &Sale, buckets: &[SkuKeys]) {
+    for bucket in buckets {
+        let records: Vec<String> = redis::cmd("HVALS")
+            .arg(&bucket.transfers)
+            .query_async(&mut sale.conn())
+            .await
+            .unwrap();
+        assert!(
+            records.iter().all(|r| r.split(' ').count() == 4),
+            "{} kept an open record: {records:?}",
+            bucket.tag()
+        );
+    }
+}
+
 async fn available(sale: &Sale, bucket: &SkuKeys) -> u64 {
     redis::cmd("HGET")
         .arg(&bucket.meta)
@@ -879,21 +896,45 @@ async fn a_transfer_keeps_the_skus_stock_at_every_step_and_moves_it_once() {
         available(&sale, &b[2]).await,
     ];
     assert_eq!(available_now, [5, 12, 13]);
-    for bucket in &b {
-        assert!(
-            !sale.exists(&bucket.transfers).await,
-            "{} kept a record",
-            bucket.tag()
-        );
-    }
+    assert_no_open_transfer(&sale, &b).await;
 
-    // A receiver with no state: the units wait in transit, then go back to the donor.
+    // A receiver with no state: the units wait in transit (its rebuild leaves them
+    // out of its plan), never back to the donor, where a late finisher's give to the
+    // rebuilt receiver would count them twice.
     let gone = SkuKeys::for_tag(&format!("{}~9~0", sale.sku));
     assert_eq!(transfer(store, &b[1], &gone, 2).await, 0);
     assert_eq!(stock_of(&sale, &b).await, (28, 2));
-    assert_eq!(store.finish_transfers(&b, now).await.unwrap(), 1);
-    assert_eq!(stock_of(&sale, &b).await, (30, 0));
-    assert_eq!(available(&sale, &b[1]).await, 12);
+    assert_eq!(store.finish_transfers(&b, now).await.unwrap(), 0);
+    assert_eq!(stock_of(&sale, &b).await, (28, 2));
+}
+
+/// A give counts once however many finishers run at once and however late one acts:
+/// the receiver's record outlives every give that can still be taken (defect 1 of
+/// issue 21: two finishers that read the same cut transfer gave it twice).
+#[tokio::test]
+async fn a_cut_transfer_is_given_once_by_racing_and_late_finishers() {
+    let sale = Sale::new("finishers", 1).await;
+    let store = &sale.store;
+    let b = buckets_of(&sale, &[10, 10]).await;
+    // Two processes: each its own connection and its own one-finisher-at-a-time.
+    let args = common::serve_args(&common::redis_url(), "");
+    let first = Store::new(flashgate::store::connect(&args.redis).await.unwrap());
+    let second = Store::new(flashgate::store::connect(&args.redis).await.unwrap());
+    store.transfer_take(&b[0], &b[1], "cut", 3).await.unwrap();
+    assert_eq!(stock_of(&sale, &b).await, (17, 3));
+    let zero = std::time::Duration::ZERO;
+    let (one, two) = tokio::join!(
+        first.finish_transfers(&b, zero),
+        second.finish_transfers(&b, zero)
+    );
+    // Each may see it through (one gives, the other finds it given): given once.
+    assert!(one.unwrap() + two.unwrap() >= 1);
+    assert_eq!(stock_of(&sale, &b).await, (20, 0));
+    assert_eq!(available(&sale, &b[1]).await, 13);
+    // A finisher that read the record before it was finished gives it now: refused.
+    assert!(store.transfer_give(&b[0], &b[1], "cut", 3).await.unwrap());
+    assert_eq!(stock_of(&sale, &b).await, (20, 0));
+    assert_eq!(available(&sale, &b[1]).await, 13);
 }
 
 /// A reserve on a short home bucket gets the units taken for it in the same step as
@@ -988,13 +1029,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         (0, 1)
     );
     store.drop_transfer_records(&taken, &b[0]).await.unwrap();
-    for bucket in &b {
-        assert!(
-            !sale.exists(&bucket.transfers).await,
-            "{} kept a record",
-            bucket.tag()
-        );
-    }
+    assert_no_open_transfer(&sale, &b).await;
 
     // No state in the home bucket: nothing given, nothing sold, the units in transit.
     let gone_sale = SkuId::of_tag(&format!("{}~9~0", sale.sku)).unwrap();
@@ -1010,14 +1045,15 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         "{outcomes:?}"
     );
     assert_eq!(stock_of(&sale, &b).await, (4, 1));
+    // The finisher leaves them in transit until the receiver is rebuilt.
     assert_eq!(
         store
             .finish_transfers(&b, std::time::Duration::ZERO)
             .await
             .unwrap(),
-        1
+        0
     );
-    assert_eq!(stock_of(&sale, &b).await, (5, 0));
+    assert_eq!(stock_of(&sale, &b).await, (4, 1));
 }
 
 /// Hundreds of transfers racing between three buckets, with the worker's finishing
@@ -1058,13 +1094,7 @@ async fn racing_transfers_between_buckets_never_make_or_lose_stock() {
     finisher.await.unwrap();
     assert!(moved > 0);
     assert_eq!(stock_of(&sale, &b).await, (300, 0));
-    for bucket in &b {
-        assert!(
-            !sale.exists(&bucket.transfers).await,
-            "{} kept a record",
-            bucket.tag()
-        );
-    }
+    assert_no_open_transfer(&sale, &b).await;
 }
 
 /// A bucket (src/buckets.rs) is a whole sale under its own hash tag: the scripts run on

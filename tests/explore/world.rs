@@ -43,6 +43,7 @@ impl Variant {
 const TIMING: TransferTiming = TransferTiming {
     lease: Duration::from_millis(40),
     stale: Duration::from_millis(150),
+    give_window: Duration::from_millis(80),
 };
 /// Steps in which faults may strike; then the actors finish their work.
 const FAULT_STEPS: u64 = 500;

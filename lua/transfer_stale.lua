@@ -1,0 +1,23 @@
+-- transfer_stale.lua: what a finisher (src/store.rs finish_transfers) must finish on one
+-- bucket, by this bucket's Redis clock alone: its `out:` records taken at least ARGV[1] ms
+-- ago, and its `in:` records not marked done.
+--
+-- KEYS[1] fg:{bucket}:transfers   ARGV[1] age (ms) past which a transfer was cut short
+--
+-- Reply: { now (ms), then field, record for each: 'out:<id>', 'units at receiver' or
+--          'in:<id>', 'units at donor' }
+--
+-- Invariant: reads only; `now` is the read time the finisher's gives carry (give_units).
+local now = now_ms()
+local reply = { now }
+local records = redis.call('HGETALL', KEYS[1])
+for i = 1, #records, 2 do
+  local field, record = records[i], records[i + 1]
+  local at, done = string.match(record, '^%d+ (%d+) %S+ ?(%d*)$')
+  local stale = string.sub(field, 1, 4) == 'out:' and tonumber(at) + tonumber(ARGV[1]) <= now
+  if stale or (string.sub(field, 1, 3) == 'in:' and done == '') then
+    reply[#reply + 1] = field
+    reply[#reply + 1] = record
+  end
+end
+return reply
