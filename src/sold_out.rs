@@ -6,6 +6,10 @@
 //! SKU sees one request per refresh, not the burst of every request at expiry.
 //! Units a cancel through this gateway gives back let requests for as many units ask
 //! Redis (not every request: at the tail of a sale cancels come all the time).
+//! A refusal renews the flag only for what it proves: Redis refusing a larger quantity
+//! says nothing about smaller ones, so it neither renews the flag's age nor clears the
+//! units given back; stock that comes back any other way (expiry, restock, another
+//! gateway's cancel) is asked for within SOLD_OUT_FLAG_TTL.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,12 +56,16 @@ impl SoldOutFlags {
             return FlagCheck::Ask;
         };
         let age = flag.raised_at.elapsed();
-        if quantity < flag.smallest_refused_quantity
+        let smallest = flag.smallest_refused_quantity;
+        if quantity < smallest
             || age >= SOLD_OUT_FLAG_TTL
+            // Units given back: a request they may serve asks (one they cannot,
+            // quantity >= smallest + units, takes nothing from them).
             || flag
                 .returned
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| {
-                    (units > 0).then(|| units.saturating_sub(quantity))
+                    (units > 0 && quantity < smallest.saturating_add(units))
+                        .then(|| units.saturating_sub(quantity))
                 })
                 .is_ok()
         {
@@ -74,6 +82,9 @@ impl SoldOutFlags {
         }
     }
 
+    /// Redis refused `quantity`: available is below it now. The flag is (re)raised
+    /// for it unless a live flag covers smaller quantities, which this refusal does not
+    /// prove: then only the next refresh may go.
     pub fn raise(&self, sku: &SkuId, quantity: u64) {
         let mut flags = self.flags.write().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -83,13 +94,13 @@ impl SoldOutFlags {
             refreshing: AtomicBool::new(false),
             returned: AtomicU64::new(0),
         });
-        if flag.raised_at.elapsed() >= SOLD_OUT_FLAG_TTL
-            || quantity < flag.smallest_refused_quantity
-        {
-            flag.smallest_refused_quantity = quantity;
-        }
-        flag.raised_at = now;
         flag.refreshing.store(false, Ordering::Release);
+        let live = flag.raised_at.elapsed() < SOLD_OUT_FLAG_TTL;
+        if live && quantity > flag.smallest_refused_quantity {
+            return;
+        }
+        flag.smallest_refused_quantity = quantity;
+        flag.raised_at = now;
         flag.returned.store(0, Ordering::Release);
     }
 
@@ -170,6 +181,60 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_larger_quantity_renews_nothing_for_smaller_ones() {
+        let flags = SoldOutFlags::default();
+        let sku = SkuId::parse("s").unwrap();
+        flags.raise(&sku, 1);
+        std::thread::sleep(SOLD_OUT_FLAG_REFRESH);
+        assert_eq!(flags.check(&sku, 2), FlagCheck::Refresh);
+        flags.raise(&sku, 2); // Redis refused 2: says nothing of 1
+        assert_eq!(
+            flags.check(&sku, 1),
+            FlagCheck::Refresh,
+            "a 1 may refresh now"
+        );
+        flags.refreshed(&sku);
+        std::thread::sleep(SOLD_OUT_FLAG_TTL - SOLD_OUT_FLAG_REFRESH);
+        assert_eq!(
+            flags.check(&sku, 1),
+            FlagCheck::Ask,
+            "the flag for 1 was not renewed by the refusal of 2"
+        );
+        assert_eq!(flags.check(&sku, 2), FlagCheck::Ask);
+    }
+
+    #[test]
+    fn an_expired_flag_forgets_the_quantities_it_refused() {
+        let flags = SoldOutFlags::default();
+        let sku = SkuId::parse("s").unwrap();
+        flags.raise(&sku, 1);
+        std::thread::sleep(SOLD_OUT_FLAG_TTL);
+        flags.raise(&sku, 5); // 3 units left, say: 1..=4 may still be served
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask);
+        assert_eq!(flags.check(&sku, 4), FlagCheck::Ask);
+        assert_eq!(flags.check(&sku, 5), FlagCheck::SoldOut);
+    }
+
+    #[test]
+    fn a_unit_given_back_is_not_used_up_by_a_request_it_cannot_serve() {
+        let flags = SoldOutFlags::default();
+        let sku = SkuId::parse("s").unwrap();
+        flags.raise(&sku, 1);
+        flags.returned(&sku, 1);
+        assert_eq!(
+            flags.check(&sku, 2),
+            FlagCheck::SoldOut,
+            "1 unit cannot serve 2"
+        );
+        assert_eq!(
+            flags.check(&sku, 1),
+            FlagCheck::Ask,
+            "the unit is still passed on"
+        );
+        assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut, "once");
+    }
+
+    #[test]
     fn units_given_back_let_requests_for_that_many_units_ask() {
         let flags = SoldOutFlags::default();
         let sku = SkuId::parse("s").unwrap();
@@ -178,7 +243,12 @@ mod tests {
         assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
         flags.returned(&sku, 3);
         assert_eq!(flags.check(&sku, 2), FlagCheck::Ask);
-        assert_eq!(flags.check(&sku, 2), FlagCheck::Ask, "1 unit left: may do");
+        assert_eq!(
+            flags.check(&sku, 2),
+            FlagCheck::SoldOut,
+            "1 unit left cannot serve 2"
+        );
+        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask, "it serves 1");
         assert_eq!(
             flags.check(&sku, 1),
             FlagCheck::SoldOut,
