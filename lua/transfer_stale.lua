@@ -3,12 +3,16 @@
 -- ago, and its `in:` records not marked done.
 --
 -- KEYS[1] fg:{bucket}:transfers   ARGV[1] age (ms) past which a transfer was cut short
+-- ARGV[2] the give window (ms): receiver records marked done longer than twice it ago
+--         go (lib.lua open_transfers)
 --
 -- Reply: { now (ms), then field, record for each: 'out:<id>', 'units at receiver' or
 --          'in:<id>', 'units at donor' }
 --
--- Invariant: reads only; `now` is the read time the finisher's gives carry (give_units).
+-- Invariant: drops only records no give can need any more (give_units); `now` is the
+-- read time the finisher's gives carry.
 local now = now_ms()
+open_transfers(KEYS[1], now, tonumber(ARGV[2]))
 local reply = { now }
 local records = redis.call('HGETALL', KEYS[1])
 for i = 1, #records, 2 do

@@ -1619,6 +1619,7 @@ impl Store {
                 .transfer_stale
                 .key(&from.transfers)
                 .arg(older_than.as_millis() as u64)
+                .arg(self.transfer_timing.give_window.as_millis() as u64)
                 .invoke_async(&mut conn)
                 .await?;
             let Some((read_at, records)) = reply.split_first() else {

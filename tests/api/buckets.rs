@@ -669,3 +669,93 @@ async fn the_reconciler_repairs_a_split_sku_bucket_by_bucket() {
         (StatusCode::CONFLICT, Some("limit_exceeded"))
     );
 }
+
+/// Users of a split SKU homed in bucket `bucket` (of `k`).
+fn homed_in(sku: &str, bucket: u32, k: u32, how_many: usize) -> Vec<String> {
+    let id = TestApp::sku_id(sku);
+    (0..)
+        .map(|u| format!("homed-{u}"))
+        .filter(|user| buckets::home(&id, user, k) == bucket)
+        .take(how_many)
+        .collect()
+}
+
+/// Moves a transfer record's take time back a minute, as a stopped gateway leaves it.
+async fn age_transfer(app: &TestApp, from: &flashgate::keys::SkuKeys, field: &str) {
+    let mut conn = app.store.connection();
+    let record: String = redis::AsyncCommands::hget(&mut conn, &from.transfers, field)
+        .await
+        .unwrap();
+    let at: i64 = record.split(' ').nth(1).unwrap().parse().unwrap();
+    let old = record.replacen(&at.to_string(), &(at - 60_000).to_string(), 1);
+    let _: () = redis::AsyncCommands::hset(&mut conn, &from.transfers, field, old)
+        .await
+        .unwrap();
+}
+
+/// The repair of a split SKU's stock counts units in transit: while a cut transfer
+/// waits for its finisher, the SKU adds up, and a repair that added them to bucket 0
+/// would sell them twice once the transfer lands (mutant N10 of the 2026-12-06 review).
+#[tokio::test]
+async fn a_repair_counts_the_units_of_a_cut_transfer_as_the_skus() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-transit-repair");
+    app.create_sku(&sku, json!({ "stock": 6, "buckets": 2 }))
+        .await;
+    let sales = buckets::sales(&TestApp::sku_id(&sku), 2);
+    let (from, to) = (
+        flashgate::keys::SkuKeys::new(&sales[0]),
+        flashgate::keys::SkuKeys::new(&sales[1]),
+    );
+    assert_eq!(
+        app.store.transfer_take(&from, &to, "cut", 2).await.unwrap(),
+        2
+    );
+    let report =
+        flashgate::reconcile::run_skus(&app.store, &app.db, &[TestApp::sku_id(&sku)], true)
+            .await
+            .unwrap();
+    assert!(
+        report.findings.iter().all(|f| !f.is_drift()),
+        "{:?}",
+        report.findings
+    );
+    let (stock, in_transit) = app.store.split_stock(&sales).await.unwrap();
+    assert_eq!((stock.clone(), in_transit), (vec![Some(1), Some(3)], 2));
+    // Finished: the SKU has its 6 units, not 8.
+    app.store
+        .finish_transfers(&[from, to], std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        bucket_counters(&app, &sku, 2).await,
+        vec![[1, 1, 0, 0], [5, 5, 0, 0]]
+    );
+}
+
+/// `sold_out` only when less than the quantity is available: units sitting in a cut
+/// transfer are the SKU's, and reserves that need them are served once it lands (a
+/// batch answering `sold_out` on a read that missed them is mutant N13 of the review).
+#[tokio::test]
+async fn units_in_a_cut_transfer_are_sold_not_refused() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-transit-sold");
+    app.create_sku(&sku, json!({ "stock": 2, "buckets": 2 }))
+        .await;
+    let sales = buckets::sales(&TestApp::sku_id(&sku), 2);
+    let (from, to) = (
+        flashgate::keys::SkuKeys::new(&sales[0]),
+        flashgate::keys::SkuKeys::new(&sales[1]),
+    );
+    assert_eq!(
+        app.store.transfer_take(&from, &to, "cut", 1).await.unwrap(),
+        1
+    );
+    age_transfer(&app, &from, "out:cut").await;
+    for user in homed_in(&sku, 0, 2, 2) {
+        let (status, body) = reserve_retrying(&app, &sku, &user, "k", 1).await;
+        assert_eq!(status, StatusCode::CREATED, "{user}: {body}");
+    }
+    let (status, _) = reserve_retrying(&app, &sku, &homed_in(&sku, 1, 2, 1)[0], "k", 1).await;
+    assert_eq!(status, StatusCode::CONFLICT, "now it is sold out");
+}
