@@ -609,10 +609,12 @@ impl Gateway {
 
     /// `define_sku_locked` for a SKU split over buckets. Each bucket is loaded with the
     /// same terms; the stock goes as a change, never as a total (transfers move stock
-    /// between buckets at any time): a new SKU's stock is split evenly; more stock
-    /// later goes to bucket 0 (transfers carry it on); less is taken from the buckets
-    /// with the most available. A bucket Redis has no state for (a new SKU, a data
-    /// loss) starts with what MySQL records it sold plus its share of the rest.
+    /// between buckets at any time): a new SKU's stock is split evenly; later, the
+    /// change is the new stock less what the buckets hold now (Σ stock_total + in
+    /// transit, read while no transfer ran), so a change that stopped half-way is
+    /// completed by the same PUT again; more goes to bucket 0 (transfers carry it on),
+    /// less is taken from the buckets with the most available. Buckets Redis lost are
+    /// rebuilt first, together (reconcile::rebuild_lost_buckets).
     async fn define_buckets_locked(
         &self,
         conn: &mut sqlx::MySqlConnection,
@@ -621,6 +623,9 @@ impl Gateway {
         previous: Option<db::SkuRecord>,
     ) -> Result<Sku> {
         let k = definition.buckets;
+        if previous.is_some() {
+            crate::reconcile::rebuild_lost_buckets(&self.store, &self.db, sku, k).await?;
+        }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let sales = buckets::sales(sku, k);
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
@@ -638,14 +643,15 @@ impl Gateway {
         let fresh = buckets::split(definition.stock_total - sold.iter().sum::<u64>(), k);
         let changes = match &previous {
             None => vec![0; k as usize],
-            Some(p) => {
-                let stock = self.store.bucket_stock(&sales).await?;
-                let available: Vec<u64> = stock.iter().map(|b| b.available).collect();
-                stock_changes(
-                    definition.stock_total as i64 - p.definition.stock_total as i64,
-                    &available,
-                )
-                .ok_or(Error::Refused(Refusal::StockBelowCommitted))?
+            Some(_) => {
+                // What the buckets hold, and what those without state will get.
+                let now = self.store.split_stock_still(&sales).await?;
+                let held: u64 = (0..k as usize)
+                    .map(|b| now.stock_total[b].unwrap_or(sold[b] + fresh[b]))
+                    .sum::<u64>()
+                    + now.in_transit;
+                stock_changes(definition.stock_total as i64 - held as i64, &now.available)
+                    .ok_or(Error::Refused(Refusal::StockBelowCommitted))?
             }
         };
         let plan: Vec<BucketStock> = (0..k as usize)

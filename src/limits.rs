@@ -10,6 +10,10 @@ pub const TRANSFER_STALE: Duration = Duration::from_secs(5);
 /// than the gateway's 1 s lease; a finished transfer's receiver record lasts twice this,
 /// so two Redis primaries' clocks may differ by up to this much.
 pub const TRANSFER_GIVE_WINDOW: Duration = Duration::from_secs(2);
+/// Readings of a split SKU's buckets taken before drift is called (the reconciler) or
+/// before giving up on one no transfer overlapped (an admin PUT): the buckets are read
+/// one by one, so a transfer running meanwhile can make one reading look off.
+pub const SPLIT_STOCK_READINGS: usize = 5;
 /// How long a reserve whose home bucket ran dry waits for stock in transit to land
 /// somewhere, or for a read of the buckets that no transfer overlapped, before two
 /// short reads in a row answer `sold_out` (src/buckets.rs; issue 13 asks ~20 ms).

@@ -21,6 +21,7 @@ use crate::db::{self, SkuRecord};
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::keys::SkuKeys;
+use crate::limits;
 use crate::reservation::SkuDefinition;
 use crate::store::{Store, SCRIPTS};
 use crate::telemetry;
@@ -828,10 +829,6 @@ async fn reconcile_sale(
     Ok(findings)
 }
 
-/// Readings of a split SKU's stock taken before drift is called: the buckets are read
-/// one after another, so a transfer running meanwhile can make one reading look off.
-const SPLIT_STOCK_READINGS: usize = 5;
-
 /// A split SKU's stock over all its buckets: Σ stock_total + in transit == MySQL's
 /// stock_total. Drift only when every reading agrees on it; the repair changes bucket
 /// 0's stock_total by the difference (transfers spread it), never below its committed
@@ -848,7 +845,7 @@ async fn check_split_stock(
     };
     let sales = crate::buckets::sales(sku, buckets);
     let mut readings = Vec::new();
-    for reading in 0..SPLIT_STOCK_READINGS {
+    for reading in 0..limits::SPLIT_STOCK_READINGS {
         if reading > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
@@ -937,7 +934,7 @@ async fn check_sku(
 /// among them: Σ stock_total over the buckets + in transit never exceeds the SKU's
 /// stock, also while the rebuild runs (a lost bucket's sold units are counted before
 /// any bucket is loaded). Units in transit to a lost bucket stay in transit.
-async fn rebuild_lost_buckets(
+pub(crate) async fn rebuild_lost_buckets(
     store: &Store,
     pool: &MySqlPool,
     sku: &SkuId,

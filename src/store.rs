@@ -571,6 +571,15 @@ impl Taken {
     }
 }
 
+/// A split SKU's buckets at one instant (`Store::split_stock_still`).
+#[derive(Debug, Clone)]
+pub struct SplitStock {
+    /// Per bucket; None: Redis has no state for it.
+    pub stock_total: Vec<Option<u64>>,
+    pub in_transit: u64,
+    pub available: Vec<u64>,
+}
+
 /// What became of one give of `Store::reserve_moved`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Give {
@@ -1237,6 +1246,28 @@ impl Store {
             }
         }
         Ok((reads.iter().map(|(stock, _)| *stock).collect(), in_transit))
+    }
+
+    /// `split_stock` with each bucket's available, read between two reads of the
+    /// buckets' `moves` that agree: no transfer ran meanwhile, so no unit was counted
+    /// twice or missed. Unavailable (nothing done) when transfers kept running.
+    pub async fn split_stock_still(&self, sales: &[SkuId]) -> Result<SplitStock> {
+        for _ in 0..limits::SPLIT_STOCK_READINGS {
+            let before = self.bucket_stock(sales).await?;
+            let (stock_total, in_transit) = self.split_stock(sales).await?;
+            let after = self.bucket_stock(sales).await?;
+            if before.iter().zip(&after).all(|(b, a)| b.moves == a.moves) {
+                return Ok(SplitStock {
+                    stock_total,
+                    in_transit,
+                    available: after.iter().map(|b| b.available).collect(),
+                });
+            }
+        }
+        Err(Error::unavailable(
+            "redis: the SKU's buckets kept moving stock; retry the PUT",
+            Outcome::NotApplied,
+        ))
     }
 
     pub async fn sku_ids(&self) -> Result<Vec<SkuId>> {

@@ -759,3 +759,38 @@ async fn units_in_a_cut_transfer_are_sold_not_refused() {
     let (status, _) = reserve_retrying(&app, &sku, &homed_in(&sku, 1, 2, 1)[0], "k", 1).await;
     assert_eq!(status, StatusCode::CONFLICT, "now it is sold out");
 }
+
+/// A split SKU's stock change that stopped half-way (MySQL committed the new stock,
+/// Redis applied none or part of it: a timeout, a gateway killed) is completed by the
+/// same PUT again: the change is the new stock less what the buckets hold, not less
+/// what MySQL recorded before (defect 5 of issue 21).
+#[tokio::test]
+async fn a_stock_change_that_stopped_half_way_is_completed_by_the_same_put() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-half-put");
+    app.create_sku(&sku, json!({ "stock": 10, "buckets": 2 }))
+        .await;
+    sqlx::query("UPDATE skus SET stock_total = 6 WHERE sku = ?")
+        .bind(&sku)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (status, view) = app.put_sku(&sku, json!({ "stock": 6, "buckets": 2 })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let counters = bucket_counters(&app, &sku, 2).await;
+    assert_eq!(
+        counters.iter().map(|c| c[0]).sum::<u64>(),
+        6,
+        "{counters:?}"
+    );
+    assert_eq!(app.assert_stock_adds_up(&sku).await["stock_total"], 6);
+    // And up again, from a half-applied increase.
+    sqlx::query("UPDATE skus SET stock_total = 9 WHERE sku = ?")
+        .bind(&sku)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (status, view) = app.put_sku(&sku, json!({ "stock": 9, "buckets": 2 })).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(app.assert_stock_adds_up(&sku).await["stock_total"], 9);
+}
