@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 /// Seeds a plain run (CI) explores with today's code.
 const CI_SEEDS: u64 = 20;
-/// Seeds a plain run gives the rebuild planner the audit broke: one must fail, or the
-/// explorer has gone blind to it.
-const CI_PROOF_SEEDS: u64 = 10;
+/// Seeds a plain run gives each protocol the audit broke (the old finisher, the old
+/// rebuild planner): one must fail, or the explorer has gone blind to it.
+const CI_PROOF_SEEDS: u64 = 20;
 
 struct Args {
     seeds: u64,
@@ -99,23 +99,30 @@ fn main() {
         if code != 0 || !plain {
             return code;
         }
-        let proof = Args {
-            seeds: CI_PROOF_SEEDS,
-            first: 1,
-            minutes: None,
-            variant: world::Variant::OldRebuild,
-            verbose,
-        };
-        match explore(&env, &turnstile, proof).await {
-            1 => {
-                println!("explore: the old rebuild planner's over-allocation is found, as it must be");
-                0
+        for (variant, what) in [
+            (
+                world::Variant::OldFinisher,
+                "the old finisher's double give",
+            ),
+            (
+                world::Variant::OldRebuild,
+                "the old rebuild planner's over-allocation",
+            ),
+        ] {
+            let proof = Args {
+                seeds: CI_PROOF_SEEDS,
+                first: 1,
+                minutes: None,
+                variant,
+                verbose,
+            };
+            if explore(&env, &turnstile, proof).await != 1 {
+                println!("explore: BLIND: {CI_PROOF_SEEDS} seeds did not find {what}");
+                return 1;
             }
-            _ => {
-                println!("explore: BLIND: {CI_PROOF_SEEDS} seeds did not find the old rebuild planner's over-allocation");
-                1
-            }
+            println!("explore: {what} is found, as it must be");
         }
+        0
     }));
     std::process::exit(code);
 }

@@ -141,6 +141,16 @@ impl Scheduler {
         processes
     }
 
+    /// A live process with a call waiting whose label contains `part`.
+    pub fn waiting_on(&self, part: &str) -> Option<u32> {
+        let queue = self.turnstile.queue.lock().unwrap();
+        queue
+            .waiting
+            .iter()
+            .find(|w| w.step.label.contains(part) && !self.dead.contains(&w.step.process))
+            .map(|w| w.step.process)
+    }
+
     /// Grants one waiting call, chosen by the seed among those of live processes not
     /// stalled, and waits for it to complete. False when no call could run.
     pub async fn step(&mut self) -> bool {

@@ -189,8 +189,8 @@ pub async fn run_seed(
         gateways.push(next_process);
         next_process += 1;
     }
-    // The worker, the reconcile cron and a lone finisher.
-    for role in [Role::Worker, Role::Cron, Role::Finisher] {
+    // The worker, the reconcile cron and two lone finishers (finishers race by design).
+    for role in [Role::Worker, Role::Cron, Role::Finisher, Role::Finisher] {
         let p = next_process;
         next_process += 1;
         let world = world.clone();
@@ -198,7 +198,13 @@ pub async fn run_seed(
         let actor_rng = seed_rng(rng.random(), u64::from(p) * 10);
         let task = tokio::spawn(flashgate::explore::as_process(p, async move {
             let store = Store::new(connect_redis(&redis_url).await).with_timing(TIMING);
-            world.service(role, store, pool, actor_rng, 15).await;
+            // Finishers are cheap: they run on through the seed.
+            let ops = if matches!(role, Role::Finisher) {
+                60
+            } else {
+                15
+            };
+            world.service(role, store, pool, actor_rng, ops).await;
         }));
         processes.insert(p, Process { tasks: vec![task] });
     }
@@ -224,9 +230,17 @@ pub async fn run_seed(
                     "      FAULT {fault:?} (after step {})",
                     scheduler.steps
                 ));
+                // A gateway between the take of a transfer and its give, if any.
+                let mid_transfer = scheduler
+                    .waiting_on(flashgate::store::SCRIPTS.reserve_moved.get_hash())
+                    .filter(|p| gateways.contains(p));
                 match fault {
-                    Fault::KillGateway => {
-                        let victim = gateways.remove(rng.random_range(0..gateways.len()));
+                    Fault::KillGateway | Fault::CutTransfer => {
+                        let victim = match (fault, mid_transfer) {
+                            (Fault::CutTransfer, Some(p)) => p,
+                            _ => gateways[rng.random_range(0..gateways.len())],
+                        };
+                        gateways.retain(|&p| p != victim);
                         for task in &processes[&victim].tasks {
                             task.abort();
                         }
@@ -301,6 +315,9 @@ pub async fn run_seed(
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     KillGateway,
+    /// A gateway killed between the take of a transfer and its give, when one is there
+    /// (else any gateway).
+    CutTransfer,
     Stall,
     LoseSku,
     LoseBucket,
@@ -319,6 +336,7 @@ impl Fault {
             16..=18 => Fault::LoseBucket,
             19..=20 => Fault::ClockAhead,
             21..=24 => Fault::ClockRight,
+            25..=34 => Fault::CutTransfer,
             _ => return None,
         })
     }
