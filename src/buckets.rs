@@ -19,7 +19,8 @@
 //!   script (lua/transfer_take.lua, transfer_give.lua, transfer_done.lua), so that at
 //!   every instant Σ over buckets of stock_total + Σ stock in transit == the SKU's
 //!   stock_total; a transfer cut at any step is finished by `Store::finish_transfers`
-//!   (the worker, every sweep pass) exactly once. `sold_out` only once no bucket has
+//!   (the worker, every sweep pass; a reserve that waited) exactly once, however many
+//!   finishers run and however late one acts (lib.lua give_units). `sold_out` only once no bucket has
 //!   the quantity.
 //! - MySQL keeps one record per SKU; the number of buckets is fixed at creation.
 
