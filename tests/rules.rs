@@ -1177,3 +1177,84 @@ async fn a_bucket_is_a_whole_sale_under_its_own_tag() {
     );
     assert_eq!(event.get::<String>("reservation_id"), Some(rid));
 }
+
+/// The receiver's record of a finished transfer outlives every give of it that can
+/// still be taken, also one read by a donor whose clock is up to a window ahead; past
+/// that the record goes and every give of it is late (lib.lua give_units,
+/// open_transfers; transfer_done.lua marks, never drops, a receiver's record).
+const WINDOW: i64 = 1_000;
+
+/// transfer_give.lua at `now`: transfer "t" of 3 units from b[0] to b[1], read by its
+/// giver at `read_at`.
+async fn give_at(sale: &Sale, b: &[SkuKeys], now: i64, read_at: i64) -> String {
+    script_with_clock(include_str!("../lua/transfer_give.lua"), now)
+        .key(&b[1].meta)
+        .key(&b[1].transfers)
+        .arg("t")
+        .arg(3)
+        .arg(b[0].tag())
+        .arg(read_at)
+        .arg(WINDOW)
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap()
+}
+
+/// bucket_stock.lua on `bucket` at `now`: what open_transfers purges goes.
+async fn read_receiver_at(sale: &Sale, bucket: &SkuKeys, now: i64) {
+    let _: (u64, u64, u64) = with_sale_keys(
+        &script_with_clock(include_str!("../lua/bucket_stock.lua"), now),
+        bucket,
+    )
+    .key(&bucket.transfers)
+    .arg(16)
+    .arg(WINDOW)
+    .invoke_async(&mut sale.conn())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_finished_transfers_record_outlives_every_give_that_can_still_be_taken() {
+    let sale = Sale::new("give-window", 1).await;
+    let b = buckets_of(&sale, &[10, 10]).await;
+    let store = &sale.store;
+    assert_eq!(store.transfer_take(&b[0], &b[1], "t", 3).await.unwrap(), 3);
+    let record: String = redis::cmd("HGET")
+        .arg(&b[0].transfers)
+        .arg("out:t")
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    let taken_at: i64 = record.split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(give_at(&sale, &b, taken_at + 10, taken_at).await, "given");
+    assert!(store.transfer_done(&b[0], "out:t").await.unwrap());
+    let done = taken_at + 20;
+    let marked: u64 = script_with_clock(include_str!("../lua/transfer_done.lua"), done)
+        .key(&b[1].transfers)
+        .arg("in:t")
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(marked, 1);
+    // Read before the done by a donor a window ahead: still takeable, so answered.
+    read_receiver_at(&sale, &b[1], done + 2 * WINDOW - 1).await;
+    assert_eq!(
+        give_at(&sale, &b, done + 2 * WINDOW - 1, done + WINDOW).await,
+        "already"
+    );
+    // Two windows after the done the record goes; no give of it can be taken now.
+    read_receiver_at(&sale, &b[1], done + 2 * WINDOW).await;
+    assert_eq!(
+        give_at(&sale, &b, done + 2 * WINDOW, done + WINDOW).await,
+        "late"
+    );
+    assert_eq!(stock_of(&sale, &b).await, (20, 0));
+    assert_eq!(available(&sale, &b[1]).await, 13);
+    let left: u64 = redis::cmd("HLEN")
+        .arg(&b[1].transfers)
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the record went");
+}
