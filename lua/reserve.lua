@@ -8,6 +8,9 @@
 -- ARGV[4] idempotency key   ARGV[5] idempotency TTL (ms)   ARGV[6] payment grace (ms)
 -- ARGV[7] expired holds to reclaim before sold_out
 -- ARGV[8] holds a user may release per key lifetime before `limit_exceeded` (0: no cap)
+-- ARGV[9] '1' when the caller routed the request without knowing the SKU's bucket count
+--         (Redis had no state for the SKU): then a SKU split over buckets answers
+--         {'split'} and nothing is done (its users have home buckets, src/buckets.rs)
 --
 -- Replies:
 --   {'created', expires_at, created_at}   a new hold: rid, user, quantity as asked, status held
@@ -21,6 +24,9 @@
 -- one idempotency key creates at most one hold and replays it at least as long as it
 -- could be paid (max(idempotency TTL, hold + grace)); available never goes below 0.
 local K = sale_keys()
+if ARGV[9] == '1' and tonumber(redis.call('HGET', K.meta, 'buckets') or '1') > 1 then
+  return { 'split' }
+end
 local sale = load_sale(K.meta)
 local reply = reserve_hold(K, sale, KEYS[10], ARGV[1], ARGV[4], tonumber(ARGV[2]), ARGV[3],
   ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), now_ms())

@@ -42,6 +42,15 @@ pub struct Gateway {
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
 }
 
+/// How long a reserve's idempotency key lives, from the gateway's settings.
+fn keys_ttl(settings: &GatewaySettings) -> ReserveSettings {
+    ReserveSettings {
+        idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+        payment_grace_ms: settings.payment_grace.as_millis() as u64,
+        released_holds_cap: settings.released_holds_cap,
+    }
+}
+
 /// The sale (the SKU, or its bucket) holding a reservation id; an id that is not
 /// ours is simply not found.
 fn sale_of(reservation_id: &str) -> Result<SkuId> {
@@ -50,11 +59,7 @@ fn sale_of(reservation_id: &str) -> Result<SkuId> {
 
 impl Gateway {
     pub fn new(store: Store, db: MySqlPool, settings: GatewaySettings) -> Gateway {
-        let keys_ttl = ReserveSettings {
-            idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
-            payment_grace_ms: settings.payment_grace.as_millis() as u64,
-            released_holds_cap: settings.released_holds_cap,
-        };
+        let keys_ttl = keys_ttl(&settings);
         let reserves = Arc::new(Batcher::new(Reserves {
             store: store.clone(),
             keys_ttl,
@@ -78,19 +83,19 @@ impl Gateway {
         }
     }
 
-    /// The buckets a SKU is split over: from memory, else from Redis (1 for a SKU
-    /// Redis has no sale for: its reserve answers why).
-    async fn bucket_count(&self, sku: &SkuId) -> Result<u32> {
+    /// The buckets a SKU is split over: from memory, else from Redis (None when Redis
+    /// has no state for the SKU's bucket 0).
+    async fn bucket_count(&self, sku: &SkuId) -> Result<Option<u32>> {
         if let Some(&k) = self
             .bucket_counts
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(sku)
         {
-            return Ok(k);
+            return Ok(Some(k));
         }
         let Some(k) = self.store.bucket_count(sku).await? else {
-            return Ok(1);
+            return Ok(None);
         };
         let mut counts = self
             .bucket_counts
@@ -100,7 +105,7 @@ impl Gateway {
             counts.clear();
         }
         counts.insert(sku.clone(), k);
-        Ok(k)
+        Ok(Some(k))
     }
 
     /// Returns the reservation and whether it is an idempotent replay.
@@ -113,7 +118,27 @@ impl Gateway {
     ) -> Result<(Reservation, bool)> {
         // A user's reserves of a SKU always go to one bucket: the limit and the key
         // are decided there, in one script, as for an unsplit SKU.
-        let k = self.bucket_count(sku).await?;
+        let k = match self.bucket_count(sku).await? {
+            Some(k) => k,
+            // Redis has no state for the SKU (never defined, retired long ago, or lost
+            // and being rebuilt): the reserve says why, or replays its key, but makes
+            // no hold in bucket 0 of a SKU split meanwhile (a user homed elsewhere
+            // would hold twice under one key).
+            None => {
+                let request = ReserveRequest {
+                    user_id: user_id.to_owned(),
+                    quantity,
+                    idempotency_key: idempotency_key.to_owned(),
+                    reservation_id: self.settings.id_key.new_reservation_id_in(sku.as_str()),
+                };
+                let keys_ttl = keys_ttl(&self.settings);
+                match self.store.reserve_if_unsplit(sku, &request, keys_ttl).await {
+                    Ok(Some(outcome)) => return self.answer(sku, Ok(outcome)).await,
+                    Err(e) => return self.answer(sku, Err(e)).await,
+                    Ok(None) => self.bucket_count(sku).await?.unwrap_or(1),
+                }
+            }
+        };
         let home = buckets::home(sku, user_id, k);
         let sale = match k {
             1 => sku.clone(),
@@ -151,8 +176,6 @@ impl Gateway {
                 self.sold_out.raise(sku, quantity);
                 Err(Error::Refused(Refusal::SoldOut))
             }
-            // Retired long enough for its tombstone to be gone: MySQL tells.
-            Err(Error::Refused(Refusal::NotFound)) => Err(self.not_in_redis(sku).await),
             other => other,
         };
         if flag == FlagCheck::Refresh {
@@ -162,6 +185,20 @@ impl Gateway {
                 _ => self.sold_out.refreshed(sku),
             }
         }
+        self.answer(sku, outcome).await
+    }
+
+    /// A reserve's answer: the reservation and whether it is an idempotent replay.
+    async fn answer(
+        &self,
+        sku: &SkuId,
+        outcome: Result<ReserveOutcome>,
+    ) -> Result<(Reservation, bool)> {
+        let outcome = match outcome {
+            // Retired long enough for its tombstone to be gone: MySQL tells.
+            Err(Error::Refused(Refusal::NotFound)) => return Err(self.not_in_redis(sku).await),
+            other => other,
+        };
         Ok(match outcome? {
             ReserveOutcome::Created(r) => {
                 telemetry::transition("held");
@@ -494,7 +531,7 @@ impl Gateway {
     /// units in transit between them counted as available (they are on their way to
     /// a bucket that sells them).
     async fn sale_views(&self, sku: &SkuId) -> Result<Sku> {
-        let k = self.bucket_count(sku).await?;
+        let k = self.bucket_count(sku).await?.unwrap_or(1);
         if k == 1 {
             return self.store.sku(sku).await;
         }

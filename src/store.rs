@@ -701,6 +701,30 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
     ) -> Result<ReserveOutcome> {
+        self.run_reserve(sku, request, keys_ttl, false)
+            .await?
+            .ok_or_else(|| bad_reply("split"))
+    }
+
+    /// `reserve` by a caller that does not know the SKU's bucket count (Redis had no
+    /// state for the SKU): None, and nothing done, when the SKU turns out split over
+    /// buckets (its users' reserves go to their home buckets).
+    pub async fn reserve_if_unsplit(
+        &self,
+        sku: &SkuId,
+        request: &ReserveRequest,
+        keys_ttl: ReserveSettings,
+    ) -> Result<Option<ReserveOutcome>> {
+        self.run_reserve(sku, request, keys_ttl, true).await
+    }
+
+    async fn run_reserve(
+        &self,
+        sku: &SkuId,
+        request: &ReserveRequest,
+        keys_ttl: ReserveSettings,
+        unsplit_only: bool,
+    ) -> Result<Option<ReserveOutcome>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.reserve, &keys)
@@ -713,9 +737,13 @@ impl Store {
             .arg(keys_ttl.payment_grace_ms)
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .arg(keys_ttl.released_holds_cap)
+            .arg(if unsplit_only { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
-        reserve_outcome(sku, request, &reply)
+        if reply.first().map(String::as_str) == Some("split") {
+            return Ok(None);
+        }
+        reserve_outcome(sku, request, &reply).map(Some)
     }
 
     /// For each (user id, idempotency key) of the SKU: whether it is recorded (it

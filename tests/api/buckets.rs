@@ -794,3 +794,62 @@ async fn a_stock_change_that_stopped_half_way_is_completed_by_the_same_put() {
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(app.assert_stock_adds_up(&sku).await["stock_total"], 9);
 }
+
+/// A gateway that finds no state for a SKU in Redis does not know its bucket count and
+/// sends the reserve to the SKU's own tag: should bucket 0 of a split SKU be rebuilt
+/// meanwhile, that reserve must make no hold there (its user is homed elsewhere and
+/// the key may already hold a reservation there). Found by the explorer (seed 1016):
+/// one key, two holds.
+#[tokio::test]
+async fn a_reserve_routed_without_the_bucket_count_makes_no_hold_in_a_split_skus_bucket_0() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-unrouted");
+    app.create_sku(
+        &sku,
+        json!({ "stock": 4, "buckets": 2, "per_user_limit": 2 }),
+    )
+    .await;
+    let user = &homed_in(&sku, 1, 2, 1)[0];
+    let (status, _) = reserve_retrying(&app, &sku, user, "k", 1).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let sku_id = TestApp::sku_id(&sku);
+    let request = flashgate::store::ReserveRequest {
+        user_id: user.clone(),
+        quantity: 1,
+        idempotency_key: "k".into(),
+        reservation_id: flashgate::ids::IdKey::derive(JWT_SECRET).new_reservation_id(&sku_id),
+    };
+    let ttl = flashgate::store::ReserveSettings {
+        idempotency_ttl_ms: 60_000,
+        payment_grace_ms: 1_000,
+        released_holds_cap: 0,
+    };
+    let outcome = app
+        .store
+        .reserve_if_unsplit(&sku_id, &request, ttl)
+        .await
+        .unwrap();
+    assert!(outcome.is_none(), "{outcome:?}");
+    assert_eq!(
+        bucket_counters(&app, &sku, 2).await,
+        vec![[2, 2, 0, 0], [2, 1, 1, 0]],
+        "nothing held in bucket 0"
+    );
+    // An unsplit SKU takes it as any reserve.
+    let plain = unique_sku("bk-unrouted-plain");
+    app.create_sku(&plain, json!({ "stock": 1 })).await;
+    let plain_id = TestApp::sku_id(&plain);
+    let request = flashgate::store::ReserveRequest {
+        reservation_id: flashgate::ids::IdKey::derive(JWT_SECRET).new_reservation_id(&plain_id),
+        ..request
+    };
+    let outcome = app
+        .store
+        .reserve_if_unsplit(&plain_id, &request, ttl)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, Some(flashgate::store::ReserveOutcome::Created(_))),
+        "{outcome:?}"
+    );
+}
