@@ -56,16 +56,21 @@ impl SoldOutFlags {
             return FlagCheck::Ask;
         };
         let age = flag.raised_at.elapsed();
-        let smallest = flag.smallest_refused_quantity;
-        if quantity < smallest
+        if quantity < flag.smallest_refused_quantity
             || age >= SOLD_OUT_FLAG_TTL
-            // Units given back: a request they may serve asks (one they cannot,
-            // quantity >= smallest + units, takes nothing from them).
+            // Units given back: requests ask. One they can serve takes its quantity
+            // from them; a larger one (it may fit with what was there) asks without
+            // taking any, so its refusal leaves them to smaller requests.
             || flag
                 .returned
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |units| {
-                    (units > 0 && quantity < smallest.saturating_add(units))
-                        .then(|| units.saturating_sub(quantity))
+                    (units > 0).then(|| {
+                        if quantity <= units {
+                            units - quantity
+                        } else {
+                            units
+                        }
+                    })
                 })
                 .is_ok()
         {
@@ -223,9 +228,10 @@ mod tests {
         flags.returned(&sku, 1);
         assert_eq!(
             flags.check(&sku, 2),
-            FlagCheck::SoldOut,
-            "1 unit cannot serve 2"
+            FlagCheck::Ask,
+            "it may fit with what was there"
         );
+        flags.raise(&sku, 2); // it did not: that says nothing of 1
         assert_eq!(
             flags.check(&sku, 1),
             FlagCheck::Ask,
@@ -243,12 +249,12 @@ mod tests {
         assert_eq!(flags.check(&sku, 1), FlagCheck::SoldOut);
         flags.returned(&sku, 3);
         assert_eq!(flags.check(&sku, 2), FlagCheck::Ask);
+        assert_eq!(flags.check(&sku, 2), FlagCheck::Ask, "1 unit left: may do");
         assert_eq!(
-            flags.check(&sku, 2),
-            FlagCheck::SoldOut,
-            "1 unit left cannot serve 2"
+            flags.check(&sku, 1),
+            FlagCheck::Ask,
+            "the unit left: 1 takes it"
         );
-        assert_eq!(flags.check(&sku, 1), FlagCheck::Ask, "it serves 1");
         assert_eq!(
             flags.check(&sku, 1),
             FlagCheck::SoldOut,
