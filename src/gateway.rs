@@ -661,7 +661,7 @@ impl Gateway {
     ) -> Result<Sku> {
         let k = definition.buckets;
         if previous.is_some() {
-            crate::reconcile::rebuild_lost_buckets(&self.store, &self.db, sku, k).await?;
+            crate::reconcile::rebuild_lost_buckets(&self.store, &mut *conn, sku, k).await?;
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let sales = buckets::sales(sku, k);

@@ -800,7 +800,12 @@ async fn reconcile_sku(
     }
     let mut findings = Vec::new();
     if repair && !old_rebuild {
-        findings.extend(rebuild_lost_buckets(store, pool, sku, buckets).await?);
+        let mut conn = pool.acquire().await?;
+        conn.close_on_drop();
+        db::SkuLock::acquire(&mut conn, sku).await?;
+        let rebuilt = rebuild_lost_buckets(store, &mut conn, sku, buckets).await;
+        db::SkuLock::release(&mut conn, sku).await?;
+        findings.extend(rebuilt?);
     }
     for sale in crate::buckets::sales(sku, buckets) {
         let mut scope = Scope::bucket(&sale, buckets);
@@ -833,7 +838,27 @@ async fn reconcile_sale(
 /// stock_total. Drift only when every reading agrees on it; the repair changes bucket
 /// 0's stock_total by the difference (transfers spread it), never below its committed
 /// units.
+/// With repair, under the SKU's admin lock: an admin PUT changes MySQL's stock, then
+/// the buckets', and a repair between the two would apply the same change again.
 async fn check_split_stock(
+    store: &Store,
+    pool: &MySqlPool,
+    sku: &SkuId,
+    buckets: u32,
+    repair: bool,
+) -> Result<Vec<Finding>> {
+    if !repair {
+        return check_split_stock_now(store, pool, sku, buckets, false).await;
+    }
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    db::SkuLock::acquire(&mut conn, sku).await?;
+    let findings = check_split_stock_now(store, pool, sku, buckets, true).await;
+    db::SkuLock::release(&mut conn, sku).await?;
+    findings
+}
+
+async fn check_split_stock_now(
     store: &Store,
     pool: &MySqlPool,
     sku: &SkuId,
@@ -927,16 +952,18 @@ async fn check_sku(
     }
 }
 
-/// Rebuilds every lost bucket of a split SKU in one plan, under the SKU's row lock
-/// (so a worker's scheduled repair and `flashgate reconcile --repair` plan one after
-/// the other, the second reading what the first loaded). Each lost bucket gets the
+/// Rebuilds every lost bucket of a split SKU in one plan. The caller holds the SKU's
+/// admin lock (`db::SkuLock`) on `conn`, so the worker's scheduled repair, `flashgate
+/// reconcile --repair` and an admin PUT plan one after the other, each reading what
+/// the one before loaded; the buckets are read while no transfer ran
+/// (`Store::split_stock_still`). Each lost bucket gets the
 /// units MySQL records as sold through it, and the stock no bucket holds is shared
 /// among them: Σ stock_total over the buckets + in transit never exceeds the SKU's
 /// stock, also while the rebuild runs (a lost bucket's sold units are counted before
 /// any bucket is loaded). Units in transit to a lost bucket stay in transit.
 pub(crate) async fn rebuild_lost_buckets(
     store: &Store,
-    pool: &MySqlPool,
+    conn: &mut MySqlConnection,
     sku: &SkuId,
     buckets: u32,
 ) -> Result<Vec<Finding>> {
@@ -945,16 +972,18 @@ pub(crate) async fn rebuild_lost_buckets(
     if stock.iter().all(Option::is_some) {
         return Ok(Vec::new());
     }
-    let mut conn = pool.acquire().await?;
-    let mut tx = db::begin_check(&mut conn).await?;
+    let mut tx = db::begin_check(conn).await?;
     let Some(record) = db::lock_sku_record(&mut tx, sku).await? else {
         return Ok(Vec::new());
     };
     if sale_over(&record) {
         return Ok(Vec::new());
     }
-    // Read again under the lock: another rebuild may have loaded some meanwhile.
-    let (stock, in_transit) = store.split_stock(&sales).await?;
+    let crate::store::SplitStock {
+        stock_total: stock,
+        in_transit,
+        ..
+    } = store.split_stock_still(&sales).await?;
     let mut lost = Vec::new();
     for (b, sale) in sales.iter().enumerate() {
         if stock[b].is_none() && !store.is_retired(sale).await? {

@@ -117,6 +117,7 @@ pub async fn run_seed(
     turnstile: &Turnstile,
     seed: u64,
     variant: Variant,
+    with_admin: bool,
     verbose: bool,
 ) -> Outcome {
     let started = std::time::Instant::now();
@@ -157,6 +158,9 @@ pub async fn run_seed(
         users: (0..8).map(|u| format!("u{u}")).collect(),
         journal: Mutex::new(Journal::default()),
         variant,
+        definition: definition.clone(),
+        settings: settings.clone(),
+        put_in_flight: Mutex::new(None),
     });
 
     let mut processes: HashMap<u32, Process> = HashMap::new();
@@ -189,8 +193,16 @@ pub async fn run_seed(
         gateways.push(next_process);
         next_process += 1;
     }
-    // The worker, the reconcile cron and two lone finishers (finishers race by design).
-    for role in [Role::Worker, Role::Cron, Role::Finisher, Role::Finisher] {
+    // The worker, the reconcile cron, two lone finishers (finishers race by design) and,
+    // with `--admin`, an operator changing the stock.
+    let roles = [
+        Role::Worker,
+        Role::Cron,
+        Role::Finisher,
+        Role::Finisher,
+        Role::Admin,
+    ];
+    for role in roles.into_iter().take(if with_admin { 5 } else { 4 }) {
         let p = next_process;
         next_process += 1;
         let world = world.clone();
@@ -199,10 +211,10 @@ pub async fn run_seed(
         let task = tokio::spawn(flashgate::explore::as_process(p, async move {
             let store = Store::new(connect_redis(&redis_url).await).with_timing(TIMING);
             // Finishers are cheap: they run on through the seed.
-            let ops = if matches!(role, Role::Finisher) {
-                60
-            } else {
-                15
+            let ops = match role {
+                Role::Finisher => 60,
+                Role::Admin => 4,
+                _ => 15,
             };
             world.service(role, store, pool, actor_rng, ops).await;
         }));
@@ -211,9 +223,15 @@ pub async fn run_seed(
 
     let mut faults = 0u64;
     let mut failure = None;
+    let mut last_stock = String::new();
     loop {
         scheduler.settle().await;
-        if let Err(e) = check(env, &world, stock).await {
+        let stock_now = stock_line(env, &world).await;
+        if stock_now != last_stock {
+            scheduler.trace.push(format!("      = {stock_now}"));
+            last_stock = stock_now;
+        }
+        if let Err(e) = check(env, &world).await {
             failure = Some(e);
             break;
         }
@@ -287,7 +305,7 @@ pub async fn run_seed(
     }
     flashgate::explore::skew_host_clock(0);
     if failure.is_none() {
-        failure = settle_and_check_money(env, &world, stock).await.err();
+        failure = settle_and_check_money(env, &world).await.err();
     }
     if verbose {
         eprintln!(
@@ -347,6 +365,7 @@ enum Role {
     Worker,
     Cron,
     Finisher,
+    Admin,
 }
 
 struct World {
@@ -355,6 +374,11 @@ struct World {
     users: Vec<String>,
     journal: Mutex<Journal>,
     variant: Variant,
+    definition: SkuDefinition,
+    settings: GatewaySettings,
+    /// While an admin PUT runs: the larger of the stock before and after it (MySQL
+    /// takes the new stock first, then the buckets theirs).
+    put_in_flight: Mutex<Option<u64>>,
 }
 
 impl World {
@@ -438,6 +462,7 @@ impl World {
                 Role::Worker => rng.random_range(0..4),
                 Role::Cron => 3,
                 Role::Finisher => 2,
+                Role::Admin => 4,
             };
             // The worker's passes over this SKU's buckets (its passes over every SKU
             // would walk whatever earlier runs left in the test database).
@@ -454,12 +479,48 @@ impl World {
                     self.finish(&store).await;
                     Ok(())
                 }
-                _ => self.reconcile(&store, &pool).await,
+                3 => self.reconcile(&store, &pool).await,
+                _ => self.put_stock(&store, &pool, &mut rng).await,
             };
             if let Err(e) = result {
                 self.note_error(e);
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+        }
+    }
+
+    /// An operator's PUT of a few units more or less, as the admin endpoint runs it
+    /// (retried after an error, as a client would).
+    async fn put_stock(
+        &self,
+        store: &Store,
+        pool: &MySqlPool,
+        rng: &mut StdRng,
+    ) -> flashgate::error::Result<()> {
+        let before = mysql_stock(pool, &self.sku)
+            .await
+            .map_err(Error::Internal)?;
+        let after = (before as i64 + rng.random_range(-3..=3i64)).max(1) as u64;
+        *self.put_in_flight.lock().unwrap() = Some(before.max(after));
+        let gateway = Gateway::new(store.clone(), pool.clone(), self.settings.clone());
+        let definition = SkuDefinition {
+            stock_total: after,
+            ..self.definition.clone()
+        };
+        let mut result = Ok(());
+        for _ in 0..3 {
+            result = gateway.define_sku(&self.sku, &definition).await.map(drop);
+            if !matches!(result, Err(Error::Unavailable { .. })) {
+                break;
+            }
+        }
+        *self.put_in_flight.lock().unwrap() = None;
+        if std::env::var_os("EXPLORE_DUMP").is_some() {
+            eprintln!("PUT stock {before} -> {after}: {result:?}");
+        }
+        match result {
+            Err(Error::Refused(_)) => Ok(()), // stock_below_committed: nothing changed
+            other => other,
         }
     }
 
@@ -529,7 +590,33 @@ async fn lose(env: &Env, buckets: &[SkuKeys]) {
 }
 
 /// The invariants of the contract that hold at every instant.
-async fn check(env: &Env, world: &World, stock: u64) -> Result<(), String> {
+async fn mysql_stock(pool: &MySqlPool, sku: &SkuId) -> Result<u64, String> {
+    sqlx::query_scalar::<_, u64>("SELECT stock_total FROM skus WHERE sku = ?")
+        .bind(sku.as_str())
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The buckets' stock_total (None: lost) and the units in transit: what the trace
+/// shows whenever it changes.
+async fn stock_line(env: &Env, world: &World) -> String {
+    let sales: Vec<SkuId> = world
+        .keys
+        .iter()
+        .map(|k| SkuId::of_tag(k.tag()).unwrap())
+        .collect();
+    match env.observer.split_stock(&sales).await {
+        Ok((stock, in_transit)) => format!("stock_total {stock:?} + {in_transit} in transit"),
+        Err(e) => format!("stock unreadable: {e}"),
+    }
+}
+
+async fn check(env: &Env, world: &World) -> Result<(), String> {
+    let put_in_flight = *world.put_in_flight.lock().unwrap();
+    let stock = mysql_stock(&env.pool, &world.sku)
+        .await?
+        .max(put_in_flight.unwrap_or(0));
     let mut conn = env.observer.connection();
     let mut present_total = 0u64;
     let mut missing = Vec::new();
@@ -576,7 +663,7 @@ async fn check(env: &Env, world: &World, stock: u64) -> Result<(), String> {
             "over-allocated: Σ stock_total {present_total} + in transit {in_transit} + sold in lost buckets {committed_missing} = {allocated} > stock {stock} (invariant 1; missing buckets {missing:?})"
         ));
     }
-    if missing.is_empty() && present_total + in_transit != stock {
+    if missing.is_empty() && put_in_flight.is_none() && present_total + in_transit != stock {
         // Less is drift the reconciler repairs; never more (above).
         let journal = world.journal.lock().unwrap();
         if journal.losses == 0 {
@@ -635,7 +722,7 @@ async fn mysql_sold_per_bucket(
 /// After the actors: the finisher, the sweep, the flush and the reconciler run until
 /// nothing is left to do; then the SKU adds up exactly and every payment answered is a
 /// sale or a compensation in MySQL.
-async fn settle_and_check_money(env: &Env, world: &World, stock: u64) -> Result<(), String> {
+async fn settle_and_check_money(env: &Env, world: &World) -> Result<(), String> {
     let store = env.observer.clone().with_timing(TIMING);
     let worker = Worker::new(store.clone(), env.pool.clone());
     tokio::time::sleep(TIMING.stale).await;
@@ -653,7 +740,8 @@ async fn settle_and_check_money(env: &Env, world: &World, stock: u64) -> Result<
             .await
             .map_err(|e| e.to_string())?;
     }
-    check(env, world, stock).await?;
+    check(env, world).await?;
+    let stock = mysql_stock(&env.pool, &world.sku).await?;
     let sales: Vec<SkuId> = world
         .keys
         .iter()
