@@ -280,18 +280,22 @@ end
 
 -- The hold `tail` ended: its claim now only replays the key until its keep_until; the
 -- ended claims whose time is over are dropped (on the release path, not the reserve's).
+-- Returns the idempotency key of the hold (nil for a layout-1 hold, which has no claim).
 local function end_claim(u, tail, now)
+  local ended
   u.claims = (string.gsub(u.claims, ' (%S+)', function(token)
     local key, mark, t, rest, keep_until =
       string.match(token, '^(.*)|([+-])([%w_-]+)(:%d+:(%d+))$')
     if not key then
       return nil
     elseif mark == '+' and t == tail then
+      ended = key
       return ' ' .. key .. '|-' .. t .. rest
     elseif mark == '-' and now >= tonumber(keep_until) then
       return ''
     end
   end))
+  return ended
 end
 
 -- Writes a usage record back; a record left with nothing in it goes.
@@ -332,12 +336,15 @@ local function full_rid(K, h)
   return rid_head(K) .. '.' .. h.tail
 end
 
--- Appends the outbox event that records an ended reservation in MySQL.
-local function record_end(K, h, now)
+-- Appends the outbox event that records an ended reservation in MySQL, with the
+-- idempotency key that made it (`key`, end_claim's answer) and how long that key
+-- replays it: after Redis loses the SKU, the rebuild restores the claim from MySQL.
+local function record_end(K, h, key, now)
   redis.call('XADD', K.outbox, '*', 'type', h.status == 'confirmed' and 'confirmed' or 'ended',
     'reservation_id', full_rid(K, h), 'sku', sku_of_prefix(K.prefix), 'user_id', h.user,
     'quantity', h.quantity, 'status', h.status, 'payment_ref', h.payment_ref or '',
-    'created_at', h.created_at, 'expires_at', h.expires_at, 'at', ms(now))
+    'created_at', h.created_at, 'expires_at', h.expires_at, 'at', ms(now),
+    'idempotency_key', key or '', 'keep_until', h.keep_until or '0')
 end
 
 -- Ends a live hold `h` as `final_status` ('cancelled' or 'expired') and returns its
@@ -352,13 +359,13 @@ local function release(K, h, final_status, now)
   redis.call('ZREM', K.deadlines, h.tail)
   local u = load_usage(K, h.user)
   u.units = u.units - quantity
-  end_claim(u, h.tail, now)
+  local key = end_claim(u, h.tail, now)
   local keep_until = tonumber(h.keep_until)
   if keep_until > 0 then
     count_release(u, keep_until - tonumber(h.created_at), now)
   end
   save_usage(K, u, now)
-  record_end(K, h, now)
+  record_end(K, h, key, now)
 end
 
 -- Expires up to `limit` holds whose deadline has passed. Returns how many it expired

@@ -131,6 +131,19 @@ pub struct ServeArgs {
     /// Seconds of clock skew allowed on a user JWT's `exp` and `nbf`.
     #[arg(long, env = "FLASHGATE_JWT_LEEWAY_SECONDS", default_value_t = limits::JWT_LEEWAY_SECONDS)]
     pub jwt_leeway_seconds: u64,
+    /// The key of the reservation-id MAC (>= 32 bytes). Unset: a key derived from
+    /// FLASHGATE_JWT_SECRET. Ids are checked under it, under FLASHGATE_ID_KEY_PREVIOUS
+    /// and under the keys of the current and previous JWT secrets.
+    #[arg(long, env = "FLASHGATE_ID_KEY", hide_env_values = true)]
+    pub id_key: Option<String>,
+    /// Comma-separated earlier values of FLASHGATE_ID_KEY: ids they signed stay ours.
+    #[arg(
+        long,
+        env = "FLASHGATE_ID_KEY_PREVIOUS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub id_key_previous: Vec<String>,
     #[command(flatten)]
     pub connections: ConnectionSettings,
     #[command(flatten)]
@@ -332,8 +345,8 @@ pub struct GatewaySettings {
     pub idempotency_ttl: Duration,
     /// See ServeArgs::max_released_holds_per_user.
     pub released_holds_cap: u64,
-    /// Signs reservation ids (derived from the JWT secret).
-    pub id_key: crate::ids::IdKey,
+    /// Sign and check reservation ids (`ids::IdKeys`).
+    pub id_keys: crate::ids::IdKeys,
 }
 
 impl GatewaySettings {
@@ -357,9 +370,41 @@ impl GatewaySettings {
             payment_grace: Duration::from_secs(args.payment_grace_seconds),
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
             released_holds_cap: args.max_released_holds_per_user,
-            id_key: crate::ids::IdKey::derive(&args.jwt_secret),
+            id_keys: id_keys(args)?,
         })
     }
+}
+
+/// The keys of the reservation-id MAC: FLASHGATE_ID_KEY and its previous values, each
+/// at least SECRET_MIN_LEN bytes and none the service token, then the JWT secrets'.
+fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
+    let id_keys: Vec<&str> = args
+        .id_key
+        .iter()
+        .chain(&args.id_key_previous)
+        .map(|k| k.as_str())
+        .filter(|k| !k.is_empty())
+        .collect();
+    for key in &id_keys {
+        check_secret(
+            "FLASHGATE_ID_KEY and each of FLASHGATE_ID_KEY_PREVIOUS",
+            key,
+        )?;
+        if *key == args.service_token {
+            return Err("FLASHGATE_ID_KEY must differ from FLASHGATE_SERVICE_TOKEN".into());
+        }
+    }
+    if args.id_key.as_deref().unwrap_or_default().is_empty() && !id_keys.is_empty() {
+        return Err("FLASHGATE_ID_KEY_PREVIOUS needs FLASHGATE_ID_KEY".into());
+    }
+    let jwt_secrets: Vec<&str> = [args.jwt_secret.as_str()]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    if id_keys.is_empty() && jwt_secrets.is_empty() {
+        return Err("set FLASHGATE_ID_KEY (the key of the reservation-id MAC)".into());
+    }
+    Ok(crate::ids::IdKeys::new(&id_keys, &jwt_secrets))
 }
 
 /// Secrets shorter than this are refused: an HS256 key should be at least 256 bits

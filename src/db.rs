@@ -192,17 +192,36 @@ pub enum OutboxEvent {
     Confirmed {
         reservation: Reservation,
         at_ms: i64,
+        key: Option<KeyClaim>,
     },
     /// A hold that ended `cancelled` or `expired`.
     Ended {
         reservation: Reservation,
         at_ms: i64,
+        key: Option<KeyClaim>,
     },
     Compensation(Compensation),
     /// A compensation resolved before the flush wrote it.
     CompensationResolved {
         id: String,
     },
+}
+
+/// The idempotency key that made a reservation, and until when (ms) it replays it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClaim {
+    pub key: String,
+    pub keep_until_ms: i64,
+}
+
+/// An ended reservation whose idempotency key still replays it: what a rebuild puts
+/// back into the user's usage record (`Store::restore_usage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedClaim {
+    pub reservation_id: String,
+    pub user_id: String,
+    pub quantity: u64,
+    pub claim: KeyClaim,
 }
 
 /// Who found a payment that could not become a sale (`compensations.found_by`).
@@ -393,9 +412,10 @@ fn confirmed_at(events: &[OutboxEvent], reservation_id: &str, payment_ref: &str)
     events
         .iter()
         .find_map(|e| match e {
-            OutboxEvent::Confirmed { reservation, at_ms }
-                if reservation.reservation_id == reservation_id
-                    && reservation.payment_ref.as_deref() == Some(payment_ref) =>
+            OutboxEvent::Confirmed {
+                reservation, at_ms, ..
+            } if reservation.reservation_id == reservation_id
+                && reservation.payment_ref.as_deref() == Some(payment_ref) =>
             {
                 Some(*at_ms)
             }
@@ -434,11 +454,19 @@ async fn insert_compensations(
 /// (after a Redis rollback the same hold may end again, differently); an earlier
 /// cancelled/expired record gives way to a sale.
 async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent]) -> Result<()> {
-    let ended: Vec<(&Reservation, i64)> = events
+    let ended: Vec<(&Reservation, i64, &Option<KeyClaim>)> = events
         .iter()
         .filter_map(|e| match e {
-            OutboxEvent::Confirmed { reservation, at_ms }
-            | OutboxEvent::Ended { reservation, at_ms } => Some((reservation, *at_ms)),
+            OutboxEvent::Confirmed {
+                reservation,
+                at_ms,
+                key,
+            }
+            | OutboxEvent::Ended {
+                reservation,
+                at_ms,
+                key,
+            } => Some((reservation, *at_ms, key)),
             _ => None,
         })
         .collect();
@@ -447,9 +475,10 @@ async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent])
     }
     let mut insert = QueryBuilder::<MySql>::new(
         "INSERT INTO reservations
-         (reservation_id, sku, user_id, quantity, status, payment_ref, created_at, expires_at, ended_at) ",
+         (reservation_id, sku, user_id, quantity, status, payment_ref, created_at, expires_at,
+          ended_at, idempotency_key, keep_until) ",
     );
-    insert.push_values(&ended, |mut row, (r, at_ms)| {
+    insert.push_values(&ended, |mut row, (r, at_ms, key)| {
         row.push_bind(&r.reservation_id)
             .push_bind(&r.sku)
             .push_bind(&r.user_id)
@@ -458,11 +487,15 @@ async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent])
             .push_bind(r.payment_ref.as_deref())
             .push_bind(ms_to_datetime(r.created_at_ms))
             .push_bind(ms_to_datetime(r.expires_at_ms))
-            .push_bind(ms_to_datetime(*at_ms));
+            .push_bind(ms_to_datetime(*at_ms))
+            .push_bind(key.as_ref().map(|k| k.key.as_str()))
+            .push_bind(key.as_ref().map(|k| ms_to_datetime(k.keep_until_ms)));
     });
     // Assignments run left to right: `status` last, so the others still see the old one.
     insert.push(
         " ON DUPLICATE KEY UPDATE
+           idempotency_key = COALESCE(idempotency_key, VALUES(idempotency_key)),
+           keep_until = COALESCE(keep_until, VALUES(keep_until)),
            payment_ref = IF(status = 'confirmed', payment_ref, VALUES(payment_ref)),
            ended_at = IF(status = 'confirmed', ended_at, VALUES(ended_at)),
            status = IF(status = 'confirmed', status, VALUES(status))",
@@ -497,6 +530,39 @@ async fn recorded_sales(
         found.extend(rows);
     }
     Ok(found)
+}
+
+/// The ended reservations of a SKU whose idempotency key may still replay them, for a
+/// rebuild to restore (restore_usage.lua drops those past their time by Redis's clock;
+/// here a minute of skew between the hosts' clocks and Redis's is allowed for).
+pub async fn ended_claims(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Vec<EndedClaim>> {
+    let _turn = crate::explore::mysql_step("ended_claims").await;
+    let since_ms = chrono::Utc::now().timestamp_millis() - 60_000;
+    let rows: Vec<(String, String, u32, String, NaiveDateTime)> = sqlx::query_as(
+        "SELECT reservation_id, user_id, quantity, idempotency_key, keep_until
+         FROM reservations
+         WHERE sku = ? AND keep_until > ? AND idempotency_key IS NOT NULL
+         ORDER BY keep_until DESC LIMIT ?",
+    )
+    .bind(sku.as_str())
+    .bind(ms_to_datetime(since_ms))
+    .bind(crate::limits::RESTORE_CLAIMS_MAX)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(reservation_id, user_id, quantity, key, keep_until)| EndedClaim {
+                reservation_id,
+                user_id,
+                quantity: quantity as u64,
+                claim: KeyClaim {
+                    key,
+                    keep_until_ms: datetime_to_ms(keep_until),
+                },
+            },
+        )
+        .collect())
 }
 
 /// A reservation as MySQL records it: from `reservations` (every ended one), or from

@@ -129,7 +129,7 @@ impl Gateway {
                     user_id: user_id.to_owned(),
                     quantity,
                     idempotency_key: idempotency_key.to_owned(),
-                    reservation_id: self.settings.id_key.new_reservation_id_in(sku.as_str()),
+                    reservation_id: self.settings.id_keys.new_reservation_id_in(sku.as_str()),
                 };
                 let keys_ttl = keys_ttl(&self.settings);
                 match self.store.reserve_if_unsplit(sku, &request, keys_ttl).await {
@@ -159,7 +159,7 @@ impl Gateway {
             user_id: user_id.to_owned(),
             quantity,
             idempotency_key: idempotency_key.to_owned(),
-            reservation_id: self.settings.id_key.new_reservation_id_in(sale.as_str()),
+            reservation_id: self.settings.id_keys.new_reservation_id_in(sale.as_str()),
         };
         let outcome = match self
             .reserves
@@ -421,7 +421,7 @@ impl Gateway {
     async fn recorded(&self, reservation_id: &str) -> Result<Recorded> {
         match db::reservation(&self.db, reservation_id).await? {
             Some(r) => Ok(Recorded::Reservation(r)),
-            None if self.settings.id_key.issued(reservation_id) => Ok(Recorded::Lost),
+            None if self.settings.id_keys.issued(reservation_id) => Ok(Recorded::Lost),
             None => Err(Error::Refused(Refusal::NotFound)),
         }
     }
@@ -632,7 +632,8 @@ impl Gateway {
                 if usage_gone {
                     // Its buyers' limits must still count what they bought.
                     let bought = db::sold_per_user(&mut *conn, sku).await?;
-                    self.store.restore_usage(sku, &bought).await?;
+                    let claims = db::ended_claims(&mut *conn, sku).await?;
+                    self.store.restore_usage(sku, &bought, &claims).await?;
                 }
                 Ok(loaded)
             }
@@ -739,8 +740,9 @@ impl Gateway {
             for (user, units) in db::sold_per_user(&mut *conn, sku).await? {
                 bought[buckets::home(sku, &user, k) as usize].push((user, units));
             }
+            let claims = db::ended_claims(&mut *conn, sku).await?;
             for (sale, bought) in sales.iter().zip(&bought) {
-                self.store.restore_usage(sale, bought).await?;
+                self.store.restore_usage(sale, bought, &claims).await?;
             }
         }
         self.sale_views(sku).await

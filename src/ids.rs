@@ -78,9 +78,7 @@ impl fmt::Display for SkuId {
     }
 }
 
-/// The server key reservation ids are signed with, derived from the JWT secret (every
-/// gateway of a deployment has it; rotating that secret only means ids issued before
-/// can no longer be vouched for once Redis and MySQL both forgot them).
+/// One key of the reservation-id MAC.
 #[derive(Clone)]
 pub struct IdKey([u8; 32]);
 
@@ -90,11 +88,55 @@ impl fmt::Debug for IdKey {
     }
 }
 
+/// The keys reservation ids are checked under: new ids are signed with the first; an
+/// id is ours when any of them issued it. `FLASHGATE_ID_KEY` comes first when set, then
+/// its previous values, then the keys derived from the current and every previous JWT
+/// secret (ids issued before the id key was set). So neither setting the id key nor
+/// rotating it or the JWT secret turns an issued id into "never issued": after Redis
+/// lost the hold, a payment for it still gets its compensation, never a 404.
+#[derive(Clone, Debug)]
+pub struct IdKeys(Vec<IdKey>);
+
+impl IdKeys {
+    /// `id_keys`: the id key and its previous values, newest first; `jwt_secrets`: the
+    /// JWT secret and its previous values, newest first. At least one of all of them.
+    pub fn new(id_keys: &[&str], jwt_secrets: &[&str]) -> IdKeys {
+        let keys: Vec<IdKey> = id_keys
+            .iter()
+            .map(|k| IdKey::from_id_key(k))
+            .chain(jwt_secrets.iter().map(|s| IdKey::derive(s)))
+            .collect();
+        assert!(!keys.is_empty(), "IdKeys needs at least one key");
+        IdKeys(keys)
+    }
+
+    /// A reservation id of the sale under hash tag `tag`, signed with the newest key.
+    pub fn new_reservation_id_in(&self, tag: &str) -> String {
+        self.0[0].new_reservation_id_in(tag)
+    }
+
+    /// True when any of the keys issued the id. Every key is tried (no early exit), so
+    /// the time taken says nothing about which one, if any, matched.
+    pub fn issued(&self, id: &str) -> bool {
+        self.0.iter().fold(false, |ours, key| key.issued(id) | ours)
+    }
+}
+
 impl IdKey {
+    /// The key derived from a JWT secret (how ids were signed before FLASHGATE_ID_KEY).
     pub fn derive(secret: &str) -> IdKey {
         let mut hasher = Sha256::new();
         hasher.update(b"flashgate reservation id key v1\0");
         hasher.update(secret.as_bytes());
+        IdKey(hasher.finalize().into())
+    }
+
+    /// The key of a `FLASHGATE_ID_KEY` value (under its own label: never equal to a key
+    /// derived from a JWT secret of the same bytes).
+    pub fn from_id_key(id_key: &str) -> IdKey {
+        let mut hasher = Sha256::new();
+        hasher.update(b"flashgate reservation id key v2\0");
+        hasher.update(id_key.as_bytes());
         IdKey(hasher.finalize().into())
     }
 
@@ -309,6 +351,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A rolling rotation: ids issued under the JWT secret before the id key was set,
+    /// under a previous JWT secret and under a previous id key all stay ours; new ids
+    /// are signed with the id key; an id of a key never configured is not ours.
+    #[test]
+    fn ids_of_every_configured_key_stay_ours_and_new_ids_use_the_id_key() {
+        let id_key = "id-key-0123456789abcdef0123456789abcdef";
+        let old_id_key = "old-id-key-0123456789abcdef0123456789ab";
+        let (secret, old_secret) = ("jwt-secret-b", "jwt-secret-a");
+        let keys = IdKeys::new(&[id_key, old_id_key], &[secret, old_secret]);
+        for issuer in [
+            IdKey::from_id_key(id_key),
+            IdKey::from_id_key(old_id_key),
+            IdKey::derive(secret),
+            IdKey::derive(old_secret),
+        ] {
+            let id = issuer.new_reservation_id_in("s");
+            assert!(keys.issued(&id), "{id} refused");
+        }
+        let new = keys.new_reservation_id_in("s");
+        assert!(IdKey::from_id_key(id_key).issued(&new));
+        assert!(!IdKey::derive(secret).issued(&new));
+        let stranger = IdKey::derive("jwt-secret-never-set").new_reservation_id_in("s");
+        assert!(!keys.issued(&stranger));
+        // An id key is not the JWT secret of the same bytes.
+        let derived = IdKey::derive(id_key).new_reservation_id_in("s");
+        assert!(!IdKeys::new(&[id_key], &[]).issued(&derived));
+        // Without an id key, new ids are signed with the current JWT secret's key.
+        let secrets_only = IdKeys::new(&[], &[secret, old_secret]);
+        assert!(IdKey::derive(secret).issued(&secrets_only.new_reservation_id_in("s")));
     }
 
     #[test]

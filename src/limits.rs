@@ -199,3 +199,11 @@ pub const MAX_IN_FLIGHT: usize = 4096;
 pub const RATE_LIMITED_DELAY: Duration = Duration::from_millis(250);
 
 const _: () = assert!(RATE_MAX_KEYS >= 2 * RATE_TRIM_EVERY);
+
+/// Users or idempotency-key claims per restore_usage.lua call when a rebuild puts back
+/// what MySQL records (Store::restore_usage): one call stays short.
+pub const RESTORE_BATCH: usize = 500;
+
+/// Idempotency-key claims a rebuild of one SKU restores at most (the latest kept
+/// first): every key of a sale's lifetime fits many times over.
+pub const RESTORE_CLAIMS_MAX: u32 = 2_000_000;

@@ -1041,6 +1041,7 @@ async fn restore_missing(
     if repair {
         let (sold, _) = db::sales_totals(tx, &scope.sales, 0).await?;
         let bought = db::sold_per_user(tx, &scope.sku).await?;
+        let claims = db::ended_claims(tx, &scope.sku).await?;
         if scope.split() {
             let sales = crate::buckets::sales(&scope.sku, scope.buckets);
             let if_new = match scope.planned {
@@ -1075,10 +1076,10 @@ async fn restore_missing(
                     sales[b as usize] == *sku
                 })
                 .collect();
-            store.restore_usage(sku, &home).await?;
+            store.restore_usage(sku, &home, &claims).await?;
         } else {
             store.load_sku(sku, &record.definition, sold).await?;
-            store.restore_usage(sku, &bought).await?;
+            store.restore_usage(sku, &bought, &claims).await?;
             if sold != record.sold {
                 db::set_sold(tx, sku, sold).await?;
             }

@@ -60,6 +60,7 @@ pub struct Scripts {
     pub bucket_stock: Script,
     pub reserve_moved: Script,
     pub transfer_stale: Script,
+    pub restore_usage: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -88,6 +89,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     bucket_stock: script(include_str!("../lua/bucket_stock.lua")),
     reserve_moved: script(include_str!("../lua/reserve_moved.lua")),
     transfer_stale: script(include_str!("../lua/transfer_stale.lua")),
+    restore_usage: script(include_str!("../lua/restore_usage.lua")),
 });
 
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
@@ -127,7 +129,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 25] {
+fn all_scripts() -> [&'static Script; 26] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -155,6 +157,7 @@ fn all_scripts() -> [&'static Script; 25] {
         &s.bucket_stock,
         &s.reserve_moved,
         &s.transfer_stale,
+        &s.restore_usage,
     ]
 }
 
@@ -1153,13 +1156,47 @@ impl Store {
         }
     }
 
-    /// Per-user usage from the record, where Redis has none (after a data loss):
-    /// limits must still count what each user bought. Never overwrites a count.
-    pub async fn restore_usage(&self, sku: &SkuId, bought: &[(String, i64)]) -> Result<()> {
-        let keys = SkuKeys::new(sku);
+    /// Per-user usage from the record, where Redis has none (after a data loss): limits
+    /// must still count what each user bought, and each idempotency key whose ended
+    /// reservation MySQL records must replay it for its lifetime (contract invariant
+    /// 3). `claims` may be the whole SKU's: only those of reservations of this sale
+    /// (their id names it) go here. Never overwrites a count or a claim
+    /// (restore_usage.lua).
+    pub async fn restore_usage(
+        &self,
+        sale: &SkuId,
+        bought: &[(String, i64)],
+        claims: &[crate::db::EndedClaim],
+    ) -> Result<()> {
+        let keys = SkuKeys::new(sale);
         let mut conn = self.conn.clone();
-        for (user, quantity) in bought {
-            let _: bool = conn.hset_nx(&keys.used, user, quantity).await?;
+        let claims: Vec<(&crate::db::EndedClaim, &str)> = claims
+            .iter()
+            .filter_map(|c| {
+                let (_, tag) = crate::ids::tag_of_reservation(&c.reservation_id)?;
+                let (_, tail) = c.reservation_id.split_once('.')?;
+                (tag == sale.as_str()).then_some((c, tail))
+            })
+            .collect();
+        for chunk in bought.chunks(limits::RESTORE_BATCH) {
+            let mut call = with_sale_keys(&SCRIPTS.restore_usage, &keys);
+            call.arg(chunk.len());
+            for (user, units) in chunk {
+                call.arg(user).arg(units);
+            }
+            let _: u64 = call.invoke_async(&mut conn).await?;
+        }
+        for chunk in claims.chunks(limits::RESTORE_BATCH) {
+            let mut call = with_sale_keys(&SCRIPTS.restore_usage, &keys);
+            call.arg(0);
+            for (c, tail) in chunk {
+                call.arg(&c.user_id)
+                    .arg(&c.claim.key)
+                    .arg(*tail)
+                    .arg(c.quantity)
+                    .arg(c.claim.keep_until_ms);
+            }
+            let _: u64 = call.invoke_async(&mut conn).await?;
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::WorkerSettings;
-use crate::db::{self, OutboxEvent};
+use crate::db::{self, KeyClaim, OutboxEvent};
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::keys::{SkuKeys, FLUSH_GROUP};
@@ -804,10 +804,18 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
             payment_ref: field("payment_ref").filter(|p| !p.is_empty()),
         })
     };
+    // Events written before keys were recorded carry none (nor do layout-1 holds).
+    let key = field("idempotency_key")
+        .filter(|k| !k.is_empty())
+        .and_then(|key| {
+            let keep_until_ms: i64 = field("keep_until")?.parse().ok()?;
+            (keep_until_ms > 0).then_some(KeyClaim { key, keep_until_ms })
+        });
     match kind.as_str() {
         "confirmed" => Some(OutboxEvent::Confirmed {
             reservation: reservation(Status::Confirmed)?,
             at_ms,
+            key,
         }),
         "ended" => {
             let status = Status::parse(&field("status")?)
@@ -815,6 +823,7 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
             Some(OutboxEvent::Ended {
                 reservation: reservation(status)?,
                 at_ms,
+                key,
             })
         }
         "compensation" => Some(OutboxEvent::Compensation(Compensation {
@@ -867,7 +876,9 @@ mod tests {
         let entries = parse_entries(value).unwrap();
         assert_eq!(entries.len(), 2);
         match parse_event(&entries[0]) {
-            Some(OutboxEvent::Confirmed { reservation, at_ms }) => {
+            Some(OutboxEvent::Confirmed {
+                reservation, at_ms, ..
+            }) => {
                 assert_eq!((reservation.quantity, at_ms), (2, 5));
                 assert_eq!(reservation.payment_ref.as_deref(), Some("p"));
                 // An event written before the hold's times were carried: the confirm time.

@@ -360,6 +360,7 @@ async fn a_batch_written_twice_counts_its_sales_once() {
     let batch = vec![flashgate::db::OutboxEvent::Confirmed {
         reservation: confirmed,
         at_ms: 1_000,
+        key: None,
     }];
     flashgate::db::apply_events(&db, &batch).await.unwrap();
     flashgate::db::apply_events(&db, &batch).await.unwrap();

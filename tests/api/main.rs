@@ -8,6 +8,7 @@ mod buckets;
 mod connections;
 mod edges;
 mod input;
+mod keys;
 mod lifecycle;
 mod money;
 mod operations;

@@ -21,13 +21,22 @@ async fn metrics_are_rendered_at_most_once_a_second() {
             .await
             .unwrap()
     };
-    let first = page().await;
+    app.create_sku(&sku, json!({ "stock": 3 })).await;
     // Requests in between change the counters; a scrape within the second does not
-    // render them.
-    app.create_sku(&sku, json!({ "stock": 1 })).await;
-    app.hold(&sku, "m").await;
-    let second = page().await;
-    assert_eq!(first, second, "rendered again within the second");
+    // render them. (On a loaded machine the requests may take the whole second: then
+    // the pair proves nothing and is taken again.)
+    let mut second = String::new();
+    for attempt in 0.. {
+        assert!(attempt < 3, "never two scrapes within one second");
+        let started = std::time::Instant::now();
+        let first = page().await;
+        app.hold(&sku, &format!("m{attempt}")).await;
+        second = page().await;
+        if started.elapsed() < flashgate::telemetry::METRICS_RENDER_EVERY {
+            assert_eq!(first, second, "rendered again within the second");
+            break;
+        }
+    }
     tokio::time::sleep(flashgate::telemetry::METRICS_RENDER_EVERY).await;
     let third = page().await;
     assert_ne!(second, third, "never rendered again");

@@ -62,6 +62,8 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         // it on.
         max_released_holds_per_user: 0,
         jwt_leeway_seconds: 0,
+        id_key: None,
+        id_key_previous: Vec::new(),
         connections: ConnectionSettings::default(),
         // Off: the race tests reserve hundreds of times from one address, some users
         // many times; tests/api/admission.rs turns the limits on.
@@ -270,6 +272,19 @@ impl TestApp {
     /// Writes every outbox event of this SKU to MySQL. Only this SKU: other tests
     /// flush theirs at the same time, and entries they hold are not ours to wait on.
     /// (Every bucket's, for a SKU split over several.)
+    /// Redis loses every key of one sale (a SKU, or one bucket of a split SKU named by
+    /// its tag): a wipe, a failover that lost the writes, a restart without persistence.
+    pub async fn lose_sale(&self, tag: &str) {
+        let keys = flashgate::keys::SkuKeys::for_tag(tag);
+        let mut conn = self.store.connection();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys.sale()[..])
+            .arg(&keys.transfers)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     pub async fn flush(&self, sku: &str) {
         let sku = Self::sku_id(sku);
         let buckets = self.store.bucket_count(&sku).await.unwrap().unwrap_or(1);

@@ -88,6 +88,7 @@ async fn a_second_payment_after_a_redis_rollback_becomes_a_compensation() {
             .await
             .unwrap(),
         at_ms: 1,
+        key: None,
     };
     app.flush(&sku).await;
     // Replayed event (a worker that dies before its XACK): still one compensation.

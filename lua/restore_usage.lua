@@ -1,0 +1,47 @@
+-- restore_usage.lua: put back what a rebuild of a sale Redis lost takes from MySQL into
+-- the per-user usage records: the units each user bought (the per-user limit counts
+-- them) and the claims of the idempotency keys whose ended reservations MySQL records
+-- (so each key replays its reservation for its lifetime, contract invariant 3).
+--
+-- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale)
+-- ARGV[1] n: users with units, then n pairs: user, units bought
+-- then groups of five, one per claim: user, idempotency key, reservation tail, quantity,
+--      keep_until (ms)
+--
+-- Reply: the number of claims restored.
+--
+-- Invariant: never overwrites what Redis has: a user's units are set only where Redis
+-- has no usage record, and a claim is added only for a key the user does not claim
+-- already (one key, at most one hold). A restored claim is ended ('-'): it replays the
+-- reservation from MySQL's record ('forgotten') and never counts as a live hold.
+local K = sale_keys()
+local now = now_ms()
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local user, units = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  if redis.call('HEXISTS', K.used, user) == 0 then
+    redis.call('HSET', K.used, user, units .. ' 0 0')
+  end
+end
+local restored, claims_until = 0, 0
+for at = 2 + 2 * n, #ARGV, 5 do
+  local user, key, tail, quantity, keep_until =
+    ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
+  if keep_until > now then
+    local u = load_usage(K, user)
+    if not find_claim(u, key, now) then
+      u.claims = u.claims .. ' ' .. key .. '|-' .. tail .. ':' .. quantity .. ':' .. ms(keep_until)
+      save_usage(K, u, now)
+      restored = restored + 1
+      claims_until = math.max(claims_until, keep_until)
+    end
+  end
+end
+if restored > 0 then
+  -- A retired sale keeps its usage records while any claim still replays (sweep.lua).
+  local current = tonumber(redis.call('HGET', K.meta, 'claims_until') or '0')
+  if claims_until > current then
+    redis.call('HSET', K.meta, 'claims_until', ms(claims_until))
+  end
+end
+return restored
