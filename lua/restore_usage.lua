@@ -10,6 +10,10 @@
 --
 -- Reply: the number of claims restored.
 --
+-- Called by a rebuild before it loads the sale (a reserve that finds the sale finds the
+-- usage with it: no second hold for a restored key, no limit passed in between), and
+-- after, to keep the sale's `claims_until` (which needs the sale's meta).
+--
 -- Invariant: never overwrites what Redis has: a user's units are set only where Redis
 -- has no usage record, and a claim is added only for a key the user does not claim
 -- already (one key, at most one hold). A restored claim is ended ('-'): it replays the
@@ -28,20 +32,20 @@ for at = 2 + 2 * n, #ARGV, 5 do
   local user, key, tail, quantity, keep_until =
     ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], tonumber(ARGV[at + 4])
   if keep_until > now then
+    claims_until = math.max(claims_until, keep_until)
     local u = load_usage(K, user)
     if not find_claim(u, key, now) then
       u.claims = u.claims .. ' ' .. key .. '|-' .. tail .. ':' .. quantity .. ':' .. ms(keep_until)
       save_usage(K, u, now)
       restored = restored + 1
-      claims_until = math.max(claims_until, keep_until)
     end
   end
 end
-if restored > 0 then
-  -- A retired sale keeps its usage records while any claim still replays (sweep.lua).
-  local current = tonumber(redis.call('HGET', K.meta, 'claims_until') or '0')
-  if claims_until > current then
-    redis.call('HSET', K.meta, 'claims_until', ms(claims_until))
-  end
+-- A retired sale keeps its usage records while any claim still replays (sweep.lua).
+-- Only on a sale that exists: a rebuild restores usage before it loads the sale (so no
+-- reserve sees the sale without it), then once more after, for this.
+local current = redis.call('HMGET', K.meta, 'stock_total', 'claims_until')
+if current[1] and claims_until > tonumber(current[2] or '0') then
+  redis.call('HSET', K.meta, 'claims_until', ms(claims_until))
 end
 return restored

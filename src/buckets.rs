@@ -94,6 +94,15 @@ pub fn sku_of_tag(tag: &str) -> &str {
     tag.split_once('~').map_or(tag, |(sku, _)| sku)
 }
 
+/// Of `users` (user, units), those whose home is bucket `b` of `k`.
+pub fn home_users(sku: &SkuId, users: &[(String, i64)], k: u32, b: u32) -> Vec<(String, i64)> {
+    users
+        .iter()
+        .filter(|(user, _)| home(sku, user, k) == b)
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -377,6 +377,9 @@ impl GatewaySettings {
 
 /// The keys of the reservation-id MAC: FLASHGATE_ID_KEY and its previous values, each
 /// at least SECRET_MIN_LEN bytes and none the service token, then the JWT secrets'.
+/// The previous list may name a key no gateway signs with yet: the first step of a
+/// rolling rotation (README, Rotating keys) lets every gateway accept a key before any
+/// signs with it.
 fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
     let id_keys: Vec<&str> = args
         .id_key
@@ -393,9 +396,6 @@ fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
         if *key == args.service_token {
             return Err("FLASHGATE_ID_KEY must differ from FLASHGATE_SERVICE_TOKEN".into());
         }
-    }
-    if args.id_key.as_deref().unwrap_or_default().is_empty() && !id_keys.is_empty() {
-        return Err("FLASHGATE_ID_KEY_PREVIOUS needs FLASHGATE_ID_KEY".into());
     }
     let jwt_secrets: Vec<&str> = [args.jwt_secret.as_str()]
         .into_iter()

@@ -532,6 +532,21 @@ async fn recorded_sales(
     Ok(found)
 }
 
+/// What MySQL records of a SKU's users for a rebuild of its sales: the units each user
+/// bought, and the ended reservations whose keys still replay them.
+#[derive(Debug, Default)]
+pub struct RecordedUsage {
+    pub bought: Vec<(String, i64)>,
+    pub claims: Vec<EndedClaim>,
+}
+
+pub async fn recorded_usage(conn: &mut MySqlConnection, sku: &SkuId) -> Result<RecordedUsage> {
+    Ok(RecordedUsage {
+        bought: sold_per_user(&mut *conn, sku).await?,
+        claims: ended_claims(&mut *conn, sku).await?,
+    })
+}
+
 /// The ended reservations of a SKU whose idempotency key may still replay them, for a
 /// rebuild to restore (restore_usage.lua drops those past their time by Redis's clock;
 /// here a minute of skew between the hosts' clocks and Redis's is allowed for).

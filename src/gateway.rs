@@ -620,20 +620,29 @@ impl Gateway {
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
+        // Redis lost this SKU (a wipe before any reconcile) or retired it: its buyers'
+        // limits must still count what they bought, and their keys replay what MySQL
+        // records. Restored before the load, so no reserve finds the SKU without them.
+        let mut usage = None;
+        if !self.store.sale_is_live(sku).await? {
+            let recorded = db::recorded_usage(&mut *conn, sku).await?;
+            self.store
+                .restore_usage(sku, &recorded.bought, &recorded.claims)
+                .await?;
+            usage = Some(recorded);
+        }
         match self.store.load_sku(sku, definition, sold_in_mysql).await {
             Ok((loaded, how)) => {
-                let usage_gone = match how {
-                    // Redis lost this SKU (a wipe before any reconcile).
-                    Loaded::Created => sold_in_mysql > 0,
-                    // Retirement dropped it; the limit counts every confirmed unit.
-                    Loaded::Reopened => true,
-                    Loaded::Updated => false,
-                };
-                if usage_gone {
-                    // Its buyers' limits must still count what they bought.
-                    let bought = db::sold_per_user(&mut *conn, sku).await?;
-                    let claims = db::ended_claims(&mut *conn, sku).await?;
-                    self.store.restore_usage(sku, &bought, &claims).await?;
+                if how != Loaded::Updated {
+                    // Again after the load: the sale's claims_until, and whatever a
+                    // loss between the check and the load took.
+                    let recorded = match usage {
+                        Some(recorded) => recorded,
+                        None => db::recorded_usage(&mut *conn, sku).await?,
+                    };
+                    self.store
+                        .restore_usage(sku, &recorded.bought, &recorded.claims)
+                        .await?;
                 }
                 Ok(loaded)
             }
@@ -704,6 +713,21 @@ impl Gateway {
                 .await?;
         }
         tx.commit().await?;
+        // Buckets Redis does not have live (a new SKU, or one retired) get their buyers'
+        // usage before their load, as in define_sku_locked.
+        let mut recorded = None;
+        for (b, sale) in sales.iter().enumerate() {
+            if !self.store.sale_is_live(sale).await? {
+                if recorded.is_none() {
+                    recorded = Some(db::recorded_usage(&mut *conn, sku).await?);
+                }
+                let usage = recorded.as_ref().expect("read above");
+                let bought = buckets::home_users(sku, &usage.bought, k, b as u32);
+                self.store
+                    .restore_usage(sale, &bought, &usage.claims)
+                    .await?;
+            }
+        }
         let mut usage_gone = false;
         for (b, sale) in sales.iter().enumerate() {
             match self
@@ -711,8 +735,7 @@ impl Gateway {
                 .load_bucket(sale, definition, &plan[b], sold[b])
                 .await
             {
-                Ok(Loaded::Created) => usage_gone |= sold[b] > 0,
-                Ok(Loaded::Reopened) => usage_gone = true,
+                Ok(Loaded::Created | Loaded::Reopened) => usage_gone = true,
                 Ok(Loaded::Updated) => {}
                 Err(refused @ Error::Refused(_)) => {
                     // Reserves took the stock a decrease counted on: the buckets done
@@ -735,14 +758,17 @@ impl Gateway {
             }
         }
         if usage_gone {
-            // Its buyers' limits must still count what they bought, in their home bucket.
-            let mut bought: Vec<Vec<(String, i64)>> = vec![Vec::new(); k as usize];
-            for (user, units) in db::sold_per_user(&mut *conn, sku).await? {
-                bought[buckets::home(sku, &user, k) as usize].push((user, units));
-            }
-            let claims = db::ended_claims(&mut *conn, sku).await?;
-            for (sale, bought) in sales.iter().zip(&bought) {
-                self.store.restore_usage(sale, bought, &claims).await?;
+            // Its buyers' limits must still count what they bought, in their home
+            // bucket; their keys replay what MySQL records (and claims_until is kept).
+            let usage = match recorded {
+                Some(usage) => usage,
+                None => db::recorded_usage(&mut *conn, sku).await?,
+            };
+            for (b, sale) in sales.iter().enumerate() {
+                let bought = buckets::home_users(sku, &usage.bought, k, b as u32);
+                self.store
+                    .restore_usage(sale, &bought, &usage.claims)
+                    .await?;
             }
         }
         self.sale_views(sku).await

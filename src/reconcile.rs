@@ -1040,8 +1040,7 @@ async fn restore_missing(
     };
     if repair {
         let (sold, _) = db::sales_totals(tx, &scope.sales, 0).await?;
-        let bought = db::sold_per_user(tx, &scope.sku).await?;
-        let claims = db::ended_claims(tx, &scope.sku).await?;
+        let usage = db::recorded_usage(tx, &scope.sku).await?;
         if scope.split() {
             let sales = crate::buckets::sales(&scope.sku, scope.buckets);
             let if_new = match scope.planned {
@@ -1066,20 +1065,23 @@ async fn restore_missing(
                 if_new,
                 change: None,
             };
+            let b = sales.iter().position(|s| s == sku).unwrap_or(0) as u32;
+            let home = crate::buckets::home_users(&scope.sku, &usage.bought, scope.buckets, b);
+            // Usage first, so no reserve finds the bucket without it; again after the
+            // load for the bucket's claims_until (restore_usage.lua).
+            store.restore_usage(sku, &home, &usage.claims).await?;
             store
                 .load_bucket(sku, &record.definition, &stock, sold)
                 .await?;
-            let home: Vec<(String, i64)> = bought
-                .into_iter()
-                .filter(|(user, _)| {
-                    let b = crate::buckets::home(&scope.sku, user, scope.buckets);
-                    sales[b as usize] == *sku
-                })
-                .collect();
-            store.restore_usage(sku, &home, &claims).await?;
+            store.restore_usage(sku, &home, &usage.claims).await?;
         } else {
+            store
+                .restore_usage(sku, &usage.bought, &usage.claims)
+                .await?;
             store.load_sku(sku, &record.definition, sold).await?;
-            store.restore_usage(sku, &bought, &claims).await?;
+            store
+                .restore_usage(sku, &usage.bought, &usage.claims)
+                .await?;
             if sold != record.sold {
                 db::set_sold(tx, sku, sold).await?;
             }

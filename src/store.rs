@@ -1156,6 +1156,20 @@ impl Store {
         }
     }
 
+    /// Whether Redis has the sale on sale or ended, not lost nor retired (then a load
+    /// must bring its usage back first: `restore_usage`).
+    pub async fn sale_is_live(&self, sale: &SkuId) -> Result<bool> {
+        let keys = SkuKeys::new(sale);
+        let mut conn = self.conn.clone();
+        let (stock_total, retired): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("stock_total")
+            .arg("retired")
+            .query_async(&mut conn)
+            .await?;
+        Ok(stock_total.is_some() && retired.is_none())
+    }
+
     /// Per-user usage from the record, where Redis has none (after a data loss): limits
     /// must still count what each user bought, and each idempotency key whose ended
     /// reservation MySQL records must replay it for its lifetime (contract invariant

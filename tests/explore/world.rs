@@ -92,7 +92,7 @@ pub struct Outcome {
 #[derive(Default)]
 struct Journal {
     /// (user, key) -> the reservations it was answered with, and the Redis losses
-    /// before each (a key's record is lost with Redis until issue 22's restore).
+    /// before each (a live hold's key is lost with Redis; an ended one's is restored).
     holds: HashMap<(String, String), Vec<(String, u64)>>,
     /// Reservations made, for the payments and cancels to pick from.
     reservations: Vec<String>,
@@ -103,6 +103,8 @@ struct Journal {
     compensated: Vec<String>,
     /// Errors no input may cause.
     internal: Vec<String>,
+    /// Invariants an actor saw broken at the instant it was answered.
+    broken: Vec<String>,
     /// Redis losses so far.
     losses: u64,
 }
@@ -398,13 +400,28 @@ impl World {
                 let quantity = if one_in(&mut rng, 5) { 2 } else { 1 };
                 match gateway.reserve(&self.sku, &user, quantity, &key).await {
                     Ok((reservation, _)) => {
-                        let mut journal = self.journal.lock().unwrap();
-                        let losses = journal.losses;
                         let rid = reservation.reservation_id.clone();
-                        let seen = journal.holds.entry((user, key)).or_default();
-                        if !seen.iter().any(|(r, _)| *r == rid) {
+                        let earlier: Vec<String> = {
+                            let mut journal = self.journal.lock().unwrap();
+                            let losses = journal.losses;
+                            let seen = journal.holds.entry((user, key.clone())).or_default();
+                            if seen.iter().any(|(r, _)| *r == rid) {
+                                continue;
+                            }
+                            let earlier = seen.iter().map(|(r, _)| r.clone()).collect();
                             seen.push((rid.clone(), losses));
-                            journal.reservations.push(rid);
+                            journal.reservations.push(rid.clone());
+                            earlier
+                        };
+                        // A new hold for a key that made one before: only after a Redis
+                        // loss, and only if MySQL did not record the earlier one with
+                        // its key (then the rebuild restores the key, which replays it).
+                        // Read at once, ungated: no other actor has run since the reserve.
+                        if let Some(recorded) = recorded_with_key(&gateway.db, &earlier, &key).await
+                        {
+                            self.journal.lock().unwrap().broken.push(format!(
+                                "key {key} made {rid} though MySQL records its {recorded} (invariant 3)"
+                            ));
                         }
                     }
                     Err(e) => self.note_error(e),
@@ -690,10 +707,31 @@ async fn check(env: &Env, world: &World) -> Result<(), String> {
             }
         }
     }
+    if let Some(broken) = journal.broken.first() {
+        return Err(broken.clone());
+    }
     if let Some(e) = journal.internal.first() {
         return Err(format!("internal error: {e}"));
     }
     Ok(())
+}
+
+/// The first of `reservations` that MySQL records as made by idempotency key `key`.
+async fn recorded_with_key(pool: &MySqlPool, reservations: &[String], key: &str) -> Option<String> {
+    for rid in reservations {
+        let found: Option<(String,)> = sqlx::query_as(
+            "SELECT reservation_id FROM reservations WHERE reservation_id = ? AND idempotency_key = ?",
+        )
+        .bind(rid)
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .expect("mysql");
+        if found.is_some() {
+            return Some(rid.clone());
+        }
+    }
+    None
 }
 
 async fn mysql_sold_per_bucket(
