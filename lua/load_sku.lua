@@ -13,6 +13,8 @@
 --          buckets, so only a change can be applied, never a total); a bucket with
 --          no state still takes ARGV[1]
 -- ARGV[11] the SKU's stock_total over all its buckets (meta `sku_stock`, for the view)
+-- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
+--          a lost one is rebuilt only with the SKU's other lost buckets, from MySQL)
 --
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
@@ -20,6 +22,7 @@
 --                 back on sale; its per-user usage may have gone with it (the caller
 --                 restores what is missing)
 --          {'stock_below_committed', held, sold}   nothing written
+--          {'missing'}  ARGV[12] is '1' and Redis has no state for it: nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
 -- their deadline are expired first, so they never count as committed.
@@ -31,6 +34,9 @@ if redis.call('EXISTS', meta) == 1 then
 end
 local m = redis.call('HMGET', meta, 'held', 'sold', 'retired', 'stock_total')
 local created = not m[2]
+if created and ARGV[12] == '1' then
+  return { 'missing' }
+end
 if ARGV[10] ~= '' and m[4] then
   stock_total = tonumber(m[4]) + tonumber(ARGV[10])
 end

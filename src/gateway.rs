@@ -703,7 +703,9 @@ impl Gateway {
         };
         let plan: Vec<BucketStock> = (0..k as usize)
             .map(|b| BucketStock {
-                if_new: sold[b] + fresh[b],
+                // An existing SKU's buckets all have state (lost ones were rebuilt
+                // above); one lost since is not recreated from this plan.
+                if_new: previous.is_none().then_some(sold[b] + fresh[b]),
                 change: Some(changes[b]),
             })
             .collect();
@@ -743,12 +745,21 @@ impl Gateway {
                     if let Some(p) = &previous {
                         for (done, sale) in sales.iter().enumerate().take(b) {
                             let back = BucketStock {
-                                if_new: plan[done].if_new,
+                                if_new: None,
                                 change: Some(-changes[done]),
                             };
-                            self.store
+                            match self
+                                .store
                                 .load_bucket(sale, &p.definition, &back, sold[done])
-                                .await?;
+                                .await
+                            {
+                                // Lost since (or the call's outcome unknown): MySQL's
+                                // definition goes back all the same; the joint rebuild
+                                // or the stock repair (reconcile) make the buckets add
+                                // up to it.
+                                Ok(_) | Err(Error::Unavailable { .. }) => {}
+                                Err(e) => return Err(e),
+                            }
                         }
                     }
                     db::restore_sku(&mut *conn, sku, previous.as_ref()).await?;

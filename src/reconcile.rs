@@ -798,21 +798,43 @@ async fn reconcile_sku(
     if buckets <= 1 {
         return reconcile_sale(store, pool, &Scope::whole(sku), repair).await;
     }
-    let mut findings = Vec::new();
-    if repair && !old_rebuild {
-        let mut conn = pool.acquire().await?;
-        conn.close_on_drop();
-        db::SkuLock::acquire(&mut conn, sku).await?;
-        let rebuilt = rebuild_lost_buckets(store, &mut conn, sku, buckets).await;
-        db::SkuLock::release(&mut conn, sku).await?;
-        findings.extend(rebuilt?);
+    if !repair || old_rebuild {
+        let mut findings = Vec::new();
+        for sale in crate::buckets::sales(sku, buckets) {
+            let mut scope = Scope::bucket(&sale, buckets);
+            scope.old_rebuild = old_rebuild;
+            findings.extend(reconcile_sale(store, pool, &scope, repair).await?);
+        }
+        findings.extend(check_split_stock_now(store, pool, sku, buckets, repair).await?);
+        return Ok(findings);
     }
+    // A repair of a split SKU runs under its admin lock (`db::SkuLock`), whole: an admin
+    // PUT changes MySQL's stock, then each bucket's, and a repair in between would
+    // either apply the change again (the SKU-wide stock) or, correcting a bucket by
+    // what it found before the PUT changed that bucket, raise the bucket's stock_total
+    // past its share (the explorer's operator actor found both).
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    db::SkuLock::acquire(&mut conn, sku).await?;
+    let findings = repair_split_sku(store, pool, &mut conn, sku, buckets).await;
+    db::SkuLock::release(&mut conn, sku).await?;
+    findings
+}
+
+/// `reconcile_sku` with repair for a split SKU; the caller holds its admin lock on `conn`.
+async fn repair_split_sku(
+    store: &Store,
+    pool: &MySqlPool,
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+    buckets: u32,
+) -> Result<Vec<Finding>> {
+    let mut findings = rebuild_lost_buckets(store, conn, sku, buckets).await?;
     for sale in crate::buckets::sales(sku, buckets) {
-        let mut scope = Scope::bucket(&sale, buckets);
-        scope.old_rebuild = old_rebuild;
-        findings.extend(reconcile_sale(store, pool, &scope, repair).await?);
+        let scope = Scope::bucket(&sale, buckets);
+        findings.extend(reconcile_sale(store, pool, &scope, true).await?);
     }
-    findings.extend(check_split_stock(store, pool, sku, buckets, repair).await?);
+    findings.extend(check_split_stock_now(store, pool, sku, buckets, true).await?);
     Ok(findings)
 }
 
@@ -837,27 +859,7 @@ async fn reconcile_sale(
 /// A split SKU's stock over all its buckets: Σ stock_total + in transit == MySQL's
 /// stock_total. Drift only when every reading agrees on it; the repair changes bucket
 /// 0's stock_total by the difference (transfers spread it), never below its committed
-/// units.
-/// With repair, under the SKU's admin lock: an admin PUT changes MySQL's stock, then
-/// the buckets', and a repair between the two would apply the same change again.
-async fn check_split_stock(
-    store: &Store,
-    pool: &MySqlPool,
-    sku: &SkuId,
-    buckets: u32,
-    repair: bool,
-) -> Result<Vec<Finding>> {
-    if !repair {
-        return check_split_stock_now(store, pool, sku, buckets, false).await;
-    }
-    let mut conn = pool.acquire().await?;
-    conn.close_on_drop();
-    db::SkuLock::acquire(&mut conn, sku).await?;
-    let findings = check_split_stock_now(store, pool, sku, buckets, true).await;
-    db::SkuLock::release(&mut conn, sku).await?;
-    findings
-}
-
+/// units. A repair runs under the SKU's admin lock (`reconcile_sku`).
 async fn check_split_stock_now(
     store: &Store,
     pool: &MySqlPool,
@@ -905,7 +907,7 @@ async fn check_split_stock_now(
     };
     if repair {
         let fix = crate::store::BucketStock {
-            if_new: 0,
+            if_new: None,
             change: Some(change),
         };
         let bucket_0 = match stock[0] {
@@ -1062,7 +1064,7 @@ async fn restore_missing(
                 }
             };
             let stock = crate::store::BucketStock {
-                if_new,
+                if_new: Some(if_new),
                 change: None,
             };
             let b = sales.iter().position(|s| s == sku).unwrap_or(0) as u32;
@@ -1104,7 +1106,7 @@ async fn restore_missing(
         }
         let (code, after) = repair_counters(store, scope, &record.definition, &fix).await?;
         finding.after = Some(after.clone());
-        finding.repaired = true;
+        finding.repaired = code != "missing";
         if code == "overcommitted" {
             return Ok(vec![finding, overcommitted(sku, "missing".into(), after)]);
         }
@@ -1297,7 +1299,8 @@ async fn compare(
         f.after = Some(after.clone());
         // Sales MySQL never recorded cannot be invented, and refunds are an
         // operator's: reported, not repaired.
-        f.repaired = !matches!(f.kind, "sold_ahead_of_mysql" | "payment_after_rollback");
+        f.repaired = code != "missing"
+            && !matches!(f.kind, "sold_ahead_of_mysql" | "payment_after_rollback");
     }
     if code == "overcommitted" {
         findings.push(overcommitted(sku, snap.counters(), after));
@@ -1463,6 +1466,14 @@ async fn repair_counters(
         invocation.arg(term);
     }
     let reply: Vec<String> = invocation.arg(used).invoke_async(&mut conn).await?;
+    if reply.first().map(String::as_str) == Some("missing") {
+        // Redis lost the sale since the check: nothing written; the next pass finds it
+        // missing and rebuilds it from MySQL.
+        return Ok((
+            "missing".into(),
+            "missing (lost during the repair; rebuilt by the next pass)".into(),
+        ));
+    }
     // The repair may have taken back a retired SKU: it is swept and flushed again.
     store.index_sku(sku).await?;
     let [code, stock_total, available, held, sold] = reply.as_slice() else {

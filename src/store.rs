@@ -611,8 +611,12 @@ pub struct BucketState {
 /// How much of a SKU's stock one sale (the SKU, or one of its buckets) takes in a load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketStock {
-    /// Its stock_total when Redis has no state for it (and the total when `change` is None).
-    pub if_new: u64,
+    /// Its stock_total when Redis has no state for it (and the total when `change` is
+    /// None). None: it must have state, the load refuses otherwise (Error::Unavailable):
+    /// a lost bucket of a split SKU is rebuilt only together with the SKU's other lost
+    /// buckets (`reconcile::rebuild_lost_buckets`), never by a change planned before
+    /// the loss.
+    pub if_new: Option<u64>,
     /// When it has state: change its stock_total by this much instead of setting it
     /// (a bucketed SKU: transfers move stock between buckets, so only a change applies).
     pub change: Option<i64>,
@@ -622,7 +626,7 @@ impl BucketStock {
     /// An unsplit SKU: its stock_total is the definition's.
     pub fn whole(definition: &SkuDefinition) -> BucketStock {
         BucketStock {
-            if_new: definition.stock_total,
+            if_new: Some(definition.stock_total),
             change: None,
         }
     }
@@ -1135,7 +1139,7 @@ impl Store {
         let keys = SkuKeys::new(sale);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.load_sku, &keys)
-            .arg(stock.if_new)
+            .arg(stock.if_new.unwrap_or(0))
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)
             .arg(optional_ms(definition.starts_at_ms))
@@ -1146,10 +1150,18 @@ impl Store {
             .arg(definition.buckets)
             .arg(stock.change.map_or(String::new(), |c| c.to_string()))
             .arg(definition.stock_total)
+            .arg(if stock.if_new.is_none() { "1" } else { "" })
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Loaded::Updated),
+            Some("missing") => Err(Error::Unavailable {
+                detail: format!(
+                    "Redis lost {sale} during the change; retry (the SKU's lost buckets are \
+                     rebuilt first)"
+                ),
+                outcome: crate::error::Outcome::Unknown,
+            }),
             Some("created") => Ok(Loaded::Created),
             Some("reopened") => Ok(Loaded::Reopened),
             _ => Err(refusal_of(&reply)),

@@ -957,7 +957,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
     let sales = flashgate::buckets::sales(&sale.sku, 2);
     for (sale_of_bucket, share) in sales.iter().zip([0, 5]) {
         let stock = flashgate::store::BucketStock {
-            if_new: share,
+            if_new: Some(share),
             change: None,
         };
         store
@@ -1258,4 +1258,97 @@ async fn a_finished_transfers_record_outlives_every_give_that_can_still_be_taken
         .await
         .unwrap();
     assert_eq!(left, 0, "the record went");
+}
+
+/// restore_usage.lua (a rebuild puts back what MySQL records): a key the user claims
+/// already keeps its claim (one key, at most one hold), a claim past its time is not
+/// restored, a restored key replays its reservation from MySQL's record, a user's units
+/// in Redis are never overwritten, and a user without a record gets MySQL's count.
+#[tokio::test]
+async fn a_rebuild_restores_key_claims_without_overwriting_what_redis_has() {
+    let sale = Sale::with_stock("restore-claims", 10, 3).await;
+    let (live, _) = sale.hold("u", "k-live", 1).await;
+    let id_key = ids::IdKey::derive(common::JWT_SECRET);
+    let now = chrono::Utc::now().timestamp_millis();
+    let claim = |user: &str, key: &str, keep_until_ms: i64| flashgate::db::EndedClaim {
+        reservation_id: id_key.new_reservation_id(&sale.sku),
+        user_id: user.into(),
+        quantity: 1,
+        claim: flashgate::db::KeyClaim {
+            key: key.into(),
+            keep_until_ms,
+        },
+    };
+    let restored = claim("u", "k-ended", now + 600_000);
+    let claims = [
+        claim("u", "k-live", now + 600_000),
+        claim("u", "k-past", now - 1_000),
+        restored.clone(),
+        claim("v", "k-v", now + 600_000),
+    ];
+    let bought = [("u".to_string(), 7), ("v".to_string(), 2)];
+    sale.store
+        .restore_usage(&sale.sku, &bought, &claims)
+        .await
+        .unwrap();
+    let sale = &sale;
+    let record = |user: &'static str| async move {
+        let raw: String = redis::cmd("HGET")
+            .arg(&sale.keys.used)
+            .arg(user)
+            .query_async(&mut sale.conn())
+            .await
+            .unwrap();
+        raw
+    };
+    let u = record("u").await;
+    assert!(u.starts_with("1 "), "u's units overwritten: {u}");
+    assert!(
+        u.contains(&format!("k-live|+{}", SkuKeys::tail(&live))),
+        "{u}"
+    );
+    assert!(!u.contains("k-past"), "{u}");
+    assert_eq!(u.matches("k-live|").count(), 1, "{u}");
+    let v = record("v").await;
+    assert!(v.starts_with("2 0 0 k-v|-"), "{v}");
+    // The restored key replays its reservation (from MySQL's record); the live one its hold.
+    let request = |key: &str| ReserveRequest {
+        user_id: "u".into(),
+        quantity: 1,
+        idempotency_key: key.into(),
+        reservation_id: id_key.new_reservation_id(&sale.sku),
+    };
+    let settings = ReserveSettings {
+        idempotency_ttl_ms: 1_000,
+        payment_grace_ms: GRACE_MS,
+        released_holds_cap: 2,
+    };
+    match sale
+        .store
+        .reserve(&sale.sku, &request("k-ended"), settings)
+        .await
+        .unwrap()
+    {
+        ReserveOutcome::ReplayedFromRecord(rid) => assert_eq!(rid, restored.reservation_id),
+        other => panic!("{other:?}"),
+    }
+    match sale
+        .store
+        .reserve(&sale.sku, &request("k-live"), settings)
+        .await
+        .unwrap()
+    {
+        ReserveOutcome::Replayed(r) => assert_eq!(r.reservation_id, live),
+        other => panic!("{other:?}"),
+    }
+    // The past key makes a new hold.
+    match sale
+        .store
+        .reserve(&sale.sku, &request("k-past"), settings)
+        .await
+        .unwrap()
+    {
+        ReserveOutcome::Created(_) => {}
+        other => panic!("{other:?}"),
+    }
 }
