@@ -16,6 +16,7 @@ use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
 use jsonwebtoken::{
     decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
 };
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -125,15 +126,20 @@ impl std::fmt::Display for AuthFailure {
 
 impl std::error::Error for AuthFailure {}
 
-/// What a user token must carry for us; the rest is checked by `Validation`. Lenient
-/// types, so a missing claim is told as such by the validation instead of failing the
-/// whole deserialisation.
+/// What a user token must carry for us; the values of the rest are checked by
+/// `Validation`. Optional, so that a missing claim is told as such (by `subject`)
+/// instead of failing the whole deserialisation.
 #[derive(Debug, Deserialize)]
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
     #[serde(default)]
     exp: Option<u64>,
+    /// Only whether they are there (`Validation` checks their values).
+    #[serde(default)]
+    iss: Option<IgnoredAny>,
+    #[serde(default)]
+    aud: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +167,9 @@ pub struct Authenticator {
     key_set: Option<Arc<KeySet>>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     leeway_seconds: u64,
+    /// An issuer, an audience is configured: the claim must be there.
+    require_iss: bool,
+    require_aud: bool,
     service_token_digest: [u8; 32],
 }
 
@@ -174,7 +183,9 @@ impl Authenticator {
     pub fn with_secret(jwt_secret: Option<&str>, service_token: &str) -> Authenticator {
         let validation = |alg| {
             let mut validation = Validation::new(alg);
-            validation.set_required_spec_claims(&["exp", "sub"]);
+            // Which claims must be there is checked by `subject`, in a fixed order
+            // (jsonwebtoken's order varies, and so would the detail).
+            validation.set_required_spec_claims::<&str>(&[]);
             validation.validate_nbf = true;
             validation.leeway = 0;
             validation
@@ -189,6 +200,8 @@ impl Authenticator {
             es256: validation(Algorithm::ES256),
             key_set: None,
             leeway_seconds: 0,
+            require_iss: false,
+            require_aud: false,
             service_token_digest: Sha256::digest(service_token.as_bytes()).into(),
         }
     }
@@ -223,8 +236,8 @@ impl Authenticator {
     pub fn with_issuer(mut self, issuer: &str) -> Authenticator {
         for validation in self.validations() {
             validation.set_issuer(&[issuer]);
-            validation.required_spec_claims.insert("iss".into());
         }
+        self.require_iss = true;
         self
     }
 
@@ -234,8 +247,8 @@ impl Authenticator {
     pub fn with_audience(mut self, audience: &str) -> Authenticator {
         for validation in self.validations() {
             validation.set_audience(&[audience]);
-            validation.required_spec_claims.insert("aud".into());
         }
+        self.require_aud = true;
         self
     }
 
@@ -342,6 +355,12 @@ impl Authenticator {
             return Err(AuthFailure::Expired);
         }
         let sub = claims.sub.ok_or(AuthFailure::ClaimMissing(Claim::Sub))?;
+        if self.require_iss && claims.iss.is_none() {
+            return Err(AuthFailure::ClaimMissing(Claim::Iss));
+        }
+        if self.require_aud && claims.aud.is_none() {
+            return Err(AuthFailure::ClaimMissing(Claim::Aud));
+        }
         match sub.chars().count() {
             0 => Err(AuthFailure::SubEmpty),
             length if length > USER_ID_MAX_LEN => Err(AuthFailure::SubTooLong),

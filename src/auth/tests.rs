@@ -292,6 +292,22 @@ fn issuer_and_audience_when_set_are_required() {
     ] {
         assert_eq!(strict.user_now(&with(extra)), Err(failure), "{what}");
     }
+    // Several claims missing: always the same one is named.
+    for _ in 0..20 {
+        assert_eq!(
+            strict.user_now(&signed(valid_claims())),
+            Err(ClaimMissing(Claim::Iss))
+        );
+        assert_eq!(
+            strict.user_now(&signed(json!({}))),
+            Err(ClaimMissing(Claim::Exp))
+        );
+        let no_sub = json!({"exp": unix_now() + 60});
+        assert_eq!(
+            strict.user_now(&signed(no_sub)),
+            Err(ClaimMissing(Claim::Sub))
+        );
+    }
     let token = issue_user_token_for(
         SECRET,
         "bob",
