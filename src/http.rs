@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
-use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -215,6 +215,18 @@ impl Problem {
     fn unauthorized(failure: AuthFailure) -> Problem {
         Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", failure.detail())
     }
+
+    /// `WWW-Authenticate` of a 401 (RFC 6750 3): a bearer token is wanted, and the one
+    /// sent (if any) was invalid.
+    fn challenge(&self) -> Option<HeaderValue> {
+        (self.status == StatusCode::UNAUTHORIZED).then(|| {
+            HeaderValue::from_static(if self.detail == AuthFailure::MissingBearer.detail() {
+                r#"Bearer realm="flashgate""#
+            } else {
+                r#"Bearer realm="flashgate", error="invalid_token""#
+            })
+        })
+    }
 }
 
 fn refusal_status(refusal: Refusal) -> StatusCode {
@@ -323,6 +335,9 @@ impl IntoResponse for Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(challenge) = self.challenge() {
+            response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+        }
         response.extensions_mut().insert(Outcome(self.code));
         response
     }

@@ -52,6 +52,16 @@ pub async fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
         auth = auth.with_audience(audience);
     }
     if let Some(settings) = args.jwt.key_set().map_err(anyhow::Error::msg)? {
+        let local = matches!(
+            settings.url.host_str(),
+            Some("localhost" | "127.0.0.1" | "[::1]")
+        );
+        if settings.url.scheme() == "http" && !local {
+            tracing::warn!(
+                "FLASHGATE_JWT_JWKS_URL is plain http: whoever is on the path can replace \
+                 the keys; use https"
+            );
+        }
         let key_set = Arc::new(KeySet::new(settings)?);
         match key_set.refresh().await {
             Ok(keys) => tracing::info!(keys, "JWK set fetched"),

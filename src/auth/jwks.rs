@@ -204,7 +204,17 @@ impl KeySet {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let downgrade = attempt.url().scheme() != "https"
+                    && attempt.previous().iter().any(|url| url.scheme() == "https");
+                if attempt.previous().len() > 3 {
+                    attempt.error("more than 3 redirects")
+                } else if downgrade {
+                    attempt.error("a redirect from https to http")
+                } else {
+                    attempt.follow()
+                }
+            }))
             .user_agent(concat!("flashgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(KeySet {

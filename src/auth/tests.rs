@@ -556,6 +556,35 @@ fn algorithm_confusion_is_refused() {
     );
 }
 
+#[test]
+fn keys_carried_by_the_token_itself_are_ignored() {
+    // An attacker signs with their own key and ships it (or a URL to it) in the header.
+    let auth = auth().with_key_set(standard_set());
+    let all: Value = serde_json::from_str(JWKS).unwrap();
+    let mut own = all["rsa2"].clone();
+    own["kid"] = "rsa1".into();
+    let attacker_jwk: Jwk = serde_json::from_value(own).unwrap();
+    for kid in ["rsa1", "evil"] {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.into());
+        header.jwk = Some(attacker_jwk.clone());
+        header.jku = Some("https://evil.example/jwks.json".into());
+        header.x5u = Some("https://evil.example/cert.pem".into());
+        let token = encode(
+            &header,
+            &valid_claims(),
+            &EncodingKey::from_rsa_pem(RSA2).unwrap(),
+        )
+        .unwrap();
+        let expected = if kid == "rsa1" {
+            BadSignature
+        } else {
+            UnknownKey
+        };
+        assert_eq!(auth.user_now(&token), Err(expected), "{kid}");
+    }
+}
+
 #[tokio::test]
 async fn an_unknown_kid_fetches_again_at_most_once_per_interval() {
     // The set's URL answers nothing: the fetch fails fast and the keys stay.

@@ -751,6 +751,26 @@ async fn every_401_says_why_on_every_kind_of_route() {
                 assert_refused(&answer, failure);
             }
         }
+        // RFC 6750: a 401 challenges for a bearer token, and says when one was invalid.
+        let challenge = |authorization: Option<&'static str>| {
+            let mut request = app.client.get(app.url(&view));
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+                response.headers()["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        assert_eq!(challenge(None).await, r#"Bearer realm="flashgate""#);
+        assert_eq!(
+            challenge(Some("Bearer garbage")).await,
+            r#"Bearer realm="flashgate", error="invalid_token""#
+        );
         // And the right credentials pass.
         let (status, _) = app.reservation(&id, &user).await;
         assert_eq!(status, StatusCode::OK);
