@@ -185,6 +185,20 @@ fn usable(jwk: &Jwk) -> Option<(Algorithm, DecodingKey)> {
     fits.then_some((alg, key))
 }
 
+/// A fetch error with its causes ("error sending request" alone says little), without
+/// the URL (which may carry credentials).
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The keys in use, swapped whole by each successful fetch.
 pub struct KeySet {
     settings: KeySetSettings,
@@ -309,7 +323,7 @@ impl KeySet {
             )
             .send()
             .await
-            .map_err(|error| error.without_url().to_string())?;
+            .map_err(describe)?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!("answered HTTP {status}"));
@@ -322,11 +336,7 @@ impl KeySet {
             return Err(too_large());
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|error| error.without_url().to_string())?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(describe)? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(too_large());
             }
