@@ -16,10 +16,11 @@ use crate::{connections, db, store, telemetry};
 
 pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
     config::check_auth(args).map_err(anyhow::Error::msg)?;
-    let auth = authenticator(args).await?;
     let connections = args.connections.limits().map_err(anyhow::Error::msg)?;
     let settings = GatewaySettings::from_serve_args(args).map_err(anyhow::Error::msg)?;
     let admission = Admission::new(&args.admission).map_err(anyhow::Error::msg)?;
+    // After every check of the settings: this fetches the JWK set, if any.
+    let auth = authenticator(args).await?;
     let redis = store::connect(&args.redis).await?;
     let pool = db::connect(&args.database.database_url)?;
     let store = store::Store::new(redis)
