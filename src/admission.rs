@@ -471,6 +471,33 @@ mod tests {
     }
     use super::*;
 
+    #[test]
+    fn bearer_takes_one_authorization_header_of_the_bearer_scheme() {
+        let headers = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        for (values, expected) in [
+            (&["Bearer abc.def.ghi"][..], Ok("abc.def.ghi")),
+            (&["bearer  tok "][..], Ok("tok")),
+            (&["BEARER tok"][..], Ok("tok")),
+            (&[][..], Err(AuthFailure::MissingBearer)),
+            (&["Bearer"][..], Err(AuthFailure::MissingBearer)),
+            (&["Bearer "][..], Err(AuthFailure::MissingBearer)),
+            (&["Basic dXNlcjpwdw=="][..], Err(AuthFailure::MissingBearer)),
+            (&["tok"][..], Err(AuthFailure::MissingBearer)),
+            (
+                &["Bearer a", "Bearer b"][..],
+                Err(AuthFailure::MissingBearer),
+            ),
+        ] {
+            assert_eq!(bearer(&headers(values)), expected, "{values:?}");
+        }
+    }
+
     fn settings() -> AdmissionSettings {
         AdmissionSettings {
             rate_per_user: 1,
