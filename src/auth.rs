@@ -420,6 +420,11 @@ fn failure(error: &JwtError, bearer: &str) -> AuthFailure {
         ErrorKind::InvalidClaimFormat(name) => {
             claim(name).map_or(AuthFailure::Malformed, AuthFailure::ClaimMalformed)
         }
+        // The key cannot verify this algorithm (the set's keys are checked when fetched,
+        // so this is a safety net).
+        ErrorKind::InvalidKeyFormat | ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidRsaKey(_) => {
+            AuthFailure::KeyNotForAlgorithm
+        }
         // A header jsonwebtoken cannot read may still name an algorithm it does not
         // know (`none`): say that rather than "malformed".
         _ => match header_alg(bearer) {

@@ -179,8 +179,13 @@ fn usable(jwk: &Jwk) -> Option<(Algorithm, DecodingKey)> {
             let significant = n.iter().skip_while(|&&byte| byte == 0).count();
             significant * 8 >= MIN_RSA_BITS
         }
-        // An uncompressed P-256 point: 0x04, x and y of 32 bytes each.
-        DecodingKeyKind::SecretOrDer(point) => point.len() == 65,
+        // An uncompressed P-256 point (0x04, x and y of 32 bytes each) on the curve:
+        // jsonwebtoken's verifier refuses to be built for a point that is not, which
+        // `verify` tells apart from a signature that does not match.
+        DecodingKeyKind::SecretOrDer(point) => {
+            point.len() == 65
+                && jsonwebtoken::crypto::verify("AA", b"probe", &key, Algorithm::ES256).is_ok()
+        }
     };
     fits.then_some((alg, key))
 }

@@ -610,7 +610,7 @@ async fn an_unknown_kid_fetches_again_at_most_once_per_interval() {
 }
 
 #[test]
-fn small_rsa_keys_and_keys_without_kid_are_ignored() {
+fn small_rsa_keys_points_off_the_curve_and_keys_without_kid_are_ignored() {
     let all: Value = serde_json::from_str(JWKS).unwrap();
     let mut no_kid = all["rsa1"].clone();
     no_kid.as_object_mut().unwrap().remove("kid");
@@ -620,6 +620,16 @@ fn small_rsa_keys_and_keys_without_kid_are_ignored() {
     assert!(keys.is_empty());
     assert_eq!(
         keys.find("small", Algorithm::RS256).err(),
+        Some(KeyNotForAlgorithm)
+    );
+    // A P-256 "key" whose point is not on the curve.
+    let mut off_curve = all["ec1"].clone();
+    off_curve["kid"] = "off".into();
+    off_curve["y"] = URL_SAFE_NO_PAD.encode([1u8; 32]).into();
+    let keys = Keys::from_json(json!({"keys": [off_curve]}).to_string().as_bytes()).unwrap();
+    assert!(keys.is_empty());
+    assert_eq!(
+        keys.find("off", Algorithm::ES256).err(),
         Some(KeyNotForAlgorithm)
     );
     assert!(Keys::from_json(b"[]").is_err());
