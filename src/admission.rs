@@ -22,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
+use crate::auth::AuthFailure;
 use crate::config::AdmissionSettings;
 use crate::http::{self, AppState};
 use crate::limits;
@@ -367,6 +368,11 @@ impl axum::response::IntoResponse for Overloaded {
 #[derive(Clone)]
 pub struct VerifiedUser(pub String);
 
+/// Why the admission layer refused a reserve's token: the handler answers 401 with it
+/// without verifying the token again.
+#[derive(Clone)]
+pub struct RefusedUser(pub AuthFailure);
+
 /// On the reserve route, before its handler: the token buckets of the client address
 /// and of the user. A request without a valid token passes (its handler answers 401),
 /// so a forged `sub` never spends a real user's bucket.
@@ -381,14 +387,24 @@ pub async fn reserve(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| admission.client_address(peer.ip(), request.headers()));
     let user = if admission.users.is_some() {
-        bearer(request.headers()).and_then(|token| state.auth.user(token))
+        match bearer(request.headers()) {
+            Ok(token) => Some(state.auth.user(token).await),
+            Err(failure) => Some(Err(failure)),
+        }
     } else {
         None
     };
-    match admission.check_reserve(user.as_deref(), client) {
+    let verified = user.as_ref().and_then(|user| user.as_deref().ok());
+    match admission.check_reserve(verified, client) {
         Ok(()) => {
-            if let Some(user) = user {
-                request.extensions_mut().insert(VerifiedUser(user));
+            match user {
+                Some(Ok(user)) => {
+                    request.extensions_mut().insert(VerifiedUser(user));
+                }
+                Some(Err(failure)) => {
+                    request.extensions_mut().insert(RefusedUser(failure));
+                }
+                None => {}
             }
             next.run(request).await
         }
@@ -410,10 +426,25 @@ pub async fn reserve(
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, AuthFailure> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        // None, or two: which one would count is a guess.
+        return Err(AuthFailure::MissingBearer);
+    };
+    let (scheme, token) = value
+        .to_str()
+        .ok()
+        .and_then(|value| value.split_once(' '))
+        .ok_or(AuthFailure::MissingBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthFailure::MissingBearer);
+    }
+    match token.trim() {
+        "" => Err(AuthFailure::MissingBearer),
+        token => Ok(token),
+    }
 }
 
 fn refusal(status: StatusCode, code: &'static str, detail: &str, retry_after: u64) -> Response {
@@ -439,6 +470,33 @@ mod tests {
         }
     }
     use super::*;
+
+    #[test]
+    fn bearer_takes_one_authorization_header_of_the_bearer_scheme() {
+        let headers = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        for (values, expected) in [
+            (&["Bearer abc.def.ghi"][..], Ok("abc.def.ghi")),
+            (&["bearer  tok "][..], Ok("tok")),
+            (&["BEARER tok"][..], Ok("tok")),
+            (&[][..], Err(AuthFailure::MissingBearer)),
+            (&["Bearer"][..], Err(AuthFailure::MissingBearer)),
+            (&["Bearer "][..], Err(AuthFailure::MissingBearer)),
+            (&["Basic dXNlcjpwdw=="][..], Err(AuthFailure::MissingBearer)),
+            (&["tok"][..], Err(AuthFailure::MissingBearer)),
+            (
+                &["Bearer a", "Bearer b"][..],
+                Err(AuthFailure::MissingBearer),
+            ),
+        ] {
+            assert_eq!(bearer(&headers(values)), expected, "{values:?}");
+        }
+    }
 
     fn settings() -> AdmissionSettings {
         AdmissionSettings {

@@ -106,10 +106,14 @@ pub struct ServeArgs {
           value_parser = BoolishValueParser::new(), action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "1")]
     pub no_worker: bool,
+    /// HS256 key of user tokens; may be unset (or empty) with FLASHGATE_JWT_JWKS_URL,
+    /// then HS256 tokens are refused.
     #[arg(long, env = "FLASHGATE_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: String,
+    pub jwt_secret: Option<String>,
     #[arg(long, env = "FLASHGATE_SERVICE_TOKEN", hide_env_values = true)]
     pub service_token: String,
+    #[command(flatten)]
+    pub jwt: JwtSettings,
     #[arg(long, env = "FLASHGATE_PAYMENT_GRACE_SECONDS", default_value_t = 300)]
     pub payment_grace_seconds: u64,
     #[arg(
@@ -154,6 +158,112 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub worker: WorkerSettings,
+}
+
+impl ServeArgs {
+    /// The current HS256 secret; an empty value counts as unset.
+    pub fn jwt_secret(&self) -> Option<&str> {
+        self.jwt_secret
+            .as_deref()
+            .filter(|secret| !secret.is_empty())
+    }
+}
+
+/// User tokens besides the current HS256 secret (see `auth`).
+#[derive(Debug, Clone, Args)]
+pub struct JwtSettings {
+    /// Earlier HS256 secrets, comma-separated, whose tokens are still accepted (a
+    /// rolling rotation); each at least 32 bytes.
+    #[arg(
+        long,
+        env = "FLASHGATE_JWT_SECRET_PREVIOUS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub jwt_secret_previous: Vec<String>,
+    /// JWK set of an identity provider: user tokens may also be RS256 or ES256, signed
+    /// by one of its keys (named by `kid`).
+    #[arg(long, env = "FLASHGATE_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// When set, every user token must have this `iss`.
+    #[arg(long, env = "FLASHGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, every user token's `aud` must be this or contain it. Unset: a token
+    /// with an `aud` is refused.
+    #[arg(long, env = "FLASHGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Seconds between two fetches of the JWK set.
+    #[arg(long, env = "FLASHGATE_JWT_JWKS_REFRESH_SECONDS", default_value_t = crate::auth::jwks::REFRESH_EVERY.as_secs(), hide = true)]
+    pub jwt_jwks_refresh_seconds: u64,
+    /// Seconds at least between two fetches caused by unknown `kid`s (and between
+    /// retries while fetches fail).
+    #[arg(long, env = "FLASHGATE_JWT_JWKS_MIN_REFRESH_SECONDS", default_value_t = crate::auth::jwks::MIN_REFRESH.as_secs(), hide = true)]
+    pub jwt_jwks_min_refresh_seconds: u64,
+    /// Milliseconds one fetch of the JWK set may take in all.
+    #[arg(long, env = "FLASHGATE_JWT_JWKS_TIMEOUT_MS", default_value_t = crate::auth::jwks::FETCH_TIMEOUT.as_millis() as u64, hide = true)]
+    pub jwt_jwks_timeout_ms: u64,
+}
+
+impl Default for JwtSettings {
+    fn default() -> JwtSettings {
+        JwtSettings {
+            jwt_secret_previous: Vec::new(),
+            jwt_jwks_url: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_jwks_refresh_seconds: crate::auth::jwks::REFRESH_EVERY.as_secs(),
+            jwt_jwks_min_refresh_seconds: crate::auth::jwks::MIN_REFRESH.as_secs(),
+            jwt_jwks_timeout_ms: crate::auth::jwks::FETCH_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+impl JwtSettings {
+    /// The previous secrets, without empty entries (an empty variable means none).
+    pub fn previous_secrets(&self) -> Vec<&str> {
+        self.jwt_secret_previous
+            .iter()
+            .map(String::as_str)
+            .filter(|secret| !secret.is_empty())
+            .collect()
+    }
+
+    pub fn issuer(&self) -> Option<&str> {
+        self.jwt_issuer.as_deref().filter(|value| !value.is_empty())
+    }
+
+    pub fn audience(&self) -> Option<&str> {
+        self.jwt_audience
+            .as_deref()
+            .filter(|value| !value.is_empty())
+    }
+
+    /// Where and how often to fetch the JWK set; None without a URL.
+    pub fn key_set(&self) -> Result<Option<crate::auth::jwks::KeySetSettings>, String> {
+        let Some(url) = self.jwt_jwks_url.as_deref().filter(|url| !url.is_empty()) else {
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(url)
+            .map_err(|error| format!("FLASHGATE_JWT_JWKS_URL is not a URL: {error}"))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err("FLASHGATE_JWT_JWKS_URL must be an https:// (or http://) URL".into());
+        }
+        if self.jwt_jwks_refresh_seconds == 0 || self.jwt_jwks_min_refresh_seconds == 0 {
+            return Err(
+                "FLASHGATE_JWT_JWKS_REFRESH_SECONDS and FLASHGATE_JWT_JWKS_MIN_REFRESH_SECONDS must be at least 1"
+                    .into(),
+            );
+        }
+        if self.jwt_jwks_timeout_ms == 0 {
+            return Err("FLASHGATE_JWT_JWKS_TIMEOUT_MS must be at least 1".into());
+        }
+        Ok(Some(crate::auth::jwks::KeySetSettings {
+            url,
+            refresh_every: Duration::from_secs(self.jwt_jwks_refresh_seconds),
+            min_refresh: Duration::from_secs(self.jwt_jwks_min_refresh_seconds),
+            timeout: Duration::from_millis(self.jwt_jwks_timeout_ms),
+        }))
+    }
 }
 
 /// Deadlines and the cap of the HTTP connections (see `connections`).
@@ -336,6 +446,12 @@ pub struct TokenArgs {
     pub ttl_seconds: u64,
     #[arg(long, env = "FLASHGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+    /// The token's `iss` (the gateway's FLASHGATE_JWT_ISSUER, if it requires one).
+    #[arg(long, env = "FLASHGATE_JWT_ISSUER")]
+    pub issuer: Option<String>,
+    /// The token's `aud` (the gateway's FLASHGATE_JWT_AUDIENCE, if it requires one).
+    #[arg(long, env = "FLASHGATE_JWT_AUDIENCE")]
+    pub audience: Option<String>,
 }
 
 /// What the gateway's reservation logic needs, validated.
@@ -397,9 +513,10 @@ fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
             return Err("FLASHGATE_ID_KEY must differ from FLASHGATE_SERVICE_TOKEN".into());
         }
     }
-    let jwt_secrets: Vec<&str> = [args.jwt_secret.as_str()]
+    let jwt_secrets: Vec<&str> = args
+        .jwt_secret()
         .into_iter()
-        .filter(|s| !s.is_empty())
+        .chain(args.jwt.previous_secrets())
         .collect();
     if id_keys.is_empty() && jwt_secrets.is_empty() {
         return Err("set FLASHGATE_ID_KEY (the key of the reservation-id MAC)".into());
@@ -429,6 +546,36 @@ pub fn check_secrets(jwt_secret: &str, service_token: &str) -> Result<(), String
     if jwt_secret == service_token {
         return Err("FLASHGATE_JWT_SECRET and FLASHGATE_SERVICE_TOKEN must differ".into());
     }
+    Ok(())
+}
+
+/// The settings of user and service tokens: the secrets long enough and distinct, a
+/// current secret unless a JWK set is configured, previous secrets only with a current
+/// one, the JWK set URL and intervals sane.
+pub fn check_auth(args: &ServeArgs) -> Result<(), String> {
+    check_secret("FLASHGATE_SERVICE_TOKEN", &args.service_token)?;
+    match args.jwt_secret() {
+        Some(secret) => check_secrets(secret, &args.service_token)?,
+        None if args.jwt.key_set()?.is_some() => {}
+        None => {
+            return Err(
+                "FLASHGATE_JWT_SECRET is required (unless FLASHGATE_JWT_JWKS_URL is set)".into(),
+            )
+        }
+    }
+    let previous = args.jwt.previous_secrets();
+    if !previous.is_empty() && args.jwt_secret().is_none() {
+        return Err("FLASHGATE_JWT_SECRET_PREVIOUS needs a current FLASHGATE_JWT_SECRET".into());
+    }
+    for secret in previous {
+        check_secret("each of FLASHGATE_JWT_SECRET_PREVIOUS", secret)?;
+        if secret == args.service_token {
+            return Err(
+                "FLASHGATE_JWT_SECRET_PREVIOUS and FLASHGATE_SERVICE_TOKEN must differ".into(),
+            );
+        }
+    }
+    args.jwt.key_set()?;
     Ok(())
 }
 
@@ -478,8 +625,10 @@ mod tests {
             panic!("not serve")
         };
         assert!(GatewaySettings::from_serve_args(&args).is_err());
-        assert!(check_secret("FLASHGATE_JWT_SECRET", &args.jwt_secret).is_err());
-        assert!(check_secrets(&args.jwt_secret, &args.service_token).is_err());
+        let secret = args.jwt_secret().unwrap();
+        assert!(check_secret("FLASHGATE_JWT_SECRET", secret).is_err());
+        assert!(check_secrets(secret, &args.service_token).is_err());
+        assert!(check_auth(&args).is_err());
         assert!(parse(&["serve", "--sweep-interval-ms", "abc"]).is_err());
         assert!(parse(&["reconcile", "--redis-cluster", "maybe"]).is_err());
     }
@@ -497,6 +646,66 @@ mod tests {
             .unwrap_err()
             .contains("SERVICE_TOKEN"));
         assert!(check_secrets(&a, &a).unwrap_err().contains("differ"));
+    }
+
+    #[test]
+    fn jwt_settings_parse_and_validate() {
+        let a = "a".repeat(SECRET_MIN_LEN);
+        let b = "b".repeat(SECRET_MIN_LEN);
+        let service = "s".repeat(SECRET_MIN_LEN);
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["serve", "--service-token", service.as_str()];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = parse(&args).unwrap().command else {
+                panic!("not serve")
+            };
+            args
+        };
+        let args = serve(&[
+            "--jwt-secret",
+            &b,
+            "--jwt-secret-previous",
+            &format!("{a},,{a}"),
+        ]);
+        assert_eq!(args.jwt.previous_secrets(), vec![a.as_str(), a.as_str()]);
+        assert!(check_auth(&args).is_ok());
+        assert!(args.jwt.key_set().unwrap().is_none());
+        assert_eq!(args.jwt.jwt_jwks_refresh_seconds, 600);
+        assert_eq!(args.jwt.jwt_jwks_min_refresh_seconds, 30);
+        let short = serve(&["--jwt-secret", &b, "--jwt-secret-previous", "short"]);
+        assert!(check_auth(&short).unwrap_err().contains("PREVIOUS"));
+        let shared = serve(&["--jwt-secret", &b, "--jwt-secret-previous", &service]);
+        assert!(check_auth(&shared).unwrap_err().contains("differ"));
+        // No secret: only with a JWK set, and then no previous secrets.
+        let neither = serve(&[]);
+        assert!(check_auth(&neither).unwrap_err().contains("JWKS_URL"));
+        let empty = serve(&["--jwt-secret", ""]);
+        assert!(empty.jwt_secret().is_none());
+        assert!(check_auth(&empty).is_err());
+        let url = "https://idp.example/.well-known/jwks.json";
+        let jwks = serve(&["--jwt-jwks-url", url, "--jwt-audience", "fg"]);
+        assert!(check_auth(&jwks).is_ok());
+        let settings = jwks.jwt.key_set().unwrap().unwrap();
+        assert_eq!(settings.url.as_str(), url);
+        assert_eq!(settings.min_refresh, Duration::from_secs(30));
+        assert_eq!(jwks.jwt.audience(), Some("fg"));
+        assert_eq!(jwks.jwt.issuer(), None);
+        let orphan = serve(&["--jwt-jwks-url", url, "--jwt-secret-previous", &a]);
+        assert!(check_auth(&orphan).unwrap_err().contains("current"));
+        for bad in ["not a url", "ftp://idp.example/jwks"] {
+            assert!(
+                check_auth(&serve(&["--jwt-jwks-url", bad])).is_err(),
+                "{bad}"
+            );
+        }
+        let zero = serve(&["--jwt-jwks-url", url, "--jwt-jwks-min-refresh-seconds", "0"]);
+        assert!(check_auth(&zero).is_err());
+        // Without a JWT secret the ids need their own key, never one derived from nothing.
+        let no_id_key = GatewaySettings::from_serve_args(&jwks).unwrap_err();
+        assert!(no_id_key.contains("FLASHGATE_ID_KEY"), "{no_id_key}");
+        let mut with_id_key = jwks;
+        with_id_key.id_key = Some("i".repeat(32));
+        assert!(GatewaySettings::from_serve_args(&with_id_key).is_ok());
     }
 
     #[test]

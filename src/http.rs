@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use crate::auth::{Authenticator, Caller};
+use crate::auth::{AuthFailure, Authenticator, Caller};
 use crate::buckets;
 use crate::error::{self, Error};
 use crate::gateway::Gateway;
@@ -211,12 +211,21 @@ impl Problem {
         Problem::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
     }
 
-    fn unauthorized() -> Problem {
-        Problem::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid bearer token",
-        )
+    /// Always `code: unauthorized`; the detail says why in a few words.
+    fn unauthorized(failure: AuthFailure) -> Problem {
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", failure.detail())
+    }
+
+    /// `WWW-Authenticate` of a 401 (RFC 6750 3): a bearer token is wanted, and the one
+    /// sent (if any) was invalid.
+    fn challenge(&self) -> Option<HeaderValue> {
+        (self.status == StatusCode::UNAUTHORIZED).then(|| {
+            HeaderValue::from_static(if self.detail == AuthFailure::MissingBearer.detail() {
+                r#"Bearer realm="flashgate""#
+            } else {
+                r#"Bearer realm="flashgate", error="invalid_token""#
+            })
+        })
     }
 }
 
@@ -262,7 +271,11 @@ impl From<Error> for Problem {
     fn from(err: Error) -> Problem {
         match err {
             Error::InvalidRequest(detail) => Problem::invalid(detail),
-            Error::Unauthorized => Problem::unauthorized(),
+            Error::Unauthorized => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid bearer token",
+            ),
             Error::Refused(refusal) => Problem::refused(refusal),
             Error::RefundRequired {
                 refusal,
@@ -322,6 +335,9 @@ impl IntoResponse for Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(challenge) = self.challenge() {
+            response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+        }
         response.extensions_mut().insert(Outcome(self.code));
         response
     }
@@ -484,10 +500,8 @@ fn closing(problem: Problem) -> Response {
 
 // ---------------------------------------------------------------- authentication
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+fn bearer(parts: &Parts) -> Result<&str, AuthFailure> {
+    crate::admission::bearer(&parts.headers)
 }
 
 /// A user with a valid JWT.
@@ -526,14 +540,20 @@ impl FromRequestParts<SharedState> for User {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
-        // Verified already by the reserve route's admission layer.
+        // Verified already by the reserve route's admission layer, either way.
         if let Some(crate::admission::VerifiedUser(user)) = parts.extensions.remove() {
             return Ok(User(user));
         }
-        bearer(parts)
-            .and_then(|token| state.auth.user(token))
+        if let Some(crate::admission::RefusedUser(failure)) = parts.extensions.remove() {
+            return Err(Problem::unauthorized(failure));
+        }
+        let token = bearer(parts).map_err(Problem::unauthorized)?;
+        state
+            .auth
+            .user(token)
+            .await
             .map(User)
-            .ok_or_else(Problem::unauthorized)
+            .map_err(Problem::unauthorized)
     }
 }
 
@@ -541,10 +561,12 @@ impl FromRequestParts<SharedState> for Service {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
-        match bearer(parts) {
-            Some(token) if state.auth.is_service(token) => Ok(Service),
-            _ => Err(Problem::unauthorized()),
-        }
+        let token = bearer(parts).map_err(Problem::unauthorized)?;
+        state
+            .auth
+            .service(token)
+            .map(|()| Service)
+            .map_err(Problem::unauthorized)
     }
 }
 
@@ -552,9 +574,12 @@ impl FromRequestParts<SharedState> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
-        bearer(parts)
-            .and_then(|token| state.auth.caller(token))
-            .ok_or_else(Problem::unauthorized)
+        let token = bearer(parts).map_err(Problem::unauthorized)?;
+        state
+            .auth
+            .caller(token)
+            .await
+            .map_err(Problem::unauthorized)
     }
 }
 

@@ -100,7 +100,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Token(args) => {
             println!(
                 "{}",
-                auth::issue_user_token(&args.jwt_secret, &args.sub, args.ttl_seconds)?
+                auth::issue_user_token_for(
+                    &args.jwt_secret,
+                    &args.sub,
+                    args.ttl_seconds,
+                    args.issuer.as_deref().filter(|issuer| !issuer.is_empty()),
+                    args.audience
+                        .as_deref()
+                        .filter(|audience| !audience.is_empty()),
+                )?
             );
         }
     }

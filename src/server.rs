@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admission::Admission;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, KeySet};
 use crate::config::{self, GatewaySettings, ServeArgs};
 use crate::gateway::Gateway;
 use crate::http::{self, AppState};
@@ -15,10 +15,12 @@ use crate::worker::Worker;
 use crate::{connections, db, store, telemetry};
 
 pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
-    config::check_secrets(&args.jwt_secret, &args.service_token).map_err(anyhow::Error::msg)?;
+    config::check_auth(args).map_err(anyhow::Error::msg)?;
     let connections = args.connections.limits().map_err(anyhow::Error::msg)?;
     let settings = GatewaySettings::from_serve_args(args).map_err(anyhow::Error::msg)?;
     let admission = Admission::new(&args.admission).map_err(anyhow::Error::msg)?;
+    // After every check of the settings: this fetches the JWK set, if any.
+    let auth = authenticator(args).await?;
     let redis = store::connect(&args.redis).await?;
     let pool = db::connect(&args.database.database_url)?;
     let store = store::Store::new(redis)
@@ -28,13 +30,50 @@ pub async fn build_state(args: &ServeArgs) -> anyhow::Result<Arc<AppState>> {
         gateway,
         admission: Arc::new(admission),
         public_metrics: args.metrics_listen.is_none(),
-        auth: Authenticator::new(&args.jwt_secret, &args.service_token)
-            .with_leeway(Duration::from_secs(args.jwt_leeway_seconds)),
+        auth,
         body_timeout: connections.body_timeout,
         prometheus: telemetry::prometheus(),
         metrics_page: Default::default(),
         readiness: Default::default(),
     }))
+}
+
+/// Verifies user and service tokens as configured. With a JWK set URL, its first fetch
+/// happens here; if it fails the gateway starts anyway (HS256 tokens and the service
+/// work; RS256/ES256 tokens answer 401 "unknown signing key" until a fetch succeeds,
+/// which is retried every FLASHGATE_JWT_JWKS_MIN_REFRESH_SECONDS).
+pub async fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
+    let mut auth = Authenticator::with_secret(args.jwt_secret(), &args.service_token)
+        .with_previous_secrets(&args.jwt.previous_secrets())
+        .with_leeway(Duration::from_secs(args.jwt_leeway_seconds));
+    if let Some(issuer) = args.jwt.issuer() {
+        auth = auth.with_issuer(issuer);
+    }
+    if let Some(audience) = args.jwt.audience() {
+        auth = auth.with_audience(audience);
+    }
+    if let Some(settings) = args.jwt.key_set().map_err(anyhow::Error::msg)? {
+        let local = matches!(
+            settings.url.host_str(),
+            Some("localhost" | "127.0.0.1" | "[::1]")
+        );
+        if settings.url.scheme() == "http" && !local {
+            tracing::warn!(
+                "FLASHGATE_JWT_JWKS_URL is plain http: whoever is on the path can replace \
+                 the keys; use https"
+            );
+        }
+        let key_set = Arc::new(KeySet::new(settings)?);
+        match key_set.refresh().await {
+            Ok(keys) => tracing::info!(keys, "JWK set fetched"),
+            Err(_) => tracing::warn!(
+                "starting without the JWK set (see the error above): RS256/ES256 tokens \
+                 are refused until a fetch succeeds"
+            ),
+        }
+        auth = auth.with_key_set(key_set);
+    }
+    Ok(auth)
 }
 
 /// Serves until `shutdown` turns true; the worker (unless `--no-worker`) stops with it
@@ -62,6 +101,10 @@ pub async fn run(
         tokio::spawn(worker.run(args.worker.clone(), shutdown.clone()))
     });
     let trim = tokio::spawn(trim_limiters(state.admission.clone(), shutdown.clone()));
+    let jwks = state
+        .auth
+        .key_set()
+        .map(|key_set| tokio::spawn(key_set.clone().run(shutdown.clone())));
     let metrics = match &args.metrics_listen {
         Some(address) => {
             let metrics_listener = connections::bind(address).await?;
@@ -85,6 +128,9 @@ pub async fn run(
         worker.await?;
     }
     trim.abort();
+    if let Some(jwks) = jwks {
+        jwks.abort();
+    }
     Ok(())
 }
 

@@ -170,8 +170,11 @@ impl Modify for Security {
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
                     .description(Some(
-                        "HS256 JWT signed with FLASHGATE_JWT_SECRET; `sub` is the user id, \
-                         `exp` required",
+                        "JWT: HS256 signed with FLASHGATE_JWT_SECRET (or one of \
+                         FLASHGATE_JWT_SECRET_PREVIOUS), or RS256/ES256 signed by the key \
+                         its `kid` names in the JWK set at FLASHGATE_JWT_JWKS_URL. `sub` is \
+                         the user id (1..=64 characters), `exp` required, `nbf` checked; \
+                         `iss`/`aud` required when FLASHGATE_JWT_ISSUER/_AUDIENCE are set",
                     ))
                     .build(),
             ),
@@ -240,7 +243,10 @@ fn edge_problems(path: &str, operation: &mut Operation) {
     if secured {
         add(
             "401",
-            problem("`unauthorized`: missing or invalid bearer token"),
+            problem(
+                "`unauthorized`: missing or invalid bearer token; `detail` says why \
+                 (expired, bad signature, unknown key, wrong audience, ...)",
+            ),
         );
     }
     if has_body {

@@ -39,7 +39,7 @@ async fn start(args: ServeArgs) -> Server {
     let (stop, stopped) = watch::channel(false);
     let run = tokio::spawn(flashgate::server::run(listener, args, stopped));
     // Ready when it answers.
-    let client = reqwest::Client::new();
+    let client = crate::common::client();
     let started = Instant::now();
     while client
         .get(format!("http://{addr}/healthz"))
@@ -345,7 +345,7 @@ async fn a_full_server_with_nothing_idle_refuses_a_new_connection_at_once() {
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"));
     assert!(took < Duration::from_secs(1), "{took:?}");
     drop(busy);
-    let client = reqwest::Client::new();
+    let client = crate::common::client();
     // Once they are gone, new connections are served again.
     let started = Instant::now();
     loop {
@@ -371,7 +371,7 @@ async fn real_requests_are_served_while_stalled_connections_flood_the_server() {
     }))
     .await;
     let sku = unique_sku("flood");
-    let app_client = reqwest::Client::new();
+    let app_client = crate::common::client();
     let base = format!("http://{}", server.addr);
     let response = app_client
         .put(format!("{base}/v1/admin/skus/{sku}"))

@@ -219,7 +219,7 @@ async fn serve_refuses_short_or_shared_secrets() {
     assert!(message.contains("FLASHGATE_SERVICE_TOKEN"), "{message}");
     assert!(message.contains("32"), "{message}");
     let shared = flashgate::server::build_state(&flashgate::config::ServeArgs {
-        service_token: good.jwt_secret.clone(),
+        service_token: good.jwt_secret.clone().unwrap(),
         ..good.clone()
     })
     .await;

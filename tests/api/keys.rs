@@ -173,7 +173,7 @@ async fn ids_issued_before_the_id_key_was_set_or_rotated_stay_ours_after_a_redis
     // A gateway that never had the old keys cannot vouch for their ids.
     let mut stranger = serve_args(&redis_url(), &database_url());
     stranger.id_key = Some(ID_KEY.into());
-    stranger.jwt_secret = "another-jwt-secret-0123456789abcdef".into();
+    stranger.jwt_secret = Some("another-jwt-secret-0123456789abcdef".into());
     let stranger = spawn_app_with(stranger).await;
     let (status, _) = stranger.confirm(&under_old_key, "pay-e").await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -4,6 +4,7 @@
 mod common;
 
 mod admission;
+mod auth;
 mod buckets;
 mod connections;
 mod edges;

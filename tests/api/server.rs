@@ -15,7 +15,7 @@ async fn shutdown_stops_accepting_and_closes_idle_keep_alive_connections() {
         serve_args(&redis_url(), &database_url()),
         stopped,
     ));
-    let client = reqwest::Client::new();
+    let client = crate::common::client();
     let url = format!("http://{addr}/healthz");
     for _ in 0..3 {
         // Several requests on one kept-alive connection; it stays open afterwards.

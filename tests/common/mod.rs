@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use flashgate::config::{
-    AdmissionSettings, ConnectionSettings, DatabaseArgs, RedisArgs, ServeArgs, WorkerSettings,
+    AdmissionSettings, ConnectionSettings, DatabaseArgs, JwtSettings, RedisArgs, ServeArgs,
+    WorkerSettings,
 };
 use flashgate::ids::SkuId;
 use flashgate::store::Store;
@@ -54,8 +55,9 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         listen: "127.0.0.1:0".into(),
         metrics_listen: None,
         no_worker: true,
-        jwt_secret: JWT_SECRET.into(),
+        jwt_secret: Some(JWT_SECRET.into()),
         service_token: SERVICE_TOKEN.into(),
+        jwt: JwtSettings::default(),
         payment_grace_seconds: 300,
         idempotency_ttl_seconds: 86_400,
         // Off: race tests cancel and reserve again freely; tests/api/admission.rs turns
@@ -118,6 +120,7 @@ pub async fn spawn_app_with(args: ServeArgs) -> TestApp {
     let store = state.gateway.store.clone();
     let db = state.gateway.db.clone();
     tokio::spawn(flashgate::server::run(listener, args, rx));
+    tls_provider();
     let client = Client::builder()
         .pool_max_idle_per_host(512)
         .build()
@@ -130,6 +133,18 @@ pub async fn spawn_app_with(args: ServeArgs) -> TestApp {
         db,
         shutdown,
     }
+}
+
+/// reqwest is built without a TLS provider of its own (see flashgate::auth::jwks):
+/// call this before building a client.
+pub fn tls_provider() {
+    flashgate::auth::jwks::install_tls_provider();
+}
+
+/// A plain HTTP client.
+pub fn client() -> Client {
+    tls_provider();
+    Client::new()
 }
 
 pub fn user_token(user: &str) -> String {

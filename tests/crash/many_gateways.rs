@@ -33,7 +33,7 @@ async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
         .stderr(std::process::Stdio::null());
     let proc = Proc::spawn("flashgate serve", &mut command);
     let base = format!("http://127.0.0.1:{port}");
-    let client = Client::new();
+    let client = common::client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
@@ -146,6 +146,7 @@ async fn two_gateways_and_two_workers_sell_the_stock_exactly() {
         WorkerProc::start(&redis.url(), &database_url, logs.path(), 2_000),
         WorkerProc::start(&redis.url(), &database_url, logs.path(), 2_000),
     ];
+    common::tls_provider();
     let client = Client::builder()
         .pool_max_idle_per_host(1024)
         .build()
@@ -261,6 +262,7 @@ async fn a_gateway_killed_mid_transfer_loses_no_unit_of_a_split_sku() {
     shared_db().await;
     let args = common::serve_args(&redis.url(), &database_url);
     let store = flashgate::store::Store::new(flashgate::store::connect(&args.redis).await.unwrap());
+    common::tls_provider();
     let client = Client::builder()
         .pool_max_idle_per_host(1024)
         .build()
@@ -434,7 +436,7 @@ async fn a_worker_process_serves_its_metrics() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let _worker = Proc::spawn("flashgate worker", &mut command);
-    let client = Client::new();
+    let client = common::client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = client
