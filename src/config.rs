@@ -518,10 +518,14 @@ fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
         .into_iter()
         .chain(args.jwt.previous_secrets())
         .collect();
-    if id_keys.is_empty() && jwt_secrets.is_empty() {
-        return Err("set FLASHGATE_ID_KEY (the key of the reservation-id MAC)".into());
-    }
-    Ok(crate::ids::IdKeys::new(&id_keys, &jwt_secrets))
+    let id_key = args.id_key.as_deref().filter(|k| !k.is_empty());
+    let others: Vec<&str> = id_keys
+        .iter()
+        .copied()
+        .filter(|k| Some(*k) != id_key)
+        .collect();
+    crate::ids::IdKeys::new(id_key, &others, &jwt_secrets)
+        .ok_or_else(|| "set FLASHGATE_ID_KEY (the key of the reservation-id MAC)".into())
 }
 
 /// Secrets shorter than this are refused: an HS256 key should be at least 256 bits

@@ -98,19 +98,27 @@ impl fmt::Debug for IdKey {
 pub struct IdKeys(Vec<IdKey>);
 
 impl IdKeys {
-    /// `id_keys`: the id key and its previous values, newest first; `jwt_secrets`: the
-    /// JWT secret and its previous values, newest first. At least one of all of them.
-    pub fn new(id_keys: &[&str], jwt_secrets: &[&str]) -> IdKeys {
-        let keys: Vec<IdKey> = id_keys
-            .iter()
-            .map(|k| IdKey::from_id_key(k))
+    /// `id_key`: FLASHGATE_ID_KEY; `other_id_keys`: the other id keys ids are checked
+    /// under; `jwt_secrets`: the JWT secret and the other accepted ones, current first.
+    /// New ids are signed with the id key, else with the current JWT secret's key, never
+    /// with one of the others (a key only accepted so far is not known to every gateway
+    /// yet). None when there is nothing to sign with.
+    pub fn new(
+        id_key: Option<&str>,
+        other_id_keys: &[&str],
+        jwt_secrets: &[&str],
+    ) -> Option<IdKeys> {
+        let keys: Vec<IdKey> = id_key
+            .map(IdKey::from_id_key)
+            .into_iter()
             .chain(jwt_secrets.iter().map(|s| IdKey::derive(s)))
+            .chain(other_id_keys.iter().map(|k| IdKey::from_id_key(k)))
             .collect();
-        assert!(!keys.is_empty(), "IdKeys needs at least one key");
-        IdKeys(keys)
+        let signs = id_key.is_some() || !jwt_secrets.is_empty();
+        signs.then_some(IdKeys(keys))
     }
 
-    /// A reservation id of the sale under hash tag `tag`, signed with the newest key.
+    /// A reservation id of the sale under hash tag `tag`, signed with the signing key.
     pub fn new_reservation_id_in(&self, tag: &str) -> String {
         self.0[0].new_reservation_id_in(tag)
     }
@@ -361,7 +369,7 @@ mod tests {
         let id_key = "id-key-0123456789abcdef0123456789abcdef";
         let old_id_key = "old-id-key-0123456789abcdef0123456789ab";
         let (secret, old_secret) = ("jwt-secret-b", "jwt-secret-a");
-        let keys = IdKeys::new(&[id_key, old_id_key], &[secret, old_secret]);
+        let keys = IdKeys::new(Some(id_key), &[old_id_key], &[secret, old_secret]).unwrap();
         for issuer in [
             IdKey::from_id_key(id_key),
             IdKey::from_id_key(old_id_key),
@@ -378,10 +386,17 @@ mod tests {
         assert!(!keys.issued(&stranger));
         // An id key is not the JWT secret of the same bytes.
         let derived = IdKey::derive(id_key).new_reservation_id_in("s");
-        assert!(!IdKeys::new(&[id_key], &[]).issued(&derived));
-        // Without an id key, new ids are signed with the current JWT secret's key.
-        let secrets_only = IdKeys::new(&[], &[secret, old_secret]);
-        assert!(IdKey::derive(secret).issued(&secrets_only.new_reservation_id_in("s")));
+        assert!(!IdKeys::new(Some(id_key), &[], &[])
+            .unwrap()
+            .issued(&derived));
+        // Without an id key, new ids are signed with the current JWT secret's key, also
+        // while another id key is accepted (the first step of a rotation).
+        let accepting = IdKeys::new(None, &[id_key], &[secret, old_secret]).unwrap();
+        let new = accepting.new_reservation_id_in("s");
+        assert!(IdKey::derive(secret).issued(&new));
+        assert!(accepting.issued(&IdKey::from_id_key(id_key).new_reservation_id_in("s")));
+        // Nothing to sign with: no key set.
+        assert!(IdKeys::new(None, &[id_key], &[]).is_none());
     }
 
     #[test]

@@ -178,3 +178,136 @@ async fn ids_issued_before_the_id_key_was_set_or_rotated_stay_ours_after_a_redis
     let (status, _) = stranger.confirm(&under_old_key, "pay-e").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+const NEW_JWT_SECRET: &str = "test-new-jwt-secret-0123456789abcdef01";
+
+/// The settings of one step of the documented rotation (README, Rotating keys) of both
+/// the JWT secret (A → B) and the id key (none → ID_KEY) at once.
+fn rotation_step(step: u8) -> flashgate::config::ServeArgs {
+    let mut args = serve_args(&redis_url(), &database_url());
+    match step {
+        0 => {}
+        // Accept: every gateway takes the new values, none signs with them.
+        1 => {
+            args.jwt.jwt_secret_previous = vec![NEW_JWT_SECRET.into()];
+            args.id_key_previous = vec![ID_KEY.into()];
+        }
+        // Switch: the new values are current, the old JWT secret still accepted.
+        _ => {
+            args.jwt_secret = Some(NEW_JWT_SECRET.into());
+            args.jwt.jwt_secret_previous = vec![crate::common::JWT_SECRET.into()];
+            args.id_key = Some(ID_KEY.into());
+        }
+    }
+    args
+}
+
+/// Reserves one unit for `user` with a token of `secret`; panics unless 201.
+async fn hold_with(app: &TestApp, sku: &str, user: &str, secret: &str) -> String {
+    let token = flashgate::auth::issue_user_token(secret, user, 3600).unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/skus/{sku}/reservations")))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", format!("key-{user}"))
+        .json(&json!({ "quantity": 1 }))
+        .send()
+        .await
+        .unwrap();
+    let (status, view) = body(response).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{user} on {}: {view}",
+        app.base
+    );
+    let id = view["reservation_id"].as_str().unwrap().to_owned();
+    // Its owner reads it back through the same token.
+    let read = app
+        .client
+        .get(app.url(&format!("/v1/reservations/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK, "{user} reads {id}");
+    id
+}
+
+/// The documented rotation done on a running pair of gateways, one restarted at a time,
+/// with holds made and paid through both all along: no token the contract accepts is
+/// refused (tokens of the old secret, then of the new one, at either gateway), and no
+/// payment is dropped: after each restart Redis loses the SKU, and a payment for every
+/// hold not paid yet, whichever gateway issued it under whichever key, answers 409 with
+/// one compensation at both gateways (the one on the older settings first). A made-up
+/// id is 404.
+#[tokio::test]
+async fn a_rolling_rotation_of_the_jwt_secret_and_the_id_key_refuses_and_drops_nothing() {
+    let sku = unique_sku("rotation");
+    let definition = json!({"stock": 100, "per_user_limit": 1});
+    let old_secret = crate::common::JWT_SECRET;
+    let mut gateways = [
+        spawn_app_with(rotation_step(0)).await,
+        spawn_app_with(rotation_step(0)).await,
+    ];
+    gateways[0].create_sku(&sku, definition.clone()).await;
+    let (mut paid, mut compensated) = (Vec::new(), 0);
+    let mut n = 0;
+    // Tokens of the issuer, which switches to the new secret after the accept step.
+    let mut issuing = vec![old_secret];
+    for step in [1u8, 2] {
+        for restarted in 0..2 {
+            gateways[restarted] = spawn_app_with(rotation_step(step)).await;
+            let older = 1 - restarted;
+            // Traffic through both gateways, one on the new settings, one on the old.
+            let mut unpaid = Vec::new();
+            for g in [restarted, older] {
+                for secret in &issuing {
+                    n += 1;
+                    let id = hold_with(&gateways[g], &sku, &format!("buyer-{n}"), secret).await;
+                    if n % 2 == 0 {
+                        let payment = format!("pay-{n}");
+                        let (status, view) = gateways[1 - g].confirm(&id, &payment).await;
+                        assert_eq!(status, StatusCode::OK, "{id}: {view}");
+                        paid.push((id, payment));
+                    } else {
+                        unpaid.push(id);
+                    }
+                }
+            }
+            gateways[0].flush(&sku).await;
+            // Redis loses the SKU mid-rotation; an operator's PUT rebuilds it.
+            gateways[0].lose_sale(&sku).await;
+            gateways[restarted]
+                .create_sku(&sku, definition.clone())
+                .await;
+            for id in &unpaid {
+                let (status, problem) = gateways[older].confirm(id, "late-pay").await;
+                assert_eq!(status, StatusCode::CONFLICT, "step {step}: {id}: {problem}");
+                let (again, retried) = gateways[restarted].confirm(id, "late-pay").await;
+                assert_eq!(again, StatusCode::CONFLICT, "step {step}: {id}: {retried}");
+                assert_eq!(retried["compensation_id"], problem["compensation_id"]);
+                compensated += 1;
+            }
+        }
+        if step == 1 {
+            // Every gateway accepts the new secret: the issuer switches; tokens of the
+            // old one are still out there.
+            issuing = vec![old_secret, NEW_JWT_SECRET];
+        }
+    }
+    for (i, (id, payment)) in paid.iter().enumerate() {
+        // A retried webhook of a sale: still the sale, from MySQL's record.
+        let (status, view) = gateways[i % 2].confirm(id, payment).await;
+        assert_eq!(status, StatusCode::OK, "{id}: {view}");
+    }
+    let compensations = gateways[1].compensations(&format!("sku={sku}")).await;
+    assert_eq!(compensations.len(), compensated, "one per unpaid hold");
+    assert_eq!(gateways[1].mysql_sold(&sku).await, paid.len() as u64);
+    let (head, _) = paid[0].0.split_once('.').unwrap();
+    let made_up = format!("{head}.{}", "A".repeat(27));
+    for gateway in &gateways {
+        let (status, _) = gateway.confirm(&made_up, "pay-x").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}

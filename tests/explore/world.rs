@@ -143,7 +143,7 @@ pub async fn run_seed(
         payment_grace: Duration::from_secs(1),
         idempotency_ttl: Duration::from_secs(600),
         released_holds_cap: 0,
-        id_keys: ids::IdKeys::new(&[], &["explore-jwt-secret-0123456789abcdef"]),
+        id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
     };
     flashgate::explore::skew_host_clock(0);
     let admin = Gateway::new(env.observer.clone(), env.pool.clone(), settings.clone());
