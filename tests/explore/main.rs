@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// Seeds a plain run (CI) explores with today's code.
 const CI_SEEDS: u64 = 20;
+/// Seeds a plain run explores with today's code and an operator among the actors.
+const CI_ADMIN_SEEDS: u64 = 10;
 /// Seeds a plain run gives each protocol the audit broke (the old finisher, the old
 /// rebuild planner): one must fail, or the explorer has gone blind to it.
 const CI_PROOF_SEEDS: u64 = 20;
@@ -29,8 +31,7 @@ struct Args {
     first: u64,
     minutes: Option<u64>,
     variant: world::Variant,
-    /// An operator's stock PUTs among the actors (not yet in the plain run: see the
-    /// README's open findings).
+    /// An operator's stock PUTs among the actors.
     with_admin: bool,
     verbose: bool,
 }
@@ -102,6 +103,18 @@ fn main() {
         let verbose = args.verbose;
         let code = explore(&env, &turnstile, args).await;
         if code != 0 || !plain {
+            return code;
+        }
+        let with_operator = Args {
+            seeds: CI_ADMIN_SEEDS,
+            first: 1,
+            minutes: None,
+            variant: world::Variant::Current,
+            with_admin: true,
+            verbose,
+        };
+        let code = explore(&env, &turnstile, with_operator).await;
+        if code != 0 {
             return code;
         }
         for (variant, what) in [
