@@ -432,6 +432,10 @@ pub struct ReconcileArgs {
     /// Repair what is found (MySQL wins for sales).
     #[arg(long)]
     pub repair: bool,
+    /// Print one JSON document on stdout: {"checked", "findings", "repaired",
+    /// "needs_attention"}.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
@@ -777,6 +781,9 @@ mod tests {
         };
         assert_eq!(args.sku.as_deref(), Some("s1"));
         assert!(args.repair);
+        assert!(!args.json);
+        let cli = parse(&["reconcile", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Reconcile(r) if r.json && !r.repair));
         let cli = parse(&["token", "--sub", "alice", "--jwt-secret", "s"]).unwrap();
         assert!(
             matches!(cli.command, Command::Token(t) if t.sub == "alice" && t.ttl_seconds == 3600)

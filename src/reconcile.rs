@@ -60,7 +60,7 @@ pub const GHOST_AFTER_MS: i64 = 10_000;
 /// Sweep batches the repair runs at most to return ghost holds.
 const REPAIR_SWEEP_ROUNDS: usize = 1_000;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub sku: String,
     /// `redis_state_missing`, `mysql_record_missing`, `equation_broken`, `held_mismatch`,
@@ -107,6 +107,95 @@ impl ReconcileReport {
         } else {
             0
         }
+    }
+}
+
+/// What `flashgate reconcile` prints: `--json` (the contract's document) or a table.
+impl ReconcileReport {
+    /// Findings repaired by this pass.
+    pub fn repaired(&self) -> usize {
+        self.findings.iter().filter(|f| f.repaired).count()
+    }
+
+    /// Findings left for a person: drift not repaired, and checks that could not
+    /// complete (drift unknown).
+    pub fn needs_attention(&self) -> usize {
+        self.findings.iter().filter(|f| !f.repaired).count()
+    }
+
+    /// `{"checked", "findings": [{"sku", "kind", "detail", "repaired", "before",
+    /// "after"}], "repaired", "needs_attention"}`; `after` is null when nothing was
+    /// changed.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "checked": self.skus_checked,
+            "findings": self.findings,
+            "repaired": self.repaired(),
+            "needs_attention": self.needs_attention(),
+        })
+    }
+
+    /// A header line and one row per finding (its counters before and after on the
+    /// lines below it), then a summary line; only the summary when nothing was found.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if !self.findings.is_empty() {
+            let sku_width = self
+                .findings
+                .iter()
+                .map(|f| f.sku.len())
+                .max()
+                .unwrap_or(0)
+                .max(3);
+            let kind_width = self
+                .findings
+                .iter()
+                .map(|f| f.kind.len())
+                .max()
+                .unwrap_or(0)
+                .max(4);
+            let row = |out: &mut String, sku: &str, kind: &str, result: &str, detail: &str| {
+                let line =
+                    format!("{sku:<sku_width$}  {kind:<kind_width$}  {result:<12}  {detail}");
+                let _ = writeln!(out, "{}", line.trim_end());
+            };
+            row(&mut out, "SKU", "KIND", "RESULT", "DETAIL");
+            let indent = " ".repeat(sku_width + 2);
+            for f in &self.findings {
+                let result = if f.repaired {
+                    "repaired"
+                } else if f.is_unknown() {
+                    "unknown"
+                } else {
+                    "not repaired"
+                };
+                row(&mut out, &f.sku, f.kind, result, &f.detail);
+                let _ = writeln!(out, "{indent}before: {}", f.before);
+                if let Some(after) = &f.after {
+                    let _ = writeln!(out, "{indent}after:  {after}");
+                }
+            }
+        }
+        let skus = match self.skus_checked {
+            1 => "1 SKU".to_string(),
+            n => format!("{n} SKUs"),
+        };
+        if self.findings.is_empty() {
+            let _ = writeln!(out, "checked {skus}: no drift");
+        } else {
+            let findings = match self.findings.len() {
+                1 => "1 finding".to_string(),
+                n => format!("{n} findings"),
+            };
+            let _ = writeln!(
+                out,
+                "checked {skus}: {findings}, {} repaired, {} need attention",
+                self.repaired(),
+                self.needs_attention()
+            );
+        }
+        out
     }
 }
 
@@ -1589,5 +1678,96 @@ mod tests {
             used_drift(&used, &live, &sold),
             vec![("bob".to_string(), 1, 0), ("carol".to_string(), 0, 2)]
         );
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    fn finding(sku: &str, kind: &'static str, repaired: bool, after: Option<&str>) -> Finding {
+        Finding {
+            sku: sku.into(),
+            kind,
+            detail: format!("{kind} detail"),
+            before: "available=3 held=1".into(),
+            after: after.map(str::to_string),
+            repaired,
+        }
+    }
+
+    fn report() -> ReconcileReport {
+        ReconcileReport {
+            skus_checked: 3,
+            findings: vec![
+                finding("phone-x", "held_mismatch", true, Some("available=4 held=0")),
+                finding("tv", "check_failed", false, None),
+            ],
+        }
+    }
+
+    #[test]
+    fn json_has_the_contract_shape() {
+        let json = report().to_json();
+        let object = json.as_object().unwrap();
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["checked", "findings", "needs_attention", "repaired"]);
+        assert_eq!(json["checked"], 3);
+        assert_eq!(json["repaired"], 1);
+        assert_eq!(json["needs_attention"], 1);
+        let findings = json["findings"].as_array().unwrap();
+        assert_eq!(findings.len(), 2);
+        let mut keys: Vec<&str> = findings[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["after", "before", "detail", "kind", "repaired", "sku"]
+        );
+        assert_eq!(
+            findings[0],
+            serde_json::json!({"sku": "phone-x", "kind": "held_mismatch",
+                "detail": "held_mismatch detail", "repaired": true,
+                "before": "available=3 held=1", "after": "available=4 held=0"})
+        );
+        assert_eq!(findings[1]["after"], serde_json::Value::Null);
+        assert_eq!(findings[1]["repaired"], false);
+        let clean = ReconcileReport {
+            skus_checked: 0,
+            findings: vec![],
+        };
+        assert_eq!(
+            clean.to_json(),
+            serde_json::json!({"checked": 0, "findings": [], "repaired": 0, "needs_attention": 0})
+        );
+    }
+
+    #[test]
+    fn text_has_a_header_and_columns() {
+        let text = report().to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "SKU      KIND           RESULT        DETAIL",
+                "phone-x  held_mismatch  repaired      held_mismatch detail",
+                "         before: available=3 held=1",
+                "         after:  available=4 held=0",
+                "tv       check_failed   unknown       check_failed detail",
+                "         before: available=3 held=1",
+                "checked 3 SKUs: 2 findings, 1 repaired, 1 need attention",
+            ]
+        );
+        assert!(!text.contains('\t'));
+        let one = ReconcileReport {
+            skus_checked: 1,
+            findings: vec![],
+        };
+        assert_eq!(one.to_text(), "checked 1 SKU: no drift\n");
     }
 }

@@ -309,11 +309,42 @@ pub fn reconcile_ran(unix_seconds: f64) {
 }
 
 /// Logs to stderr, filtered by FLASHGATE_LOG (default `info`).
-pub fn init_logging(format: crate::config::LogFormat) {
+/// Logs to stderr, ANSI-coloured only when stderr is a terminal and `NO_COLOR` is unset
+/// or empty (no escape codes in files, journald or cron mail). `skip_findings` leaves
+/// out the reconciler's line per finding: `flashgate reconcile` prints its findings on
+/// stdout itself, once.
+pub fn init_logging(format: crate::config::LogFormat, skip_findings: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLASHGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = logging(format, filter, std::io::stderr).try_init();
+    let ansi = colour_wanted(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let subscriber = logging_with(format, filter, std::io::stderr, ansi);
+    let _ = if skip_findings {
+        subscriber
+            .with(tracing_subscriber::filter::filter_fn(|meta| {
+                !is_finding_line(meta)
+            }))
+            .try_init()
+    } else {
+        subscriber.try_init()
+    };
+}
+
+/// Colour on a terminal, unless `NO_COLOR` has a value (<https://no-color.org>).
+pub fn colour_wanted(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// The reconciler's WARN line for one finding (it carries `repaired`).
+fn is_finding_line(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event()
+        && meta.target() == "flashgate::reconcile"
+        && meta.fields().field("repaired").is_some()
 }
 
 /// The log subscriber. In JSON, one object per line whose `span` holds the fields of
@@ -326,9 +357,23 @@ pub fn logging<W>(
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
+    logging_with(format, filter, writer, false)
+}
+
+/// `logging`, with ANSI colours in the text format when `ansi`.
+pub fn logging_with<W>(
+    format: crate::config::LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         crate::config::LogFormat::Text => Box::new(builder.finish()),
         crate::config::LogFormat::Json => Box::new(
@@ -367,5 +412,51 @@ impl MetricsPage {
         let page = bytes::Bytes::from(text);
         *last = Some((std::time::Instant::now(), page.clone()));
         page
+    }
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colour_wanted;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
+        assert!(!colour_wanted(false, Some(OsStr::new("1"))));
+    }
+
+    #[test]
+    fn text_logs_to_a_writer_carry_no_escape_codes() {
+        use std::sync::{Arc, Mutex};
+        let captured = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = captured.clone();
+        let subscriber = super::logging(
+            crate::config::LogFormat::Text,
+            tracing_subscriber::EnvFilter::new("info"),
+            move || Capture(sink.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(sku = "phone-x", "something to say");
+        });
+        let text = String::from_utf8(captured.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("something to say"), "{text}");
+        assert!(!text.contains('\x1b'), "{text:?}");
+    }
+
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

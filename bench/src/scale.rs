@@ -81,7 +81,7 @@ pub struct ReconcileRun {
     /// None: killed by a signal, timed out or did not start.
     pub exit_code: Option<i32>,
     pub timed_out: bool,
-    /// Its last line ("checked N SKUs, M findings").
+    /// What its JSON document says ("checked N SKUs, M findings (...)").
     pub summary: String,
     /// Findings printed, by kind.
     pub findings: BTreeMap<String, u64>,
@@ -1976,7 +1976,7 @@ pub async fn delete_matching(
 /// Runs `flashgate reconcile [--sku S]` with the harness's Redis, MySQL and secrets.
 async fn reconcile(bin: &Path, args: &Args, sku: Option<&str>, timeout: Duration) -> ReconcileRun {
     let mut command = tokio::process::Command::new(bin);
-    command.arg("reconcile");
+    command.arg("reconcile").arg("--json");
     if let Some(sku) = sku {
         command.arg("--sku").arg(sku);
     }
@@ -2011,14 +2011,21 @@ async fn reconcile(bin: &Path, args: &Args, sku: Option<&str>, timeout: Duration
         Ok(Err(e)) => run.stderr_tail = vec![format!("could not run: {e}")],
         Ok(Ok(out)) => {
             run.exit_code = out.status.code();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            for line in stdout.lines() {
-                let fields: Vec<&str> = line.split('\t').collect();
-                if fields.len() >= 3 {
-                    *run.findings.entry(fields[1].to_string()).or_insert(0) += 1;
+            // `--json`: {"checked", "findings": [{"kind", ...}], "repaired", "needs_attention"}.
+            if let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                let findings = report["findings"].as_array().cloned().unwrap_or_default();
+                for finding in &findings {
+                    let kind = finding["kind"].as_str().unwrap_or("?").to_string();
+                    *run.findings.entry(kind).or_insert(0) += 1;
                 }
+                run.summary = format!(
+                    "checked {} SKUs, {} findings ({} repaired, {} need attention)",
+                    report["checked"],
+                    findings.len(),
+                    report["repaired"],
+                    report["needs_attention"]
+                );
             }
-            run.summary = stdout.lines().last().unwrap_or_default().to_string();
             let stderr = String::from_utf8_lossy(&out.stderr);
             let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
             run.stderr_tail = lines[lines.len().saturating_sub(3)..]

@@ -250,7 +250,7 @@ async fn cli_exit_codes_are_0_1_and_2() {
     let run = reconcile_cli(&redis.url(), &db_url, &["--sku", &sku]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
-        run.stdout.contains("checked 1 SKUs, 0 findings"),
+        run.stdout.contains("checked 1 SKU: no drift"),
         "{}",
         run.stdout
     );
