@@ -299,3 +299,89 @@ fn logs_on_a_terminal_are_coloured_unless_no_color() {
         "an empty NO_COLOR counts as unset: {empty:?}"
     );
 }
+
+/// The `VARIABLE=value` lines of packaging/flashgate.env (what systemd passes).
+fn environment_file() -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/flashgate.env");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (name, value) = line.split_once('=').unwrap_or_else(|| panic!("{line}"));
+            (name.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+/// Every FLASHGATE_* variable the binary reads (an `env = "..."` of src/config.rs, and
+/// the log filter) is in the environment file, set or commented out with its default.
+#[test]
+fn the_environment_file_names_every_setting() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = std::fs::read_to_string(root.join("src/config.rs")).unwrap();
+    let file = std::fs::read_to_string(root.join("packaging/flashgate.env")).unwrap();
+    let mut read: Vec<&str> = config
+        .split("env = \"")
+        .skip(1)
+        .map(|rest| &rest[..rest.find('"').unwrap()])
+        .collect();
+    read.push("FLASHGATE_LOG");
+    assert!(read.len() > 40, "{read:?}");
+    let missing: Vec<&&str> = read
+        .iter()
+        .filter(|name| !file.contains(&format!("{name}=")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in packaging/flashgate.env: {missing:?}"
+    );
+}
+
+/// The environment file as shipped parses for every command: with its secrets filled
+/// in the gateway starts; reconcile and worker take its lines.
+#[test]
+fn the_environment_file_works_for_every_command() {
+    let with_file = |args: &[&str]| {
+        let mut command = flashgate(args);
+        command.env_clear();
+        for (name, value) in environment_file() {
+            command.env(name, value);
+        }
+        command
+            .env("FLASHGATE_REDIS_URL", common::redis_url())
+            .env("FLASHGATE_DATABASE_URL", common::database_url());
+        command
+    };
+    // As shipped (secrets empty) the gateway refuses to start, and says why.
+    let refused = run(&mut with_file(&["serve"]));
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("FLASHGATE_"), "{}", refused.stderr);
+    assert!(
+        !refused.stderr.contains("invalid value"),
+        "{}",
+        refused.stderr
+    );
+    // Filled in: it serves (logs_until_serving sets the secrets and a free port).
+    let logs = logs_until_serving(with_file(&["serve"]), false);
+    assert!(!logs.contains('\x1b'), "{logs:?}");
+    let sku = common::unique_sku("cli-envfile");
+    let unknown = run(&mut with_file(&["reconcile", "--json", "--sku", &sku]));
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert!(unknown.stderr.contains("no such SKU"), "{}", unknown.stderr);
+    // The worker parses it and runs (Redis down: it retries, it does not exit).
+    let mut worker = with_file(&["worker"])
+        .env(
+            "FLASHGATE_REDIS_URL",
+            format!("redis://127.0.0.1:{}", closed_port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let exited = worker.try_wait().unwrap();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(exited.is_none(), "the worker exited at once: {exited:?}");
+}
