@@ -7,8 +7,22 @@ use std::time::Duration;
 
 use crate::limits;
 
+/// `flashgate --version` (`-V` prints the version alone): the build profile too, so a
+/// benchmark (or an operator) can tell a debug binary, several times slower, from a
+/// release one.
+pub const LONG_VERSION: &str = if cfg!(debug_assertions) {
+    concat!(env!("CARGO_PKG_VERSION"), " (debug build)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (release build)")
+};
+
 #[derive(Debug, Parser)]
-#[command(name = "flashgate", version, about = "Flash-sale reservation gateway")]
+#[command(
+    name = "flashgate",
+    version,
+    long_version = LONG_VERSION,
+    about = "Flash-sale reservation gateway"
+)]
 pub struct Cli {
     /// `text` (for people) or `json` (one object per line, for log pipelines).
     #[arg(long, global = true, env = "FLASHGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -385,3 +385,24 @@ fn the_environment_file_works_for_every_command() {
     let _ = worker.wait();
     assert!(exited.is_none(), "the worker exited at once: {exited:?}");
 }
+
+/// `--version` names the build profile (what flashgate-bench reads); `-V` the version.
+#[test]
+fn the_version_names_the_build_profile() {
+    let long = run(&mut flashgate(&["--version"]));
+    assert_eq!(long.code, 0);
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    assert_eq!(
+        long.stdout.trim(),
+        format!("flashgate {} ({profile} build)", env!("CARGO_PKG_VERSION"))
+    );
+    let short = run(&mut flashgate(&["-V"]));
+    assert_eq!(
+        short.stdout.trim(),
+        format!("flashgate {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -423,6 +423,49 @@ async fn run(args: Args) -> Result<bool> {
         None => "gateway pid unknown (pass --gateway-pid): no RSS/CPU for it".to_string(),
     };
     println!("  {gateway_desc}\n  {redis_desc}\n  {mysql_desc}");
+    // Which build is measured: a debug gateway is several times slower than a release
+    // one, so it is refused unless FLASHGATE_BENCH_ALLOW_DEBUG=1 (and then said loudly).
+    let healthz = client
+        .send(
+            client::Method::GET,
+            "/healthz",
+            client::Auth::None,
+            None,
+            None,
+        )
+        .await;
+    let healthz: Option<serde_json::Value> = serde_json::from_str(&healthz.text()).ok();
+    let gateway_binary = probe::GatewayBinary::identify(pids.gateway, healthz.as_ref());
+    println!(
+        "  gateway binary: {} ({} build{}){}",
+        gateway_binary
+            .version
+            .as_deref()
+            .unwrap_or("version unknown"),
+        gateway_binary.profile,
+        gateway_binary
+            .build
+            .as_deref()
+            .map(|b| format!(", commit {b}"))
+            .unwrap_or_default(),
+        gateway_binary
+            .exe
+            .as_deref()
+            .map(|e| format!(", {e}"))
+            .unwrap_or_default()
+    );
+    if gateway_binary.profile == "debug" {
+        let allowed = std::env::var("FLASHGATE_BENCH_ALLOW_DEBUG").is_ok_and(|v| v == "1");
+        let banner = "the gateway under test is a DEBUG build: it is several times slower than a release build, and these figures say nothing about flashgate's speed";
+        if !allowed {
+            bail!(
+                "{banner}. Run a release gateway (FLASHGATE_DEV_RELEASE=1 scripts/dev serve, or target/release/flashgate serve), or set FLASHGATE_BENCH_ALLOW_DEBUG=1 to measure it anyway"
+            );
+        }
+        println!("\n  !!!!!!!! WARNING: {banner} (FLASHGATE_BENCH_ALLOW_DEBUG=1) !!!!!!!!\n");
+    } else if gateway_binary.profile == "unknown" {
+        println!("  warning: could not tell the gateway's build profile (pass --gateway-pid for a local gateway)");
+    }
     let mut probes = Probes {
         pids,
         redis: if args.redis_cluster {
@@ -1012,6 +1055,7 @@ async fn run(args: Args) -> Result<bool> {
         command_line: std::env::args().collect(),
         environment: Environment {
             gateway_pid: pids.gateway,
+            gateway: gateway_binary.clone(),
             redis: redis_desc,
             redis_nodes,
             mysql: mysql_desc,

@@ -11,6 +11,68 @@ use std::time::Instant;
 /// architecture flashgate runs on).
 const CLOCK_TICKS: f64 = 100.0;
 
+/// The gateway under test, as its own binary and /healthz tell: a debug build is
+/// several times slower than a release one, so a report must say which it measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewayBinary {
+    /// /proc/<pid>/exe, when the gateway runs on this machine.
+    pub exe: Option<String>,
+    /// `flashgate --version` of that binary, else /healthz's `version`.
+    pub version: Option<String>,
+    /// /healthz's `build` (a commit), when the gateway says it.
+    pub build: Option<String>,
+    /// `release`, `debug`, or `unknown`.
+    pub profile: String,
+}
+
+impl GatewayBinary {
+    /// From the gateway's pid (when found) and its /healthz answer (a JSON object).
+    pub fn identify(pid: Option<u32>, healthz: Option<&serde_json::Value>) -> GatewayBinary {
+        let exe = pid.and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok());
+        let exe = exe.map(|p| {
+            let text = p.display().to_string();
+            text.strip_suffix(" (deleted)").unwrap_or(&text).to_string()
+        });
+        let long_version = exe.as_ref().and_then(|exe| {
+            let out = std::process::Command::new(exe)
+                .arg("--version")
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        });
+        let field = |name: &str| {
+            healthz
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        let profile = profile_of(long_version.as_deref(), exe.as_deref());
+        GatewayBinary {
+            version: long_version.or_else(|| field("version")),
+            build: field("build"),
+            exe,
+            profile: profile.to_string(),
+        }
+    }
+}
+
+/// `flashgate --version` says "(debug build)" or "(release build)"; an older binary
+/// says neither, then its path tells (cargo's target/debug or target/release).
+pub fn profile_of(long_version: Option<&str>, exe: Option<&str>) -> &'static str {
+    match long_version {
+        Some(v) if v.contains("(debug build)") => return "debug",
+        Some(v) if v.contains("(release build)") => return "release",
+        _ => {}
+    }
+    match exe {
+        Some(path) if path.contains("/debug/") => "debug",
+        Some(path) if path.contains("/release/") => "release",
+        _ => "unknown",
+    }
+}
+
 /// The pid of the process listening on TCP `port` (any local address), found through
 /// /proc/net/tcp{,6} and the socket inodes in /proc/<pid>/fd.
 pub fn pid_listening_on(port: u16) -> Option<u32> {
@@ -576,5 +638,38 @@ mod tests {
     fn this_process_is_measurable() {
         assert!(cpu_seconds("self").is_some());
         assert!(rss_kb(std::process::id()).unwrap() > 0);
+    }
+}
+
+#[cfg(test)]
+mod gateway_binary_tests {
+    use super::profile_of;
+
+    #[test]
+    fn the_profile_comes_from_the_version_else_the_path() {
+        assert_eq!(
+            profile_of(
+                Some("flashgate 0.1.0 (debug build)"),
+                Some("/usr/bin/flashgate")
+            ),
+            "debug"
+        );
+        assert_eq!(
+            profile_of(Some("flashgate 0.1.0 (release build)"), None),
+            "release"
+        );
+        assert_eq!(
+            profile_of(Some("flashgate 0.1.0"), Some("/w/target/debug/flashgate")),
+            "debug"
+        );
+        assert_eq!(
+            profile_of(None, Some("/w/target/release/flashgate")),
+            "release"
+        );
+        assert_eq!(
+            profile_of(Some("flashgate 0.1.0"), Some("/usr/bin/flashgate")),
+            "unknown"
+        );
+        assert_eq!(profile_of(None, None), "unknown");
     }
 }

@@ -97,6 +97,8 @@ pub struct Idle {
 #[derive(Debug, Clone, Serialize)]
 pub struct Environment {
     pub gateway_pid: Option<u32>,
+    /// The gateway's binary: version, build, profile (a debug build measures slow).
+    pub gateway: crate::probe::GatewayBinary,
     pub redis: String,
     /// Cluster (--redis-cluster): every node the harness reads, as found at the start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
