@@ -437,7 +437,7 @@ async fn run(args: Args) -> Result<bool> {
     let healthz: Option<serde_json::Value> = serde_json::from_str(&healthz.text()).ok();
     let gateway_binary = probe::GatewayBinary::identify(pids.gateway, healthz.as_ref());
     println!(
-        "  gateway binary: {} ({} build{}){}",
+        "  gateway binary: {}, profile {}{}{}",
         gateway_binary
             .version
             .as_deref()
