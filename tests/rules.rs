@@ -38,6 +38,7 @@ impl Sale {
             starts_at_ms: None,
             ends_at_ms: None,
             buckets: 1,
+            paused: false,
         };
         store.load_sku(&sku, &definition, 0).await.unwrap();
         let keys = SkuKeys::new(&sku);
@@ -399,6 +400,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         starts_at_ms: None,
         ends_at_ms: Some(end),
         buckets: 1,
+        paused: false,
     };
     sale.store
         .load_sku(&sale.sku, &definition, 0)
@@ -422,6 +424,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     let definition = SkuDefinition {
         ends_at_ms: Some(now + 30_000),
         buckets: 1,
+        paused: false,
         ..definition
     };
     sale.store
@@ -953,6 +956,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         starts_at_ms: None,
         ends_at_ms: None,
         buckets: 2,
+        paused: false,
     };
     let sales = flashgate::buckets::sales(&sale.sku, 2);
     for (sale_of_bucket, share) in sales.iter().zip([0, 5]) {

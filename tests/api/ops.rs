@@ -40,7 +40,6 @@ async fn metrics_are_rendered_at_most_once_a_second() {
     tokio::time::sleep(flashgate::telemetry::METRICS_RENDER_EVERY).await;
     let third = page().await;
     assert_ne!(second, third, "never rendered again");
-    assert!(third.contains(&format!(r#"flashgate_available_stock{{sku="{sku}"}}"#)));
 }
 
 #[tokio::test]
