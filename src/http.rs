@@ -1178,7 +1178,7 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
         (status = 201, description = "The hold (new, or replayed)", body = ReservationView,
             headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
         (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` or `ended`", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` (with `starts_at` and `Retry-After`), `ended` or `paused`", body = openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused`: same key, other body", body = openapi::ProblemBody, content_type = "application/problem+json"),
     )
 )]
