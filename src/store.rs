@@ -486,6 +486,9 @@ pub struct Swept {
     pub still_due: u64,
     /// Units available after it; None when the SKU has no state in Redis.
     pub available: Option<u64>,
+    /// Units held and sold after it, while the sale has its counters (not retired).
+    pub held: Option<u64>,
+    pub sold: Option<u64>,
     /// Index entries it looked at: expired holds and stale entries it dropped. Zero
     /// means there is nothing more this call could do.
     pub examined: u64,
@@ -918,6 +921,8 @@ impl Store {
             state,
             ends_at,
             buckets,
+            held,
+            sold,
         ): (
             u64,
             u64,
@@ -929,6 +934,8 @@ impl Store {
             String,
             Option<i64>,
             u32,
+            Option<u64>,
+            Option<u64>,
         ) = with_sale_keys(&SCRIPTS.sweep, &keys)
             .key(&keys.transfers)
             .arg(limits::SWEEP_BATCH)
@@ -943,6 +950,8 @@ impl Store {
             expired,
             still_due,
             available,
+            held,
+            sold,
             examined,
             now_ms,
             // A ZSET score comes back as text.

@@ -287,6 +287,9 @@ impl Worker {
         if let Some(available) = swept.available {
             telemetry::available_stock(sku.as_str(), available);
         }
+        if let (Some(held), Some(sold)) = (swept.held, swept.sold) {
+            telemetry::units(sku.as_str(), held, sold);
+        }
         let wait_ms = match swept.state {
             // Waiting for its last holds to end and its outbox to drain.
             SaleState::Ended => swept
