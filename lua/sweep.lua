@@ -37,10 +37,10 @@ local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available'
   'claims_until', 'buckets')
 local buckets = tonumber(m[7] or '1')
 if not m[1] then
-  return { 0, 0, false, 0, now, false, false, 'missing', false, 1 }
+  return { 0, 0, false, 0, now, false, false, 'missing', false, 1, false, false }
 end
 if m[3] then
-  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false, buckets }
+  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false, buckets, false, false }
 end
 
 local expired, examined = expire_due(K, now, tonumber(ARGV[1]))
