@@ -6,7 +6,8 @@
 -- Key layout of one SKU (all share the hash tag {sku}, so one cluster slot):
 --   fg:{sku}:meta        HASH   stock_total available held sold per_user_limit
 --                                hold_ms starts_at ends_at (ms since epoch, '' = none),
---                                layout ('2' for a SKU created with this layout)
+--                                layout ('2' for a SKU created with this layout),
+--                                paused ('1' while an operator paused its sale)
 --   fg:{sku}:holds       HASH   reservation tail -> hold record (below), from its creation
 --                                until the flush has written its end to MySQL
 --   fg:{sku}:used        HASH   user id -> usage record (below)
@@ -465,13 +466,14 @@ end
 -- only before a script's first write, never in the middle of one.
 local function load_sale(meta)
   local m = redis.call('HMGET', meta, 'available', 'held', 'per_user_limit', 'hold_ms',
-    'starts_at', 'ends_at', 'rlog_until', 'layout', 'claims_until')
+    'starts_at', 'ends_at', 'rlog_until', 'layout', 'claims_until', 'paused')
   if not m[1] then
     return nil
   end
   return { available = tonumber(m[1]), held = tonumber(m[2] or '0'), limit = tonumber(m[3]),
     hold_ms = tonumber(m[4]), starts_at = m[5], ends_at = m[6], changed = false,
-    log_until = tonumber(m[7]), legacy = m[8] ~= '2', claims_until = tonumber(m[9] or '0') }
+    log_until = tonumber(m[7]), legacy = m[8] ~= '2', claims_until = tonumber(m[9] or '0'),
+    paused = m[10] == '1' }
 end
 
 -- Most entries the creation log of a reconciler check takes; past it the check
@@ -614,6 +616,9 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
 
   if not sale then
     return { 'not_found' }
+  end
+  if sale.paused then
+    return { 'paused' } -- an operator paused it (replays above still answer)
   end
   if sale.starts_at ~= '' and now < tonumber(sale.starts_at) then
     return { 'not_started' }

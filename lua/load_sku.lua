@@ -13,6 +13,7 @@
 --          buckets, so only a change can be applied, never a total); a bucket with
 --          no state still takes ARGV[1]
 -- ARGV[11] the SKU's stock_total over all its buckets (meta `sku_stock`, for the view)
+-- ARGV[13] '1' paused by an operator, '0' not (meta `paused`, a term of sale)
 -- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
 --          a lost one is rebuilt only with the SKU's other lost buckets, from MySQL)
 --
@@ -49,7 +50,7 @@ local available = stock_total - held - sold
 if ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
     'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
-    'ends_at', ARGV[5], 'buckets', ARGV[9], 'sku_stock', ARGV[11])
+    'ends_at', ARGV[5], 'buckets', ARGV[9], 'sku_stock', ARGV[11], 'paused', ARGV[13] or '0')
   if created then
     -- A new SKU has no layout-1 keys to look for (lib.lua).
     redis.call('HSET', meta, 'layout', '2')

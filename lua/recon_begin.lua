@@ -14,7 +14,7 @@
 --        {'busy', ms left} while another check of the SKU runs (retry later), else
 --   {'ok', T (ms), stock_total, available, held, sold, overdue holds, ghost holds,
 --    outbox position at T (the id of its last entry, '0-0' when empty),
---    per_user_limit, hold_ms, starts_at, ends_at}
+--    per_user_limit, hold_ms, starts_at, ends_at, paused ('1' or '0')}
 --
 -- Invariant: every hold created after T is in the log until recon_end.lua (or the
 -- log overflowed, which `rlog_over` says); every hold that ended after T is an outbox
@@ -22,7 +22,7 @@
 -- lock (the flush takes it before it writes, see db::apply_events).
 local meta, deadlines, outbox, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local m = redis.call('HMGET', meta, 'stock_total', 'available', 'held', 'sold', 'per_user_limit',
-  'hold_ms', 'starts_at', 'ends_at')
+  'hold_ms', 'starts_at', 'ends_at', 'paused')
 if not m[1] then
   return { 'missing' }
 end
@@ -39,4 +39,5 @@ redis.call('UNLINK', log)
 redis.call('HSET', meta, 'rlog_until', string.format('%d', now + tonumber(ARGV[2])),
   'rlog_owner', ARGV[3])
 redis.call('HDEL', meta, 'rlog_over')
-return { 'ok', now, m[1], m[2], m[3], m[4], overdue, ghosts, position, m[5], m[6], m[7], m[8] }
+return { 'ok', now, m[1], m[2], m[3], m[4], overdue, ghosts, position, m[5], m[6], m[7], m[8],
+  m[9] or '0' }

@@ -9,7 +9,8 @@
 -- ARGV[2] held correction (live holds at T - held at T)
 -- ARGV[3] sold correction (>= 0: MySQL sold + unflushed confirmations at T - sold at T)
 -- ARGV[4] per_user_limit  ARGV[5] hold_ms  ARGV[6] starts_at ms or ''  ARGV[7] ends_at ms or ''
--- ARGV[8] JSON {user: correction of used}, or '' for none
+-- ARGV[8] paused ('1' or '0')
+-- ARGV[9] JSON {user: correction of used}, or '' for none
 --
 -- Reply: {'ok', stock_total, available, held, sold}
 --        {'overcommitted', stock_total, available, held, sold}  held + sold > stock_total:
@@ -27,9 +28,9 @@ end
 local m = redis.call('HMGET', meta, 'held', 'sold')
 local held = math.max(0, tonumber(m[1] or '0') + tonumber(ARGV[2]))
 local sold = tonumber(m[2] or '0') + math.max(0, tonumber(ARGV[3]))
-if ARGV[8] ~= '' then
+if ARGV[9] ~= '' then
   local K, now = { used = used }, now_ms()
-  for user, correction in pairs(cjson.decode(ARGV[8])) do
+  for user, correction in pairs(cjson.decode(ARGV[9])) do
     local u = load_usage(K, user)
     u.units = u.units + correction
     save_usage(K, u, now)
@@ -48,7 +49,7 @@ end
 redis.call('HSET', meta, 'stock_total', string.format('%d', stock_total),
   'available', string.format('%d', available), 'held', string.format('%d', held),
   'sold', string.format('%d', sold), 'per_user_limit', ARGV[4], 'hold_ms', ARGV[5],
-  'starts_at', ARGV[6], 'ends_at', ARGV[7])
+  'starts_at', ARGV[6], 'ends_at', ARGV[7], 'paused', ARGV[8])
 -- MySQL's terms win, also over a retirement Redis made under older ones (the caller
 -- puts the SKU back in the index).
 redis.call('HDEL', meta, 'retired')

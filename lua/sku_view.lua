@@ -7,7 +7,8 @@
 -- ARGV[1] most due holds to expire first
 --
 -- Reply: {stock_total, available, held, sold, per_user_limit, hold_ms, starts_at, ends_at,
---         sku_stock (a bucket: its SKU's stock_total over every bucket; else false)}
+--         sku_stock (a bucket: its SKU's stock_total over every bucket; else false),
+--         paused ('1' while paused, else false)}
 --        ({} when the SKU has no state)
 --
 -- Invariant: the expiries are release()s: each hold's units come back exactly once.
@@ -18,4 +19,4 @@ if redis.call('EXISTS', meta) == 0 then
 end
 expire_due(K, now_ms(), tonumber(ARGV[1]))
 return redis.call('HMGET', meta, 'stock_total', 'available', 'held', 'sold', 'per_user_limit',
-  'hold_ms', 'starts_at', 'ends_at', 'sku_stock')
+  'hold_ms', 'starts_at', 'ends_at', 'sku_stock', 'paused')

@@ -12,7 +12,8 @@
 -- Reply: {expired_count, holds_still_due, available (false when the SKU has no state),
 --         index entries looked at (expired + stale ones dropped), now_ms,
 --         earliest deadline left (false when none), hold_ms (false when no state),
---         state, ends_at (false when none, or not on sale), buckets of the SKU}
+--         state, ends_at (false when none, or not on sale), buckets of the SKU,
+--         held, sold (false when not on sale)}
 --   state: 'open'    the sale can still take holds
 --          'ended'   ends_at passed; holds, unflushed events or compensations remain
 --          'retired' retired (now or earlier): only the tombstone meta is left
@@ -36,16 +37,17 @@ local m = redis.call('HMGET', meta, 'hold_ms', 'ends_at', 'retired', 'available'
   'claims_until', 'buckets')
 local buckets = tonumber(m[7] or '1')
 if not m[1] then
-  return { 0, 0, false, 0, now, false, false, 'missing', false, 1 }
+  return { 0, 0, false, 0, now, false, false, 'missing', false, 1, false, false }
 end
 if m[3] then
-  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false, buckets }
+  return { 0, 0, m[4] or false, 0, now, false, m[1], 'retired', false, buckets, false, false }
 end
 
 local expired, examined = expire_due(K, now, tonumber(ARGV[1]))
 local still_due = redis.call('ZCOUNT', deadlines, '-inf', now)
 local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
-local available = redis.call('HGET', meta, 'available') or false
+local counters = redis.call('HMGET', meta, 'available', 'held', 'sold')
+local available = counters[1] or false
 
 -- Whether the flush group has acknowledged every event the outbox ever took.
 local function outbox_flushed()
@@ -93,4 +95,4 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   end
 end
 return { expired, still_due, available, examined, now, first[2] or false, m[1], state,
-  m[2] ~= '' and m[2] or false, buckets }
+  m[2] ~= '' and m[2] or false, buckets, counters[2] or false, counters[3] or false }

@@ -512,8 +512,8 @@ impl GatewaySettings {
 /// The keys of the reservation-id MAC: FLASHGATE_ID_KEY and its previous values, each
 /// at least SECRET_MIN_LEN bytes and none the service token, then the JWT secrets'.
 /// The previous list may name a key no gateway signs with yet: the first step of a
-/// rolling rotation (README, Rotating keys) lets every gateway accept a key before any
-/// signs with it.
+/// rolling rotation (docs/configuration.md, Rotating keys) lets every gateway accept a
+/// key before any signs with it.
 fn id_keys(args: &ServeArgs) -> Result<crate::ids::IdKeys, String> {
     let id_keys: Vec<&str> = args
         .id_key

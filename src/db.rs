@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 use crate::error::{Error, Result};
 use crate::ids::{self, SkuId};
 use crate::limits;
-use crate::reservation::{Compensation, CompensationReason, Reservation, SkuDefinition, Status};
+use crate::reservation::{
+    Compensation, CompensationReason, Reservation, Resolution, SkuDefinition, Status,
+};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -44,8 +46,8 @@ pub async fn upsert_sku(
     let _turn = crate::explore::mysql_step("upsert_sku").await;
     sqlx::query(
         "INSERT INTO skus (sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at,
-           buckets)
-         VALUES (?, ?, ?, ?, ?, ?, ?)
+           buckets, paused)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE stock_total = VALUES(stock_total),
            per_user_limit = VALUES(per_user_limit), hold_seconds = VALUES(hold_seconds),
            starts_at = VALUES(starts_at), ends_at = VALUES(ends_at)",
@@ -57,6 +59,7 @@ pub async fn upsert_sku(
     .bind(definition.starts_at_ms.map(ms_to_datetime))
     .bind(definition.ends_at_ms.map(ms_to_datetime))
     .bind(definition.buckets)
+    .bind(definition.paused)
     .execute(&mut **tx)
     .await?;
     let sold: u64 = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
@@ -64,6 +67,108 @@ pub async fn upsert_sku(
         .fetch_one(&mut **tx)
         .await?;
     Ok(sold)
+}
+
+/// Where a SKU's sale stands: `ended` once its end passed (whatever else), else
+/// `paused` while an operator paused it, else `scheduled` before its start, else
+/// `on_sale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SkuState {
+    OnSale,
+    Scheduled,
+    Ended,
+    Paused,
+}
+
+impl SkuState {
+    pub fn parse(raw: &str) -> Option<SkuState> {
+        Some(match raw {
+            "on_sale" => SkuState::OnSale,
+            "scheduled" => SkuState::Scheduled,
+            "ended" => SkuState::Ended,
+            "paused" => SkuState::Paused,
+            _ => return None,
+        })
+    }
+
+    pub fn of(definition: &SkuDefinition, now_ms: i64) -> SkuState {
+        if definition.ends_at_ms.is_some_and(|end| end <= now_ms) {
+            SkuState::Ended
+        } else if definition.paused {
+            SkuState::Paused
+        } else if definition.starts_at_ms.is_some_and(|start| now_ms < start) {
+            SkuState::Scheduled
+        } else {
+            SkuState::OnSale
+        }
+    }
+}
+
+/// A page of SKU definitions, oldest first (by `seq`), after `after`, in `state` (all
+/// when None) at `now_ms`: (seq, SKU, record).
+pub async fn list_skus(
+    pool: &MySqlPool,
+    state: Option<SkuState>,
+    after: Option<u64>,
+    now_ms: i64,
+    limit: u32,
+) -> Result<Vec<(u64, SkuId, SkuRecord)>> {
+    let _turn = crate::explore::mysql_step("list_skus").await;
+    let now = ms_to_datetime(now_ms);
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT seq, sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold,
+           buckets, paused
+         FROM skus WHERE seq > ",
+    );
+    query.push_bind(after.unwrap_or(0));
+    let ended = |q: &mut QueryBuilder<MySql>| {
+        q.push("(ends_at IS NOT NULL AND ends_at <= ")
+            .push_bind(now)
+            .push(")");
+    };
+    match state {
+        None => {}
+        Some(SkuState::Ended) => {
+            query.push(" AND ");
+            ended(&mut query);
+        }
+        Some(other) => {
+            query.push(" AND NOT ");
+            ended(&mut query);
+            match other {
+                SkuState::Paused => query.push(" AND paused"),
+                SkuState::Scheduled => query
+                    .push(" AND NOT paused AND starts_at IS NOT NULL AND starts_at > ")
+                    .push_bind(now),
+                _ => query
+                    .push(" AND NOT paused AND (starts_at IS NULL OR starts_at <= ")
+                    .push_bind(now)
+                    .push(")"),
+            };
+        }
+    }
+    query.push(" ORDER BY seq LIMIT ").push_bind(limit);
+    let rows = query.build().fetch_all(pool).await?;
+    rows.iter()
+        .map(|row| {
+            let sku: String = row.try_get("sku")?;
+            let sku = SkuId::parse(&sku)
+                .ok_or_else(|| Error::Internal(format!("SKU id {sku:?} in MySQL")))?;
+            Ok((row.try_get("seq")?, sku, sku_record_from_row(row)?))
+        })
+        .collect()
+}
+
+/// Pauses or resumes a SKU's sale in the record (the caller holds its admin lock).
+pub async fn set_paused(conn: &mut MySqlConnection, sku: &SkuId, paused: bool) -> Result<()> {
+    let _turn = crate::explore::mysql_step("set_paused").await;
+    sqlx::query("UPDATE skus SET paused = ? WHERE sku = ?")
+        .bind(paused)
+        .bind(sku.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// A per-SKU MySQL named lock (GET_LOCK): admin writes of one SKU run one at a time
@@ -146,7 +251,7 @@ pub struct SkuRecord {
 pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("sku_record").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -158,7 +263,7 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
 pub async fn sku_record_in(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("sku_record_in").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -180,6 +285,8 @@ fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
                 .try_get::<Option<NaiveDateTime>, _>("ends_at")?
                 .map(datetime_to_ms),
             buckets: row.try_get("buckets")?,
+            // BOOLEAN is TINYINT(1); MariaDB does not always say so to the driver.
+            paused: row.try_get::<i8, _>("paused")? != 0,
         },
         sold: row.try_get("sold")?,
     })
@@ -204,6 +311,7 @@ pub enum OutboxEvent {
     /// A compensation resolved before the flush wrote it.
     CompensationResolved {
         id: String,
+        resolution: Resolution,
     },
 }
 
@@ -340,6 +448,7 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
                     reason: CompensationReason::DuplicatePayment,
                     resolved: false,
                     created_at_ms: confirmed_at(events, &r.reservation_id, payment_ref),
+                    resolution: Resolution::default(),
                 }),
             }
         }
@@ -384,24 +493,21 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
     );
     insert_compensations(&mut tx, &compensations).await?;
     record_reservations(&mut tx, events).await?;
-    let resolved: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match e {
-            OutboxEvent::CompensationResolved { id } => Some(id.as_str()),
-            _ => None,
-        })
-        .collect();
-    if !resolved.is_empty() {
-        let mut update = QueryBuilder::<MySql>::new(
-            "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3)
-             WHERE status = 'open' AND id IN (",
-        );
-        let mut list = update.separated(", ");
-        for id in &resolved {
-            list.push_bind(*id);
+    // Resolves made before the flush wrote the compensation (one row each: rare).
+    for event in events {
+        if let OutboxEvent::CompensationResolved { id, resolution } = event {
+            sqlx::query(
+                "UPDATE compensations SET status = 'resolved',
+                   resolved_at = COALESCE(?, CURRENT_TIMESTAMP(3)), refund_ref = ?, note = ?
+                 WHERE status = 'open' AND id = ?",
+            )
+            .bind(resolution.at_ms.map(ms_to_datetime))
+            .bind(resolution.refund_ref.as_deref())
+            .bind(resolution.note.as_deref())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
-        update.push(")");
-        update.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(applied)
@@ -675,8 +781,8 @@ pub async fn open_flush_compensations(
     rows.iter().map(compensation_from_row).collect()
 }
 
-const COMPENSATION_COLUMNS: &str =
-    "id, reservation_id, sku, user_id, quantity, payment_ref, reason, status, created_at";
+const COMPENSATION_COLUMNS: &str = "id, reservation_id, sku, user_id, quantity, payment_ref, \
+     reason, status, created_at, resolved_at, refund_ref, note";
 
 fn compensation_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Compensation> {
     let reason: String = row.try_get("reason")?;
@@ -692,14 +798,22 @@ fn compensation_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Compensation> {
             .ok_or_else(|| Error::Internal(format!("compensation reason {reason:?}")))?,
         resolved: status == "resolved",
         created_at_ms: datetime_to_ms(row.try_get("created_at")?),
+        resolution: Resolution {
+            at_ms: row
+                .try_get::<Option<NaiveDateTime>, _>("resolved_at")?
+                .map(datetime_to_ms),
+            refund_ref: row.try_get("refund_ref")?,
+            note: row.try_get("note")?,
+        },
     })
 }
 
-/// Oldest first.
+/// Oldest first (by created_at, then id), after `after` (a page's last (created_at, id)).
 pub async fn list_compensations(
     pool: &MySqlPool,
     resolved: Option<bool>,
     sku: Option<&SkuId>,
+    after: Option<&(i64, String)>,
     limit: u32,
 ) -> Result<Vec<Compensation>> {
     let _turn = crate::explore::mysql_step("list_compensations").await;
@@ -714,6 +828,16 @@ pub async fn list_compensations(
     if let Some(sku) = sku {
         query.push(" AND sku = ").push_bind(sku.as_str());
     }
+    if let Some((at_ms, id)) = after {
+        query
+            .push(" AND (created_at > ")
+            .push_bind(ms_to_datetime(*at_ms))
+            .push(" OR (created_at = ")
+            .push_bind(ms_to_datetime(*at_ms))
+            .push(" AND id > ")
+            .push_bind(id.as_str())
+            .push("))");
+    }
     query
         .push(" ORDER BY created_at, id LIMIT ")
         .push_bind(limit);
@@ -721,13 +845,21 @@ pub async fn list_compensations(
     rows.iter().map(compensation_from_row).collect()
 }
 
-/// Idempotent: resolving a resolved compensation changes nothing.
-pub async fn resolve_compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {
+/// Idempotent: resolving a resolved compensation changes nothing (its first refund
+/// reference and note stay).
+pub async fn resolve_compensation(
+    pool: &MySqlPool,
+    id: &str,
+    resolution: &Resolution,
+) -> Result<Option<Compensation>> {
     // Its inner calls are the explorer's steps.
     sqlx::query(
-        "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3)
+        "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3),
+           refund_ref = ?, note = ?
          WHERE id = ? AND status = 'open'",
     )
+    .bind(resolution.refund_ref.as_deref())
+    .bind(resolution.note.as_deref())
     .bind(id)
     .execute(pool)
     .await?;
@@ -777,7 +909,7 @@ pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, M
 pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("lock_sku_record").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
          FROM skus WHERE sku = ? FOR UPDATE",
     )
     .bind(sku.as_str())

@@ -15,7 +15,7 @@ use crate::ids::{self, SkuId};
 use crate::keys::SkuKeys;
 use crate::limits;
 use crate::reservation::{
-    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+    Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
 };
 use crate::sold_out::{FlagCheck, SoldOutFlags};
 use crate::store::{
@@ -406,6 +406,7 @@ impl Gateway {
                 reason,
                 resolved: false,
                 created_at_ms: now_ms,
+                resolution: Resolution::default(),
             },
             db::FoundBy::Record,
         )
@@ -510,18 +511,7 @@ impl Gateway {
                 let record = db::sku_record(&self.db, sku)
                     .await?
                     .ok_or(Error::Refused(Refusal::NotFound))?;
-                let d = &record.definition;
-                Ok(Sku {
-                    sku: sku.to_string(),
-                    stock_total: d.stock_total,
-                    available: d.stock_total.saturating_sub(record.sold),
-                    held: 0,
-                    sold: record.sold,
-                    per_user_limit: d.per_user_limit,
-                    hold_seconds: d.hold_seconds,
-                    starts_at_ms: d.starts_at_ms,
-                    ends_at_ms: d.ends_at_ms,
-                })
+                Ok(record_view(sku, &record))
             }
             other => other,
         }
@@ -546,6 +536,7 @@ impl Gateway {
                 Ok((bucket, _)) => {
                     sum.held += bucket.held;
                     sum.sold += bucket.sold;
+                    sum.paused |= bucket.paused;
                 }
                 // Retired and its tombstone gone before bucket 0's: nothing held.
                 Err(Error::Refused(Refusal::NotFound)) => {}
@@ -595,6 +586,97 @@ impl Gateway {
         Ok(loaded)
     }
 
+    /// A page of SKUs, oldest definition first, each with its view (from Redis, or
+    /// MySQL's record for one retired) and its state; and the cursor of the next page.
+    pub async fn list_skus(
+        &self,
+        state: Option<db::SkuState>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<(Vec<(Sku, db::SkuState)>, Option<u64>)> {
+        let now_ms = crate::explore::host_clock_ms();
+        let page = db::list_skus(&self.db, state, after, now_ms, limit).await?;
+        let next = (page.len() == limit as usize)
+            .then(|| page.last().map(|(seq, _, _)| *seq))
+            .flatten();
+        // A few at a time: a page of 1000 must not take every pooled connection.
+        let mut items = Vec::with_capacity(page.len());
+        for chunk in page.chunks(limits::LISTING_CONCURRENCY) {
+            let views = chunk.iter().map(|(_, sku, record)| async move {
+                let view = match self.sku(sku).await {
+                    Ok(view) => view,
+                    // One SKU Redis cannot show (unreachable, or its keys broken) is
+                    // listed from MySQL's record rather than failing the page.
+                    Err(e) => {
+                        tracing::warn!(%sku, error = %e, "SKU listed from MySQL's record");
+                        record_view(sku, record)
+                    }
+                };
+                (view, db::SkuState::of(&record.definition, now_ms))
+            });
+            items.extend(futures::future::join_all(views).await);
+        }
+        Ok((items, next))
+    }
+
+    /// When the SKU's sale starts, as Redis sells it (bucket 0's terms are every
+    /// bucket's); None without a start or a sale.
+    pub async fn starts_at(&self, sku: &SkuId) -> Result<Option<i64>> {
+        self.store.starts_at(sku).await
+    }
+
+    /// Pauses (or resumes) a SKU's sale: reserves answer `paused` while everything else
+    /// goes on. Idempotent. MySQL first (a rebuild from MySQL keeps it), then every
+    /// sale of the SKU in Redis (a bucket Redis lost gets it with its rebuild; one
+    /// retired has nothing to sell), under the SKU's admin lock.
+    pub async fn set_paused(&self, sku: &SkuId, paused: bool) -> Result<Sku> {
+        let mut conn = self.db.acquire().await?;
+        conn.close_on_drop();
+        db::SkuLock::acquire(&mut conn, sku).await?;
+        let applied = self.set_paused_locked(&mut conn, sku, paused).await;
+        db::SkuLock::release(&mut conn, sku).await?;
+        applied?;
+        if !paused {
+            self.sold_out.lower(sku);
+        }
+        self.sku(sku).await
+    }
+
+    async fn set_paused_locked(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        sku: &SkuId,
+        paused: bool,
+    ) -> Result<()> {
+        let record = db::sku_record_in(&mut *conn, sku)
+            .await?
+            .ok_or(Error::Refused(Refusal::NotFound))?;
+        db::set_paused(&mut *conn, sku, paused).await?;
+        let definition = SkuDefinition {
+            paused,
+            ..record.definition
+        };
+        let unchanged = BucketStock {
+            if_new: None,
+            change: Some(0),
+        };
+        for sale in buckets::sales(sku, definition.buckets) {
+            if !self.store.sale_is_live(&sale).await? {
+                continue;
+            }
+            match self
+                .store
+                .load_bucket(&sale, &definition, &unchanged, 0)
+                .await
+            {
+                // Lost since the look: its rebuild takes the pause from MySQL.
+                Ok(_) | Err(Error::Unavailable { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     async fn define_sku_locked(
         &self,
         conn: &mut sqlx::MySqlConnection,
@@ -611,6 +693,11 @@ impl Gateway {
         {
             return Err(Error::Refused(Refusal::BucketsChanged));
         }
+        // A PUT keeps the SKU's pause: only pause and resume change it.
+        let definition = &SkuDefinition {
+            paused: previous.as_ref().is_some_and(|p| p.definition.paused),
+            ..definition.clone()
+        };
         if definition.buckets > 1 {
             return self
                 .define_buckets_locked(conn, sku, definition, previous)
@@ -788,13 +875,16 @@ impl Gateway {
     /// Oldest first: MySQL's record, merged with the compensations still waiting in
     /// Redis for the flush (so one handed out a moment ago is listed at once, also
     /// while MySQL is down).
+    /// Oldest first (created_at, then id), after `after` (the last of a page: the
+    /// cursor `next` of `GET /v1/compensations`).
     pub async fn compensations(
         &self,
         resolved: Option<bool>,
         sku: Option<&SkuId>,
+        after: Option<&(i64, String)>,
         limit: u32,
     ) -> Result<Vec<Compensation>> {
-        let recorded = db::list_compensations(&self.db, resolved, sku, limit).await;
+        let recorded = db::list_compensations(&self.db, resolved, sku, after, limit).await;
         let pending = self.store.pending_compensations().await;
         let (recorded, pending) = match (recorded, pending) {
             (Err(e), Err(_)) => return Err(e),
@@ -806,13 +896,19 @@ impl Gateway {
         for c in pending {
             merged
                 .entry(c.id.clone())
-                .and_modify(|m| m.resolved |= c.resolved)
+                .and_modify(|m| {
+                    if c.resolved && !m.resolved {
+                        m.resolved = true;
+                        m.resolution = c.resolution.clone();
+                    }
+                })
                 .or_insert(c);
         }
         let mut items: Vec<Compensation> = merged
             .into_values()
             .filter(|c| resolved.is_none_or(|r| c.resolved == r))
             .filter(|c| sku.is_none_or(|s| c.sku == s.as_str()))
+            .filter(|c| after.is_none_or(|(at, id)| (c.created_at_ms, &c.id) > (*at, id)))
             .collect();
         items.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         items.truncate(limit as usize);
@@ -825,7 +921,10 @@ impl Gateway {
         let pending = self.store.pending_compensation(id).await?;
         match (recorded, pending) {
             (Ok(Some(mut c)), Some(p)) => {
-                c.resolved |= p.resolved;
+                if p.resolved && !c.resolved {
+                    c.resolved = true;
+                    c.resolution = p.resolution;
+                }
                 Ok(c)
             }
             (Ok(Some(c)), None) | (_, Some(c)) => Ok(c),
@@ -836,18 +935,43 @@ impl Gateway {
 
     /// Idempotent. In MySQL when it has the compensation; else in Redis, from where the
     /// flush applies it after writing the compensation.
-    pub async fn resolve_compensation(&self, id: &str) -> Result<Compensation> {
-        let recorded = db::resolve_compensation(&self.db, id).await;
+    pub async fn resolve_compensation(
+        &self,
+        id: &str,
+        resolution: &Resolution,
+    ) -> Result<Compensation> {
+        let recorded = db::resolve_compensation(&self.db, id, resolution).await;
         if let Ok(Some(c)) = recorded {
             return Ok(c);
         }
-        match self.store.resolve_pending_compensation(id).await? {
+        match self
+            .store
+            .resolve_pending_compensation(id, resolution)
+            .await?
+        {
             Some(c) => Ok(c),
             None => match recorded {
                 Err(e) => Err(e),
                 _ => Err(Error::Refused(Refusal::NotFound)),
             },
         }
+    }
+}
+
+/// A SKU's view from MySQL's record alone: nothing held (a retired SKU has no holds).
+fn record_view(sku: &SkuId, record: &db::SkuRecord) -> Sku {
+    let d = &record.definition;
+    Sku {
+        sku: sku.to_string(),
+        stock_total: d.stock_total,
+        available: d.stock_total.saturating_sub(record.sold),
+        held: 0,
+        sold: record.sold,
+        per_user_limit: d.per_user_limit,
+        hold_seconds: d.hold_seconds,
+        starts_at_ms: d.starts_at_ms,
+        ends_at_ms: d.ends_at_ms,
+        paused: d.paused,
     }
 }
 

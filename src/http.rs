@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, Request, State};
-use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -28,7 +28,7 @@ use crate::gateway::Gateway;
 use crate::ids::SkuId;
 use crate::limits;
 use crate::reservation::{
-    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+    Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
 };
 use crate::telemetry;
 use utoipa::{IntoParams, ToSchema};
@@ -57,8 +57,11 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 14] = [
+const ROUTES: [&str; 17] = [
+    "/v1/admin/skus",
     "/v1/admin/skus/{sku}",
+    "/v1/admin/skus/{sku}/pause",
+    "/v1/admin/skus/{sku}/resume",
     "/v1/skus/{sku}",
     "/v1/skus/{sku}/reservations",
     "/v1/reservations/{id}",
@@ -75,11 +78,14 @@ const ROUTES: [&str; 14] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_sku, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics, openapi_route] =
+    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
+        .route(admin_skus, get(list_skus))
         .route(admin_sku, put(define_sku))
+        .route(pause, post(pause_sku))
+        .route(resume, post(resume_sku))
         .route(sku, get(get_sku))
         .route(
             reservations,
@@ -242,7 +248,8 @@ fn refusal_status(refusal: Refusal) -> StatusCode {
         | Refusal::ReservationExpired
         | Refusal::ReservationCancelled
         | Refusal::StockBelowCommitted
-        | Refusal::BucketsChanged => StatusCode::CONFLICT,
+        | Refusal::BucketsChanged
+        | Refusal::Paused => StatusCode::CONFLICT,
     }
 }
 
@@ -264,6 +271,7 @@ fn refusal_detail(refusal: Refusal) -> &'static str {
         Refusal::BucketsChanged => {
             "a SKU keeps the number of buckets it was created with; define a new SKU instead"
         }
+        Refusal::Paused => "an operator paused the sale of this SKU; retry later",
     }
 }
 
@@ -595,9 +603,10 @@ fn visible_ascii(value: &str, max: usize) -> bool {
 }
 
 /// `PUT /v1/admin/skus/{sku}`: the whole definition; omitted optional fields take
-/// their defaults. Unknown fields are ignored. Integers are written as integers
-/// (`600.0` is refused).
+/// their defaults. A field it does not know is refused (a misspelt one must never
+/// silently take its default). Integers are written as integers (`600.0` is refused).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct DefineSku {
     /// Units on sale.
     #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)]
@@ -652,6 +661,8 @@ impl DefineSku {
             starts_at_ms: timestamp("starts_at", self.starts_at.as_deref())?,
             ends_at_ms: timestamp("ends_at", self.ends_at.as_deref())?,
             buckets: within("buckets", self.buckets, 1..=u64::from(buckets::BUCKETS_MAX))? as u32,
+            // A PUT keeps the SKU's pause (Gateway::define_sku carries it over).
+            paused: false,
         };
         if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
             if ends <= starts {
@@ -821,6 +832,8 @@ struct SkuView {
     /// Null when the sale has no end.
     #[schema(format = DateTime)]
     ends_at: Option<String>,
+    /// Paused by an operator: reserves answer `409 paused`, the rest goes on.
+    paused: bool,
 }
 
 impl From<Sku> for SkuView {
@@ -835,6 +848,7 @@ impl From<Sku> for SkuView {
             hold_seconds: s.hold_seconds,
             starts_at: s.starts_at_ms.map(rfc3339_ms),
             ends_at: s.ends_at_ms.map(rfc3339_ms),
+            paused: s.paused,
         }
     }
 }
@@ -859,6 +873,13 @@ struct CompensationView {
     status: CompensationStatus,
     #[schema(format = DateTime)]
     created_at: String,
+    /// When it was resolved; null while open.
+    #[schema(format = DateTime)]
+    resolved_at: Option<String>,
+    /// The refund's reference given when resolving; null if none.
+    refund_ref: Option<String>,
+    /// The note given when resolving; null if none.
+    note: Option<String>,
 }
 
 impl From<Compensation> for CompensationView {
@@ -877,6 +898,9 @@ impl From<Compensation> for CompensationView {
                 CompensationStatus::Open
             },
             created_at: rfc3339_ms(c.created_at_ms),
+            resolved_at: c.resolution.at_ms.map(rfc3339_ms),
+            refund_ref: c.resolution.refund_ref,
+            note: c.resolution.note,
         }
     }
 }
@@ -892,6 +916,9 @@ struct CompensationQuery {
     /// Only this SKU's.
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
     sku: Option<String>,
+    /// The `next` of the page before (opaque); absent: from the oldest.
+    #[param(max_length = 128)]
+    after: Option<String>,
     /// At most this many, default 100.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
@@ -901,13 +928,67 @@ struct CompensationQuery {
 #[derive(Serialize, ToSchema)]
 struct CompensationList {
     items: Vec<CompensationView>,
+    /// The cursor of the next page (`after=`); null when this page is the last.
+    next: Option<String>,
+}
+
+/// The cursor after a compensation: `<created_at ms>.<id>` ('.' is in no id).
+fn compensation_cursor(c: &Compensation) -> String {
+    format!("{}.{}", c.created_at_ms, c.id)
+}
+
+fn parse_compensation_cursor(raw: &str) -> Result<(i64, String), Problem> {
+    raw.split_once('.')
+        .and_then(|(at, id)| {
+            let at: i64 = at.parse().ok().filter(|at| *at >= 0)?;
+            (!id.is_empty() && id.len() <= 64).then(|| (at, id.to_owned()))
+        })
+        .ok_or_else(|| Problem::invalid("`after` is the `next` of an earlier page"))
+}
+
+/// `POST /v1/compensations/{id}/resolve`; the body is optional.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    /// The refund's reference in the payment system.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$")]
+    refund_ref: Option<String>,
+    /// A note for the record.
+    #[schema(max_length = 500)]
+    note: Option<String>,
+}
+
+impl ResolveBody {
+    fn resolution(self) -> Result<Resolution, Problem> {
+        if let Some(r) = &self.refund_ref {
+            if !visible_ascii(r, 128) {
+                return Err(Problem::invalid(
+                    "`refund_ref` is 1..=128 visible ASCII characters",
+                ));
+            }
+        }
+        if self.note.as_ref().is_some_and(|n| n.chars().count() > 500) {
+            return Err(Problem::invalid("`note` is at most 500 characters"));
+        }
+        Ok(Resolution {
+            at_ms: None,
+            refund_ref: self.refund_ref,
+            note: self.note,
+        })
+    }
 }
 
 /// `GET /healthz`.
 #[derive(Serialize, ToSchema)]
 struct Health {
     #[schema(example = "ok")]
-    status: String,
+    status: &'static str,
+    /// The crate version of this binary.
+    #[schema(example = "0.1.0")]
+    version: &'static str,
+    /// The commit it was built from, or `unknown`.
+    #[schema(example = "8aa505c1d2e3")]
+    build: &'static str,
 }
 
 type ApiResult<T> = Result<T, Problem>;
@@ -935,6 +1016,136 @@ async fn define_sku(
     let definition = json_body::<DefineSku>(&body)?.definition()?;
     let sku = state.gateway.define_sku(&sku, &definition).await?;
     Ok(Json(sku.into()))
+}
+
+/// Pause a SKU's sale (idempotent): reserves answer `409 paused`; confirms, cancels
+/// and payments go on.
+#[utoipa::path(
+    post, path = "/v1/admin/skus/{sku}/pause", tag = "admin",
+    params(openapi::SkuPath),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The SKU, paused", body = SkuView),
+        (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+async fn pause_sku(
+    State(state): State<SharedState>,
+    _: Service,
+    Path(sku): Path<String>,
+) -> ApiResult<Json<SkuView>> {
+    let sku = sku_id(&sku)?;
+    Ok(Json(state.gateway.set_paused(&sku, true).await?.into()))
+}
+
+/// Resume a paused SKU's sale (idempotent).
+#[utoipa::path(
+    post, path = "/v1/admin/skus/{sku}/resume", tag = "admin",
+    params(openapi::SkuPath),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The SKU, on sale again", body = SkuView),
+        (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+async fn resume_sku(
+    State(state): State<SharedState>,
+    _: Service,
+    Path(sku): Path<String>,
+) -> ApiResult<Json<SkuView>> {
+    let sku = sku_id(&sku)?;
+    Ok(Json(state.gateway.set_paused(&sku, false).await?.into()))
+}
+
+/// The query of `GET /v1/admin/skus`, checked by hand.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SkuListQuery {
+    /// Which SKUs; default all.
+    #[param(value_type = Option<openapi::SkuStateFilter>)]
+    state: Option<String>,
+    /// The `next` of the page before (opaque); absent: from the oldest.
+    #[param(max_length = 20)]
+    after: Option<String>,
+    /// At most this many, default 100.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+/// A SKU of the listing: its view and its state.
+#[derive(Serialize, ToSchema)]
+struct SkuListItem {
+    #[serde(flatten)]
+    sku: SkuView,
+    state: crate::db::SkuState,
+}
+
+/// `GET /v1/admin/skus`: oldest definition first.
+#[derive(Serialize, ToSchema)]
+struct SkuList {
+    items: Vec<SkuListItem>,
+    /// The cursor of the next page (`after=`); null when this page is the last.
+    next: Option<String>,
+}
+
+/// The SKUs defined, oldest definition first, with their state and counters.
+#[utoipa::path(
+    get, path = "/v1/admin/skus", tag = "admin",
+    params(SkuListQuery),
+    security(("service_token" = [])),
+    responses(
+        (status = 200, description = "The page", body = SkuList),
+    )
+)]
+async fn list_skus(
+    State(state): State<SharedState>,
+    _: Service,
+    Query(query): Query<SkuListQuery>,
+) -> ApiResult<Json<SkuList>> {
+    let filter = match query.state.as_deref() {
+        None | Some("all") => None,
+        Some(raw) => Some(crate::db::SkuState::parse(raw).ok_or_else(|| {
+            Problem::invalid("`state` is on_sale, scheduled, ended, paused or all")
+        })?),
+    };
+    let after = query
+        .after
+        .as_deref()
+        .map(|raw| {
+            raw.parse::<u64>()
+                .map_err(|_| Problem::invalid("`after` is the `next` of an earlier page"))
+        })
+        .transpose()?;
+    let limit = page_limit(query.limit.as_deref())?;
+    let (page, next) = state.gateway.list_skus(filter, after, limit).await?;
+    let items = page
+        .into_iter()
+        .map(|(sku, state)| SkuListItem {
+            sku: sku.into(),
+            state,
+        })
+        .collect();
+    Ok(Json(SkuList {
+        items,
+        next: next.map(|seq| seq.to_string()),
+    }))
+}
+
+/// A page's `limit`: 1..=1000, default 100.
+fn page_limit(raw: Option<&str>) -> Result<u32, Problem> {
+    match raw {
+        None => Ok(limits::COMPENSATIONS_PAGE_DEFAULT),
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=limits::COMPENSATIONS_PAGE_MAX).contains(n))
+            .ok_or_else(|| {
+                Problem::invalid(format!(
+                    "`limit` is an integer within 1..={}",
+                    limits::COMPENSATIONS_PAGE_MAX
+                ))
+            }),
+    }
 }
 
 /// A SKU's definition and counters.
@@ -967,7 +1178,7 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
         (status = 201, description = "The hold (new, or replayed)", body = ReservationView,
             headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
         (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` or `ended`", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` (with `starts_at` and `Retry-After`), `ended` or `paused`", body = openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused`: same key, other body", body = openapi::ProblemBody, content_type = "application/problem+json"),
     )
 )]
@@ -980,10 +1191,13 @@ async fn reserve(
 ) -> ApiResult<Response> {
     let sku = sku_id(&sku)?;
     let quantity = json_body::<ReserveBody>(&body)?.quantity()?;
-    let (reservation, replayed) = state
-        .gateway
-        .reserve(&sku, &user_id, quantity, &key)
-        .await?;
+    let (reservation, replayed) = match state.gateway.reserve(&sku, &user_id, quantity, &key).await
+    {
+        Err(Error::Refused(Refusal::NotStarted)) => {
+            return Ok(not_started(&state, &sku).await);
+        }
+        other => other?,
+    };
     let mut response = (
         StatusCode::CREATED,
         Json(ReservationView::from(reservation)),
@@ -996,6 +1210,26 @@ async fn reserve(
         response.extensions_mut().insert(Outcome("replayed"));
     }
     Ok(response)
+}
+
+/// `409 not_started` with the start (`starts_at`) and `Retry-After` (seconds to it, at
+/// least 1), read from Redis only on this path.
+async fn not_started(state: &AppState, sku: &SkuId) -> Response {
+    let mut problem = Problem::refused(Refusal::NotStarted);
+    let Ok(Some(starts_at_ms)) = state.gateway.starts_at(sku).await else {
+        return problem.into_response();
+    };
+    problem.rendered = None;
+    let mut extra = Map::new();
+    extra.insert("starts_at".into(), Value::String(rfc3339_ms(starts_at_ms)));
+    problem.extra = Some(extra);
+    let wait_ms = (starts_at_ms - crate::explore::host_clock_ms()).max(0) as u64;
+    let mut response = problem.into_response();
+    response.headers_mut().insert(
+        RETRY_AFTER,
+        HeaderValue::from(wait_ms.div_ceil(1000).max(1)),
+    );
+    response
 }
 
 /// A reservation, to its owner or the service.
@@ -1110,33 +1344,29 @@ async fn list_compensations(
         Some(_) => return Err(Problem::invalid("`status` is open, resolved or all")),
     };
     let sku = query.sku.as_deref().map(sku_id).transpose()?;
-    let limit = match query.limit {
-        None => limits::COMPENSATIONS_PAGE_DEFAULT,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=limits::COMPENSATIONS_PAGE_MAX).contains(n))
-            .ok_or_else(|| {
-                Problem::invalid(format!(
-                    "`limit` is an integer within 1..={}",
-                    limits::COMPENSATIONS_PAGE_MAX
-                ))
-            })?,
-    };
-    let items: Vec<CompensationView> = state
+    let limit = page_limit(query.limit.as_deref())?;
+    let after = query
+        .after
+        .as_deref()
+        .map(parse_compensation_cursor)
+        .transpose()?;
+    let page = state
         .gateway
-        .compensations(resolved, sku.as_ref(), limit)
-        .await?
-        .into_iter()
-        .map(CompensationView::from)
-        .collect();
-    Ok(Json(CompensationList { items }))
+        .compensations(resolved, sku.as_ref(), after.as_ref(), limit)
+        .await?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last().map(compensation_cursor))
+        .flatten();
+    let items = page.into_iter().map(CompensationView::from).collect();
+    Ok(Json(CompensationList { items, next }))
 }
 
 /// Mark a compensation refunded (idempotent).
 #[utoipa::path(
     post, path = "/v1/compensations/{id}/resolve", tag = "compensations",
     params(openapi::CompensationPath),
+    request_body(content = ResolveBody, content_type = "application/json",
+        description = "Optional: a refund reference and a note, kept with the compensation"),
     security(("service_token" = [])),
     responses(
         (status = 200, description = "Status `resolved`", body = CompensationView),
@@ -1147,9 +1377,20 @@ async fn resolve_compensation(
     State(state): State<SharedState>,
     _: Service,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> ApiResult<Json<CompensationView>> {
     let id = compensation_id(&id)?;
-    Ok(Json(state.gateway.resolve_compensation(id).await?.into()))
+    let resolution = match body.is_empty() {
+        true => Resolution::default(),
+        false => json_body::<ResolveBody>(&body)?.resolution()?,
+    };
+    Ok(Json(
+        state
+            .gateway
+            .resolve_compensation(id, &resolution)
+            .await?
+            .into(),
+    ))
 }
 
 /// One compensation.
@@ -1186,7 +1427,9 @@ fn compensation_id(raw: &str) -> Result<&str, Problem> {
 )]
 async fn healthz() -> Json<Health> {
     Json(Health {
-        status: "ok".into(),
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+        build: env!("FLASHGATE_BUILD"),
     })
 }
 

@@ -397,6 +397,10 @@ mod tests {
         assert!(accepting.issued(&IdKey::from_id_key(id_key).new_reservation_id_in("s")));
         // Nothing to sign with: no key set.
         assert!(IdKeys::new(None, &[id_key], &[]).is_none());
+        // A key listed twice (a secret also among the previous ones) still vouches.
+        let twice = IdKeys::new(Some(id_key), &[id_key], &[secret, secret]).unwrap();
+        assert!(twice.issued(&IdKey::derive(secret).new_reservation_id_in("s")));
+        assert!(twice.issued(&twice.new_reservation_id_in("s")));
     }
 
     #[test]

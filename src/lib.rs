@@ -1,7 +1,7 @@
 //! flashgate: a flash-sale reservation gateway. Holds are taken atomically by Lua
 //! scripts in Redis (`store`, `lua/`); a worker flushes confirmed sales and
 //! compensations to MySQL (`worker`, `db`) and a reconciler repairs drift (`reconcile`).
-//! See ARCHITECTURE.md for the map.
+//! See docs/design.md for the map.
 
 pub mod admission;
 pub mod auth;

@@ -207,3 +207,6 @@ pub const RESTORE_BATCH: usize = 500;
 /// Idempotency-key claims a rebuild of one SKU restores at most (the latest kept
 /// first): every key of a sale's lifetime fits many times over.
 pub const RESTORE_CLAIMS_MAX: u32 = 2_000_000;
+
+/// SKU views read at once for one page of `GET /v1/admin/skus`.
+pub const LISTING_CONCURRENCY: usize = 8;

@@ -218,8 +218,8 @@ struct Snapshot {
     live_per_user: Option<HashMap<String, i64>>,
     /// The `used` hash; None when too many users to read.
     used: Option<HashMap<String, i64>>,
-    /// per_user_limit, hold_ms, starts_at, ends_at as Redis has them.
-    terms: [String; 4],
+    /// per_user_limit, hold_ms, starts_at, ends_at, paused as Redis has them.
+    terms: [String; 5],
 }
 
 impl Snapshot {
@@ -300,7 +300,8 @@ fn parse_head(reply: &[String]) -> Result<Option<Snapshot>> {
         return Ok(None);
     }
     let bad = || Error::Internal(format!("unexpected check reply {reply:?}"));
-    if reply.len() != 13 {
+    // 13 fields from a script before `paused` was a term, else 14.
+    if !matches!(reply.len(), 13 | 14) {
         return Err(bad());
     }
     let n = |i: usize| -> Result<i64> { reply[i].parse().map_err(|_| bad()) };
@@ -320,6 +321,7 @@ fn parse_head(reply: &[String]) -> Result<Option<Snapshot>> {
             reply[10].clone(),
             reply[11].clone(),
             reply[12].clone(),
+            reply.get(13).cloned().unwrap_or_else(|| "0".into()),
         ],
     }))
 }
@@ -1269,7 +1271,7 @@ async fn compare(
         finding(
             "terms_mismatch",
             format!(
-                "Redis sells under [per_user_limit, hold_ms, starts_at, ends_at] = {:?}, \
+                "Redis sells under [per_user_limit, hold_ms, starts_at, ends_at, paused] = {:?}, \
                  MySQL defines {terms:?}",
                 snap.terms
             ),
@@ -1493,16 +1495,26 @@ fn used_drift(
     drift
 }
 
-/// Redis's terms of sale ([per_user_limit, hold_ms, starts_at, ends_at]) as MySQL
+/// Redis's terms of sale ([per_user_limit, hold_ms, starts_at, ends_at, paused]) as MySQL
 /// defines them.
-fn terms_of(definition: &SkuDefinition) -> [String; 4] {
+fn terms_of(definition: &SkuDefinition) -> [String; 5] {
     let ms = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
     [
         definition.per_user_limit.to_string(),
         (definition.hold_seconds * 1000).to_string(),
         ms(definition.starts_at_ms),
         ms(definition.ends_at_ms),
+        paused_arg(definition.paused).into(),
     ]
+}
+
+/// The `paused` term as the scripts take it.
+pub fn paused_arg(paused: bool) -> &'static str {
+    if paused {
+        "1"
+    } else {
+        "0"
+    }
 }
 
 /// What a repair adds to Redis's counters: the differences found at the check's
@@ -1609,7 +1621,7 @@ mod tests {
             (10, 5, 3, 2)
         );
         assert_eq!((snap.now_ms, snap.ghosts), (1000, 1));
-        assert_eq!(snap.terms, ["2", "600000", "", "9"].map(String::from));
+        assert_eq!(snap.terms, ["2", "600000", "", "9", "0"].map(String::from));
         assert!(snap.live_held.is_none() && snap.used.is_none());
         assert!(parse_head(&reply(&["ok", "1", "x"])).is_err());
         assert_eq!(EntryId::parse("5-2").unwrap(), EntryId(5, 2));

@@ -62,6 +62,8 @@ pub struct Sku {
     pub hold_seconds: u64,
     pub starts_at_ms: Option<i64>,
     pub ends_at_ms: Option<i64>,
+    /// Paused by an operator: reserves answer `paused`, everything else goes on.
+    pub paused: bool,
 }
 
 /// A SKU definition as an operator writes it (`PUT /v1/admin/skus/{sku}`).
@@ -74,6 +76,8 @@ pub struct SkuDefinition {
     pub ends_at_ms: Option<i64>,
     /// Redis hash slots the stock is split over (src/buckets.rs); fixed at creation.
     pub buckets: u32,
+    /// Paused by an operator (`POST /v1/admin/skus/{sku}/pause`); a PUT keeps it.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -115,6 +119,17 @@ pub struct Compensation {
     pub reason: CompensationReason,
     pub resolved: bool,
     pub created_at_ms: i64,
+    /// How it was resolved (all None while open).
+    pub resolution: Resolution,
+}
+
+/// What an operator says when resolving a compensation: the refund's reference in
+/// their payment system and a note; `at_ms` is when it was resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    pub at_ms: Option<i64>,
+    pub refund_ref: Option<String>,
+    pub note: Option<String>,
 }
 
 /// Business outcomes a client can act on; each has a stable contract code.
@@ -133,10 +148,12 @@ pub enum Refusal {
     StockBelowCommitted,
     /// An admin PUT asked a defined SKU for another number of buckets.
     BucketsChanged,
+    /// An operator paused the SKU's sale.
+    Paused,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 12] = [
+    pub const ALL: [Refusal; 13] = [
         Refusal::NotFound,
         Refusal::SoldOut,
         Refusal::LimitExceeded,
@@ -149,6 +166,7 @@ impl Refusal {
         Refusal::ReservationCancelled,
         Refusal::StockBelowCommitted,
         Refusal::BucketsChanged,
+        Refusal::Paused,
     ];
 
     pub fn code(self) -> &'static str {
@@ -165,6 +183,7 @@ impl Refusal {
             Refusal::ReservationCancelled => "reservation_cancelled",
             Refusal::StockBelowCommitted => "stock_below_committed",
             Refusal::BucketsChanged => "buckets_changed",
+            Refusal::Paused => "paused",
         }
     }
 
@@ -183,6 +202,7 @@ impl Refusal {
             "reservation_cancelled" => Refusal::ReservationCancelled,
             "stock_below_committed" => Refusal::StockBelowCommitted,
             "buckets_changed" => Refusal::BucketsChanged,
+            "paused" => Refusal::Paused,
             _ => return None,
         })
     }

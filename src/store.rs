@@ -15,7 +15,7 @@ use crate::keys::{
 };
 use crate::limits;
 use crate::reservation::{
-    Compensation, CompensationReason, Refusal, Reservation, Sku, SkuDefinition, Status,
+    Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
 };
 
 /// The shared state machine, prepended to every script.
@@ -486,6 +486,9 @@ pub struct Swept {
     pub still_due: u64,
     /// Units available after it; None when the SKU has no state in Redis.
     pub available: Option<u64>,
+    /// Units held and sold after it, while the sale has its counters (not retired).
+    pub held: Option<u64>,
+    pub sold: Option<u64>,
     /// Index entries it looked at: expired holds and stale entries it dropped. Zero
     /// means there is nothing more this call could do.
     pub examined: u64,
@@ -918,6 +921,8 @@ impl Store {
             state,
             ends_at,
             buckets,
+            held,
+            sold,
         ): (
             u64,
             u64,
@@ -929,6 +934,8 @@ impl Store {
             String,
             Option<i64>,
             u32,
+            Option<u64>,
+            Option<u64>,
         ) = with_sale_keys(&SCRIPTS.sweep, &keys)
             .key(&keys.transfers)
             .arg(limits::SWEEP_BATCH)
@@ -943,6 +950,8 @@ impl Store {
             expired,
             still_due,
             available,
+            held,
+            sold,
             examined,
             now_ms,
             // A ZSET score comes back as text.
@@ -1151,6 +1160,7 @@ impl Store {
             .arg(stock.change.map_or(String::new(), |c| c.to_string()))
             .arg(definition.stock_total)
             .arg(if stock.if_new.is_none() { "1" } else { "" })
+            .arg(crate::reconcile::paused_arg(definition.paused))
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -1166,6 +1176,14 @@ impl Store {
             Some("reopened") => Ok(Loaded::Reopened),
             _ => Err(refusal_of(&reply)),
         }
+    }
+
+    /// The sale's start (ms) as its meta has it.
+    pub async fn starts_at(&self, sale: &SkuId) -> Result<Option<i64>> {
+        let keys = SkuKeys::new(sale);
+        let mut conn = self.conn.clone();
+        let starts_at: Option<String> = conn.hget(&keys.meta, "starts_at").await?;
+        Ok(starts_at.and_then(|ms| ms.parse().ok()))
     }
 
     /// Whether Redis has the sale on sale or ended, not lost nor retired (then a load
@@ -1244,8 +1262,8 @@ impl Store {
         if fields.is_empty() {
             return Err(Error::Refused(Refusal::NotFound));
         }
-        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends), sku_stock] =
-            <[Option<String>; 9]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
+        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends), sku_stock, paused] =
+            <[Option<String>; 10]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
         else {
             return Err(Error::Refused(Refusal::NotFound));
         };
@@ -1259,6 +1277,7 @@ impl Store {
             hold_seconds: number(&hold_ms)? / 1000,
             starts_at_ms: parse_optional_ms(&starts)?,
             ends_at_ms: parse_optional_ms(&ends)?,
+            paused: paused.as_deref() == Some("1"),
         };
         Ok((sku, sku_stock.as_deref().map(number).transpose()?))
     }
@@ -1505,7 +1524,11 @@ impl Store {
 
     /// Resolves a compensation the flush has not written yet (the flush applies the
     /// resolve after the compensation). None when Redis has no unflushed record of it.
-    pub async fn resolve_pending_compensation(&self, id: &str) -> Result<Option<Compensation>> {
+    pub async fn resolve_pending_compensation(
+        &self,
+        id: &str,
+        resolution: &Resolution,
+    ) -> Result<Option<Compensation>> {
         let mut conn = self.conn.clone();
         let sku: Option<String> = conn.hget(COMPENSATION_INDEX, id).await?;
         let Some(sku) = sku.as_deref().and_then(SkuId::of_tag) else {
@@ -1517,6 +1540,8 @@ impl Store {
             .key(&keys.comps)
             .key(&keys.outbox)
             .arg(id)
+            .arg(resolution.refund_ref.as_deref().unwrap_or_default())
+            .arg(resolution.note.as_deref().unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         match reply.as_slice() {
@@ -1862,13 +1887,28 @@ impl Store {
 }
 
 /// A compensation record as compensate() in lib.lua writes it:
-/// `[rid, user, quantity, payment_ref, reason, created_at_ms, status]`.
+/// `[rid, user, quantity, payment_ref, reason, created_at_ms, status]`, and once
+/// resolved (lua/resolve_compensation.lua) `resolved_at_ms, refund_ref, note` after it
+/// ('' for none).
 fn parse_compensation(sku: &SkuId, id: &str, raw: &str) -> Result<Compensation> {
     let fields: Vec<String> =
         serde_json::from_str(raw).map_err(|_| bad_reply("compensation record"))?;
-    let [rid, user, quantity, payment_ref, reason, created_at, status] = fields.as_slice() else {
-        return Err(bad_reply("compensation record arity"));
-    };
+    let ([rid, user, quantity, payment_ref, reason, created_at, status], resolution) =
+        match fields.as_slice() {
+            [head @ .., at, refund_ref, note] if fields.len() == 10 => (
+                <&[String; 7]>::try_from(head).map_err(|_| bad_reply("compensation record"))?,
+                Resolution {
+                    at_ms: at.parse().ok(),
+                    refund_ref: Some(refund_ref.clone()).filter(|r| !r.is_empty()),
+                    note: Some(note.clone()).filter(|n| !n.is_empty()),
+                },
+            ),
+            head if head.len() == 7 => (
+                <&[String; 7]>::try_from(head).map_err(|_| bad_reply("compensation record"))?,
+                Resolution::default(),
+            ),
+            _ => return Err(bad_reply("compensation record arity")),
+        };
     Ok(Compensation {
         id: id.to_owned(),
         reservation_id: rid.clone(),
@@ -1879,6 +1919,7 @@ fn parse_compensation(sku: &SkuId, id: &str, raw: &str) -> Result<Compensation> 
         reason: CompensationReason::parse(reason).ok_or_else(|| bad_reply("reason"))?,
         resolved: status == "resolved",
         created_at_ms: created_at.parse().map_err(|_| bad_reply("created_at"))?,
+        resolution,
     })
 }
 

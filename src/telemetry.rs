@@ -136,6 +136,14 @@ pub fn available_stock(sku: &str, available: u64) {
     sku_series().set(sku, |g| g.available = Some(available));
 }
 
+/// A sale's held and sold units (the worker's sweep sets them with `available_stock`).
+pub fn units(sale: &str, held: u64, sold: u64) {
+    sku_series().set(sale, |g| {
+        g.held = Some(held);
+        g.sold = Some(sold);
+    });
+}
+
 pub fn bucket_transfer(units: u64) {
     counter!("flashgate_bucket_transfers_total").increment(1);
     counter!("flashgate_bucket_transferred_units_total").increment(units);
@@ -207,6 +215,8 @@ pub struct SkuSeries(std::sync::Mutex<std::collections::BTreeMap<String, SkuGaug
 #[derive(Debug, Clone)]
 pub struct SkuGauges {
     pub available: Option<u64>,
+    pub held: Option<u64>,
+    pub sold: Option<u64>,
     pub drift: Option<usize>,
     set_at: std::time::Instant,
 }
@@ -238,6 +248,8 @@ impl SkuSeries {
         }
         let mut gauges = SkuGauges {
             available: None,
+            held: None,
+            sold: None,
             drift: None,
             set_at: now,
         };
@@ -250,7 +262,7 @@ impl SkuSeries {
         let mut series = self.lock();
         if let Some(gauges) = series.get_mut(sku) {
             gauges.drift = None;
-            if gauges.available.is_none() {
+            if gauges.available.is_none() && gauges.held.is_none() {
                 series.remove(sku);
             }
         }
@@ -295,6 +307,30 @@ impl SkuSeries {
             "Drift found per SKU on sale at the last reconcile",
             &|g| g.drift.map(|v| v as f64),
         );
+        // Units by state per SKU on sale, a split SKU's buckets summed.
+        let mut units: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
+        for (sale, g) in series.iter() {
+            if let (Some(available), Some(held), Some(sold)) = (g.available, g.held, g.sold) {
+                let sum = units.entry(crate::buckets::sku_of_tag(sale)).or_default();
+                for (total, v) in sum.iter_mut().zip([available, held, sold]) {
+                    *total += v;
+                }
+            }
+        }
+        if !units.is_empty() {
+            let name = "flashgate_sku_units";
+            let _ = writeln!(
+                page,
+                "# HELP {name} Units per SKU on sale by state (available + held + sold = stock)\n\
+                 # TYPE {name} gauge"
+            );
+            for (sku, values) in units {
+                for (state, v) in ["available", "held", "sold"].into_iter().zip(values) {
+                    let _ = writeln!(page, "{name}{{sku=\"{sku}\",state=\"{state}\"}} {v}");
+                }
+            }
+            page.push('\n');
+        }
         page
     }
 }

@@ -39,7 +39,7 @@ use crate::ids::SkuId;
 use crate::keys::{SkuKeys, FLUSH_GROUP};
 use crate::limits;
 use crate::reconcile;
-use crate::reservation::{Compensation, CompensationReason, Reservation, Status};
+use crate::reservation::{Compensation, CompensationReason, Reservation, Resolution, Status};
 use crate::store::{OutboxEntry, SaleState, Store, Swept};
 use crate::telemetry;
 use std::sync::{Arc, Mutex};
@@ -287,6 +287,9 @@ impl Worker {
         if let Some(available) = swept.available {
             telemetry::available_stock(sku.as_str(), available);
         }
+        if let (Some(held), Some(sold)) = (swept.held, swept.sold) {
+            telemetry::units(sku.as_str(), held, sold);
+        }
         let wait_ms = match swept.state {
             // Waiting for its last holds to end and its outbox to drain.
             SaleState::Ended => swept
@@ -466,7 +469,7 @@ impl Worker {
             .iter()
             .filter_map(|e| match e {
                 OutboxEvent::Compensation(c) => Some(c.id.clone()),
-                OutboxEvent::CompensationResolved { id } => Some(id.clone()),
+                OutboxEvent::CompensationResolved { id, .. } => Some(id.clone()),
                 _ => None,
             })
             .collect();
@@ -786,7 +789,16 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
     let field = |name: &str| entry.fields.get::<String>(name);
     let kind = field("type")?;
     if kind == "compensation_resolved" {
-        return Some(OutboxEvent::CompensationResolved { id: field("id")? });
+        // Events written before resolutions carried a reference carry none.
+        let text = |name: &str| field(name).filter(|v| !v.is_empty());
+        return Some(OutboxEvent::CompensationResolved {
+            id: field("id")?,
+            resolution: Resolution {
+                at_ms: field("at").and_then(|at| at.parse().ok()),
+                refund_ref: text("refund_ref"),
+                note: text("note"),
+            },
+        });
     }
     let quantity: u64 = field("quantity")?.parse().ok()?;
     let at_ms: i64 = field("at")?.parse().ok()?;
@@ -836,6 +848,7 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
             reason: CompensationReason::parse(&field("reason")?)?,
             resolved: false,
             created_at_ms: at_ms,
+            resolution: Resolution::default(),
         })),
         _ => None,
     }

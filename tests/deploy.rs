@@ -230,7 +230,7 @@ fn dashboard_queries_only_exported_metrics() {
     assert!(
         missing.is_empty(),
         "the dashboard asks for metrics the gateway does not export (names in src/telemetry.rs \
-         and README.md's metrics table):\n{}",
+         and docs/monitoring.md's metrics table):\n{}",
         missing.join("\n")
     );
 }
@@ -303,7 +303,7 @@ fn alert_rules_query_only_exported_metrics() {
     assert!(
         missing.is_empty(),
         "the alert rules ask for metrics the gateway does not export (names in \
-         src/telemetry.rs and README.md's metrics table):\n{}",
+         src/telemetry.rs and docs/monitoring.md's metrics table):\n{}",
         missing.join("\n")
     );
 }

@@ -38,6 +38,7 @@ impl Sale {
             starts_at_ms: None,
             ends_at_ms: None,
             buckets: 1,
+            paused: false,
         };
         store.load_sku(&sku, &definition, 0).await.unwrap();
         let keys = SkuKeys::new(&sku);
@@ -126,8 +127,10 @@ impl Sale {
             String,
             Option<i64>,
             u32,
+            Option<i64>,
+            Option<i64>,
         );
-        let (expired, due, _, _, _, _, _, state, _, _): Reply = with_sale_keys(
+        let (expired, due, _, _, _, _, _, state, _, _, _, _): Reply = with_sale_keys(
             &script_with_clock(include_str!("../lua/sweep.lua"), now),
             &self.keys,
         )
@@ -399,6 +402,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         starts_at_ms: None,
         ends_at_ms: Some(end),
         buckets: 1,
+        paused: false,
     };
     sale.store
         .load_sku(&sale.sku, &definition, 0)
@@ -422,6 +426,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     let definition = SkuDefinition {
         ends_at_ms: Some(now + 30_000),
         buckets: 1,
+        paused: false,
         ..definition
     };
     sale.store
@@ -953,6 +958,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         starts_at_ms: None,
         ends_at_ms: None,
         buckets: 2,
+        paused: false,
     };
     let sales = flashgate::buckets::sales(&sale.sku, 2);
     for (sale_of_bucket, share) in sales.iter().zip([0, 5]) {
@@ -1351,4 +1357,50 @@ async fn a_rebuild_restores_key_claims_without_overwriting_what_redis_has() {
         ReserveOutcome::Created(_) => {}
         other => panic!("{other:?}"),
     }
+}
+
+/// load_sku.lua with ARGV[12] = '1' (a change to an existing bucket of a split SKU): a
+/// bucket Redis lost is refused and left without state, never recreated from a plan
+/// made before the loss (the joint rebuild plans it with the SKU's other lost buckets).
+#[tokio::test]
+async fn a_change_to_a_lost_bucket_is_refused_and_creates_nothing() {
+    let sale = Sale::new("rule-lost-bucket", 2).await;
+    let tag = flashgate::buckets::tag(&sale.sku, 1, 2);
+    let bucket = SkuId::of_tag(&tag).unwrap();
+    let definition = SkuDefinition {
+        stock_total: 10,
+        per_user_limit: 2,
+        hold_seconds: 60,
+        starts_at_ms: None,
+        ends_at_ms: None,
+        buckets: 2,
+        paused: false,
+    };
+    let change = flashgate::store::BucketStock {
+        if_new: None,
+        change: Some(3),
+    };
+    let refused = sale
+        .store
+        .load_bucket(&bucket, &definition, &change, 0)
+        .await;
+    assert!(
+        matches!(refused, Err(flashgate::error::Error::Unavailable { .. })),
+        "{refused:?}"
+    );
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(SkuKeys::for_tag(&tag).meta)
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert!(!exists, "the lost bucket was recreated");
+    // A new bucket (a plan for it) is created.
+    let create = flashgate::store::BucketStock {
+        if_new: Some(5),
+        change: Some(3),
+    };
+    sale.store
+        .load_bucket(&bucket, &definition, &create, 0)
+        .await
+        .unwrap();
 }

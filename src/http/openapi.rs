@@ -28,6 +28,9 @@ pub(super) const SERVICE: &str = "service_token";
     ),
     paths(
         super::define_sku,
+        super::list_skus,
+        super::pause_sku,
+        super::resume_sku,
         super::get_sku,
         super::reserve,
         super::get_reservation,
@@ -42,7 +45,7 @@ pub(super) const SERVICE: &str = "service_token";
         super::render_metrics,
         super::openapi_json,
     ),
-    components(schemas(ProblemBody, CompensationFilter)),
+    components(schemas(ProblemBody, CompensationFilter, SkuStateFilter)),
     modifiers(&Security, &EdgeProblems),
     tags(
         (name = "admin", description = "SKU definitions (service token)"),
@@ -107,6 +110,18 @@ pub(super) enum ProblemOutcome {
 pub(super) enum CompensationFilter {
     Open,
     Resolved,
+    All,
+}
+
+/// `GET /v1/admin/skus?state=`.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema: the query is checked by hand
+pub(super) enum SkuStateFilter {
+    OnSale,
+    Scheduled,
+    Ended,
+    Paused,
     All,
 }
 
@@ -220,7 +235,7 @@ fn edge_problems(path: &str, operation: &mut Operation) {
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
     let has_body = operation.request_body.is_some();
     let reserve = path == "/v1/skus/{sku}/reservations";
-    if reserve {
+    if reserve || path == "/v1/compensations/{id}/resolve" {
         // The reserve body may be left out (one unit). utoipa says "optional" only
         // through `Option<T>`, which also admits a JSON `null` body: the parser
         // refuses that one (400), so the body is a plain object, not required.
@@ -390,10 +405,15 @@ mod tests {
             "reason",
             "status",
             "created_at",
+            "resolved_at",
+            "refund_ref",
+            "note",
         ] {
             assert!(compensation.contains(&field), "CompensationView.{field}");
         }
-        assert_eq!(properties(&doc, "CompensationList"), ["items"]);
+        assert_eq!(properties(&doc, "CompensationList"), ["items", "next"]);
+        assert_eq!(properties(&doc, "SkuList"), ["items", "next"]);
+        assert!(properties(&doc, "Health").contains(&"build"));
         let problem = properties(&doc, "Problem");
         for field in [
             "type",

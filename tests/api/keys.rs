@@ -181,8 +181,8 @@ async fn ids_issued_before_the_id_key_was_set_or_rotated_stay_ours_after_a_redis
 
 const NEW_JWT_SECRET: &str = "test-new-jwt-secret-0123456789abcdef01";
 
-/// The settings of one step of the documented rotation (README, Rotating keys) of both
-/// the JWT secret (A → B) and the id key (none → ID_KEY) at once.
+/// The settings of one step of the documented rotation (docs/configuration.md, Rotating
+/// keys) of both the JWT secret (A → B) and the id key (none → ID_KEY) at once.
 fn rotation_step(step: u8) -> flashgate::config::ServeArgs {
     let mut args = serve_args(&redis_url(), &database_url());
     match step {

@@ -13,6 +13,7 @@ mod keys;
 mod lifecycle;
 mod money;
 mod operations;
+mod operators;
 mod ops;
 mod races;
 mod reserve;

@@ -570,7 +570,7 @@ async fn the_sold_out_flag_answers_sold_out_only_and_only_for_its_200_ms() {
         "sold_out"
     );
     // Within the flag's window, alice (at her limit) is told sold_out too: the flag
-    // stands in for any refusal of a sold-out SKU (README, "The sold-out flag").
+    // stands in for any refusal of a sold-out SKU (docs/reference.md, "The sold-out flag").
     assert_eq!(
         app.reserve(&sku, "alice", "a2", 1).await.1["code"],
         "sold_out"

@@ -209,6 +209,7 @@ async fn each_finding_is_detected_repaired_and_audited() {
         starts_at_ms: None,
         ends_at_ms: None,
         buckets: 1,
+        paused: false,
     };
     app.store
         .load_sku(&id(&orphan), &definition, 0)

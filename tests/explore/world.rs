@@ -138,6 +138,7 @@ pub async fn run_seed(
         starts_at_ms: None,
         ends_at_ms: None,
         buckets,
+        paused: false,
     };
     let settings = GatewaySettings {
         payment_grace: Duration::from_secs(1),
