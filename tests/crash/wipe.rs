@@ -55,7 +55,17 @@ async fn flushall_then_reconcile_repair_restores_the_sku_from_mysql() {
         run.stdout, run.stderr
     );
     assert!(run.stdout.contains("redis_state_missing"), "{}", run.stdout);
-    assert!(run.stdout.contains("\trepaired"), "{}", run.stdout);
+    // The finding's row says it was repaired (the table's RESULT column).
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("redis_state_missing"))
+        .unwrap_or_default();
+    assert!(
+        row.contains(" repaired ") && !row.contains("not repaired"),
+        "{}",
+        run.stdout
+    );
 
     // MySQL won: what it sold stays sold; the lost holds are gone.
     let (total, available, held, sold) = assert_equation(&app.store, &sku).await;
