@@ -1413,6 +1413,16 @@ impl Store {
     pub async fn trim_outbox(&self, sku: &SkuId) -> Result<()> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
+        match self.trim_outbox_below_groups(&keys).await {
+            // Retired by a sweep (stream and groups deleted) since the caller
+            // acknowledged: nothing left to trim.
+            Err(_) if !conn.exists::<_, bool>(&keys.outbox).await? => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn trim_outbox_below_groups(&self, keys: &SkuKeys) -> Result<()> {
+        let mut conn = self.conn.clone();
         let groups: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&keys.outbox).await?;
         let mut floor: Option<StreamPosition> = None;
         for group in &groups.groups {

@@ -131,6 +131,14 @@ async fn an_ended_sale_retires_once_nothing_is_left_and_comes_back_with_a_put() 
     );
     assert!(!indexed(&app, &sku).await);
     assert!(!flashgate::telemetry::sku_series_contains(&sku));
+    // A flush that acknowledged its last batch just before another worker's sweep
+    // retired the SKU finishes cleanly (the stream and its group are gone).
+    let id = TestApp::sku_id(&sku);
+    app.store
+        .ack_outbox(&id, &["1-1".to_string()])
+        .await
+        .expect("acknowledging into a retired outbox");
+    assert_eq!(app.worker.flush_sku(&id).await.expect("flush"), 0);
     let mut conn = app.store.connection();
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&keys.meta)
