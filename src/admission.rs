@@ -7,10 +7,10 @@
 //! room the limiter starts over (every key gets a fresh bucket; one extra burst is all
 //! an attacker gains from inventing ids).
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::header::{AUTHORIZATION, RETRY_AFTER};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -362,53 +362,27 @@ impl axum::response::IntoResponse for Overloaded {
     }
 }
 
-/// The user a reserve's token named, verified once by the admission layer; the
-/// handler's `User` extractor takes it from the request instead of verifying the JWT a
-/// second time (the signature check is a tenth of a reserve's gateway CPU).
-#[derive(Clone)]
-pub struct VerifiedUser(pub String);
-
-/// Why the admission layer refused a reserve's token: the handler answers 401 with it
-/// without verifying the token again.
-#[derive(Clone)]
-pub struct RefusedUser(pub AuthFailure);
-
-/// On the reserve route, before its handler: the token buckets of the client address
-/// and of the user. A request without a valid token passes (its handler answers 401),
-/// so a forged `sub` never spends a real user's bucket.
-pub async fn reserve(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// On the reserve route, first thing (its handler's first extractor, not a middleware
+/// layer: no extra boxed future per reserve): the token buckets of the client address
+/// and of the user. The token is verified once, here: a request without a valid token
+/// spends only its address's bucket (a forged `sub` never spends a real user's), and
+/// gets its 401 from the caller. `Err` is the 429 answer.
+pub async fn admit_reserve(
+    state: &AppState,
+    parts: &Parts,
+) -> Result<Result<String, AuthFailure>, Response> {
     let admission = &state.admission;
-    let client = request
-        .extensions()
+    let client = parts
+        .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| admission.client_address(peer.ip(), request.headers()));
-    let user = if admission.users.is_some() {
-        match bearer(request.headers()) {
-            Ok(token) => Some(state.auth.user(token).await),
-            Err(failure) => Some(Err(failure)),
-        }
-    } else {
-        None
+        .map(|ConnectInfo(peer)| admission.client_address(peer.ip(), &parts.headers));
+    let user = match bearer(&parts.headers) {
+        Ok(token) => state.auth.user(token).await,
+        Err(failure) => Err(failure),
     };
-    let verified = user.as_ref().and_then(|user| user.as_deref().ok());
-    match admission.check_reserve(verified, client) {
-        Ok(()) => {
-            match user {
-                Some(Ok(user)) => {
-                    request.extensions_mut().insert(VerifiedUser(user));
-                }
-                Some(Err(failure)) => {
-                    request.extensions_mut().insert(RefusedUser(failure));
-                }
-                None => {}
-            }
-            next.run(request).await
-        }
-        Err(refused) => {
+    match admission.check_reserve(user.as_deref().ok(), client) {
+        Ok(()) => Ok(user),
+        Err(refused) => Err({
             metrics::counter!("flashgate_admission_refused_total", "reason" => refused.0)
                 .increment(1);
             let who = if refused.0 == "user" {
@@ -422,7 +396,7 @@ pub async fn reserve(
                 &format!("too many reservations from {who}; retry after the Retry-After seconds"),
                 refused.retry_after_seconds(),
             )
-        }
+        }),
     }
 }
 
@@ -470,6 +444,7 @@ mod tests {
         }
     }
     use super::*;
+    use axum::middleware::Next;
 
     #[test]
     fn bearer_takes_one_authorization_header_of_the_bearer_scheme() {

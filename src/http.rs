@@ -87,13 +87,7 @@ pub fn router(state: SharedState) -> Router {
         .route(pause, post(pause_sku))
         .route(resume, post(resume_sku))
         .route(sku, get(get_sku))
-        .route(
-            reservations,
-            post(reserve).layer(middleware::from_fn_with_state(
-                state.clone(),
-                crate::admission::reserve,
-            )),
-        )
+        .route(reservations, post(reserve))
         .route(reservation, get(get_reservation))
         .route(cancel_route, post(cancel))
         .route(pending, post(payment_pending))
@@ -375,7 +369,7 @@ async fn edge(
             Err(refused) => refused,
         }
     };
-    let response = tracing::Instrument::instrument(admitted, id.span()).await;
+    let response = id.scope(admitted).await;
     let mut response =
         if response.status().is_success() || response.extensions().get::<Outcome>().is_some() {
             response
@@ -512,8 +506,6 @@ fn bearer(parts: &Parts) -> Result<&str, AuthFailure> {
     crate::admission::bearer(&parts.headers)
 }
 
-/// A user with a valid JWT.
-struct User(String);
 /// The `Idempotency-Key` header of a reserve (read alone: the reserve path does not
 /// copy the whole header map).
 struct IdempotencyKey(String);
@@ -544,24 +536,18 @@ impl<S: Sync> FromRequestParts<S> for IdempotencyKey {
 /// The payment/order service or an operator.
 struct Service;
 
-impl FromRequestParts<SharedState> for User {
-    type Rejection = Problem;
+/// A reserve's user, past the reserve admission (`admission::admit_reserve`): the
+/// user's and the address's token buckets, 429 when either is empty, 401 for a bad token.
+struct AdmittedUser(String);
 
-    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
-        // Verified already by the reserve route's admission layer, either way.
-        if let Some(crate::admission::VerifiedUser(user)) = parts.extensions.remove() {
-            return Ok(User(user));
+impl FromRequestParts<SharedState> for AdmittedUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Response> {
+        match crate::admission::admit_reserve(state, parts).await? {
+            Ok(user) => Ok(AdmittedUser(user)),
+            Err(failure) => Err(Problem::unauthorized(failure).into_response()),
         }
-        if let Some(crate::admission::RefusedUser(failure)) = parts.extensions.remove() {
-            return Err(Problem::unauthorized(failure));
-        }
-        let token = bearer(parts).map_err(Problem::unauthorized)?;
-        state
-            .auth
-            .user(token)
-            .await
-            .map(User)
-            .map_err(Problem::unauthorized)
     }
 }
 
@@ -1184,7 +1170,7 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 )]
 async fn reserve(
     State(state): State<SharedState>,
-    User(user_id): User,
+    AdmittedUser(user_id): AdmittedUser,
     Path(sku): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
     body: Bytes,
@@ -1429,7 +1415,8 @@ async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
-        build: env!("FLASHGATE_BUILD"),
+        // Set by build.rs; a stale build-script output must not break the build.
+        build: option_env!("FLASHGATE_BUILD").unwrap_or("unknown"),
     })
 }
 

@@ -1,13 +1,18 @@
 //! The request id: `x-request-id` taken from the request when it is sane, else made
-//! here; returned on every answer and carried by the span every log line of the
-//! request is written in. Never rejects a request.
+//! here; returned on every answer and written into every log line of the request
+//! (with its method and path: `telemetry::WithRequest`). Never rejects a request.
+//!
+//! The fields live in a task-local for the time the request is answered, not in a
+//! tracing span: a span per request costs an allocation, the formatting of its
+//! fields and a registry enter and exit at every poll, on every request, for the
+//! few requests that log anything; the task-local costs a pointer swap per poll.
 
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
+use std::future::Future;
 use std::time::Instant;
-use tracing::Instrument;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -24,57 +29,81 @@ pub fn sane(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:/+=@~-".contains(&b))
 }
 
-/// 128 random bits, hex.
-pub fn generate() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// 128 random bits in lower-case hex, formatted on the stack (one copy, into the value).
+fn generate_value() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u128>();
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (4 * (31 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex digits are a header value")
 }
 
-/// A request's id and the span its log lines are written in.
+/// What every log line written while a request is answered carries.
+#[derive(Clone)]
+pub struct RequestFields {
+    pub request_id: HeaderValue,
+    pub method: Method,
+    pub uri: Uri,
+}
+
+tokio::task_local! {
+    /// The request the current task answers (see `RequestId::scope`).
+    pub static CURRENT: RequestFields;
+}
+
+/// The fields of the request the current task answers, if any.
+pub fn current<R>(f: impl FnOnce(&RequestFields) -> R) -> Option<R> {
+    CURRENT.try_with(f).ok()
+}
+
+/// A request's id and the fields its log lines carry.
 pub struct RequestId {
-    value: HeaderValue,
-    span: tracing::Span,
+    fields: RequestFields,
     started: Instant,
 }
 
 impl RequestId {
     /// Takes the request's sane id or makes one, and sets it on the request.
     pub fn begin(request: &mut Request) -> RequestId {
-        let id = request
-            .headers()
-            .get(X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| sane(id))
-            .map(str::to_owned)
-            .unwrap_or_else(generate);
-        let value = HeaderValue::from_str(&id).expect("a sane id is a header value");
-        request.headers_mut().insert(X_REQUEST_ID, value.clone());
-        let span = tracing::info_span!(
-            "request",
-            request_id = %id,
-            method = %request.method(),
-            path = %request.uri().path(),
-        );
+        let value = match request.headers().get(X_REQUEST_ID) {
+            Some(taken) if taken.to_str().is_ok_and(sane) => taken.clone(),
+            _ => {
+                let made = generate_value();
+                request.headers_mut().insert(X_REQUEST_ID, made.clone());
+                made
+            }
+        };
         RequestId {
-            value,
-            span,
+            fields: RequestFields {
+                request_id: value,
+                method: request.method().clone(),
+                uri: request.uri().clone(),
+            },
             started: Instant::now(),
         }
     }
 
-    pub fn span(&self) -> tracing::Span {
-        self.span.clone()
+    /// Runs `answer` (the request's handling) with the request's fields in its log lines.
+    pub fn scope<F: Future>(&self, answer: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self.fields.clone(), answer)
     }
 
     /// Puts the id on the answer.
     pub fn finish(self, response: &mut Response) {
-        self.span.in_scope(|| {
-            tracing::debug!(
-                status = response.status().as_u16(),
-                elapsed_us = self.started.elapsed().as_micros() as u64,
-                "answered"
-            )
-        });
-        response.headers_mut().insert(X_REQUEST_ID, self.value);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (status, elapsed_us) = (
+                response.status().as_u16(),
+                self.started.elapsed().as_micros() as u64,
+            );
+            CURRENT.sync_scope(self.fields.clone(), || {
+                tracing::debug!(status, elapsed_us, "answered")
+            });
+        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, self.fields.request_id);
     }
 }
 
@@ -82,7 +111,7 @@ impl RequestId {
 /// `observe` layer instead: one middleware layer fewer on every request.
 pub async fn layer(mut request: Request, next: Next) -> Response {
     let id = RequestId::begin(&mut request);
-    let mut response = next.run(request).instrument(id.span()).await;
+    let mut response = id.scope(next.run(request)).await;
     id.finish(&mut response);
     response
 }
@@ -99,10 +128,14 @@ mod tests {
         for bad in ["", "a b", "x\"y", "line\nbreak", "é", &"a".repeat(129)] {
             assert!(!sane(bad), "{bad:?}");
         }
-        let made = generate();
-        assert_eq!(made.len(), 32);
-        assert!(sane(&made));
-        assert_ne!(made, generate());
+        let value = generate_value();
+        let value = value.to_str().unwrap();
+        assert_eq!(value.len(), 32);
+        assert!(sane(value));
+        assert!(value
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(value, generate_value());
     }
 
     /// What a test's log lines were written to.
@@ -171,5 +204,50 @@ mod tests {
         assert_eq!(ids[0], "order-42.retry-1");
         assert_eq!(ids[1], made);
         assert_ne!(ids[2], "two words");
+        // Outside a request, a line carries no request fields.
+        capture.0.lock().unwrap().clear();
+        tracing::warn!("between requests");
+        let line = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(line.trim()).expect(&line);
+        assert_eq!(line["message"], "between requests");
+        assert!(line.get("span").is_none(), "{line}");
+    }
+
+    #[tokio::test]
+    async fn text_log_lines_of_a_request_end_with_its_fields() {
+        use axum::routing::get;
+        use tower_service::Service;
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = crate::telemetry::logging(
+            crate::config::LogFormat::Text,
+            tracing_subscriber::EnvFilter::new("info"),
+            move || writer.clone(),
+        );
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let mut app = axum::Router::new()
+            .route(
+                "/work",
+                get(|| async {
+                    tracing::warn!(detail = "x", "dependency unavailable");
+                    "done"
+                }),
+            )
+            .layer(axum::middleware::from_fn(layer));
+        let request = Request::get("/work?q=1")
+            .header("x-request-id", "order-7")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app.call(request).await.unwrap();
+        let lines = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let line = lines
+            .lines()
+            .find(|l| l.contains("dependency unavailable"))
+            .expect(&lines);
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(
+            line.ends_with("detail=\"x\" request_id=order-7 method=GET path=/work"),
+            "{line}"
+        );
     }
 }

@@ -406,20 +406,78 @@ pub fn logging_with<W>(
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
+    use tracing_subscriber::fmt::format::Format;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi);
     match format {
-        crate::config::LogFormat::Text => Box::new(builder.finish()),
+        crate::config::LogFormat::Text => Box::new(
+            builder
+                .event_format(WithRequest {
+                    inner: Format::default().with_ansi(ansi),
+                    json: false,
+                })
+                .finish(),
+        ),
         crate::config::LogFormat::Json => Box::new(
             builder
                 .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
+                .event_format(WithRequest {
+                    inner: Format::default()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false),
+                    json: true,
+                })
                 .finish(),
         ),
+    }
+}
+
+/// An event format that adds the fields of the request being answered
+/// (`request_id::current`) to every line written while it is: in JSON as the line's
+/// `span` object (`{"span": {"request_id", "method", "path"}}`), in text at the end.
+pub struct WithRequest<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithRequest<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some(request) = crate::request_id::current(|r| r.clone()) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let body = line.trim_end_matches('\n');
+        let id = request.request_id.to_str().unwrap_or("");
+        let (method, path) = (request.method.as_str(), request.uri.path());
+        if self.json {
+            let Some(open) = body.strip_suffix('}') else {
+                return writeln!(writer, "{body}");
+            };
+            let span = serde_json::json!({"request_id": id, "method": method, "path": path});
+            let comma = if open.ends_with('{') { "" } else { "," };
+            writeln!(writer, "{open}{comma}\"span\":{span}}}")
+        } else {
+            writeln!(writer, "{body} request_id={id} method={method} path={path}")
+        }
     }
 }
 

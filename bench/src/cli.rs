@@ -287,6 +287,13 @@ pub struct Args {
     #[arg(long, env = "FLASHGATE_BENCH_NO_PROGRESS", global = true)]
     pub no_progress: bool,
 
+    /// At the end of the run, end every sale it defined (a PUT with `ends_at` now), take
+    /// its SKUs out of the gateway's index and delete their Redis keys (their MySQL rows
+    /// stay, ended): nothing of the run is left for a worker to sweep or rebuild
+    /// (`compare` runs each of its runs so).
+    #[arg(long, env = "FLASHGATE_BENCH_END_SALES")]
+    pub end_sales: bool,
+
     /// Without a subcommand: the load run (phases, validation, baselines).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -300,6 +307,74 @@ pub enum Command {
     /// reserve script, runs `flashgate reconcile` as a subprocess, deletes the SKUs' Redis
     /// keys at the end. Prints tables, writes scale-<run id>.json and .svg.
     Scale(ScaleArgs),
+    /// The regression gate: runs two gateway binaries alternately (ABBA over
+    /// --rounds) against the same Redis and MySQL, the same load run against each
+    /// (every default of the gateway on), and prints each figure's median per
+    /// build and the new/old ratio per round. Writes compare-<time>/compare.json.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    /// The build to compare against (e.g. the last release's target/release/flashgate).
+    #[arg(long)]
+    pub old: PathBuf,
+
+    /// The build under test (e.g. this checkout's target/release/flashgate).
+    #[arg(long, default_value = DEFAULT_FLASHGATE_BIN)]
+    pub new: PathBuf,
+
+    /// Rounds; each runs both builds, the first of the two alternating.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: u32,
+
+    /// Phases of each run (the load run's --phases).
+    #[arg(long, value_delimiter = ',', default_value = "reserve,soldout,ceiling")]
+    pub compare_phases: Vec<PhaseName>,
+
+    /// Length of each run's reserve phase, and of its soldout and ceiling phases.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub compare_duration: Duration,
+
+    /// Also run redis-benchmark of the reserve script in every run (the raw ceiling).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub compare_redis_ceiling: bool,
+
+    /// More flags for each run, after `--` (e.g. `-- --concurrency 128`).
+    #[arg(last = true)]
+    pub run_args: Vec<String>,
+}
+
+impl CompareArgs {
+    /// The flags of each child load run (besides --base-url and --output-dir).
+    pub fn child_args(&self) -> Vec<String> {
+        let phases: Vec<String> = self
+            .compare_phases
+            .iter()
+            .map(|p| {
+                clap::ValueEnum::to_possible_value(p)
+                    .map_or_else(String::new, |v| v.get_name().to_string())
+            })
+            .collect();
+        let duration = format!("{}ms", self.compare_duration.as_millis());
+        let mut args = vec![
+            "--phases".to_string(),
+            phases.join(","),
+            "--baseline".to_string(),
+            if self.compare_redis_ceiling {
+                "redis"
+            } else {
+                "none"
+            }
+            .to_string(),
+            "--duration".to_string(),
+            duration.clone(),
+            "--soldout-duration".to_string(),
+            duration,
+        ];
+        args.extend(self.run_args.iter().cloned());
+        args
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
@@ -810,7 +885,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration> {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> Args {
+    fn try_args(extra: &[&str]) -> Result<Args, clap::Error> {
         let mut argv = vec![
             "flashgate-bench",
             "--jwt-secret",
@@ -819,7 +894,11 @@ mod tests {
             "bench-service-token-0123456789abcdef",
         ];
         argv.extend_from_slice(extra);
-        Args::try_parse_from(argv).unwrap()
+        Args::try_parse_from(argv)
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        try_args(extra).unwrap()
     }
 
     #[test]
@@ -859,8 +938,34 @@ mod tests {
         argv.extend_from_slice(extra);
         match args(&argv).command {
             Some(Command::Scale(s)) => s,
-            None => panic!("no subcommand"),
+            other => panic!("not scale: {other:?}"),
         }
+    }
+
+    #[test]
+    fn compare_passes_its_run_flags_to_each_run() {
+        let compare =
+            match args(&["compare", "--old", "/a", "--rounds", "4", "--", "-c", "64"]).command {
+                Some(Command::Compare(c)) => c,
+                other => panic!("not compare: {other:?}"),
+            };
+        assert_eq!(compare.rounds, 4);
+        assert_eq!(
+            compare.child_args(),
+            [
+                "--phases",
+                "reserve,soldout,ceiling",
+                "--baseline",
+                "redis",
+                "--duration",
+                "10000ms",
+                "--soldout-duration",
+                "10000ms",
+                "-c",
+                "64"
+            ]
+        );
+        assert!(try_args(&["compare", "--old", "/a", "--rounds", "0"]).is_err());
     }
 
     #[test]

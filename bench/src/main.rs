@@ -13,6 +13,7 @@ mod baseline_redis;
 mod cli;
 mod client;
 mod cluster;
+mod compare;
 mod gateway;
 mod ids;
 mod load;
@@ -86,6 +87,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             runtime.block_on(scale::run(args, scale))
+        }
+        Some(Command::Compare(compare)) => {
+            if args.redis_cluster {
+                eprintln!("flashgate-bench compare: on one Redis server (each run's redis-benchmark ceiling needs one)");
+                return ExitCode::from(2);
+            }
+            runtime.block_on(compare::run(args, compare))
         }
         None => runtime.block_on(run(args)),
     };
@@ -522,7 +530,13 @@ async fn run(args: Args) -> Result<bool> {
                 view.stock_total == stock && view.available == stock,
                 "{sku} was not fresh: {view:?}"
             );
-            Ok::<_, anyhow::Error>(SkuPlan { sku, phase, stock })
+            Ok::<_, anyhow::Error>(SkuPlan {
+                sku,
+                phase,
+                stock,
+                definition: json!({"stock": stock, "per_user_limit": limit, "hold_seconds": hold,
+                                   "buckets": ctx.args.buckets}),
+            })
         }
     };
     // Holds of the reserve and soldout phases must not expire during the run (their
@@ -1079,6 +1093,12 @@ async fn run(args: Args) -> Result<bool> {
         }),
         passed,
     };
+    if args.end_sales {
+        match end_sales(&ctx, &plans, &args.redis_url, &sku_base).await {
+            Ok(done) => println!("  end of run: {done}"),
+            Err(e) => println!("  end of run: FAILED to end this run's sales: {e:#}"),
+        }
+    }
     let (json_path, svg_path) = report::write(&report, &args.output_dir)?;
     println!(
         "\n  report {}\n  chart  {}",
@@ -1100,4 +1120,38 @@ async fn run(args: Args) -> Result<bool> {
         );
     }
     Ok(passed)
+}
+
+/// `--end-sales`: ends every sale of this run (so no reconciler rebuilds it), takes its
+/// SKUs out of the gateway's index and deletes their Redis keys. A worker's visit in
+/// flight may leave a stray key behind: harmless, as the SKU is ended and unindexed.
+async fn end_sales(
+    ctx: &Ctx,
+    plans: &[SkuPlan],
+    redis_url: &str,
+    sku_base: &str,
+) -> Result<String> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for plan in plans {
+        let mut body = plan.definition.clone();
+        body["ends_at"] = json!(now);
+        ctx.client.define_sku(&plan.sku, body).await?;
+    }
+    let mut redis = redis_connection(redis_url).await?;
+    let skus: Vec<&str> = plans.iter().map(|p| p.sku.as_str()).collect();
+    let unindexed: u64 = redis::cmd("SREM")
+        .arg("fg:skus")
+        .arg(&skus)
+        .query_async(&mut redis)
+        .await?;
+    let _: u64 = redis::cmd("INCR")
+        .arg("fg:{skus}:gen")
+        .query_async(&mut redis)
+        .await?;
+    let pattern = format!("fg:{{{sku_base}-*");
+    let deleted = scale::delete_matching(&mut redis, &pattern, true).await?;
+    Ok(format!(
+        "{} sales ended, {unindexed} SKUs taken out of fg:skus, {deleted} keys matching {pattern} deleted",
+        plans.len()
+    ))
 }

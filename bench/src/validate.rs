@@ -40,6 +40,8 @@ pub struct SkuPlan {
     pub sku: String,
     pub phase: PhaseName,
     pub stock: u64,
+    /// The body of its admin PUT.
+    pub definition: serde_json::Value,
 }
 
 #[derive(Default)]
