@@ -274,7 +274,9 @@ impl Authenticator {
         let verdict = match self.user_now(bearer) {
             Err(AuthFailure::UnknownKey) => match &self.key_set {
                 Some(key_set) => {
-                    key_set.refresh_for_unknown_kid().await;
+                    // Boxed: the fetch's future is large, and inline it would be
+                    // copied with every reserve's future (axum boxes each handler's).
+                    Box::pin(key_set.refresh_for_unknown_kid()).await;
                     self.user_now(bearer)
                 }
                 None => Err(AuthFailure::UnknownKey),

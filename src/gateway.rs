@@ -94,7 +94,7 @@ impl Gateway {
         {
             return Ok(Some(k));
         }
-        let Some(k) = self.store.bucket_count(sku).await? else {
+        let Some(k) = Box::pin(self.store.bucket_count(sku)).await? else {
             return Ok(None);
         };
         let mut counts = self
@@ -132,7 +132,10 @@ impl Gateway {
                     reservation_id: self.settings.id_keys.new_reservation_id_in(sku.as_str()),
                 };
                 let keys_ttl = keys_ttl(&self.settings);
-                match self.store.reserve_if_unsplit(sku, &request, keys_ttl).await {
+                // Boxed, as every path a reserve rarely takes: an inline future is
+                // part of every reserve's future, which is copied whole when axum
+                // boxes it (cold paths made it kilobytes).
+                match Box::pin(self.store.reserve_if_unsplit(sku, &request, keys_ttl)).await {
                     Ok(Some(outcome)) => return self.answer(sku, Ok(outcome)).await,
                     Err(e) => return self.answer(sku, Err(e)).await,
                     Ok(None) => self.bucket_count(sku).await?.unwrap_or(1),
@@ -167,7 +170,7 @@ impl Gateway {
             .await
         {
             Err(Error::Refused(Refusal::SoldOut)) if k > 1 => {
-                self.reserve_with_transfer(sku, k, home, request).await
+                Box::pin(self.reserve_with_transfer(sku, k, home, request)).await
             }
             other => other,
         };
@@ -196,7 +199,9 @@ impl Gateway {
     ) -> Result<(Reservation, bool)> {
         let outcome = match outcome {
             // Retired long enough for its tombstone to be gone: MySQL tells.
-            Err(Error::Refused(Refusal::NotFound)) => return Err(self.not_in_redis(sku).await),
+            Err(Error::Refused(Refusal::NotFound)) => {
+                return Err(Box::pin(self.not_in_redis(sku)).await)
+            }
             other => other,
         };
         Ok(match outcome? {
@@ -207,7 +212,7 @@ impl Gateway {
             ReserveOutcome::Replayed(r) => (r, true),
             // Only MySQL keeps it now: the record answers (a replay of an ended
             // reservation; rare, and bounded per user by the rate limit).
-            ReserveOutcome::ReplayedFromRecord(rid) => match self.recorded(&rid).await? {
+            ReserveOutcome::ReplayedFromRecord(rid) => match Box::pin(self.recorded(&rid)).await? {
                 Recorded::Reservation(r) => (r, true),
                 Recorded::Lost => {
                     return Err(Error::Internal(format!(

@@ -514,15 +514,12 @@ impl<S: Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
-        let mut keys = parts.headers.get_all("idempotency-key").iter();
-        if let (Some(_), Some(_)) = (keys.next(), keys.next()) {
+        let mut keys = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
+        let (key, None) = (keys.next(), keys.next()) else {
             // Which of two keys would be the right one is a guess: refuse.
             return Err(Problem::invalid("send exactly one Idempotency-Key header"));
-        }
-        parts
-            .headers
-            .get("idempotency-key")
-            .and_then(|v| v.to_str().ok())
+        };
+        key.and_then(|v| v.to_str().ok())
             .filter(|k| visible_ascii(k, limits::IDEMPOTENCY_KEY_MAX_LEN))
             .map(|k| IdempotencyKey(k.to_owned()))
             .ok_or_else(|| {
@@ -1152,6 +1149,8 @@ async fn get_sku(
 }
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// A constant name: looked up without parsing a string on every reserve.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Hold stock for the calling user; a replayed `Idempotency-Key` answers the same hold.
 #[utoipa::path(
@@ -1180,7 +1179,7 @@ async fn reserve(
     let (reservation, replayed) = match state.gateway.reserve(&sku, &user_id, quantity, &key).await
     {
         Err(Error::Refused(Refusal::NotStarted)) => {
-            return Ok(not_started(&state, &sku).await);
+            return Ok(Box::pin(not_started(&state, &sku)).await);
         }
         other => other?,
     };

@@ -78,9 +78,10 @@ impl fmt::Display for SkuId {
     }
 }
 
-/// One key of the reservation-id MAC.
+/// One key of the reservation-id MAC, kept as the HMAC state with the key absorbed:
+/// each id then costs the hashing of its own bytes only, not the key's two blocks.
 #[derive(Clone)]
-pub struct IdKey([u8; 32]);
+pub struct IdKey(Hmac<Sha256>);
 
 impl fmt::Debug for IdKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -136,7 +137,7 @@ impl IdKey {
         let mut hasher = Sha256::new();
         hasher.update(b"flashgate reservation id key v1\0");
         hasher.update(secret.as_bytes());
-        IdKey(hasher.finalize().into())
+        IdKey::keyed(&hasher.finalize())
     }
 
     /// The key of a `FLASHGATE_ID_KEY` value (under its own label: never equal to a key
@@ -145,11 +146,15 @@ impl IdKey {
         let mut hasher = Sha256::new();
         hasher.update(b"flashgate reservation id key v2\0");
         hasher.update(id_key.as_bytes());
-        IdKey(hasher.finalize().into())
+        IdKey::keyed(&hasher.finalize())
+    }
+
+    fn keyed(key: &[u8]) -> IdKey {
+        IdKey(Hmac::<Sha256>::new_from_slice(key).expect("any key length"))
     }
 
     fn mac(&self, sku_part: &str, random: &[u8]) -> [u8; MAC_BYTES] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("any key length");
+        let mut mac = self.0.clone();
         mac.update(sku_part.as_bytes());
         mac.update(b".");
         mac.update(random);

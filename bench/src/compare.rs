@@ -27,16 +27,24 @@ pub enum Figure {
     SoldOutP99Ms,
     HealthzPerSecond,
     RedisBenchmarkPerSecond,
+    GatewayCpuUsPerReserve,
+    RedisCpuUsPerReserve,
+    GatewayCpuUsPerSoldOut,
+    GatewayCpuUsPerHealthz,
 }
 
 impl Figure {
-    const ALL: [Figure; 6] = [
+    const ALL: [Figure; 10] = [
         Figure::ReservesPerSecond,
         Figure::ReserveP99Ms,
         Figure::SoldOutPerSecond,
         Figure::SoldOutP99Ms,
         Figure::HealthzPerSecond,
         Figure::RedisBenchmarkPerSecond,
+        Figure::GatewayCpuUsPerReserve,
+        Figure::RedisCpuUsPerReserve,
+        Figure::GatewayCpuUsPerSoldOut,
+        Figure::GatewayCpuUsPerHealthz,
     ];
 
     fn label(self) -> &'static str {
@@ -47,11 +55,25 @@ impl Figure {
             Figure::SoldOutP99Ms => "sold_out p99 ms",
             Figure::HealthzPerSecond => "GET /healthz/s",
             Figure::RedisBenchmarkPerSecond => "redis-benchmark reserve script/s",
+            Figure::GatewayCpuUsPerReserve => "gateway CPU µs per reserve",
+            Figure::RedisCpuUsPerReserve => "Redis CPU µs per reserve",
+            Figure::GatewayCpuUsPerSoldOut => "gateway CPU µs per sold_out",
+            Figure::GatewayCpuUsPerHealthz => "gateway CPU µs per GET /healthz",
         }
     }
 
+    /// Latencies and CPU costs. The CPU per request is the steadiest figure on a
+    /// shared machine: another process's load slows a run but barely changes it.
     fn lower_is_better(self) -> bool {
-        matches!(self, Figure::ReserveP99Ms | Figure::SoldOutP99Ms)
+        matches!(
+            self,
+            Figure::ReserveP99Ms
+                | Figure::SoldOutP99Ms
+                | Figure::GatewayCpuUsPerReserve
+                | Figure::RedisCpuUsPerReserve
+                | Figure::GatewayCpuUsPerSoldOut
+                | Figure::GatewayCpuUsPerHealthz
+        )
     }
 
     /// The figure from a child's JSON report (None when that phase did not run).
@@ -75,7 +97,12 @@ impl Figure {
             let e = endpoint(&p, endpoint_name)?;
             Some(e["outcomes"][outcome].as_f64()? / p["duration_s"].as_f64()?.max(1e-9))
         };
+        let cpu = |name: &str, field: &str| phase(name)?["resources"][field].as_f64();
         match self {
+            Figure::GatewayCpuUsPerReserve => cpu("reserve", "gateway_cpu_us_per_request"),
+            Figure::RedisCpuUsPerReserve => cpu("reserve", "redis_cpu_us_per_request"),
+            Figure::GatewayCpuUsPerSoldOut => cpu("soldout", "gateway_cpu_us_per_request"),
+            Figure::GatewayCpuUsPerHealthz => cpu("ceiling", "gateway_cpu_us_per_request"),
             Figure::ReservesPerSecond => rate("reserve", "reserve", "201 created"),
             Figure::ReserveP99Ms => endpoint(&phase("reserve")?, "reserve")?["p99_ms"].as_f64(),
             Figure::SoldOutPerSecond => rate("soldout", "reserve", "409 sold_out"),
@@ -450,7 +477,8 @@ mod tests {
         let report = serde_json::json!({
             "phases": [
                 {"name": "reserve", "duration_s": 10.0, "endpoints": [
-                    {"endpoint": "reserve", "p99_ms": 21.5, "outcomes": {"201 created": 250000}}]},
+                    {"endpoint": "reserve", "p99_ms": 21.5, "outcomes": {"201 created": 250000}}],
+                 "resources": {"gateway_cpu_us_per_request": 31.5}},
                 {"name": "ceiling", "duration_s": 5.0, "endpoints": [
                     {"endpoint": "healthz", "p99_ms": 3.0, "outcomes": {"200 ok": 400000}}]}
             ],
@@ -466,5 +494,7 @@ mod tests {
             Some(40_000.0)
         );
         assert_eq!(Figure::SoldOutPerSecond.read(&report), None);
+        assert_eq!(Figure::GatewayCpuUsPerReserve.read(&report), Some(31.5));
+        assert_eq!(Figure::RedisCpuUsPerReserve.read(&report), None);
     }
 }
