@@ -354,11 +354,11 @@ impl IntoResponse for Problem {
 async fn edge(
     State(state): State<SharedState>,
     matched: Option<MatchedPath>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let id = crate::request_id::RequestId::begin(&mut request);
+    let id = crate::request_id::RequestId::begin(&request);
     let admitted = async {
         let _in_flight = match crate::admission::shed(&state.admission, &request) {
             Ok(permit) => permit,

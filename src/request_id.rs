@@ -65,15 +65,12 @@ pub struct RequestId {
 }
 
 impl RequestId {
-    /// Takes the request's sane id or makes one, and sets it on the request.
-    pub fn begin(request: &mut Request) -> RequestId {
+    /// Takes the request's sane id or makes one. (Nothing below reads the request's
+    /// header: a made id is not written into it.)
+    pub fn begin(request: &Request) -> RequestId {
         let value = match request.headers().get(X_REQUEST_ID) {
             Some(taken) if taken.to_str().is_ok_and(sane) => taken.clone(),
-            _ => {
-                let made = generate_value();
-                request.headers_mut().insert(X_REQUEST_ID, made.clone());
-                made
-            }
+            _ => generate_value(),
         };
         RequestId {
             fields: RequestFields {
@@ -109,8 +106,8 @@ impl RequestId {
 
 /// The same as a middleware of its own. The gateway's router does this inside its
 /// `observe` layer instead: one middleware layer fewer on every request.
-pub async fn layer(mut request: Request, next: Next) -> Response {
-    let id = RequestId::begin(&mut request);
+pub async fn layer(request: Request, next: Next) -> Response {
+    let id = RequestId::begin(&request);
     let mut response = id.scope(next.run(request)).await;
     id.finish(&mut response);
     response
