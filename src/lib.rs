@@ -11,6 +11,7 @@ pub mod config;
 pub mod connections;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod explore;
 pub mod gateway;
 pub mod http;

@@ -167,6 +167,11 @@ pub fn flushed(count: u64) {
     counter!("flashgate_flushed_events_total").increment(count);
 }
 
+/// Events (src/events.rs) written to MySQL with their facts.
+pub fn events_recorded(count: u64) {
+    counter!("flashgate_events_recorded_total").increment(count);
+}
+
 /// The outbox backlog the last flush pass of this process measured (u64::MAX: none yet).
 static LAST_OUTBOX_BACKLOG: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(u64::MAX);

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::WorkerSettings;
-use crate::db::{self, KeyClaim, OutboxEvent};
+use crate::db::{self, KeyClaim, OutboxEvent, StockCounters};
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::keys::{SkuKeys, FLUSH_GROUP};
@@ -457,7 +457,21 @@ impl Worker {
                 }
             }
         }
-        let applied = db::apply_events(&self.db, &events).await?;
+        // A SKU's events take their sequence numbers in the order of its outbox: a
+        // batch read while an earlier entry is pending on another consumer (which may
+        // commit after us) waits for it (db::apply_events_in_order).
+        let first = entries[0].stream_id.clone();
+        let check: db::OrderCheck<'_> =
+            Box::pin(async move { Ok(!self.pending_before(sku, &first).await?) });
+        let applied = db::apply_events_in_order(&self.db, &events, Some(check)).await?;
+        if applied.out_of_order {
+            // Whoever holds the earlier entries writes them first; a dead consumer's
+            // are taken over here once idle for claim_idle, then read with ours.
+            let claimed = self.autoclaim(sku).await?;
+            tracing::debug!(sku = %sku, claimed = claimed.len(), "flush waits for an earlier batch of the outbox");
+            return Ok(0);
+        }
+        telemetry::events_recorded(applied.events.len() as u64);
         for c in &applied.duplicate_payments {
             tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
                 compensation_id = %c.id,
@@ -490,6 +504,27 @@ impl Worker {
         let ids: Vec<String> = entries.iter().map(|e| e.stream_id.clone()).collect();
         self.store.ack_outbox(sku, &ids).await?;
         Ok(ids.len() as u64)
+    }
+
+    /// Whether an entry before `stream_id` is still pending in the flush group (on
+    /// any consumer: this one's own pending entries are always read first, so they
+    /// are never before a batch it reads).
+    async fn pending_before(&self, sku: &SkuId, stream_id: &str) -> Result<bool> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.store.connection();
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&keys.outbox)
+            .arg(FLUSH_GROUP)
+            .arg("-")
+            .arg(format!("({stream_id}"))
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .or_else(|e| match e.code() {
+                Some("NOGROUP") => Ok(Value::Nil),
+                _ => Err(e),
+            })?;
+        Ok(matches!(reply, Value::Array(items) if !items.is_empty()))
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left
@@ -798,6 +833,23 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
                 refund_ref: text("refund_ref"),
                 note: text("note"),
             },
+        });
+    }
+    if kind == "sku_sold_out" || kind == "sku_available" {
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+        let sku = field("sku")?;
+        return Some(OutboxEvent::StockCrossed {
+            sold_out: kind == "sku_sold_out",
+            sale: sku.clone(),
+            stream_id: entry.stream_id.clone(),
+            sku,
+            counters: StockCounters {
+                stock_total: number("stock_total")?,
+                available: number("available")?,
+                held: number("held")?,
+                sold: number("sold")?,
+            },
+            at_ms: field("at")?.parse().ok()?,
         });
     }
     let quantity: u64 = field("quantity")?.parse().ok()?;
