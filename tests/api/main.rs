@@ -8,6 +8,7 @@ mod auth;
 mod buckets;
 mod connections;
 mod edges;
+mod events;
 mod input;
 mod keys;
 mod lifecycle;
