@@ -916,6 +916,15 @@ impl Gateway {
     }
 
     /// From MySQL, or from Redis while the flush has not written it yet.
+    /// The event feed: oldest first, from MySQL (src/events.rs).
+    pub async fn events(
+        &self,
+        filter: &db::events::Filter,
+        limit: u32,
+    ) -> Result<Vec<crate::events::Event>> {
+        db::events::list(&self.db, filter, limit).await
+    }
+
     pub async fn compensation(&self, id: &str) -> Result<Compensation> {
         let recorded = db::compensation(&self.db, id).await;
         let pending = self.store.pending_compensation(id).await?;

@@ -33,6 +33,7 @@ use crate::reservation::{
 use crate::telemetry;
 use utoipa::{IntoParams, ToSchema};
 
+mod events;
 mod openapi;
 
 pub use openapi::ApiDoc;
@@ -57,7 +58,7 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 18] = [
     "/v1/admin/skus",
     "/v1/admin/skus/{sku}",
     "/v1/admin/skus/{sku}/pause",
@@ -71,6 +72,7 @@ const ROUTES: [&str; 17] = [
     "/v1/compensations",
     "/v1/compensations/{id}",
     "/v1/compensations/{id}/resolve",
+    "/v1/events",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -78,7 +80,7 @@ const ROUTES: [&str; 17] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics, openapi_route] =
+    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
@@ -101,6 +103,7 @@ pub fn router(state: SharedState) -> Router {
         .route(compensations, get(list_compensations))
         .route(compensation, get(get_compensation))
         .route(resolve, post(resolve_compensation))
+        .route(events_route, get(events::list_events))
         .route(health, get(healthz))
         .route(ready, get(readyz))
         .route(openapi_route, get(openapi_json));

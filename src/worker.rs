@@ -638,9 +638,11 @@ impl Worker {
         let sweep_every = Duration::from_millis(settings.sweep_interval_ms.max(10));
         let reconcile_every = Duration::from_secs(settings.reconcile_interval_seconds.max(1));
         tracing::info!(consumer = %self.consumer, claim_idle = ?self.claim_idle, "worker started");
+        let retention = Duration::from_secs(settings.events_retention_hours.saturating_mul(3600));
         tokio::join!(
             self.sweep_loop(sweep_every, shutdown.clone()),
             self.flush_loop(sweep_every, shutdown.clone()),
+            self.prune_loop(retention, shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );
         // What was confirmed before shutdown goes to MySQL now if it can, within a
@@ -726,6 +728,35 @@ impl Worker {
             }
         }
         Ok(total)
+    }
+
+    /// Deletes the events recorded before `now_ms - retention`, EVENTS_PRUNE_BATCH at a
+    /// time (each a short statement, so the flush's inserts never wait long on it).
+    /// Returns how many went.
+    pub async fn prune_events_once(&self, now_ms: i64, retention: Duration) -> Result<u64> {
+        let before_ms = now_ms.saturating_sub(retention.as_millis() as i64);
+        let mut total = 0;
+        loop {
+            let pruned = db::events::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?;
+            total += pruned;
+            if pruned < limits::EVENTS_PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn prune_loop(&self, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if !sleep_or_shutdown(limits::EVENTS_PRUNE_EVERY, &mut shutdown).await {
+                break;
+            }
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            match self.prune_events_once(now_ms, retention).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "events past their retention pruned"),
+                Err(e) => tracing::warn!(error = %e, "events could not be pruned"),
+            }
+        }
     }
 
     async fn reconcile_loop(

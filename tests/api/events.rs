@@ -178,3 +178,182 @@ pub async fn outbox_events(app: &TestApp, sku: &str) -> Vec<flashgate::db::Outbo
         })
         .collect()
 }
+
+pub async fn feed(app: &TestApp, query: &str) -> (StatusCode, Value) {
+    body(
+        app.client
+            .get(app.url(&format!("/v1/events?{query}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Every event of the SKU through the feed, page after page of `limit`.
+pub async fn feed_all(app: &TestApp, query: &str, limit: u32) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = feed(app, &format!("{query}&limit={limit}{after}")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let got = page["items"].as_array().unwrap().clone();
+        let next = page["next"].as_str().unwrap().to_owned();
+        if got.is_empty() {
+            // Polling from the end gives the same cursor back.
+            assert_eq!(after, format!("&after={next}"));
+            return items;
+        }
+        items.extend(got);
+        after = format!("&after={next}");
+    }
+}
+
+#[tokio::test]
+async fn the_feed_pages_oldest_first_by_sku_and_type_with_a_stable_cursor() {
+    let app = spawn_app().await;
+    let sku = unique_sku("feed");
+    let other = unique_sku("feed-other");
+    app.create_sku(&sku, json!({"stock": 2})).await;
+    app.create_sku(&other, json!({"stock": 5})).await;
+    let a = app.hold(&sku, "f1").await;
+    app.hold(&other, "f1").await;
+    let b = app.hold(&sku, "f2").await; // sold out
+    app.confirm(&a, "pay-a").await;
+    app.cancel(&b, SERVICE_TOKEN).await; // available again
+    app.flush(&sku).await;
+    app.flush(&other).await;
+
+    let all = feed_all(&app, &format!("sku={sku}"), 2).await;
+    assert_eq!(all, recorded_events(&app, &sku).await);
+    assert_eq!(
+        types_of(&all),
+        [
+            "sku.sold_out",
+            "reservation.confirmed",
+            "sku.available",
+            "reservation.cancelled"
+        ]
+    );
+    assert_consecutive(&all);
+    assert!(all.iter().all(|e| e["sku"] == json!(sku)));
+    let ended = feed_all(
+        &app,
+        &format!("sku={sku}&types=reservation.cancelled,reservation.confirmed"),
+        1,
+    )
+    .await;
+    assert_eq!(
+        types_of(&ended),
+        ["reservation.confirmed", "reservation.cancelled"]
+    );
+    assert_eq!(ended[0]["data"]["payment_ref"], "pay-a");
+
+    // Without a SKU: every SKU's, oldest first; a cursor taken before an event is
+    // written finds it afterwards.
+    let (_, page) = feed(&app, &format!("sku={other}")).await;
+    assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
+    let mut cursor = String::new();
+    loop {
+        let (_, page) = feed(&app, &format!("limit=1000{cursor}")).await;
+        cursor = format!("&after={}", page["next"].as_str().unwrap());
+        if page["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+    }
+    let c = app.hold(&other, "f3").await;
+    app.cancel(&c, SERVICE_TOKEN).await;
+    app.flush(&other).await;
+    let (_, page) = feed(&app, &format!("limit=1000{cursor}")).await;
+    let fresh: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["sku"] == json!(other))
+        .collect();
+    assert_eq!(fresh.len(), 1, "{page}");
+    assert_eq!(fresh[0]["type"], "reservation.cancelled");
+    assert_eq!(fresh[0]["sequence"], 1);
+}
+
+#[tokio::test]
+async fn the_feed_refuses_bad_input_with_a_problem_and_wants_the_service_token() {
+    let app = spawn_app().await;
+    for query in [
+        "after=nope",
+        "after=ZTE6LTE",
+        "types=reservation.created",
+        "types=",
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "sku=bad%20sku",
+    ] {
+        let response = app
+            .client
+            .get(app.url(&format!("/v1/events?{query}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{query}"
+        );
+        let (status, problem) = body(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {problem}");
+        assert_eq!(problem["code"], "invalid_request");
+    }
+    let (status, problem) = body(
+        app.client
+            .get(app.url("/v1/events"))
+            .bearer_auth(user_token("someone"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
+}
+
+#[tokio::test]
+async fn events_past_their_retention_are_pruned_and_newer_ones_kept() {
+    let app = spawn_app().await;
+    let sku = unique_sku("prune");
+    let old = flashgate::events::NewEvent {
+        id: flashgate::events::event_id(flashgate::events::EventType::SkuSoldOut, &[&sku, "old"]),
+        kind: flashgate::events::EventType::SkuSoldOut,
+        sku: sku.clone(),
+        occurred_at_ms: 1_000,
+        data: json!({}),
+    };
+    let new = flashgate::events::NewEvent {
+        id: flashgate::events::event_id(flashgate::events::EventType::SkuSoldOut, &[&sku, "new"]),
+        occurred_at_ms: 2_000,
+        ..old.clone()
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let retention = std::time::Duration::from_secs(72 * 3600);
+    for (event, recorded_at) in [
+        (old, now_ms - 73 * 3600 * 1000),
+        (new, now_ms - 71 * 3600 * 1000),
+    ] {
+        let mut tx = app.db.begin().await.unwrap();
+        flashgate::db::events::write(&mut tx, vec![event], recorded_at)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(
+        app.worker
+            .prune_events_once(now_ms, retention)
+            .await
+            .unwrap()
+            >= 1
+    );
+    let kept = recorded_events(&app, &sku).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["sequence"], 2, "numbers are never reused");
+}

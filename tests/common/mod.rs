@@ -86,6 +86,7 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
             reconcile_interval_seconds: 60,
             reconcile_repair: true,
             flush_claim_idle_ms: 30_000,
+            events_retention_hours: 72,
         },
     }
 }
