@@ -26,4 +26,5 @@ pub mod server;
 pub mod sold_out;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;
