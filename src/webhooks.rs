@@ -173,25 +173,32 @@ pub struct Deliverer {
     pub clock: Arc<dyn Clock>,
     /// Names this deliverer's claims (unique per process and deliverer).
     pub owner: String,
+    /// Only these endpoints (tests that share a database); None: all.
+    only: Option<Vec<String>>,
 }
 
 impl Deliverer {
     pub fn new(db: MySqlPool, clock: Arc<dyn Clock>) -> Deliverer {
-        crate::auth::jwks::install_tls_provider();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(DELIVERY_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_max_idle_per_host(ENDPOINT_CONCURRENCY)
-            .user_agent(concat!("flashgate-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("the webhook client builds");
         Deliverer {
             db,
-            client,
+            client: client(DELIVERY_TIMEOUT),
             clock,
             owner: format!("{}-{}", std::process::id(), crate::ids::random_name()),
+            only: None,
         }
+    }
+
+    /// Runs only these endpoints (tests sharing one database).
+    pub fn only(mut self, names: &[&str]) -> Deliverer {
+        self.only = Some(names.iter().map(|n| n.to_string()).collect());
+        self
+    }
+
+    /// Another request timeout than the contract's DELIVERY_TIMEOUT (tests, which
+    /// make the network's time short instead of sleeping it).
+    pub fn with_timeout(mut self, timeout: Duration) -> Deliverer {
+        self.client = client(timeout);
+        self
     }
 
     /// One step for one endpoint: queue its new events, claim what is due, send it
@@ -356,7 +363,10 @@ impl Deliverer {
         let mut tasks: HashMap<String, (Endpoint, tokio::task::JoinHandle<()>)> = HashMap::new();
         loop {
             match rows::list(&self.db).await {
-                Ok(endpoints) => {
+                Ok(mut endpoints) => {
+                    if let Some(only) = &self.only {
+                        endpoints.retain(|e| only.contains(&e.name));
+                    }
                     tasks.retain(|name, (known, task)| {
                         let keep = endpoints.iter().any(|e| e == known && e.enabled)
                             && !task.is_finished();
@@ -414,6 +424,20 @@ impl Deliverer {
             }
         }
     }
+}
+
+/// No redirects (a redirect is a failed attempt), a timeout over the whole exchange
+/// (an answer trickling in byte by byte counts), few idle connections per endpoint.
+fn client(timeout: Duration) -> reqwest::Client {
+    crate::auth::jwks::install_tls_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+        .pool_max_idle_per_host(ENDPOINT_CONCURRENCY)
+        .user_agent(concat!("flashgate-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the webhook client builds")
 }
 
 /// An error in a few words, never with the URL (it may carry credentials).

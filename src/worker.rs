@@ -643,6 +643,13 @@ impl Worker {
             self.sweep_loop(sweep_every, shutdown.clone()),
             self.flush_loop(sweep_every, shutdown.clone()),
             self.prune_loop(retention, shutdown.clone()),
+            // Webhooks run on their own tasks (one per endpoint): an endpoint that
+            // hangs delays neither the sweep nor the flush (src/webhooks.rs).
+            crate::webhooks::Deliverer::new(
+                self.db.clone(),
+                std::sync::Arc::new(crate::webhooks::SystemClock)
+            )
+            .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );
         // What was confirmed before shutdown goes to MySQL now if it can, within a
@@ -737,7 +744,8 @@ impl Worker {
         let before_ms = now_ms.saturating_sub(retention.as_millis() as i64);
         let mut total = 0;
         loop {
-            let pruned = db::events::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?;
+            let pruned = db::events::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?
+                + db::webhooks::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?;
             total += pruned;
             if pruned < limits::EVENTS_PRUNE_BATCH as u64 {
                 return Ok(total);

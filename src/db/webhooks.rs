@@ -131,8 +131,41 @@ pub async fn delete(pool: &MySqlPool, name: &str) -> Result<bool> {
 /// `queued_to`, at most `batch` events looked at; returns how many were looked at.
 /// The endpoint's row is locked meanwhile: two workers queue each event once.
 pub async fn enqueue(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
+    retried(|| enqueue_once(pool, name, now_ms, batch)).await
+}
+
+/// Deadlocks between claims, queueing and outcomes of one endpoint (InnoDB picks a
+/// victim; nothing was written) are retried a few times.
+async fn retried<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            // SQLSTATE 40001: deadlock or serialization failure (MySQL 1213).
+            Err(Error::Internal(detail)) if detail.contains("(40001)") && tries < 4 => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// READ COMMITTED: the claims' locking reads take no gap locks, so queueing and
+/// claiming of one endpoint by several workers rarely wait on each other.
+async fn begin(pool: &MySqlPool) -> Result<sqlx::Transaction<'static, MySql>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await?;
+    Ok(sqlx::Transaction::begin(conn, None).await?)
+}
+
+async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
     let _turn = crate::explore::mysql_step("enqueue_deliveries").await;
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ? FOR UPDATE"
     )))
@@ -208,8 +241,19 @@ pub async fn claim(
     lease_ms: i64,
     limit: u32,
 ) -> Result<Vec<Claimed>> {
+    retried(|| claim_once(pool, name, owner, now_ms, lease_ms, limit)).await
+}
+
+async fn claim_once(
+    pool: &MySqlPool,
+    name: &str,
+    owner: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<Claimed>> {
     let _turn = crate::explore::mysql_step("claim_deliveries").await;
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool).await?;
     let rows: Vec<(u64, String, u32, NaiveDateTime)> = sqlx::query_as(
         "SELECT position, event_id, attempts, first_queued_at FROM webhook_deliveries
          WHERE webhook = ? AND status = 'pending' AND next_attempt_at <= ?
@@ -290,6 +334,17 @@ pub enum Attempt {
 /// Records an attempt's end. A failure counts only while `owner` still holds the
 /// claim (after its lease another worker may have sent it); a success always does.
 pub async fn finish(
+    pool: &MySqlPool,
+    name: &str,
+    position: u64,
+    owner: &str,
+    now_ms: i64,
+    attempt: &Attempt,
+) -> Result<()> {
+    retried(|| finish_once(pool, name, position, owner, now_ms, attempt)).await
+}
+
+async fn finish_once(
     pool: &MySqlPool,
     name: &str,
     position: u64,

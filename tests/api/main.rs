@@ -20,3 +20,4 @@ mod races;
 mod reserve;
 mod retirement;
 mod server;
+mod webhooks;
