@@ -357,3 +357,61 @@ async fn events_past_their_retention_are_pruned_and_newer_ones_kept() {
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0]["sequence"], 2, "numbers are never reused");
 }
+
+#[tokio::test]
+async fn two_workers_flushing_one_sku_at_once_keep_its_sequence_in_outbox_order() {
+    let app = spawn_app().await;
+    let sku = unique_sku("order");
+    // More ends than one flush batch (limits::FLUSH_BATCH), so the two workers each
+    // take a batch of the same stream at once.
+    let n = flashgate::limits::FLUSH_BATCH + 40;
+    app.create_sku(&sku, json!({"stock": n})).await;
+    let mut ids = Vec::with_capacity(n);
+    let (app_ref, sku_ref) = (&app, &sku);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let holds = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|i| async move { app_ref.hold(sku_ref, &format!("o{i}")).await }),
+        )
+        .await;
+        ids.extend(holds);
+    }
+    for id in &ids {
+        assert_eq!(app.cancel(id, SERVICE_TOKEN).await.0, StatusCode::OK);
+    }
+    let a = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    let b = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    let sale = TestApp::sku_id(&sku);
+    let drain = |w: flashgate::worker::Worker, sale: flashgate::ids::SkuId| async move {
+        for _ in 0..2000 {
+            w.flush_sku(&sale).await.unwrap();
+            if w.store.outbox_backlog(&sale).await.unwrap() == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never drained");
+    };
+    tokio::join!(drain(a, sale.clone()), drain(b, sale.clone()));
+    let events = recorded_events(&app, &sku).await;
+    assert_consecutive(&events);
+    let cancelled: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "reservation.cancelled")
+        .map(|e| e["data"]["reservation_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let first_wrong = cancelled.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        cancelled.len() == expected.len() && first_wrong.is_none(),
+        "sequence must follow the order of the cancels: {} of {} events, first out of order at {first_wrong:?}",
+        cancelled.len(),
+        expected.len()
+    );
+    assert_eq!(
+        types_of(&events)[..2],
+        ["sku.sold_out", "sku.available"],
+        "the last hold sold out, the first cancel brought stock back"
+    );
+}
