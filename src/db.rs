@@ -424,7 +424,9 @@ pub async fn apply_events_in_order(
     events: &[OutboxEvent],
     in_order: Option<OrderCheck<'_>>,
 ) -> Result<Applied> {
-    let _turn = crate::explore::mysql_step("apply_events").await;
+    // The explorer's steps: up to the order check, the check (a Redis command), the
+    // rest of the writes, the events (db::events::write).
+    let turn = crate::explore::mysql_step("apply_events").await;
     let mut applied = Applied::default();
     if events.is_empty() {
         return Ok(applied);
@@ -466,6 +468,7 @@ pub async fn apply_events_in_order(
             .fetch_optional(&mut *tx)
             .await?;
     }
+    drop(turn);
     if let Some(check) = in_order {
         if !check.await? {
             tx.rollback().await?;
@@ -473,6 +476,7 @@ pub async fn apply_events_in_order(
             return Ok(applied);
         }
     }
+    let turn = crate::explore::mysql_step("apply_events (writes)").await;
     // Ends of reservations MySQL records as sold: the sale stands, no end is reported.
     let ended_rids: Vec<&str> = events
         .iter()
@@ -654,6 +658,7 @@ pub async fn apply_events_in_order(
             }
         }
     }
+    drop(turn);
     applied.events = events::write(&mut tx, new_events, now_ms).await?;
     tx.commit().await?;
     Ok(applied)
