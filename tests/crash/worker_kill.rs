@@ -127,6 +127,8 @@ async fn worker_sigkilled_mid_batch_leaves_each_event_in_mysql_exactly_once() {
     assert!(consumers.consumers.iter().all(|c| c.pending == 0));
     let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let events = assert_events_in_sequence(&db, &sku).await;
+    assert_eq!(events.get("sku.sold_out"), Some(&1), "{events:?}");
 }
 
 /// The worst instant to die, made deterministic: a consumer committed its batch to
@@ -179,24 +181,26 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
         (DEAD_BATCH as u64, (SALES - DEAD_BATCH) as u64)
     );
 
-    // A live worker: the new entries at once; the dead consumer's only once idle.
+    // A live worker reads the later entries but writes them only after the dead
+    // consumer's (a SKU's events are numbered in outbox order: db::apply_events_in_order),
+    // which it takes over once they are idle.
     let worker =
         Worker::new(app.store.clone(), db.clone()).with_claim_idle(Duration::from_millis(2_000));
     worker.flush_all().await.unwrap();
     assert_eq!(
         outbox_unacked(&mut conn, &sku).await,
-        (DEAD_BATCH as u64, 0),
-        "not idle long enough yet"
+        (SALES as u64, 0),
+        "not idle long enough yet: the later entries wait"
     );
     assert_eq!(
         mysql_sales(&db, &sku).await,
-        (SALES as i64, SALES as i64, SALES as u64)
+        (DEAD_BATCH as i64, DEAD_BATCH as i64, DEAD_BATCH as u64)
     );
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let flushed = worker.flush_all().await.unwrap();
     assert_eq!(
-        flushed, DEAD_BATCH as u64,
-        "the dead consumer's batch is taken over"
+        flushed, SALES as u64,
+        "the dead consumer's batch is taken over, then the rest follows"
     );
     assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
     // Written twice, recorded once.
@@ -216,6 +220,7 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
     .await
     .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_events_in_sequence(&db, &sku).await;
 }
 
 /// Several workers at once on one SKU's outbox (the contract allows it): each batch
@@ -245,11 +250,16 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
                 loop {
                     // Small batches would be nicer; FLUSH_BATCH is what it is: keep
                     // several workers busy by flushing until nothing is left.
+                    // 0 may also mean "an earlier batch is pending on the other
+                    // worker": go on until the outbox is empty.
                     let flushed = worker.flush_sku(&sku_id).await.expect("no batch fails");
-                    if flushed == 0 {
+                    total += flushed;
+                    if worker.store.outbox_backlog(&sku_id).await.unwrap() == 0 {
                         return total;
                     }
-                    total += flushed;
+                    if flushed == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
             })
         })
@@ -269,4 +279,5 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
         (SALES as i64, SALES as i64, SALES as u64)
     );
     assert_eq!(sales_ids(&db, &sku).await, ok.into_iter().collect());
+    assert_events_in_sequence(&db, &sku).await;
 }
