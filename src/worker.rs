@@ -61,6 +61,15 @@ pub struct SweepReport {
     pub expired: u64,
 }
 
+/// What one batch of a SKU's flush did.
+enum Flushed {
+    /// Entries written (or found written) and acknowledged.
+    Written(u64),
+    /// An earlier entry is pending on another consumer: nothing written. `took_over`:
+    /// that consumer was idle for claim_idle and its entries are now this one's.
+    Waiting { took_over: bool },
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FlushReport {
     /// Events written (or found already written) and acknowledged.
@@ -442,9 +451,22 @@ impl Worker {
     /// One transaction per batch; XACK only after the commit, so a crash anywhere
     /// leaves the events pending, to be claimed and written again (idempotently).
     pub async fn flush_sku(&self, sku: &SkuId) -> Result<u64> {
+        match self.flush_batch(sku).await? {
+            Flushed::Written(n) => Ok(n),
+            // The earlier entries were a dead consumer's, taken over just now: they
+            // are this consumer's pending entries, read first, in order.
+            Flushed::Waiting { took_over: true } => match self.flush_batch(sku).await? {
+                Flushed::Written(n) => Ok(n),
+                Flushed::Waiting { .. } => Ok(0),
+            },
+            Flushed::Waiting { took_over: false } => Ok(0),
+        }
+    }
+
+    async fn flush_batch(&self, sku: &SkuId) -> Result<Flushed> {
         let entries = self.read_batch(sku).await?;
         if entries.is_empty() {
-            return Ok(0);
+            return Ok(Flushed::Written(0));
         }
         let mut events = Vec::with_capacity(entries.len());
         for entry in &entries {
@@ -468,8 +490,15 @@ impl Worker {
             // Whoever holds the earlier entries writes them first; a dead consumer's
             // are taken over here once idle for claim_idle, then read with ours.
             let claimed = self.autoclaim(sku).await?;
-            tracing::debug!(sku = %sku, claimed = claimed.len(), "flush waits for an earlier batch of the outbox");
-            return Ok(0);
+            if claimed.is_empty() {
+                tracing::debug!(sku = %sku, "flush waits for an earlier batch of the outbox");
+            } else {
+                tracing::info!(sku = %sku, entries = claimed.len(), consumer = %self.consumer,
+                    "took over outbox entries left pending by an idle consumer");
+            }
+            return Ok(Flushed::Waiting {
+                took_over: !claimed.is_empty(),
+            });
         }
         telemetry::events_recorded(applied.events.len() as u64);
         for c in &applied.duplicate_payments {
@@ -503,7 +532,7 @@ impl Worker {
         self.store.forget_ended_reservations(sku, &ended).await?;
         let ids: Vec<String> = entries.iter().map(|e| e.stream_id.clone()).collect();
         self.store.ack_outbox(sku, &ids).await?;
-        Ok(ids.len() as u64)
+        Ok(Flushed::Written(ids.len() as u64))
     }
 
     /// Whether an entry before `stream_id` is still pending in the flush group (on

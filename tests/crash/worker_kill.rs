@@ -44,7 +44,8 @@ async fn worker_sigkilled_mid_batch_leaves_each_event_in_mysql_exactly_once() {
     assert!(failed.is_empty(), "{failed:?}");
     let ok: HashSet<String> = ok.into_iter().collect();
     let mut conn = redis.client().await;
-    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, SALES as u64));
+    // Every sale, and the announcement that the last hold sold the SKU out.
+    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, SALES as u64 + 1));
 
     // Kill a worker while it holds a batch: read (pending) and not yet acknowledged.
     let logs = TempDir::new("worker-kill");
@@ -142,7 +143,8 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
         Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
     let db = shared_db().await;
     let sku = unique_sku("crash-unacked");
-    app.create_sku(&sku, json!({ "stock": SALES, "per_user_limit": 1 }))
+    // One unit more than sold: no sold-out announcement among the entries.
+    app.create_sku(&sku, json!({ "stock": SALES + 1, "per_user_limit": 1 }))
         .await;
     let rids = reserve_many(&app, &sku, "u", SALES).await;
     let (ok, _) = confirm_many(app.clone(), rids, 16).await;
@@ -269,8 +271,9 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
         total += flush.await.unwrap();
     }
     assert_eq!(
-        total, SALES as u64,
-        "each entry flushed by exactly one worker"
+        total,
+        SALES as u64 + 1,
+        "each entry (every sale, and the sold-out announcement) flushed by exactly one worker"
     );
     let mut conn = redis.client().await;
     assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
