@@ -40,10 +40,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of an answer read at most (kept for the delivery's `last_error`); the rest is
 /// never read.
 pub const RESPONSE_BODY_MAX: usize = 16 * 1024;
-/// A claim's lease: longer than one attempt can take, so a live worker's claim never
-/// ends under it; a killed worker's deliveries come due again after it.
-pub const LEASE: Duration = Duration::from_secs(30);
-const _: () = assert!(LEASE.as_secs() > DELIVERY_TIMEOUT.as_secs());
+/// A claim's lease, in request timeouts: longer than one attempt can take (a batch's
+/// attempts run ENDPOINT_CONCURRENCY at a time, each bounded by the timeout, and their
+/// outcomes are recorded right after), so a live worker's claim never ends under it; a
+/// killed worker's deliveries come due again after it.
+pub const LEASE_TIMEOUTS: u32 = 3;
+/// The lease with the contract's timeout.
+pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
 /// Requests in flight to one endpoint at most.
 pub const ENDPOINT_CONCURRENCY: usize = 8;
 /// Deliveries one endpoint claims at a time (bounds the event documents held).
@@ -175,6 +178,8 @@ pub struct Deliverer {
     pub owner: String,
     /// Only these endpoints (tests that share a database); None: all.
     only: Option<Vec<String>>,
+    /// How long a claim holds (LEASE_TIMEOUTS request timeouts).
+    lease: Duration,
 }
 
 impl Deliverer {
@@ -185,6 +190,7 @@ impl Deliverer {
             clock,
             owner: format!("{}-{}", std::process::id(), crate::ids::random_name()),
             only: None,
+            lease: LEASE,
         }
     }
 
@@ -198,6 +204,7 @@ impl Deliverer {
     /// make the network's time short instead of sleeping it).
     pub fn with_timeout(mut self, timeout: Duration) -> Deliverer {
         self.client = client(timeout);
+        self.lease = timeout * LEASE_TIMEOUTS;
         self
     }
 
@@ -216,7 +223,7 @@ impl Deliverer {
             &endpoint.name,
             &self.owner,
             now_ms,
-            LEASE.as_millis() as i64,
+            self.lease.as_millis() as i64,
             CLAIM_BATCH,
         )
         .await?;

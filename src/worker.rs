@@ -678,6 +678,7 @@ impl Worker {
                 self.db.clone(),
                 std::sync::Arc::new(crate::webhooks::SystemClock)
             )
+            .with_timeout(Duration::from_millis(settings.webhook_timeout_ms))
             .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );

@@ -498,6 +498,17 @@ impl WorkerProc {
         log_dir: &Path,
         claim_idle_ms: u64,
     ) -> WorkerProc {
+        Self::start_with(redis_url, database_url, log_dir, claim_idle_ms, &[])
+    }
+
+    /// `start`, with more settings in its environment.
+    pub fn start_with(
+        redis_url: &str,
+        database_url: &str,
+        log_dir: &Path,
+        claim_idle_ms: u64,
+        env: &[(&str, &str)],
+    ) -> WorkerProc {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let log = log_dir.join(format!(
             "worker-{}.log",
@@ -512,6 +523,7 @@ impl WorkerProc {
             // database's other tests.
             .env("FLASHGATE_RECONCILE_INTERVAL_SECONDS", "86400")
             .env("FLASHGATE_FLUSH_CLAIM_IDLE_MS", claim_idle_ms.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file);
         WorkerProc {

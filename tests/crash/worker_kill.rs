@@ -284,3 +284,108 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
     assert_eq!(sales_ids(&db, &sku).await, ok.into_iter().collect());
     assert_events_in_sequence(&db, &sku).await;
 }
+
+/// A worker SIGKILLed while a webhook delivery is in flight: its claim holds for the
+/// lease (three request timeouts), then another worker sends the event; the receiver
+/// gets it, signed as standardwebhooks verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
+    use crate::common::receiver::{verify_independently, Mode, Receiver, SECRET};
+    let redis = RedisServer::start(None).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let db = shared_db().await;
+    let receiver = Receiver::start().await;
+    receiver.set(Mode::Hang);
+    let name = unique_sku("kill-hook");
+    let response = app
+        .client
+        .put(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(common::SERVICE_TOKEN)
+        .json(&json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let sku = unique_sku("kill-delivery");
+    app.create_sku(&sku, json!({ "stock": 5 })).await;
+    let id = app.hold(&sku, "k1").await;
+    app.cancel(&id, common::SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    let event_id: String = sqlx::query_scalar("SELECT id FROM events WHERE sku = ?")
+        .bind(&sku)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+
+    let logs = TempDir::new("delivery-kill");
+    let fast = [("FLASHGATE_WEBHOOK_TIMEOUT_MS", "1000")];
+    let mut first = WorkerProc::start_with(
+        &redis.url(),
+        &common::database_url(),
+        logs.path(),
+        30_000,
+        &fast,
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the first worker sends the event",
+        || {
+            let receiver = receiver.clone();
+            let sku = sku.clone();
+            async move { !receiver.of_sku(&sku).is_empty() }
+        },
+    )
+    .await;
+    first.proc.kill(); // the receiver hangs: the attempt is in flight
+    let (owner, attempts): (Option<String>, u32) = sqlx::query_as(
+        "SELECT lease_owner, attempts FROM webhook_deliveries WHERE webhook = ? AND event_id = ?",
+    )
+    .bind(&name)
+    .bind(&event_id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(owner.is_some(), "killed while its claim was held");
+    assert_eq!(attempts, 1);
+
+    receiver.set(Mode::Ok);
+    let _second = WorkerProc::start_with(
+        &redis.url(),
+        &common::database_url(),
+        logs.path(),
+        30_000,
+        &fast,
+    );
+    eventually(Duration::from_secs(20), "another worker delivers it", || {
+        let (db, name, event_id) = (db.clone(), name.clone(), event_id.clone());
+        async move {
+            let status: String = sqlx::query_scalar(
+                "SELECT CAST(status AS CHAR) FROM webhook_deliveries WHERE webhook = ? AND event_id = ?",
+            )
+            .bind(&name)
+            .bind(&event_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            status == "delivered"
+        }
+    })
+    .await;
+    let got = receiver.of_sku(&sku);
+    assert_eq!(
+        got.len(),
+        2,
+        "sent once per claim: the dead one's, then after its lease"
+    );
+    assert_eq!((got[0].mode, got[1].mode), (Mode::Hang, Mode::Ok));
+    assert!(got.iter().all(|r| r.headers["webhook-id"] == event_id));
+    verify_independently(SECRET, &got);
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(common::SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), reqwest::StatusCode::NO_CONTENT);
+}
