@@ -7,13 +7,16 @@
 --   fg:{sku}:meta        HASH   stock_total available held sold per_user_limit
 --                                hold_ms starts_at ends_at (ms since epoch, '' = none),
 --                                layout ('2' for a SKU created with this layout),
---                                paused ('1' while an operator paused its sale)
+--                                paused ('1' while an operator paused its sale),
+--                                sold_out ('1' between the outbox's sku_sold_out and
+--                                the next sku_available, announce_stock)
 --   fg:{sku}:holds       HASH   reservation tail -> hold record (below), from its creation
 --                                until the flush has written its end to MySQL
 --   fg:{sku}:used        HASH   user id -> usage record (below)
 --   fg:{sku}:deadlines   ZSET   reservation tail scored by expires_at (ms): live holds
 --   fg:{sku}:outbox      STREAM events for the flush worker: confirmed, ended (cancelled /
---                                expired), compensation, compensation_resolved
+--                                expired), compensation, compensation_resolved,
+--                                sku_sold_out, sku_available (announce_stock)
 --   fg:{sku}:comps       HASH   compensation id -> JSON record, until the flush wrote it
 --   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
 --                                reconciler check runs (meta `rlog_until`), see
@@ -348,6 +351,33 @@ local function record_end(K, h, key, now)
     'idempotency_key', key or '', 'keep_until', h.keep_until or '0')
 end
 
+-- sku.sold_out / sku.available (src/events.rs): the script whose write makes `available`
+-- reach 0 appends 'sku_sold_out' to the outbox, the one that brings it back above 0
+-- after that appends 'sku_available'; meta `sold_out` ('1' from the one to the other)
+-- pairs them, so each is appended once per crossing. Callers call it only when a
+-- crossing may have happened (available 0 after a reserve wrote it, or 0 before a
+-- release): a write that leaves stock on both sides costs nothing more. A SKU split
+-- over buckets has no such events here (one bucket's stock is not the SKU's).
+local function announce_stock(K, now)
+  local m = redis.call('HMGET', K.meta, 'available', 'sold_out', 'buckets', 'stock_total',
+    'held', 'sold')
+  if not m[1] or tonumber(m[3] or '1') > 1 then
+    return
+  end
+  local out = tonumber(m[1]) == 0
+  if out == (m[2] == '1') then
+    return
+  end
+  if out then
+    redis.call('HSET', K.meta, 'sold_out', '1')
+  else
+    redis.call('HDEL', K.meta, 'sold_out')
+  end
+  redis.call('XADD', K.outbox, '*', 'type', out and 'sku_sold_out' or 'sku_available',
+    'sku', sku_of_prefix(K.prefix), 'stock_total', m[4], 'available', m[1],
+    'held', m[5] or '0', 'sold', m[6] or '0', 'at', ms(now))
+end
+
 -- Ends a live hold `h` as `final_status` ('cancelled' or 'expired') and returns its
 -- units to `available`. Callers check that it is live: that check and this write in
 -- one script are what make a release happen exactly once.
@@ -356,7 +386,9 @@ local function release(K, h, final_status, now)
   h.status = final_status
   store_hold(K, h)
   redis.call('HINCRBY', K.meta, 'held', -quantity)
-  redis.call('HINCRBY', K.meta, 'available', quantity)
+  if redis.call('HINCRBY', K.meta, 'available', quantity) == quantity then
+    announce_stock(K, now) -- it was 0
+  end
   redis.call('ZREM', K.deadlines, h.tail)
   local u = load_usage(K, h.user)
   u.units = u.units - quantity
@@ -501,6 +533,9 @@ local function save_sale(K, sale)
     redis.call('HSET', K.meta, 'available', ms(sale.available), 'held', ms(sale.held),
       'claims_until', ms(sale.claims_until))
     sale.changed = false
+    if sale.available == 0 then
+      announce_stock(K, now_ms())
+    end
   end
 end
 

@@ -99,6 +99,15 @@ pub struct WorkerSettings {
     /// other's batches (harmless, the flush is idempotent, but wasted work).
     #[arg(long, env = "FLASHGATE_FLUSH_CLAIM_IDLE_MS", default_value_t = crate::limits::FLUSH_CLAIM_IDLE.as_millis() as u64)]
     pub flush_claim_idle_ms: u64,
+    /// Events (the feed, webhook deliveries) are kept at least this long, then pruned
+    /// by the worker in bounded batches.
+    #[arg(long, env = "FLASHGATE_EVENTS_RETENTION_HOURS", default_value_t = 72)]
+    pub events_retention_hours: u64,
+    /// A webhook delivery must be answered 2xx within this (the contract's 10 s); a
+    /// claim's lease is three times as long (src/webhooks.rs).
+    #[arg(long, env = "FLASHGATE_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=10_000))]
+    pub webhook_timeout_ms: u64,
 }
 
 impl WorkerSettings {

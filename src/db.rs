@@ -13,6 +13,9 @@ use crate::reservation::{
     Compensation, CompensationReason, Reservation, Resolution, SkuDefinition, Status,
 };
 
+pub mod events;
+pub mod webhooks;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Lazy: the gateway starts and sells while MySQL is down; only the admin path,
@@ -313,6 +316,26 @@ pub enum OutboxEvent {
         id: String,
         resolution: Resolution,
     },
+    /// `available` reached 0 (`sold_out`) or came back above 0 after that
+    /// (lua/lib.lua announce_stock): outbox entry `stream_id` of the sale `sale`, with
+    /// the counters right after the crossing.
+    StockCrossed {
+        sold_out: bool,
+        sale: String,
+        stream_id: String,
+        sku: String,
+        counters: StockCounters,
+        at_ms: i64,
+    },
+}
+
+/// A SKU's counters at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StockCounters {
+    pub stock_total: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
 }
 
 /// The idempotency key that made a reservation, and until when (ms) it replays it.
@@ -354,12 +377,22 @@ impl FoundBy {
 }
 
 /// What a flushed batch did besides writing sales.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Applied {
     /// Compensations the flush itself recorded: a second payment for a reservation
     /// MySQL already records as sold under another payment_ref.
     pub duplicate_payments: Vec<Compensation>,
+    /// The events written (those MySQL had already are not).
+    pub events: Vec<crate::events::Event>,
+    /// Nothing was written: `in_order` said an earlier outbox entry of the SKU is not
+    /// in MySQL yet (pending on another consumer). The batch waits for it.
+    pub out_of_order: bool,
 }
+
+/// Asked by `apply_events_in_order` under the SKU's locks, before anything is written:
+/// true when every earlier outbox entry of the batch's sale is in MySQL.
+pub type OrderCheck<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>>;
 
 /// Writes a batch of events in one transaction, exactly once in effect.
 ///
@@ -378,7 +411,22 @@ pub struct Applied {
 /// Compensations are idempotent by their keys (`INSERT IGNORE`); ended reservations
 /// are recorded once, and a sale's record is never overwritten.
 pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Applied> {
-    let _turn = crate::explore::mysql_step("apply_events").await;
+    apply_events_in_order(pool, events, None).await
+}
+
+/// `apply_events`, and each fact's event (src/events.rs) in the same transaction, in
+/// the batch's order. `in_order` (the flush's check that no earlier entry of the
+/// stream is still pending elsewhere) runs once the SKU's row is locked: a batch that
+/// overtook an earlier one writes nothing (`Applied::out_of_order`), so a SKU's
+/// sequence numbers follow the order of its outbox.
+pub async fn apply_events_in_order(
+    pool: &MySqlPool,
+    events: &[OutboxEvent],
+    in_order: Option<OrderCheck<'_>>,
+) -> Result<Applied> {
+    // The explorer's steps: up to the order check, the check (a Redis command), the
+    // rest of the writes, the events (db::events::write).
+    let turn = crate::explore::mysql_step("apply_events").await;
     let mut applied = Applied::default();
     if events.is_empty() {
         return Ok(applied);
@@ -408,6 +456,7 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
                 Some(reservation.sku.as_str())
             }
             OutboxEvent::Compensation(c) => Some(c.sku.as_str()),
+            OutboxEvent::StockCrossed { sku, .. } => Some(sku.as_str()),
             OutboxEvent::CompensationResolved { .. } => None,
         })
         .collect();
@@ -419,6 +468,31 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
             .fetch_optional(&mut *tx)
             .await?;
     }
+    drop(turn);
+    if let Some(check) = in_order {
+        if !check.await? {
+            tx.rollback().await?;
+            applied.out_of_order = true;
+            return Ok(applied);
+        }
+    }
+    let turn = crate::explore::mysql_step("apply_events (writes)").await;
+    // Ends of reservations MySQL records as sold: the sale stands, no end is reported.
+    let ended_rids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Ended { reservation, .. } => Some(reservation.reservation_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let sold_before: HashSet<String> = if ended_rids.is_empty() {
+        HashSet::new()
+    } else {
+        recorded_sales(&mut tx, &ended_rids, None)
+            .await?
+            .into_keys()
+            .collect()
+    };
     if !confirmations.is_empty() {
         let mut skus: Vec<&str> = confirmations.iter().map(|r| r.sku.as_str()).collect();
         skus.sort_unstable();
@@ -494,9 +568,10 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
     insert_compensations(&mut tx, &compensations).await?;
     record_reservations(&mut tx, events).await?;
     // Resolves made before the flush wrote the compensation (one row each: rare).
+    let mut resolved: HashMap<&str, Compensation> = HashMap::new();
     for event in events {
         if let OutboxEvent::CompensationResolved { id, resolution } = event {
-            sqlx::query(
+            let done = sqlx::query(
                 "UPDATE compensations SET status = 'resolved',
                    resolved_at = COALESCE(?, CURRENT_TIMESTAMP(3)), refund_ref = ?, note = ?
                  WHERE status = 'open' AND id = ?",
@@ -507,10 +582,96 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            if done.rows_affected() > 0 {
+                if let Some(c) = compensation_in(&mut tx, id).await? {
+                    resolved.insert(id.as_str(), c);
+                }
+            }
         }
     }
+    // Each fact's event, in the order of the batch (the order Redis made them).
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut skus: HashMap<&str, Option<SkuRecord>> = HashMap::new();
+    let mut new_events = Vec::new();
+    for event in events {
+        match event {
+            OutboxEvent::Confirmed {
+                reservation, at_ms, ..
+            } => {
+                let payment_ref = reservation.payment_ref.as_deref().unwrap_or_default();
+                match applied.duplicate_payments.iter().find(|c| {
+                    c.reservation_id == reservation.reservation_id && c.payment_ref == payment_ref
+                }) {
+                    Some(c) => new_events.push(crate::events::compensation_created(c)),
+                    None => {
+                        new_events.extend(crate::events::reservation_ended(reservation, *at_ms))
+                    }
+                }
+            }
+            OutboxEvent::Ended {
+                reservation, at_ms, ..
+            } => {
+                if !sold_before.contains(&reservation.reservation_id) {
+                    new_events.extend(crate::events::reservation_ended(reservation, *at_ms));
+                }
+            }
+            OutboxEvent::Compensation(c) => new_events.push(crate::events::compensation_created(c)),
+            OutboxEvent::CompensationResolved { id, .. } => {
+                if let Some(c) = resolved.get(id.as_str()) {
+                    new_events.push(crate::events::compensation_resolved(c, now_ms));
+                }
+            }
+            OutboxEvent::StockCrossed {
+                sold_out,
+                sale,
+                stream_id,
+                sku,
+                counters,
+                at_ms,
+            } => {
+                if !skus.contains_key(sku.as_str()) {
+                    let record = match SkuId::parse(sku) {
+                        Some(id) => sku_record_in(&mut tx, &id).await?,
+                        None => None,
+                    };
+                    skus.insert(sku.as_str(), record);
+                }
+                let Some(record) = skus.get(sku.as_str()).cloned().flatten() else {
+                    continue; // a SKU MySQL does not know has no view to report
+                };
+                let d = &record.definition;
+                let view = crate::reservation::Sku {
+                    sku: sku.clone(),
+                    stock_total: counters.stock_total,
+                    available: counters.available,
+                    held: counters.held,
+                    sold: counters.sold,
+                    per_user_limit: d.per_user_limit,
+                    hold_seconds: d.hold_seconds,
+                    starts_at_ms: d.starts_at_ms,
+                    ends_at_ms: d.ends_at_ms,
+                    paused: d.paused,
+                };
+                new_events.push(crate::events::stock_crossed(
+                    *sold_out, sale, stream_id, &view, *at_ms,
+                ));
+            }
+        }
+    }
+    drop(turn);
+    applied.events = events::write(&mut tx, new_events, now_ms).await?;
     tx.commit().await?;
     Ok(applied)
+}
+
+async fn compensation_in(conn: &mut MySqlConnection, id: &str) -> Result<Option<Compensation>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(compensation_from_row).transpose()
 }
 
 /// When the confirmation of (reservation, payment_ref) in this batch was made.
@@ -741,16 +902,26 @@ pub async fn record_compensation(
     found_by: FoundBy,
 ) -> Result<Compensation> {
     // Its inner calls are the explorer's steps.
-    let mut conn = pool.acquire().await?;
-    insert_compensations(&mut conn, &[(compensation, found_by)]).await?;
+    let mut tx = pool.begin().await?;
+    insert_compensations(&mut tx, &[(compensation, found_by)]).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE reservation_id = ? AND payment_ref = ?"
     )))
     .bind(&compensation.reservation_id)
     .bind(&compensation.payment_ref)
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut *tx)
     .await?;
-    compensation_from_row(&row)
+    let recorded = compensation_from_row(&row)?;
+    // Its event in the same transaction (a retry finds it by id and writes nothing).
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    events::write(
+        &mut tx,
+        vec![crate::events::compensation_created(&recorded)],
+        now_ms,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(recorded)
 }
 
 pub async fn compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {
@@ -853,7 +1024,8 @@ pub async fn resolve_compensation(
     resolution: &Resolution,
 ) -> Result<Option<Compensation>> {
     // Its inner calls are the explorer's steps.
-    sqlx::query(
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
         "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3),
            refund_ref = ?, note = ?
          WHERE id = ? AND status = 'open'",
@@ -861,8 +1033,20 @@ pub async fn resolve_compensation(
     .bind(resolution.refund_ref.as_deref())
     .bind(resolution.note.as_deref())
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    if done.rows_affected() > 0 {
+        if let Some(c) = compensation_in(&mut tx, id).await? {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            events::write(
+                &mut tx,
+                vec![crate::events::compensation_resolved(&c, now_ms)],
+                now_ms,
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
     compensation(pool, id).await
 }
 

@@ -921,6 +921,61 @@ impl Gateway {
     }
 
     /// From MySQL, or from Redis while the flush has not written it yet.
+    /// Creates or replaces a webhook endpoint: (created, the endpoint as recorded).
+    pub async fn put_webhook(
+        &self,
+        endpoint: &db::webhooks::Endpoint,
+    ) -> Result<(bool, db::webhooks::Endpoint)> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let created = db::webhooks::put(&self.db, endpoint, now_ms).await?;
+        let recorded = db::webhooks::get(&self.db, &endpoint.name)
+            .await?
+            .ok_or_else(|| crate::error::Error::Internal("webhook gone after its write".into()))?;
+        tracing::info!(webhook = %endpoint.name, url = %crate::webhooks::redacted_url(&endpoint.url),
+            created, "webhook endpoint written");
+        Ok((created, recorded))
+    }
+
+    pub async fn webhooks(&self) -> Result<Vec<db::webhooks::Endpoint>> {
+        db::webhooks::list(&self.db).await
+    }
+
+    pub async fn webhook(&self, name: &str) -> Result<Option<db::webhooks::Endpoint>> {
+        db::webhooks::get(&self.db, name).await
+    }
+
+    pub async fn delete_webhook(&self, name: &str) -> Result<bool> {
+        db::webhooks::delete(&self.db, name).await
+    }
+
+    pub async fn webhook_deliveries(
+        &self,
+        name: &str,
+        status: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<db::webhooks::Delivery>> {
+        db::webhooks::deliveries(&self.db, name, status, after, limit).await
+    }
+
+    pub async fn replay_webhook(
+        &self,
+        endpoint: &db::webhooks::Endpoint,
+        after: u64,
+    ) -> Result<u64> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        db::webhooks::replay(&self.db, endpoint, after, now_ms).await
+    }
+
+    /// The event feed: oldest first, from MySQL (src/events.rs).
+    pub async fn events(
+        &self,
+        filter: &db::events::Filter,
+        limit: u32,
+    ) -> Result<Vec<crate::events::Event>> {
+        db::events::list(&self.db, filter, limit).await
+    }
+
     pub async fn compensation(&self, id: &str) -> Result<Compensation> {
         let recorded = db::compensation(&self.db, id).await;
         let pending = self.store.pending_compensation(id).await?;

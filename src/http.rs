@@ -33,7 +33,9 @@ use crate::reservation::{
 use crate::telemetry;
 use utoipa::{IntoParams, ToSchema};
 
+mod events;
 mod openapi;
+mod webhooks;
 
 pub use openapi::ApiDoc;
 
@@ -57,7 +59,7 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 22] = [
     "/v1/admin/skus",
     "/v1/admin/skus/{sku}",
     "/v1/admin/skus/{sku}/pause",
@@ -71,6 +73,11 @@ const ROUTES: [&str; 17] = [
     "/v1/compensations",
     "/v1/compensations/{id}",
     "/v1/compensations/{id}/resolve",
+    "/v1/events",
+    "/v1/admin/webhooks",
+    "/v1/admin/webhooks/{name}",
+    "/v1/admin/webhooks/{name}/deliveries",
+    "/v1/admin/webhooks/{name}/replay",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -78,7 +85,7 @@ const ROUTES: [&str; 17] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, health, ready, metrics, openapi_route] =
+    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, webhooks_route, webhook_route, deliveries_route, replay_route, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
@@ -95,6 +102,16 @@ pub fn router(state: SharedState) -> Router {
         .route(compensations, get(list_compensations))
         .route(compensation, get(get_compensation))
         .route(resolve, post(resolve_compensation))
+        .route(events_route, get(events::list_events))
+        .route(webhooks_route, get(webhooks::list_webhooks))
+        .route(
+            webhook_route,
+            put(webhooks::put_webhook)
+                .get(webhooks::get_webhook)
+                .delete(webhooks::delete_webhook),
+        )
+        .route(deliveries_route, get(webhooks::list_deliveries))
+        .route(replay_route, post(webhooks::replay))
         .route(health, get(healthz))
         .route(ready, get(readyz))
         .route(openapi_route, get(openapi_json));

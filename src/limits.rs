@@ -96,6 +96,12 @@ pub const MYSQL_POOL_MAX: u32 = 16;
 pub const MYSQL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Compensations listed per page (contract).
 pub const COMPENSATIONS_PAGE_DEFAULT: u32 = 100;
+/// Events one DELETE of the retention prune takes: short enough that the flush's
+/// inserts never wait long behind it.
+pub const EVENTS_PRUNE_BATCH: u32 = 1000;
+/// How often the worker prunes events past their retention (hours): a minute late is
+/// nothing.
+pub const EVENTS_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 pub const COMPENSATIONS_PAGE_MAX: u32 = 1000;
 
 const _: () = assert!(COMPENSATIONS_PAGE_DEFAULT <= COMPENSATIONS_PAGE_MAX);

@@ -50,6 +50,22 @@ fn describe() {
         "HTTP request latency by route"
     );
     describe_counter!(
+        "flashgate_webhook_attempts_total",
+        "Webhook delivery attempts by endpoint and outcome (delivered, retried, failed)"
+    );
+    describe_counter!(
+        "flashgate_webhook_failed_total",
+        "Webhook deliveries given up after the retry window (listed as failed, replayable)"
+    );
+    describe_gauge!(
+        "flashgate_webhook_lag_seconds",
+        "Age of the endpoint's oldest event not delivered yet (0: none waiting)"
+    );
+    describe_counter!(
+        "flashgate_events_recorded_total",
+        "Events written to MySQL with their facts"
+    );
+    describe_counter!(
         "flashgate_sku_series_dropped_total",
         "Per-SKU series not kept: more than SKU_SERIES_MAX SKUs on sale"
     );
@@ -165,6 +181,32 @@ pub fn sweep_pass(took: Duration) {
 
 pub fn flushed(count: u64) {
     counter!("flashgate_flushed_events_total").increment(count);
+}
+
+/// One webhook delivery attempt and how it ended (`delivered`, `retried`, `failed`:
+/// given up).
+pub fn webhook_attempt(webhook: &str, attempt: &crate::db::webhooks::Attempt) {
+    use crate::db::webhooks::Attempt;
+    let outcome = match attempt {
+        Attempt::Delivered { .. } => "delivered",
+        Attempt::Retry { .. } => "retried",
+        Attempt::Failed { .. } => "failed",
+    };
+    counter!("flashgate_webhook_attempts_total", "webhook" => webhook.to_owned(), "outcome" => outcome)
+        .increment(1);
+    if matches!(attempt, Attempt::Failed { .. }) {
+        counter!("flashgate_webhook_failed_total", "webhook" => webhook.to_owned()).increment(1);
+    }
+}
+
+/// How old the endpoint's oldest event not yet delivered is (0: none waiting).
+pub fn webhook_lag(webhook: &str, lag: Duration) {
+    gauge!("flashgate_webhook_lag_seconds", "webhook" => webhook.to_owned()).set(lag.as_secs_f64());
+}
+
+/// Events (src/events.rs) written to MySQL with their facts.
+pub fn events_recorded(count: u64) {
+    counter!("flashgate_events_recorded_total").increment(count);
 }
 
 /// The outbox backlog the last flush pass of this process measured (u64::MAX: none yet).

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::config::WorkerSettings;
-use crate::db::{self, KeyClaim, OutboxEvent};
+use crate::db::{self, KeyClaim, OutboxEvent, StockCounters};
 use crate::error::{Error, Result};
 use crate::ids::SkuId;
 use crate::keys::{SkuKeys, FLUSH_GROUP};
@@ -59,6 +59,15 @@ const AUTOCLAIM_ROUNDS: usize = 4;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
     pub expired: u64,
+}
+
+/// What one batch of a SKU's flush did.
+enum Flushed {
+    /// Entries written (or found written) and acknowledged.
+    Written(u64),
+    /// An earlier entry is pending on another consumer: nothing written. `took_over`:
+    /// that consumer was idle for claim_idle and its entries are now this one's.
+    Waiting { took_over: bool },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -442,9 +451,22 @@ impl Worker {
     /// One transaction per batch; XACK only after the commit, so a crash anywhere
     /// leaves the events pending, to be claimed and written again (idempotently).
     pub async fn flush_sku(&self, sku: &SkuId) -> Result<u64> {
+        match self.flush_batch(sku).await? {
+            Flushed::Written(n) => Ok(n),
+            // The earlier entries were a dead consumer's, taken over just now: they
+            // are this consumer's pending entries, read first, in order.
+            Flushed::Waiting { took_over: true } => match self.flush_batch(sku).await? {
+                Flushed::Written(n) => Ok(n),
+                Flushed::Waiting { .. } => Ok(0),
+            },
+            Flushed::Waiting { took_over: false } => Ok(0),
+        }
+    }
+
+    async fn flush_batch(&self, sku: &SkuId) -> Result<Flushed> {
         let entries = self.read_batch(sku).await?;
         if entries.is_empty() {
-            return Ok(0);
+            return Ok(Flushed::Written(0));
         }
         let mut events = Vec::with_capacity(entries.len());
         for entry in &entries {
@@ -457,7 +479,28 @@ impl Worker {
                 }
             }
         }
-        let applied = db::apply_events(&self.db, &events).await?;
+        // A SKU's events take their sequence numbers in the order of its outbox: a
+        // batch read while an earlier entry is pending on another consumer (which may
+        // commit after us) waits for it (db::apply_events_in_order).
+        let first = entries[0].stream_id.clone();
+        let check: db::OrderCheck<'_> =
+            Box::pin(async move { Ok(!self.pending_before(sku, &first).await?) });
+        let applied = db::apply_events_in_order(&self.db, &events, Some(check)).await?;
+        if applied.out_of_order {
+            // Whoever holds the earlier entries writes them first; a dead consumer's
+            // are taken over here once idle for claim_idle, then read with ours.
+            let claimed = self.autoclaim(sku).await?;
+            if claimed.is_empty() {
+                tracing::debug!(sku = %sku, "flush waits for an earlier batch of the outbox");
+            } else {
+                tracing::info!(sku = %sku, entries = claimed.len(), consumer = %self.consumer,
+                    "took over outbox entries left pending by an idle consumer");
+            }
+            return Ok(Flushed::Waiting {
+                took_over: !claimed.is_empty(),
+            });
+        }
+        telemetry::events_recorded(applied.events.len() as u64);
         for c in &applied.duplicate_payments {
             tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
                 compensation_id = %c.id,
@@ -489,7 +532,28 @@ impl Worker {
         self.store.forget_ended_reservations(sku, &ended).await?;
         let ids: Vec<String> = entries.iter().map(|e| e.stream_id.clone()).collect();
         self.store.ack_outbox(sku, &ids).await?;
-        Ok(ids.len() as u64)
+        Ok(Flushed::Written(ids.len() as u64))
+    }
+
+    /// Whether an entry before `stream_id` is still pending in the flush group (on
+    /// any consumer: this one's own pending entries are always read first, so they
+    /// are never before a batch it reads).
+    async fn pending_before(&self, sku: &SkuId, stream_id: &str) -> Result<bool> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.store.connection();
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&keys.outbox)
+            .arg(FLUSH_GROUP)
+            .arg("-")
+            .arg(format!("({stream_id}"))
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .or_else(|e| match e.code() {
+                Some("NOGROUP") => Ok(Value::Nil),
+                _ => Err(e),
+            })?;
+        Ok(matches!(reply, Value::Array(items) if !items.is_empty()))
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left
@@ -603,9 +667,19 @@ impl Worker {
         let sweep_every = Duration::from_millis(settings.sweep_interval_ms.max(10));
         let reconcile_every = Duration::from_secs(settings.reconcile_interval_seconds.max(1));
         tracing::info!(consumer = %self.consumer, claim_idle = ?self.claim_idle, "worker started");
+        let retention = Duration::from_secs(settings.events_retention_hours.saturating_mul(3600));
         tokio::join!(
             self.sweep_loop(sweep_every, shutdown.clone()),
             self.flush_loop(sweep_every, shutdown.clone()),
+            self.prune_loop(retention, shutdown.clone()),
+            // Webhooks run on their own tasks (one per endpoint): an endpoint that
+            // hangs delays neither the sweep nor the flush (src/webhooks.rs).
+            crate::webhooks::Deliverer::new(
+                self.db.clone(),
+                std::sync::Arc::new(crate::webhooks::SystemClock)
+            )
+            .with_timeout(Duration::from_millis(settings.webhook_timeout_ms))
+            .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );
         // What was confirmed before shutdown goes to MySQL now if it can, within a
@@ -691,6 +765,36 @@ impl Worker {
             }
         }
         Ok(total)
+    }
+
+    /// Deletes the events recorded before `now_ms - retention`, EVENTS_PRUNE_BATCH at a
+    /// time (each a short statement, so the flush's inserts never wait long on it).
+    /// Returns how many went.
+    pub async fn prune_events_once(&self, now_ms: i64, retention: Duration) -> Result<u64> {
+        let before_ms = now_ms.saturating_sub(retention.as_millis() as i64);
+        let mut total = 0;
+        loop {
+            let pruned = db::events::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?
+                + db::webhooks::prune(&self.db, before_ms, limits::EVENTS_PRUNE_BATCH).await?;
+            total += pruned;
+            if pruned < limits::EVENTS_PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn prune_loop(&self, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if !sleep_or_shutdown(limits::EVENTS_PRUNE_EVERY, &mut shutdown).await {
+                break;
+            }
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            match self.prune_events_once(now_ms, retention).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "events past their retention pruned"),
+                Err(e) => tracing::warn!(error = %e, "events could not be pruned"),
+            }
+        }
     }
 
     async fn reconcile_loop(
@@ -798,6 +902,23 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
                 refund_ref: text("refund_ref"),
                 note: text("note"),
             },
+        });
+    }
+    if kind == "sku_sold_out" || kind == "sku_available" {
+        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+        let sku = field("sku")?;
+        return Some(OutboxEvent::StockCrossed {
+            sold_out: kind == "sku_sold_out",
+            sale: sku.clone(),
+            stream_id: entry.stream_id.clone(),
+            sku,
+            counters: StockCounters {
+                stock_total: number("stock_total")?,
+                available: number("available")?,
+                held: number("held")?,
+                sold: number("sold")?,
+            },
+            at_ms: field("at")?.parse().ok()?,
         });
     }
     let quantity: u64 = field("quantity")?.parse().ok()?;

@@ -374,8 +374,20 @@ impl Harness {
         let mut confirmed = 0;
         let mut ended = HashSet::new();
         let mut compensations = HashSet::new();
+        // sku_sold_out / sku_available (lua/lib.lua announce_stock): they alternate,
+        // sold_out first, and the last one says whether `available` is 0 now.
+        let mut sold_out: Option<bool> = None;
         for entry in entries.ids {
             match entry.get::<String>("type").as_deref() {
+                Some("sku_sold_out") => {
+                    assert_ne!(sold_out, Some(true), "sold out twice in a row");
+                    assert_eq!(entry.get::<String>("available").as_deref(), Some("0"));
+                    sold_out = Some(true);
+                }
+                Some("sku_available") => {
+                    assert_eq!(sold_out, Some(true), "stock back without a sell-out");
+                    sold_out = Some(false);
+                }
                 Some("confirmed") => confirmed += 1,
                 Some("ended") => {
                     assert!(
@@ -409,6 +421,17 @@ impl Harness {
             .collect();
         assert_eq!(ended, ended_holds, "one outbox event per hold that ended");
         assert_eq!(compensations, m.compensations, "invariant 5");
+        let available: u64 = redis::cmd("HGET")
+            .arg(&keys.meta)
+            .arg("available")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            available == 0,
+            sold_out == Some(true),
+            "the last stock announcement says what `available` is ({available})"
+        );
     }
 }
 

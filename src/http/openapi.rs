@@ -40,6 +40,13 @@ pub(super) const SERVICE: &str = "service_token";
         super::list_compensations,
         super::get_compensation,
         super::resolve_compensation,
+        super::events::list_events,
+        super::webhooks::put_webhook,
+        super::webhooks::list_webhooks,
+        super::webhooks::get_webhook,
+        super::webhooks::delete_webhook,
+        super::webhooks::list_deliveries,
+        super::webhooks::replay,
         super::healthz,
         super::readyz,
         super::render_metrics,
@@ -52,6 +59,7 @@ pub(super) const SERVICE: &str = "service_token";
         (name = "sale", description = "SKUs and reservations"),
         (name = "payment", description = "Payments (service token)"),
         (name = "compensations", description = "Payments to refund (service token)"),
+        (name = "events", description = "The event feed and webhooks (service token)"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]

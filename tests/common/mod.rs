@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 pub mod model;
+pub mod receiver;
 
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef";
 
@@ -86,6 +87,8 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
             reconcile_interval_seconds: 60,
             reconcile_repair: true,
             flush_claim_idle_ms: 30_000,
+            events_retention_hours: 72,
+            webhook_timeout_ms: 10_000,
         },
     }
 }

@@ -106,6 +106,9 @@ async fn mariadb_outage_delays_the_flush_but_not_sales() {
 
     let run = reconcile_cli(&redis.url(), &mariadb.url(), &["--sku", &sku]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // The events of the facts the outage held back came with them, in order.
+    let events = assert_events_in_sequence(&db, &sku).await;
+    assert_eq!(events.get("sku.sold_out"), Some(&1), "{events:?}");
 
     let log = worker.log();
     assert!(

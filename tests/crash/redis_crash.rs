@@ -123,6 +123,9 @@ async fn redis_sigkill_during_confirm_storm_loses_no_acknowledged_sale() {
         (rows, sum, mysql_sold),
         (HOLDS as i64, HOLDS as i64, HOLDS as u64)
     );
+    // Entries flushed before the kill and again after the restart (AOF) made no second
+    // event, and none is missing.
+    assert_events_in_sequence(&db, &sku).await;
     let recorded: HashSet<String> =
         sqlx::query_scalar("SELECT reservation_id FROM sales WHERE sku = ?")
             .bind(&sku)

@@ -498,6 +498,17 @@ impl WorkerProc {
         log_dir: &Path,
         claim_idle_ms: u64,
     ) -> WorkerProc {
+        Self::start_with(redis_url, database_url, log_dir, claim_idle_ms, &[])
+    }
+
+    /// `start`, with more settings in its environment.
+    pub fn start_with(
+        redis_url: &str,
+        database_url: &str,
+        log_dir: &Path,
+        claim_idle_ms: u64,
+        env: &[(&str, &str)],
+    ) -> WorkerProc {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let log = log_dir.join(format!(
             "worker-{}.log",
@@ -512,6 +523,7 @@ impl WorkerProc {
             // database's other tests.
             .env("FLASHGATE_RECONCILE_INTERVAL_SECONDS", "86400")
             .env("FLASHGATE_FLUSH_CLAIM_IDLE_MS", claim_idle_ms.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file);
         WorkerProc {
@@ -600,4 +612,31 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The SKU's events in MySQL after a crash: numbered 1, 2, 3, … with no gap and no
+/// repeat (a repeat of a fact would carry its id twice, which the unique key refuses),
+/// and one `reservation.confirmed` per sale MySQL records. Returns how many of each type.
+pub async fn assert_events_in_sequence(
+    db: &MySqlPool,
+    sku: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    let rows: Vec<(u64, String, String)> =
+        sqlx::query_as("SELECT sequence, id, type FROM events WHERE sku = ? ORDER BY sequence")
+            .bind(sku)
+            .fetch_all(db)
+            .await
+            .unwrap();
+    let mut types = std::collections::BTreeMap::new();
+    for (i, (sequence, _, kind)) in rows.iter().enumerate() {
+        assert_eq!(*sequence, i as u64 + 1, "a gap or repeat in {sku}'s events");
+        *types.entry(kind.clone()).or_insert(0) += 1;
+    }
+    let (sales, _, _) = mysql_sales(db, sku).await;
+    assert_eq!(
+        types.get("reservation.confirmed").copied().unwrap_or(0),
+        sales as u64,
+        "one confirmed event per sale: {types:?}"
+    );
+    types
 }

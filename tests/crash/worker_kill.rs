@@ -44,7 +44,8 @@ async fn worker_sigkilled_mid_batch_leaves_each_event_in_mysql_exactly_once() {
     assert!(failed.is_empty(), "{failed:?}");
     let ok: HashSet<String> = ok.into_iter().collect();
     let mut conn = redis.client().await;
-    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, SALES as u64));
+    // Every sale, and the announcement that the last hold sold the SKU out.
+    assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, SALES as u64 + 1));
 
     // Kill a worker while it holds a batch: read (pending) and not yet acknowledged.
     let logs = TempDir::new("worker-kill");
@@ -127,6 +128,8 @@ async fn worker_sigkilled_mid_batch_leaves_each_event_in_mysql_exactly_once() {
     assert!(consumers.consumers.iter().all(|c| c.pending == 0));
     let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let events = assert_events_in_sequence(&db, &sku).await;
+    assert_eq!(events.get("sku.sold_out"), Some(&1), "{events:?}");
 }
 
 /// The worst instant to die, made deterministic: a consumer committed its batch to
@@ -140,7 +143,8 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
         Arc::new(spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await);
     let db = shared_db().await;
     let sku = unique_sku("crash-unacked");
-    app.create_sku(&sku, json!({ "stock": SALES, "per_user_limit": 1 }))
+    // One unit more than sold: no sold-out announcement among the entries.
+    app.create_sku(&sku, json!({ "stock": SALES + 1, "per_user_limit": 1 }))
         .await;
     let rids = reserve_many(&app, &sku, "u", SALES).await;
     let (ok, _) = confirm_many(app.clone(), rids, 16).await;
@@ -179,24 +183,26 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
         (DEAD_BATCH as u64, (SALES - DEAD_BATCH) as u64)
     );
 
-    // A live worker: the new entries at once; the dead consumer's only once idle.
+    // A live worker reads the later entries but writes them only after the dead
+    // consumer's (a SKU's events are numbered in outbox order: db::apply_events_in_order),
+    // which it takes over once they are idle.
     let worker =
         Worker::new(app.store.clone(), db.clone()).with_claim_idle(Duration::from_millis(2_000));
     worker.flush_all().await.unwrap();
     assert_eq!(
         outbox_unacked(&mut conn, &sku).await,
-        (DEAD_BATCH as u64, 0),
-        "not idle long enough yet"
+        (SALES as u64, 0),
+        "not idle long enough yet: the later entries wait"
     );
     assert_eq!(
         mysql_sales(&db, &sku).await,
-        (SALES as i64, SALES as i64, SALES as u64)
+        (DEAD_BATCH as i64, DEAD_BATCH as i64, DEAD_BATCH as u64)
     );
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let flushed = worker.flush_all().await.unwrap();
     assert_eq!(
-        flushed, DEAD_BATCH as u64,
-        "the dead consumer's batch is taken over"
+        flushed, SALES as u64,
+        "the dead consumer's batch is taken over, then the rest follows"
     );
     assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
     // Written twice, recorded once.
@@ -216,6 +222,7 @@ async fn batch_committed_but_not_acknowledged_is_taken_over_and_written_once() {
     .await
     .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_events_in_sequence(&db, &sku).await;
 }
 
 /// Several workers at once on one SKU's outbox (the contract allows it): each batch
@@ -245,11 +252,16 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
                 loop {
                     // Small batches would be nicer; FLUSH_BATCH is what it is: keep
                     // several workers busy by flushing until nothing is left.
+                    // 0 may also mean "an earlier batch is pending on the other
+                    // worker": go on until the outbox is empty.
                     let flushed = worker.flush_sku(&sku_id).await.expect("no batch fails");
-                    if flushed == 0 {
+                    total += flushed;
+                    if worker.store.outbox_backlog(&sku_id).await.unwrap() == 0 {
                         return total;
                     }
-                    total += flushed;
+                    if flushed == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
             })
         })
@@ -259,8 +271,9 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
         total += flush.await.unwrap();
     }
     assert_eq!(
-        total, SALES as u64,
-        "each entry flushed by exactly one worker"
+        total,
+        SALES as u64 + 1,
+        "each entry (every sale, and the sold-out announcement) flushed by exactly one worker"
     );
     let mut conn = redis.client().await;
     assert_eq!(outbox_unacked(&mut conn, &sku).await, (0, 0));
@@ -269,4 +282,110 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
         (SALES as i64, SALES as i64, SALES as u64)
     );
     assert_eq!(sales_ids(&db, &sku).await, ok.into_iter().collect());
+    assert_events_in_sequence(&db, &sku).await;
+}
+
+/// A worker SIGKILLed while a webhook delivery is in flight: its claim holds for the
+/// lease (three request timeouts), then another worker sends the event; the receiver
+/// gets it, signed as standardwebhooks verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
+    use crate::common::receiver::{verify_independently, Mode, Receiver, SECRET};
+    let redis = RedisServer::start(None).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let db = shared_db().await;
+    let receiver = Receiver::start().await;
+    receiver.set(Mode::Hang);
+    let name = unique_sku("kill-hook");
+    let response = app
+        .client
+        .put(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(common::SERVICE_TOKEN)
+        .json(&json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let sku = unique_sku("kill-delivery");
+    app.create_sku(&sku, json!({ "stock": 5 })).await;
+    let id = app.hold(&sku, "k1").await;
+    app.cancel(&id, common::SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    let event_id: String = sqlx::query_scalar("SELECT id FROM events WHERE sku = ?")
+        .bind(&sku)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+
+    let logs = TempDir::new("delivery-kill");
+    let fast = [("FLASHGATE_WEBHOOK_TIMEOUT_MS", "1000")];
+    let mut first = WorkerProc::start_with(
+        &redis.url(),
+        &common::database_url(),
+        logs.path(),
+        30_000,
+        &fast,
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the first worker sends the event",
+        || {
+            let receiver = receiver.clone();
+            let sku = sku.clone();
+            async move { !receiver.of_sku(&sku).is_empty() }
+        },
+    )
+    .await;
+    first.proc.kill(); // the receiver hangs: the attempt is in flight
+    let (owner, attempts): (Option<String>, u32) = sqlx::query_as(
+        "SELECT lease_owner, attempts FROM webhook_deliveries WHERE webhook = ? AND event_id = ?",
+    )
+    .bind(&name)
+    .bind(&event_id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(owner.is_some(), "killed while its claim was held");
+    assert_eq!(attempts, 1);
+
+    receiver.set(Mode::Ok);
+    let _second = WorkerProc::start_with(
+        &redis.url(),
+        &common::database_url(),
+        logs.path(),
+        30_000,
+        &fast,
+    );
+    eventually(Duration::from_secs(20), "another worker delivers it", || {
+        let (db, name, event_id) = (db.clone(), name.clone(), event_id.clone());
+        async move {
+            let status: String = sqlx::query_scalar(
+                "SELECT CAST(status AS CHAR) FROM webhook_deliveries WHERE webhook = ? AND event_id = ?",
+            )
+            .bind(&name)
+            .bind(&event_id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            status == "delivered"
+        }
+    })
+    .await;
+    let got = receiver.of_sku(&sku);
+    assert_eq!(
+        got.len(),
+        2,
+        "sent once per claim: the dead one's, then after its lease"
+    );
+    assert_eq!((got[0].mode, got[1].mode), (Mode::Hang, Mode::Ok));
+    assert!(got.iter().all(|r| r.headers["webhook-id"] == event_id));
+    verify_independently(SECRET, &got);
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(common::SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), reqwest::StatusCode::NO_CONTENT);
 }

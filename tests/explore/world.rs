@@ -580,6 +580,7 @@ async fn forget_sku(env: &Env, sku: &SkuId) {
         "compensations",
         "reservations",
         "reconcile_audit",
+        "events",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM {table} WHERE sku = ?"
@@ -589,6 +590,12 @@ async fn forget_sku(env: &Env, sku: &SkuId) {
         .await
         .expect("forget the seed's SKU");
     }
+    // Its sequence starts at 1 again.
+    sqlx::query("DELETE FROM event_counters WHERE name = ?")
+        .bind(sku.as_str())
+        .execute(&env.pool)
+        .await
+        .expect("forget the seed's SKU's events");
 }
 
 /// Redis loses these buckets' every key (a restart without persistence, a wipe).
@@ -780,6 +787,7 @@ async fn settle_and_check_money(env: &Env, world: &World) -> Result<(), String> 
             .map_err(|e| e.to_string())?;
     }
     check(env, world).await?;
+    check_events(env, world).await?;
     let stock = mysql_stock(&env.pool, &world.sku).await?;
     let sales: Vec<SkuId> = world
         .keys
@@ -838,6 +846,51 @@ async fn settle_and_check_money(env: &Env, world: &World) -> Result<(), String> 
                 "compensation {id} answered in a 409 is not in MySQL (invariant 5)"
             ));
         }
+    }
+    Ok(())
+}
+
+/// The SKU's events (src/events.rs), once everything settled: numbered 1, 2, 3, … with
+/// no gap or repeat, one `reservation.confirmed` per sale and one
+/// `compensation.created` per compensation MySQL records, whatever crashed, stalled or
+/// was flushed twice on the way.
+async fn check_events(env: &Env, world: &World) -> Result<(), String> {
+    let sku = world.sku.as_str();
+    let rows: Vec<(u64, String)> =
+        sqlx::query_as("SELECT sequence, type FROM events WHERE sku = ? ORDER BY sequence")
+            .bind(sku)
+            .fetch_all(&env.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    for (i, (sequence, kind)) in rows.iter().enumerate() {
+        if *sequence != i as u64 + 1 {
+            return Err(format!(
+                "event {kind} has sequence {sequence}, expected {} (a gap or a repeat)",
+                i + 1
+            ));
+        }
+    }
+    let count = |kind: &str| rows.iter().filter(|(_, k)| k == kind).count() as i64;
+    let (sales, compensations): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM sales WHERE sku = ?),
+                (SELECT COUNT(*) FROM compensations WHERE sku = ?)",
+    )
+    .bind(sku)
+    .bind(sku)
+    .fetch_one(&env.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if count("reservation.confirmed") != sales {
+        return Err(format!(
+            "{} reservation.confirmed events for {sales} sales",
+            count("reservation.confirmed")
+        ));
+    }
+    if count("compensation.created") != compensations {
+        return Err(format!(
+            "{} compensation.created events for {compensations} compensations",
+            count("compensation.created")
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,515 @@
+//! Webhook endpoints and their deliveries (src/webhooks.rs): the SQL. Times are the
+//! caller's clock (ms), so tests can make time pass without sleeping.
+
+use chrono::NaiveDateTime;
+use sqlx::mysql::MySqlPool;
+use sqlx::{MySql, QueryBuilder, Row};
+
+use super::{datetime_to_ms, events as event_rows, ms_to_datetime};
+use crate::error::{Error, Result};
+use crate::events::{Event, EventType};
+
+/// An endpoint as MySQL records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub url: String,
+    /// `whsec_…` as the operator gave it.
+    pub secret: String,
+    /// None: every type.
+    pub types: Option<Vec<EventType>>,
+    pub enabled: bool,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl Endpoint {
+    pub fn wants(&self, kind: EventType) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(&kind))
+    }
+}
+
+fn types_text(types: &Option<Vec<EventType>>) -> String {
+    match types {
+        None => String::new(),
+        Some(list) => list
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+fn endpoint_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Endpoint> {
+    let types: String = row.try_get("types")?;
+    Ok(Endpoint {
+        name: row.try_get("name")?,
+        url: row.try_get("url")?,
+        secret: row.try_get("secret")?,
+        types: if types.is_empty() {
+            None
+        } else {
+            Some(
+                EventType::parse_list(&types)
+                    .ok_or_else(|| Error::Internal(format!("webhook types {types:?}")))?,
+            )
+        },
+        enabled: row.try_get::<i8, _>("enabled")? != 0,
+        created_at_ms: datetime_to_ms(row.try_get("created_at")?),
+        updated_at_ms: datetime_to_ms(row.try_get("updated_at")?),
+    })
+}
+
+const ENDPOINT_COLUMNS: &str = "name, url, secret, types, enabled, created_at, updated_at";
+
+/// Creates or replaces an endpoint; true when it was created. A new endpoint gets
+/// the events recorded from now on (replay sends older ones).
+pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<bool> {
+    let _turn = crate::explore::mysql_step("put_webhook").await;
+    let mut tx = pool.begin().await?;
+    let from = event_rows::last_position(&mut tx).await?;
+    let done = sqlx::query(
+        "INSERT INTO webhooks (name, url, secret, types, enabled, queued_to, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE url = VALUES(url), secret = VALUES(secret),
+           types = VALUES(types), enabled = VALUES(enabled), updated_at = VALUES(updated_at)",
+    )
+    .bind(&endpoint.name)
+    .bind(&endpoint.url)
+    .bind(&endpoint.secret)
+    .bind(types_text(&endpoint.types))
+    .bind(endpoint.enabled)
+    .bind(from)
+    .bind(ms_to_datetime(now_ms))
+    .bind(ms_to_datetime(now_ms))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // 1: inserted; 2: updated; 0: the same values again.
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn get(pool: &MySqlPool, name: &str) -> Result<Option<Endpoint>> {
+    let _turn = crate::explore::mysql_step("get_webhook").await;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhooks WHERE name = ?"
+    )))
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(endpoint_from_row).transpose()
+}
+
+/// Every endpoint, by name.
+pub async fn list(pool: &MySqlPool) -> Result<Vec<Endpoint>> {
+    let _turn = crate::explore::mysql_step("list_webhooks").await;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhooks ORDER BY name LIMIT 1000"
+    )))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(endpoint_from_row).collect()
+}
+
+/// Deletes the endpoint and its deliveries; false when there was none.
+pub async fn delete(pool: &MySqlPool, name: &str) -> Result<bool> {
+    let _turn = crate::explore::mysql_step("delete_webhook").await;
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query("DELETE FROM webhooks WHERE name = ?")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM webhook_deliveries WHERE webhook = ?")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Queues a delivery for each event of a wanted type recorded after the endpoint's
+/// `queued_to`, at most `batch` events looked at; returns how many were looked at.
+/// The endpoint's row is locked meanwhile: two workers queue each event once.
+pub async fn enqueue(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
+    retried(|| enqueue_once(pool, name, now_ms, batch)).await
+}
+
+/// Deadlocks between claims, queueing and outcomes of one endpoint (InnoDB picks a
+/// victim; nothing was written) are retried a few times.
+async fn retried<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            // SQLSTATE 40001: deadlock or serialization failure (MySQL 1213).
+            Err(Error::Internal(detail)) if detail.contains("(40001)") && tries < 4 => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// READ COMMITTED: the claims' locking reads take no gap locks, so queueing and
+/// claiming of one endpoint by several workers rarely wait on each other.
+async fn begin(pool: &MySqlPool) -> Result<sqlx::Transaction<'static, MySql>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await?;
+    Ok(sqlx::Transaction::begin(conn, None).await?)
+}
+
+async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
+    let _turn = crate::explore::mysql_step("enqueue_deliveries").await;
+    let mut tx = begin(pool).await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ? FOR UPDATE"
+    )))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(0);
+    };
+    let endpoint = endpoint_from_row(&row)?;
+    let queued_to: u64 = row.try_get("queued_to")?;
+    let events: Vec<(u64, String, String)> = sqlx::query_as(
+        "SELECT position, id, type FROM events WHERE position > ? ORDER BY position LIMIT ?",
+    )
+    .bind(queued_to)
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let Some(last) = events.last().map(|e| e.0) else {
+        return Ok(0);
+    };
+    let wanted: Vec<&(u64, String, String)> = events
+        .iter()
+        .filter(|(_, _, kind)| EventType::parse(kind).is_some_and(|k| endpoint.wants(k)))
+        .collect();
+    if !wanted.is_empty() {
+        let now = ms_to_datetime(now_ms);
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO webhook_deliveries
+             (webhook, position, event_id, status, attempts, first_queued_at, next_attempt_at) ",
+        );
+        insert.push_values(&wanted, |mut row, (position, id, _)| {
+            row.push_bind(name)
+                .push_bind(*position)
+                .push_bind(id)
+                .push_bind("pending")
+                .push_bind(0u32)
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    sqlx::query("UPDATE webhooks SET queued_to = ? WHERE name = ?")
+        .bind(last)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(events.len() as u64)
+}
+
+/// A delivery claimed for one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub position: u64,
+    pub event_id: String,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub first_queued_at_ms: i64,
+    /// None when the event is gone (pruned before it could be delivered).
+    pub event: Option<Event>,
+}
+
+/// Claims up to `limit` due deliveries of the endpoint for `owner`: rows another
+/// worker is claiming are skipped (SKIP LOCKED), and each claimed row's next attempt
+/// moves to `now + lease` in the same transaction, so nobody else sends it until the
+/// lease ends, and a worker killed mid-delivery leaves it due again then.
+pub async fn claim(
+    pool: &MySqlPool,
+    name: &str,
+    owner: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<Claimed>> {
+    retried(|| claim_once(pool, name, owner, now_ms, lease_ms, limit)).await
+}
+
+async fn claim_once(
+    pool: &MySqlPool,
+    name: &str,
+    owner: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<Claimed>> {
+    let _turn = crate::explore::mysql_step("claim_deliveries").await;
+    let mut tx = begin(pool).await?;
+    let rows: Vec<(u64, String, u32, NaiveDateTime)> = sqlx::query_as(
+        "SELECT position, event_id, attempts, first_queued_at FROM webhook_deliveries
+         WHERE webhook = ? AND status = 'pending' AND next_attempt_at <= ?
+         ORDER BY next_attempt_at, position LIMIT ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(name)
+    .bind(ms_to_datetime(now_ms))
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let mut update = QueryBuilder::<MySql>::new(
+        "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ",
+    );
+    update
+        .push_bind(ms_to_datetime(now_ms + lease_ms))
+        .push(", lease_owner = ")
+        .push_bind(owner)
+        .push(" WHERE webhook = ")
+        .push_bind(name)
+        .push(" AND position IN (");
+    let mut list = update.separated(", ");
+    for (position, ..) in &rows {
+        list.push_bind(*position);
+    }
+    update.push(")");
+    update.build().execute(&mut *tx).await?;
+    let mut select = QueryBuilder::<MySql>::new(
+        "SELECT position, id, sku, sequence, type, occurred_at, data FROM events WHERE position IN (",
+    );
+    let mut list = select.separated(", ");
+    for (position, ..) in &rows {
+        list.push_bind(*position);
+    }
+    select.push(")");
+    let events: Vec<Event> = select
+        .build()
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(event_rows::event_from_row)
+        .collect::<Result<_>>()?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .map(|(position, event_id, attempts, first)| Claimed {
+            event: events.iter().find(|e| e.position == position).cloned(),
+            position,
+            event_id,
+            attempts: attempts + 1,
+            first_queued_at_ms: datetime_to_ms(first),
+        })
+        .collect())
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered {
+        status: u16,
+    },
+    /// Retried at `retry_at_ms`.
+    Retry {
+        status: Option<u16>,
+        error: String,
+        retry_at_ms: i64,
+    },
+    /// Given up (the retry window is over, or the event is gone).
+    Failed {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// Records an attempt's end. A failure counts only while `owner` still holds the
+/// claim (after its lease another worker may have sent it); a success always does.
+pub async fn finish(
+    pool: &MySqlPool,
+    name: &str,
+    position: u64,
+    owner: &str,
+    now_ms: i64,
+    attempt: &Attempt,
+) -> Result<()> {
+    retried(|| finish_once(pool, name, position, owner, now_ms, attempt)).await
+}
+
+async fn finish_once(
+    pool: &MySqlPool,
+    name: &str,
+    position: u64,
+    owner: &str,
+    now_ms: i64,
+    attempt: &Attempt,
+) -> Result<()> {
+    let _turn = crate::explore::mysql_step("finish_delivery").await;
+    let truncate = |e: &str| e.chars().take(250).collect::<String>();
+    let query = match attempt {
+        Attempt::Delivered { status } => sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ?,
+               last_status = ?, last_error = NULL, lease_owner = NULL
+             WHERE webhook = ? AND position = ? AND status <> 'delivered'",
+        )
+        .bind(ms_to_datetime(now_ms))
+        .bind(*status as i32)
+        .bind(name)
+        .bind(position),
+        Attempt::Retry {
+            status,
+            error,
+            retry_at_ms,
+        } => sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?, last_status = ?, last_error = ?,
+               lease_owner = NULL
+             WHERE webhook = ? AND position = ? AND status = 'pending' AND lease_owner = ?",
+        )
+        .bind(ms_to_datetime(*retry_at_ms))
+        .bind(status.map(|s| s as i32))
+        .bind(truncate(error))
+        .bind(name)
+        .bind(position)
+        .bind(owner),
+        Attempt::Failed { status, error } => sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'failed', last_status = ?, last_error = ?,
+               lease_owner = NULL
+             WHERE webhook = ? AND position = ? AND status = 'pending' AND lease_owner = ?",
+        )
+        .bind(status.map(|s| s as i32))
+        .bind(truncate(error))
+        .bind(name)
+        .bind(position)
+        .bind(owner),
+    };
+    query.execute(pool).await?;
+    Ok(())
+}
+
+/// A delivery as the deliveries list shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub position: u64,
+    pub event_id: String,
+    pub status: String,
+    pub attempts: u32,
+    pub first_queued_at_ms: i64,
+    pub next_attempt_at_ms: i64,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub delivered_at_ms: Option<i64>,
+}
+
+/// The endpoint's deliveries in `status` (pending, failed or delivered), by event
+/// position, after `after`.
+pub async fn deliveries(
+    pool: &MySqlPool,
+    name: &str,
+    status: &str,
+    after: u64,
+    limit: u32,
+) -> Result<Vec<Delivery>> {
+    let _turn = crate::explore::mysql_step("list_deliveries").await;
+    let rows = sqlx::query(
+        "SELECT position, event_id, CAST(status AS CHAR) AS status, attempts, first_queued_at,
+                next_attempt_at, last_status, last_error, delivered_at
+         FROM webhook_deliveries WHERE webhook = ? AND status = ? AND position > ?
+         ORDER BY position LIMIT ?",
+    )
+    .bind(name)
+    .bind(status)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Delivery {
+                position: row.try_get("position")?,
+                event_id: row.try_get("event_id")?,
+                status: row.try_get("status")?,
+                attempts: row.try_get("attempts")?,
+                first_queued_at_ms: datetime_to_ms(row.try_get("first_queued_at")?),
+                next_attempt_at_ms: datetime_to_ms(row.try_get("next_attempt_at")?),
+                last_status: row.try_get("last_status")?,
+                last_error: row.try_get("last_error")?,
+                delivered_at_ms: row
+                    .try_get::<Option<NaiveDateTime>, _>("delivered_at")?
+                    .map(datetime_to_ms),
+            })
+        })
+        .collect()
+}
+
+/// Queues every kept event of a wanted type after `after` again (delivered or failed
+/// ones too), due now, with a fresh retry window. Returns how many.
+pub async fn replay(pool: &MySqlPool, endpoint: &Endpoint, after: u64, now_ms: i64) -> Result<u64> {
+    let _turn = crate::explore::mysql_step("replay_deliveries").await;
+    let now = ms_to_datetime(now_ms);
+    let mut query = QueryBuilder::<MySql>::new(
+        "INSERT INTO webhook_deliveries
+         (webhook, position, event_id, status, attempts, first_queued_at, next_attempt_at)
+         SELECT ",
+    );
+    query
+        .push_bind(&endpoint.name)
+        .push(", position, id, 'pending', 0, ")
+        .push_bind(now)
+        .push(", ")
+        .push_bind(now)
+        .push(" FROM events WHERE position > ")
+        .push_bind(after);
+    event_rows::push_filter(
+        &mut query,
+        &event_rows::Filter {
+            after,
+            types: endpoint.types.clone(),
+            sku: None,
+        },
+    );
+    query.push(
+        " ON DUPLICATE KEY UPDATE status = 'pending', attempts = 0,
+           first_queued_at = VALUES(first_queued_at), next_attempt_at = VALUES(next_attempt_at),
+           lease_owner = NULL, delivered_at = NULL",
+    );
+    let done = query.build().execute(pool).await?;
+    Ok(done.rows_affected())
+}
+
+/// Per endpoint: when the oldest event not yet delivered (pending) was recorded.
+pub async fn oldest_pending(pool: &MySqlPool) -> Result<Vec<(String, i64)>> {
+    let _turn = crate::explore::mysql_step("oldest_pending").await;
+    let rows: Vec<(String, NaiveDateTime)> = sqlx::query_as(
+        "SELECT d.webhook, MIN(e.recorded_at) FROM webhook_deliveries d
+         JOIN events e ON e.position = d.position
+         WHERE d.status = 'pending' GROUP BY d.webhook",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, at)| (name, datetime_to_ms(at)))
+        .collect())
+}
+
+/// Deletes at most `limit` deliveries queued before `before_ms` that are over
+/// (delivered or failed) or whose event is gone; returns how many.
+pub async fn prune(pool: &MySqlPool, before_ms: i64, limit: u32) -> Result<u64> {
+    let _turn = crate::explore::mysql_step("prune_deliveries").await;
+    let done = sqlx::query(
+        "DELETE FROM webhook_deliveries WHERE first_queued_at < ? ORDER BY first_queued_at LIMIT ?",
+    )
+    .bind(ms_to_datetime(before_ms))
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

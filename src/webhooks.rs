@@ -1,0 +1,528 @@
+//! Webhooks (contract v1.2): each event of a type an endpoint wants is POSTed to it,
+//! signed the Standard Webhooks way, at least once. Owns the endpoint's settings
+//! (URL, secret), the signature and the delivery loop; never blocks a sale, the flush
+//! or another endpoint on an endpoint's answer.
+//!
+//! Deliveries live in MySQL (`webhook_deliveries`, db::webhooks): the worker queues
+//! the events after each endpoint's `queued_to`, claims due ones with a lease (`SELECT
+//! … FOR UPDATE SKIP LOCKED` moving `next_attempt_at` past the request's timeout), so
+//! two workers never send one event to one endpoint at once and a killed worker's
+//! claim comes due again. A 2xx within DELIVERY_TIMEOUT is delivered; anything else
+//! (an error status, a redirect, a timeout, a closed connection) is retried after
+//! ~1 s doubling to at most an hour, with jitter, until RETRY_WINDOW has passed since
+//! it was queued, then failed (listed, replayable).
+//!
+//! Isolation: each endpoint has its own task, at most ENDPOINT_CONCURRENCY requests in
+//! flight and CLAIM_BATCH claimed at a time, and reads at most RESPONSE_BODY_MAX bytes
+//! of an answer: a slow, dead or hostile endpoint holds bounded memory and delays
+//! only itself.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use futures::stream::{self, StreamExt};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use sqlx::mysql::MySqlPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use crate::db::webhooks::{self as rows, Attempt, Claimed, Endpoint};
+use crate::error::Result;
+use crate::telemetry;
+
+/// A 2xx must come within this (the contract's 10 s), body included.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connecting may take at most this (within DELIVERY_TIMEOUT).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of an answer read at most (kept for the delivery's `last_error`); the rest is
+/// never read.
+pub const RESPONSE_BODY_MAX: usize = 16 * 1024;
+/// A claim's lease, in request timeouts: longer than one attempt can take (a batch's
+/// attempts run ENDPOINT_CONCURRENCY at a time, each bounded by the timeout, and their
+/// outcomes are recorded right after), so a live worker's claim never ends under it; a
+/// killed worker's deliveries come due again after it.
+pub const LEASE_TIMEOUTS: u32 = 3;
+/// The lease with the contract's timeout.
+pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
+/// Requests in flight to one endpoint at most.
+pub const ENDPOINT_CONCURRENCY: usize = 8;
+/// Deliveries one endpoint claims at a time (bounds the event documents held).
+pub const CLAIM_BATCH: u32 = 32;
+/// Events looked at per queueing step of one endpoint.
+pub const ENQUEUE_BATCH: u32 = 1000;
+/// The first retry waits about this; each further one twice as long ...
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// ... up to this.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(3600);
+/// A delivery is retried at least this long after it was queued, then failed.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// How often an idle endpoint's task looks for new events.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How often the set of endpoints is read again.
+const ENDPOINTS_REFRESH: Duration = Duration::from_secs(2);
+
+/// Now, in ms since the epoch: the system's, or a test's that moves when told.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
+}
+
+/// A clock that starts at the system's time and moves only by `advance`.
+#[derive(Clone)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock(Arc::new(AtomicI64::new(SystemClock.now_ms())))
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, ms: i64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `whsec_` + base64 of 24..=64 bytes: the key's bytes.
+pub fn parse_secret(raw: &str) -> Option<Vec<u8>> {
+    let encoded = raw.strip_prefix("whsec_")?;
+    let key = STANDARD
+        .decode(encoded)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded))
+        .ok()?;
+    (24..=64).contains(&key.len()).then_some(key)
+}
+
+/// An http(s) URL with a host, at most 2048 bytes. Loopback is allowed: the holder of
+/// the service token is trusted (contract).
+pub fn parse_url(raw: &str) -> Option<reqwest::Url> {
+    if raw.len() > 2048 {
+        return None;
+    }
+    let url = reqwest::Url::parse(raw).ok()?;
+    (matches!(url.scheme(), "http" | "https") && url.host_str().is_some_and(|h| !h.is_empty()))
+        .then_some(url)
+}
+
+/// The URL without its credentials, for logs and answers.
+pub fn redacted_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+            }
+            url.to_string()
+        }
+        Err(_) => "(invalid url)".into(),
+    }
+}
+
+/// `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// The wait before retry `attempts` (1 after the first failure): BACKOFF_FIRST
+/// doubling, at most BACKOFF_MAX, times a jitter in [0.8, 1.2).
+pub fn backoff(attempts: u32, jitter: f64) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(20);
+    let base = BACKOFF_FIRST
+        .saturating_mul(1u32 << doublings)
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+/// What one step of one endpoint did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepReport {
+    pub attempted: u64,
+    pub delivered: u64,
+    pub retried: u64,
+    pub failed: u64,
+}
+
+/// Sends deliveries. Cheap to clone; several may run against one database.
+#[derive(Clone)]
+pub struct Deliverer {
+    pub db: MySqlPool,
+    client: reqwest::Client,
+    pub clock: Arc<dyn Clock>,
+    /// Names this deliverer's claims (unique per process and deliverer).
+    pub owner: String,
+    /// Only these endpoints (tests that share a database); None: all.
+    only: Option<Vec<String>>,
+    /// How long a claim holds (LEASE_TIMEOUTS request timeouts).
+    lease: Duration,
+}
+
+impl Deliverer {
+    pub fn new(db: MySqlPool, clock: Arc<dyn Clock>) -> Deliverer {
+        Deliverer {
+            db,
+            client: client(DELIVERY_TIMEOUT),
+            clock,
+            owner: format!("{}-{}", std::process::id(), crate::ids::random_name()),
+            only: None,
+            lease: LEASE,
+        }
+    }
+
+    /// Runs only these endpoints (tests sharing one database).
+    pub fn only(mut self, names: &[&str]) -> Deliverer {
+        self.only = Some(names.iter().map(|n| n.to_string()).collect());
+        self
+    }
+
+    /// Another request timeout than the contract's DELIVERY_TIMEOUT (tests, which
+    /// make the network's time short instead of sleeping it).
+    pub fn with_timeout(mut self, timeout: Duration) -> Deliverer {
+        self.client = client(timeout);
+        self.lease = timeout * LEASE_TIMEOUTS;
+        self
+    }
+
+    /// One step for one endpoint: queue its new events, claim what is due, send it
+    /// (ENDPOINT_CONCURRENCY at a time), record each outcome. Call until it attempts
+    /// nothing to drain what is due now.
+    pub async fn step(&self, endpoint: &Endpoint) -> Result<StepReport> {
+        let mut report = StepReport::default();
+        if !endpoint.enabled {
+            return Ok(report);
+        }
+        let now_ms = self.clock.now_ms();
+        rows::enqueue(&self.db, &endpoint.name, now_ms, ENQUEUE_BATCH).await?;
+        let claimed = rows::claim(
+            &self.db,
+            &endpoint.name,
+            &self.owner,
+            now_ms,
+            self.lease.as_millis() as i64,
+            CLAIM_BATCH,
+        )
+        .await?;
+        let Some(key) = parse_secret(&endpoint.secret) else {
+            tracing::error!(webhook = %endpoint.name, "webhook secret unreadable; deliveries wait");
+            return Ok(report);
+        };
+        let url = endpoint.url.clone();
+        let outcomes: Vec<(Claimed, Attempt)> = stream::iter(claimed)
+            .map(|claimed| {
+                let (key, url) = (&key, &url);
+                async move {
+                    let attempt = self.attempt(endpoint, url, key, &claimed).await;
+                    (claimed, attempt)
+                }
+            })
+            .buffer_unordered(ENDPOINT_CONCURRENCY)
+            .collect()
+            .await;
+        let now_ms = self.clock.now_ms();
+        for (claimed, attempt) in outcomes {
+            report.attempted += 1;
+            match &attempt {
+                Attempt::Delivered { .. } => report.delivered += 1,
+                Attempt::Retry { .. } => report.retried += 1,
+                Attempt::Failed { .. } => report.failed += 1,
+            }
+            telemetry::webhook_attempt(&endpoint.name, &attempt);
+            rows::finish(
+                &self.db,
+                &endpoint.name,
+                claimed.position,
+                &self.owner,
+                now_ms,
+                &attempt,
+            )
+            .await?;
+        }
+        Ok(report)
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: &Endpoint,
+        url: &str,
+        key: &[u8],
+        claimed: &Claimed,
+    ) -> Attempt {
+        let Some(event) = &claimed.event else {
+            return Attempt::Failed {
+                status: None,
+                error: "the event is past its retention".into(),
+            };
+        };
+        let body = event.document().to_string();
+        // The send time by the system's clock: what the receiver checks against its own.
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = sign(key, &event.id, timestamp, body.as_bytes());
+        let sent = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &event.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        let (status, error) = match sent {
+            Ok(mut response) => {
+                let status = response.status();
+                // Read a bounded prefix of the answer (the whole answer must come
+                // within the timeout), for the record; never more.
+                let mut kept = Vec::new();
+                let read = loop {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => {
+                            let room = RESPONSE_BODY_MAX.saturating_sub(kept.len());
+                            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                            if kept.len() >= RESPONSE_BODY_MAX {
+                                break Ok(());
+                            }
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                };
+                match read {
+                    Ok(()) if status.is_success() => {
+                        return Attempt::Delivered {
+                            status: status.as_u16(),
+                        }
+                    }
+                    Ok(()) if status.is_redirection() => (
+                        Some(status.as_u16()),
+                        "a redirect (not followed)".to_owned(),
+                    ),
+                    Ok(()) => (
+                        Some(status.as_u16()),
+                        format!(
+                            "answered {status}: {}",
+                            String::from_utf8_lossy(&kept[..kept.len().min(120)])
+                        ),
+                    ),
+                    Err(e) => (Some(status.as_u16()), describe(&e)),
+                }
+            }
+            Err(e) => (None, describe(&e)),
+        };
+        let now_ms = self.clock.now_ms();
+        if now_ms - claimed.first_queued_at_ms >= RETRY_WINDOW.as_millis() as i64 {
+            tracing::warn!(webhook = %endpoint.name, event_id = %event.id, attempts = claimed.attempts,
+                error = %error, "webhook delivery failed for good");
+            return Attempt::Failed { status, error };
+        }
+        let wait = backoff(claimed.attempts, rand::random::<f64>());
+        tracing::debug!(webhook = %endpoint.name, url = %redacted_url(url), event_id = %event.id,
+            attempts = claimed.attempts, ?wait, error = %error, "webhook delivery failed; retried");
+        Attempt::Retry {
+            status,
+            error,
+            retry_at_ms: now_ms + wait.as_millis() as i64,
+        }
+    }
+
+    /// Publishes each endpoint's lag: the age of its oldest event not delivered yet.
+    pub async fn measure_lag(&self, endpoints: &[Endpoint]) -> Result<()> {
+        let now_ms = self.clock.now_ms();
+        let oldest: HashMap<String, i64> =
+            rows::oldest_pending(&self.db).await?.into_iter().collect();
+        for endpoint in endpoints {
+            let lag_ms = oldest
+                .get(&endpoint.name)
+                .map_or(0, |at| (now_ms - at).max(0));
+            telemetry::webhook_lag(&endpoint.name, Duration::from_millis(lag_ms as u64));
+        }
+        Ok(())
+    }
+
+    /// Runs one task per enabled endpoint until shutdown (each polls its deliveries on
+    /// its own: an endpoint that hangs holds only its own task), re-reading the
+    /// endpoints every ENDPOINTS_REFRESH.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tasks: HashMap<String, (Endpoint, tokio::task::JoinHandle<()>)> = HashMap::new();
+        loop {
+            match rows::list(&self.db).await {
+                Ok(mut endpoints) => {
+                    if let Some(only) = &self.only {
+                        endpoints.retain(|e| only.contains(&e.name));
+                    }
+                    tasks.retain(|name, (known, task)| {
+                        let keep = endpoints.iter().any(|e| e == known && e.enabled)
+                            && !task.is_finished();
+                        if !keep {
+                            task.abort();
+                            tracing::debug!(webhook = %name, "webhook task stopped");
+                        }
+                        keep
+                    });
+                    for endpoint in endpoints.iter().filter(|e| e.enabled) {
+                        if !tasks.contains_key(&endpoint.name) {
+                            let task = tokio::spawn(
+                                self.clone()
+                                    .endpoint_loop(endpoint.clone(), shutdown.clone()),
+                            );
+                            tasks.insert(endpoint.name.clone(), (endpoint.clone(), task));
+                        }
+                    }
+                    if let Err(e) = self.measure_lag(&endpoints).await {
+                        tracing::warn!(error = %e, "webhook lag could not be measured");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "webhook endpoints could not be read"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(ENDPOINTS_REFRESH) => {}
+                changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+            }
+        }
+        // In-flight attempts are cut short: their claims come due again after LEASE.
+        for (_, (_, task)) in tasks {
+            task.abort();
+        }
+    }
+
+    async fn endpoint_loop(self, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff_ms = 0u64;
+        while !*shutdown.borrow() {
+            let wait = match self.step(&endpoint).await {
+                Ok(report) if report.attempted > 0 => Duration::ZERO,
+                Ok(_) => IDLE_POLL,
+                Err(e) => {
+                    backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
+                    tracing::warn!(webhook = %endpoint.name, error = %e, "webhook step failed");
+                    Duration::from_millis(backoff_ms)
+                }
+            };
+            if wait.is_zero() {
+                backoff_ms = 0;
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = shutdown.changed() => if changed.is_err() { break },
+            }
+        }
+    }
+}
+
+/// No redirects (a redirect is a failed attempt), a timeout over the whole exchange
+/// (an answer trickling in byte by byte counts), few idle connections per endpoint.
+fn client(timeout: Duration) -> reqwest::Client {
+    crate::auth::jwks::install_tls_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+        .pool_max_idle_per_host(ENDPOINT_CONCURRENCY)
+        .user_agent(concat!("flashgate-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the webhook client builds")
+}
+
+/// An error in a few words, never with the URL (it may carry credentials).
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else if e.is_request() {
+        "the request failed (connection closed?)"
+    } else {
+        "failed"
+    };
+    kind.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_whsec_and_24_to_64_bytes() {
+        let of = |n: usize| format!("whsec_{}", STANDARD.encode(vec![7u8; n]));
+        assert!(parse_secret(&of(23)).is_none());
+        assert_eq!(parse_secret(&of(24)).unwrap().len(), 24);
+        assert_eq!(parse_secret(&of(64)).unwrap().len(), 64);
+        assert!(parse_secret(&of(65)).is_none());
+        assert!(parse_secret(&STANDARD.encode([1u8; 32])).is_none());
+        assert!(parse_secret("whsec_!!!").is_none());
+    }
+
+    #[test]
+    fn urls_are_http_or_https_and_credentials_never_shown() {
+        assert!(parse_url("https://example.com/hook").is_some());
+        assert!(parse_url("http://127.0.0.1:9/x").is_some());
+        for bad in [
+            "ftp://example.com/",
+            "example.com",
+            "http://",
+            "file:///etc/passwd",
+            "",
+        ] {
+            assert!(parse_url(bad).is_none(), "{bad}");
+        }
+        assert_eq!(
+            redacted_url("https://user:pw@example.com/hook?x=1"),
+            "https://example.com/hook?x=1"
+        );
+    }
+
+    #[test]
+    fn signatures_follow_standard_webhooks() {
+        // The example of the Standard Webhooks reference implementations.
+        let key = parse_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_an_hour_with_jitter() {
+        assert_eq!(backoff(1, 0.5), Duration::from_secs(1));
+        assert_eq!(backoff(2, 0.5), Duration::from_secs(2));
+        assert_eq!(backoff(5, 0.5), Duration::from_secs(16));
+        assert_eq!(backoff(30, 0.5), Duration::from_secs(3600));
+        assert!(backoff(3, 0.0) < backoff(3, 1.0));
+        assert!(backoff(3, 0.0) >= Duration::from_millis(3200));
+        // Retrying until the window closes takes well over 24 h of attempts.
+        let mut waited = Duration::ZERO;
+        let mut attempts = 0;
+        while waited < RETRY_WINDOW {
+            attempts += 1;
+            waited += backoff(attempts, 0.0);
+        }
+        assert!(attempts > 24, "{attempts}");
+    }
+}

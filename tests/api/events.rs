@@ -1,0 +1,417 @@
+//! Events (contract v1.2): every fact makes exactly one event, in MySQL with the fact,
+//! numbered 1, 2, 3, … per SKU in the order Redis made the facts; a re-flush makes none.
+
+use crate::common::*;
+use flashgate::db::events::Filter;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Moves a live hold's deadline into the past: time made fast instead of slept.
+pub async fn expire_now(app: &TestApp, sku: &str, rid: &str) {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let tail = rid.split_once('.').unwrap().1;
+    let mut conn = app.store.connection();
+    let record: String = redis::cmd("HGET")
+        .arg(&keys.holds)
+        .arg(tail)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut parts: Vec<&str> = record.splitn(5, ' ').collect();
+    let past = (chrono::Utc::now().timestamp_millis() - 60_000).to_string();
+    let created = (chrono::Utc::now().timestamp_millis() - 120_000).to_string();
+    parts[2] = &created;
+    parts[3] = &past;
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(&keys.holds)
+        .arg(tail)
+        .arg(parts.join(" "))
+        .cmd("ZADD")
+        .arg(&keys.deadlines)
+        .arg(&past)
+        .arg(tail)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+pub async fn resolve(app: &TestApp, id: &str) -> Value {
+    let (status, value) = body(
+        app.client
+            .post(app.url(&format!("/v1/compensations/{id}/resolve")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    value
+}
+
+/// The SKU's events in MySQL, oldest first, as documents.
+pub async fn recorded_events(app: &TestApp, sku: &str) -> Vec<Value> {
+    let filter = Filter {
+        sku: Some(sku.to_owned()),
+        ..Filter::default()
+    };
+    flashgate::db::events::list(&app.db, &filter, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.document())
+        .collect()
+}
+
+fn types_of(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+pub fn assert_consecutive(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["sequence"], json!(i as u64 + 1), "{events:#?}");
+    }
+}
+
+#[tokio::test]
+async fn every_fact_makes_one_event_numbered_in_the_order_redis_made_them() {
+    let app = spawn_app().await;
+    let sku = unique_sku("events");
+    app.create_sku(&sku, json!({"stock": 3})).await;
+
+    let a = app.hold(&sku, "u1").await;
+    assert_eq!(app.confirm(&a, "pay-a").await.0, StatusCode::OK);
+    let b = app.hold(&sku, "u2").await;
+    assert_eq!(app.cancel(&b, SERVICE_TOKEN).await.0, StatusCode::OK);
+    let c = app.hold(&sku, "u3").await;
+    expire_now(&app, &sku, &c).await;
+    assert_eq!(
+        app.worker.sweep_sku(TestApp::sku_id(&sku)).await.unwrap(),
+        1
+    );
+    let (status, late) = app.confirm(&c, "pay-c").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{late}");
+    let late_id = late["compensation_id"].as_str().unwrap().to_owned();
+    resolve(&app, &late_id).await; // before the flush: through the outbox
+    let d = app.hold(&sku, "u4").await;
+    app.hold(&sku, "u5").await; // the last unit: sold out
+    assert_eq!(app.cancel(&d, SERVICE_TOKEN).await.0, StatusCode::OK); // back
+
+    // What the flush writes must survive a crash between the commit and the XACK:
+    // the same entries written again make no second event.
+    let entries = outbox_events(&app, &sku).await;
+    app.flush(&sku).await;
+    let events = recorded_events(&app, &sku).await;
+    assert_eq!(
+        types_of(&events),
+        [
+            "reservation.confirmed",
+            "reservation.cancelled",
+            "reservation.expired",
+            "compensation.created",
+            "compensation.resolved",
+            "sku.sold_out",
+            "sku.available",
+            "reservation.cancelled",
+        ],
+        "{events:#?}"
+    );
+    assert_consecutive(&events);
+    let again = flashgate::db::apply_events(&app.db, &entries)
+        .await
+        .unwrap();
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert_eq!(recorded_events(&app, &sku).await, events);
+
+    // The data is what the API answers.
+    let (_, view) = app.reservation(&a, SERVICE_TOKEN).await;
+    assert_eq!(events[0]["data"], view);
+    assert!(events[0]["id"].as_str().unwrap().starts_with("evt_"));
+    let (_, view) = app.reservation(&b, SERVICE_TOKEN).await;
+    assert_eq!(events[1]["data"], view);
+    assert_eq!(events[2]["data"]["status"], "expired");
+    assert_eq!(events[3]["data"]["id"], json!(late_id));
+    assert_eq!(events[3]["data"]["status"], "open");
+    assert_eq!(events[4]["data"]["status"], "resolved");
+    assert_eq!(events[5]["data"]["available"], 0);
+    assert_eq!(events[5]["data"]["sold"], 1);
+    assert_eq!(events[5]["data"]["held"], 2);
+    assert_eq!(events[6]["data"]["available"], 1);
+    assert_eq!(events[5]["sku"], json!(sku));
+
+    // Facts MySQL makes itself take the next numbers: a late payment's compensation
+    // flushed, then resolved straight in MySQL.
+    let (status, refused) = app.confirm(&b, "pay-b").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    app.flush(&sku).await;
+    resolve(&app, refused["compensation_id"].as_str().unwrap()).await;
+    resolve(&app, refused["compensation_id"].as_str().unwrap()).await; // idempotent
+    let events = recorded_events(&app, &sku).await;
+    assert_eq!(
+        types_of(&events[8..]),
+        ["compensation.created", "compensation.resolved"]
+    );
+    assert_consecutive(&events);
+}
+
+/// Every outbox entry of the SKU still in the stream, parsed as the flush would.
+pub async fn outbox_events(app: &TestApp, sku: &str) -> Vec<flashgate::db::OutboxEvent> {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let mut conn = app.store.connection();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&keys.outbox)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|id| {
+            let entry = flashgate::store::OutboxEntry {
+                stream_id: id.id.clone(),
+                fields: id,
+            };
+            flashgate::worker::parse_event(&entry).expect("a readable entry")
+        })
+        .collect()
+}
+
+pub async fn feed(app: &TestApp, query: &str) -> (StatusCode, Value) {
+    body(
+        app.client
+            .get(app.url(&format!("/v1/events?{query}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Every event of the SKU through the feed, page after page of `limit`.
+pub async fn feed_all(app: &TestApp, query: &str, limit: u32) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = feed(app, &format!("{query}&limit={limit}{after}")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let got = page["items"].as_array().unwrap().clone();
+        let next = page["next"].as_str().unwrap().to_owned();
+        if got.is_empty() {
+            // Polling from the end gives the same cursor back.
+            assert_eq!(after, format!("&after={next}"));
+            return items;
+        }
+        items.extend(got);
+        after = format!("&after={next}");
+    }
+}
+
+#[tokio::test]
+async fn the_feed_pages_oldest_first_by_sku_and_type_with_a_stable_cursor() {
+    let app = spawn_app().await;
+    let sku = unique_sku("feed");
+    let other = unique_sku("feed-other");
+    app.create_sku(&sku, json!({"stock": 2})).await;
+    app.create_sku(&other, json!({"stock": 5})).await;
+    let a = app.hold(&sku, "f1").await;
+    app.hold(&other, "f1").await;
+    let b = app.hold(&sku, "f2").await; // sold out
+    app.confirm(&a, "pay-a").await;
+    app.cancel(&b, SERVICE_TOKEN).await; // available again
+    app.flush(&sku).await;
+    app.flush(&other).await;
+
+    let all = feed_all(&app, &format!("sku={sku}"), 2).await;
+    assert_eq!(all, recorded_events(&app, &sku).await);
+    assert_eq!(
+        types_of(&all),
+        [
+            "sku.sold_out",
+            "reservation.confirmed",
+            "sku.available",
+            "reservation.cancelled"
+        ]
+    );
+    assert_consecutive(&all);
+    assert!(all.iter().all(|e| e["sku"] == json!(sku)));
+    let ended = feed_all(
+        &app,
+        &format!("sku={sku}&types=reservation.cancelled,reservation.confirmed"),
+        1,
+    )
+    .await;
+    assert_eq!(
+        types_of(&ended),
+        ["reservation.confirmed", "reservation.cancelled"]
+    );
+    assert_eq!(ended[0]["data"]["payment_ref"], "pay-a");
+
+    // Without a SKU: every SKU's, oldest first; a cursor taken before an event is
+    // written finds it afterwards.
+    let (_, page) = feed(&app, &format!("sku={other}")).await;
+    assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
+    let mut cursor = String::new();
+    loop {
+        let (_, page) = feed(&app, &format!("limit=1000{cursor}")).await;
+        cursor = format!("&after={}", page["next"].as_str().unwrap());
+        if page["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+    }
+    let c = app.hold(&other, "f3").await;
+    app.cancel(&c, SERVICE_TOKEN).await;
+    app.flush(&other).await;
+    let (_, page) = feed(&app, &format!("limit=1000{cursor}")).await;
+    let fresh: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["sku"] == json!(other))
+        .collect();
+    assert_eq!(fresh.len(), 1, "{page}");
+    assert_eq!(fresh[0]["type"], "reservation.cancelled");
+    assert_eq!(fresh[0]["sequence"], 1);
+}
+
+#[tokio::test]
+async fn the_feed_refuses_bad_input_with_a_problem_and_wants_the_service_token() {
+    let app = spawn_app().await;
+    for query in [
+        "after=nope",
+        "after=ZTE6LTE",
+        "types=reservation.created",
+        "types=",
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "sku=bad%20sku",
+    ] {
+        let response = app
+            .client
+            .get(app.url(&format!("/v1/events?{query}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{query}"
+        );
+        let (status, problem) = body(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {problem}");
+        assert_eq!(problem["code"], "invalid_request");
+    }
+    let (status, problem) = body(
+        app.client
+            .get(app.url("/v1/events"))
+            .bearer_auth(user_token("someone"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
+}
+
+#[tokio::test]
+async fn events_past_their_retention_are_pruned_and_newer_ones_kept() {
+    let app = spawn_app().await;
+    let sku = unique_sku("prune");
+    let old = flashgate::events::NewEvent {
+        id: flashgate::events::event_id(flashgate::events::EventType::SkuSoldOut, &[&sku, "old"]),
+        kind: flashgate::events::EventType::SkuSoldOut,
+        sku: sku.clone(),
+        occurred_at_ms: 1_000,
+        data: json!({}),
+    };
+    let new = flashgate::events::NewEvent {
+        id: flashgate::events::event_id(flashgate::events::EventType::SkuSoldOut, &[&sku, "new"]),
+        occurred_at_ms: 2_000,
+        ..old.clone()
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let retention = std::time::Duration::from_secs(72 * 3600);
+    for (event, recorded_at) in [
+        (old, now_ms - 73 * 3600 * 1000),
+        (new, now_ms - 71 * 3600 * 1000),
+    ] {
+        let mut tx = app.db.begin().await.unwrap();
+        flashgate::db::events::write(&mut tx, vec![event], recorded_at)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(
+        app.worker
+            .prune_events_once(now_ms, retention)
+            .await
+            .unwrap()
+            >= 1
+    );
+    let kept = recorded_events(&app, &sku).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["sequence"], 2, "numbers are never reused");
+}
+
+#[tokio::test]
+async fn two_workers_flushing_one_sku_at_once_keep_its_sequence_in_outbox_order() {
+    let app = spawn_app().await;
+    let sku = unique_sku("order");
+    // More ends than one flush batch (limits::FLUSH_BATCH), so the two workers each
+    // take a batch of the same stream at once.
+    let n = flashgate::limits::FLUSH_BATCH + 40;
+    app.create_sku(&sku, json!({"stock": n})).await;
+    let mut ids = Vec::with_capacity(n);
+    let (app_ref, sku_ref) = (&app, &sku);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let holds = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|i| async move { app_ref.hold(sku_ref, &format!("o{i}")).await }),
+        )
+        .await;
+        ids.extend(holds);
+    }
+    for id in &ids {
+        assert_eq!(app.cancel(id, SERVICE_TOKEN).await.0, StatusCode::OK);
+    }
+    let a = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    let b = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    let sale = TestApp::sku_id(&sku);
+    let drain = |w: flashgate::worker::Worker, sale: flashgate::ids::SkuId| async move {
+        for _ in 0..2000 {
+            w.flush_sku(&sale).await.unwrap();
+            if w.store.outbox_backlog(&sale).await.unwrap() == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never drained");
+    };
+    tokio::join!(drain(a, sale.clone()), drain(b, sale.clone()));
+    let events = recorded_events(&app, &sku).await;
+    assert_consecutive(&events);
+    let cancelled: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "reservation.cancelled")
+        .map(|e| e["data"]["reservation_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let first_wrong = cancelled.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        cancelled.len() == expected.len() && first_wrong.is_none(),
+        "sequence must follow the order of the cancels: {} of {} events, first out of order at {first_wrong:?}",
+        cancelled.len(),
+        expected.len()
+    );
+    assert_eq!(
+        types_of(&events)[..2],
+        ["sku.sold_out", "sku.available"],
+        "the last hold sold out, the first cancel brought stock back"
+    );
+}

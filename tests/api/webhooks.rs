@@ -1,0 +1,484 @@
+//! Webhooks against a real HTTP receiver in this process (one that answers, fails,
+//! hangs, closes the connection, redirects, trickles its answer), with signatures
+//! checked by an independent verifier: the `standardwebhooks` package from PyPI
+//! (scripts/dev installs it into .dev/venv-webhooks). Time passes by a manual clock.
+
+use crate::common::receiver::{verify_independently, Mode, Received, Receiver, SECRET};
+use crate::common::*;
+use crate::events::{expire_now, feed_all};
+use flashgate::webhooks::{Deliverer, ManualClock, StepReport};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn put_webhook(app: &TestApp, name: &str, body: Value) -> (StatusCode, Value) {
+    body_of(
+        app.client
+            .put(app.url(&format!("/v1/admin/webhooks/{name}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn body_of(response: reqwest::Response) -> (StatusCode, Value) {
+    body(response).await
+}
+
+pub async fn admin_get(app: &TestApp, path: &str) -> (StatusCode, Value) {
+    body(
+        app.client
+            .get(app.url(path))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Steps the endpoint until nothing due is left; the sum of the reports.
+pub async fn drain(deliverer: &Deliverer, app: &TestApp, name: &str) -> StepReport {
+    let endpoint = flashgate::db::webhooks::get(&app.db, name)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut total = StepReport::default();
+    for _ in 0..100 {
+        let report = deliverer.step(&endpoint).await.unwrap();
+        total.attempted += report.attempted;
+        total.delivered += report.delivered;
+        total.retried += report.retried;
+        total.failed += report.failed;
+        if report.attempted == 0 {
+            return total;
+        }
+    }
+    panic!("deliveries of {name} never drained");
+}
+
+/// A SKU's short sale: a sale, a cancel, an expiry, a late payment, a sell-out.
+async fn a_sale(app: &TestApp, sku: &str) {
+    app.create_sku(sku, json!({"stock": 2})).await;
+    let a = app.hold(sku, "w1").await;
+    app.confirm(&a, "pay-a").await;
+    let b = app.hold(sku, "w2").await;
+    app.cancel(&b, SERVICE_TOKEN).await;
+    let c = app.hold(sku, "w3").await;
+    expire_now(app, sku, &c).await;
+    app.worker.sweep_sku(TestApp::sku_id(sku)).await.unwrap();
+    app.confirm(&c, "pay-c").await; // late: a compensation
+    app.hold(sku, "w4").await; // the last unit
+    app.flush(sku).await;
+}
+
+#[tokio::test]
+async fn every_event_arrives_signed_as_standard_webhooks_verifies_it() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("hook");
+    let url = receiver.url.replace("http://", "http://user:pw@");
+    let (status, view) = put_webhook(&app, &name, json!({"url": url, "secret": SECRET})).await;
+    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(view["url"], json!(receiver.url), "no credentials shown");
+    assert!(view.get("secret").is_none());
+    assert_eq!(view["types"].as_array().unwrap().len(), 7);
+    let (status, again) = put_webhook(
+        &app,
+        &name,
+        json!({"url": url, "secret": SECRET, "enabled": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    let (status, listed) = admin_get(&app, "/v1/admin/webhooks").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["name"] == json!(name)));
+    assert!(
+        !listed.to_string().contains("whsec_"),
+        "the secret is never shown"
+    );
+
+    let sku = unique_sku("hooked");
+    a_sale(&app, &sku).await;
+    let deliverer = Deliverer::new(app.db.clone(), Arc::new(ManualClock::default()));
+    drain(&deliverer, &app, &name).await;
+
+    let got = receiver.of_sku(&sku);
+    let feed = feed_all(&app, &format!("sku={sku}"), 100).await;
+    // sale, sold out, back, cancel, sold out, back, expiry, compensation, sold out
+    assert_eq!(feed.len(), 9, "{feed:#?}");
+    let mut bodies: Vec<Value> = got.iter().map(|r| r.event()).collect();
+    bodies.sort_by_key(|e| e["sequence"].as_u64());
+    assert_eq!(bodies, feed, "each event once, as the feed has it");
+    for r in &got {
+        assert_eq!(r.headers["webhook-id"], r.event()["id"].as_str().unwrap());
+        assert!(r.headers["webhook-signature"].starts_with("v1,"));
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert!(
+            r.headers.contains_key("authorization"),
+            "credentials of the URL are sent"
+        );
+    }
+    verify_independently(SECRET, &got);
+    // A tampered body does not verify (the verifier really checks).
+    let mut forged = got[0].clone();
+    forged.body = forged.body.replace("\"sku\"", "\"sku\" ");
+    let result = std::panic::catch_unwind(|| verify_independently(SECRET, &[forged]));
+    assert!(result.is_err(), "a forged body must not verify");
+
+    let (_, delivered) = admin_get(
+        &app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=delivered&limit=1000"),
+    )
+    .await;
+    assert!(delivered["items"].as_array().unwrap().len() >= 9);
+    let (status, _) = admin_get(
+        &app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=pending"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    delete_webhook(&app, &name).await;
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_retried_with_backoff_for_a_day_then_failed_and_replayable() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("retry");
+    let types = json!(["reservation.cancelled"]);
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": types}),
+    )
+    .await;
+    let sku = unique_sku("retried");
+    app.create_sku(&sku, json!({"stock": 5})).await;
+    let id = app.hold(&sku, "r1").await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    let event_id = feed_all(&app, &format!("sku={sku}"), 10).await[0]["id"].clone();
+
+    let clock = ManualClock::default();
+    let deliverer = Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
+        .with_timeout(Duration::from_millis(300));
+    let mine = |receiver: &Receiver| receiver.of_sku(&sku);
+    // Every way of failing, each retried later, never at once.
+    for mode in [
+        Mode::Status(500),
+        Mode::Close,
+        Mode::Hang,
+        Mode::Redirect,
+        Mode::Status(404),
+        Mode::Trickle,
+    ] {
+        receiver.set(mode);
+        let before = mine(&receiver).len();
+        drain(&deliverer, &app, &name).await;
+        assert_eq!(mine(&receiver).len(), before + 1, "{mode:?}: one attempt");
+        drain(&deliverer, &app, &name).await;
+        assert_eq!(
+            mine(&receiver).len(),
+            before + 1,
+            "{mode:?}: not again before its backoff"
+        );
+        let pending = pending_of(&app, &name, &event_id).await;
+        assert!(pending["last_error"].is_string(), "{pending}");
+        clock.advance(Duration::from_secs(3600));
+    }
+    let pending = pending_of(&app, &name, &event_id).await;
+    assert_eq!(pending["attempts"], 6, "{pending}");
+    // 500 for the rest of the day: failed after 24 h, having waited at most an hour
+    // between attempts.
+    receiver.set(Mode::Status(500));
+    let mut attempts = 6;
+    loop {
+        clock.advance(Duration::from_secs(4500));
+        drain(&deliverer, &app, &name).await;
+        attempts += 1;
+        let (_, failed) = admin_get(
+            &app,
+            &format!("/v1/admin/webhooks/{name}/deliveries?status=failed"),
+        )
+        .await;
+        if failed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["event_id"] == event_id)
+        {
+            break;
+        }
+        assert!(attempts < 40, "never failed");
+    }
+    assert_eq!(mine(&receiver).len(), attempts);
+    let (_, failed) = admin_get(
+        &app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=failed"),
+    )
+    .await;
+    let delivery = failed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["event_id"] == event_id)
+        .unwrap()
+        .clone();
+    assert_eq!(delivery["last_status"], 500);
+    // Replayed from its cursor, it is sent again and delivered.
+    receiver.set(Mode::Ok);
+    let (status, replayed) = body(
+        app.client
+            .post(app.url(&format!("/v1/admin/webhooks/{name}/replay")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({"after": delivery["replay_from"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert!(replayed["queued"].as_u64().unwrap() >= 1);
+    drain(&deliverer, &app, &name).await;
+    let got = mine(&receiver);
+    assert_eq!(got.last().unwrap().mode, Mode::Ok);
+    // Every attempt carried the same id and a valid signature.
+    assert!(got
+        .iter()
+        .all(|r| json!(r.headers["webhook-id"]) == event_id));
+    let answered: Vec<Received> = got.into_iter().filter(|r| r.mode != Mode::Hang).collect();
+    verify_independently(SECRET, &answered);
+    delete_webhook(&app, &name).await;
+}
+
+async fn pending_of(app: &TestApp, name: &str, event_id: &Value) -> Value {
+    let (_, pending) = admin_get(
+        app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=pending&limit=1000"),
+    )
+    .await;
+    pending["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| &d["event_id"] == event_id)
+        .unwrap_or_else(|| panic!("{event_id} not pending: {pending}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn two_workers_never_send_one_event_at_once_and_a_dead_ones_claim_comes_due() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(50));
+    let name = unique_sku("race");
+    put_webhook(&app, &name, json!({"url": receiver.url, "secret": SECRET})).await;
+    let sku = unique_sku("raced");
+    app.create_sku(&sku, json!({"stock": 100})).await;
+    for i in 0..40 {
+        let id = app.hold(&sku, &format!("rc{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    app.flush(&sku).await;
+    let clock = ManualClock::default();
+    let a = Deliverer::new(app.db.clone(), Arc::new(clock.clone()));
+    let b = Deliverer::new(app.db.clone(), Arc::new(clock.clone()));
+    let (ra, rb) = tokio::join!(drain(&a, &app, &name), drain(&b, &app, &name));
+    assert!(
+        ra.delivered > 0 && rb.delivered > 0,
+        "both worked: {ra:?} {rb:?}"
+    );
+    let got = receiver.of_sku(&sku);
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 40);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40, "no event sent twice");
+
+    // A worker that claims and dies: nobody sends its deliveries until the lease ends.
+    let id = app.hold(&sku, "dead").await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    flashgate::db::webhooks::enqueue(&app.db, &name, clock_now(&clock), 1000)
+        .await
+        .unwrap();
+    let claimed = flashgate::db::webhooks::claim(
+        &app.db,
+        &name,
+        "killed-worker",
+        clock_now(&clock),
+        30_000,
+        1000,
+    )
+    .await
+    .unwrap();
+    assert!(!claimed.is_empty());
+    drain(&a, &app, &name).await;
+    assert_eq!(receiver.of_sku(&sku).len(), 40, "its claim holds");
+    clock.advance(flashgate::webhooks::LEASE);
+    drain(&a, &app, &name).await;
+    assert_eq!(
+        receiver.of_sku(&sku).len(),
+        41,
+        "retried once the lease ended"
+    );
+    delete_webhook(&app, &name).await;
+}
+
+fn clock_now(clock: &ManualClock) -> i64 {
+    use flashgate::webhooks::Clock;
+    clock.now_ms()
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_delays_neither_another_endpoint_nor_the_sale() {
+    let app = spawn_app().await;
+    let stuck = Receiver::start().await;
+    stuck.set(Mode::Hang);
+    let healthy = Receiver::start().await;
+    let (stuck_name, healthy_name) = (unique_sku("stuck"), unique_sku("healthy"));
+    put_webhook(
+        &app,
+        &stuck_name,
+        json!({"url": stuck.url, "secret": SECRET}),
+    )
+    .await;
+    put_webhook(
+        &app,
+        &healthy_name,
+        json!({"url": healthy.url, "secret": SECRET}),
+    )
+    .await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let deliverer = Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock))
+        .only(&[&stuck_name, &healthy_name]);
+    let running = tokio::spawn(deliverer.run(stopped));
+    let sku = unique_sku("unblocked");
+    app.create_sku(&sku, json!({"stock": 50})).await;
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let id = app.hold(&sku, &format!("h{round}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+        app.flush(&sku).await;
+        while healthy.of_sku(&sku).len() < round + 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the healthy endpoint waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // (It may still be hanging on events of other tests queued before these.)
+    assert!(
+        !stuck.received.lock().unwrap().is_empty(),
+        "the stuck one was tried"
+    );
+    assert!(stuck.most_at_once() <= flashgate::webhooks::ENDPOINT_CONCURRENCY);
+    verify_independently(SECRET, &healthy.of_sku(&sku));
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    delete_webhook(&app, &stuck_name).await;
+    delete_webhook(&app, &healthy_name).await;
+}
+
+#[tokio::test]
+async fn webhook_input_is_checked_and_unknown_names_are_not_found() {
+    let app = spawn_app().await;
+    let name = unique_sku("bad");
+    for body in [
+        json!({"url": "ftp://example.com/", "secret": SECRET}),
+        json!({"url": "not a url", "secret": SECRET}),
+        json!({"url": "https://example.com/", "secret": "nope"}),
+        json!({"url": "https://example.com/", "secret": "whsec_c2hvcnQ="}),
+        json!({"url": "https://example.com/", "secret": SECRET, "types": ["reservation.created"]}),
+        json!({"url": "https://example.com/", "secret": SECRET, "colour": "red"}),
+        json!({"secret": SECRET}),
+    ] {
+        let (status, problem) = put_webhook(&app, &name, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
+        assert_eq!(problem["code"], "invalid_request");
+    }
+    let (status, _) = put_webhook(
+        &app,
+        "bad name!",
+        json!({"url": "https://example.com/", "secret": SECRET}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, problem) = admin_get(&app, &format!("/v1/admin/webhooks/{name}")).await;
+    assert_eq!(
+        (status, &problem["code"]),
+        (StatusCode::NOT_FOUND, &json!("not_found"))
+    );
+    let (status, _) = admin_get(
+        &app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=failed"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": "https://example.com/", "secret": SECRET}),
+    )
+    .await;
+    let (status, problem) = admin_get(
+        &app,
+        &format!("/v1/admin/webhooks/{name}/deliveries?status=lost"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let again = app
+        .client
+        .delete(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    let (status, _) = body(
+        app.client
+            .get(app.url("/v1/admin/webhooks"))
+            .bearer_auth(user_token("nobody"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// Tests share one database: an endpoint left behind would get every later event.
+pub async fn delete_webhook(app: &TestApp, name: &str) {
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/admin/webhooks/{name}")))
+        .bearer_auth(SERVICE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+}
