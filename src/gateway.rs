@@ -920,7 +920,6 @@ impl Gateway {
         Ok(items)
     }
 
-    /// From MySQL, or from Redis while the flush has not written it yet.
     /// Creates or replaces a webhook endpoint: (created, the endpoint as recorded).
     pub async fn put_webhook(
         &self,
@@ -976,6 +975,7 @@ impl Gateway {
         db::events::list(&self.db, filter, limit).await
     }
 
+    /// From MySQL, or from Redis while the flush has not written it yet.
     pub async fn compensation(&self, id: &str) -> Result<Compensation> {
         let recorded = db::compensation(&self.db, id).await;
         let pending = self.store.pending_compensation(id).await?;
