@@ -100,8 +100,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "FLASHGATE_FLUSH_CLAIM_IDLE_MS", default_value_t = crate::limits::FLUSH_CLAIM_IDLE.as_millis() as u64)]
     pub flush_claim_idle_ms: u64,
     /// Events (the feed, webhook deliveries) are kept at least this long, then pruned
-    /// by the worker in bounded batches.
-    #[arg(long, env = "FLASHGATE_EVENTS_RETENTION_HOURS", default_value_t = 72)]
+    /// by the worker in bounded batches. At least 25: a delivery is retried for 24 h
+    /// (plus a backoff of up to 1 h), and its event must outlive its retries.
+    #[arg(long, env = "FLASHGATE_EVENTS_RETENTION_HOURS", default_value_t = 72,
+          value_parser = clap::value_parser!(u64).range(25..))]
     pub events_retention_hours: u64,
     /// A webhook delivery must be answered 2xx within this (the contract's 10 s); a
     /// claim's lease is three times as long (src/webhooks.rs).

@@ -592,6 +592,11 @@ pub async fn apply_events_in_order(
     // Each fact's event, in the order of the batch (the order Redis made them).
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut skus: HashMap<&str, Option<SkuRecord>> = HashMap::new();
+    // The last stock crossing announced per SKU (`skus.announced_sold_out`): MySQL is
+    // its authority. A rebuild or a Redis loss forgets Redis's flag and may announce a
+    // crossing again, or stock back that was never announced sold out: neither is an
+    // event. A rebuild announces the stock it loaded (lua/load_sku.lua) for this check.
+    let mut announced: HashMap<&str, (Option<bool>, bool)> = HashMap::new();
     let mut new_events = Vec::new();
     for event in events {
         match event {
@@ -639,6 +644,20 @@ pub async fn apply_events_in_order(
                 let Some(record) = skus.get(sku.as_str()).cloned().flatten() else {
                     continue; // a SKU MySQL does not know has no view to report
                 };
+                let last = match announced.get(sku.as_str()) {
+                    Some((last, _)) => *last,
+                    None => announced_sold_out_in(&mut tx, sku).await?,
+                };
+                let repeat = if *sold_out {
+                    last == Some(true)
+                } else {
+                    last != Some(true)
+                };
+                if repeat {
+                    announced.entry(sku.as_str()).or_insert((last, false));
+                    continue;
+                }
+                announced.insert(sku.as_str(), (Some(*sold_out), true));
                 let d = &record.definition;
                 let view = crate::reservation::Sku {
                     sku: sku.clone(),
@@ -658,10 +677,30 @@ pub async fn apply_events_in_order(
             }
         }
     }
+    for (sku, (state, changed)) in &announced {
+        if *changed {
+            sqlx::query("UPDATE skus SET announced_sold_out = ? WHERE sku = ?")
+                .bind(*state)
+                .bind(*sku)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     drop(turn);
     applied.events = events::write(&mut tx, new_events, now_ms).await?;
     tx.commit().await?;
     Ok(applied)
+}
+
+/// The SKU's last announced crossing: Some(true) sold out, Some(false) stock back, None
+/// never (the row is locked by the caller).
+async fn announced_sold_out_in(conn: &mut MySqlConnection, sku: &str) -> Result<Option<bool>> {
+    let state: Option<Option<bool>> =
+        sqlx::query_scalar("SELECT announced_sold_out FROM skus WHERE sku = ?")
+            .bind(sku)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(state.flatten())
 }
 
 async fn compensation_in(conn: &mut MySqlConnection, id: &str) -> Result<Option<Compensation>> {

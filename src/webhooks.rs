@@ -40,17 +40,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of an answer read at most (kept for the delivery's `last_error`); the rest is
 /// never read.
 pub const RESPONSE_BODY_MAX: usize = 16 * 1024;
-/// A claim's lease, in request timeouts: longer than one attempt can take (a batch's
-/// attempts run ENDPOINT_CONCURRENCY at a time, each bounded by the timeout, and their
-/// outcomes are recorded right after), so a live worker's claim never ends under it; a
-/// killed worker's deliveries come due again after it.
+/// A claim's lease, in request timeouts: longer than one claim can take (a claim is
+/// CLAIM_BATCH = ENDPOINT_CONCURRENCY deliveries, all sent at once, each bounded by the
+/// timeout, their outcomes recorded right after), so a live worker's claim never ends
+/// under it and no second worker sends one of them meanwhile; a killed worker's
+/// deliveries come due again after it.
 pub const LEASE_TIMEOUTS: u32 = 3;
 /// The lease with the contract's timeout.
 pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
 /// Requests in flight to one endpoint at most.
 pub const ENDPOINT_CONCURRENCY: usize = 8;
-/// Deliveries one endpoint claims at a time (bounds the event documents held).
-pub const CLAIM_BATCH: u32 = 32;
+/// Deliveries one endpoint claims at a time: one round of requests, never more (a
+/// claim sent in several rounds could outlive its lease, and another worker would send
+/// the last rounds' deliveries at the same time).
+pub const CLAIM_BATCH: u32 = ENDPOINT_CONCURRENCY as u32;
 /// Events looked at per queueing step of one endpoint.
 pub const ENQUEUE_BATCH: u32 = 1000;
 /// The first retry waits about this; each further one twice as long ...

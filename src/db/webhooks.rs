@@ -9,8 +9,8 @@ use super::{datetime_to_ms, events as event_rows, ms_to_datetime};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventType};
 
-/// An endpoint as MySQL records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An endpoint as MySQL records it. Its `Debug` leaves the secret out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub name: String,
     pub url: String,
@@ -21,6 +21,20 @@ pub struct Endpoint {
     pub enabled: bool,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("url", &crate::webhooks::redacted_url(&self.url))
+            .field("secret", &"whsec_…")
+            .field("types", &self.types)
+            .field("enabled", &self.enabled)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("updated_at_ms", &self.updated_at_ms)
+            .finish()
+    }
 }
 
 impl Endpoint {
@@ -450,10 +464,20 @@ pub async fn deliveries(
 }
 
 /// Queues every kept event of a wanted type after `after` again (delivered or failed
-/// ones too), due now, with a fresh retry window. Returns how many.
+/// ones too), due now, with a fresh retry window. A delivery still pending is left as
+/// it is: it is queued already, and resetting its lease would let a second worker send
+/// it while the first one's attempt runs. Returns how many events are queued.
 pub async fn replay(pool: &MySqlPool, endpoint: &Endpoint, after: u64, now_ms: i64) -> Result<u64> {
     let _turn = crate::explore::mysql_step("replay_deliveries").await;
     let now = ms_to_datetime(now_ms);
+    let filter = event_rows::Filter {
+        after,
+        types: endpoint.types.clone(),
+        sku: None,
+    };
+    let mut count = QueryBuilder::<MySql>::new("SELECT COUNT(*) FROM events WHERE position > ");
+    count.push_bind(after);
+    event_rows::push_filter(&mut count, &filter);
     let mut query = QueryBuilder::<MySql>::new(
         "INSERT INTO webhook_deliveries
          (webhook, position, event_id, status, attempts, first_queued_at, next_attempt_at)
@@ -467,21 +491,22 @@ pub async fn replay(pool: &MySqlPool, endpoint: &Endpoint, after: u64, now_ms: i
         .push_bind(now)
         .push(" FROM events WHERE position > ")
         .push_bind(after);
-    event_rows::push_filter(
-        &mut query,
-        &event_rows::Filter {
-            after,
-            types: endpoint.types.clone(),
-            sku: None,
-        },
-    );
+    event_rows::push_filter(&mut query, &filter);
+    // `status` last: MySQL applies these in order, and the others read the old status.
     query.push(
-        " ON DUPLICATE KEY UPDATE status = 'pending', attempts = 0,
-           first_queued_at = VALUES(first_queued_at), next_attempt_at = VALUES(next_attempt_at),
-           lease_owner = NULL, delivered_at = NULL",
+        " ON DUPLICATE KEY UPDATE
+           attempts = IF(status = 'pending', attempts, 0),
+           first_queued_at = IF(status = 'pending', first_queued_at, VALUES(first_queued_at)),
+           next_attempt_at = IF(status = 'pending', next_attempt_at, VALUES(next_attempt_at)),
+           lease_owner = IF(status = 'pending', lease_owner, NULL),
+           delivered_at = IF(status = 'pending', delivered_at, NULL),
+           status = 'pending'",
     );
-    let done = query.build().execute(pool).await?;
-    Ok(done.rows_affected())
+    let mut tx = pool.begin().await?;
+    let queued: i64 = count.build_query_scalar().fetch_one(&mut *tx).await?;
+    query.build().execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(queued as u64)
 }
 
 /// Per endpoint: when the oldest event not yet delivered (pending) was recorded.
@@ -501,11 +526,13 @@ pub async fn oldest_pending(pool: &MySqlPool) -> Result<Vec<(String, i64)>> {
 }
 
 /// Deletes at most `limit` deliveries queued before `before_ms` that are over
-/// (delivered or failed) or whose event is gone; returns how many.
+/// (delivered or failed); returns how many. A pending one stays until its retries end
+/// (the retention is longer than the retry window: config.rs).
 pub async fn prune(pool: &MySqlPool, before_ms: i64, limit: u32) -> Result<u64> {
     let _turn = crate::explore::mysql_step("prune_deliveries").await;
     let done = sqlx::query(
-        "DELETE FROM webhook_deliveries WHERE first_queued_at < ? ORDER BY first_queued_at LIMIT ?",
+        "DELETE FROM webhook_deliveries WHERE first_queued_at < ? AND status <> 'pending'
+         ORDER BY first_queued_at LIMIT ?",
     )
     .bind(ms_to_datetime(before_ms))
     .bind(limit)

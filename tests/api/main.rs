@@ -9,6 +9,7 @@ mod buckets;
 mod connections;
 mod edges;
 mod events;
+mod events_audit;
 mod input;
 mod keys;
 mod lifecycle;
