@@ -358,17 +358,14 @@ end
 -- crossing may have happened (available 0 after a reserve wrote it, or 0 before a
 -- release): a write that leaves stock on both sides costs nothing more. A SKU split
 -- over buckets has no such events here (one bucket's stock is not the SKU's).
--- `loaded` (a SKU (re)built by load_sku.lua, its flag new): announce the stock as it
--- is even without a change of the flag; the flush keeps it only when it differs from
--- what MySQL last announced (a rebuild that brought stock back).
-local function announce_stock(K, now, loaded)
+local function announce_stock(K, now)
   local m = redis.call('HMGET', K.meta, 'available', 'sold_out', 'buckets', 'stock_total',
     'held', 'sold')
   if not m[1] or tonumber(m[3] or '1') > 1 then
     return
   end
   local out = tonumber(m[1]) == 0
-  if out == (m[2] == '1') and not loaded then
+  if out == (m[2] == '1') then
     return
   end
   if out then

@@ -63,7 +63,7 @@ if ARGV[8] ~= '1' then
   -- Usage records a retirement kept for their claims are the sale's again.
   redis.call('PERSIST', K.used)
   -- More or less stock may cross zero: sku.sold_out / sku.available (lib.lua).
-  announce_stock(K, now_ms(), created)
+  announce_stock(K, now_ms())
 end
 local code = (created and 'created') or (reopened and 'reopened') or 'ok'
 return { code, stock_total, available, held, sold }

@@ -595,7 +595,7 @@ pub async fn apply_events_in_order(
     // The last stock crossing announced per SKU (`skus.announced_sold_out`): MySQL is
     // its authority. A rebuild or a Redis loss forgets Redis's flag and may announce a
     // crossing again, or stock back that was never announced sold out: neither is an
-    // event. A rebuild announces the stock it loaded (lua/load_sku.lua) for this check.
+    // event.
     let mut announced: HashMap<&str, (Option<bool>, bool)> = HashMap::new();
     let mut new_events = Vec::new();
     for event in events {
