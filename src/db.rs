@@ -693,8 +693,8 @@ pub async fn apply_events_in_order(
 }
 
 /// The SKU's last announced crossing: Some(true) sold out, Some(false) stock back, None
-/// never (the row is locked by the caller).
-async fn announced_sold_out_in(conn: &mut MySqlConnection, sku: &str) -> Result<Option<bool>> {
+/// never (the flush reads it under the SKU's row lock).
+pub async fn announced_sold_out_in(conn: &mut MySqlConnection, sku: &str) -> Result<Option<bool>> {
     let state: Option<Option<bool>> =
         sqlx::query_scalar("SELECT announced_sold_out FROM skus WHERE sku = ?")
             .bind(sku)

@@ -735,6 +735,10 @@ impl Gateway {
                     self.store
                         .restore_usage(sku, &recorded.bought, &recorded.claims)
                         .await?;
+                    let announced = db::announced_sold_out_in(&mut *conn, sku.as_str()).await?;
+                    self.store
+                        .restore_announced(sku, announced == Some(true))
+                        .await?;
                 }
                 Ok(loaded)
             }

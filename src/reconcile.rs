@@ -1175,6 +1175,10 @@ async fn restore_missing(
             store
                 .restore_usage(sku, &usage.bought, &usage.claims)
                 .await?;
+            let announced = db::announced_sold_out_in(&mut *tx, sku.as_str()).await?;
+            store
+                .restore_announced(sku, announced == Some(true))
+                .await?;
             if sold != record.sold {
                 db::set_sold(tx, sku, sold).await?;
             }

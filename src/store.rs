@@ -61,6 +61,7 @@ pub struct Scripts {
     pub reserve_moved: Script,
     pub transfer_stale: Script,
     pub restore_usage: Script,
+    pub restore_announced: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -90,6 +91,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve_moved: script(include_str!("../lua/reserve_moved.lua")),
     transfer_stale: script(include_str!("../lua/transfer_stale.lua")),
     restore_usage: script(include_str!("../lua/restore_usage.lua")),
+    restore_announced: script(include_str!("../lua/restore_announced.lua")),
 });
 
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
@@ -129,7 +131,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 26] {
+fn all_scripts() -> [&'static Script; 27] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -158,6 +160,7 @@ fn all_scripts() -> [&'static Script; 26] {
         &s.reserve_moved,
         &s.transfer_stale,
         &s.restore_usage,
+        &s.restore_announced,
     ]
 }
 
@@ -1176,6 +1179,21 @@ impl Store {
             Some("reopened") => Ok(Loaded::Reopened),
             _ => Err(refusal_of(&reply)),
         }
+    }
+
+    /// After a rebuild: MySQL's last announcement of the sale's stock back in Redis
+    /// (lua/restore_announced.lua); stock back since `sku.sold_out` is announced.
+    pub async fn restore_announced(&self, sale: &SkuId, sold_out: bool) -> Result<()> {
+        if !sold_out {
+            return Ok(());
+        }
+        let keys = SkuKeys::new(sale);
+        let mut conn = self.conn.clone();
+        let _: i64 = with_sale_keys(&SCRIPTS.restore_announced, &keys)
+            .arg("1")
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// The sale's start (ms) as its meta has it.

@@ -1,5 +1,5 @@
 //! Events and webhooks as an outside audit tried to break them: a rebuild or a Redis
-//! loss announcing a stock crossing again, a claim
+//! loss announcing a stock crossing again (or never announcing stock back), a claim
 //! outliving its lease, a replay resetting a delivery in flight, the prune deleting
 //! deliveries still being retried. Each test failed before its fix.
 
@@ -141,6 +141,32 @@ async fn the_reconcilers_rebuild_announces_it_no_second_time() {
         types(&after),
         ["sku.sold_out", "reservation.confirmed"],
         "{after:#?}"
+    );
+}
+
+/// The opposite side: sold out by a hold; Redis loses the SKU; the rebuild brings the
+/// unit back (available 1) but no sku.available is ever written: the feed's last word
+/// on the SKU stays "sold out" while it sells.
+#[tokio::test]
+async fn stock_a_rebuild_brings_back_is_announced() {
+    let app = app().await;
+    let sku = unique_sku("rv-back");
+    let definition = json!({"stock": 1});
+    app.create_sku(&sku, definition.clone()).await;
+    app.hold(&sku, "u1").await;
+    app.flush(&sku).await;
+    assert_eq!(types(&events_of(&app, &sku).await), ["sku.sold_out"]);
+    app.lose_sale(&sku).await;
+    app.create_sku(&sku, definition).await;
+    let view = app.sku(&sku).await;
+    assert_eq!(view["available"], 1, "{view}");
+    app.flush(&sku).await;
+    let after = events_of(&app, &sku).await;
+    println!("after the rebuild (available 1): {:?}", types(&after));
+    assert_eq!(
+        after.last().unwrap()["type"],
+        "sku.available",
+        "stock is back after sku.sold_out: {after:#?}"
     );
 }
 
