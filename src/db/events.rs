@@ -168,7 +168,9 @@ pub(super) fn event_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Event> {
 /// how many went (call again while it returns `limit`).
 pub async fn prune(pool: &MySqlPool, before_ms: i64, limit: u32) -> Result<u64> {
     let _turn = crate::explore::mysql_step("prune_events").await;
-    let done = sqlx::query("DELETE FROM events WHERE recorded_at < ? ORDER BY position LIMIT ?")
+    // By `recorded_at`, its index: ordered by position, each batch would sort every
+    // old row (a backlog of N rows would cost N²/limit).
+    let done = sqlx::query("DELETE FROM events WHERE recorded_at < ? ORDER BY recorded_at LIMIT ?")
         .bind(ms_to_datetime(before_ms))
         .bind(limit)
         .execute(pool)

@@ -513,9 +513,11 @@ pub async fn replay(pool: &MySqlPool, endpoint: &Endpoint, after: u64, now_ms: i
 pub async fn oldest_pending(pool: &MySqlPool) -> Result<Vec<(String, i64)>> {
     let _turn = crate::explore::mysql_step("oldest_pending").await;
     let rows: Vec<(String, NaiveDateTime)> = sqlx::query_as(
-        "SELECT d.webhook, MIN(e.recorded_at) FROM webhook_deliveries d
-         JOIN events e ON e.position = d.position
-         WHERE d.status = 'pending' GROUP BY d.webhook",
+        // Per endpoint, its lowest pending position (one index look-up, not a scan of
+        // every pending delivery), then that event's time: positions follow recording.
+        "SELECT w.name, e.recorded_at FROM webhooks w
+         JOIN events e ON e.position = (SELECT MIN(d.position) FROM webhook_deliveries d
+                                        WHERE d.webhook = w.name AND d.status = 'pending')",
     )
     .fetch_all(pool)
     .await?;
