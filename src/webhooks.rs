@@ -219,6 +219,13 @@ impl Deliverer {
         if !endpoint.enabled {
             return Ok(report);
         }
+        // The endpoint as MySQL has it now: a task still holding an older version (a PUT
+        // moved its URL or secret, disabled or deleted it since its last refresh) claims
+        // nothing, so no event goes to the old URL once the PUT has answered.
+        match rows::get(&self.db, &endpoint.name).await? {
+            Some(now) if now.enabled && now.updated_at_ms == endpoint.updated_at_ms => {}
+            _ => return Ok(report),
+        }
         let now_ms = self.clock.now_ms();
         rows::enqueue(&self.db, &endpoint.name, now_ms, ENQUEUE_BATCH).await?;
         let claimed = rows::claim(

@@ -420,3 +420,57 @@ async fn the_prune_keeps_deliveries_still_being_retried() {
     println!("deliveries left after the prune: {}", left.len());
     assert_eq!(left.len(), 1, "a pending delivery was deleted by the prune");
 }
+
+/// An endpoint's task keeps the endpoint it started with until the next refresh: after
+/// a `PUT` moved the endpoint to a new URL, an event made afterwards must still never
+/// go to the old URL (each step checks the endpoint's version before it claims).
+#[tokio::test]
+async fn an_event_made_after_a_put_moved_the_endpoint_never_goes_to_the_old_url() {
+    use crate::common::receiver::{Receiver, SECRET};
+    let app = app().await;
+    let old = Receiver::start().await;
+    let new = Receiver::start().await;
+    let name = unique_sku("rv-move");
+    let put = |url: String| {
+        let app = &app;
+        let name = name.clone();
+        async move {
+            body(
+                app.client
+                    .put(app.url(&format!("/v1/admin/webhooks/{name}")))
+                    .bearer_auth(SERVICE_TOKEN)
+                    .json(
+                        &json!({"url": url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+                    )
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    assert_eq!(put(old.url.clone()).await.0, StatusCode::CREATED);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let deliverer = Deliverer::new(app.db.clone(), Arc::new(SystemClock)).only(&[&name]);
+    let running = tokio::spawn(deliverer.run(rx));
+    // The endpoint's task has started with the old URL.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(put(new.url.clone()).await.0, StatusCode::OK);
+    let sku = unique_sku("rv-move-sku");
+    app.create_sku(&sku, json!({"stock": 5})).await;
+    let id = app.hold(&sku, "m1").await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    // Delivered to the new URL once the task took the new version (its refresh).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while new.of_sku(&sku).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    let _ = running.await;
+    assert_eq!(
+        (old.of_sku(&sku).len(), new.of_sku(&sku).len()),
+        (0, 1),
+        "an event made after the PUT goes to the new URL only"
+    );
+}
