@@ -401,6 +401,16 @@ async fn the_prune_keeps_deliveries_still_being_retried() {
     flashgate::db::webhooks::enqueue(&app.db, &name, now - 13 * 3600 * 1000, 100_000)
         .await
         .unwrap();
+    // Other tests cancel at the same time: only this SKU's event stays queued.
+    sqlx::query(
+        "DELETE FROM webhook_deliveries WHERE webhook = ?
+         AND event_id NOT IN (SELECT id FROM events WHERE sku = ?)",
+    )
+    .bind(&name)
+    .bind(&sku)
+    .execute(&app.db)
+    .await
+    .unwrap();
     let pending = flashgate::db::webhooks::deliveries(&app.db, &name, "pending", 0, 10)
         .await
         .unwrap();
