@@ -294,6 +294,12 @@ pub struct Args {
     #[arg(long, env = "FLASHGATE_BENCH_END_SALES")]
     pub end_sales: bool,
 
+    /// Run a webhook receiver on loopback, register it for the run (every event type)
+    /// and, after the validation, report how its deliveries kept up with the mixed
+    /// phase: arrivals, duplicates, gaps per SKU, lag from each fact (src/webhook.rs).
+    #[arg(long, env = "FLASHGATE_BENCH_WEBHOOKS")]
+    pub webhooks: bool,
+
     /// Without a subcommand: the load run (phases, validation, baselines).
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -22,6 +22,7 @@ mod report;
 mod scale;
 mod stats;
 mod validate;
+mod webhook;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -53,6 +54,8 @@ const IDLE_PROBE: Duration = Duration::from_secs(2);
 /// Per-user limit of the abuse phase's SKU: every hold an honest user or the abuser
 /// gets must be granted (the per-user rate limit is what is measured).
 const ABUSE_PER_USER_LIMIT: u64 = 1_000_000;
+/// `--webhooks`: how long the harness waits for the mixed phase's events to arrive.
+const WEBHOOK_WAIT: Duration = Duration::from_secs(120);
 
 fn main() -> ExitCode {
     // `scripts/dev bench -- FLAGS` passes the `--` through: skip it.
@@ -634,6 +637,15 @@ async fn run(args: Args) -> Result<bool> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // ---- a webhook receiver, registered before any event of the run is made
+    let receiver = if args.webhooks {
+        let receiver = webhook::Receiver::start().await?;
+        webhook::register(&ctx.client, &sku_base, &receiver.url).await?;
+        println!("  webhooks: endpoint {sku_base} -> {}", receiver.url);
+        Some(receiver)
+    } else {
+        None
+    };
     // ---- what the gateway costs with no load at all (its worker's background work)
     let skus_indexed: Option<u64> = match &mut probes.redis {
         RedisStats::Single(Some(c)) => redis::cmd("SCARD").arg("fg:skus").query_async(c).await.ok(),
@@ -865,6 +877,34 @@ async fn run(args: Args) -> Result<bool> {
         println!("  [FAIL] MySQL: unreachable, nothing durable could be checked");
     }
     let validation_passed = db.is_some() && validation.checks.iter().all(|c| c.ok);
+    let webhooks = match &receiver {
+        Some(receiver) => {
+            println!("\n== webhooks (the mixed phase's SKUs)");
+            let report = webhook::report(&ctx.client, receiver, &mixed_skus, WEBHOOK_WAIT).await;
+            webhook::unregister(&ctx.client, &sku_base).await;
+            match report {
+                Ok(r) => {
+                    let s = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2} s"));
+                    println!(
+                        "  {} events, {} delivered ({} arrivals, {} duplicates) in {:.1} s of waiting; gaps per SKU {:?}",
+                        r.events, r.delivered, r.arrivals, r.duplicates, r.waited_s, r.gaps
+                    );
+                    println!(
+                        "  lag from the fact: p50 {}, p99 {}, max {}",
+                        s(r.lag_p50_s),
+                        s(r.lag_p99_s),
+                        s(r.lag_max_s)
+                    );
+                    Some(r)
+                }
+                Err(e) => {
+                    println!("  could not measure: {e:#}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     memory.lock().unwrap().rss_end_kb = pids.gateway.and_then(probe::rss_kb);
 
     // ---- baselines
@@ -1084,6 +1124,7 @@ async fn run(args: Args) -> Result<bool> {
         memory: mem,
         abuse: abuse_report,
         overload: overload_report,
+        webhooks,
         validation: Some(ValidationReport {
             passed: validation_passed,
             flush_seconds: validation.flush_seconds,

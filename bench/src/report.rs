@@ -151,6 +151,9 @@ pub struct Report {
     /// The overload phase's figures (`overload-probe`, `overload-0.8x`, `overload-2x`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub overload: Option<OverloadReport>,
+    /// `--webhooks`: how deliveries kept up with the mixed phase (src/webhook.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<crate::webhook::WebhookReport>,
     pub validation: Option<ValidationReport>,
     pub passed: bool,
 }
