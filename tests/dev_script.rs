@@ -64,6 +64,11 @@ fn stop_stops_the_gateway_serve_recorded_and_nothing_else() {
         cp "$(command -v sleep)" flashgate
         ./flashgate 60 >/dev/null 2>&1 &
         g=$!
+        # Until the fork has become `flashgate` (on a busy machine that takes a while).
+        for _ in $(seq 100); do
+          [[ "$(cat "/proc/$g/comm" 2>/dev/null)" == flashgate ]] && break
+          sleep 0.02
+        done
         echo "$g" > "$GATEWAY_PIDFILE"
         stop_gateway || { echo "stop_gateway failed"; exit 1; }
         sleep 0.2
