@@ -150,28 +150,36 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn json_log_lines_of_a_request_carry_its_id() {
-        use axum::routing::get;
-        use tower_service::Service;
+    /// A router whose `/work` logs one WARN line, with this layer, and the lines it logs
+    /// in `format` (the test runtime has one thread: requests run under the subscriber
+    /// while the guard lives).
+    fn logging_app(
+        format: crate::config::LogFormat,
+    ) -> (Capture, tracing::subscriber::DefaultGuard, axum::Router) {
         let capture = Capture::default();
         let writer = capture.clone();
         let subscriber = crate::telemetry::logging(
-            crate::config::LogFormat::Json,
+            format,
             tracing_subscriber::EnvFilter::new("info"),
             move || writer.clone(),
         );
-        // The test runtime has one thread: the request runs under this subscriber.
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let mut app = axum::Router::new()
+        let guard = tracing::subscriber::set_default(subscriber);
+        let app = axum::Router::new()
             .route(
                 "/work",
-                get(|| async {
+                axum::routing::get(|| async {
                     tracing::warn!(detail = "x", "dependency unavailable");
                     "done"
                 }),
             )
             .layer(axum::middleware::from_fn(layer));
+        (capture, guard, app)
+    }
+
+    #[tokio::test]
+    async fn json_log_lines_of_a_request_carry_its_id() {
+        use tower_service::Service;
+        let (capture, _guard, mut app) = logging_app(crate::config::LogFormat::Json);
         let request = |id: Option<&str>| {
             let mut request = Request::get("/work");
             if let Some(id) = id {
@@ -212,25 +220,8 @@ mod tests {
 
     #[tokio::test]
     async fn text_log_lines_of_a_request_end_with_its_fields() {
-        use axum::routing::get;
         use tower_service::Service;
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = crate::telemetry::logging(
-            crate::config::LogFormat::Text,
-            tracing_subscriber::EnvFilter::new("info"),
-            move || writer.clone(),
-        );
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let mut app = axum::Router::new()
-            .route(
-                "/work",
-                get(|| async {
-                    tracing::warn!(detail = "x", "dependency unavailable");
-                    "done"
-                }),
-            )
-            .layer(axum::middleware::from_fn(layer));
+        let (capture, _guard, mut app) = logging_app(crate::config::LogFormat::Text);
         let request = Request::get("/work?q=1")
             .header("x-request-id", "order-7")
             .body(axum::body::Body::empty())

@@ -4,7 +4,7 @@
 //! deliveries still being retried. Each test failed before its fix.
 
 use crate::common::*;
-use flashgate::db::events::Filter;
+use crate::events::recorded_events;
 use flashgate::webhooks::{Deliverer, SystemClock};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -17,17 +17,23 @@ async fn app() -> TestApp {
     spawn_app().await
 }
 
-async fn events_of(app: &TestApp, sku: &str) -> Vec<Value> {
-    let filter = Filter {
-        sku: Some(sku.to_owned()),
-        ..Filter::default()
-    };
-    flashgate::db::events::list(&app.db, &filter, 1000)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.document())
-        .collect()
+/// `PUT /v1/admin/webhooks/{name}` for reservation.cancelled events to `url`.
+async fn put_hook(app: &TestApp, name: &str, url: &str) -> StatusCode {
+    let (status, view) = body(
+        app.client
+            .put(app.url(&format!("/v1/admin/webhooks/{name}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(
+                &json!({"url": url, "secret": crate::common::receiver::SECRET,
+                          "types": ["reservation.cancelled"]}),
+            )
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(status.is_success(), "{view}");
+    status
 }
 
 fn types(events: &[Value]) -> Vec<String> {
@@ -86,12 +92,9 @@ async fn hanging_receiver() -> Hanging {
     Hanging { url, seen }
 }
 
-/// Contract: "the same fact always yields the same event id, so a re-flush after a
-/// crash, a replay or a rebuild makes no second event". The SKU sold out once; Redis
-/// lost it and it was rebuilt from MySQL (admin PUT, the documented recovery). The
-/// rebuild's load_sku.lua finds available 0 and no meta `sold_out` flag and appends a
-/// fresh `sku_sold_out` entry: a second sku.sold_out, with a new id, for a crossing
-/// that happened once.
+/// Contract: "a rebuild makes no second event". The SKU sold out once; Redis lost it
+/// and an admin PUT rebuilt it from MySQL with no `sold_out` flag: its load announces
+/// the crossing again, and the flush drops it (MySQL's `announced_sold_out`).
 #[tokio::test]
 async fn a_rebuild_announces_no_sold_out_that_was_already_announced() {
     let app = app().await;
@@ -101,7 +104,7 @@ async fn a_rebuild_announces_no_sold_out_that_was_already_announced() {
     let a = app.hold(&sku, "u1").await;
     assert_eq!(app.confirm(&a, "pay-a").await.0, StatusCode::OK);
     app.flush(&sku).await;
-    let before = events_of(&app, &sku).await;
+    let before = recorded_events(&app, &sku).await;
     assert_eq!(
         types(&before),
         ["sku.sold_out", "reservation.confirmed"],
@@ -111,7 +114,7 @@ async fn a_rebuild_announces_no_sold_out_that_was_already_announced() {
     app.lose_sale(&sku).await;
     app.create_sku(&sku, definition.clone()).await; // rebuilt from MySQL
     app.flush(&sku).await;
-    let after = events_of(&app, &sku).await;
+    let after = recorded_events(&app, &sku).await;
     println!("after the rebuild: {:?}", types(&after));
     assert_eq!(
         types(&after),
@@ -135,7 +138,7 @@ async fn the_reconcilers_rebuild_announces_it_no_second_time() {
         .await
         .unwrap();
     app.flush(&sku).await;
-    let after = events_of(&app, &sku).await;
+    let after = recorded_events(&app, &sku).await;
     println!("after the reconciler's rebuild: {:?}", types(&after));
     assert_eq!(
         types(&after),
@@ -144,9 +147,9 @@ async fn the_reconcilers_rebuild_announces_it_no_second_time() {
     );
 }
 
-/// The opposite side: sold out by a hold; Redis loses the SKU; the rebuild brings the
-/// unit back (available 1) but no sku.available is ever written: the feed's last word
-/// on the SKU stays "sold out" while it sells.
+/// Sold out by a hold; Redis loses the SKU; the rebuild brings the unit back (available
+/// 1): MySQL's last announcement goes back into Redis (restore_announced.lua), so the
+/// stock back is announced (sku.available), not left "sold out" while it sells.
 #[tokio::test]
 async fn stock_a_rebuild_brings_back_is_announced() {
     let app = app().await;
@@ -155,13 +158,13 @@ async fn stock_a_rebuild_brings_back_is_announced() {
     app.create_sku(&sku, definition.clone()).await;
     app.hold(&sku, "u1").await;
     app.flush(&sku).await;
-    assert_eq!(types(&events_of(&app, &sku).await), ["sku.sold_out"]);
+    assert_eq!(types(&recorded_events(&app, &sku).await), ["sku.sold_out"]);
     app.lose_sale(&sku).await;
     app.create_sku(&sku, definition).await;
     let view = app.sku(&sku).await;
     assert_eq!(view["available"], 1, "{view}");
     app.flush(&sku).await;
-    let after = events_of(&app, &sku).await;
+    let after = recorded_events(&app, &sku).await;
     println!("after the rebuild (available 1): {:?}", types(&after));
     assert_eq!(
         after.last().unwrap()["type"],
@@ -171,30 +174,19 @@ async fn stock_a_rebuild_brings_back_is_announced() {
 }
 
 /// Contract: "several workers never send one event to one endpoint twice at the same
-/// time". One step claims CLAIM_BATCH (32) deliveries with one lease of
-/// LEASE_TIMEOUTS (3) request timeouts, but sends them ENDPOINT_CONCURRENCY (8) at a
-/// time: against an endpoint that hangs, the 4th wave starts when the lease ends, so a
-/// second worker claims the same deliveries and sends them while the first is sending
-/// them. (Timeout 400 ms here, so lease 1.2 s; the contract's 10 s gives 30 s vs 40 s.)
+/// time". A claim is one round of requests, each bounded by the timeout, and its lease
+/// is three timeouts: against an endpoint that hangs, a second worker finds nothing to
+/// claim while the first one's requests are open, even for deliveries claimed in an
+/// order the second would take first. (Timeout 400 ms: lease 1.2 s.)
 #[tokio::test]
 async fn a_claim_never_outlives_its_lease_so_no_second_worker_sends_its_events_at_once() {
     let app = app().await;
     let receiver = hanging_receiver().await;
     let name = unique_sku("rv-lease");
-    let (status, view) = body(
-        app.client
-            .put(app.url(&format!("/v1/admin/webhooks/{name}")))
-            .bearer_auth(SERVICE_TOKEN)
-            .json(
-                &json!({"url": receiver.url, "secret": crate::common::receiver::SECRET,
-                          "types": ["reservation.cancelled"]}),
-            )
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(
+        put_hook(&app, &name, &receiver.url).await,
+        StatusCode::CREATED
+    );
     let sku = unique_sku("rv-lease-sku");
     app.create_sku(&sku, json!({"stock": 40})).await;
     for i in 0..32 {
@@ -292,34 +284,23 @@ async fn a_claim_never_outlives_its_lease_so_no_second_worker_sends_its_events_a
 }
 
 /// Contract: "several workers never send one event to one endpoint twice at the same
-/// time". A replay while a delivery is in flight resets its claim (next_attempt_at =
-/// now, lease_owner = NULL, db/webhooks.rs replay's ON DUPLICATE KEY UPDATE): a second
-/// worker claims and sends it at once, while the first worker's request is still open.
+/// time". A replay while a delivery is in flight leaves its claim alone: no second
+/// worker sends it while the first worker's request is open.
 #[tokio::test]
 async fn a_replay_leaves_a_delivery_in_flight_to_its_worker() {
     let app = app().await;
     let receiver = hanging_receiver().await;
     let name = unique_sku("rv-replay");
-    let (status, view) = body(
-        app.client
-            .put(app.url(&format!("/v1/admin/webhooks/{name}")))
-            .bearer_auth(SERVICE_TOKEN)
-            .json(
-                &json!({"url": receiver.url, "secret": crate::common::receiver::SECRET,
-                          "types": ["reservation.cancelled"]}),
-            )
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_eq!(
+        put_hook(&app, &name, &receiver.url).await,
+        StatusCode::CREATED
+    );
     let sku = unique_sku("rv-replay-sku");
     app.create_sku(&sku, json!({"stock": 5})).await;
     let id = app.hold(&sku, "r1").await;
     app.cancel(&id, SERVICE_TOKEN).await;
     app.flush(&sku).await;
-    let event = events_of(&app, &sku).await.last().unwrap().clone();
+    let event = recorded_events(&app, &sku).await.last().unwrap().clone();
     let position: (u64,) = sqlx::query_as("SELECT position FROM events WHERE id = ?")
         .bind(event["id"].as_str().unwrap())
         .fetch_one(&app.db)
@@ -367,30 +348,17 @@ async fn a_replay_leaves_a_delivery_in_flight_to_its_worker() {
     );
 }
 
-/// db/webhooks.rs prune says it deletes deliveries "that are over (delivered or
-/// failed) or whose event is gone", but its SQL deletes every delivery queued before
-/// the cutoff, pending ones included. With a retention shorter than the 24 h retry
-/// window (FLASHGATE_EVENTS_RETENTION_HOURS accepts any u64, e.g. 12), a delivery still
-/// being retried vanishes: never delivered, never `failed`, never listed or replayable
-/// by the deliveries list. (Also: a disabled endpoint's pending deliveries.)
+/// A delivery still inside its 24 h of retries is never pruned, whatever the events'
+/// retention (the worker prunes ended deliveries only; config refuses a retention
+/// shorter than the retries).
 #[tokio::test]
 async fn the_prune_keeps_deliveries_still_being_retried() {
     let app = app().await;
     let name = unique_sku("rv-prune");
-    let (status, _) = body(
-        app.client
-            .put(app.url(&format!("/v1/admin/webhooks/{name}")))
-            .bearer_auth(SERVICE_TOKEN)
-            .json(
-                &json!({"url": "http://127.0.0.1:9/hook", "secret": crate::common::receiver::SECRET,
-                          "types": ["reservation.cancelled"]}),
-            )
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        put_hook(&app, &name, "http://127.0.0.1:9/hook").await,
+        StatusCode::CREATED
+    );
     let sku = unique_sku("rv-prune-sku");
     app.create_sku(&sku, json!({"stock": 5})).await;
     let id = app.hold(&sku, "p1").await;
@@ -436,36 +404,18 @@ async fn the_prune_keeps_deliveries_still_being_retried() {
 /// go to the old URL (each step checks the endpoint's version before it claims).
 #[tokio::test]
 async fn an_event_made_after_a_put_moved_the_endpoint_never_goes_to_the_old_url() {
-    use crate::common::receiver::{Receiver, SECRET};
+    use crate::common::receiver::Receiver;
     let app = app().await;
     let old = Receiver::start().await;
     let new = Receiver::start().await;
     let name = unique_sku("rv-move");
-    let put = |url: String| {
-        let app = &app;
-        let name = name.clone();
-        async move {
-            body(
-                app.client
-                    .put(app.url(&format!("/v1/admin/webhooks/{name}")))
-                    .bearer_auth(SERVICE_TOKEN)
-                    .json(
-                        &json!({"url": url, "secret": SECRET, "types": ["reservation.cancelled"]}),
-                    )
-                    .send()
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    };
-    assert_eq!(put(old.url.clone()).await.0, StatusCode::CREATED);
+    assert_eq!(put_hook(&app, &name, &old.url).await, StatusCode::CREATED);
     let (stop, rx) = tokio::sync::watch::channel(false);
     let deliverer = Deliverer::new(app.db.clone(), Arc::new(SystemClock)).only(&[&name]);
     let running = tokio::spawn(deliverer.run(rx));
     // The endpoint's task has started with the old URL.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(put(new.url.clone()).await.0, StatusCode::OK);
+    assert_eq!(put_hook(&app, &name, &new.url).await, StatusCode::OK);
     let sku = unique_sku("rv-move-sku");
     app.create_sku(&sku, json!({"stock": 5})).await;
     let id = app.hold(&sku, "m1").await;
