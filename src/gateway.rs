@@ -970,13 +970,28 @@ impl Gateway {
         db::webhooks::replay(&self.db, endpoint, after, now_ms).await
     }
 
-    /// The event feed: oldest first, from MySQL (src/events.rs).
+    /// The event feed: a page, oldest first, from MySQL (src/events.rs), and the cursor
+    /// after it. A page that is not full moves the cursor up to the last position
+    /// committed before it was read, matched or not: a poller filtering by type or SKU
+    /// never reads again what it has passed. Safe because positions commit in order
+    /// (migrations/0007): every event at or below that position was visible to the page.
     pub async fn events(
         &self,
         filter: &db::events::Filter,
         limit: u32,
-    ) -> Result<Vec<crate::events::Event>> {
-        db::events::list(&self.db, filter, limit).await
+    ) -> Result<(Vec<crate::events::Event>, u64)> {
+        let committed = {
+            let mut conn = self.db.acquire().await?;
+            db::events::last_position(&mut conn).await?
+        };
+        let page = db::events::list(&self.db, filter, limit).await?;
+        let last = page.last().map_or(filter.after, |e| e.position);
+        let next = if page.len() < limit as usize {
+            last.max(committed).max(filter.after)
+        } else {
+            last
+        };
+        Ok((page, next))
     }
 
     /// From MySQL, or from Redis while the flush has not written it yet.

@@ -112,8 +112,8 @@ pub(super) async fn list_events(
             .map(|s| s.as_str().to_owned()),
     };
     let limit = page_limit(query.limit.as_deref())?;
-    let page = state.gateway.events(&filter, limit).await?;
-    let next = events::encode_cursor(page.last().map_or(filter.after, |e| e.position));
+    let (page, next) = state.gateway.events(&filter, limit).await?;
+    let next = events::encode_cursor(next);
     Ok(Json(EventList {
         items: page.into_iter().map(EventView::from).collect(),
         next,
