@@ -21,6 +21,8 @@
 --   fg:{sku}:rlog        LIST   "<quantity> <rid> <user>" per hold created while a
 --                                reconciler check runs (meta `rlog_until`), see
 --                                recon_begin.lua; gone when the check ends
+--   fg:{sku}:q:*         the waiting room (meta `wr_ms` set), queue.lua: a reserve
+--                                needs an unused admission (admission_of)
 --
 -- A reservation id is "<base64url(sku)>.<tail>"; Redis keeps only the tail (27 chars),
 -- the head is the SKU's (rid_head).
@@ -498,14 +500,14 @@ end
 -- only before a script's first write, never in the middle of one.
 local function load_sale(meta)
   local m = redis.call('HMGET', meta, 'available', 'held', 'per_user_limit', 'hold_ms',
-    'starts_at', 'ends_at', 'rlog_until', 'layout', 'claims_until', 'paused')
+    'starts_at', 'ends_at', 'rlog_until', 'layout', 'claims_until', 'paused', 'wr_ms')
   if not m[1] then
     return nil
   end
   return { available = tonumber(m[1]), held = tonumber(m[2] or '0'), limit = tonumber(m[3]),
     hold_ms = tonumber(m[4]), starts_at = m[5], ends_at = m[6], changed = false,
     log_until = tonumber(m[7]), legacy = m[8] ~= '2', claims_until = tonumber(m[9] or '0'),
-    paused = m[10] == '1' }
+    paused = m[10] == '1', waiting_room = m[11] ~= false and m[11] ~= '' }
 end
 
 -- Most entries the creation log of a reconciler check takes; past it the check
@@ -627,8 +629,28 @@ end
 -- A rejection writes nothing but the reclaim of already expired holds; one idempotency
 -- key creates at most one hold, and replays it at least as long as that hold can be
 -- paid (key lifetime >= hold + payment grace); available never goes below 0.
+-- The waiting room's admissions (queue.lua): Q = { admits = fg:{sku}:q:admits (ZSET user ->
+-- admitted_until, admissions not used yet), used = fg:{sku}:q:used (HASH user ->
+-- admitted_until of the admission a hold used) }. Returns the units promised to other
+-- admitted users and the user's admitted_until when the user holds an admission now;
+-- else nil and the refusal. An admission is valid while now < admitted_until.
+local function admission_of(Q, user, now)
+  local admitted_until = redis.call('ZSCORE', Q.admits, user)
+  if admitted_until and tonumber(admitted_until) > now then
+    return redis.call('ZCOUNT', Q.admits, '(' .. ms(now), '+inf') - 1, admitted_until
+  end
+  if redis.call('HEXISTS', Q.used, user) == 1 then
+    return nil, 'admission_used'
+  end
+  return nil, 'admission_required'
+end
+
+-- `queue`: the waiting room's keys (admission_of) when the caller checked an admission
+-- token of this user and SKU, else nil. On a SKU with a waiting room a new hold needs
+-- an unused admission, spends it, and leaves the units promised to other admitted users
+-- alone (so admitted-unused <= available holds after it); replays need none.
 local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem_ttl_ms,
-                            grace_ms, reclaim_limit, churn_cap, now)
+                            grace_ms, reclaim_limit, churn_cap, now, queue)
   local u = load_usage(K, user)
   local claim = find_claim(u, idem, now)
   if claim then
@@ -661,6 +683,16 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
   if sale.ends_at ~= '' and now >= tonumber(sale.ends_at) then
     return { 'ended' }
   end
+  local promised, admitted_until = 0, nil
+  if sale.waiting_room then
+    if not queue then
+      return { 'admission_required' }
+    end
+    promised, admitted_until = admission_of(queue, user, now)
+    if not promised then
+      return { admitted_until }
+    end
+  end
   if u.units + quantity > sale.limit and u.units > 0 then
     -- The user's own holds past their deadline count for nothing, swept or not.
     if reclaim_into(K, sale, function()
@@ -676,16 +708,21 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
   if churn_capped(u, churn_cap, now) then
     return { 'limit_exceeded' }
   end
-  if sale.available < quantity then
+  if sale.available - promised < quantity then
     -- The sweeper may lag: give back what has expired before saying no.
     if reclaim_into(K, sale, function()
           return (expire_due(K, now, reclaim_limit))
         end) > 0 then
       u = load_usage(K, user)
     end
-    if sale.available < quantity then
+    if sale.available - promised < quantity then
       return { 'sold_out' }
     end
+  end
+  if admitted_until then
+    -- One admission, at most one hold.
+    redis.call('ZREM', queue.admits, user)
+    redis.call('HSET', queue.used, user, admitted_until)
   end
 
   sale.available = sale.available - quantity

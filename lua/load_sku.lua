@@ -14,6 +14,9 @@
 --          no state still takes ARGV[1]
 -- ARGV[11] the SKU's stock_total over all its buckets (meta `sku_stock`, for the view)
 -- ARGV[13] '1' paused by an operator, '0' not (meta `paused`, a term of sale)
+-- ARGV[14] the waiting room's admission_seconds in ms, '' for none (queue.lua)
+-- ARGV[15] its admit_per_second (0: as fast as stock allows)   ARGV[16] '1': shuffle the
+--          pre-queue
 -- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
 --          a lost one is rebuilt only with the SKU's other lost buckets, from MySQL)
 --
@@ -51,6 +54,11 @@ if ARGV[8] ~= '1' then
   redis.call('HSET', meta, 'stock_total', stock_total, 'available', available, 'held', held,
     'sold', sold, 'per_user_limit', ARGV[2], 'hold_ms', ARGV[3], 'starts_at', ARGV[4],
     'ends_at', ARGV[5], 'buckets', ARGV[9], 'sku_stock', ARGV[11], 'paused', ARGV[13] or '0')
+  if (ARGV[14] or '') ~= '' then
+    redis.call('HSET', meta, 'wr_ms', ARGV[14], 'wr_rate', ARGV[15], 'wr_shuffle', ARGV[16])
+  else
+    redis.call('HDEL', meta, 'wr_ms', 'wr_rate', 'wr_shuffle')
+  end
   if created then
     -- A new SKU has no layout-1 keys to look for (lib.lua).
     redis.call('HSET', meta, 'layout', '2')

@@ -11,7 +11,8 @@
 -- then for request i: ARGV[4i + 1] user id   ARGV[4i + 2] quantity   ARGV[4i + 3] new rid
 --                     ARGV[4i + 4] idempotency key
 --
--- Reply: one reserve.lua reply per request, in order.
+-- Reply: one reserve.lua reply per request, in order. No request carries an admission
+-- token here: on a SKU with a waiting room each new hold answers 'admission_required'.
 --
 -- Invariants: those of reserve_hold in lib.lua, for every request of the batch.
 local K = sale_keys()

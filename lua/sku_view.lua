@@ -8,7 +8,8 @@
 --
 -- Reply: {stock_total, available, held, sold, per_user_limit, hold_ms, starts_at, ends_at,
 --         sku_stock (a bucket: its SKU's stock_total over every bucket; else false),
---         paused ('1' while paused, else false)}
+--         paused ('1' while paused, else false), the waiting room's admission ms,
+--         admit_per_second and shuffle ('1') (false without a waiting room)}
 --        ({} when the SKU has no state)
 --
 -- Invariant: the expiries are release()s: each hold's units come back exactly once.
@@ -19,4 +20,4 @@ if redis.call('EXISTS', meta) == 0 then
 end
 expire_due(K, now_ms(), tonumber(ARGV[1]))
 return redis.call('HMGET', meta, 'stock_total', 'available', 'held', 'sold', 'per_user_limit',
-  'hold_ms', 'starts_at', 'ends_at', 'sku_stock', 'paused')
+  'hold_ms', 'starts_at', 'ends_at', 'sku_stock', 'paused', 'wr_ms', 'wr_rate', 'wr_shuffle')

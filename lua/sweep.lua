@@ -83,6 +83,9 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0
       and open_transfers(KEYS[10], now, tonumber(ARGV[3])) == 0 and outbox_flushed() then
     redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
+    -- The waiting room ends with the sale (queue.lua); same slot, so not declared.
+    redis.call('DEL', K.prefix .. 'q:line', K.prefix .. 'q:admits', K.prefix .. 'q:used',
+      K.prefix .. 'q:state')
     local claims_until = tonumber(m[6] or '0')
     if claims_until > now then
       redis.call('PEXPIREAT', K.used, ms(claims_until))

@@ -157,6 +157,15 @@ pub struct ServeArgs {
         default_value_t = limits::MAX_RELEASED_HOLDS_PER_USER
     )]
     pub max_released_holds_per_user: u64,
+    /// Polls per second that all the waiting users of one SKU's waiting room make
+    /// together: each poll's `retry_after_ms` is sized for it, shorter near the front
+    /// of the line (src/queue.rs).
+    #[arg(
+        long,
+        env = "FLASHGATE_QUEUE_POLLS_PER_SECOND",
+        default_value_t = limits::QUEUE_POLLS_PER_SECOND
+    )]
+    pub queue_polls_per_second: u32,
     /// Seconds of clock skew allowed on a user JWT's `exp` and `nbf`.
     #[arg(long, env = "FLASHGATE_JWT_LEEWAY_SECONDS", default_value_t = limits::JWT_LEEWAY_SECONDS)]
     pub jwt_leeway_seconds: u64,
@@ -490,8 +499,10 @@ pub struct GatewaySettings {
     pub idempotency_ttl: Duration,
     /// See ServeArgs::max_released_holds_per_user.
     pub released_holds_cap: u64,
-    /// Sign and check reservation ids (`ids::IdKeys`).
+    /// Sign and check reservation ids and admission tokens (`ids::IdKeys`).
     pub id_keys: crate::ids::IdKeys,
+    /// See ServeArgs::queue_polls_per_second.
+    pub queue_polls_per_second: u32,
 }
 
 impl GatewaySettings {
@@ -516,6 +527,10 @@ impl GatewaySettings {
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_seconds),
             released_holds_cap: args.max_released_holds_per_user,
             id_keys: id_keys(args)?,
+            queue_polls_per_second: match args.queue_polls_per_second {
+                0 => return Err("FLASHGATE_QUEUE_POLLS_PER_SECOND must be at least 1".into()),
+                n => n,
+            },
         })
     }
 }

@@ -49,11 +49,12 @@ pub async fn upsert_sku(
     let _turn = crate::explore::mysql_step("upsert_sku").await;
     sqlx::query(
         "INSERT INTO skus (sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at,
-           buckets, paused)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+           buckets, paused, waiting_room)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE stock_total = VALUES(stock_total),
            per_user_limit = VALUES(per_user_limit), hold_seconds = VALUES(hold_seconds),
-           starts_at = VALUES(starts_at), ends_at = VALUES(ends_at)",
+           starts_at = VALUES(starts_at), ends_at = VALUES(ends_at),
+           waiting_room = VALUES(waiting_room)",
     )
     .bind(sku.as_str())
     .bind(definition.stock_total)
@@ -63,6 +64,11 @@ pub async fn upsert_sku(
     .bind(definition.ends_at_ms.map(ms_to_datetime))
     .bind(definition.buckets)
     .bind(definition.paused)
+    .bind(
+        definition
+            .waiting_room
+            .map(|w| serde_json::to_string(&w).expect("plain struct")),
+    )
     .execute(&mut **tx)
     .await?;
     let sold: u64 = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
@@ -121,7 +127,7 @@ pub async fn list_skus(
     let now = ms_to_datetime(now_ms);
     let mut query = QueryBuilder::<MySql>::new(
         "SELECT seq, sku, stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold,
-           buckets, paused
+           buckets, paused, waiting_room
          FROM skus WHERE seq > ",
     );
     query.push_bind(after.unwrap_or(0));
@@ -254,7 +260,8 @@ pub struct SkuRecord {
 pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("sku_record").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused,
+           waiting_room
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -266,7 +273,8 @@ pub async fn sku_record(pool: &MySqlPool, sku: &SkuId) -> Result<Option<SkuRecor
 pub async fn sku_record_in(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("sku_record_in").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused,
+           waiting_room
          FROM skus WHERE sku = ?",
     )
     .bind(sku.as_str())
@@ -290,6 +298,11 @@ fn sku_record_from_row(row: &sqlx::mysql::MySqlRow) -> Result<SkuRecord> {
             buckets: row.try_get("buckets")?,
             // BOOLEAN is TINYINT(1); MariaDB does not always say so to the driver.
             paused: row.try_get::<i8, _>("paused")? != 0,
+            waiting_room: row
+                .try_get::<Option<String>, _>("waiting_room")?
+                .map(|raw| serde_json::from_str(&raw))
+                .transpose()
+                .map_err(|e| Error::Internal(format!("skus.waiting_room: {e}")))?,
         },
         sold: row.try_get("sold")?,
     })
@@ -670,6 +683,7 @@ pub async fn apply_events_in_order(
                     starts_at_ms: d.starts_at_ms,
                     ends_at_ms: d.ends_at_ms,
                     paused: d.paused,
+                    waiting_room: d.waiting_room,
                 };
                 new_events.push(crate::events::stock_crossed(
                     *sold_out, sale, stream_id, &view, *at_ms,
@@ -1132,7 +1146,8 @@ pub async fn begin_check(conn: &mut MySqlConnection) -> Result<Transaction<'_, M
 pub async fn lock_sku_record(conn: &mut MySqlConnection, sku: &SkuId) -> Result<Option<SkuRecord>> {
     let _turn = crate::explore::mysql_step("lock_sku_record").await;
     let row = sqlx::query(
-        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused
+        "SELECT stock_total, per_user_limit, hold_seconds, starts_at, ends_at, sold, buckets, paused,
+           waiting_room
          FROM skus WHERE sku = ? FOR UPDATE",
     )
     .bind(sku.as_str())

@@ -14,6 +14,7 @@ use crate::error::{Error, Outcome, Result};
 use crate::ids::{self, SkuId};
 use crate::keys::SkuKeys;
 use crate::limits;
+use crate::queue;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
 };
@@ -106,6 +107,82 @@ impl Gateway {
         }
         counts.insert(sku.clone(), k);
         Ok(Some(k))
+    }
+
+    /// Joins the SKU's waiting room (or answers the ticket the user has).
+    pub async fn queue_join(&self, sku: &SkuId, user_id: &str) -> Result<queue::Ticket> {
+        // The user's place in a shuffled pre-queue: drawn from the OS-seeded CSPRNG,
+        // secret until the start, below 2^52 (lua/queue.lua).
+        let draw = rand::random::<u64>() >> 12;
+        self.queue_read(sku, user_id, "join", &draw.to_string())
+            .await
+    }
+
+    /// The user's ticket in the SKU's waiting room (`not_found` when none).
+    pub async fn queue_ticket(&self, sku: &SkuId, user_id: &str) -> Result<queue::Ticket> {
+        self.queue_read(sku, user_id, "ticket", "").await
+    }
+
+    async fn queue_read(
+        &self,
+        sku: &SkuId,
+        user_id: &str,
+        mode: &str,
+        draw: &str,
+    ) -> Result<queue::Ticket> {
+        let reply = self.store.queue(sku, mode, user_id, draw).await?;
+        let read = queue::QueueRead::parse(&reply)?;
+        Ok(queue::ticket(
+            &self.settings.id_keys,
+            sku,
+            user_id,
+            &read,
+            self.settings.queue_polls_per_second,
+        ))
+    }
+
+    /// One look at the SKU's waiting room for its watcher (src/queue.rs): admits whom
+    /// the stock allows and lists who was admitted since `served`.
+    pub async fn queue_watch(&self, sku: &SkuId, served: u64) -> Result<queue::QueueWatch> {
+        let reply = self
+            .store
+            .queue(sku, "watch", "", &served.to_string())
+            .await?;
+        queue::QueueWatch::parse(&reply)
+    }
+
+    /// A reserve that carries an `Admission-Token`: checked before Redis, then spent by
+    /// the reserve script on a SKU with a waiting room (one admission, one hold). A SKU
+    /// split over buckets has no waiting room: the token is not needed there.
+    pub async fn reserve_admitted(
+        &self,
+        sku: &SkuId,
+        user_id: &str,
+        quantity: u64,
+        idempotency_key: &str,
+        token: &str,
+    ) -> Result<(Reservation, bool)> {
+        queue::verify(
+            &self.settings.id_keys,
+            token,
+            sku,
+            user_id,
+            crate::explore::host_clock_ms(),
+        )?;
+        if self.bucket_count(sku).await? != Some(1) {
+            return self.reserve(sku, user_id, quantity, idempotency_key).await;
+        }
+        let request = ReserveRequest {
+            user_id: user_id.to_owned(),
+            quantity,
+            idempotency_key: idempotency_key.to_owned(),
+            reservation_id: self.settings.id_keys.new_reservation_id_in(sku.as_str()),
+        };
+        let outcome = self
+            .store
+            .reserve_admitted(sku, &request, keys_ttl(&self.settings))
+            .await;
+        self.answer(sku, outcome).await
     }
 
     /// Returns the reservation and whether it is an idempotent replay.
@@ -1051,6 +1128,7 @@ fn record_view(sku: &SkuId, record: &db::SkuRecord) -> Sku {
         starts_at_ms: d.starts_at_ms,
         ends_at_ms: d.ends_at_ms,
         paused: d.paused,
+        waiting_room: d.waiting_room,
     }
 }
 

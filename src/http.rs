@@ -29,12 +29,14 @@ use crate::ids::SkuId;
 use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
+    WaitingRoom,
 };
 use crate::telemetry;
 use utoipa::{IntoParams, ToSchema};
 
 mod events;
 mod openapi;
+mod queue;
 mod webhooks;
 
 pub use openapi::ApiDoc;
@@ -59,13 +61,14 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 22] = [
+const ROUTES: [&str; 23] = [
     "/v1/admin/skus",
     "/v1/admin/skus/{sku}",
     "/v1/admin/skus/{sku}/pause",
     "/v1/admin/skus/{sku}/resume",
     "/v1/skus/{sku}",
     "/v1/skus/{sku}/reservations",
+    "/v1/skus/{sku}/queue",
     "/v1/reservations/{id}",
     "/v1/reservations/{id}/cancel",
     "/v1/reservations/{id}/payment-pending",
@@ -85,7 +88,7 @@ const ROUTES: [&str; 22] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_skus, admin_sku, pause, resume, sku, reservations, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, webhooks_route, webhook_route, deliveries_route, replay_route, health, ready, metrics, openapi_route] =
+    let [admin_skus, admin_sku, pause, resume, sku, reservations, queue_route, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, webhooks_route, webhook_route, deliveries_route, replay_route, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
@@ -95,6 +98,7 @@ pub fn router(state: SharedState) -> Router {
         .route(resume, post(resume_sku))
         .route(sku, get(get_sku))
         .route(reservations, post(reserve))
+        .route(queue_route, post(queue::join).get(queue::ticket))
         .route(reservation, get(get_reservation))
         .route(cancel_route, post(cancel))
         .route(pending, post(payment_pending))
@@ -260,7 +264,10 @@ fn refusal_status(refusal: Refusal) -> StatusCode {
         | Refusal::ReservationCancelled
         | Refusal::StockBelowCommitted
         | Refusal::BucketsChanged
-        | Refusal::Paused => StatusCode::CONFLICT,
+        | Refusal::Paused
+        | Refusal::AdmissionUsed
+        | Refusal::NoWaitingRoom => StatusCode::CONFLICT,
+        Refusal::AdmissionRequired => StatusCode::FORBIDDEN,
     }
 }
 
@@ -283,6 +290,14 @@ fn refusal_detail(refusal: Refusal) -> &'static str {
             "a SKU keeps the number of buckets it was created with; define a new SKU instead"
         }
         Refusal::Paused => "an operator paused the sale of this SKU; retry later",
+        Refusal::AdmissionRequired => {
+            "this SKU has a waiting room: join its queue and reserve with the \
+             `Admission-Token` of your admission"
+        }
+        Refusal::AdmissionUsed => {
+            "this admission already made a hold (under another Idempotency-Key)"
+        }
+        Refusal::NoWaitingRoom => "this SKU has no waiting room",
     }
 }
 
@@ -634,6 +649,56 @@ struct DefineSku {
     #[serde(default = "DefineSku::default_buckets")]
     #[schema(default = 1, minimum = 1, maximum = 16)]
     buckets: u64,
+    /// Buyers queue and are admitted by stock (`/v1/skus/{sku}/queue`); absent or null:
+    /// no waiting room. Only for a SKU of one bucket.
+    #[serde(default)]
+    waiting_room: Option<WaitingRoomBody>,
+}
+
+/// A waiting room's terms in a SKU definition.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct WaitingRoomBody {
+    /// How long an admission waits for its reserve before it lapses and its unit goes
+    /// to the next user in line.
+    #[serde(default = "WaitingRoomBody::default_admission_seconds")]
+    #[schema(default = 120, minimum = 1, maximum = 86_400)]
+    admission_seconds: u64,
+    /// Most admissions per second; 0: as fast as the stock allows.
+    #[serde(default)]
+    #[schema(default = 0, minimum = 0, maximum = 4_294_967_295_u64)]
+    admit_per_second: u64,
+    /// Users who joined before `starts_at` are placed in a random order at the start
+    /// (else in their order of arrival).
+    #[serde(default = "WaitingRoomBody::default_prequeue_shuffle")]
+    #[schema(default = true)]
+    prequeue_shuffle: bool,
+}
+
+impl WaitingRoomBody {
+    fn default_admission_seconds() -> u64 {
+        120
+    }
+
+    fn default_prequeue_shuffle() -> bool {
+        true
+    }
+
+    fn terms(&self) -> Result<WaitingRoom, Problem> {
+        Ok(WaitingRoom {
+            admission_seconds: within(
+                "waiting_room.admission_seconds",
+                self.admission_seconds,
+                1..=limits::ADMISSION_SECONDS_MAX,
+            )? as u32,
+            admit_per_second: within(
+                "waiting_room.admit_per_second",
+                self.admit_per_second,
+                0..=u64::from(u32::MAX),
+            )? as u32,
+            prequeue_shuffle: self.prequeue_shuffle,
+        })
+    }
 }
 
 impl DefineSku {
@@ -663,7 +728,17 @@ impl DefineSku {
             buckets: within("buckets", self.buckets, 1..=u64::from(buckets::BUCKETS_MAX))? as u32,
             // A PUT keeps the SKU's pause (Gateway::define_sku carries it over).
             paused: false,
+            waiting_room: self
+                .waiting_room
+                .as_ref()
+                .map(WaitingRoomBody::terms)
+                .transpose()?,
         };
+        if definition.waiting_room.is_some() && definition.buckets > 1 {
+            return Err(Problem::invalid(
+                "a waiting room admits by the stock of one bucket: `buckets` must be 1",
+            ));
+        }
         if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
             if ends <= starts {
                 return Err(Problem::invalid("`ends_at` must be after `starts_at`"));
@@ -834,6 +909,16 @@ struct SkuView {
     ends_at: Option<String>,
     /// Paused by an operator: reserves answer `409 paused`, the rest goes on.
     paused: bool,
+    /// The waiting room's terms; null: none.
+    waiting_room: Option<WaitingRoomView>,
+}
+
+/// A waiting room's terms, as defined.
+#[derive(Serialize, ToSchema)]
+struct WaitingRoomView {
+    admission_seconds: u32,
+    admit_per_second: u32,
+    prequeue_shuffle: bool,
 }
 
 impl From<Sku> for SkuView {
@@ -849,6 +934,11 @@ impl From<Sku> for SkuView {
             starts_at: s.starts_at_ms.map(rfc3339_ms),
             ends_at: s.ends_at_ms.map(rfc3339_ms),
             paused: s.paused,
+            waiting_room: s.waiting_room.map(|w| WaitingRoomView {
+                admission_seconds: w.admission_seconds,
+                admit_per_second: w.admit_per_second,
+                prequeue_shuffle: w.prequeue_shuffle,
+            }),
         }
     }
 }
@@ -1166,6 +1256,47 @@ async fn get_sku(
 }
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+const ADMISSION_TOKEN: HeaderName = HeaderName::from_static("admission-token");
+
+/// The `Admission-Token` header of a reserve, if any: one value of visible ASCII, else
+/// 403 `admission_required`, as any token that is not good.
+struct AdmissionToken(Option<String>);
+
+impl FromRequestParts<SharedState> for AdmissionToken {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &SharedState) -> Result<Self, Problem> {
+        let mut values = parts.headers.get_all(ADMISSION_TOKEN).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(AdmissionToken(None)),
+            (Some(value), None) => match value.to_str() {
+                Ok(token) if visible_ascii(token, limits::ADMISSION_TOKEN_MAX_LEN) => {
+                    Ok(AdmissionToken(Some(token.to_owned())))
+                }
+                _ => Err(Problem::refused(Refusal::AdmissionRequired)),
+            },
+            _ => Err(Problem::refused(Refusal::AdmissionRequired)),
+        }
+    }
+}
+
+/// A user's own resource (the waiting room): a user's bearer token, never the
+/// service token.
+struct User(String);
+
+impl FromRequestParts<SharedState> for User {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
+        let token = bearer(parts).map_err(Problem::unauthorized)?;
+        state
+            .auth
+            .user(token)
+            .await
+            .map(User)
+            .map_err(Problem::unauthorized)
+    }
+}
 /// A constant name: looked up without parsing a string on every reserve.
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -1189,12 +1320,24 @@ async fn reserve(
     AdmittedUser(user_id): AdmittedUser,
     Path(sku): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
+    AdmissionToken(token): AdmissionToken,
     body: Bytes,
 ) -> ApiResult<Response> {
     let sku = sku_id(&sku)?;
     let quantity = json_body::<ReserveBody>(&body)?.quantity()?;
-    let (reservation, replayed) = match state.gateway.reserve(&sku, &user_id, quantity, &key).await
-    {
+    let answer = match token {
+        None => state.gateway.reserve(&sku, &user_id, quantity, &key).await,
+        // Boxed: a cold path kept out of every reserve's future.
+        Some(token) => {
+            Box::pin(
+                state
+                    .gateway
+                    .reserve_admitted(&sku, &user_id, quantity, &key, &token),
+            )
+            .await
+        }
+    };
+    let (reservation, replayed) = match answer {
         Err(Error::Refused(Refusal::NotStarted)) => {
             return Ok(Box::pin(not_started(&state, &sku)).await);
         }

@@ -129,7 +129,24 @@ impl IdKeys {
     pub fn issued(&self, id: &str) -> bool {
         self.0.iter().fold(false, |ours, key| key.issued(id) | ours)
     }
+
+    /// The MAC of an admission token's payload (src/queue.rs) under the signing key.
+    pub fn admission_mac(&self, payload: &[u8]) -> [u8; ADMISSION_MAC_BYTES] {
+        self.0[0].admission_mac(payload)
+    }
+
+    /// True when any of the keys made `mac` for `payload`: tokens signed before a key
+    /// rotation stay valid while their key is still accepted. No early exit.
+    pub fn admission_signed(&self, payload: &[u8], mac: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.iter().fold(false, |ours, key| {
+            bool::from(key.admission_mac(payload).ct_eq(mac)) | ours
+        })
+    }
 }
+
+/// MAC bytes of an admission token: forging one takes 2^128 tries.
+pub const ADMISSION_MAC_BYTES: usize = 16;
 
 impl IdKey {
     /// The key derived from a JWT secret (how ids were signed before FLASHGATE_ID_KEY).
@@ -161,6 +178,18 @@ impl IdKey {
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; MAC_BYTES];
         out.copy_from_slice(&full[..MAC_BYTES]);
+        out
+    }
+
+    /// A reservation id's MAC covers `<base64url>.<random>`, which never starts with a
+    /// NUL byte: the label keeps admission MACs apart from reservation-id MACs.
+    fn admission_mac(&self, payload: &[u8]) -> [u8; ADMISSION_MAC_BYTES] {
+        let mut mac = self.0.clone();
+        mac.update(b"\0flashgate admission token v1\0");
+        mac.update(payload);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; ADMISSION_MAC_BYTES];
+        out.copy_from_slice(&full[..ADMISSION_MAC_BYTES]);
         out
     }
 

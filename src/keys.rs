@@ -93,6 +93,26 @@ impl SkuKeys {
             .map_or(reservation_id, |(_, tail)| tail)
     }
 
+    /// The waiting room's line: user -> order (lua/queue.lua).
+    pub fn queue_line(&self) -> String {
+        format!("{}q:line", self.prefix)
+    }
+
+    /// The waiting room's admissions not used yet: user -> admitted_until.
+    pub fn queue_admits(&self) -> String {
+        format!("{}q:admits", self.prefix)
+    }
+
+    /// The waiting room's admissions a hold used: user -> admitted_until.
+    pub fn queue_used(&self) -> String {
+        format!("{}q:used", self.prefix)
+    }
+
+    /// The waiting room's counters (served, arrivals, ...).
+    pub fn queue_state(&self) -> String {
+        format!("{}q:state", self.prefix)
+    }
+
     /// The hash tag of these keys: the SKU, or one of its buckets (src/buckets.rs).
     pub fn tag(&self) -> &str {
         &self.prefix[4..self.prefix.len() - 2]

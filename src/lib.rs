@@ -18,6 +18,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod queue;
 pub mod readiness;
 pub mod reconcile;
 pub mod request_id;

@@ -45,6 +45,18 @@ pub const REQUEST_BODY_MAX_BYTES: usize = 16 * 1024;
 /// Expired holds the reserve script may give back before answering `sold_out`:
 /// enough to refill a hot SKU, few enough to keep one script call short.
 pub const RESERVE_RECLAIM_BATCH: u32 = 16;
+/// Most admissions one waiting-room call makes (lua/queue.lua): keeps the call short;
+/// the next look at the queue admits the rest.
+pub const QUEUE_ADMIT_BATCH: u32 = 1000;
+/// Default polls per second of one waiting room's waiting users together.
+pub const QUEUE_POLLS_PER_SECOND: u32 = 1000;
+/// Shortest `retry_after_ms` a waiting ticket answers (the front of the line).
+pub const QUEUE_RETRY_MIN_MS: u64 = 500;
+/// A waiting room's `admission_seconds`: at least a second, at most a day.
+pub const ADMISSION_SECONDS_MAX: u64 = 86_400;
+/// Admission tokens longer than this are refused unread (a token carries the SKU,
+/// the user id, a time and a MAC: well under 300 bytes).
+pub const ADMISSION_TOKEN_MAX_LEN: usize = 512;
 /// Expired holds one sweep script call returns; the sweeper repeats until none are due.
 /// Bounded so one call never blocks Redis for long.
 pub const SWEEP_BATCH: u32 = 500;

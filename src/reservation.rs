@@ -64,6 +64,19 @@ pub struct Sku {
     pub ends_at_ms: Option<i64>,
     /// Paused by an operator: reserves answer `paused`, everything else goes on.
     pub paused: bool,
+    /// The SKU's waiting room, if it has one (src/queue.rs).
+    pub waiting_room: Option<WaitingRoom>,
+}
+
+/// A waiting room's terms: buyers queue, and are admitted by stock (src/queue.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WaitingRoom {
+    /// How long an admission may wait for its reserve before it lapses.
+    pub admission_seconds: u32,
+    /// Most admissions per second; 0: as fast as the stock allows.
+    pub admit_per_second: u32,
+    /// Users who joined before the start are placed in a random order.
+    pub prequeue_shuffle: bool,
 }
 
 /// A SKU definition as an operator writes it (`PUT /v1/admin/skus/{sku}`).
@@ -78,6 +91,8 @@ pub struct SkuDefinition {
     pub buckets: u32,
     /// Paused by an operator (`POST /v1/admin/skus/{sku}/pause`); a PUT keeps it.
     pub paused: bool,
+    /// Buyers queue and are admitted by stock (src/queue.rs); None: no waiting room.
+    pub waiting_room: Option<WaitingRoom>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -150,10 +165,16 @@ pub enum Refusal {
     BucketsChanged,
     /// An operator paused the SKU's sale.
     Paused,
+    /// A reserve on a SKU with a waiting room without a valid admission token (403).
+    AdmissionRequired,
+    /// The admission token already made a hold under another idempotency key.
+    AdmissionUsed,
+    /// A queue request for a SKU that has no waiting room.
+    NoWaitingRoom,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 16] = [
         Refusal::NotFound,
         Refusal::SoldOut,
         Refusal::LimitExceeded,
@@ -167,6 +188,9 @@ impl Refusal {
         Refusal::StockBelowCommitted,
         Refusal::BucketsChanged,
         Refusal::Paused,
+        Refusal::AdmissionRequired,
+        Refusal::AdmissionUsed,
+        Refusal::NoWaitingRoom,
     ];
 
     pub fn code(self) -> &'static str {
@@ -184,6 +208,9 @@ impl Refusal {
             Refusal::StockBelowCommitted => "stock_below_committed",
             Refusal::BucketsChanged => "buckets_changed",
             Refusal::Paused => "paused",
+            Refusal::AdmissionRequired => "admission_required",
+            Refusal::AdmissionUsed => "admission_used",
+            Refusal::NoWaitingRoom => "no_waiting_room",
         }
     }
 
@@ -203,6 +230,9 @@ impl Refusal {
             "stock_below_committed" => Refusal::StockBelowCommitted,
             "buckets_changed" => Refusal::BucketsChanged,
             "paused" => Refusal::Paused,
+            "admission_required" => Refusal::AdmissionRequired,
+            "admission_used" => Refusal::AdmissionUsed,
+            "no_waiting_room" => Refusal::NoWaitingRoom,
             _ => return None,
         })
     }

@@ -16,6 +16,7 @@ use crate::keys::{
 use crate::limits;
 use crate::reservation::{
     Compensation, CompensationReason, Refusal, Reservation, Resolution, Sku, SkuDefinition, Status,
+    WaitingRoom,
 };
 
 /// The shared state machine, prepended to every script.
@@ -62,6 +63,7 @@ pub struct Scripts {
     pub transfer_stale: Script,
     pub restore_usage: Script,
     pub restore_announced: Script,
+    pub queue: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -92,6 +94,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     transfer_stale: script(include_str!("../lua/transfer_stale.lua")),
     restore_usage: script(include_str!("../lua/restore_usage.lua")),
     restore_announced: script(include_str!("../lua/restore_announced.lua")),
+    queue: script(include_str!("../lua/queue.lua")),
 });
 
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
@@ -131,7 +134,7 @@ pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocatio
 }
 
 /// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 27] {
+fn all_scripts() -> [&'static Script; 28] {
     let s = &*SCRIPTS;
     [
         &s.reserve,
@@ -161,6 +164,7 @@ fn all_scripts() -> [&'static Script; 27] {
         &s.transfer_stale,
         &s.restore_usage,
         &s.restore_announced,
+        &s.queue,
     ]
 }
 
@@ -714,7 +718,7 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
     ) -> Result<ReserveOutcome> {
-        self.run_reserve(sku, request, keys_ttl, false)
+        self.run_reserve(sku, request, keys_ttl, false, false)
             .await?
             .ok_or_else(|| bad_reply("split"))
     }
@@ -728,7 +732,46 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
     ) -> Result<Option<ReserveOutcome>> {
-        self.run_reserve(sku, request, keys_ttl, true).await
+        self.run_reserve(sku, request, keys_ttl, true, false).await
+    }
+
+    /// `reserve` with an admission token of this user and SKU, checked by the caller
+    /// (src/queue.rs): on a SKU with a waiting room it spends the user's admission.
+    pub async fn reserve_admitted(
+        &self,
+        sku: &SkuId,
+        request: &ReserveRequest,
+        keys_ttl: ReserveSettings,
+    ) -> Result<ReserveOutcome> {
+        self.run_reserve(sku, request, keys_ttl, false, true)
+            .await?
+            .ok_or_else(|| bad_reply("split"))
+    }
+
+    /// One call of lua/queue.lua (see its header): `mode` join, ticket or watch; its
+    /// reply as strings.
+    pub async fn queue(
+        &self,
+        sku: &SkuId,
+        mode: &str,
+        user_id: &str,
+        third: &str,
+    ) -> Result<Vec<String>> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        Ok(SCRIPTS
+            .queue
+            .key(&keys.meta)
+            .key(keys.queue_line())
+            .key(keys.queue_admits())
+            .key(keys.queue_used())
+            .key(keys.queue_state())
+            .arg(mode)
+            .arg(user_id)
+            .arg(third)
+            .arg(limits::QUEUE_ADMIT_BATCH)
+            .invoke_async(&mut conn)
+            .await?)
     }
 
     async fn run_reserve(
@@ -737,11 +780,14 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
         unsplit_only: bool,
+        admitted: bool,
     ) -> Result<Option<ReserveOutcome>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.reserve, &keys)
             .key(keys.idempotency(&request.user_id, &request.idempotency_key))
+            .key(keys.queue_admits())
+            .key(keys.queue_used())
             .arg(&request.user_id)
             .arg(request.quantity)
             .arg(&request.reservation_id)
@@ -751,6 +797,7 @@ impl Store {
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .arg(keys_ttl.released_holds_cap)
             .arg(if unsplit_only { "1" } else { "0" })
+            .arg(if admitted { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         if reply.first().map(String::as_str) == Some("split") {
@@ -1164,6 +1211,14 @@ impl Store {
             .arg(definition.stock_total)
             .arg(if stock.if_new.is_none() { "1" } else { "" })
             .arg(crate::reconcile::paused_arg(definition.paused))
+            .arg(definition.waiting_room.map_or(String::new(), |w| {
+                (u64::from(w.admission_seconds) * 1000).to_string()
+            }))
+            .arg(definition.waiting_room.map_or(0, |w| w.admit_per_second))
+            .arg(match definition.waiting_room {
+                Some(w) if w.prequeue_shuffle => "1",
+                _ => "0",
+            })
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -1280,8 +1335,8 @@ impl Store {
         if fields.is_empty() {
             return Err(Error::Refused(Refusal::NotFound));
         }
-        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends), sku_stock, paused] =
-            <[Option<String>; 10]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
+        let [Some(stock_total), Some(available), Some(held), Some(sold), Some(limit), Some(hold_ms), Some(starts), Some(ends), sku_stock, paused, wr_ms, wr_rate, wr_shuffle] =
+            <[Option<String>; 13]>::try_from(fields).map_err(|_| bad_reply("HMGET arity"))?
         else {
             return Err(Error::Refused(Refusal::NotFound));
         };
@@ -1296,6 +1351,14 @@ impl Store {
             starts_at_ms: parse_optional_ms(&starts)?,
             ends_at_ms: parse_optional_ms(&ends)?,
             paused: paused.as_deref() == Some("1"),
+            waiting_room: match wr_ms.as_deref() {
+                None | Some("") => None,
+                Some(admission_ms) => Some(WaitingRoom {
+                    admission_seconds: (number(admission_ms)? / 1000) as u32,
+                    admit_per_second: wr_rate.as_deref().map_or(Ok(0), number)? as u32,
+                    prequeue_shuffle: wr_shuffle.as_deref() == Some("1"),
+                }),
+            },
         };
         Ok((sku, sku_stock.as_deref().map(number).transpose()?))
     }

@@ -399,7 +399,7 @@ proptest! {
                 hold_seconds: 600,
                 starts_at_ms: None,
                 ends_at_ms: None,
-                buckets: BUCKETS, paused: false,
+                buckets: BUCKETS, paused: false, waiting_room: None,
             };
             gateway.define_sku(&sku, &definition).await.unwrap();
             let sales = buckets::sales(&sku, BUCKETS);

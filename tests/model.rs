@@ -515,7 +515,7 @@ proptest! {
         runtime().block_on(async {
             let store = Store::new(flashgate::store::connect(&common::serve_args(&common::redis_url(), "").redis).await.unwrap());
             let sku = SkuId::parse(&common::unique_sku("model")).unwrap();
-            let definition = SkuDefinition { stock_total: stock, per_user_limit: PER_USER_LIMIT, hold_seconds: HOLD_MS / 1000, starts_at_ms: None, ends_at_ms: None, buckets: 1 , paused: false};
+            let definition = SkuDefinition { stock_total: stock, per_user_limit: PER_USER_LIMIT, hold_seconds: HOLD_MS / 1000, starts_at_ms: None, ends_at_ms: None, buckets: 1, paused: false, waiting_room: None };
             store.load_sku(&sku, &definition, 0).await.unwrap();
             let model = Model { stock_total: stock, available: stock, ..Model::default() };
             let mut harness = Harness { store, sku, model };

@@ -39,6 +39,7 @@ impl Sale {
             ends_at_ms: None,
             buckets: 1,
             paused: false,
+            waiting_room: None,
         };
         store.load_sku(&sku, &definition, 0).await.unwrap();
         let keys = SkuKeys::new(&sku);
@@ -403,6 +404,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         ends_at_ms: Some(end),
         buckets: 1,
         paused: false,
+        waiting_room: None,
     };
     sale.store
         .load_sku(&sale.sku, &definition, 0)
@@ -427,6 +429,7 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         ends_at_ms: Some(now + 30_000),
         buckets: 1,
         paused: false,
+        waiting_room: None,
         ..definition
     };
     sale.store
@@ -959,6 +962,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         ends_at_ms: None,
         buckets: 2,
         paused: false,
+        waiting_room: None,
     };
     let sales = flashgate::buckets::sales(&sale.sku, 2);
     for (sale_of_bucket, share) in sales.iter().zip([0, 5]) {
@@ -1375,6 +1379,7 @@ async fn a_change_to_a_lost_bucket_is_refused_and_creates_nothing() {
         ends_at_ms: None,
         buckets: 2,
         paused: false,
+        waiting_room: None,
     };
     let change = flashgate::store::BucketStock {
         if_new: None,

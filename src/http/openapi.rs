@@ -33,6 +33,8 @@ pub(super) const SERVICE: &str = "service_token";
         super::resume_sku,
         super::get_sku,
         super::reserve,
+        super::queue::join,
+        super::queue::ticket,
         super::get_reservation,
         super::cancel,
         super::payment_pending,

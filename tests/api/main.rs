@@ -17,6 +17,7 @@ mod money;
 mod operations;
 mod operators;
 mod ops;
+mod queue;
 mod races;
 mod reserve;
 mod retirement;

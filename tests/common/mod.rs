@@ -64,6 +64,7 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
         // Off: race tests cancel and reserve again freely; tests/api/admission.rs turns
         // it on.
         max_released_holds_per_user: 0,
+        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
         jwt_leeway_seconds: 0,
         id_key: None,
         id_key_previous: Vec::new(),

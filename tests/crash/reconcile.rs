@@ -210,6 +210,7 @@ async fn each_finding_is_detected_repaired_and_audited() {
         ends_at_ms: None,
         buckets: 1,
         paused: false,
+        waiting_room: None,
     };
     app.store
         .load_sku(&id(&orphan), &definition, 0)

@@ -139,11 +139,13 @@ pub async fn run_seed(
         ends_at_ms: None,
         buckets,
         paused: false,
+        waiting_room: None,
     };
     let settings = GatewaySettings {
         payment_grace: Duration::from_secs(1),
         idempotency_ttl: Duration::from_secs(600),
         released_holds_cap: 0,
+        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
         id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
     };
     flashgate::explore::skew_host_clock(0);

@@ -1,0 +1,163 @@
+-- queue.lua: the waiting room of one SKU (src/queue.rs): join it, read a ticket, or
+-- watch it. Every call first admits whom the stock allows (below), so the queue moves
+-- whenever anyone looks at it, and no timer has to run for it.
+--
+-- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:q:line   KEYS[3] fg:{sku}:q:admits
+-- KEYS[4] fg:{sku}:q:used   KEYS[5] fg:{sku}:q:state
+-- ARGV[1] 'join' | 'ticket' | 'watch'
+-- ARGV[2] user id ('' for watch)
+-- ARGV[3] join: a secret random integer in [0, 2^52) from the gateway's CSPRNG, the
+--         user's place in the shuffled pre-queue (used only before the start)
+--         watch: the `served` count the watcher saw last (users admitted since are listed)
+-- ARGV[4] most admissions in this call (bounds its time)
+--
+-- Keys (meta `wr_ms` = admission_seconds in ms, `wr_rate` = admit_per_second (0: as fast
+-- as stock allows), `wr_shuffle` = '1' to shuffle the pre-queue):
+--   q:line    ZSET  user -> order. Before the start: the random draw (or the pre-queue
+--                   arrival count when not shuffled), below 2^52; from the start on:
+--                   2^52 + arrival count. Position = rank + 1, fixed from the start.
+--   q:admits  ZSET  user -> admitted_until (ms): admissions not used and not lapsed
+--   q:used    HASH  user -> admitted_until of the admission a hold used (reserve.lua)
+--   q:state   HASH  served (ranks admitted so far, in order), arrivals, pre_arrivals,
+--                   started ('1' once a call saw the start), first_admit_at,
+--                   rate_at / rate_n (the current second's admissions)
+--
+-- Replies:
+--   {'not_found'}        the SKU has no state in Redis
+--   {'no_waiting_room'}
+--   join / ticket: {state, position ('' before the start), served, line length,
+--                   admitted_until ('' unless admitted or used), first_admit_at ('' when
+--                   nobody was admitted yet), now, admit_per_second}
+--     state: 'none' (ticket: the user has no ticket), 'waiting', 'admitted', 'used'
+--            (its admission made a hold), 'lapsed' (unused past admitted_until),
+--            'sold_out', 'closed' (for a waiting or admitted ticket, or a join then)
+--   watch: {phase ('pre' | 'open' | 'sold_out' | 'closed'), served, line length,
+--           first_admit_at or '', now, admit_per_second, users admitted at ranks from
+--           ARGV[3] to served (at most 1000)...}
+--
+-- Admission: in rank order, while available minus unused admissions is above 0, at most
+-- admit_per_second per second; an admission unused at admitted_until lapses and its
+-- unit goes to the next rank. Not before the start, nor while paused, sold out or closed.
+-- Invariants: one place per user (ZSCORE before ZADD, atomically); a rank is admitted
+-- once (`served` only grows); unused admissions <= available after every admission,
+-- since each takes one unit of `available - unused` (reserve.lua keeps it on spending).
+local meta, line, admits, used, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local mode, user = ARGV[1], ARGV[2]
+local AFTER_START = 4503599627370496 -- 2^52: every draw and pre-queue count is below it
+
+local m = redis.call('HMGET', meta, 'available', 'sold', 'stock_total', 'starts_at',
+  'ends_at', 'wr_ms', 'wr_rate', 'wr_shuffle', 'retired', 'paused')
+if not m[3] then
+  return { 'not_found' }
+end
+if not m[6] or m[6] == '' then
+  return { 'no_waiting_room' }
+end
+local now = now_ms()
+local available, sold, stock_total = tonumber(m[1]), tonumber(m[2]), tonumber(m[3])
+local admission_ms, rate = tonumber(m[6]), tonumber(m[7] or '0')
+
+local phase = 'open'
+if m[9] or (m[5] ~= '' and now >= tonumber(m[5])) then
+  phase = 'closed'
+elseif sold >= stock_total then
+  phase = 'sold_out'
+elseif m[4] ~= '' and now < tonumber(m[4]) then
+  phase = 'pre'
+end
+
+local s = redis.call('HMGET', state, 'served', 'started', 'first_admit_at', 'rate_at', 'rate_n')
+local served = tonumber(s[1] or '0')
+local started = s[2] == '1'
+if phase ~= 'pre' and not started then
+  -- From now on joins are in arrival order behind the pre-queue, even if the start moves.
+  redis.call('HSET', state, 'started', '1')
+  started = true
+end
+
+local score = nil
+if mode ~= 'watch' then
+  score = redis.call('ZSCORE', line, user)
+  if mode == 'join' and not score and (phase == 'open' or phase == 'pre') then
+    if started then
+      score = string.format('%d', AFTER_START + redis.call('HINCRBY', state, 'arrivals', 1))
+    elseif m[8] == '1' then
+      score = ARGV[3]
+    else
+      score = redis.call('HINCRBY', state, 'pre_arrivals', 1)
+    end
+    redis.call('ZADD', line, score, user)
+  end
+end
+
+if phase ~= 'pre' then
+  redis.call('ZREMRANGEBYSCORE', admits, '-inf', now) -- lapsed
+end
+local first_admit_at = s[3] or ''
+local total = redis.call('ZCARD', line)
+if phase == 'open' and m[10] ~= '1' then
+  local n = math.min(available - redis.call('ZCARD', admits), total - served,
+    tonumber(ARGV[4]))
+  local rate_at, rate_n = tonumber(s[4] or '0'), tonumber(s[5] or '0')
+  if rate > 0 then
+    if now - rate_at >= 1000 then
+      rate_at, rate_n = now, 0
+    end
+    n = math.min(n, rate - rate_n)
+  end
+  if n > 0 then
+    local admitted_until = string.format('%d', now + admission_ms)
+    local users = redis.call('ZRANGE', line, served, served + n - 1)
+    local args = {}
+    for i, u in ipairs(users) do
+      args[2 * i - 1] = admitted_until
+      args[2 * i] = u
+    end
+    redis.call('ZADD', admits, unpack(args))
+    served = served + #users
+    if first_admit_at == '' then
+      first_admit_at = string.format('%d', now)
+    end
+    redis.call('HSET', state, 'served', served, 'first_admit_at', first_admit_at,
+      'rate_at', string.format('%d', rate_at), 'rate_n', rate_n + #users)
+  end
+end
+
+local now_text = string.format('%d', now)
+if mode == 'watch' then
+  local reply = { phase, served, total, first_admit_at, now_text, rate }
+  local since = tonumber(ARGV[3])
+  if since < served then
+    local users = redis.call('ZRANGE', line, since, math.min(served, since + 1000) - 1)
+    for _, u in ipairs(users) do
+      reply[#reply + 1] = u
+    end
+  end
+  return reply
+end
+
+if not score then
+  if mode == 'join' then
+    return { phase, '', served, total, '', first_admit_at, now_text, rate }
+  end
+  return { 'none', '', served, total, '', first_admit_at, now_text, rate }
+end
+local position = ''
+if started then
+  position = redis.call('ZRANK', line, user) + 1
+end
+local ticket, admitted_until = 'waiting', redis.call('ZSCORE', admits, user)
+if admitted_until then
+  ticket = 'admitted'
+else
+  admitted_until = redis.call('HGET', used, user)
+  if admitted_until then
+    ticket = 'used'
+  elseif started and position <= served then
+    ticket = 'lapsed'
+  end
+end
+if (phase == 'sold_out' or phase == 'closed') and (ticket == 'waiting' or ticket == 'admitted') then
+  ticket = phase
+end
+return { ticket, position, served, total, admitted_until or '', first_admit_at, now_text, rate }

@@ -1,0 +1,419 @@
+//! The waiting room of a SKU: buyers join a line and are admitted by stock, fairly.
+//!
+//! The line, the admissions and their counters live in Redis in the SKU's slot
+//! (lua/queue.lua; one call per join or read, which also admits whom the stock allows).
+//! An admission is a signed token bound to the user, the SKU and its deadline; the
+//! gateway checks it before Redis, and the reserve script spends the admission (one
+//! admission, at most one hold). This module reads the script's replies into tickets,
+//! signs and checks tokens, and sizes how often the waiting users poll.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use crate::error::{Error, Result};
+use crate::ids::{IdKeys, SkuId, ADMISSION_MAC_BYTES};
+use crate::limits;
+use crate::reservation::Refusal;
+
+/// Where a ticket stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketState {
+    /// In line (also before the start, when `position` is null).
+    Waiting,
+    /// Admitted: reserve with `admission_token` before `admitted_until` (also once the
+    /// admission made its hold).
+    Admitted,
+    /// Every unit is sold: nothing more will be admitted.
+    SoldOut,
+    /// The sale ended, or this admission lapsed unused (`lapsed`).
+    Closed,
+}
+
+impl TicketState {
+    /// Nothing more will change for this ticket.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TicketState::SoldOut | TicketState::Closed)
+    }
+}
+
+/// A user's ticket as the contract shows it, and the queue around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub sku: String,
+    pub user_id: String,
+    /// 1-based; None before the sale starts (the pre-queue is ordered at the start).
+    pub position: Option<u64>,
+    pub state: TicketState,
+    /// Users in line ahead of this one, not admitted yet.
+    pub ahead: u64,
+    pub eta_seconds: Option<u64>,
+    pub admission_token: Option<String>,
+    pub admitted_until_ms: Option<i64>,
+    /// The admission went unused past its deadline (state `closed`).
+    pub lapsed: bool,
+    /// The admission made a hold.
+    pub used: bool,
+    pub retry_after_ms: u32,
+}
+
+/// One read of the queue as lua/queue.lua answers `join` and `ticket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRead {
+    /// The script's word: none, waiting, admitted, used, lapsed, sold_out, closed.
+    pub state: String,
+    pub position: Option<u64>,
+    /// Ranks admitted so far.
+    pub served: u64,
+    /// Tickets in line, admitted or not.
+    pub line: u64,
+    pub admitted_until_ms: Option<i64>,
+    pub first_admit_at_ms: Option<i64>,
+    pub now_ms: i64,
+    pub admit_per_second: u64,
+}
+
+impl QueueRead {
+    /// Reads a `join` / `ticket` reply; refusals become errors.
+    pub fn parse(reply: &[String]) -> Result<QueueRead> {
+        match reply.first().map(String::as_str) {
+            // No such SKU in Redis, or (`ticket`) the user has no ticket.
+            Some("not_found") | Some("none") => return Err(Error::Refused(Refusal::NotFound)),
+            Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
+            _ => {}
+        }
+        let [state, position, served, line, until, first, now, rate] = reply else {
+            return Err(bad_reply("queue arity"));
+        };
+        Ok(QueueRead {
+            state: state.clone(),
+            position: optional(position)?,
+            served: number(served)?,
+            line: number(line)?,
+            admitted_until_ms: optional(until)?.map(|v| v as i64),
+            first_admit_at_ms: optional(first)?.map(|v| v as i64),
+            now_ms: number(now)? as i64,
+            admit_per_second: number(rate)?,
+        })
+    }
+}
+
+/// One read of the queue as lua/queue.lua answers `watch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueWatch {
+    /// pre, open, sold_out, closed.
+    pub phase: String,
+    pub served: u64,
+    pub line: u64,
+    pub first_admit_at_ms: Option<i64>,
+    pub now_ms: i64,
+    pub admit_per_second: u64,
+    /// Users admitted since the `served` the watcher passed in.
+    pub admitted: Vec<String>,
+}
+
+impl QueueWatch {
+    pub fn parse(reply: &[String]) -> Result<QueueWatch> {
+        match reply.first().map(String::as_str) {
+            Some("not_found") => return Err(Error::Refused(Refusal::NotFound)),
+            Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
+            _ => {}
+        }
+        let [phase, served, line, first, now, rate, admitted @ ..] = reply else {
+            return Err(bad_reply("queue watch arity"));
+        };
+        Ok(QueueWatch {
+            phase: phase.clone(),
+            served: number(served)?,
+            line: number(line)?,
+            first_admit_at_ms: optional(first)?.map(|v| v as i64),
+            now_ms: number(now)? as i64,
+            admit_per_second: number(rate)?,
+            admitted: admitted.to_vec(),
+        })
+    }
+}
+
+/// The ticket of `user_id` from a read of the queue (`read.state` not `none`).
+pub fn ticket(
+    keys: &IdKeys,
+    sku: &SkuId,
+    user_id: &str,
+    read: &QueueRead,
+    polls_per_second: u32,
+) -> Ticket {
+    let (state, lapsed, used) = match read.state.as_str() {
+        "admitted" => (TicketState::Admitted, false, false),
+        "used" => (TicketState::Admitted, false, true),
+        "lapsed" => (TicketState::Closed, true, false),
+        "sold_out" => (TicketState::SoldOut, false, false),
+        "closed" => (TicketState::Closed, false, false),
+        _ => (TicketState::Waiting, false, false),
+    };
+    let waiting = read.line.saturating_sub(read.served);
+    let ahead = match (state, read.position) {
+        (TicketState::Waiting, Some(position)) => position.saturating_sub(read.served + 1),
+        // Before the start the order is not drawn yet: everyone is ahead or behind.
+        (TicketState::Waiting, None) => waiting.saturating_sub(1),
+        _ => 0,
+    };
+    let eta_seconds = (state == TicketState::Waiting && read.position.is_some())
+        .then(|| eta_seconds(ahead, read))
+        .flatten();
+    let retry_after_ms = match state {
+        TicketState::Waiting => retry_after_ms(ahead, waiting, polls_per_second),
+        TicketState::Admitted => limits::QUEUE_RETRY_MIN_MS as u32,
+        TicketState::SoldOut | TicketState::Closed => 0,
+    };
+    let admission = (state == TicketState::Admitted)
+        .then_some(read.admitted_until_ms)
+        .flatten();
+    Ticket {
+        sku: sku.to_string(),
+        user_id: user_id.to_owned(),
+        position: read.position,
+        state,
+        ahead,
+        eta_seconds,
+        admission_token: admission.map(|until| sign(keys, sku, user_id, until)),
+        admitted_until_ms: admission,
+        lapsed,
+        used,
+        retry_after_ms,
+    }
+}
+
+/// Seconds until `ahead` more users are admitted, at the rate admissions went so far
+/// (or at `admit_per_second` before the first); None when nothing tells.
+fn eta_seconds(ahead: u64, read: &QueueRead) -> Option<u64> {
+    let per_second = match read.first_admit_at_ms {
+        Some(first) if read.served > 0 => {
+            let elapsed_ms = (read.now_ms - first).max(1000) as f64;
+            read.served as f64 * 1000.0 / elapsed_ms
+        }
+        _ if read.admit_per_second > 0 => read.admit_per_second as f64,
+        _ => return None,
+    };
+    Some(((ahead + 1) as f64 / per_second).ceil() as u64)
+}
+
+/// How long a waiting ticket `ahead` users from the front should wait before its next
+/// poll, so that the `waiting` users of the line together poll at most
+/// `polls_per_second` times a second: user i (0-based from the front) waits
+/// (i + 1) * H(waiting) / polls_per_second seconds, H the harmonic number, and
+/// Σ 1 / ((i + 1) * H / p) = p. The front polls often, the back rarely; the floor only
+/// lowers the total.
+pub fn retry_after_ms(ahead: u64, waiting: u64, polls_per_second: u32) -> u32 {
+    let n = waiting.max(1) as f64;
+    // H(n) ~ ln n + γ + 1/(2n); an upper bound for every n >= 1.
+    let harmonic = n.ln() + 0.5772156649 + 1.0 / (2.0 * n);
+    let ms = 1000.0 * (ahead + 1) as f64 * harmonic / f64::from(polls_per_second.max(1));
+    (ms.ceil() as u64).clamp(limits::QUEUE_RETRY_MIN_MS, u32::MAX as u64) as u32
+}
+
+const TOKEN_VERSION: &str = "1";
+
+/// The admission token of `user_id` for `sku` until `admitted_until_ms`:
+/// `<base64url(payload)>.<base64url(MAC)>`, payload `1\n<sku>\n<until>\n<user>` (the
+/// user id last: it may hold any byte but a newline never ends it early, since it is
+/// the rest). Deterministic: every read of one admission shows the same token.
+pub fn sign(keys: &IdKeys, sku: &SkuId, user_id: &str, admitted_until_ms: i64) -> String {
+    let payload = format!("{TOKEN_VERSION}\n{sku}\n{admitted_until_ms}\n{user_id}");
+    let mac = keys.admission_mac(payload.as_bytes());
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(payload.as_bytes()),
+        URL_SAFE_NO_PAD.encode(mac)
+    )
+}
+
+/// How far past its deadline, by this gateway's clock, a token is still sent to Redis
+/// (whose clock decides): host clocks differ by a little.
+const TOKEN_CLOCK_SLACK_MS: i64 = 5_000;
+
+/// Checks an admission token before Redis: signed by one of our keys, for this SKU
+/// and user, not long expired. Anything else is `admission_required`.
+pub fn verify(keys: &IdKeys, token: &str, sku: &SkuId, user_id: &str, now_ms: i64) -> Result<()> {
+    let refused = Error::Refused(Refusal::AdmissionRequired);
+    if token.len() > limits::ADMISSION_TOKEN_MAX_LEN {
+        return Err(refused);
+    }
+    let Some((payload, mac)) = token.split_once('.') else {
+        return Err(refused);
+    };
+    let (Ok(payload), Ok(mac)) = (URL_SAFE_NO_PAD.decode(payload), URL_SAFE_NO_PAD.decode(mac))
+    else {
+        return Err(refused);
+    };
+    if mac.len() != ADMISSION_MAC_BYTES || !keys.admission_signed(&payload, &mac) {
+        return Err(refused);
+    }
+    // Signed by us, so well formed; checked anyway.
+    let Ok(payload) = std::str::from_utf8(&payload) else {
+        return Err(refused);
+    };
+    let mut parts = payload.splitn(4, '\n');
+    let (Some(TOKEN_VERSION), Some(for_sku), Some(until), Some(for_user)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(refused);
+    };
+    let Ok(until) = until.parse::<i64>() else {
+        return Err(refused);
+    };
+    if for_sku != sku.as_str() || for_user != user_id || until + TOKEN_CLOCK_SLACK_MS <= now_ms {
+        return Err(refused);
+    }
+    Ok(())
+}
+
+fn optional(raw: &str) -> Result<Option<u64>> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        number(raw).map(Some)
+    }
+}
+
+fn number(raw: &str) -> Result<u64> {
+    raw.parse().map_err(|_| bad_reply("queue number"))
+}
+
+fn bad_reply(what: &str) -> Error {
+    Error::Internal(format!("unexpected queue script reply ({what})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> IdKeys {
+        IdKeys::new(Some("queue-test-id-key-0123456789abcdef"), &[], &[]).unwrap()
+    }
+
+    fn sku(raw: &str) -> SkuId {
+        SkuId::parse(raw).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_good_for_its_user_and_sku_until_its_deadline() {
+        let keys = keys();
+        let token = sign(&keys, &sku("s1"), "alice", 10_000);
+        assert!(verify(&keys, &token, &sku("s1"), "alice", 9_000).is_ok());
+        // Past the deadline by more than the slack the gateway refuses it unread.
+        assert!(verify(
+            &keys,
+            &token,
+            &sku("s1"),
+            "alice",
+            10_000 + TOKEN_CLOCK_SLACK_MS
+        )
+        .is_err());
+        assert!(verify(&keys, &token, &sku("s2"), "alice", 9_000).is_err());
+        assert!(verify(&keys, &token, &sku("s1"), "alice ", 9_000).is_err());
+        assert!(verify(&keys, &token, &sku("s1"), "bob", 9_000).is_err());
+    }
+
+    #[test]
+    fn forged_or_mangled_tokens_are_refused() {
+        let keys = keys();
+        let token = sign(&keys, &sku("s1"), "alice", 10_000);
+        let other = IdKeys::new(Some("another-id-key-0123456789abcdefgh"), &[], &[]).unwrap();
+        let forged = sign(&other, &sku("s1"), "alice", 10_000);
+        assert!(verify(&keys, &forged, &sku("s1"), "alice", 9_000).is_err());
+        // The payload of another deadline under the original MAC.
+        let (_, mac) = token.split_once('.').unwrap();
+        let later = URL_SAFE_NO_PAD.encode("1\ns1\n99999999\nalice");
+        assert!(verify(&keys, &format!("{later}.{mac}"), &sku("s1"), "alice", 9_000).is_err());
+        // Half a MAC, no MAC, garbage, too long.
+        let half = &token[..token.len() - 11];
+        for bad in [
+            half,
+            "",
+            ".",
+            "a.b",
+            &"x".repeat(600),
+            token.split_once('.').unwrap().0,
+        ] {
+            assert!(
+                verify(&keys, bad, &sku("s1"), "alice", 9_000).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_survive_a_key_rotation_while_the_old_key_is_accepted() {
+        let old = IdKeys::new(Some("old-id-key-0123456789abcdefghijkl"), &[], &[]).unwrap();
+        let token = sign(&old, &sku("s1"), "alice", 10_000);
+        let rotated = IdKeys::new(
+            Some("new-id-key-0123456789abcdefghijkl"),
+            &["old-id-key-0123456789abcdefghijkl"],
+            &[],
+        )
+        .unwrap();
+        assert!(verify(&rotated, &token, &sku("s1"), "alice", 9_000).is_ok());
+    }
+
+    #[test]
+    fn the_waiting_users_together_poll_at_most_the_budget() {
+        for (waiting, budget) in [(1u64, 1000u32), (10, 1000), (5_000, 1000), (50_000, 200)] {
+            let total: f64 = (0..waiting)
+                .map(|ahead| 1000.0 / f64::from(retry_after_ms(ahead, waiting, budget)))
+                .sum();
+            assert!(
+                total <= f64::from(budget),
+                "{waiting} users poll {total}/s > {budget}"
+            );
+        }
+        // The front polls more often than the back.
+        assert!(retry_after_ms(0, 50_000, 1000) < retry_after_ms(40_000, 50_000, 1000));
+        assert_eq!(
+            retry_after_ms(0, 1, 1000),
+            limits::QUEUE_RETRY_MIN_MS as u32
+        );
+    }
+
+    #[test]
+    fn tickets_read_the_script_reply() {
+        let keys = keys();
+        let read = |state: &str, position: &str, until: &str| {
+            QueueRead::parse(&[
+                state.into(),
+                position.into(),
+                "10".into(),
+                "100".into(),
+                until.into(),
+                "1000".into(),
+                "11000".into(),
+                "0".into(),
+            ])
+            .unwrap()
+        };
+        let t = ticket(&keys, &sku("s"), "u", &read("waiting", "31", ""), 1000);
+        assert_eq!(
+            (t.state, t.position, t.ahead),
+            (TicketState::Waiting, Some(31), 20)
+        );
+        // 10 admitted in 10 s: one a second, 21 to go.
+        assert_eq!(t.eta_seconds, Some(21));
+        assert!(t.admission_token.is_none());
+        let t = ticket(&keys, &sku("s"), "u", &read("admitted", "5", "70000"), 1000);
+        assert_eq!((t.state, t.ahead), (TicketState::Admitted, 0));
+        let token = t.admission_token.unwrap();
+        assert!(verify(&keys, &token, &sku("s"), "u", 60_000).is_ok());
+        let t = ticket(&keys, &sku("s"), "u", &read("lapsed", "5", ""), 1000);
+        assert_eq!(
+            (t.state, t.lapsed, t.retry_after_ms),
+            (TicketState::Closed, true, 0)
+        );
+        let t = ticket(&keys, &sku("s"), "u", &read("waiting", "", ""), 1000);
+        assert_eq!((t.position, t.eta_seconds), (None, None));
+        assert_eq!(
+            QueueRead::parse(&["no_waiting_room".into()])
+                .unwrap_err()
+                .to_string(),
+            Error::Refused(Refusal::NoWaitingRoom).to_string()
+        );
+    }
+}

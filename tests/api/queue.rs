@@ -1,0 +1,383 @@
+//! The waiting room (contract v1.2 "Waiting room"): one ticket per user, admission by
+//! stock in position order, tokens checked before Redis and spent once by the reserve,
+//! lapses and returned units admitting the next users, `sold_out` told to every ticket,
+//! and a pre-queue shuffled at the start.
+
+use std::collections::HashSet;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::{body, spawn_app, unique_sku, user_token, TestApp, SERVICE_TOKEN};
+
+async fn queue_call(app: &TestApp, sku: &str, user: &str, join: bool) -> (StatusCode, Value) {
+    let url = app.url(&format!("/v1/skus/{sku}/queue"));
+    let request = if join {
+        app.client.post(url)
+    } else {
+        app.client.get(url)
+    };
+    body(request.bearer_auth(user_token(user)).send().await.unwrap()).await
+}
+
+/// Joins; panics unless 200. Returns the ticket.
+async fn join(app: &TestApp, sku: &str, user: &str) -> Value {
+    let (status, ticket) = queue_call(app, sku, user, true).await;
+    assert_eq!(status, StatusCode::OK, "{ticket}");
+    ticket
+}
+
+/// The user's ticket; panics unless 200.
+async fn ticket(app: &TestApp, sku: &str, user: &str) -> Value {
+    let (status, ticket) = queue_call(app, sku, user, false).await;
+    assert_eq!(status, StatusCode::OK, "{ticket}");
+    ticket
+}
+
+async fn reserve_with(
+    app: &TestApp,
+    sku: &str,
+    user: &str,
+    key: &str,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut request = app
+        .client
+        .post(app.url(&format!("/v1/skus/{sku}/reservations")))
+        .bearer_auth(user_token(user))
+        .header("Idempotency-Key", key)
+        .json(&json!({ "quantity": 1 }));
+    if let Some(token) = token {
+        request = request.header("Admission-Token", token);
+    }
+    body(request.send().await.unwrap()).await
+}
+
+fn token_of(ticket: &Value) -> &str {
+    ticket["admission_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token in {ticket}"))
+}
+
+async fn waiting_room_sku(app: &TestApp, prefix: &str, stock: u64) -> String {
+    let sku = unique_sku(prefix);
+    app.create_sku(&sku, json!({"stock": stock, "waiting_room": {}}))
+        .await;
+    sku
+}
+
+/// The unused admissions of a SKU as Redis has them (user -> admitted_until).
+async fn admissions(app: &TestApp, sku: &str) -> Vec<(String, i64)> {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let mut conn = app.store.connection();
+    redis::cmd("ZRANGE")
+        .arg(keys.queue_admits())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_sku_without_a_waiting_room_says_so_and_a_user_without_a_ticket_has_none() {
+    let app = spawn_app().await;
+    let plain = unique_sku("wr-none");
+    app.create_sku(&plain, json!({"stock": 1})).await;
+    let (status, problem) = queue_call(&app, &plain, "u1", true).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "no_waiting_room");
+    assert_eq!(app.sku(&plain).await["waiting_room"], Value::Null);
+
+    let sku = waiting_room_sku(&app, "wr-noticket", 1).await;
+    let (status, problem) = queue_call(&app, &sku, "u1", false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+    let (status, _) = queue_call(&app, &unique_sku("wr-nosku"), "u1", true).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The service token is not a user.
+    let (status, _) = body(
+        app.client
+            .post(app.url(&format!("/v1/skus/{sku}/queue")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Nothing was joined by any of that.
+    assert!(admissions(&app, &sku).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_definition_carries_the_waiting_room_and_refuses_bad_terms() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-def");
+    let view = app
+        .create_sku(
+            &sku,
+            json!({"stock": 3, "waiting_room": {"admission_seconds": 30, "admit_per_second": 5}}),
+        )
+        .await;
+    assert_eq!(
+        view["waiting_room"],
+        json!({"admission_seconds": 30, "admit_per_second": 5, "prequeue_shuffle": true})
+    );
+    assert_eq!(app.sku(&sku).await["waiting_room"], view["waiting_room"]);
+    for bad in [
+        json!({"stock": 3, "buckets": 2, "waiting_room": {}}),
+        json!({"stock": 3, "waiting_room": {"admission_seconds": 0}}),
+        json!({"stock": 3, "waiting_room": {"admission_seconds": 86401}}),
+        json!({"stock": 3, "waiting_room": {"admit_per_second": -1}}),
+        json!({"stock": 3, "waiting_room": {"prequeue_shuffle": "yes"}}),
+        json!({"stock": 3, "waiting_room": {"admission_second": 10}}),
+        json!({"stock": 3, "waiting_room": 5}),
+    ] {
+        let (status, problem) = app.put_sku(&unique_sku("wr-bad"), bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {problem}");
+    }
+    // A PUT without it removes the waiting room.
+    let view = app.create_sku(&sku, json!({"stock": 3})).await;
+    assert_eq!(view["waiting_room"], Value::Null);
+    let (status, problem) = queue_call(&app, &sku, "u1", true).await;
+    assert_eq!(
+        (status, problem["code"].clone()),
+        (StatusCode::CONFLICT, json!("no_waiting_room"))
+    );
+}
+
+#[tokio::test]
+async fn users_are_admitted_by_stock_in_order_and_one_admission_makes_one_hold() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-admit", 2).await;
+    let mut tickets = Vec::new();
+    for user in ["a", "b", "c", "d"] {
+        tickets.push(join(&app, &sku, user).await);
+    }
+    // A repeat answers the same place.
+    assert_eq!(join(&app, &sku, "a").await["position"], 1);
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| ticket_now(&tickets[i]));
+    assert_eq!((a.0.as_str(), a.1), ("admitted", 1));
+    assert_eq!((b.0.as_str(), b.1), ("admitted", 2));
+    // Two units, two admissions: the third user waits.
+    assert_eq!((c.0.as_str(), c.1), ("waiting", 3));
+    assert_eq!((d.0.as_str(), d.1), ("waiting", 4));
+    let c_now = ticket(&app, &sku, "c").await;
+    assert_eq!(
+        (c_now["state"].as_str(), c_now["ahead"].as_u64()),
+        (Some("waiting"), Some(0))
+    );
+    assert!(c_now["retry_after_ms"].as_u64().unwrap() >= 500);
+    assert_eq!(ticket(&app, &sku, "d").await["ahead"], 1);
+
+    // Without a token, with a forged one, with another user's: 403 before anything.
+    let a_token = token_of(&tickets[0]).to_owned();
+    let b_token = token_of(&tickets[1]).to_owned();
+    for (user, token) in [
+        ("a", None),
+        ("a", Some("bm90IGEgdG9rZW4.AAAAAAAAAAAAAAAAAAAAAA")),
+        ("a", Some(b_token.as_str())),
+        ("c", Some(a_token.as_str())),
+    ] {
+        let (status, problem) = reserve_with(&app, &sku, user, "k1", token).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{user} {token:?}: {problem}");
+        assert_eq!(problem["code"], "admission_required");
+    }
+    assert_eq!(app.sku(&sku).await["available"], 2);
+
+    // One admission: one hold; the same key replays it; another key is refused.
+    let (status, hold) = reserve_with(&app, &sku, "a", "k1", Some(&a_token)).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    let (status, replay) = reserve_with(&app, &sku, "a", "k1", Some(&a_token)).await;
+    assert_eq!(status, StatusCode::CREATED, "{replay}");
+    assert_eq!(replay["reservation_id"], hold["reservation_id"]);
+    let (status, problem) = reserve_with(&app, &sku, "a", "k2", Some(&a_token)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "admission_used");
+    // The used admission still shows, and admitted no one new: b's unit is b's.
+    assert_eq!(ticket(&app, &sku, "a").await["state"], "admitted");
+    assert_eq!(ticket(&app, &sku, "c").await["state"], "waiting");
+
+    // The hold comes back: the next in line is admitted.
+    let (status, _) = app
+        .cancel(hold["reservation_id"].as_str().unwrap(), SERVICE_TOKEN)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let c_now = ticket(&app, &sku, "c").await;
+    assert_eq!(c_now["state"], "admitted", "{c_now}");
+    assert_eq!(ticket(&app, &sku, "d").await["state"], "waiting");
+    app.assert_stock_adds_up(&sku).await;
+}
+
+/// (state, position) of a ticket as joined.
+fn ticket_now(ticket: &Value) -> (String, u64) {
+    (
+        ticket["state"].as_str().unwrap().to_owned(),
+        ticket["position"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_lapsed_admission_goes_to_the_next_user_and_its_token_stops_working() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-lapse", 1).await;
+    let first = join(&app, &sku, "first").await;
+    assert_eq!(first["state"], "admitted");
+    assert_eq!(join(&app, &sku, "second").await["state"], "waiting");
+    // Time made fast: the first admission's deadline is moved into the past, as if
+    // admission_seconds had gone by (Redis's clock decides the lapse).
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.queue_admits())
+        .arg("XX")
+        .arg(1)
+        .arg("first")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = ticket(&app, &sku, "second").await;
+    assert_eq!(second["state"], "admitted", "{second}");
+    let first_now = ticket(&app, &sku, "first").await;
+    assert_eq!(
+        (first_now["state"].as_str(), first_now["lapsed"].as_bool()),
+        (Some("closed"), Some(true)),
+        "{first_now}"
+    );
+    let (status, problem) = reserve_with(&app, &sku, "first", "k", Some(token_of(&first))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
+    let (status, hold) = reserve_with(&app, &sku, "second", "k", Some(token_of(&second))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+}
+
+#[tokio::test]
+async fn once_everything_is_sold_every_ticket_says_sold_out() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-soldout", 1).await;
+    let buyer = join(&app, &sku, "buyer").await;
+    join(&app, &sku, "late1").await;
+    let (status, hold) = reserve_with(&app, &sku, "buyer", "k", Some(token_of(&buyer))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    // Held, not sold: the hold may still come back, so the line waits.
+    assert_eq!(ticket(&app, &sku, "late1").await["state"], "waiting");
+    let (status, _) = app
+        .confirm(hold["reservation_id"].as_str().unwrap(), "pay-1")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let late = ticket(&app, &sku, "late1").await;
+    assert_eq!(
+        (late["state"].as_str(), late["retry_after_ms"].as_u64()),
+        (Some("sold_out"), Some(0))
+    );
+    // A join now learns it at once and takes no place.
+    let late2 = join(&app, &sku, "late2").await;
+    assert_eq!(late2["state"], "sold_out");
+    assert_eq!(late2["position"], Value::Null);
+    let (status, _) = queue_call(&app, &sku, "late2", false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The buyer got their turn.
+    assert_eq!(ticket(&app, &sku, "buyer").await["state"], "admitted");
+}
+
+#[tokio::test]
+async fn racing_joins_get_unique_positions_and_no_more_admissions_than_units() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-race", 3).await;
+    let users: Vec<String> = (0..60).map(|i| format!("racer-{i}")).collect();
+    let joins = users.iter().map(|user| join(&app, &sku, user));
+    let tickets = futures::future::join_all(joins).await;
+    let positions: HashSet<u64> = tickets
+        .iter()
+        .map(|t| t["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, (1..=60).collect::<HashSet<u64>>());
+    let admitted: Vec<&Value> = tickets
+        .iter()
+        .filter(|t| t["state"] == "admitted")
+        .collect();
+    assert_eq!(admitted.len(), 3, "three units, three admissions");
+    let mut first_three: Vec<u64> = admitted
+        .iter()
+        .map(|t| t["position"].as_u64().unwrap())
+        .collect();
+    first_three.sort();
+    assert_eq!(first_three, [1, 2, 3]);
+    // Every admitted user buys at once, racing: three holds, then the line moves on
+    // only as units come back.
+    let buys = admitted.iter().map(|t| {
+        let user = t["user_id"].as_str().unwrap().to_owned();
+        let token = token_of(t).to_owned();
+        let app = &app;
+        let sku = &sku;
+        async move { reserve_with(app, sku, &user, "k", Some(&token)).await.0 }
+    });
+    let statuses = futures::future::join_all(buys).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    assert!(admissions(&app, &sku).await.is_empty());
+    assert_eq!(ticket(&app, &sku, "racer-59").await["state"], "waiting");
+    app.assert_stock_adds_up(&sku).await;
+}
+
+#[tokio::test]
+async fn the_prequeue_gets_positions_at_the_start_in_a_shuffled_order() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-pre");
+    let definition = |starts_at: &str| json!({"stock": 5, "starts_at": starts_at, "waiting_room": {"prequeue_shuffle": true}});
+    app.create_sku(&sku, definition("2999-01-01T00:00:00Z"))
+        .await;
+    let users: Vec<String> = (0..40).map(|i| format!("early-{i:02}")).collect();
+    for user in &users {
+        let t = join(&app, &sku, user).await;
+        assert_eq!(
+            (t["state"].as_str(), &t["position"]),
+            (Some("waiting"), &Value::Null),
+            "{t}"
+        );
+        assert_eq!(t["eta_seconds"], Value::Null);
+    }
+    // The operator starts the sale now.
+    app.create_sku(&sku, definition("2020-01-01T00:00:00Z"))
+        .await;
+    let late = join(&app, &sku, "late").await;
+    assert_eq!(
+        late["position"], 41,
+        "after the start, behind the pre-queue: {late}"
+    );
+    let mut order = Vec::new();
+    for user in &users {
+        order.push(ticket(&app, &sku, user).await["position"].as_u64().unwrap());
+    }
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (1..=40).collect::<Vec<u64>>());
+    // 40! orders: arrival order comes back by chance with probability 1 / 40!.
+    assert_ne!(order, sorted, "the pre-queue kept its arrival order");
+    // The first five positions are admitted.
+    for user in &users {
+        let t = ticket(&app, &sku, user).await;
+        let admitted = t["position"].as_u64().unwrap() <= 5;
+        assert_eq!(t["state"] == "admitted", admitted, "{t}");
+    }
+}
+
+#[tokio::test]
+async fn without_shuffle_the_prequeue_keeps_its_arrival_order() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-fifo");
+    let definition = |starts_at: &str| json!({"stock": 1, "starts_at": starts_at, "waiting_room": {"prequeue_shuffle": false}});
+    app.create_sku(&sku, definition("2999-01-01T00:00:00Z"))
+        .await;
+    for i in 0..10 {
+        join(&app, &sku, &format!("fifo-{i}")).await;
+    }
+    app.create_sku(&sku, definition("2020-01-01T00:00:00Z"))
+        .await;
+    for i in 0..10u64 {
+        let t = ticket(&app, &sku, &format!("fifo-{i}")).await;
+        assert_eq!(t["position"], i + 1, "{t}");
+    }
+}
