@@ -41,6 +41,8 @@ pub struct Gateway {
     bucket_moves: Arc<Batcher<BucketMoves>>,
     /// SKU -> its buckets (fixed when the SKU is created, so never stale).
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
+    /// The waiting rooms streams follow on this gateway (src/queue.rs).
+    pub queue_watchers: Arc<queue::Watchers>,
 }
 
 /// How long a reserve's idempotency key lives, from the gateway's settings.
@@ -81,6 +83,7 @@ impl Gateway {
             replay_probes,
             bucket_moves,
             bucket_counts: Default::default(),
+            queue_watchers: Default::default(),
         }
     }
 

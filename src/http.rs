@@ -61,7 +61,7 @@ pub struct AppState {
 type SharedState = Arc<AppState>;
 
 /// Every route, also the label of its request metrics.
-const ROUTES: [&str; 23] = [
+const ROUTES: [&str; 24] = [
     "/v1/admin/skus",
     "/v1/admin/skus/{sku}",
     "/v1/admin/skus/{sku}/pause",
@@ -69,6 +69,7 @@ const ROUTES: [&str; 23] = [
     "/v1/skus/{sku}",
     "/v1/skus/{sku}/reservations",
     "/v1/skus/{sku}/queue",
+    "/v1/skus/{sku}/queue/stream",
     "/v1/reservations/{id}",
     "/v1/reservations/{id}/cancel",
     "/v1/reservations/{id}/payment-pending",
@@ -88,7 +89,7 @@ const ROUTES: [&str; 23] = [
 ];
 
 pub fn router(state: SharedState) -> Router {
-    let [admin_skus, admin_sku, pause, resume, sku, reservations, queue_route, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, webhooks_route, webhook_route, deliveries_route, replay_route, health, ready, metrics, openapi_route] =
+    let [admin_skus, admin_sku, pause, resume, sku, reservations, queue_route, queue_stream, reservation, cancel_route, pending, confirm_route, compensations, compensation, resolve, events_route, webhooks_route, webhook_route, deliveries_route, replay_route, health, ready, metrics, openapi_route] =
         ROUTES;
     let public_metrics = state.public_metrics;
     let router = Router::new()
@@ -99,6 +100,7 @@ pub fn router(state: SharedState) -> Router {
         .route(sku, get(get_sku))
         .route(reservations, post(reserve))
         .route(queue_route, post(queue::join).get(queue::ticket))
+        .route(queue_stream, get(queue::stream))
         .route(reservation, get(get_reservation))
         .route(cancel_route, post(cancel))
         .route(pending, post(payment_pending))

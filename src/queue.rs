@@ -9,8 +9,13 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::gateway::Gateway;
 use crate::ids::{IdKeys, SkuId, ADMISSION_MAC_BYTES};
 use crate::limits;
 use crate::reservation::Refusal;
@@ -209,6 +214,116 @@ pub fn retry_after_ms(ahead: u64, waiting: u64, polls_per_second: u32) -> u32 {
     let harmonic = n.ln() + 0.5772156649 + 1.0 / (2.0 * n);
     let ms = 1000.0 * (ahead + 1) as f64 * harmonic / f64::from(polls_per_second.max(1));
     (ms.ceil() as u64).clamp(limits::QUEUE_RETRY_MIN_MS, u32::MAX as u64) as u32
+}
+
+/// How often a SKU's watcher looks at its queue while streams are open: a terminal
+/// `sold_out` / `closed` reaches every stream within this plus the fan-out (the
+/// contract asks 1 s).
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The latest look at a SKU's waiting room, shared by every stream of it on this
+/// gateway (None until the first look answered).
+pub type Snapshot = Option<Arc<QueueWatch>>;
+
+/// One watcher per SKU with open streams on this gateway: it reads the queue every
+/// WATCH_INTERVAL (one Redis call, however many streams) and every stream of the SKU
+/// follows its snapshots. A watcher stops when its last stream went.
+#[derive(Default)]
+pub struct Watchers {
+    sales: Mutex<HashMap<SkuId, watch::Sender<Snapshot>>>,
+}
+
+impl Watchers {
+    /// Follows the SKU's waiting room, starting its watcher if none runs.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        gateway: &Gateway,
+        sku: &SkuId,
+    ) -> watch::Receiver<Snapshot> {
+        let mut sales = self.sales.lock().expect("watchers lock");
+        if let Some(sender) = sales.get(sku) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(None);
+        sales.insert(sku.clone(), sender.clone());
+        metrics::gauge!("flashgate_queue_watchers").set(sales.len() as f64);
+        tokio::spawn(self.clone().run(gateway.clone(), sku.clone(), sender));
+        receiver
+    }
+
+    async fn run(self: Arc<Self>, gateway: Gateway, sku: SkuId, sender: watch::Sender<Snapshot>) {
+        let mut served = 0;
+        loop {
+            {
+                // Under the lock subscribe takes too: no stream joins a watcher that is
+                // about to stop.
+                let mut sales = self.sales.lock().expect("watchers lock");
+                if sender.receiver_count() == 0 {
+                    sales.remove(&sku);
+                    metrics::gauge!("flashgate_queue_watchers").set(sales.len() as f64);
+                    return;
+                }
+            }
+            match gateway.queue_watch(&sku, served).await {
+                Ok(look) => {
+                    served = look.served;
+                    sender.send_replace(Some(Arc::new(look)));
+                }
+                // The streams keep their last ticket; the next look may answer.
+                Err(e) => tracing::warn!(sku = %sku, error = %e, "waiting room watch failed"),
+            }
+            tokio::time::sleep(WATCH_INTERVAL).await;
+        }
+    }
+}
+
+/// What a stream knows of its ticket between reads, and when it must read it again
+/// (one Redis call) rather than work it out from the SKU's snapshot: at the start (a
+/// pre-queue place gets its position), when its position is admitted, when its
+/// admission may have lapsed, and at the end for an admitted ticket (used or not).
+/// Everything else (the line moving, `sold_out` or `closed` for a waiting ticket) comes
+/// from the snapshot alone, so the reads grow with admissions, not with time.
+pub fn needs_read(last: &Ticket, look: &QueueWatch) -> bool {
+    let terminal = look.phase == "sold_out" || look.phase == "closed";
+    match last.state {
+        TicketState::Admitted => {
+            terminal
+                || (!last.used
+                    && last
+                        .admitted_until_ms
+                        .is_some_and(|until| look.now_ms >= until))
+        }
+        TicketState::Waiting => match last.position {
+            None => look.phase != "pre",
+            Some(position) => !terminal && position <= look.served,
+        },
+        TicketState::SoldOut | TicketState::Closed => false,
+    }
+}
+
+/// A waiting ticket moved on by a snapshot (no Redis read; see `needs_read`).
+pub fn advance(
+    keys: &IdKeys,
+    sku: &SkuId,
+    last: &Ticket,
+    look: &QueueWatch,
+    polls_per_second: u32,
+) -> Ticket {
+    let state = match look.phase.as_str() {
+        "sold_out" | "closed" => look.phase.clone(),
+        _ => "waiting".to_owned(),
+    };
+    let read = QueueRead {
+        state,
+        position: last.position,
+        served: look.served,
+        line: look.line,
+        admitted_until_ms: None,
+        first_admit_at_ms: look.first_admit_at_ms,
+        now_ms: look.now_ms,
+        admit_per_second: look.admit_per_second,
+    };
+    ticket(keys, sku, &last.user_id, &read, polls_per_second)
 }
 
 const TOKEN_VERSION: &str = "1";

@@ -35,6 +35,7 @@ pub(super) const SERVICE: &str = "service_token";
         super::reserve,
         super::queue::join,
         super::queue::ticket,
+        super::queue::stream,
         super::get_reservation,
         super::cancel,
         super::payment_pending,

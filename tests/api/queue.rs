@@ -381,3 +381,154 @@ async fn without_shuffle_the_prequeue_keeps_its_arrival_order() {
         assert_eq!(t["position"], i + 1, "{t}");
     }
 }
+
+/// An open `queue/stream`: its `ticket` events as they come.
+struct TicketStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl TicketStream {
+    async fn open(app: &TestApp, sku: &str, user: &str) -> TicketStream {
+        let response = app
+            .client
+            .get(app.url(&format!("/v1/skus/{sku}/queue/stream")))
+            .bearer_auth(user_token(user))
+            .header("Accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        TicketStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next `ticket` event, None when the stream ended; panics after `within`.
+    async fn next(&mut self, within: std::time::Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = None;
+                let mut data = None;
+                for line in block.lines() {
+                    if let Some(name) = line.strip_prefix("event:") {
+                        event = Some(name.trim().to_owned());
+                    } else if let Some(json) = line.strip_prefix("data:") {
+                        data = Some(serde_json::from_str::<Value>(json.trim()).unwrap());
+                    }
+                }
+                match (event.as_deref(), data) {
+                    (Some("ticket"), Some(ticket)) => return Some(ticket),
+                    _ => continue, // a comment line
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("a ticket event in time")
+                .unwrap();
+            match chunk {
+                Some(bytes) => self.buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
+                None => return None,
+            }
+        }
+    }
+}
+
+const TOLD_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_stream_tells_admission_then_sold_out_within_a_second_and_ends() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-stream", 1).await;
+    let first = join(&app, &sku, "first").await;
+    join(&app, &sku, "second").await;
+    let mut stream = TicketStream::open(&app, &sku, "second").await;
+    let now = stream.next(TOLD_WITHIN).await.unwrap();
+    assert_eq!(
+        (now["state"].as_str(), now["ahead"].as_u64()),
+        (Some("waiting"), Some(0))
+    );
+
+    // The first user's hold is cancelled: the unit comes back and admits the second.
+    let (status, hold) = reserve_with(&app, &sku, "first", "k", Some(token_of(&first))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    let id = hold["reservation_id"].as_str().unwrap();
+    app.cancel(id, SERVICE_TOKEN).await;
+    let admitted = stream.next(TOLD_WITHIN * 2).await.unwrap();
+    assert_eq!(admitted["state"], "admitted", "{admitted}");
+    let token = token_of(&admitted).to_owned();
+
+    // A third user waits on a stream of their own; the second buys the last unit.
+    join(&app, &sku, "third").await;
+    let mut third = TicketStream::open(&app, &sku, "third").await;
+    assert_eq!(third.next(TOLD_WITHIN).await.unwrap()["state"], "waiting");
+    let (status, hold) = reserve_with(&app, &sku, "second", "k", Some(&token)).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    let (status, _) = app
+        .confirm(hold["reservation_id"].as_str().unwrap(), "pay")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let told = third.next(TOLD_WITHIN).await.unwrap();
+    assert_eq!(told["state"], "sold_out", "{told}");
+    assert_eq!(
+        third.next(TOLD_WITHIN).await,
+        None,
+        "the stream ends after sold_out"
+    );
+    // The admitted buyer's stream ends too, showing its admission.
+    let last = stream.next(TOLD_WITHIN).await.unwrap();
+    assert_eq!(last["state"], "admitted", "{last}");
+    assert_eq!(stream.next(TOLD_WITHIN).await, None);
+}
+
+#[tokio::test]
+async fn many_streams_are_all_told_sold_out_within_a_second() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-streams", 1).await;
+    let buyer = join(&app, &sku, "buyer").await;
+    let users: Vec<String> = (0..200).map(|i| format!("watcher-{i}")).collect();
+    for user in &users {
+        join(&app, &sku, user).await;
+    }
+    let mut streams = futures::future::join_all(
+        users
+            .iter()
+            .map(|user| TicketStream::open(&app, &sku, user)),
+    )
+    .await;
+    for stream in &mut streams {
+        assert_eq!(stream.next(TOLD_WITHIN).await.unwrap()["state"], "waiting");
+    }
+    let (_, hold) = reserve_with(&app, &sku, "buyer", "k", Some(token_of(&buyer))).await;
+    let sold_at = std::time::Instant::now();
+    let (status, _) = app
+        .confirm(hold["reservation_id"].as_str().unwrap(), "pay")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let told = futures::future::join_all(streams.iter_mut().map(|stream| async move {
+        loop {
+            // Position moves may come first; sold_out must come within the second.
+            let ticket = stream.next(TOLD_WITHIN).await.expect("told before the end");
+            if ticket["state"] == "sold_out" {
+                return std::time::Instant::now();
+            }
+        }
+    }))
+    .await;
+    let slowest = told
+        .iter()
+        .map(|t| t.duration_since(sold_at))
+        .max()
+        .unwrap();
+    assert!(
+        slowest < TOLD_WITHIN,
+        "the last stream was told after {slowest:?}"
+    );
+}
