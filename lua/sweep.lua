@@ -5,6 +5,8 @@
 --            outbox comps churn rlog holds
 -- KEYS[10] fg:{sku}:transfers (src/buckets.rs): a bucket with a transfer not finished
 --          does not retire (its units in transit would be lost with it)
+-- KEYS[11..14] the waiting room's q:line q:admits q:used q:state (queue.lua): they go
+--          with the sale when it retires
 -- ARGV[1] most holds to expire (or stale index entries to drop) in this call
 -- ARGV[2] ms a retired SKU's meta stays as its tombstone
 -- ARGV[3] the give window (ms, lib.lua give_units)
@@ -83,9 +85,8 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
   if #first == 0 and not checked and redis.call('HLEN', K.comps) == 0
       and open_transfers(KEYS[10], now, tonumber(ARGV[3])) == 0 and outbox_flushed() then
     redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
-    -- The waiting room ends with the sale (queue.lua); same slot, so not declared.
-    redis.call('DEL', K.prefix .. 'q:line', K.prefix .. 'q:admits', K.prefix .. 'q:used',
-      K.prefix .. 'q:state')
+    -- The waiting room ends with the sale (queue.lua).
+    redis.call('DEL', KEYS[11], KEYS[12], KEYS[13], KEYS[14])
     local claims_until = tonumber(m[6] or '0')
     if claims_until > now then
       redis.call('PEXPIREAT', K.used, ms(claims_until))

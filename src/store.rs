@@ -988,6 +988,10 @@ impl Store {
             Option<u64>,
         ) = with_sale_keys(&SCRIPTS.sweep, &keys)
             .key(&keys.transfers)
+            .key(keys.queue_line())
+            .key(keys.queue_admits())
+            .key(keys.queue_used())
+            .key(keys.queue_state())
             .arg(limits::SWEEP_BATCH)
             .arg(limits::RETIRED_SKU_TOMBSTONE.as_millis() as u64)
             .arg(self.transfer_timing.give_window.as_millis() as u64)

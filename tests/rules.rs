@@ -136,6 +136,10 @@ impl Sale {
             &self.keys,
         )
         .key(&self.keys.transfers)
+        .key(self.keys.queue_line())
+        .key(self.keys.queue_admits())
+        .key(self.keys.queue_used())
+        .key(self.keys.queue_state())
         .arg(batch)
         .arg(86_400_000)
         .invoke_async(&mut self.conn())
