@@ -30,7 +30,8 @@
 --                   nobody was admitted yet), now, admit_per_second}
 --     state: 'none' (ticket: the user has no ticket), 'waiting', 'admitted', 'used'
 --            (its admission made a hold), 'lapsed' (unused past admitted_until),
---            'sold_out', 'closed' (for a waiting or admitted ticket, or a join then)
+--            'sold_out', 'closed' (for a waiting or admitted ticket, and for anyone
+--            once the sale is over: a join then takes no place)
 --   watch: {phase ('pre' | 'open' | 'sold_out' | 'closed'), served, line length,
 --           first_admit_at or '', now, admit_per_second, users admitted at ranks from
 --           ARGV[3] to served (at most 1000)...}
@@ -137,7 +138,8 @@ if mode == 'watch' then
 end
 
 if not score then
-  if mode == 'join' then
+  -- Over: everyone is told so, with or without a place (none is made now).
+  if phase == 'sold_out' or phase == 'closed' then
     return { phase, '', served, total, '', first_admit_at, now_text, rate }
   end
   return { 'none', '', served, total, '', first_admit_at, now_text, rate }
