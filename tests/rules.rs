@@ -7,7 +7,7 @@ mod common;
 
 use flashgate::ids::{self, SkuId};
 use flashgate::keys::SkuKeys;
-use flashgate::reservation::SkuDefinition;
+use flashgate::reservation::{SkuDefinition, WaitingRoom};
 use flashgate::store::{
     inspect, script_with_clock, with_sale_keys, Give, ReserveOutcome, ReserveRequest,
     ReserveSettings, Store,
@@ -1412,4 +1412,301 @@ async fn a_change_to_a_lost_bucket_is_refused_and_creates_nothing() {
         .load_bucket(&bucket, &definition, &create, 0)
         .await
         .unwrap();
+}
+
+// ---------------------------------------------------------------- the waiting room
+
+/// A SKU with a waiting room (lua/queue.lua), its clock at the test's choosing.
+async fn queue_sale(
+    prefix: &str,
+    stock_total: u64,
+    per_user_limit: u64,
+    waiting_room: WaitingRoom,
+    starts_at_ms: Option<i64>,
+) -> Sale {
+    let sale = Sale::with_stock(prefix, stock_total, per_user_limit).await;
+    let definition = SkuDefinition {
+        stock_total,
+        per_user_limit,
+        hold_seconds: 60,
+        starts_at_ms,
+        ends_at_ms: None,
+        buckets: 1,
+        paused: false,
+        waiting_room: Some(waiting_room),
+    };
+    sale.store
+        .load_sku(&sale.sku, &definition, 0)
+        .await
+        .unwrap();
+    sale
+}
+
+fn room(admission_seconds: u32, admit_per_second: u32) -> WaitingRoom {
+    WaitingRoom {
+        admission_seconds,
+        admit_per_second,
+        prequeue_shuffle: true,
+    }
+}
+
+/// queue.lua at `now`: its reply (see its header).
+async fn queue_at(sale: &Sale, now: i64, mode: &str, user: &str, third: &str) -> Vec<String> {
+    let k = &sale.keys;
+    script_with_clock(include_str!("../lua/queue.lua"), now)
+        .key(&k.meta)
+        .key(k.queue_line())
+        .key(k.queue_admits())
+        .key(k.queue_used())
+        .key(k.queue_state())
+        .arg(mode)
+        .arg(user)
+        .arg(third)
+        .arg(1000)
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap()
+}
+
+/// The state word of the user's ticket at `now` (`ticket` mode, which also admits).
+async fn ticket_at(sale: &Sale, now: i64, user: &str) -> String {
+    queue_at(sale, now, "ticket", user, "").await[0].clone()
+}
+
+/// reserve.lua at `now` with an admission token the gateway found good: the reply code.
+async fn reserve_admitted_at(
+    sale: &Sale,
+    now: i64,
+    user: &str,
+    key: &str,
+    quantity: u64,
+) -> String {
+    let reply: Vec<String> = with_sale_keys(
+        &script_with_clock(include_str!("../lua/reserve.lua"), now),
+        &sale.keys,
+    )
+    .key(sale.keys.idempotency(user, key))
+    .key(sale.keys.queue_admits())
+    .key(sale.keys.queue_used())
+    .arg(user)
+    .arg(quantity)
+    .arg(ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&sale.sku))
+    .arg(key)
+    .arg(86_400_000)
+    .arg(GRACE_MS)
+    .arg(16)
+    .arg(0)
+    .arg("0")
+    .arg("1")
+    .invoke_async(&mut sale.conn())
+    .await
+    .unwrap();
+    reply[0].clone()
+}
+
+const T0: i64 = 1_900_000_000_000;
+
+#[tokio::test]
+async fn an_admission_lapses_at_its_deadline_millisecond_and_its_unit_goes_to_the_next() {
+    let sale = queue_sale("q-lapse", 1, 1, room(10, 0), None).await;
+    queue_at(&sale, T0, "join", "first", "0").await;
+    queue_at(&sale, T0, "join", "second", "0").await;
+    assert_eq!(ticket_at(&sale, T0, "first").await, "admitted");
+    // One unit, promised to the first user until their deadline.
+    assert_eq!(ticket_at(&sale, T0 + 9_999, "second").await, "waiting");
+    assert_eq!(ticket_at(&sale, T0 + 10_000, "first").await, "lapsed");
+    assert_eq!(ticket_at(&sale, T0 + 10_000, "second").await, "admitted");
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 10_000, "first", "k", 1).await,
+        "admission_required"
+    );
+    // The second user's admission counts from its own admission.
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 19_999, "second", "k", 1).await,
+        "created"
+    );
+}
+
+#[tokio::test]
+async fn a_reserve_at_the_admission_deadline_millisecond_is_refused() {
+    let sale = queue_sale("q-deadline", 2, 1, room(10, 0), None).await;
+    queue_at(&sale, T0, "join", "late", "0").await;
+    queue_at(&sale, T0, "join", "early", "0").await;
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 10_000, "late", "k", 1).await,
+        "admission_required"
+    );
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 9_999, "early", "k", 1).await,
+        "created"
+    );
+}
+
+#[tokio::test]
+async fn an_admitted_user_cannot_take_the_units_promised_to_the_others() {
+    let sale = queue_sale("q-promised", 3, 2, room(60, 0), None).await;
+    for user in ["a", "b", "c"] {
+        queue_at(&sale, T0, "join", user, "0").await;
+    }
+    assert_eq!(ticket_at(&sale, T0, "c").await, "admitted");
+    // 3 available, 2 promised to b and c: a may take 1, not 2.
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 1, "a", "k2", 2).await,
+        "sold_out"
+    );
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 1, "a", "k1", 1).await,
+        "created"
+    );
+    // One admission, one hold: a replay answers it, another key does not.
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 2, "a", "k1", 1).await,
+        "replayed"
+    );
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 2, "a", "k3", 1).await,
+        "admission_used"
+    );
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 2, "b", "k", 1).await,
+        "created"
+    );
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 2, "c", "k", 1).await,
+        "created"
+    );
+    assert_eq!(ticket_at(&sale, T0 + 3, "a").await, "used");
+}
+
+#[tokio::test]
+async fn a_reserve_without_an_admission_is_refused_on_a_sku_with_a_waiting_room() {
+    let sale = queue_sale("q-noadmission", 3, 1, room(60, 0), None).await;
+    queue_at(&sale, T0, "join", "a", "0").await;
+    queue_at(&sale, T0, "join", "b", "0").await;
+    // Never joined, or joined and admitted but without the gateway's word on a token.
+    assert_eq!(
+        reserve_admitted_at(&sale, T0, "stranger", "k", 1).await,
+        "admission_required"
+    );
+    let reply: Vec<String> = with_sale_keys(
+        &script_with_clock(include_str!("../lua/reserve.lua"), T0),
+        &sale.keys,
+    )
+    .key(sale.keys.idempotency("a", "k"))
+    .key(sale.keys.queue_admits())
+    .key(sale.keys.queue_used())
+    .arg("a")
+    .arg(1)
+    .arg(ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&sale.sku))
+    .arg("k")
+    .arg(86_400_000)
+    .arg(GRACE_MS)
+    .arg(16)
+    .arg(0)
+    .arg("0")
+    .arg("0")
+    .invoke_async(&mut sale.conn())
+    .await
+    .unwrap();
+    assert_eq!(reply[0], "admission_required");
+}
+
+#[tokio::test]
+async fn nobody_is_admitted_before_the_start_and_the_prequeue_takes_the_order_of_its_draws() {
+    let start = T0 + 60_000;
+    let sale = queue_sale("q-prequeue", 1, 1, room(60, 0), Some(start)).await;
+    for (user, draw) in [("x", "30"), ("y", "10"), ("z", "20")] {
+        let reply = queue_at(&sale, start - 1, "join", user, draw).await;
+        assert_eq!(
+            (reply[0].as_str(), reply[1].as_str()),
+            ("waiting", ""),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(ticket_at(&sale, start - 1, "y").await, "waiting");
+    // From the start: positions by draw, and the first is admitted.
+    let position = |reply: Vec<String>| reply[1].clone();
+    assert_eq!(
+        position(queue_at(&sale, start, "ticket", "y", "").await),
+        "1"
+    );
+    assert_eq!(
+        position(queue_at(&sale, start, "ticket", "z", "").await),
+        "2"
+    );
+    assert_eq!(
+        position(queue_at(&sale, start, "ticket", "x", "").await),
+        "3"
+    );
+    assert_eq!(ticket_at(&sale, start, "y").await, "admitted");
+    assert_eq!(ticket_at(&sale, start, "z").await, "waiting");
+    // Later joins follow the pre-queue, whatever their draw.
+    assert_eq!(
+        position(queue_at(&sale, start + 1, "join", "w", "0").await),
+        "4"
+    );
+}
+
+#[tokio::test]
+async fn admissions_keep_to_admit_per_second() {
+    let sale = queue_sale("q-rate", 10, 1, room(60, 2), None).await;
+    for user in ["a", "b", "c", "d", "e"] {
+        queue_at(&sale, T0, "join", user, "0").await;
+    }
+    let served = |reply: Vec<String>| reply[2].clone();
+    assert_eq!(
+        served(queue_at(&sale, T0 + 999, "ticket", "a", "").await),
+        "2"
+    );
+    assert_eq!(ticket_at(&sale, T0 + 999, "c").await, "waiting");
+    assert_eq!(
+        served(queue_at(&sale, T0 + 1_000, "ticket", "a", "").await),
+        "4"
+    );
+    assert_eq!(
+        served(queue_at(&sale, T0 + 2_000, "ticket", "a", "").await),
+        "5"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_or_sold_out_sale_admits_nobody_and_sold_out_reaches_every_ticket() {
+    let sale = queue_sale("q-paused", 1, 1, room(60, 0), None).await;
+    let paused = SkuDefinition {
+        stock_total: 1,
+        per_user_limit: 1,
+        hold_seconds: 60,
+        starts_at_ms: None,
+        ends_at_ms: None,
+        buckets: 1,
+        paused: true,
+        waiting_room: Some(room(60, 0)),
+    };
+    sale.store.load_sku(&sale.sku, &paused, 0).await.unwrap();
+    queue_at(&sale, T0, "join", "a", "0").await;
+    queue_at(&sale, T0, "join", "b", "0").await;
+    assert_eq!(ticket_at(&sale, T0, "a").await, "waiting");
+    let resumed = SkuDefinition {
+        paused: false,
+        ..paused
+    };
+    sale.store.load_sku(&sale.sku, &resumed, 0).await.unwrap();
+    assert_eq!(ticket_at(&sale, T0 + 1, "a").await, "admitted");
+    assert_eq!(
+        reserve_admitted_at(&sale, T0 + 2, "a", "k", 1).await,
+        "created"
+    );
+    let rid: Vec<String> = redis::cmd("HKEYS")
+        .arg(&sale.keys.holds)
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    let rid = format!("{}.{}", ids::reservation_head(sale.sku.as_str()), rid[0]);
+    assert_eq!(sale.confirm_at(&rid, "pay", T0 + 3).await[0], "confirmed");
+    assert_eq!(ticket_at(&sale, T0 + 4, "b").await, "sold_out");
+    assert_eq!(
+        queue_at(&sale, T0 + 4, "join", "c", "0").await[0],
+        "sold_out"
+    );
+    assert_eq!(ticket_at(&sale, T0 + 4, "a").await, "used");
 }
