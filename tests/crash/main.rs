@@ -13,6 +13,7 @@ mod cluster;
 mod many_gateways;
 mod money;
 mod mysql_outage;
+mod queue;
 mod reconcile;
 mod redis_crash;
 mod redis_pitfalls;

@@ -15,12 +15,12 @@ use tokio::sync::Barrier;
 use crate::common::{self, unique_sku, user_token, JWT_SECRET, SERVICE_TOKEN};
 use crate::support::*;
 
-struct Gateway {
-    base: String,
-    proc: Proc,
+pub(crate) struct Gateway {
+    pub(crate) base: String,
+    pub(crate) proc: Proc,
 }
 
-async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
+pub(crate) async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
     let port = free_port();
     let mut command = flashgate(redis_url, database_url);
     command
@@ -47,7 +47,7 @@ async fn start_gateway(redis_url: &str, database_url: &str) -> Gateway {
     Gateway { base, proc }
 }
 
-async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
+pub(crate) async fn answer(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -67,7 +67,7 @@ async fn reserve(client: &Client, base: &str, sku: &str, user: &str) -> (StatusC
 }
 
 /// Defines a SKU through a gateway; panics unless 200.
-async fn define_sku(client: &Client, gateway: &Gateway, sku: &str, definition: Value) {
+pub(crate) async fn define_sku(client: &Client, gateway: &Gateway, sku: &str, definition: Value) {
     let (status, view) = answer(
         client
             .put(format!("{}/v1/admin/skus/{sku}", gateway.base))
@@ -87,7 +87,7 @@ async fn sku_view(client: &Client, gateway: &Gateway, sku: &str) -> Value {
     answer(client.get(url).send().await.unwrap()).await.1
 }
 
-async fn service_post(client: &Client, url: String, body: Value) -> (StatusCode, Value) {
+pub(crate) async fn service_post(client: &Client, url: String, body: Value) -> (StatusCode, Value) {
     answer(
         client
             .post(url)
