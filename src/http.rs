@@ -1305,15 +1305,16 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Hold stock for the calling user; a replayed `Idempotency-Key` answers the same hold.
 #[utoipa::path(
     post, path = "/v1/skus/{sku}/reservations", tag = "sale",
-    params(openapi::SkuPath, openapi::IdempotencyKeyHeader),
+    params(openapi::SkuPath, openapi::IdempotencyKeyHeader, openapi::AdmissionTokenHeader),
     request_body(content = ReserveBody, content_type = "application/json",
         description = "Optional (see `EdgeProblems`): no body holds one unit"),
     security(("user_jwt" = [])),
     responses(
         (status = 201, description = "The hold (new, or replayed)", body = ReservationView,
             headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
+        (status = 403, description = "`admission_required`: the SKU has a waiting room and the `Admission-Token` is missing, not good, or not the caller's", body = openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no such SKU", body = openapi::ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` (with `starts_at` and `Retry-After`), `ended` or `paused`", body = openapi::ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`sold_out`, `limit_exceeded`, `not_started` (with `starts_at` and `Retry-After`), `ended`, `paused` or `admission_used`", body = openapi::ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused`: same key, other body", body = openapi::ProblemBody, content_type = "application/problem+json"),
     )
 )]

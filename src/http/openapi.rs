@@ -184,6 +184,16 @@ pub(super) struct IdempotencyKeyHeader {
     idempotency_key: String,
 }
 
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // parameters: read by the `AdmissionToken` extractor
+pub(super) struct AdmissionTokenHeader {
+    /// On a SKU with a waiting room: the `admission_token` of the caller's admitted
+    /// ticket (`/v1/skus/{sku}/queue`); one admission makes at most one hold.
+    #[param(rename = "Admission-Token", pattern = "^[!-~]{1,512}$", max_length = 512)]
+    admission_token: Option<String>,
+}
+
 struct Security;
 
 impl Modify for Security {

@@ -74,7 +74,7 @@ impl From<Ticket> for TicketView {
 /// user and SKU; its position never changes).
 #[utoipa::path(
     post, path = "/v1/skus/{sku}/queue", tag = "sale",
-    params(("sku" = String, Path, description = "SKU id")),
+    params(super::openapi::SkuPath),
     security(("user_jwt" = [])),
     responses(
         (status = 200, description = "The caller's ticket", body = TicketView),
@@ -94,7 +94,7 @@ pub(super) async fn join(
 /// The caller's ticket in the SKU's waiting room.
 #[utoipa::path(
     get, path = "/v1/skus/{sku}/queue", tag = "sale",
-    params(("sku" = String, Path, description = "SKU id")),
+    params(super::openapi::SkuPath),
     security(("user_jwt" = [])),
     responses(
         (status = 200, description = "The caller's ticket", body = TicketView),
@@ -120,7 +120,7 @@ pub(super) async fn ticket(
 /// stream reads its own ticket only when it is admitted, at the start and at the end.
 #[utoipa::path(
     get, path = "/v1/skus/{sku}/queue/stream", tag = "sale",
-    params(("sku" = String, Path, description = "SKU id")),
+    params(super::openapi::SkuPath),
     security(("user_jwt" = [])),
     responses(
         (status = 200, description = "`text/event-stream` of `ticket` events, each a ticket", body = TicketView, content_type = "text/event-stream"),
