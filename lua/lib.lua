@@ -646,11 +646,17 @@ local function admission_of(Q, user, now)
 end
 
 -- `queue`: the waiting room's keys (admission_of) when the caller checked an admission
--- token of this user and SKU, else nil. On a SKU with a waiting room a new hold needs
--- an unused admission, spends it, and leaves the units promised to other admitted users
--- alone (so admitted-unused <= available holds after it); replays need none.
+-- token of this user and SKU, else nil. On a SKU with a waiting room every reserve needs
+-- the token (nil: 'admission_required'); a new hold needs an unused admission, spends
+-- it, and leaves the units promised to other admitted users alone (so admitted-unused
+-- <= available holds after it); a replay of the key answers without spending anything.
 local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem_ttl_ms,
                             grace_ms, reclaim_limit, churn_cap, now, queue)
+  if sale and sale.waiting_room and not queue then
+    -- Every reserve of such a SKU carries its token, replays too (the gateway then
+    -- answers this from memory for a while: src/queue.rs SeenWaitingRooms).
+    return { 'admission_required' }
+  end
   local u = load_usage(K, user)
   local claim = find_claim(u, idem, now)
   if claim then
@@ -685,9 +691,6 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
   end
   local promised, admitted_until = 0, nil
   if sale.waiting_room then
-    if not queue then
-      return { 'admission_required' }
-    end
     promised, admitted_until = admission_of(queue, user, now)
     if not promised then
       return { admitted_until }

@@ -43,6 +43,8 @@ pub struct Gateway {
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
     /// The waiting rooms streams follow on this gateway (src/queue.rs).
     pub queue_watchers: Arc<queue::Watchers>,
+    /// SKUs that refused a reserve without an admission token lately.
+    waiting_rooms: Arc<queue::SeenWaitingRooms>,
 }
 
 /// How long a reserve's idempotency key lives, from the gateway's settings.
@@ -84,6 +86,7 @@ impl Gateway {
             bucket_moves,
             bucket_counts: Default::default(),
             queue_watchers: Default::default(),
+            waiting_rooms: Default::default(),
         }
     }
 
@@ -196,6 +199,9 @@ impl Gateway {
         quantity: u64,
         idempotency_key: &str,
     ) -> Result<(Reservation, bool)> {
+        if self.waiting_rooms.refuses(sku) {
+            return Err(Error::Refused(Refusal::AdmissionRequired));
+        }
         // A user's reserves of a SKU always go to one bucket: the limit and the key
         // are decided there, in one script, as for an unsplit SKU.
         let k = match self.bucket_count(sku).await? {
@@ -258,6 +264,10 @@ impl Gateway {
             Err(Error::Refused(Refusal::SoldOut)) => {
                 self.sold_out.raise(sku, quantity);
                 Err(Error::Refused(Refusal::SoldOut))
+            }
+            Err(Error::Refused(Refusal::AdmissionRequired)) => {
+                self.waiting_rooms.saw(sku);
+                Err(Error::Refused(Refusal::AdmissionRequired))
             }
             other => other,
         };

@@ -10,8 +10,9 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -214,6 +215,45 @@ pub fn retry_after_ms(ahead: u64, waiting: u64, polls_per_second: u32) -> u32 {
     let harmonic = n.ln() + 0.5772156649 + 1.0 / (2.0 * n);
     let ms = 1000.0 * (ahead + 1) as f64 * harmonic / f64::from(polls_per_second.max(1));
     (ms.ceil() as u64).clamp(limits::QUEUE_RETRY_MIN_MS, u32::MAX as u64) as u32
+}
+
+/// How long a gateway answers a reserve without a token `admission_required` itself
+/// after Redis did for the SKU.
+pub const SEEN_WAITING_ROOM_FOR: Duration = Duration::from_secs(1);
+/// SKUs a gateway remembers that for; past it the memory starts over.
+const SEEN_WAITING_ROOMS_MAX: usize = 65_536;
+
+/// SKUs whose reserve script answered `admission_required` to a reserve without a token
+/// lately: for SEEN_WAITING_ROOM_FOR such reserves of them get their 403 before Redis
+/// (a crowd without tokens costs a look-up here, not a script call in Redis). A PUT
+/// that removes the waiting room reaches every gateway within that time. Costs an
+/// atomic load per reserve until the gateway has seen a waiting room.
+#[derive(Default)]
+pub struct SeenWaitingRooms {
+    any: AtomicBool,
+    seen: RwLock<HashMap<SkuId, Instant>>,
+}
+
+impl SeenWaitingRooms {
+    /// True when Redis refused a reserve without a token for the SKU lately.
+    pub fn refuses(&self, sku: &SkuId) -> bool {
+        self.any.load(Ordering::Relaxed)
+            && self
+                .seen
+                .read()
+                .expect("seen waiting rooms lock")
+                .get(sku)
+                .is_some_and(|at| at.elapsed() < SEEN_WAITING_ROOM_FOR)
+    }
+
+    pub fn saw(&self, sku: &SkuId) {
+        let mut seen = self.seen.write().expect("seen waiting rooms lock");
+        if seen.len() >= SEEN_WAITING_ROOMS_MAX {
+            seen.clear();
+        }
+        seen.insert(sku.clone(), Instant::now());
+        self.any.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How often a SKU's watcher looks at its queue while streams are open: a terminal

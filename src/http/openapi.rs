@@ -190,7 +190,11 @@ pub(super) struct IdempotencyKeyHeader {
 pub(super) struct AdmissionTokenHeader {
     /// On a SKU with a waiting room: the `admission_token` of the caller's admitted
     /// ticket (`/v1/skus/{sku}/queue`); one admission makes at most one hold.
-    #[param(rename = "Admission-Token", pattern = "^[!-~]{1,512}$", max_length = 512)]
+    #[param(
+        rename = "Admission-Token",
+        pattern = "^[!-~]{1,512}$",
+        max_length = 512
+    )]
     admission_token: Option<String>,
 }
 
