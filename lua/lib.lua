@@ -629,6 +629,26 @@ end
 -- A rejection writes nothing but the reclaim of already expired holds; one idempotency
 -- key creates at most one hold, and replays it at least as long as that hold can be
 -- paid (key lifetime >= hold + payment grace); available never goes below 0.
+-- An admission does not run down while nobody may use it: load_sku.lua marks the
+-- moment a pause (or a start moved later) stopped the sale (q:state `frozen_at`); the
+-- first script to see the sale open again moves every unused admission's deadline on by
+-- the time it stood still. Bounded by the unused admissions (at most `available`).
+local function thaw_admissions(admits, state, now)
+  local frozen_at = redis.call('HGET', state, 'frozen_at')
+  if not frozen_at then
+    return
+  end
+  redis.call('HDEL', state, 'frozen_at')
+  local delay = now - tonumber(frozen_at)
+  if delay <= 0 then
+    return
+  end
+  local entries = redis.call('ZRANGE', admits, 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    redis.call('ZADD', admits, string.format('%d', tonumber(entries[i + 1]) + delay), entries[i])
+  end
+end
+
 -- The waiting room's admissions (queue.lua): Q = { admits = fg:{sku}:q:admits (ZSET user ->
 -- admitted_until, admissions not used yet), used = fg:{sku}:q:used (HASH user ->
 -- admitted_until of the admission a hold used) }. Returns the units promised to other
@@ -645,8 +665,9 @@ local function admission_of(Q, user, now)
   return nil, 'admission_required'
 end
 
--- `queue`: the waiting room's keys (admission_of) when the caller checked an admission
--- token of this user and SKU, else nil. On a SKU with a waiting room every reserve needs
+-- `queue`: the waiting room's keys (admission_of; `state` q:state) when the caller
+-- checked an admission token of this user and SKU (`replay_only` when its deadline had
+-- passed by the gateway's clock: it may replay its key, nothing more), else nil. On a SKU with a waiting room every reserve needs
 -- the token (nil: 'admission_required'); a new hold needs an unused admission, spends
 -- it, and leaves the units promised to other admitted users alone (so admitted-unused
 -- <= available holds after it); a replay of the key answers without spending anything.
@@ -691,6 +712,11 @@ local function reserve_hold(K, sale, legacy_key, user, idem, quantity, rid, idem
   end
   local promised, admitted_until = 0, nil
   if sale.waiting_room then
+    if queue.replay_only then
+      -- A token past its deadline (src/queue.rs): it replays its key, it buys nothing.
+      return { 'admission_required' }
+    end
+    thaw_admissions(queue.admits, queue.state, now)
     promised, admitted_until = admission_of(queue, user, now)
     if not promised then
       return { admitted_until }

@@ -14,7 +14,9 @@
 --          no state still takes ARGV[1]
 -- ARGV[11] the SKU's stock_total over all its buckets (meta `sku_stock`, for the view)
 -- ARGV[13] '1' paused by an operator, '0' not (meta `paused`, a term of sale)
--- ARGV[14] the waiting room's admission_seconds in ms, '' for none (queue.lua)
+-- KEYS[10..13] the waiting room's q:line q:admits q:used q:state (queue.lua)
+-- ARGV[14] the waiting room's admission_seconds in ms, '' for none (queue.lua): without
+--          one, a waiting room the SKU had is deleted with its line and admissions
 -- ARGV[15] its admit_per_second (0: as fast as stock allows)   ARGV[16] '1': shuffle the
 --          pre-queue
 -- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
@@ -32,11 +34,25 @@
 -- their deadline are expired first, so they never count as committed.
 local K = sale_keys()
 local meta = K.meta
+
+-- Admissions wait while nobody may use them: from a pause, or from a start moved later
+-- than now after the sale had started, until the sale is open again, when the first
+-- script to see it open moves their deadlines on by that time (lib.lua thaw_admissions).
+local function freeze_admissions(was_paused, paused, starts_at, now)
+  local state = KEYS[13]
+  local stopped = (paused and not was_paused)
+    or (starts_at ~= '' and tonumber(starts_at) > now
+      and redis.call('HGET', state, 'started') == '1')
+  if stopped then
+    redis.call('HSETNX', state, 'frozen_at', string.format('%d', now))
+  end
+end
+
 local stock_total = tonumber(ARGV[1])
 if redis.call('EXISTS', meta) == 1 then
   expire_due(K, now_ms(), tonumber(ARGV[7]))
 end
-local m = redis.call('HMGET', meta, 'held', 'sold', 'retired', 'stock_total')
+local m = redis.call('HMGET', meta, 'held', 'sold', 'retired', 'stock_total', 'paused', 'wr_ms')
 local created = not m[2]
 if created and ARGV[12] == '1' then
   return { 'missing' }
@@ -56,8 +72,14 @@ if ARGV[8] ~= '1' then
     'ends_at', ARGV[5], 'buckets', ARGV[9], 'sku_stock', ARGV[11], 'paused', ARGV[13] or '0')
   if (ARGV[14] or '') ~= '' then
     redis.call('HSET', meta, 'wr_ms', ARGV[14], 'wr_rate', ARGV[15], 'wr_shuffle', ARGV[16])
+    freeze_admissions(m[5] == '1', (ARGV[13] or '0') == '1', ARGV[4], now_ms())
   else
     redis.call('HDEL', meta, 'wr_ms', 'wr_rate', 'wr_shuffle')
+    if m[6] then
+      -- The waiting room is removed: its line and its admissions end with it (a later
+      -- one starts from an empty line; no admission of this one is ever spent there).
+      redis.call('DEL', KEYS[10], KEYS[11], KEYS[12], KEYS[13])
+    end
   end
   if created then
     -- A new SKU has no layout-1 keys to look for (lib.lua).

@@ -8,7 +8,6 @@
 -- ARGV[2] user id ('' for watch)
 -- ARGV[3] join: a secret random integer in [0, 2^52) from the gateway's CSPRNG, the
 --         user's place in the shuffled pre-queue (used only before the start)
---         watch: the `served` count the watcher saw last (users admitted since are listed)
 -- ARGV[4] most admissions in this call (bounds its time)
 --
 -- Keys (meta `wr_ms` = admission_seconds in ms, `wr_rate` = admit_per_second (0: as fast
@@ -27,18 +26,19 @@
 --   {'no_waiting_room'}
 --   join / ticket: {state, position ('' before the start), served, line length,
 --                   admitted_until ('' unless admitted or used), first_admit_at ('' when
---                   nobody was admitted yet), now, admit_per_second}
+--                   nobody was admitted yet), now, admit_per_second, admission ms}
 --     state: 'none' (ticket: the user has no ticket), 'waiting', 'admitted', 'used'
 --            (its admission made a hold), 'lapsed' (unused past admitted_until),
 --            'sold_out', 'closed' (for a waiting or admitted ticket, and for anyone
 --            once the sale is over: a join then takes no place)
 --   watch: {phase ('pre' | 'open' | 'sold_out' | 'closed'), served, line length,
---           first_admit_at or '', now, admit_per_second, users admitted at ranks from
---           ARGV[3] to served (at most 1000)...}
+--           first_admit_at or '', now, admit_per_second, admission ms}
 --
 -- Admission: in rank order, while available minus unused admissions is above 0, at most
 -- admit_per_second per second; an admission unused at admitted_until lapses and its
--- unit goes to the next rank. Not before the start, nor while paused, sold out or closed.
+-- unit goes to the next rank. Not before the start, nor while paused, sold out or closed;
+-- while paused or before the start admissions do not lapse (lib.lua thaw_admissions
+-- moves their deadlines on by the time the sale stood still).
 -- Invariants: one place per user (ZSCORE before ZADD, atomically); a rank is admitted
 -- once (`served` only grows); unused admissions <= available after every admission,
 -- since each takes one unit of `available - unused` (reserve.lua keeps it on spending).
@@ -57,20 +57,24 @@ end
 local now = now_ms()
 local available, sold, stock_total = tonumber(m[1]), tonumber(m[2]), tonumber(m[3])
 local admission_ms, rate = tonumber(m[6]), tonumber(m[7] or '0')
+local paused = m[10] == '1'
 
+-- Closed first (a retired sale's keys are gone: nothing below may write them back),
+-- then the pre-queue (before the start nothing is final), then sold out. A stock of 0
+-- is not sold out: it waits for stock.
 local phase = 'open'
 if m[9] or (m[5] ~= '' and now >= tonumber(m[5])) then
   phase = 'closed'
-elseif sold >= stock_total then
-  phase = 'sold_out'
 elseif m[4] ~= '' and now < tonumber(m[4]) then
   phase = 'pre'
+elseif stock_total > 0 and sold >= stock_total then
+  phase = 'sold_out'
 end
 
 local s = redis.call('HMGET', state, 'served', 'started', 'first_admit_at', 'rate_at', 'rate_n')
 local served = tonumber(s[1] or '0')
 local started = s[2] == '1'
-if phase ~= 'pre' and not started then
+if phase ~= 'pre' and phase ~= 'closed' and not started then
   -- From now on joins are in arrival order behind the pre-queue, even if the start moves.
   redis.call('HSET', state, 'started', '1')
   started = true
@@ -91,12 +95,15 @@ if mode ~= 'watch' then
   end
 end
 
-if phase ~= 'pre' then
+-- Admissions do not run down while nobody may use them (paused, before the start):
+-- load_sku.lua moves their deadlines on by the time the sale stood still.
+if phase ~= 'pre' and not paused then
+  thaw_admissions(admits, state, now)
   redis.call('ZREMRANGEBYSCORE', admits, '-inf', now) -- lapsed
 end
 local first_admit_at = s[3] or ''
 local total = redis.call('ZCARD', line)
-if phase == 'open' and m[10] ~= '1' then
+if phase == 'open' and not paused then
   local n = math.min(available - redis.call('ZCARD', admits), total - served,
     tonumber(ARGV[4]))
   local rate_at, rate_n = tonumber(s[4] or '0'), tonumber(s[5] or '0')
@@ -126,23 +133,15 @@ end
 
 local now_text = string.format('%d', now)
 if mode == 'watch' then
-  local reply = { phase, served, total, first_admit_at, now_text, rate }
-  local since = tonumber(ARGV[3])
-  if since < served then
-    local users = redis.call('ZRANGE', line, since, math.min(served, since + 1000) - 1)
-    for _, u in ipairs(users) do
-      reply[#reply + 1] = u
-    end
-  end
-  return reply
+  return { phase, served, total, first_admit_at, now_text, rate, admission_ms }
 end
 
 if not score then
   -- Over: everyone is told so, with or without a place (none is made now).
   if phase == 'sold_out' or phase == 'closed' then
-    return { phase, '', served, total, '', first_admit_at, now_text, rate }
+    return { phase, '', served, total, '', first_admit_at, now_text, rate, admission_ms }
   end
-  return { 'none', '', served, total, '', first_admit_at, now_text, rate }
+  return { 'none', '', served, total, '', first_admit_at, now_text, rate, admission_ms }
 end
 local position = ''
 if started then
@@ -162,4 +161,5 @@ end
 if (phase == 'sold_out' or phase == 'closed') and (ticket == 'waiting' or ticket == 'admitted') then
   ticket = phase
 end
-return { ticket, position, served, total, admitted_until or '', first_admit_at, now_text, rate }
+return { ticket, position, served, total, admitted_until or '', first_admit_at, now_text, rate,
+  admission_ms }

@@ -4,7 +4,8 @@
 --            outbox comps churn rlog holds
 -- KEYS[10] fg:{sku}:idem:<n>:<user>:<key> (layout 1's idempotency key, read only for a
 --          layout-1 SKU)
--- KEYS[11] fg:{sku}:q:admits   KEYS[12] fg:{sku}:q:used  (the waiting room, queue.lua)
+-- KEYS[11] fg:{sku}:q:admits   KEYS[12] fg:{sku}:q:used   KEYS[13] fg:{sku}:q:state
+--          (the waiting room, queue.lua)
 -- ARGV[1] user id   ARGV[2] quantity (>= 1)   ARGV[3] new reservation id
 -- ARGV[4] idempotency key   ARGV[5] idempotency TTL (ms)   ARGV[6] payment grace (ms)
 -- ARGV[7] expired holds to reclaim before sold_out
@@ -13,7 +14,8 @@
 --         (Redis had no state for the SKU): then a SKU split over buckets answers
 --         {'split'} and nothing is done (its users have home buckets, src/buckets.rs)
 -- ARGV[10] '1' when the gateway checked an admission token of this user and SKU
---          (src/queue.rs): a SKU with a waiting room then spends the user's admission
+--          (src/queue.rs): a SKU with a waiting room then spends the user's admission;
+--          '2' when that token's deadline had passed: it may only replay its key
 --
 -- Replies:
 --   {'created', expires_at, created_at}   a new hold: rid, user, quantity as asked, status held
@@ -34,7 +36,10 @@ if ARGV[9] == '1' and tonumber(redis.call('HGET', K.meta, 'buckets') or '1') > 1
   return { 'split' }
 end
 local sale = load_sale(K.meta)
-local queue = ARGV[10] == '1' and { admits = KEYS[11], used = KEYS[12] } or nil
+local queue = nil
+if ARGV[10] == '1' or ARGV[10] == '2' then
+  queue = { admits = KEYS[11], used = KEYS[12], state = KEYS[13], replay_only = ARGV[10] == '2' }
+end
 local reply = reserve_hold(K, sale, KEYS[10], ARGV[1], ARGV[4], tonumber(ARGV[2]), ARGV[3],
   ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), now_ms(), queue)
 save_sale(K, sale)

@@ -147,19 +147,19 @@ impl Gateway {
         ))
     }
 
-    /// One look at the SKU's waiting room for its watcher (src/queue.rs): admits whom
-    /// the stock allows and lists who was admitted since `served`.
-    pub async fn queue_watch(&self, sku: &SkuId, served: u64) -> Result<queue::QueueWatch> {
-        let reply = self
-            .store
-            .queue(sku, "watch", "", &served.to_string())
-            .await?;
+    /// One look at the SKU's waiting room for its watcher (src/queue.rs); it admits
+    /// whom the stock allows, as every look does.
+    pub async fn queue_watch(&self, sku: &SkuId) -> Result<queue::QueueWatch> {
+        let reply = self.store.queue(sku, "watch", "", "").await?;
         queue::QueueWatch::parse(&reply)
     }
 
     /// A reserve that carries an `Admission-Token`: checked before Redis, then spent by
-    /// the reserve script on a SKU with a waiting room (one admission, one hold). A SKU
-    /// split over buckets has no waiting room: the token is not needed there.
+    /// the reserve script on a SKU with a waiting room (one admission, one hold; a token
+    /// past its deadline only replays its key). A token that is not good counts as none:
+    /// a SKU without a waiting room does not need one, and one with a waiting room
+    /// refuses the reserve (from this gateway's memory once Redis said so). A SKU split
+    /// over buckets has no waiting room.
     pub async fn reserve_admitted(
         &self,
         sku: &SkuId,
@@ -168,13 +168,16 @@ impl Gateway {
         idempotency_key: &str,
         token: &str,
     ) -> Result<(Reservation, bool)> {
-        queue::verify(
+        let checked = queue::verify(
             &self.settings.id_keys,
             token,
             sku,
             user_id,
             crate::explore::host_clock_ms(),
-        )?;
+        );
+        let Ok(admission) = checked else {
+            return self.reserve(sku, user_id, quantity, idempotency_key).await;
+        };
         if self.bucket_count(sku).await? != Some(1) {
             return self.reserve(sku, user_id, quantity, idempotency_key).await;
         }
@@ -186,7 +189,7 @@ impl Gateway {
         };
         let outcome = self
             .store
-            .reserve_admitted(sku, &request, keys_ttl(&self.settings))
+            .reserve_admitted(sku, &request, keys_ttl(&self.settings), admission)
             .await;
         self.answer(sku, outcome).await
     }

@@ -1282,23 +1282,6 @@ impl FromRequestParts<SharedState> for AdmissionToken {
     }
 }
 
-/// A user's own resource (the waiting room): a user's bearer token, never the
-/// service token.
-struct User(String);
-
-impl FromRequestParts<SharedState> for User {
-    type Rejection = Problem;
-
-    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, Problem> {
-        let token = bearer(parts).map_err(Problem::unauthorized)?;
-        state
-            .auth
-            .user(token)
-            .await
-            .map(User)
-            .map_err(Problem::unauthorized)
-    }
-}
 /// A constant name: looked up without parsing a string on every reserve.
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 

@@ -52,6 +52,9 @@ pub const QUEUE_ADMIT_BATCH: u32 = 1000;
 pub const QUEUE_POLLS_PER_SECOND: u32 = 1000;
 /// Shortest `retry_after_ms` a waiting ticket answers (the front of the line).
 pub const QUEUE_RETRY_MIN_MS: u64 = 500;
+/// `retry_after_ms` of an admitted ticket: it has nothing to wait for (reserve); a poll
+/// now and then shows a lapse or the end.
+pub const QUEUE_ADMITTED_RETRY_MS: u64 = 5_000;
 /// A waiting room's `admission_seconds`: at least a second, at most a day.
 pub const ADMISSION_SECONDS_MAX: u64 = 86_400;
 /// Admission tokens longer than this are refused unread (a token carries the SKU,

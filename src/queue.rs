@@ -20,6 +20,7 @@ use crate::gateway::Gateway;
 use crate::ids::{IdKeys, SkuId, ADMISSION_MAC_BYTES};
 use crate::limits;
 use crate::reservation::Refusal;
+use crate::store::Admission;
 
 /// Where a ticket stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -77,6 +78,8 @@ pub struct QueueRead {
     pub first_admit_at_ms: Option<i64>,
     pub now_ms: i64,
     pub admit_per_second: u64,
+    /// The waiting room's admission_seconds, in ms.
+    pub admission_ms: u64,
 }
 
 impl QueueRead {
@@ -88,7 +91,7 @@ impl QueueRead {
             Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
             _ => {}
         }
-        let [state, position, served, line, until, first, now, rate] = reply else {
+        let [state, position, served, line, until, first, now, rate, admission] = reply else {
             return Err(bad_reply("queue arity"));
         };
         Ok(QueueRead {
@@ -100,6 +103,7 @@ impl QueueRead {
             first_admit_at_ms: optional(first)?.map(|v| v as i64),
             now_ms: number(now)? as i64,
             admit_per_second: number(rate)?,
+            admission_ms: number(admission)?,
         })
     }
 }
@@ -114,8 +118,7 @@ pub struct QueueWatch {
     pub first_admit_at_ms: Option<i64>,
     pub now_ms: i64,
     pub admit_per_second: u64,
-    /// Users admitted since the `served` the watcher passed in.
-    pub admitted: Vec<String>,
+    pub admission_ms: u64,
 }
 
 impl QueueWatch {
@@ -125,7 +128,7 @@ impl QueueWatch {
             Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
             _ => {}
         }
-        let [phase, served, line, first, now, rate, admitted @ ..] = reply else {
+        let [phase, served, line, first, now, rate, admission] = reply else {
             return Err(bad_reply("queue watch arity"));
         };
         Ok(QueueWatch {
@@ -135,7 +138,7 @@ impl QueueWatch {
             first_admit_at_ms: optional(first)?.map(|v| v as i64),
             now_ms: number(now)? as i64,
             admit_per_second: number(rate)?,
-            admitted: admitted.to_vec(),
+            admission_ms: number(admission)?,
         })
     }
 }
@@ -167,8 +170,9 @@ pub fn ticket(
         .then(|| eta_seconds(ahead, read))
         .flatten();
     let retry_after_ms = match state {
-        TicketState::Waiting => retry_after_ms(ahead, waiting, polls_per_second),
-        TicketState::Admitted => limits::QUEUE_RETRY_MIN_MS as u32,
+        TicketState::Waiting => retry_after_ms(ahead, waiting, polls_per_second, read.admission_ms),
+        // Nothing to wait for: reserve. A poll now and then shows a lapse or the end.
+        TicketState::Admitted => limits::QUEUE_ADMITTED_RETRY_MS as u32,
         TicketState::SoldOut | TicketState::Closed => 0,
     };
     let admission = (state == TicketState::Admitted)
@@ -208,13 +212,17 @@ fn eta_seconds(ahead: u64, read: &QueueRead) -> Option<u64> {
 /// `polls_per_second` times a second: user i (0-based from the front) waits
 /// (i + 1) * H(waiting) / polls_per_second seconds, H the harmonic number, and
 /// Σ 1 / ((i + 1) * H / p) = p. The front polls often, the back rarely; the floor only
-/// lowers the total.
-pub fn retry_after_ms(ahead: u64, waiting: u64, polls_per_second: u32) -> u32 {
+/// lowers the total. Never longer than half of `admission_ms`: an admission made right
+/// after a poll is seen before it lapses (units can come back all at once, so anyone
+/// may be admitted). With very long lines that cap adds up to
+/// waiting / (admission_seconds / 2) polls a second to the budget (docs/reference.md).
+pub fn retry_after_ms(ahead: u64, waiting: u64, polls_per_second: u32, admission_ms: u64) -> u32 {
     let n = waiting.max(1) as f64;
     // H(n) ~ ln n + γ + 1/(2n); an upper bound for every n >= 1.
     let harmonic = n.ln() + 0.5772156649 + 1.0 / (2.0 * n);
     let ms = 1000.0 * (ahead + 1) as f64 * harmonic / f64::from(polls_per_second.max(1));
-    (ms.ceil() as u64).clamp(limits::QUEUE_RETRY_MIN_MS, u32::MAX as u64) as u32
+    let cap = (admission_ms / 2).max(limits::QUEUE_RETRY_MIN_MS);
+    (ms.ceil() as u64).clamp(limits::QUEUE_RETRY_MIN_MS, cap.min(u32::MAX as u64)) as u32
 }
 
 /// How long a gateway answers a reserve without a token `admission_required` itself
@@ -292,7 +300,6 @@ impl Watchers {
     }
 
     async fn run(self: Arc<Self>, gateway: Gateway, sku: SkuId, sender: watch::Sender<Snapshot>) {
-        let mut served = 0;
         loop {
             {
                 // Under the lock subscribe takes too: no stream joins a watcher that is
@@ -304,12 +311,28 @@ impl Watchers {
                     return;
                 }
             }
-            match gateway.queue_watch(&sku, served).await {
+            match gateway.queue_watch(&sku).await {
                 Ok(look) => {
-                    served = look.served;
                     sender.send_replace(Some(Arc::new(look)));
                 }
-                // The streams keep their last ticket; the next look may answer.
+                // The operator removed the waiting room: its streams end, `closed`.
+                Err(Error::Refused(Refusal::NoWaitingRoom)) => {
+                    let last = sender.borrow().clone();
+                    sender.send_replace(Some(Arc::new(QueueWatch {
+                        phase: "closed".into(),
+                        ..last.as_deref().cloned().unwrap_or(QueueWatch {
+                            phase: String::new(),
+                            served: 0,
+                            line: 0,
+                            first_admit_at_ms: None,
+                            now_ms: crate::explore::host_clock_ms(),
+                            admit_per_second: 0,
+                            admission_ms: 0,
+                        })
+                    })));
+                }
+                // The streams keep their last ticket; the next look may answer (a SKU
+                // Redis lost is rebuilt by the reconciler).
                 Err(e) => tracing::warn!(sku = %sku, error = %e, "waiting room watch failed"),
             }
             tokio::time::sleep(WATCH_INTERVAL).await;
@@ -362,6 +385,7 @@ pub fn advance(
         first_admit_at_ms: look.first_admit_at_ms,
         now_ms: look.now_ms,
         admit_per_second: look.admit_per_second,
+        admission_ms: look.admission_ms,
     };
     ticket(keys, sku, &last.user_id, &read, polls_per_second)
 }
@@ -387,8 +411,16 @@ pub fn sign(keys: &IdKeys, sku: &SkuId, user_id: &str, admitted_until_ms: i64) -
 const TOKEN_CLOCK_SLACK_MS: i64 = 5_000;
 
 /// Checks an admission token before Redis: signed by one of our keys, for this SKU
-/// and user, not long expired. Anything else is `admission_required`.
-pub fn verify(keys: &IdKeys, token: &str, sku: &SkuId, user_id: &str, now_ms: i64) -> Result<()> {
+/// and user (anything else is an error: the token is not good). A good one is
+/// `Admitted` before its deadline (plus a slack for clocks), `Lapsed` after it: then it
+/// may still replay the key it made a hold with, and buys nothing (lua/reserve.lua).
+pub fn verify(
+    keys: &IdKeys,
+    token: &str,
+    sku: &SkuId,
+    user_id: &str,
+    now_ms: i64,
+) -> Result<Admission> {
     let refused = Error::Refused(Refusal::AdmissionRequired);
     if token.len() > limits::ADMISSION_TOKEN_MAX_LEN {
         return Err(refused);
@@ -416,10 +448,14 @@ pub fn verify(keys: &IdKeys, token: &str, sku: &SkuId, user_id: &str, now_ms: i6
     let Ok(until) = until.parse::<i64>() else {
         return Err(refused);
     };
-    if for_sku != sku.as_str() || for_user != user_id || until + TOKEN_CLOCK_SLACK_MS <= now_ms {
+    if for_sku != sku.as_str() || for_user != user_id {
         return Err(refused);
     }
-    Ok(())
+    Ok(if until + TOKEN_CLOCK_SLACK_MS <= now_ms {
+        Admission::Lapsed
+    } else {
+        Admission::Admitted
+    })
 }
 
 fn optional(raw: &str) -> Result<Option<u64>> {
@@ -451,19 +487,14 @@ mod tests {
     }
 
     #[test]
-    fn a_token_is_good_for_its_user_and_sku_until_its_deadline() {
+    fn a_token_buys_for_its_user_and_sku_until_its_deadline_then_only_replays() {
         let keys = keys();
         let token = sign(&keys, &sku("s1"), "alice", 10_000);
-        assert!(verify(&keys, &token, &sku("s1"), "alice", 9_000).is_ok());
-        // Past the deadline by more than the slack the gateway refuses it unread.
-        assert!(verify(
-            &keys,
-            &token,
-            &sku("s1"),
-            "alice",
-            10_000 + TOKEN_CLOCK_SLACK_MS
-        )
-        .is_err());
+        let at = |now: i64| verify(&keys, &token, &sku("s1"), "alice", now).unwrap();
+        assert_eq!(at(9_000), Admission::Admitted);
+        assert_eq!(at(10_000 + TOKEN_CLOCK_SLACK_MS - 1), Admission::Admitted);
+        // Past the deadline by more than the slack: it may only replay its key.
+        assert_eq!(at(10_000 + TOKEN_CLOCK_SLACK_MS), Admission::Lapsed);
         assert!(verify(&keys, &token, &sku("s2"), "alice", 9_000).is_err());
         assert!(verify(&keys, &token, &sku("s1"), "alice ", 9_000).is_err());
         assert!(verify(&keys, &token, &sku("s1"), "bob", 9_000).is_err());
@@ -514,7 +545,7 @@ mod tests {
     fn the_waiting_users_together_poll_at_most_the_budget() {
         for (waiting, budget) in [(1u64, 1000u32), (10, 1000), (5_000, 1000), (50_000, 200)] {
             let total: f64 = (0..waiting)
-                .map(|ahead| 1000.0 / f64::from(retry_after_ms(ahead, waiting, budget)))
+                .map(|ahead| 1000.0 / f64::from(retry_after_ms(ahead, waiting, budget, u64::MAX)))
                 .sum();
             assert!(
                 total <= f64::from(budget),
@@ -522,11 +553,18 @@ mod tests {
             );
         }
         // The front polls more often than the back.
-        assert!(retry_after_ms(0, 50_000, 1000) < retry_after_ms(40_000, 50_000, 1000));
+        assert!(
+            retry_after_ms(0, 50_000, 1000, u64::MAX)
+                < retry_after_ms(40_000, 50_000, 1000, u64::MAX)
+        );
         assert_eq!(
-            retry_after_ms(0, 1, 1000),
+            retry_after_ms(0, 1, 1000, 120_000),
             limits::QUEUE_RETRY_MIN_MS as u32
         );
+        // Never past half the admission time: an admission is seen before it lapses
+        // (an outside audit found users 10,529 places back told to wait past 120 s).
+        assert_eq!(retry_after_ms(49_999, 50_000, 1000, 120_000), 60_000);
+        assert_eq!(retry_after_ms(10_529, 50_000, 1000, 120_000), 60_000);
     }
 
     #[test]
@@ -542,6 +580,7 @@ mod tests {
                 "1000".into(),
                 "11000".into(),
                 "0".into(),
+                "120000".into(),
             ])
             .unwrap()
         };

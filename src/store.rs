@@ -97,6 +97,17 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     queue: script(include_str!("../lua/queue.lua")),
 });
 
+/// What a reserve's admission token told the gateway (src/queue.rs, lua/reserve.lua).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// No token (or one that is not good): a SKU with a waiting room refuses it.
+    None,
+    /// A token of this user and SKU before its deadline: the script spends it.
+    Admitted,
+    /// A token of this user and SKU past its deadline: it may only replay its key.
+    Lapsed,
+}
+
 /// How long after its take a transfer's own caller may still give (src/buckets.rs);
 /// past it only `finish_transfers`, which waits much longer, does.
 pub const TRANSFER_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -718,7 +729,7 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
     ) -> Result<ReserveOutcome> {
-        self.run_reserve(sku, request, keys_ttl, false, false)
+        self.run_reserve(sku, request, keys_ttl, false, Admission::None)
             .await?
             .ok_or_else(|| bad_reply("split"))
     }
@@ -732,18 +743,21 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
     ) -> Result<Option<ReserveOutcome>> {
-        self.run_reserve(sku, request, keys_ttl, true, false).await
+        self.run_reserve(sku, request, keys_ttl, true, Admission::None)
+            .await
     }
 
     /// `reserve` with an admission token of this user and SKU, checked by the caller
-    /// (src/queue.rs): on a SKU with a waiting room it spends the user's admission.
+    /// (src/queue.rs): on a SKU with a waiting room it spends the user's admission (or,
+    /// `Admission::Lapsed`, only replays the key).
     pub async fn reserve_admitted(
         &self,
         sku: &SkuId,
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
+        admission: Admission,
     ) -> Result<ReserveOutcome> {
-        self.run_reserve(sku, request, keys_ttl, false, true)
+        self.run_reserve(sku, request, keys_ttl, false, admission)
             .await?
             .ok_or_else(|| bad_reply("split"))
     }
@@ -780,7 +794,7 @@ impl Store {
         request: &ReserveRequest,
         keys_ttl: ReserveSettings,
         unsplit_only: bool,
-        admitted: bool,
+        admission: Admission,
     ) -> Result<Option<ReserveOutcome>> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.conn.clone();
@@ -788,6 +802,7 @@ impl Store {
             .key(keys.idempotency(&request.user_id, &request.idempotency_key))
             .key(keys.queue_admits())
             .key(keys.queue_used())
+            .key(keys.queue_state())
             .arg(&request.user_id)
             .arg(request.quantity)
             .arg(&request.reservation_id)
@@ -797,7 +812,11 @@ impl Store {
             .arg(limits::RESERVE_RECLAIM_BATCH)
             .arg(keys_ttl.released_holds_cap)
             .arg(if unsplit_only { "1" } else { "0" })
-            .arg(if admitted { "1" } else { "0" })
+            .arg(match admission {
+                Admission::None => "0",
+                Admission::Admitted => "1",
+                Admission::Lapsed => "2",
+            })
             .invoke_async(&mut conn)
             .await?;
         if reply.first().map(String::as_str) == Some("split") {
@@ -1202,6 +1221,10 @@ impl Store {
         let keys = SkuKeys::new(sale);
         let mut conn = self.conn.clone();
         let reply: Vec<String> = with_sale_keys(&SCRIPTS.load_sku, &keys)
+            .key(keys.queue_line())
+            .key(keys.queue_admits())
+            .key(keys.queue_used())
+            .key(keys.queue_state())
             .arg(stock.if_new.unwrap_or(0))
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)

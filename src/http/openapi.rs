@@ -260,6 +260,8 @@ fn edge_problems(path: &str, operation: &mut Operation) {
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
     let has_body = operation.request_body.is_some();
     let reserve = path == "/v1/skus/{sku}/reservations";
+    // The per-user and per-address token buckets of the reserve also meter the queue.
+    let rate_limited = reserve || path.starts_with("/v1/skus/{sku}/queue");
     if reserve || path == "/v1/compensations/{id}/resolve" {
         // The reserve body may be left out (one unit). utoipa says "optional" only
         // through `Option<T>`, which also admits a JSON `null` body: the parser
@@ -300,11 +302,11 @@ fn edge_problems(path: &str, operation: &mut Operation) {
             problem("`unsupported_media_type`: a body that is not `application/json`"),
         );
     }
-    if reserve {
+    if rate_limited {
         add(
             "429",
             retry_after(problem(
-                "`rate_limited`: too many reserves from this user or address",
+                "`rate_limited`: too many reserves or queue requests from this user or address",
             )),
         );
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
-use super::{rfc3339_ms, sku_id, ApiResult, SharedState, User};
+use super::{rfc3339_ms, sku_id, AdmittedUser, ApiResult, SharedState};
 use crate::error::Error;
 use crate::gateway::Gateway;
 use crate::ids::SkuId;
@@ -84,7 +84,7 @@ impl From<Ticket> for TicketView {
 )]
 pub(super) async fn join(
     State(state): State<SharedState>,
-    User(user_id): User,
+    AdmittedUser(user_id): AdmittedUser,
     Path(sku): Path<String>,
 ) -> ApiResult<Json<TicketView>> {
     let sku = sku_id(&sku)?;
@@ -104,7 +104,7 @@ pub(super) async fn join(
 )]
 pub(super) async fn ticket(
     State(state): State<SharedState>,
-    User(user_id): User,
+    AdmittedUser(user_id): AdmittedUser,
     Path(sku): Path<String>,
 ) -> ApiResult<Json<TicketView>> {
     let sku = sku_id(&sku)?;
@@ -130,7 +130,7 @@ pub(super) async fn ticket(
 )]
 pub(super) async fn stream(
     State(state): State<SharedState>,
-    User(user_id): User,
+    AdmittedUser(user_id): AdmittedUser,
     Path(sku): Path<String>,
 ) -> ApiResult<Response> {
     let sku = sku_id(&sku)?;
@@ -197,8 +197,10 @@ impl Follow {
                     .await
                 {
                     Ok(ticket) => ticket,
-                    // The sale retired and its queue went with it.
-                    Err(Error::Refused(Refusal::NotFound)) => Ticket {
+                    // The ticket is gone: the sale retired (its queue went with it), or
+                    // Redis lost it. Only the first is an answer; without one the stream
+                    // ends, and a reconnect tells (404: join again).
+                    Err(Error::Refused(Refusal::NotFound)) if look.phase == "closed" => Ticket {
                         state: TicketState::Closed,
                         ahead: 0,
                         eta_seconds: None,
@@ -207,6 +209,7 @@ impl Follow {
                         retry_after_ms: 0,
                         ..self.last.clone()
                     },
+                    Err(Error::Refused(Refusal::NotFound)) => return None,
                     // Redis did not answer: the next look tries again.
                     Err(_) => continue,
                 }

@@ -531,3 +531,182 @@ async fn many_streams_are_all_told_sold_out_within_a_second() {
         "the last stream was told after {slowest:?}"
     );
 }
+
+// ------------------------------------------------ rules an outside audit found unpinned
+
+/// An admission token of `user` for `sku` until `admitted_until_ms`, signed as the test
+/// gateway signs (its keys derive from the JWT secret): a token of an admission whose
+/// deadline is past, without waiting for it.
+fn token_until(sku: &str, user: &str, admitted_until_ms: i64) -> String {
+    let keys = flashgate::ids::IdKeys::new(None, &[], &[crate::common::JWT_SECRET]).unwrap();
+    flashgate::queue::sign(&keys, &TestApp::sku_id(sku), user, admitted_until_ms)
+}
+
+#[tokio::test]
+async fn a_token_past_its_deadline_still_replays_its_key_and_buys_nothing_more() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-replay", 5).await;
+    let admitted = join(&app, &sku, "a").await;
+    let (status, hold) = reserve_with(&app, &sku, "a", "k", Some(token_of(&admitted))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    // The answer was lost; the client retries after the admission's deadline.
+    let stale = token_until(&sku, "a", 1);
+    let (status, replay) = reserve_with(&app, &sku, "a", "k", Some(&stale)).await;
+    assert_eq!(status, StatusCode::CREATED, "{replay}");
+    assert_eq!(replay["reservation_id"], hold["reservation_id"]);
+    let (status, problem) = reserve_with(&app, &sku, "a", "k2", Some(&stale)).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("admission_required"))
+    );
+}
+
+#[tokio::test]
+async fn a_token_that_is_not_good_counts_as_none_on_a_sku_without_a_waiting_room() {
+    let app = spawn_app().await;
+    let room = waiting_room_sku(&app, "wr-other", 5).await;
+    let plain = unique_sku("wr-plain");
+    app.create_sku(&plain, json!({"stock": 5})).await;
+    let token = token_of(&join(&app, &room, "u").await).to_owned();
+    for (user, token) in [("u", token.as_str()), ("v", "a.b")] {
+        let (status, hold) = reserve_with(&app, &plain, user, "k", Some(token)).await;
+        assert_eq!(status, StatusCode::CREATED, "{hold}");
+    }
+}
+
+#[tokio::test]
+async fn removing_the_waiting_room_ends_its_admissions_so_no_token_buys_twice() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-toggle");
+    let room = json!({"stock": 5, "per_user_limit": 2, "waiting_room": {}});
+    app.create_sku(&sku, room.clone()).await;
+    let a = token_of(&join(&app, &sku, "a").await).to_owned();
+    let b = token_of(&join(&app, &sku, "b").await).to_owned();
+    // The operator drops the waiting room: anyone reserves, a's token or not.
+    app.create_sku(&sku, json!({"stock": 5, "per_user_limit": 2}))
+        .await;
+    assert_eq!(
+        queue_call(&app, &sku, "a", false).await.1["code"],
+        "no_waiting_room"
+    );
+    let (status, first) = reserve_with(&app, &sku, "a", "k1", Some(&a)).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    // Back on: a fresh line; the old admissions went with the old one.
+    app.create_sku(&sku, room).await;
+    assert!(admissions(&app, &sku).await.is_empty());
+    for (user, token) in [("a", &a), ("b", &b)] {
+        let (status, problem) = reserve_with(&app, &sku, user, "k2", Some(token)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{user}: {problem}");
+    }
+    assert_eq!(join(&app, &sku, "b").await["position"], 1);
+}
+
+#[tokio::test]
+async fn a_pause_holds_the_admitted_users_time_until_the_resume() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-pause", 5).await;
+    let admitted = join(&app, &sku, "a").await;
+    assert_eq!(admitted["state"], "admitted");
+    let post = |action: &'static str| {
+        app.client
+            .post(app.url(&format!("/v1/admin/skus/{sku}/{action}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+    };
+    assert_eq!(post("pause").await.unwrap().status(), StatusCode::OK);
+    // Time made fast: the admission was made 70 s ago with 60 s to use it, and the pause
+    // began 65 s ago (5 s after it); by the clock its deadline passed 10 s ago.
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let now = chrono::Utc::now().timestamp_millis();
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(keys.queue_admits())
+        .arg("XX")
+        .arg(now - 10_000)
+        .arg("a")
+        .cmd("HSET")
+        .arg(keys.queue_state())
+        .arg("frozen_at")
+        .arg(now - 65_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Looks during the pause lapse nothing.
+    assert_eq!(ticket(&app, &sku, "a").await["state"], "admitted");
+    assert_eq!(post("resume").await.unwrap().status(), StatusCode::OK);
+    // The 55 s left at the pause are left after it.
+    let after = ticket(&app, &sku, "a").await;
+    assert_eq!(after["state"], "admitted", "{after}");
+    let (_, until): (String, i64) = admissions(&app, &sku).await.remove(0);
+    assert!(
+        (now + 54_000..now + 57_000).contains(&until),
+        "deadline {until}, now {now}"
+    );
+    let (status, hold) = reserve_with(&app, &sku, "a", "k", Some(token_of(&after))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+}
+
+#[tokio::test]
+async fn a_sku_stocked_at_zero_before_its_start_keeps_its_prequeue_shuffled() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-zero");
+    let starts_at = "2999-01-01T00:00:00Z";
+    app.create_sku(
+        &sku,
+        json!({"stock": 0, "starts_at": starts_at, "waiting_room": {}}),
+    )
+    .await;
+    let early = join(&app, &sku, "early").await;
+    assert_eq!(
+        (early["state"].as_str(), &early["position"]),
+        (Some("waiting"), &Value::Null)
+    );
+    app.create_sku(
+        &sku,
+        json!({"stock": 100, "starts_at": starts_at, "waiting_room": {}}),
+    )
+    .await;
+    for i in 0..5 {
+        let t = join(&app, &sku, &format!("user-{i}")).await;
+        assert_eq!(t["position"], Value::Null, "a place before the start: {t}");
+    }
+}
+
+#[tokio::test]
+async fn a_look_at_a_retired_waiting_room_writes_nothing_back() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-retired");
+    app.create_sku(
+        &sku,
+        json!({"stock": 5, "starts_at": "2020-01-01T00:00:00Z", "ends_at": "2020-01-02T00:00:00Z", "waiting_room": {}}),
+    )
+    .await;
+    let id = TestApp::sku_id(&sku);
+    let mut state = app.store.sweep(&id).await.unwrap().state;
+    for _ in 0..100 {
+        if state == flashgate::store::SaleState::Retired {
+            break;
+        }
+        app.flush(&sku).await;
+        state = app.store.sweep(&id).await.unwrap().state;
+    }
+    assert_eq!(state, flashgate::store::SaleState::Retired);
+    assert_eq!(join(&app, &sku, "late").await["state"], "closed");
+    let keys = flashgate::keys::SkuKeys::new(&id);
+    let mut conn = app.store.connection();
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(keys.queue_state())
+        .arg(keys.queue_line())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a closed look wrote the queue back");
+    // Back on sale with a start ahead: a pre-queue again.
+    app.create_sku(
+        &sku,
+        json!({"stock": 5, "starts_at": "2999-01-01T00:00:00Z", "waiting_room": {}}),
+    )
+    .await;
+    assert_eq!(join(&app, &sku, "next").await["position"], Value::Null);
+}
