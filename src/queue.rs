@@ -610,4 +610,101 @@ mod tests {
             Error::Refused(Refusal::NoWaitingRoom).to_string()
         );
     }
+
+    fn look(phase: &str, served: u64, now_ms: i64) -> QueueWatch {
+        QueueWatch {
+            phase: phase.into(),
+            served,
+            line: 100,
+            first_admit_at_ms: Some(0),
+            now_ms,
+            admit_per_second: 0,
+            admission_ms: 60_000,
+        }
+    }
+
+    fn waiting_at(position: Option<u64>) -> Ticket {
+        Ticket {
+            sku: "s".into(),
+            user_id: "u".into(),
+            position,
+            state: TicketState::Waiting,
+            ahead: 0,
+            eta_seconds: None,
+            admission_token: None,
+            admitted_until_ms: None,
+            lapsed: false,
+            used: false,
+            retry_after_ms: 500,
+        }
+    }
+
+    #[test]
+    fn a_stream_reads_its_ticket_only_when_the_snapshot_cannot_tell() {
+        let waiting = waiting_at(Some(10));
+        // The line moving, or the sale over, is told by the snapshot alone.
+        assert!(!needs_read(&waiting, &look("open", 9, 0)));
+        assert!(!needs_read(&waiting, &look("sold_out", 20, 0)));
+        assert!(!needs_read(&waiting, &look("closed", 20, 0)));
+        // Its own rank admitted: the token is in Redis.
+        assert!(needs_read(&waiting, &look("open", 10, 0)));
+        // A pre-queue place gets its position at the start, not before.
+        let pre = waiting_at(None);
+        assert!(!needs_read(&pre, &look("pre", 0, 0)));
+        assert!(needs_read(&pre, &look("open", 0, 0)));
+        // Admitted: read again at its deadline (lapsed or used?) and at the end.
+        let admitted = Ticket {
+            state: TicketState::Admitted,
+            admitted_until_ms: Some(5_000),
+            ..waiting.clone()
+        };
+        assert!(!needs_read(&admitted, &look("open", 20, 4_999)));
+        assert!(needs_read(&admitted, &look("open", 20, 5_000)));
+        assert!(needs_read(&admitted, &look("sold_out", 20, 0)));
+        let used = Ticket {
+            used: true,
+            ..admitted.clone()
+        };
+        assert!(!needs_read(&used, &look("open", 20, 9_000)));
+        let over = Ticket {
+            state: TicketState::SoldOut,
+            ..waiting
+        };
+        assert!(!needs_read(&over, &look("open", 20, 0)));
+    }
+
+    #[test]
+    fn a_waiting_ticket_moves_on_with_the_snapshot() {
+        let keys = keys();
+        let waiting = waiting_at(Some(10));
+        let moved = advance(&keys, &sku("s"), &waiting, &look("open", 4, 4_000), 1000);
+        assert_eq!(
+            (moved.state, moved.ahead, moved.position),
+            (TicketState::Waiting, 5, Some(10))
+        );
+        // 4 admitted in 4 s: one a second, 6 to go.
+        assert_eq!(moved.eta_seconds, Some(6));
+        for phase in ["sold_out", "closed"] {
+            let over = advance(&keys, &sku("s"), &waiting, &look(phase, 4, 4_000), 1000);
+            assert!(over.state.is_terminal(), "{phase}: {over:?}");
+            assert_eq!((over.retry_after_ms, over.admission_token), (0, None));
+        }
+    }
+
+    #[test]
+    fn a_gateway_refuses_token_less_reserves_itself_only_for_a_while_after_redis_did() {
+        let seen = SeenWaitingRooms::default();
+        assert!(!seen.refuses(&sku("s")));
+        seen.saw(&sku("s"));
+        assert!(seen.refuses(&sku("s")));
+        assert!(!seen.refuses(&sku("t")));
+        seen.seen
+            .write()
+            .unwrap()
+            .insert(sku("s"), Instant::now() - SEEN_WAITING_ROOM_FOR);
+        assert!(
+            !seen.refuses(&sku("s")),
+            "past its time the flag asks Redis again"
+        );
+    }
 }
