@@ -87,6 +87,9 @@ pub struct Worker {
     /// Entries pending this long on another consumer are taken over (XAUTOCLAIM).
     pub claim_idle: Duration,
     plans: Arc<Mutex<Plans>>,
+    /// Changes whenever a flush committed new events: the webhook deliverer queues
+    /// them at once instead of at its next poll.
+    events_written: Arc<watch::Sender<()>>,
 }
 
 /// When the worker looks at each SKU on sale next.
@@ -144,6 +147,7 @@ impl Worker {
             consumer,
             claim_idle: limits::FLUSH_CLAIM_IDLE,
             plans: Default::default(),
+            events_written: Arc::new(watch::channel(()).0),
         }
     }
 
@@ -501,6 +505,9 @@ impl Worker {
             });
         }
         telemetry::events_recorded(applied.events.len() as u64);
+        if !applied.events.is_empty() {
+            self.events_written.send_replace(());
+        }
         for c in &applied.duplicate_payments {
             tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
                 compensation_id = %c.id,
@@ -679,6 +686,7 @@ impl Worker {
                 std::sync::Arc::new(crate::webhooks::SystemClock)
             )
             .with_timeout(Duration::from_millis(settings.webhook_timeout_ms))
+            .woken_by(self.events_written.subscribe())
             .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );
