@@ -551,16 +551,26 @@ pub enum Loaded {
 /// SKUs whose outbox this process has just written to: the flush looks at them at its
 /// next pass instead of waiting for their idle probe (worker.rs). Noted only after a
 /// script wrote an event, so bounded by the SKUs on sale; a hint lost (or written by
-/// another process) only delays a flush.
+/// another process) only delays a flush. A first hint wakes a flush loop that waits
+/// (`written`), so an event does not wait out the flush interval.
 #[derive(Default)]
-pub struct OutboxHints(std::sync::Mutex<std::collections::HashSet<SkuId>>);
+pub struct OutboxHints(
+    std::sync::Mutex<std::collections::HashSet<SkuId>>,
+    tokio::sync::Notify,
+);
 
 impl OutboxHints {
     pub fn note(&self, sku: &SkuId) {
         let mut hinted = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !hinted.contains(sku) {
             hinted.insert(sku.clone());
+            self.1.notify_one();
         }
+    }
+
+    /// Returns once a SKU was hinted since the last call (at once if one was meanwhile).
+    pub async fn written(&self) {
+        self.1.notified().await
     }
 
     pub fn take(&self) -> Vec<SkuId> {

@@ -12,10 +12,17 @@
 //! ~1 s doubling to at most an hour, with jitter, until RETRY_WINDOW has passed since
 //! it was queued, then failed (listed, replayable).
 //!
+//! Latency: an endpoint's task queues new events as soon as the flush of this process
+//! wrote some (and every IDLE_POLL for other writers), and keeps its requests
+//! pipelined: a claim takes as many due deliveries as requests may start now, so a
+//! new one starts as each attempt ends instead of after the slowest of a round; the
+//! outcomes are recorded in batches, one commit for many.
+//!
 //! Isolation: each endpoint has its own task, at most ENDPOINT_CONCURRENCY requests in
-//! flight and CLAIM_BATCH claimed at a time, and reads at most RESPONSE_BODY_MAX bytes
-//! of an answer: a slow, dead or hostile endpoint holds bounded memory and delays
-//! only itself.
+//! flight (each claimed delivery is sent at once, so none waits out its lease unsent)
+//! and at most RECORD_BATCH outcomes waiting to be recorded, and reads at most
+//! RESPONSE_BODY_MAX bytes of an answer: a slow, dead or hostile endpoint holds
+//! bounded memory and delays only itself.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -27,7 +34,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::db::webhooks::{self as rows, Attempt, Claimed, Endpoint};
 use crate::error::Result;
@@ -40,20 +47,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of an answer read at most (kept for the delivery's `last_error`); the rest is
 /// never read.
 pub const RESPONSE_BODY_MAX: usize = 16 * 1024;
-/// A claim's lease, in request timeouts: longer than one claim can take (a claim is
-/// CLAIM_BATCH = ENDPOINT_CONCURRENCY deliveries, all sent at once, each bounded by the
-/// timeout, their outcomes recorded right after), so a live worker's claim never ends
-/// under it and no second worker sends one of them meanwhile; a killed worker's
-/// deliveries come due again after it.
+/// A claim's lease, in request timeouts: longer than one claim can take (a claim is at
+/// most as many deliveries as requests may start at once, all sent at once, each
+/// bounded by the timeout, their outcomes recorded right after), so a live worker's
+/// claim never ends under it and no second worker sends one of them meanwhile; a
+/// killed worker's deliveries come due again after it.
 pub const LEASE_TIMEOUTS: u32 = 3;
 /// The lease with the contract's timeout.
 pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
 /// Requests in flight to one endpoint at most.
 pub const ENDPOINT_CONCURRENCY: usize = 32;
-/// Deliveries one endpoint claims at a time: one round of requests, never more (a
-/// claim sent in several rounds could outlive its lease, and another worker would send
-/// the last rounds' deliveries at the same time).
+/// Deliveries one endpoint claims at a time: requests that may start at once, never
+/// more (a claim sent in several rounds could outlive its lease, and another worker
+/// would send the last rounds' deliveries at the same time). The endpoint's task asks
+/// for the requests free at that moment; `step` for a whole round.
 pub const CLAIM_BATCH: u32 = ENDPOINT_CONCURRENCY as u32;
+/// Outcomes of one endpoint recorded in one transaction at most; also how many may
+/// wait to be recorded (attempts that ended hold their request's place until then).
+pub const RECORD_BATCH: usize = 256;
 /// Events looked at per queueing step of one endpoint.
 pub const ENQUEUE_BATCH: u32 = 1000;
 /// The first retry waits about this; each further one twice as long ...
@@ -62,7 +73,8 @@ pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(3600);
 /// A delivery is retried at least this long after it was queued, then failed.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// How often an idle endpoint's task looks for new events.
+/// How often an idle endpoint's task looks for new events (events written by another
+/// process) and for retries come due; the flush of this process wakes it at once.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often the set of endpoints is read again.
 const ENDPOINTS_REFRESH: Duration = Duration::from_secs(2);
@@ -183,6 +195,8 @@ pub struct Deliverer {
     only: Option<Vec<String>>,
     /// How long a claim holds (LEASE_TIMEOUTS request timeouts).
     lease: Duration,
+    /// Changes when this process's flush wrote events (Worker::events_written).
+    wake: Option<watch::Receiver<()>>,
 }
 
 impl Deliverer {
@@ -194,7 +208,15 @@ impl Deliverer {
             owner: format!("{}-{}", std::process::id(), crate::ids::random_name()),
             only: None,
             lease: LEASE,
+            wake: None,
         }
+    }
+
+    /// Queues new events as soon as `wake` changes (the flush wrote some), not only
+    /// every IDLE_POLL.
+    pub fn woken_by(mut self, wake: watch::Receiver<()>) -> Deliverer {
+        self.wake = Some(wake);
+        self
     }
 
     /// Runs only these endpoints (tests sharing one database).
@@ -219,24 +241,23 @@ impl Deliverer {
         if !endpoint.enabled {
             return Ok(report);
         }
-        // The endpoint as MySQL has it now: a task still holding an older version (a PUT
-        // moved its URL or secret, disabled or deleted it since its last refresh) claims
-        // nothing, so no event goes to the old URL once the PUT has answered.
-        match rows::get(&self.db, &endpoint.name).await? {
-            Some(now) if now.enabled && now.updated_at_ms == endpoint.updated_at_ms => {}
-            _ => return Ok(report),
-        }
         let now_ms = self.clock.now_ms();
         rows::enqueue(&self.db, &endpoint.name, now_ms, ENQUEUE_BATCH).await?;
-        let claimed = rows::claim(
+        // Only while the endpoint is as MySQL has it now: a task still holding an older
+        // version (a PUT moved its URL or secret, disabled or deleted it since its last
+        // refresh) claims nothing, so no event goes to the old URL once the PUT answered.
+        let Some(claimed) = rows::claim_current(
             &self.db,
-            &endpoint.name,
+            endpoint,
             &self.owner,
             now_ms,
             self.lease.as_millis() as i64,
             CLAIM_BATCH,
         )
-        .await?;
+        .await?
+        else {
+            return Ok(report);
+        };
         let Some(key) = parse_secret(&endpoint.secret) else {
             tracing::error!(webhook = %endpoint.name, "webhook secret unreadable; deliveries wait");
             return Ok(report);
@@ -423,28 +444,181 @@ impl Deliverer {
         }
     }
 
+    /// One endpoint until shutdown (or until `run` aborts it: attempts in flight are
+    /// cut short, their claims come due again after the lease): new events queued as
+    /// they are written, requests pipelined, outcomes recorded in batches.
     async fn endpoint_loop(self, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
+        let Some(key) = parse_secret(&endpoint.secret) else {
+            tracing::error!(webhook = %endpoint.name, "webhook secret unreadable; deliveries wait");
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            return;
+        };
+        let queued = Notify::new();
+        let (ended, to_record) = mpsc::channel(RECORD_BATCH);
+        let this = Arc::new(self);
+        let endpoint = Arc::new(endpoint);
+        tokio::join!(
+            this.queue_loop(&endpoint, &queued, shutdown.clone()),
+            this.clone()
+                .send_loop(endpoint.clone(), key.into(), &queued, ended, shutdown),
+            this.record_loop(&endpoint, to_record),
+        );
+    }
+
+    /// Queues the endpoint's new events: at once when this process's flush wrote some,
+    /// batch after batch while there are more, else every IDLE_POLL (other writers).
+    async fn queue_loop(
+        &self,
+        endpoint: &Endpoint,
+        queued: &Notify,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut wake = self.wake.clone();
         let mut backoff_ms = 0u64;
         while !*shutdown.borrow() {
-            let wait = match self.step(&endpoint).await {
-                Ok(report) if report.attempted > 0 => Duration::ZERO,
-                Ok(_) => IDLE_POLL,
+            if let Some(wake) = &mut wake {
+                wake.borrow_and_update();
+            }
+            let now_ms = self.clock.now_ms();
+            let wait = match rows::enqueue(&self.db, &endpoint.name, now_ms, ENQUEUE_BATCH).await {
+                Ok(looked) => {
+                    backoff_ms = 0;
+                    if looked > 0 {
+                        queued.notify_one();
+                    }
+                    if looked >= ENQUEUE_BATCH as u64 {
+                        continue;
+                    }
+                    IDLE_POLL
+                }
                 Err(e) => {
                     backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
-                    tracing::warn!(webhook = %endpoint.name, error = %e, "webhook step failed");
+                    tracing::warn!(webhook = %endpoint.name, error = %e, "webhook deliveries could not be queued");
                     Duration::from_millis(backoff_ms)
                 }
             };
-            if wait.is_zero() {
-                backoff_ms = 0;
-                continue;
-            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = woken(&mut wake), if backoff_ms == 0 => {}
                 changed = shutdown.changed() => if changed.is_err() { break },
             }
         }
     }
+
+    /// Claims as many due deliveries as requests may start now (at least one), starts
+    /// each at once, and claims again as soon as a request's place is free: no attempt
+    /// waits for another's answer, and none waits unsent under its lease. Each outcome
+    /// goes to `record_loop`; its place is free once it is handed over.
+    async fn send_loop(
+        self: Arc<Self>,
+        endpoint: Arc<Endpoint>,
+        key: Arc<[u8]>,
+        queued: &Notify,
+        ended: mpsc::Sender<(u64, Attempt)>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let places = Arc::new(Semaphore::new(ENDPOINT_CONCURRENCY));
+        // Aborted with this task.
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut backoff_ms = 0u64;
+        while !*shutdown.borrow() {
+            let first = tokio::select! {
+                place = places.clone().acquire_owned() => place.expect("never closed"),
+                changed = shutdown.changed() => if changed.is_err() { break } else { continue },
+            };
+            let mut free = vec![first];
+            while let Ok(place) = places.clone().try_acquire_owned() {
+                free.push(place);
+            }
+            let asked = free.len();
+            let claimed = rows::claim_current(
+                &self.db,
+                &endpoint,
+                &self.owner,
+                self.clock.now_ms(),
+                self.lease.as_millis() as i64,
+                asked as u32,
+            )
+            .await;
+            let wait = match claimed {
+                Ok(Some(claimed)) => {
+                    backoff_ms = 0;
+                    let all_due = claimed.len() < asked;
+                    for (claimed, place) in claimed.into_iter().zip(free.drain(..)) {
+                        let (this, endpoint, key, ended) =
+                            (self.clone(), endpoint.clone(), key.clone(), ended.clone());
+                        attempts.spawn(async move {
+                            let attempt =
+                                this.attempt(&endpoint, &endpoint.url, &key, &claimed).await;
+                            telemetry::webhook_attempt(&endpoint.name, &attempt);
+                            let _ = ended.send((claimed.position, attempt)).await;
+                            drop(place);
+                        });
+                    }
+                    while attempts.try_join_next().is_some() {}
+                    // Fewer than asked: nothing else is due until new events are queued
+                    // or a retry comes due.
+                    all_due.then_some(IDLE_POLL)
+                }
+                // Changed since this task started: the next refresh replaces it.
+                Ok(None) => Some(IDLE_POLL),
+                Err(e) => {
+                    backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
+                    tracing::warn!(webhook = %endpoint.name, error = %e, "webhook deliveries could not be claimed");
+                    Some(Duration::from_millis(backoff_ms))
+                }
+            };
+            drop(free);
+            if let Some(wait) = wait {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = queued.notified(), if backoff_ms == 0 => {}
+                    changed = shutdown.changed() => if changed.is_err() { break },
+                }
+            }
+        }
+    }
+
+    /// Records the outcomes as they come, all that are waiting in one transaction (up
+    /// to RECORD_BATCH). A batch that cannot be recorded (MySQL down) is tried again:
+    /// meanwhile the outcomes waiting fill up and no new request starts. A delivery
+    /// whose outcome is late stays claimed until its lease ends; recorded after that,
+    /// a failure no longer counts (another worker may hold it) and a success does.
+    async fn record_loop(
+        &self,
+        endpoint: &Endpoint,
+        mut to_record: mpsc::Receiver<(u64, Attempt)>,
+    ) {
+        let mut batch = Vec::with_capacity(RECORD_BATCH);
+        while to_record.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+            let mut backoff_ms = 0u64;
+            while let Err(e) = rows::finish_many(
+                &self.db,
+                &endpoint.name,
+                &self.owner,
+                self.clock.now_ms(),
+                &batch,
+            )
+            .await
+            {
+                backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
+                tracing::warn!(webhook = %endpoint.name, error = %e, outcomes = batch.len(),
+                    "webhook outcomes could not be recorded; retried");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            }
+            batch.clear();
+        }
+    }
+}
+
+/// Returns when `wake` changes; never when there is none (or its sender is gone).
+async fn woken(wake: &mut Option<watch::Receiver<()>>) {
+    if let Some(rx) = wake {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// No redirects (a redirect is a failed attempt), a timeout over the whole exchange

@@ -28,6 +28,7 @@ use futures::stream::{self, StreamExt};
 use redis::Value;
 use sqlx::mysql::MySqlPool;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -49,6 +50,10 @@ const FLUSH_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two flush attempts while MySQL is down: bounds how long the
 /// backlog waits after MySQL is back.
 const FLUSH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the flush, woken by a write to an outbox, waits for more writes before it
+/// looks: a burst goes to MySQL in few batches, and an event waits about this, not the
+/// flush interval.
+const FLUSH_HINT_GATHER: Duration = Duration::from_millis(20);
 /// Longest the worker keeps flushing after shutdown was asked for.
 const FINAL_FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// Wait before the first idle probe of a SKU's outbox; it doubles with every idle one.
@@ -87,6 +92,9 @@ pub struct Worker {
     /// Entries pending this long on another consumer are taken over (XAUTOCLAIM).
     pub claim_idle: Duration,
     plans: Arc<Mutex<Plans>>,
+    /// Changes whenever a flush committed new events: the webhook deliverer queues
+    /// them at once instead of at its next poll.
+    events_written: Arc<watch::Sender<()>>,
 }
 
 /// When the worker looks at each SKU on sale next.
@@ -144,6 +152,7 @@ impl Worker {
             consumer,
             claim_idle: limits::FLUSH_CLAIM_IDLE,
             plans: Default::default(),
+            events_written: Arc::new(watch::channel(()).0),
         }
     }
 
@@ -350,7 +359,6 @@ impl Worker {
         }
         let mut report = FlushReport::default();
         let mut failure = None;
-        let mut outage = false;
         // One cheap XINFO per SKU first, many at once: most SKUs have nothing to
         // flush most of the time.
         let probed: Vec<(SkuId, u64)> = stream::iter(skus)
@@ -372,27 +380,58 @@ impl Worker {
             }
             telemetry::outbox_backlog(plans.skus.values().map(|p| p.backlog).sum());
         }
-        for (sku, mut waiting) in probed {
-            // After an outage of MySQL or Redis, every other SKU would only wait for
-            // the same timeouts: the pass just measures the backlog from there on.
-            if !outage && waiting > 0 {
-                match self.flush_sku(&sku).await {
-                    Ok(flushed) => report.flushed += flushed,
-                    Err(e @ Error::Unavailable { .. }) => {
-                        outage = true;
-                        failure = Some(e);
+        // The SKUs' batches side by side (each SKU's own batches stay one at a time, in
+        // its outbox's order): during a sale the flush of one SKU waits mostly on round
+        // trips, and a pass of several SKUs one after the other made every SKU's events
+        // wait for the others' (the first part of a webhook's lag).
+        let outage = std::sync::atomic::AtomicBool::new(false);
+        let outcomes: Vec<(u64, Option<Error>)> = stream::iter(probed)
+            .map(|(sku, mut waiting)| {
+                let (outage, hinted) = (&outage, &hinted);
+                async move {
+                    let mut flushed = 0;
+                    let mut failure = None;
+                    // After an outage of MySQL or Redis, every other SKU would only wait
+                    // for the same timeouts: the pass just measures the backlog from
+                    // there on.
+                    if !outage.load(Relaxed) && waiting > 0 {
+                        match self.flush_sku(&sku).await {
+                            Ok(n) => flushed = n,
+                            Err(e @ Error::Unavailable { .. }) => {
+                                outage.store(true, Relaxed);
+                                failure = Some(e);
+                            }
+                            Err(e) => {
+                                tracing::warn!(sku = %sku, error = %e, "flush of one SKU failed");
+                                failure = Some(e);
+                            }
+                        }
+                        waiting = self.store.outbox_backlog(&sku).await.unwrap_or(waiting);
                     }
-                    Err(e) => {
-                        tracing::warn!(sku = %sku, error = %e, "flush of one SKU failed");
-                        failure.get_or_insert(e);
+                    if !outage.load(Relaxed) {
+                        self.reap_consumers(&sku).await;
                     }
+                    self.after_probe(&sku, waiting, hinted.contains(&sku));
+                    (flushed, failure)
                 }
-                waiting = self.store.outbox_backlog(&sku).await.unwrap_or(waiting);
+            })
+            .buffer_unordered(limits::WORKER_SKU_CONCURRENCY)
+            .collect()
+            .await;
+        for (flushed, e) in outcomes {
+            report.flushed += flushed;
+            // An outage first: it is what the caller backs off for.
+            match e {
+                Some(e @ Error::Unavailable { .. })
+                    if !matches!(failure, Some(Error::Unavailable { .. })) =>
+                {
+                    failure = Some(e)
+                }
+                Some(e) => {
+                    failure.get_or_insert(e);
+                }
+                None => {}
             }
-            if !outage {
-                self.reap_consumers(&sku).await;
-            }
-            self.after_probe(&sku, waiting, hinted.contains(&sku));
         }
         let backlog = self.plans().skus.values().map(|p| p.backlog).sum();
         telemetry::flushed(report.flushed);
@@ -501,6 +540,9 @@ impl Worker {
             });
         }
         telemetry::events_recorded(applied.events.len() as u64);
+        if !applied.events.is_empty() {
+            self.events_written.send_replace(());
+        }
         for c in &applied.duplicate_payments {
             tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
                 compensation_id = %c.id,
@@ -679,6 +721,7 @@ impl Worker {
                 std::sync::Arc::new(crate::webhooks::SystemClock)
             )
             .with_timeout(Duration::from_millis(settings.webhook_timeout_ms))
+            .woken_by(self.events_written.subscribe())
             .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),
         );
@@ -734,7 +777,18 @@ impl Worker {
                     if let Ok(count) = db::open_compensations(&self.db).await {
                         telemetry::open_compensations(count);
                     }
-                    every
+                    // Until the next interval, or sooner: as soon as this process wrote
+                    // to an outbox (a hint), after FLUSH_HINT_GATHER to gather the
+                    // writes of a burst into one batch.
+                    let hinted = async {
+                        self.store.outbox_hints.written().await;
+                        tokio::time::sleep(FLUSH_HINT_GATHER).await;
+                    };
+                    tokio::select! {
+                        _ = hinted => Duration::ZERO,
+                        _ = tokio::time::sleep(every) => Duration::ZERO,
+                        changed = shutdown.changed() => if changed.is_err() { break } else { Duration::ZERO },
+                    }
                 }
                 Err(e) => {
                     backoff = (backoff * 2).clamp(FLUSH_BACKOFF_MIN, FLUSH_BACKOFF_MAX);

@@ -255,19 +255,58 @@ pub async fn claim(
     lease_ms: i64,
     limit: u32,
 ) -> Result<Vec<Claimed>> {
-    retried(|| claim_once(pool, name, owner, now_ms, lease_ms, limit)).await
+    let claimed = retried(|| claim_once(pool, name, None, owner, now_ms, lease_ms, limit)).await?;
+    Ok(claimed.unwrap_or_default())
+}
+
+/// `claim`, only while the endpoint is still `endpoint` as MySQL has it (enabled, not
+/// changed since: `updated_at`), checked in the claim's transaction; None when it is
+/// not. A task holding an older version claims nothing, so no event goes to an old URL
+/// once the PUT that moved it has answered, and the check costs no round trip of its own.
+pub async fn claim_current(
+    pool: &MySqlPool,
+    endpoint: &Endpoint,
+    owner: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Option<Vec<Claimed>>> {
+    retried(|| {
+        claim_once(
+            pool,
+            &endpoint.name,
+            Some(endpoint.updated_at_ms),
+            owner,
+            now_ms,
+            lease_ms,
+            limit,
+        )
+    })
+    .await
 }
 
 async fn claim_once(
     pool: &MySqlPool,
     name: &str,
+    version: Option<i64>,
     owner: &str,
     now_ms: i64,
     lease_ms: i64,
     limit: u32,
-) -> Result<Vec<Claimed>> {
+) -> Result<Option<Vec<Claimed>>> {
     let _turn = crate::explore::mysql_step("claim_deliveries").await;
     let mut tx = begin(pool).await?;
+    if let Some(version) = version {
+        let current: Option<(i8, NaiveDateTime)> =
+            sqlx::query_as("SELECT enabled, updated_at FROM webhooks WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if !current.is_some_and(|(enabled, at)| enabled != 0 && datetime_to_ms(at) == version) {
+            tx.commit().await?;
+            return Ok(None);
+        }
+    }
     let rows: Vec<(u64, String, u32, NaiveDateTime)> = sqlx::query_as(
         "SELECT position, event_id, attempts, first_queued_at FROM webhook_deliveries
          WHERE webhook = ? AND status = 'pending' AND next_attempt_at <= ?
@@ -280,7 +319,7 @@ async fn claim_once(
     .await?;
     if rows.is_empty() {
         tx.commit().await?;
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let mut update = QueryBuilder::<MySql>::new(
         "UPDATE webhook_deliveries SET attempts = attempts + 1, next_attempt_at = ",
@@ -314,16 +353,17 @@ async fn claim_once(
         .map(event_rows::event_from_row)
         .collect::<Result<_>>()?;
     tx.commit().await?;
-    Ok(rows
-        .into_iter()
-        .map(|(position, event_id, attempts, first)| Claimed {
-            event: events.iter().find(|e| e.position == position).cloned(),
-            position,
-            event_id,
-            attempts: attempts + 1,
-            first_queued_at_ms: datetime_to_ms(first),
-        })
-        .collect())
+    Ok(Some(
+        rows.into_iter()
+            .map(|(position, event_id, attempts, first)| Claimed {
+                event: events.iter().find(|e| e.position == position).cloned(),
+                position,
+                event_id,
+                attempts: attempts + 1,
+                first_queued_at_ms: datetime_to_ms(first),
+            })
+            .collect(),
+    ))
 }
 
 /// How one attempt ended.
@@ -367,8 +407,22 @@ async fn finish_once(
     attempt: &Attempt,
 ) -> Result<()> {
     let _turn = crate::explore::mysql_step("finish_delivery").await;
+    finish_query(name, position, owner, now_ms, attempt)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The statement that records one attempt's end (see `finish`).
+fn finish_query<'q>(
+    name: &'q str,
+    position: u64,
+    owner: &'q str,
+    now_ms: i64,
+    attempt: &'q Attempt,
+) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
     let truncate = |e: &str| e.chars().take(250).collect::<String>();
-    let query = match attempt {
+    match attempt {
         Attempt::Delivered { status } => sqlx::query(
             "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ?,
                last_status = ?, last_error = NULL, lease_owner = NULL
@@ -403,8 +457,69 @@ async fn finish_once(
         .bind(name)
         .bind(position)
         .bind(owner),
-    };
-    query.execute(pool).await?;
+    }
+}
+
+/// Records the ends of several attempts of `owner` (by delivery position) as `finish`
+/// records each, in one transaction: one commit for the lot, and the deliveries that
+/// answered the same 2xx in one statement. Under load an outcome's own commit was most
+/// of what a delivery cost MySQL.
+pub async fn finish_many(
+    pool: &MySqlPool,
+    name: &str,
+    owner: &str,
+    now_ms: i64,
+    ended: &[(u64, Attempt)],
+) -> Result<()> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    retried(|| finish_many_once(pool, name, owner, now_ms, ended)).await
+}
+
+async fn finish_many_once(
+    pool: &MySqlPool,
+    name: &str,
+    owner: &str,
+    now_ms: i64,
+    ended: &[(u64, Attempt)],
+) -> Result<()> {
+    let _turn = crate::explore::mysql_step("finish_deliveries").await;
+    let mut tx = begin(pool).await?;
+    let mut delivered: std::collections::BTreeMap<u16, Vec<u64>> = Default::default();
+    for (position, attempt) in ended {
+        match attempt {
+            Attempt::Delivered { status } => delivered.entry(*status).or_default().push(*position),
+            // Failures are few while an endpoint is healthy, and bounded by their
+            // backoff while it is not: one statement each.
+            _ => {
+                finish_query(name, *position, owner, now_ms, attempt)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+    for (status, positions) in &delivered {
+        for chunk in positions.chunks(1000) {
+            let mut update = QueryBuilder::<MySql>::new(
+                "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ",
+            );
+            update
+                .push_bind(ms_to_datetime(now_ms))
+                .push(", last_status = ")
+                .push_bind(*status as i32)
+                .push(", last_error = NULL, lease_owner = NULL WHERE webhook = ")
+                .push_bind(name)
+                .push(" AND status <> 'delivered' AND position IN (");
+            let mut list = update.separated(", ");
+            for position in chunk {
+                list.push_bind(*position);
+            }
+            update.push(")");
+            update.build().execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
     Ok(())
 }
 

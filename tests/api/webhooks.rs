@@ -342,6 +342,77 @@ fn clock_now(clock: &ManualClock) -> i64 {
     clock.now_ms()
 }
 
+/// Two workers' endpoint loops (pipelined: a claim takes the requests free now, and
+/// another starts as each ends) on one healthy endpoint: every event arrives once, the
+/// outcomes recorded in batches leave nothing pending, and each worker keeps at most
+/// ENDPOINT_CONCURRENCY requests open.
+#[tokio::test]
+async fn two_pipelined_workers_deliver_each_event_once_and_record_it() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(20));
+    let name = unique_sku("pipe");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("piped");
+    app.create_sku(&sku, json!({"stock": 200})).await;
+    for i in 0..150 {
+        let id = app.hold(&sku, &format!("p{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = |stopped| {
+        let d = Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock))
+            .only(&[&name]);
+        tokio::spawn(d.run(stopped))
+    };
+    let (a, b) = (worker(stopped.clone()), worker(stopped));
+    app.flush(&sku).await;
+    let started = std::time::Instant::now();
+    while receiver.of_sku(&sku).len() < 150 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last outcomes are recorded a moment after their answers.
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook = ? AND status <> 'delivered'",
+        )
+        .bind(&name)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    while pending().await > 0 && started.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    let _ = tokio::join!(a, b);
+    let got = receiver.of_sku(&sku);
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    println!(
+        "{} arrivals, {} events, {:?}, at most {} at once, {} not recorded delivered",
+        got.len(),
+        ids.len(),
+        started.elapsed(),
+        receiver.most_at_once(),
+        pending().await
+    );
+    assert_eq!((got.len(), ids.len()), (150, 150), "each event once");
+    assert_eq!(pending().await, 0, "every outcome recorded");
+    assert!(receiver.most_at_once() <= 2 * flashgate::webhooks::ENDPOINT_CONCURRENCY);
+    verify_independently(SECRET, &got[..5]);
+    delete_webhook(&app, &name).await;
+}
+
 #[tokio::test]
 async fn a_hanging_endpoint_delays_neither_another_endpoint_nor_the_sale() {
     let app = spawn_app().await;
