@@ -221,6 +221,39 @@ pub struct Args {
     #[arg(long, env = "FLASHGATE_BENCH_OVERLOAD_PROBE", default_value = "5s", value_parser = parse_duration)]
     pub overload_probe: Duration,
 
+    /// Queue phase: joins per second (open loop, each by a fresh user) of the sale's
+    /// waiting room, until --queue-users have joined.
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_JOIN_RATE", default_value_t = 10_000.0)]
+    pub queue_join_rate: f64,
+
+    /// Queue phase: users who join the sale's waiting room.
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_USERS", default_value_t = 50_000)]
+    pub queue_users: u64,
+
+    /// Queue phase: units of the sale (it must sell out).
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_STOCK", default_value_t = 1000)]
+    pub queue_stock: u64,
+
+    /// Queue phase: the waiting room's admission_seconds: an admission unused this long
+    /// lapses and goes to the next user (short, so that the walk-aways keep the run short).
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_ADMISSION_SECONDS", default_value_t = 3)]
+    pub queue_admission_seconds: u32,
+
+    /// Queue phase: share of admitted users who walk away (never reserve; their
+    /// admissions lapse).
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_WALK_AWAY", default_value_t = 0.5)]
+    pub queue_walk_away: f64,
+
+    /// Queue phase: the sale must sell out within this long after its first join.
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Queue phase: open Server-Sent Event streams (`GET /v1/skus/{sku}/queue/stream`)
+    /// of waiting users on a second sale, which must all be told `sold_out` within 1 s
+    /// of its last sale; the gateway's RSS before and after opening them. 0: none.
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_STREAMS", default_value_t = 5000)]
+    pub queue_streams: usize,
+
     /// Seed of every random choice (printed; random by default).
     #[arg(long, env = "FLASHGATE_BENCH_SEED", global = true)]
     pub seed: Option<u64>,
@@ -608,6 +641,9 @@ pub enum PhaseName {
     Abuse,
     /// An open loop at twice the sustainable reserve rate, against one at 0.8 times it.
     Overload,
+    /// The waiting room: joins at a rate, a sale to queued users (half the admitted
+    /// walk away), open streams told `sold_out` (src/queue.rs).
+    Queue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -768,6 +804,36 @@ impl Args {
         ensure!(
             !self.overload_probe.is_zero(),
             "--overload-probe must be positive"
+        );
+        ensure!(
+            self.queue_join_rate.is_finite()
+                && self.queue_join_rate > 0.0
+                && self.queue_join_rate <= 1_000_000.0,
+            "--queue-join-rate must be within (0, 1000000] joins per second"
+        );
+        ensure!(
+            (1..=10_000_000).contains(&self.queue_users),
+            "--queue-users must be within 1..=10000000"
+        );
+        ensure!(
+            (1..=self.queue_users).contains(&self.queue_stock),
+            "--queue-stock must be within 1..=--queue-users"
+        );
+        ensure!(
+            (1..=86_400).contains(&self.queue_admission_seconds),
+            "--queue-admission-seconds must be within 1..=86400"
+        );
+        ensure!(
+            self.queue_walk_away.is_finite() && (0.0..1.0).contains(&self.queue_walk_away),
+            "--queue-walk-away must be within 0..1 (at 1 nobody would ever buy)"
+        );
+        ensure!(
+            !self.queue_timeout.is_zero(),
+            "--queue-timeout must be positive"
+        );
+        ensure!(
+            self.queue_streams <= 100_000,
+            "--queue-streams must be at most 100000"
         );
         ensure!(
             self.database_url.starts_with("mysql://")

@@ -154,6 +154,12 @@ impl Client {
         })
     }
 
+    /// Where requests go: the address, the Host header, the path prefix (for the
+    /// streams of src/sse.rs, which hold a connection of their own).
+    pub fn target(&self) -> (SocketAddr, &str, &str) {
+        (self.addr, &self.authority, &self.prefix)
+    }
+
     async fn connect(&self) -> Result<Connection, &'static str> {
         self.opened.fetch_add(1, Ordering::Relaxed);
         let stream = TcpStream::connect(self.addr).await.map_err(|_| "connect")?;
@@ -198,9 +204,23 @@ impl Client {
         idempotency_key: Option<&str>,
         body: Option<Bytes>,
     ) -> Answer {
+        self.send_with(method, path, auth, idempotency_key, None, body)
+            .await
+    }
+
+    /// `send` with one more header (`(name, value)`), e.g. a reserve's `Admission-Token`.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Auth<'_>,
+        idempotency_key: Option<&str>,
+        header: Option<(&str, &str)>,
+        body: Option<Bytes>,
+    ) -> Answer {
         match tokio::time::timeout(
             self.timeout,
-            self.exchange(method, path, auth, idempotency_key, body),
+            self.exchange(method, path, auth, idempotency_key, header, body),
         )
         .await
         {
@@ -216,6 +236,7 @@ impl Client {
         path: &str,
         auth: Auth<'_>,
         idempotency_key: Option<&str>,
+        header: Option<(&str, &str)>,
         body: Option<Bytes>,
     ) -> Result<Answer, &'static str> {
         let token = match auth {
@@ -223,7 +244,14 @@ impl Client {
             Auth::Service => Some(self.service_token.as_str()),
             Auth::Bearer(token) => Some(token),
         };
-        if !token.is_none_or(is_header_value) || !idempotency_key.is_none_or(is_header_value) {
+        if !token.is_none_or(is_header_value)
+            || !idempotency_key.is_none_or(is_header_value)
+            || !header.is_none_or(|(name, value)| {
+                !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && is_header_value(value)
+            })
+        {
             return Err("header");
         }
         let mut connection = self.checkout().await?;
@@ -239,6 +267,9 @@ impl Client {
         }
         if let Some(key) = idempotency_key {
             let _ = write!(request, "idempotency-key: {key}\r\n");
+        }
+        if let Some((name, value)) = header {
+            let _ = write!(request, "{name}: {value}\r\n");
         }
         match &body {
             Some(body) => {

@@ -18,8 +18,10 @@ mod gateway;
 mod ids;
 mod load;
 mod probe;
+mod queue;
 mod report;
 mod scale;
+mod sse;
 mod stats;
 mod validate;
 mod webhook;
@@ -599,7 +601,8 @@ async fn run(args: Args) -> Result<bool> {
                 )
                 .await?,
             ),
-            PhaseName::Ceiling => {}
+            // The queue phase defines its own SKUs and checks them itself.
+            PhaseName::Ceiling | PhaseName::Queue => {}
             PhaseName::Abuse => plans.push(
                 define(
                     abuse_sku.clone(),
@@ -784,6 +787,7 @@ async fn run(args: Args) -> Result<bool> {
     let mut phases: Vec<PhaseReport> = Vec::new();
     let mut abuse_report = None;
     let mut overload_report = None;
+    let mut queue_report = None;
     for (index, phase) in args.phases.iter().enumerate() {
         let index = index as u64;
         let (name, workload, duration, skus, what) = match phase {
@@ -799,6 +803,13 @@ async fn run(args: Args) -> Result<bool> {
                     admission::overload(&ctx, &mut probes, &overload_sku, index).await;
                 phases.extend(reports);
                 overload_report = summary;
+                continue;
+            }
+            PhaseName::Queue => {
+                let (reports, summary) =
+                    queue::run(&ctx, &mut probes, &sku_base, pids.gateway).await;
+                phases.extend(reports);
+                queue_report = Some(summary);
                 continue;
             }
             PhaseName::Reserve => (
@@ -876,7 +887,18 @@ async fn run(args: Args) -> Result<bool> {
     if db.is_none() {
         println!("  [FAIL] MySQL: unreachable, nothing durable could be checked");
     }
-    let validation_passed = db.is_some() && validation.checks.iter().all(|c| c.ok);
+    // The queue phase's own checks (src/queue.rs) count as validation.
+    let queue_passed = match &queue_report {
+        Some(Some(q)) => q.passed,
+        Some(None) => {
+            println!("  [FAIL] queue phase: could not be run (see above)");
+            false
+        }
+        None => true,
+    };
+    let queue_report = queue_report.flatten();
+    let validation_passed =
+        db.is_some() && validation.checks.iter().all(|c| c.ok) && queue_passed;
     let webhooks = match &receiver {
         Some(receiver) => {
             println!("\n== webhooks (the mixed phase's SKUs)");
@@ -1068,10 +1090,16 @@ async fn run(args: Args) -> Result<bool> {
         .collect();
     let admission_measured = !admission_ratios.is_empty();
     ratios.extend(admission_ratios);
+    ratios.extend(queue_report.iter().flat_map(|q| q.ratios()));
     println!(
-        "\n== ratios (targets of issue 5{})",
+        "\n== ratios (targets of issue 5{}{})",
         if admission_measured {
-            " and issue 11"
+            ", issue 11"
+        } else {
+            ""
+        },
+        if queue_report.is_some() {
+            ", issue 26"
         } else {
             ""
         }
@@ -1125,6 +1153,7 @@ async fn run(args: Args) -> Result<bool> {
         abuse: abuse_report,
         overload: overload_report,
         webhooks,
+        queue: queue_report,
         validation: Some(ValidationReport {
             passed: validation_passed,
             flush_seconds: validation.flush_seconds,

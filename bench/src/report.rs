@@ -154,6 +154,10 @@ pub struct Report {
     /// `--webhooks`: how deliveries kept up with the mixed phase (src/webhook.rs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<crate::webhook::WebhookReport>,
+    /// The queue phase's figures (its phases are `queue-join`, `queue-sale` and
+    /// `queue-streams`; src/queue.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<crate::queue::QueueReport>,
     pub validation: Option<ValidationReport>,
     pub passed: bool,
 }

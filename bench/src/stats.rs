@@ -24,6 +24,12 @@ pub enum Endpoint {
     MysqlReserve,
     /// The abuse phase's abusive user (its honest users' reserves are `Reserve`).
     AbuserReserve,
+    /// The waiting room: `POST /v1/skus/{sku}/queue`.
+    QueueJoin,
+    /// The waiting room: `GET /v1/skus/{sku}/queue` (a waiting user's poll).
+    QueuePoll,
+    /// A reserve with an `Admission-Token`.
+    AdmittedReserve,
 }
 
 impl Endpoint {
@@ -37,6 +43,9 @@ impl Endpoint {
             Endpoint::Healthz => "healthz",
             Endpoint::MysqlReserve => "mysql_reserve",
             Endpoint::AbuserReserve => "abuser_reserve",
+            Endpoint::QueueJoin => "queue_join",
+            Endpoint::QueuePoll => "queue_poll",
+            Endpoint::AdmittedReserve => "admitted_reserve",
         }
     }
 }
@@ -81,6 +90,13 @@ pub fn intern(code: &str) -> &'static str {
         "timeout",
         "deadlock",
         "error",
+        "waiting",
+        "admitted",
+        "closed",
+        "lapsed",
+        "no_waiting_room",
+        "admission_required",
+        "admission_used",
     ];
     KNOWN
         .iter()

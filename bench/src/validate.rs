@@ -446,7 +446,7 @@ async fn check_sku(ctx: &Arc<Ctx>, db: Option<&MySqlPool>, plan: &SkuPlan, check
                 ),
             );
         }
-        PhaseName::Ceiling => {}
+        PhaseName::Ceiling | PhaseName::Queue => {}
         PhaseName::Reserve | PhaseName::Soldout | PhaseName::Abuse | PhaseName::Overload => {
             let live = view.held + view.sold;
             let expected = created - reopened;
