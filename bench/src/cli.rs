@@ -223,7 +223,11 @@ pub struct Args {
 
     /// Queue phase: joins per second (open loop, each by a fresh user) of the sale's
     /// waiting room, until --queue-users have joined.
-    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_JOIN_RATE", default_value_t = 10_000.0)]
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_QUEUE_JOIN_RATE",
+        default_value_t = 10_000.0
+    )]
     pub queue_join_rate: f64,
 
     /// Queue phase: users who join the sale's waiting room.
@@ -236,7 +240,11 @@ pub struct Args {
 
     /// Queue phase: the waiting room's admission_seconds: an admission unused this long
     /// lapses and goes to the next user (short, so that the walk-aways keep the run short).
-    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_ADMISSION_SECONDS", default_value_t = 3)]
+    #[arg(
+        long,
+        env = "FLASHGATE_BENCH_QUEUE_ADMISSION_SECONDS",
+        default_value_t = 3
+    )]
     pub queue_admission_seconds: u32,
 
     /// Queue phase: share of admitted users who walk away (never reserve; their

@@ -897,8 +897,7 @@ async fn run(args: Args) -> Result<bool> {
         None => true,
     };
     let queue_report = queue_report.flatten();
-    let validation_passed =
-        db.is_some() && validation.checks.iter().all(|c| c.ok) && queue_passed;
+    let validation_passed = db.is_some() && validation.checks.iter().all(|c| c.ok) && queue_passed;
     let webhooks = match &receiver {
         Some(receiver) => {
             println!("\n== webhooks (the mixed phase's SKUs)");
@@ -1093,11 +1092,7 @@ async fn run(args: Args) -> Result<bool> {
     ratios.extend(queue_report.iter().flat_map(|q| q.ratios()));
     println!(
         "\n== ratios (targets of issue 5{}{})",
-        if admission_measured {
-            ", issue 11"
-        } else {
-            ""
-        },
+        if admission_measured { ", issue 11" } else { "" },
         if queue_report.is_some() {
             ", issue 26"
         } else {

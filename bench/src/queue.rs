@@ -128,6 +128,7 @@ pub struct SaleFigures {
     pub seen_admitted: u64,
     pub walked_away: u64,
     pub reserved: u64,
+    pub reserve_unanswered: u64,
     pub bought: u64,
     pub unseen_lapses: u64,
     /// Reserves with a token answered other than 201, by outcome.
@@ -167,6 +168,8 @@ pub struct StreamFigures {
     pub open_seconds: f64,
     pub rss_before_kb: Option<u64>,
     pub rss_after_kb: Option<u64>,
+    /// Once the streams were closed (the allocator may keep some).
+    pub rss_closed_kb: Option<u64>,
     /// (after - before) / streams opened.
     pub bytes_per_stream: Option<f64>,
     /// The last confirm took this long (the last sale happened inside it); the delays
@@ -178,6 +181,7 @@ pub struct StreamFigures {
     /// silent when the harness stopped waiting.
     pub ended_untold: u64,
     pub never_told: u64,
+    pub told_min_ms: Option<f64>,
     pub told_p50_ms: Option<f64>,
     pub told_p90_ms: Option<f64>,
     pub told_p99_ms: Option<f64>,
@@ -286,6 +290,8 @@ struct Tally {
     seen_admitted: u64,
     walked_away: u64,
     reserved: u64,
+    /// Reserves still failing in transport (or 503) after three tries: a hold or not.
+    reserve_unanswered: u64,
     bought: u64,
     unseen_lapses: u64,
     reserve_refused: std::collections::BTreeMap<String, u64>,
@@ -367,26 +373,26 @@ async fn sale_user(
     .await;
     sale.joins_answered.fetch_add(1, Ordering::Relaxed);
     drop(permit);
-    let mut read = match joined {
-        Ok(ticket) => Ok(ticket),
-        // A join is idempotent: a failed one is sent again, as a poll would be.
-        Err(answer) if answer.is_transport_error() || answer.status >= 500 => Err(()),
-        Err(answer) => {
-            ctx.violations
-                .add(format!("queue join on {}: {}", sale.sku, answer.text()));
-            sale.states[i as usize].store(DONE, Ordering::Relaxed);
-            return;
-        }
-    };
+    // Err(true): read again after POLL_RETRY; a join that failed is sent again as a
+    // join (it is idempotent): the user may have no ticket yet.
+    let mut has_ticket = joined.is_ok();
+    let mut read = joined.map_err(|answer| settle_failure(&ctx, &sale, "queue join", &answer));
     let mut first_eta: Option<f64> = None;
     let mut last_eta: Option<f64> = None;
     loop {
         let ticket = match read {
             Ok(ticket) => ticket,
-            Err(()) => {
-                tokio::time::sleep(POLL_RETRY).await;
-                read = poll(&ctx, &sale, &rec, &token).await;
+            Err(true) => {
+                // Spread over a second: the users refused together do not come back together.
+                let jitter = Duration::from_millis(rng.random_range(0..1000));
+                tokio::time::sleep(POLL_RETRY + jitter).await;
+                read = reread(&ctx, &sale, &rec, &token, !has_ticket).await;
+                has_ticket |= read.is_ok();
                 continue;
+            }
+            Err(false) => {
+                sale.states[i as usize].store(DONE, Ordering::Relaxed);
+                return;
             }
         };
         match ticket.state.as_str() {
@@ -398,7 +404,7 @@ async fn sale_user(
                 }
                 let wait = Duration::from_millis(ticket.retry_after_ms.max(1));
                 tokio::time::sleep(wait).await;
-                read = poll(&ctx, &sale, &rec, &token).await;
+                read = reread(&ctx, &sale, &rec, &token, false).await;
             }
             "admitted" => {
                 sale.states[i as usize].store(DONE, Ordering::Relaxed);
@@ -456,28 +462,42 @@ async fn sale_user(
     }
 }
 
-async fn poll(ctx: &Ctx, sale: &Sale, rec: &Recorder, token: &str) -> Result<Ticket, ()> {
-    let started = Instant::now();
-    match ticket_call(
+/// A waiting user reads its ticket (or joins again, `join`). Err(true): read again
+/// later (a transport failure, a 5xx); Err(false): an answer the contract does not
+/// allow (a violation; the user gives up).
+async fn reread(
+    ctx: &Ctx,
+    sale: &Sale,
+    rec: &Recorder,
+    token: &str,
+    join: bool,
+) -> Result<Ticket, bool> {
+    let (endpoint, method, what) = if join {
+        (Endpoint::QueueJoin, Method::POST, "queue join")
+    } else {
+        (Endpoint::QueuePoll, Method::GET, "queue poll")
+    };
+    ticket_call(
         ctx,
         rec,
-        Endpoint::QueuePoll,
-        Method::GET,
+        endpoint,
+        method,
         &sale.queue_path,
         token,
-        started,
+        Instant::now(),
     )
     .await
-    {
-        Ok(ticket) => Ok(ticket),
-        Err(answer) => {
-            if !answer.is_transport_error() && answer.status < 500 {
-                ctx.violations
-                    .add(format!("queue poll on {}: {}", sale.sku, answer.text()));
-            }
-            Err(())
-        }
+    .map_err(|answer| settle_failure(ctx, sale, what, &answer))
+}
+
+/// Whether a failed ticket read is worth sending again; if not, it is a violation.
+fn settle_failure(ctx: &Ctx, sale: &Sale, what: &str, answer: &Answer) -> bool {
+    if answer.is_transport_error() || answer.status >= 500 {
+        return true;
     }
+    ctx.violations
+        .add(format!("{what} on {}: {}", sale.sku, answer.text()));
+    false
 }
 
 /// An admitted user reserves with its token (sent again on a transport failure, with
@@ -493,6 +513,7 @@ async fn buy(ctx: &Ctx, sale: &Sale, rec: &Recorder, i: u64, token: &str, ticket
     let key = format!("qk{i}");
     let path = format!("/v1/skus/{}/reservations", sale.sku);
     let mut created = None;
+    let mut unanswered = false;
     for _ in 0..3 {
         let started = Instant::now();
         let answer = ctx
@@ -519,7 +540,8 @@ async fn buy(ctx: &Ctx, sale: &Sale, rec: &Recorder, i: u64, token: &str, ticket
             answer.status,
             outcome,
         );
-        if answer.is_transport_error() || answer.status == 503 {
+        unanswered = answer.is_transport_error() || answer.status == 503;
+        if unanswered {
             continue;
         }
         if answer.status == 201 {
@@ -545,6 +567,9 @@ async fn buy(ctx: &Ctx, sale: &Sale, rec: &Recorder, i: u64, token: &str, ticket
         break;
     }
     let Some(rid) = created else {
+        if unanswered {
+            sale.tally.lock().unwrap().reserve_unanswered += 1;
+        }
         return;
     };
     sale.tally.lock().unwrap().reserved += 1;
@@ -583,18 +608,52 @@ pub async fn run(
     let args = &ctx.args;
     let sku = format!("{sku_base}-q");
     println!(
-        "\n== queue: {} users join a waiting room at {:.0}/s (open loop); a sale of {} units to them, admissions lapsing after {} s, {:.0}% of the admitted walk away{}",
+        "\n== queue: {}{} users join a waiting room at {:.0}/s (open loop); a sale of {} units to them, admissions lapsing after {} s, {:.0}% of the admitted walk away",
+        if args.queue_streams > 0 {
+            format!("{} open streams told sold_out; then ", args.queue_streams)
+        } else {
+            String::new()
+        },
         args.queue_users,
         args.queue_join_rate,
         args.queue_stock,
         args.queue_admission_seconds,
         args.queue_walk_away * 100.0,
-        if args.queue_streams > 0 {
-            format!("; then {} open streams told sold_out", args.queue_streams)
-        } else {
-            String::new()
-        }
     );
+    // The streams first, on a gateway not yet loaded by the sale: its RSS then moves
+    // with the streams alone.
+    let mut checks = Vec::new();
+    let mut phases = Vec::new();
+    let streams = if args.queue_streams > 0 {
+        let (phase, figures) = streams(ctx, probes, sku_base, gateway_pid).await;
+        if let Some(figures) = &figures {
+            checks.push(check(
+                format!("{}: every open stream told sold_out within 1 s", figures.sku),
+                figures.opened as usize == args.queue_streams
+                    && figures.told_within_1s == figures.opened,
+                format!(
+                    "{} of {} streams opened, {} told within 1 s of the last sale, {} told later, {} ended untold, {} never told",
+                    figures.opened,
+                    args.queue_streams,
+                    figures.told_within_1s,
+                    figures.told - figures.told_within_1s,
+                    figures.ended_untold,
+                    figures.never_told
+                ),
+            ));
+        } else {
+            checks.push(check(
+                "queue streams".to_string(),
+                false,
+                "could not be run".to_string(),
+            ));
+        }
+        phases.extend(phase);
+        figures
+    } else {
+        None
+    };
+    println!("\n== queue joins and sale on {sku}");
     let definition = serde_json::json!({"stock": args.queue_stock, "per_user_limit": 1,
         "hold_seconds": 60, "waiting_room": waiting_room(args.queue_admission_seconds)});
     match ctx.client.define_sku(&sku, definition).await {
@@ -676,13 +735,11 @@ pub async fn run(
 
     // The sale goes on until the last unit is sold, or the time is up.
     let deadline = start + args.queue_timeout;
-    let sold_out_at = tokio::time::timeout_at(
-        deadline.into(),
-        last_sale_rx.wait_for(|at| at.is_some()),
-    )
-    .await
-    .ok()
-    .and_then(|r| r.ok().and_then(|at| *at));
+    let sold_out_at =
+        tokio::time::timeout_at(deadline.into(), last_sale_rx.wait_for(|at| at.is_some()))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|at| *at));
     let sale_end = sold_out_at.unwrap_or_else(Instant::now);
     if sold_out_at.is_some() {
         // Let those near the front read it, as they would.
@@ -703,7 +760,6 @@ pub async fn run(
     );
     crate::report::print_phase(&sale_phase);
 
-    let mut checks = Vec::new();
     let mut figures = sale_figures(ctx, &sale, &sale_phase, start, sale_end, sold_out_at).await;
     // The queue's counters, straight from Redis (the SKU's slot).
     if let Ok(mut redis) = crate::redis_connection(&args.redis_url).await {
@@ -753,13 +809,24 @@ pub async fn run(
                 ),
             ));
         }
-        Err(e) => checks.push(check(format!("{sku}: the sale sold out"), false, format!("{e:#}"))),
+        Err(e) => checks.push(check(
+            format!("{sku}: the sale sold out"),
+            false,
+            format!("{e:#}"),
+        )),
     }
     if let (Some(admissions), Some(used)) = (figures.admissions, figures.admissions_used) {
+        // One admission, one hold: every used admission is a hold answered 201 (or a
+        // reserve that went unanswered). A hold whose confirm failed expires, and its
+        // unit admits another user: used may exceed sold.
+        let (reserved, unanswered) = (figures.reserved, figures.reserve_unanswered);
         checks.push(check(
-            format!("{sku}: admissions used == units sold"),
-            used == figures.sold,
-            format!("{admissions} admissions, {used} used, {} units sold", figures.sold),
+            format!("{sku}: admissions used == holds answered 201"),
+            used >= reserved && used <= reserved + unanswered,
+            format!(
+                "{admissions} admissions, {used} used; {reserved} holds answered 201 (+{unanswered} unanswered reserves), {} units sold",
+                figures.sold
+            ),
         ));
     }
     if sold_out_at.is_some() {
@@ -777,36 +844,7 @@ pub async fn run(
     }
     print_sale(&figures);
 
-    let mut phases = vec![join_phase, sale_phase];
-    let streams = if args.queue_streams > 0 {
-        let (phase, figures) = streams(ctx, probes, sku_base, gateway_pid).await;
-        if let Some(figures) = &figures {
-            checks.push(check(
-                format!("{}: every open stream told sold_out within 1 s", figures.sku),
-                figures.opened as usize == args.queue_streams
-                    && figures.told_within_1s == figures.opened,
-                format!(
-                    "{} of {} streams opened, {} told within 1 s of the last sale, {} told later, {} ended untold, {} never told",
-                    figures.opened,
-                    args.queue_streams,
-                    figures.told_within_1s,
-                    figures.told - figures.told_within_1s,
-                    figures.ended_untold,
-                    figures.never_told
-                ),
-            ));
-        } else {
-            checks.push(check(
-                "queue streams".to_string(),
-                false,
-                "could not be run".to_string(),
-            ));
-        }
-        phases.extend(phase);
-        figures
-    } else {
-        None
-    };
+    phases.extend([join_phase, sale_phase]);
     for c in &checks {
         println!(
             "  [{}] {}: {}",
@@ -830,13 +868,7 @@ fn check(name: String, ok: bool, detail: String) -> Check {
     Check { name, ok, detail }
 }
 
-fn join_figures(
-    phase: &PhaseReport,
-    sku: &str,
-    users: u64,
-    rate: f64,
-    unsent: u64,
-) -> JoinFigures {
+fn join_figures(phase: &PhaseReport, sku: &str, users: u64, rate: f64, unsent: u64) -> JoinFigures {
     let e = phase.endpoint("queue_join");
     let joins = e.map_or(0, |e| {
         e.outcomes
@@ -902,6 +934,7 @@ async fn sale_figures(
         seen_admitted: tally.seen_admitted,
         walked_away: tally.walked_away,
         reserved: tally.reserved,
+        reserve_unanswered: tally.reserve_unanswered,
         bought: tally.bought,
         unseen_lapses: tally.unseen_lapses,
         reserve_refused: std::mem::take(&mut tally.reserve_refused),
@@ -960,8 +993,9 @@ fn print_sale(s: &SaleFigures) {
         "  sale: {} of {} units sold{}; admissions {} (used {}, lapsed {}, unused at the end {})",
         s.sold,
         s.stock,
-        s.sell_out_s
-            .map_or(" (NOT sold out)".into(), |t| format!(", sold out {t:.1} s after the first join")),
+        s.sell_out_s.map_or(" (NOT sold out)".into(), |t| format!(
+            ", sold out {t:.1} s after the first join"
+        )),
         n(s.admissions),
         n(s.admissions_used),
         n(s.lapses),
@@ -1020,7 +1054,17 @@ async fn streams(
     let mut buyers = Vec::new();
     for b in 0..STREAM_SALE_UNITS {
         let token = ctx.token_for(&format!("qtb{b}"));
-        match ticket_call(ctx, &rec, Endpoint::QueueJoin, Method::POST, &path, &token, Instant::now()).await {
+        match ticket_call(
+            ctx,
+            &rec,
+            Endpoint::QueueJoin,
+            Method::POST,
+            &path,
+            &token,
+            Instant::now(),
+        )
+        .await
+        {
             Ok(t) if t.state == "admitted" => buyers.push((b, token, t)),
             Ok(t) => {
                 println!("  buyer {b} was not admitted on joining: {}", t.state);
@@ -1040,7 +1084,16 @@ async fn streams(
         joining.spawn(async move {
             let _permit = gate.acquire_owned().await;
             let token = ctx.token_for(&format!("qtw{w}"));
-            let ticket = ticket_call(&ctx, &rec, Endpoint::QueueJoin, Method::POST, &path, &token, Instant::now()).await;
+            let ticket = ticket_call(
+                &ctx,
+                &rec,
+                Endpoint::QueueJoin,
+                Method::POST,
+                &path,
+                &token,
+                Instant::now(),
+            )
+            .await;
             (token, ticket.ok().map(|t| t.state))
         });
     }
@@ -1171,14 +1224,20 @@ async fn streams(
             Endpoint::AdmittedReserve,
             started.elapsed(),
             answer.status,
-            if answer.status == 201 { "created" } else { intern(fields.code.as_deref().unwrap_or("other")) },
+            if answer.status == 201 {
+                "created"
+            } else {
+                intern(fields.code.as_deref().unwrap_or("other"))
+            },
         );
         let Some(rid) = fields.reservation_id.filter(|_| answer.status == 201) else {
             println!("  buyer {b}'s reserve: {}", answer.text());
             continue;
         };
         let sent = Instant::now();
-        let (confirm, confirm_fields) = ctx.confirm(&rec, &rid, &format!("pay-{}-qt{b}", ctx.run_id)).await;
+        let (confirm, confirm_fields) = ctx
+            .confirm(&rec, &rid, &format!("pay-{}-qt{b}", ctx.run_id))
+            .await;
         if confirm.status != 200 || Answer::state(&confirm_fields) != Some("confirmed") {
             println!("  buyer {b}'s confirm: {}", confirm.text());
         }
@@ -1187,7 +1246,8 @@ async fn streams(
         }
     }
     let sold = ctx.client.get_sku(&sku).await.map(|v| v.sold).unwrap_or(0);
-    let Some((last_sent, last_answered)) = last_confirm.filter(|_| sold == STREAM_SALE_UNITS) else {
+    let Some((last_sent, last_answered)) = last_confirm.filter(|_| sold == STREAM_SALE_UNITS)
+    else {
         println!("  the streams' sale did not sell out: sold {sold} of {STREAM_SALE_UNITS}");
         holders.shutdown().await;
         return (None, None);
@@ -1201,6 +1261,8 @@ async fn streams(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     holders.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_closed = gateway_pid.and_then(crate::probe::rss_kb);
     let after = probes.snapshot().await;
     let mut delays: Vec<f64> = told
         .lock()
@@ -1216,7 +1278,10 @@ async fn streams(
         })
         .collect();
     let told_n = delays.len() as u64;
-    let within = delays.iter().filter(|d| **d <= STREAM_TOLD_WITHIN_MS).count() as u64;
+    let within = delays
+        .iter()
+        .filter(|d| **d <= STREAM_TOLD_WITHIN_MS)
+        .count() as u64;
     let ended = ended_untold.load(Ordering::Relaxed);
     let figures = StreamFigures {
         sku: sku.clone(),
@@ -1227,6 +1292,7 @@ async fn streams(
         open_seconds,
         rss_before_kb: rss_before,
         rss_after_kb: rss_after,
+        rss_closed_kb: rss_closed,
         bytes_per_stream: match (rss_before, rss_after) {
             (Some(b), Some(a)) if opened_n > 0 => {
                 Some((a as f64 - b as f64) * 1024.0 / opened_n as f64)
@@ -1238,16 +1304,18 @@ async fn streams(
         told_within_1s: within,
         ended_untold: ended,
         never_told: opened_n.saturating_sub(told_n + ended),
+        told_min_ms: quantile(&mut delays, 0.0),
         told_p50_ms: quantile(&mut delays, 0.5),
         told_p90_ms: quantile(&mut delays, 0.9),
         told_p99_ms: quantile(&mut delays, 0.99),
         told_max_ms: quantile(&mut delays, 1.0),
     };
     println!(
-        "  told sold_out: {} of {} streams, {} within 1 s of the last sale; delay p50 {} ms, p90 {}, p99 {}, max {} (the last confirm took {:.1} ms); {} ended untold, {} never told",
+        "  told sold_out: {} of {} streams, {} within 1 s of the last sale; delay min {} ms, p50 {}, p90 {}, p99 {}, max {} (the last confirm took {:.1} ms); {} ended untold, {} never told",
         figures.told,
         figures.opened,
         figures.told_within_1s,
+        f2(figures.told_min_ms),
         f2(figures.told_p50_ms),
         f2(figures.told_p90_ms),
         f2(figures.told_p99_ms),
@@ -1257,13 +1325,14 @@ async fn streams(
         figures.never_told
     );
     println!(
-        "  gateway memory per open stream: {} bytes (RSS {} -> {} KiB over {} streams)",
+        "  gateway memory per open stream: {} bytes (RSS {} -> {} KiB over {} streams; {} KiB once closed)",
         figures
             .bytes_per_stream
             .map_or("?".into(), |b| format!("{b:.0}")),
         rss_before.map_or("?".into(), |v| v.to_string()),
         rss_after.map_or("?".into(), |v| v.to_string()),
-        opened_n
+        opened_n,
+        rss_closed.map_or("?".into(), |v| v.to_string())
     );
     let phase = crate::phase_report(
         "queue-streams",

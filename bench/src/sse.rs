@@ -148,8 +148,8 @@ impl EventStream {
             };
             let line = String::from_utf8_lossy(&self.raw[..at]).to_string();
             self.raw.advance(at + 2);
-            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-                .unwrap_or(0);
+            let size =
+                usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
             if size == 0 {
                 self.ended = true;
                 return;
