@@ -239,11 +239,13 @@ pub struct Args {
     pub queue_stock: u64,
 
     /// Queue phase: the waiting room's admission_seconds: an admission unused this long
-    /// lapses and goes to the next user (short, so that the walk-aways keep the run short).
+    /// lapses and goes to the next user. Short keeps the run short, but the gateway tells
+    /// waiting users to poll at least every admission_seconds / 2: 50,000 users with 10 s
+    /// poll 10,000 times a second.
     #[arg(
         long,
         env = "FLASHGATE_BENCH_QUEUE_ADMISSION_SECONDS",
-        default_value_t = 3
+        default_value_t = 10
     )]
     pub queue_admission_seconds: u32,
 
@@ -253,7 +255,7 @@ pub struct Args {
     pub queue_walk_away: f64,
 
     /// Queue phase: the sale must sell out within this long after its first join.
-    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "FLASHGATE_BENCH_QUEUE_TIMEOUT", default_value = "240s", value_parser = parse_duration)]
     pub queue_timeout: Duration,
 
     /// Queue phase: open Server-Sent Event streams (`GET /v1/skus/{sku}/queue/stream`)

@@ -5,12 +5,14 @@
 //!   /v1/skus/{sku}/queue/stream` open, one connection each; the gateway's RSS before
 //!   and after opening them (per stream); the few admitted users buy the stock, and
 //!   every stream must be told `sold_out` within 1 s of the last sale.
-//! - **joins** (`queue-join`): `--queue-users` fresh users join one sale's waiting room,
-//!   an open loop at `--queue-join-rate` (latency from the intended send time): joins/s
-//!   and p50/p99. The sale is open from its definition, so they join a moving line
-//!   (positions in arrival order, the first `--queue-stock` admitted as they join).
-//! - **the sale** (`queue-sale`, `--queue-stock` units, admissions lapsing after
-//!   `--queue-admission-seconds`): every user reads its ticket again when
+//! - **joins** (`queue-join`, SKU `-qj`): `--queue-users` fresh users join a waiting
+//!   room, an open loop at `--queue-join-rate` (latency from the intended send time),
+//!   and do nothing more: joins/s and p50/p99, not under the sale's polls. The sale is
+//!   open from its definition, so they join a moving line (positions in arrival order,
+//!   the first `--queue-stock` admitted as they join).
+//! - **the sale** (`queue-sale`, SKU `-q`, `--queue-stock` units, admissions lapsing
+//!   after `--queue-admission-seconds`): as many other users join it at the same rate,
+//!   then every user reads its ticket again when
 //!   `retry_after_ms` says; an admitted user walks away (`--queue-walk-away`: its
 //!   admission lapses and goes to the next user) or reserves with its `Admission-Token`
 //!   and is paid (confirm by the service). It must sell out: time to sell out,
@@ -307,6 +309,10 @@ struct Tally {
 struct Sale {
     sku: String,
     queue_path: String,
+    /// Users are `<user_prefix><i>`.
+    user_prefix: &'static str,
+    /// After joining, the users follow their tickets (the sale); false: they only join.
+    follow: bool,
     stock: u64,
     admission_seconds: f64,
     walk_away: f64,
@@ -361,7 +367,7 @@ async fn sale_user(
     permit: OwnedSemaphorePermit,
 ) {
     joins.record_lag(intended.elapsed());
-    let user = format!("q{i}");
+    let user = format!("{}{i}", sale.user_prefix);
     let token = ctx.token_for(&user);
     let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0x7175_6575_0000_0000 ^ i);
     let joined = ticket_call(
@@ -376,6 +382,10 @@ async fn sale_user(
     .await;
     sale.joins_answered.fetch_add(1, Ordering::Relaxed);
     drop(permit);
+    if !sale.follow {
+        sale.states[i as usize].store(DONE, Ordering::Relaxed);
+        return;
+    }
     // Err(true): read again after POLL_RETRY; a join that failed is sent again as a
     // join (it is idempotent): the user may have no ticket yet.
     let mut has_ticket = joined.is_ok();
@@ -466,7 +476,7 @@ async fn sale_user(
 }
 
 /// A waiting user reads its ticket (or joins again, `join`). Err(true): read again
-/// later (a transport failure, a 5xx); Err(false): an answer the contract does not
+/// later (a transport failure, a 5xx, a 429); Err(false): an answer the contract does not
 /// allow (a violation; the user gives up).
 async fn reread(
     ctx: &Ctx,
@@ -495,7 +505,9 @@ async fn reread(
 
 /// Whether a failed ticket read is worth sending again; if not, it is a violation.
 fn settle_failure(ctx: &Ctx, sale: &Sale, what: &str, answer: &Answer) -> bool {
-    if answer.is_transport_error() || answer.status >= 500 {
+    // Queue requests share the reserve's rate limits: a 429 says when to come back.
+    let limited = answer.status == 429 && answer.retry_after;
+    if answer.is_transport_error() || answer.status >= 500 || limited {
         return true;
     }
     ctx.violations
@@ -656,67 +668,25 @@ pub async fn run(
     } else {
         None
     };
-    println!("\n== queue joins and sale on {sku}");
-    let definition = serde_json::json!({"stock": args.queue_stock, "per_user_limit": 1,
-        "hold_seconds": 60, "waiting_room": waiting_room(args.queue_admission_seconds)});
-    match ctx.client.define_sku(&sku, definition).await {
-        Ok(view) if view.available == args.queue_stock => {}
-        Ok(view) => {
-            println!("  queue: {sku} was not fresh: {view:?}");
-            return (Vec::new(), None);
-        }
-        Err(e) => {
-            println!("  queue: cannot define {sku}: {e:#}");
-            return (Vec::new(), None);
-        }
-    }
-    let users = args.queue_users;
-    let (last_sale, mut last_sale_rx) = watch::channel(None);
-    let sale = Arc::new(Sale {
-        queue_path: format!("/v1/skus/{sku}/queue"),
-        sku: sku.clone(),
-        stock: args.queue_stock,
-        admission_seconds: f64::from(args.queue_admission_seconds),
-        walk_away: args.queue_walk_away,
-        sold: AtomicU64::new(0),
-        last_sale,
-        joins_answered: AtomicU64::new(0),
-        states: (0..users).map(|_| AtomicU8::new(WAITING)).collect(),
-        tally: Mutex::new(Tally::default()),
-    });
+    // The joins alone, on a SKU of their own: its users join and do nothing more, so
+    // that the joins are not measured under the sale's polls.
+    let join_sku = format!("{sku_base}-qj");
+    println!("\n== queue joins on {join_sku}");
+    let Some(join_sale) = define_sale(ctx, &join_sku, "qj", false).await else {
+        return (phases, None);
+    };
     let start = Instant::now();
     let joins = Arc::new(Recorder::new(start));
-    let rec = Arc::new(Recorder::new(start));
     let before = probes.snapshot().await;
-    let join_window = Duration::from_secs_f64(users as f64 / args.queue_join_rate);
-    let mut tasks = tokio::task::JoinSet::new();
-    let unsent = load::dispatch_open_loop(
-        start,
-        start + join_window,
-        args.queue_join_rate,
-        args.max_in_flight,
-        |i, intended, permit| {
-            if i >= users {
-                return;
-            }
-            let (ctx, sale, joins, rec) = (ctx.clone(), sale.clone(), joins.clone(), rec.clone());
-            tasks.spawn(sale_user(ctx, sale, joins, rec, i, intended, permit));
-        },
-    )
-    .await;
-    let sent = users.saturating_sub(unsent);
-    while sale.joins_answered.load(Ordering::Relaxed) < sent
-        && start.elapsed() < join_window + args.timeout * 2
-    {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let (mut tasks, unsent) = dispatch(ctx, &join_sale, &joins, &joins, start).await;
     let join_elapsed = start.elapsed();
     let after_joins = probes.snapshot().await;
+    tasks.shutdown().await;
     joins.unsent.store(unsent, Ordering::Relaxed);
     let join_phase = crate::phase_report(
         "queue-join",
         format!("open loop {:.0} joins/s", args.queue_join_rate),
-        vec![sku.clone()],
+        vec![join_sku.clone()],
         ctx.run_start,
         &joins,
         join_elapsed,
@@ -724,7 +694,13 @@ pub async fn run(
         &after_joins,
     );
     crate::report::print_phase(&join_phase);
-    let join = join_figures(&join_phase, &sku, users, args.queue_join_rate, unsent);
+    let join = join_figures(
+        &join_phase,
+        &join_sku,
+        args.queue_users,
+        args.queue_join_rate,
+        unsent,
+    );
     println!(
         "  joins: {} in {:.2} s = {:.0}/s (target {:.0}/s), p50 {:.2} ms, p99 {:.2} ms, {} failed",
         join.joins,
@@ -735,6 +711,19 @@ pub async fn run(
         join.p99_ms,
         join.failed
     );
+
+    println!(
+        "\n== queue sale on {sku}: the users join at the same rate, then follow their tickets"
+    );
+    let Some(sale) = define_sale(ctx, &sku, "q", true).await else {
+        phases.push(join_phase);
+        return (phases, None);
+    };
+    let mut last_sale_rx = sale.last_sale.subscribe();
+    let start = Instant::now();
+    let rec = Arc::new(Recorder::new(start));
+    let before_sale = probes.snapshot().await;
+    let (mut tasks, _) = dispatch(ctx, &sale, &rec, &rec, start).await;
 
     // The sale goes on until the last unit is sold, or the time is up.
     let deadline = start + args.queue_timeout;
@@ -753,12 +742,15 @@ pub async fn run(
     let after = probes.snapshot().await;
     let sale_phase = crate::phase_report(
         "queue-sale",
-        "users poll when told".to_string(),
+        format!(
+            "open loop {:.0} joins/s, then users poll when told",
+            args.queue_join_rate
+        ),
         vec![sku.clone()],
         ctx.run_start,
         &rec,
         elapsed,
-        &after_joins,
+        &before_sale,
         &after,
     );
     crate::report::print_phase(&sale_phase);
@@ -867,6 +859,81 @@ pub async fn run(
     (phases, Some(report))
 }
 
+/// Defines a sale of `--queue-stock` units with a waiting room; None (said) if it fails.
+async fn define_sale(
+    ctx: &Arc<Ctx>,
+    sku: &str,
+    user_prefix: &'static str,
+    follow: bool,
+) -> Option<Arc<Sale>> {
+    let args = &ctx.args;
+    let definition = serde_json::json!({"stock": args.queue_stock, "per_user_limit": 1,
+        "hold_seconds": 60, "waiting_room": waiting_room(args.queue_admission_seconds)});
+    match ctx.client.define_sku(sku, definition).await {
+        Ok(view) if view.available == args.queue_stock => {}
+        Ok(view) => {
+            println!("  queue: {sku} was not fresh: {view:?}");
+            return None;
+        }
+        Err(e) => {
+            println!("  queue: cannot define {sku}: {e:#}");
+            return None;
+        }
+    }
+    let users = args.queue_users;
+    Some(Arc::new(Sale {
+        queue_path: format!("/v1/skus/{sku}/queue"),
+        sku: sku.to_string(),
+        user_prefix,
+        follow,
+        stock: args.queue_stock,
+        admission_seconds: f64::from(args.queue_admission_seconds),
+        walk_away: args.queue_walk_away,
+        sold: AtomicU64::new(0),
+        last_sale: watch::channel(None).0,
+        joins_answered: AtomicU64::new(0),
+        states: (0..users).map(|_| AtomicU8::new(WAITING)).collect(),
+        tally: Mutex::new(Tally::default()),
+    }))
+}
+
+/// Starts `--queue-users` users of `sale` in an open loop at `--queue-join-rate` and
+/// waits until every join sent was answered. Returns the users' tasks (still running
+/// when they follow their tickets) and how many joins were never sent.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    sale: &Arc<Sale>,
+    joins: &Arc<Recorder>,
+    rec: &Arc<Recorder>,
+    start: Instant,
+) -> (tokio::task::JoinSet<()>, u64) {
+    let args = &ctx.args;
+    let users = args.queue_users;
+    let window = Duration::from_secs_f64(users as f64 / args.queue_join_rate);
+    let mut tasks = tokio::task::JoinSet::new();
+    let unsent = load::dispatch_open_loop(
+        start,
+        start + window,
+        args.queue_join_rate,
+        args.max_in_flight,
+        |i, intended, permit| {
+            if i >= users {
+                return;
+            }
+            let (ctx, sale, joins, rec) = (ctx.clone(), sale.clone(), joins.clone(), rec.clone());
+            tasks.spawn(sale_user(ctx, sale, joins, rec, i, intended, permit));
+        },
+    )
+    .await;
+    let sent = users.saturating_sub(unsent);
+    while sale.joins_answered.load(Ordering::Relaxed) < sent
+        && start.elapsed() < window + args.timeout * 2
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (tasks, unsent)
+}
+
 fn check(name: String, ok: bool, detail: String) -> Check {
     Check { name, ok, detail }
 }
@@ -971,7 +1038,7 @@ async fn read_sample(ctx: &Ctx, sale: &Sale) -> (u64, u64) {
     let rec = Recorder::new(Instant::now());
     let (mut read, mut sold_out) = (0, 0);
     for i in waiting.iter().step_by(step).take(SOLD_OUT_SAMPLE) {
-        let token = ctx.token_for(&format!("q{i}"));
+        let token = ctx.token_for(&format!("{}{i}", sale.user_prefix));
         let ticket = ticket_call(
             ctx,
             &rec,
