@@ -18,7 +18,8 @@
 --   q:admits  ZSET  user -> admitted_until (ms): admissions not used and not lapsed
 --   q:used    HASH  user -> admitted_until of the admission a hold used (reserve.lua)
 --   q:state   HASH  served (ranks admitted so far, in order), arrivals, pre_arrivals,
---                   started ('1' once a call saw the start), first_admit_at,
+--                   started ('1' once a call saw the start), first_admit_at and
+--                   first_burst (the first admissions, made at once),
 --                   rate_at / rate_n (the current second's admissions)
 --
 -- Replies:
@@ -26,13 +27,15 @@
 --   {'no_waiting_room'}
 --   join / ticket: {state, position ('' before the start), served, line length,
 --                   admitted_until ('' unless admitted or used), first_admit_at ('' when
---                   nobody was admitted yet), now, admit_per_second, admission ms}
+--                   nobody was admitted yet), now, admit_per_second, then the tail}
 --     state: 'none' (ticket: the user has no ticket), 'waiting', 'admitted', 'used'
 --            (its admission made a hold), 'lapsed' (unused past admitted_until),
 --            'sold_out', 'closed' (for a waiting or admitted ticket, and for anyone
 --            once the sale is over: a join then takes no place)
 --   watch: {phase ('pre' | 'open' | 'sold_out' | 'closed'), served, line length,
---           first_admit_at or '', now, admit_per_second, admission ms}
+--           first_admit_at or '', now, admit_per_second, then the tail}
+--   the tail: admission ms, units not sold (stock_total - sold), starts_at ('' for
+--             none), the first admissions' count (made at first_admit_at, at once)
 --
 -- Admission: in rank order, while available minus unused admissions is above 0, at most
 -- admit_per_second per second; an admission unused at admitted_until lapses and its
@@ -71,7 +74,8 @@ elseif stock_total > 0 and sold >= stock_total then
   phase = 'sold_out'
 end
 
-local s = redis.call('HMGET', state, 'served', 'started', 'first_admit_at', 'rate_at', 'rate_n')
+local s = redis.call('HMGET', state, 'served', 'started', 'first_admit_at', 'rate_at', 'rate_n',
+  'first_burst')
 local served = tonumber(s[1] or '0')
 local started = s[2] == '1'
 if phase ~= 'pre' and phase ~= 'closed' and not started then
@@ -102,6 +106,7 @@ if phase ~= 'pre' and not paused then
   redis.call('ZREMRANGEBYSCORE', admits, '-inf', now) -- lapsed
 end
 local first_admit_at = s[3] or ''
+local first_burst = s[6] or '0'
 local total = redis.call('ZCARD', line)
 if phase == 'open' and not paused then
   local n = math.min(available - redis.call('ZCARD', admits), total - served,
@@ -124,7 +129,10 @@ if phase == 'open' and not paused then
     redis.call('ZADD', admits, unpack(args))
     served = served + #users
     if first_admit_at == '' then
-      first_admit_at = string.format('%d', now)
+      -- The first admissions come at once (the stock on hand): the pace of the line is
+      -- measured after them (src/queue.rs eta_seconds).
+      first_admit_at, first_burst = string.format('%d', now), #users
+      redis.call('HSET', state, 'first_burst', first_burst)
     end
     redis.call('HSET', state, 'served', served, 'first_admit_at', first_admit_at,
       'rate_at', string.format('%d', rate_at), 'rate_n', rate_n + #users)
@@ -132,16 +140,24 @@ if phase == 'open' and not paused then
 end
 
 local now_text = string.format('%d', now)
+-- What every reply ends with: how the line moves and what is left to sell.
+local tail = { admission_ms, stock_total - sold, m[4], first_burst }
+local function with_tail(reply)
+  for _, v in ipairs(tail) do
+    reply[#reply + 1] = v
+  end
+  return reply
+end
 if mode == 'watch' then
-  return { phase, served, total, first_admit_at, now_text, rate, admission_ms }
+  return with_tail({ phase, served, total, first_admit_at, now_text, rate })
 end
 
 if not score then
   -- Over: everyone is told so, with or without a place (none is made now).
   if phase == 'sold_out' or phase == 'closed' then
-    return { phase, '', served, total, '', first_admit_at, now_text, rate, admission_ms }
+    return with_tail({ phase, '', served, total, '', first_admit_at, now_text, rate })
   end
-  return { 'none', '', served, total, '', first_admit_at, now_text, rate, admission_ms }
+  return with_tail({ 'none', '', served, total, '', first_admit_at, now_text, rate })
 end
 local position = ''
 if started then
@@ -161,5 +177,5 @@ end
 if (phase == 'sold_out' or phase == 'closed') and (ticket == 'waiting' or ticket == 'admitted') then
   ticket = phase
 end
-return { ticket, position, served, total, admitted_until or '', first_admit_at, now_text, rate,
-  admission_ms }
+return with_tail({ ticket, position, served, total, admitted_until or '', first_admit_at,
+  now_text, rate })

@@ -80,6 +80,31 @@ pub struct QueueRead {
     pub admit_per_second: u64,
     /// The waiting room's admission_seconds, in ms.
     pub admission_ms: u64,
+    pub tail: QueueTail,
+}
+
+/// What every reply of lua/queue.lua ends with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueTail {
+    /// Units not sold yet (stock_total - sold): how far back in line an admission can
+    /// still reach without more stock.
+    pub unsold: u64,
+    pub starts_at_ms: Option<i64>,
+    /// The first admissions, made at once at `first_admit_at` (the stock on hand).
+    pub first_burst: u64,
+}
+
+impl QueueTail {
+    fn parse(fields: &[String]) -> Result<QueueTail> {
+        let [unsold, starts_at, first_burst] = fields else {
+            return Err(bad_reply("queue tail arity"));
+        };
+        Ok(QueueTail {
+            unsold: number(unsold)?,
+            starts_at_ms: optional(starts_at)?.map(|v| v as i64),
+            first_burst: number(first_burst)?,
+        })
+    }
 }
 
 impl QueueRead {
@@ -91,7 +116,8 @@ impl QueueRead {
             Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
             _ => {}
         }
-        let [state, position, served, line, until, first, now, rate, admission] = reply else {
+        let [state, position, served, line, until, first, now, rate, admission, tail @ ..] = reply
+        else {
             return Err(bad_reply("queue arity"));
         };
         Ok(QueueRead {
@@ -104,6 +130,7 @@ impl QueueRead {
             now_ms: number(now)? as i64,
             admit_per_second: number(rate)?,
             admission_ms: number(admission)?,
+            tail: QueueTail::parse(tail)?,
         })
     }
 }
@@ -119,6 +146,7 @@ pub struct QueueWatch {
     pub now_ms: i64,
     pub admit_per_second: u64,
     pub admission_ms: u64,
+    pub tail: QueueTail,
 }
 
 impl QueueWatch {
@@ -128,7 +156,7 @@ impl QueueWatch {
             Some("no_waiting_room") => return Err(Error::Refused(Refusal::NoWaitingRoom)),
             _ => {}
         }
-        let [phase, served, line, first, now, rate, admission] = reply else {
+        let [phase, served, line, first, now, rate, admission, tail @ ..] = reply else {
             return Err(bad_reply("queue watch arity"));
         };
         Ok(QueueWatch {
@@ -139,6 +167,7 @@ impl QueueWatch {
             now_ms: number(now)? as i64,
             admit_per_second: number(rate)?,
             admission_ms: number(admission)?,
+            tail: QueueTail::parse(tail)?,
         })
     }
 }
@@ -169,11 +198,31 @@ pub fn ticket(
     let eta_seconds = (state == TicketState::Waiting && read.position.is_some())
         .then(|| eta_seconds(ahead, read))
         .flatten();
-    let retry_after_ms = match state {
-        TicketState::Waiting => retry_after_ms(ahead, waiting, polls_per_second, read.admission_ms),
+    let retry_after_ms = match (state, read.position) {
+        // Nobody is admitted before the start: come back at it, the line spread over
+        // as long as the budget needs for everyone's first poll.
+        (TicketState::Waiting, None) => {
+            let to_start = read
+                .tail
+                .starts_at_ms
+                .map_or(0, |start| (start - read.now_ms).max(0) as u64);
+            let spread = read.line * 1000 / u64::from(polls_per_second.max(1));
+            let jitter = (rand::random::<f64>() * spread as f64) as u64;
+            (to_start + jitter).clamp(limits::QUEUE_RETRY_MIN_MS, u64::from(u32::MAX)) as u32
+        }
+        (TicketState::Waiting, Some(_)) => {
+            // Only a place the unsold units can still reach must see its admission in
+            // time; further back nothing comes without more stock.
+            let admission_ms = if ahead < read.tail.unsold {
+                read.admission_ms
+            } else {
+                u64::MAX
+            };
+            retry_after_ms(ahead, waiting, polls_per_second, admission_ms)
+        }
         // Nothing to wait for: reserve. A poll now and then shows a lapse or the end.
-        TicketState::Admitted => limits::QUEUE_ADMITTED_RETRY_MS as u32,
-        TicketState::SoldOut | TicketState::Closed => 0,
+        (TicketState::Admitted, _) => limits::QUEUE_ADMITTED_RETRY_MS as u32,
+        (TicketState::SoldOut | TicketState::Closed, _) => 0,
     };
     let admission = (state == TicketState::Admitted)
         .then_some(read.admitted_until_ms)
@@ -196,10 +245,13 @@ pub fn ticket(
 /// Seconds until `ahead` more users are admitted, at the rate admissions went so far
 /// (or at `admit_per_second` before the first); None when nothing tells.
 fn eta_seconds(ahead: u64, read: &QueueRead) -> Option<u64> {
+    // The first admissions came at once (the stock on hand): the pace is what came
+    // after them, as units came back or the rate let more in.
+    let after_burst = read.served.saturating_sub(read.tail.first_burst);
     let per_second = match read.first_admit_at_ms {
-        Some(first) if read.served > 0 => {
+        Some(first) if after_burst > 0 => {
             let elapsed_ms = (read.now_ms - first).max(1000) as f64;
-            read.served as f64 * 1000.0 / elapsed_ms
+            after_burst as f64 * 1000.0 / elapsed_ms
         }
         _ if read.admit_per_second > 0 => read.admit_per_second as f64,
         _ => return None,
@@ -328,6 +380,7 @@ impl Watchers {
                             now_ms: crate::explore::host_clock_ms(),
                             admit_per_second: 0,
                             admission_ms: 0,
+                            tail: QueueTail::default(),
                         })
                     })));
                 }
@@ -386,6 +439,7 @@ pub fn advance(
         now_ms: look.now_ms,
         admit_per_second: look.admit_per_second,
         admission_ms: look.admission_ms,
+        tail: look.tail,
     };
     ticket(keys, sku, &last.user_id, &read, polls_per_second)
 }
@@ -581,6 +635,9 @@ mod tests {
                 "11000".into(),
                 "0".into(),
                 "120000".into(),
+                "50".into(),
+                "".into(),
+                "0".into(),
             ])
             .unwrap()
         };
@@ -620,6 +677,11 @@ mod tests {
             now_ms,
             admit_per_second: 0,
             admission_ms: 60_000,
+            tail: QueueTail {
+                unsold: 100,
+                starts_at_ms: None,
+                first_burst: 0,
+            },
         }
     }
 
@@ -706,5 +768,89 @@ mod tests {
             !seen.refuses(&sku("s")),
             "past its time the flag asks Redis again"
         );
+    }
+
+    fn read_of(position: Option<u64>, served: u64, tail: QueueTail) -> QueueRead {
+        QueueRead {
+            state: "waiting".into(),
+            position,
+            served,
+            line: 2_000,
+            admitted_until_ms: None,
+            first_admit_at_ms: Some(0),
+            now_ms: 10_000,
+            admit_per_second: 0,
+            admission_ms: 10_000,
+            tail,
+        }
+    }
+
+    #[test]
+    fn the_prequeue_comes_back_at_the_start_spread_over_the_budget() {
+        let tail = QueueTail {
+            unsold: 1_000,
+            starts_at_ms: Some(30_000),
+            first_burst: 0,
+        };
+        for _ in 0..50 {
+            let t = ticket(&keys(), &sku("s"), "u", &read_of(None, 0, tail), 1000);
+            // 20 s to the start, 2,000 waiting at 1,000 polls a second: within 2 s of it.
+            assert!((20_000..=22_000).contains(&t.retry_after_ms), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn only_places_the_unsold_units_can_reach_are_held_to_half_the_admission_time() {
+        let tail = QueueTail {
+            unsold: 100,
+            starts_at_ms: None,
+            first_burst: 0,
+        };
+        let near = ticket(
+            &keys(),
+            &sku("s"),
+            "u",
+            &read_of(Some(1_050), 1_000, tail),
+            1,
+        );
+        assert_eq!(near.retry_after_ms, 5_000, "49 ahead of 100 unsold: capped");
+        let far = ticket(
+            &keys(),
+            &sku("s"),
+            "u",
+            &read_of(Some(1_500), 1_000, tail),
+            1,
+        );
+        assert!(
+            far.retry_after_ms > 5_000,
+            "499 ahead of 100 unsold: {far:?}"
+        );
+    }
+
+    #[test]
+    fn the_eta_counts_the_pace_after_the_first_admissions() {
+        let burst_only = QueueTail {
+            unsold: 1_000,
+            starts_at_ms: None,
+            first_burst: 1_000,
+        };
+        // 1,000 admitted at once, none since: nothing tells the pace yet.
+        let t = ticket(
+            &keys(),
+            &sku("s"),
+            "u",
+            &read_of(Some(1_011), 1_000, burst_only),
+            1000,
+        );
+        assert_eq!(t.eta_seconds, None);
+        // 10 more in 10 s: one a second, 11 to go (10 ahead, then this one).
+        let t = ticket(
+            &keys(),
+            &sku("s"),
+            "u",
+            &read_of(Some(1_021), 1_010, burst_only),
+            1000,
+        );
+        assert_eq!(t.eta_seconds, Some(11));
     }
 }
