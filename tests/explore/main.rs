@@ -185,7 +185,7 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
             break;
         }
         let outcome = if args.queue {
-            queue::run_seed(env, turnstile, seed, args.verbose).await
+            queue::run_seed(env, turnstile, seed, args.with_admin, args.verbose).await
         } else {
             world::run_seed(
                 env,
@@ -202,11 +202,16 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
         faults += outcome.faults;
         if let Some(failure) = outcome.failure {
             println!(
-                "explore: seed {seed} FAILED after {} steps ({:?} code): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}",
+                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}",
                 outcome.steps,
-                args.variant,
+                if args.queue {
+                    "the waiting room".to_owned()
+                } else {
+                    format!("{:?} code", args.variant)
+                },
                 outcome.trace_tail,
-                if args.queue { " --queue" } else { args.variant.flag() }
+                if args.queue { " --queue" } else { args.variant.flag() },
+                if args.with_admin { " --admin" } else { "" }
             );
             return 1;
         }

@@ -76,7 +76,13 @@ struct Seen {
     holds: HashMap<String, String>,
 }
 
-pub async fn run_seed(env: &Env, turnstile: &Turnstile, seed: u64, verbose: bool) -> Outcome {
+pub async fn run_seed(
+    env: &Env,
+    turnstile: &Turnstile,
+    seed: u64,
+    with_admin: bool,
+    verbose: bool,
+) -> Outcome {
     let started = std::time::Instant::now();
     let mut rng = seed_rng(seed, 0);
     let mut scheduler = Scheduler::new(turnstile, seed_rng(seed, 1));
@@ -184,7 +190,8 @@ pub async fn run_seed(env: &Env, turnstile: &Turnstile, seed: u64, verbose: bool
             },
         )));
     }
-    for role in [Role::Worker, Role::Cron] {
+    let roles = [Role::Worker, Role::Cron, Role::Admin];
+    for role in roles.into_iter().take(if with_admin { 3 } else { 2 }) {
         let p = next_process;
         next_process += 1;
         let (world, redis_url, pool) = (world.clone(), env.redis_url.clone(), env.pool.clone());
@@ -193,8 +200,14 @@ pub async fn run_seed(env: &Env, turnstile: &Turnstile, seed: u64, verbose: bool
             p,
             async move {
                 let store = Store::new(world::connect_redis(&redis_url).await).with_timing(TIMING);
-                // They run until the buyers are done (then they are stopped).
-                world.service(role, store, pool, actor_rng, 10_000).await;
+                // They run until the buyers are done (then they are stopped); an
+                // operator changes the stock a few times.
+                let ops = if matches!(role, Role::Admin) {
+                    4
+                } else {
+                    10_000
+                };
+                world.service(role, store, pool, actor_rng, ops).await;
             },
         )));
     }
@@ -438,7 +451,7 @@ impl Queue {
             Err(Error::Refused(Refusal::SoldOut)) if quantity == 1 && answered_at < until => {
                 // Its admission holds a unit for it until admitted_until.
                 return self.broke(format!(
-                    "{user}, admitted until {until}, was answered sold_out for one unit: a unit was promised twice"
+                    "{user}, admitted until {until}, was answered sold_out for one unit (an admission keeps one unit for its user)"
                 ));
             }
             Err(Error::Refused(Refusal::AdmissionRequired)) if answered_at < until => {
@@ -486,9 +499,11 @@ impl Queue {
                         reservation.reservation_id
                     ));
                 }
-                Err(e) => return self.broke(format!(
+                Err(e) => {
+                    return self.broke(format!(
                     "{user}'s spent admission under another key answered {e}, not admission_used"
-                )),
+                ))
+                }
             }
         }
         match rng.random_range(0..10) {
@@ -742,9 +757,11 @@ async fn check_queue(
     for user in admits.iter().map(|(u, _)| u).chain(&used) {
         match rank.get(user.as_str()) {
             Some(&r) if r < served => {}
-            Some(&r) => return Err(format!(
+            Some(&r) => {
+                return Err(format!(
                 "{user} admitted at rank {r} though only {served} ranks were served (out of order)"
-            )),
+            ))
+            }
             None => return Err(format!("{user} admitted without a place in line")),
         }
     }
