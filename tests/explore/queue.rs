@@ -22,7 +22,7 @@ use flashgate::store::Store;
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -48,6 +48,9 @@ struct Queue {
     /// Process -> the users its buyer tasks serve now.
     active: Mutex<HashMap<u32, Vec<String>>>,
     tickets: Mutex<Tickets>,
+    /// Odd while an operator's pause may be in force: bumped before the pause and after
+    /// the resume (a pause moves admission deadlines on, lib.lua thaw_admissions).
+    pauses: AtomicU64,
 }
 
 /// What the users' tickets said.
@@ -140,6 +143,7 @@ pub async fn run_seed(
         pending: Mutex::new(names.into_iter().rev().collect()),
         active: Mutex::new(HashMap::new()),
         tickets: Mutex::new(Tickets::default()),
+        pauses: AtomicU64::new(0),
     });
 
     // Buyer tasks by process (gateways), and the services' tasks.
@@ -212,6 +216,26 @@ pub async fn run_seed(
         )));
     }
 
+    if one_in(&mut rng, 3) {
+        // An operator pauses the sale and resumes it (admissions stand still meanwhile).
+        let p = next_process;
+        next_process += 1;
+        let (queue, redis_url, pool, settings) = (
+            queue.clone(),
+            env.redis_url.clone(),
+            env.pool.clone(),
+            settings.clone(),
+        );
+        let actor_rng = seed_rng(rng.random(), u64::from(p) * 10);
+        services.push(tokio::spawn(flashgate::explore::as_process(
+            p,
+            async move {
+                let store = Store::new(world::connect_redis(&redis_url).await);
+                let gateway = Gateway::new(store, pool, settings);
+                queue.pauser(&gateway, actor_rng).await;
+            },
+        )));
+    }
     let queue_script = flashgate::store::SCRIPTS.queue.get_hash().to_owned();
     let reserve_script = flashgate::store::SCRIPTS.reserve.get_hash().to_owned();
     let mut seen = Seen::default();
@@ -311,11 +335,12 @@ pub async fn run_seed(
             (journal.sold.len(), journal.compensated.len())
         };
         eprintln!(
-            "queue seed {seed}: stock {stock}, {users} users{}, served {} of {}, {} holds, {sold} paid, {compensated} refunds; {} steps, {} blocked, {:.1} s{}",
+            "queue seed {seed}: stock {stock}, {users} users{}, served {} of {}, {} holds, {sold} paid, {compensated} refunds, {} pauses; {} steps, {} blocked, {:.1} s{}",
             if starts_at_ms.is_some() { " (pre-queue)" } else { "" },
             seen.served,
             seen.line,
             seen.holds.len(),
+            queue.pauses.load(Ordering::Relaxed) / 2,
             scheduler.steps,
             scheduler.blocked_calls,
             started.elapsed().as_secs_f64(),
@@ -410,6 +435,7 @@ impl Queue {
             };
             self.saw(user, &ticket, false);
         }
+        let pauses = self.pauses.load(Ordering::Relaxed);
         let (Some(token), Some(until)) = (ticket.admission_token.clone(), ticket.admitted_until_ms)
         else {
             return self.fate(
@@ -428,7 +454,7 @@ impl Queue {
             ))
             .await;
         }
-        let quantity = if one_in(rng, 4) { 2 } else { 1 };
+        let quantity = if one_in(rng, 6) { 2 } else { 1 };
         // Redis runs the reserve between these two instants (its clock is this host's:
         // no skew in this world).
         let sent_at = flashgate::explore::host_clock_ms();
@@ -440,7 +466,10 @@ impl Queue {
         let rid = match reserved {
             Ok((reservation, replayed)) => {
                 self.record_hold(user, "k0", &reservation.reservation_id);
-                if !replayed && sent_at > until {
+                // (A pause since the ticket moved its deadline on.)
+                let unpaused =
+                    pauses.is_multiple_of(2) && self.pauses.load(Ordering::Relaxed) == pauses;
+                if !replayed && sent_at > until && unpaused {
                     return self.broke(format!(
                         "{user}'s admission, lapsed at {until}, made {} at {sent_at} or later",
                         reservation.reservation_id
@@ -460,7 +489,13 @@ impl Queue {
                 ));
             }
             Err(e) => {
-                self.fate(user, format!("reserve: {e}"));
+                self.fate(
+                    user,
+                    format!(
+                        "reserve of {quantity}: {e} ({} ms before its deadline)",
+                        until - answered_at
+                    ),
+                );
                 return self.world.note_error(e);
             }
         };
@@ -569,6 +604,32 @@ impl Queue {
                     served = watch.served;
                 }
                 Err(e) => self.world.note_error(e),
+            }
+        }
+    }
+
+    /// An operator who pauses the sale for a while, once or twice, and always resumes it.
+    async fn pauser(&self, gateway: &Gateway, mut rng: StdRng) {
+        for _ in 0..rng.random_range(1..=2) {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+            if self.world.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+            let paused = gateway.set_paused(&self.world.sku, true).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(200..1_500))).await;
+            // Resumed whatever the pause answered (retried, as an operator would).
+            for _ in 0..3 {
+                match gateway.set_paused(&self.world.sku, false).await {
+                    Err(Error::Unavailable { .. }) => continue,
+                    Err(e) => self.world.note_error(e),
+                    Ok(_) => {}
+                }
+                break;
+            }
+            self.pauses.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = paused {
+                self.world.note_error(e);
             }
         }
     }
@@ -704,6 +765,7 @@ async fn check_queue(
     let now = time.0 * 1000 + time.1 / 1000;
     let number = |i: usize| -> i64 { meta[i].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0) };
     let (available, sold, stock_total) = (number(0), number(1), number(2));
+    let paused = meta[5].as_deref() == Some("1");
     let rate = number(4);
     let admits: Vec<(String, i64)> = admits
         .chunks(2)
@@ -795,7 +857,7 @@ async fn check_queue(
         }
     }
     let open = started
-        && meta[5].as_deref() != Some("1")
+        && !paused
         && meta[6].is_none()
         && sold < stock_total
         && meta[3]
@@ -804,8 +866,9 @@ async fn check_queue(
         && meta[7]
             .as_deref()
             .is_none_or(|e| e.is_empty() || e.parse::<i64>().is_ok_and(|e| now < e));
-    if let Some(granted) = after_queue_call {
-        // The call ran after `granted`: what had lapsed by then is gone from q:admits.
+    if let (Some(granted), true, false) = (after_queue_call, started, paused) {
+        // The call ran after `granted`: what had lapsed by then is gone from q:admits
+        // (deadlines a pause moved on are moved before that).
         if let Some((user, until)) = admits.iter().find(|(_, until)| *until <= granted) {
             return Err(format!(
                 "{user}'s admission lapsed at {until} but is still in q:admits after a queue call at {granted} or later"
