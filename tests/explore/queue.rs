@@ -525,6 +525,8 @@ impl Queue {
             // past the gateway's slack, refused unread).
             match gateway.reserve_admitted(sku, user, 1, "k1", &token).await {
                 Err(Error::Refused(Refusal::AdmissionUsed)) => {}
+                // An operator's pause refuses every new hold first.
+                Err(Error::Refused(Refusal::Paused)) => {}
                 Err(Error::Refused(Refusal::AdmissionRequired))
                     if flashgate::explore::host_clock_ms() > until + 4_000 => {}
                 Ok((reservation, _)) => {
