@@ -9,10 +9,14 @@
 //! the invariants of the contract (tests/explore/world.rs). A failure prints its seed
 //! and the schedule's tail; `--seed S` runs the same seed again.
 //!
+//! `--queue` explores the waiting room instead (tests/explore/queue.rs): one SKU with a
+//! queue, its users joining, polling, reserving with admission tokens and walking away.
+//!
 //! To explore a new protocol: add its actor to `world::Actor` (one enum arm and its
 //! step) and, if it brings a new way to fail, a fault to `world::Fault`; the
 //! scheduler needs nothing, since every call passes its gate.
 
+mod queue;
 mod schedule;
 mod world;
 
@@ -22,6 +26,8 @@ use std::time::{Duration, Instant};
 const CI_SEEDS: u64 = 20;
 /// Seeds a plain run explores with today's code and an operator among the actors.
 const CI_ADMIN_SEEDS: u64 = 10;
+/// Seeds a plain run explores the waiting room with (about 6 s each).
+const CI_QUEUE_SEEDS: u64 = 8;
 /// Seeds a plain run gives each protocol the audit broke (the old finisher, the old
 /// rebuild planner): one must fail, or the explorer has gone blind to it.
 const CI_PROOF_SEEDS: u64 = 20;
@@ -33,6 +39,8 @@ struct Args {
     variant: world::Variant,
     /// An operator's stock PUTs among the actors.
     with_admin: bool,
+    /// The waiting room's world instead of the split SKU's.
+    queue: bool,
     verbose: bool,
 }
 
@@ -43,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         minutes: None,
         variant: world::Variant::Current,
         with_admin: false,
+        queue: false,
         verbose: false,
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
             "--old-rebuild" => args.variant = world::Variant::OldRebuild,
             "--verbose" => args.verbose = true,
             "--admin" => args.with_admin = true,
+            "--queue" => args.queue = true,
             // What `cargo test` may pass to every test binary.
             "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
@@ -85,7 +95,7 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--verbose]");
+            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--queue] [--verbose]");
             std::process::exit(2);
         }
     };
@@ -111,9 +121,23 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: true,
+            queue: false,
             verbose,
         };
         let code = explore(&env, &turnstile, with_operator).await;
+        if code != 0 {
+            return code;
+        }
+        let waiting_room = Args {
+            seeds: CI_QUEUE_SEEDS,
+            first: 1,
+            minutes: None,
+            variant: world::Variant::Current,
+            with_admin: false,
+            queue: true,
+            verbose,
+        };
+        let code = explore(&env, &turnstile, waiting_room).await;
         if code != 0 {
             return code;
         }
@@ -133,6 +157,7 @@ fn main() {
                 minutes: None,
                 variant,
                 with_admin: false,
+                queue: false,
                 verbose,
             };
             if explore(&env, &turnstile, proof).await != 1 {
@@ -159,25 +184,34 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
         if done {
             break;
         }
-        let outcome = world::run_seed(
-            env,
-            turnstile,
-            seed,
-            args.variant,
-            args.with_admin,
-            args.verbose,
-        )
-        .await;
+        let outcome = if args.queue {
+            queue::run_seed(env, turnstile, seed, args.with_admin, args.verbose).await
+        } else {
+            world::run_seed(
+                env,
+                turnstile,
+                seed,
+                args.variant,
+                args.with_admin,
+                args.verbose,
+            )
+            .await
+        };
         ran += 1;
         steps += outcome.steps;
         faults += outcome.faults;
         if let Some(failure) = outcome.failure {
             println!(
-                "explore: seed {seed} FAILED after {} steps ({:?} code): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}",
+                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}",
                 outcome.steps,
-                args.variant,
+                if args.queue {
+                    "the waiting room".to_owned()
+                } else {
+                    format!("{:?} code", args.variant)
+                },
                 outcome.trace_tail,
-                args.variant.flag()
+                if args.queue { " --queue" } else { args.variant.flag() },
+                if args.with_admin { " --admin" } else { "" }
             );
             return 1;
         }

@@ -76,6 +76,11 @@ pub struct Scheduler {
     pub trace: Vec<String>,
     /// How many granted calls blocked.
     pub blocked_calls: u64,
+    /// The label of the call the last step ran to its end (None: it ran none, or the
+    /// call blocked), for invariants that hold right after one kind of call.
+    pub last_ran: Option<String>,
+    /// When (ms since the epoch) the last step's call was let through: it ran after.
+    pub last_granted_ms: i64,
 }
 
 impl Scheduler {
@@ -90,6 +95,8 @@ impl Scheduler {
             blocked: Vec::new(),
             trace: Vec::new(),
             blocked_calls: 0,
+            last_ran: None,
+            last_granted_ms: 0,
         }
     }
 
@@ -154,6 +161,7 @@ impl Scheduler {
     /// Grants one waiting call, chosen by the seed among those of live processes not
     /// stalled, and waits for it to complete. False when no call could run.
     pub async fn step(&mut self) -> bool {
+        self.last_ran = None;
         let chosen = {
             let mut queue = self.turnstile.queue.lock().unwrap();
             // Arrival order is the tasks' own order; the seed picks among them.
@@ -188,6 +196,9 @@ impl Scheduler {
             self.steps, chosen.step.process, chosen.step.label
         ));
         let (done_tx, mut done) = oneshot::channel();
+        self.last_granted_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         if chosen.grant.send(done_tx).is_err() {
             return true; // its task is gone (aborted)
         }
@@ -199,6 +210,8 @@ impl Scheduler {
                 .push("      (blocked: goes on in the background)".into());
             self.blocked.push(done);
             self.blocked_calls += 1;
+        } else {
+            self.last_ran = Some(chosen.step.label);
         }
         true
     }

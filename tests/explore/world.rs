@@ -40,7 +40,7 @@ impl Variant {
 }
 
 /// Short leases, so that stalls and cut transfers happen within a seed.
-const TIMING: TransferTiming = TransferTiming {
+pub(crate) const TIMING: TransferTiming = TransferTiming {
     lease: Duration::from_millis(40),
     stale: Duration::from_millis(150),
     give_window: Duration::from_millis(80),
@@ -51,9 +51,9 @@ const FAULT_STEPS: u64 = 500;
 const MAX_STEPS: u64 = 2_500;
 
 pub struct Env {
-    redis_url: String,
-    observer: Store,
-    pool: MySqlPool,
+    pub(crate) redis_url: String,
+    pub(crate) observer: Store,
+    pub(crate) pool: MySqlPool,
 }
 
 impl Env {
@@ -71,7 +71,7 @@ impl Env {
     }
 }
 
-async fn connect_redis(url: &str) -> flashgate::store::RedisConnection {
+pub(crate) async fn connect_redis(url: &str) -> flashgate::store::RedisConnection {
     let args = flashgate::config::RedisArgs {
         redis_url: url.into(),
         redis_cluster: false,
@@ -90,23 +90,23 @@ pub struct Outcome {
 
 /// What the processes were answered: what the invariants hold them to.
 #[derive(Default)]
-struct Journal {
+pub(crate) struct Journal {
     /// (user, key) -> the reservations it was answered with, and the Redis losses
     /// before each (a live hold's key is lost with Redis; an ended one's is restored).
-    holds: HashMap<(String, String), Vec<(String, u64)>>,
+    pub(crate) holds: HashMap<(String, String), Vec<(String, u64)>>,
     /// Reservations made, for the payments and cancels to pick from.
-    reservations: Vec<String>,
+    pub(crate) reservations: Vec<String>,
     /// (reservation, payment_ref) answered 200: a sale (or, if Redis forgot it, a
     /// compensation) must reach MySQL.
-    sold: Vec<(String, String)>,
+    pub(crate) sold: Vec<(String, String)>,
     /// Compensation ids answered with a 409.
-    compensated: Vec<String>,
+    pub(crate) compensated: Vec<String>,
     /// Errors no input may cause.
-    internal: Vec<String>,
+    pub(crate) internal: Vec<String>,
     /// Invariants an actor saw broken at the instant it was answered.
-    broken: Vec<String>,
+    pub(crate) broken: Vec<String>,
     /// Redis losses so far.
-    losses: u64,
+    pub(crate) losses: u64,
 }
 
 /// One simulated process: its tasks, killed together.
@@ -166,6 +166,7 @@ pub async fn run_seed(
         definition: definition.clone(),
         settings: settings.clone(),
         put_in_flight: Mutex::new(None),
+        stop: Default::default(),
     });
 
     let mut processes: HashMap<u32, Process> = HashMap::new();
@@ -366,24 +367,27 @@ impl Fault {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Role {
+pub(crate) enum Role {
     Worker,
     Cron,
     Finisher,
     Admin,
 }
 
-struct World {
-    sku: SkuId,
-    keys: Vec<SkuKeys>,
-    users: Vec<String>,
-    journal: Mutex<Journal>,
-    variant: Variant,
-    definition: SkuDefinition,
-    settings: GatewaySettings,
+pub(crate) struct World {
+    pub(crate) sku: SkuId,
+    pub(crate) keys: Vec<SkuKeys>,
+    pub(crate) users: Vec<String>,
+    pub(crate) journal: Mutex<Journal>,
+    pub(crate) variant: Variant,
+    pub(crate) definition: SkuDefinition,
+    pub(crate) settings: GatewaySettings,
     /// While an admin PUT runs: the larger of the stock before and after it (MySQL
     /// takes the new stock first, then the buckets theirs).
-    put_in_flight: Mutex<Option<u64>>,
+    pub(crate) put_in_flight: Mutex<Option<u64>>,
+    /// Set when the services are to stop after their current pass (a pass cut short
+    /// would leave a reconcile check open that the last one waits out).
+    pub(crate) stop: std::sync::atomic::AtomicBool,
 }
 
 impl World {
@@ -475,9 +479,19 @@ impl World {
 
     /// The worker (sweep, flush, finish, scheduled repair), the reconcile cron, or a
     /// lone finisher.
-    async fn service(&self, role: Role, store: Store, pool: MySqlPool, mut rng: StdRng, ops: u32) {
+    pub(crate) async fn service(
+        &self,
+        role: Role,
+        store: Store,
+        pool: MySqlPool,
+        mut rng: StdRng,
+        ops: u32,
+    ) {
         let worker = Worker::new(store.clone(), pool.clone());
         for _ in 0..ops {
+            if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             let op = match role {
                 Role::Worker => rng.random_range(0..4),
                 Role::Cron => 3,
@@ -562,17 +576,18 @@ impl World {
             .map(drop)
     }
 
-    fn note_error(&self, e: Error) {
+    pub(crate) fn note_error(&self, e: Error) {
         if let Error::Internal(detail) = e {
             self.journal.lock().unwrap().internal.push(detail);
         }
     }
 }
 
-async fn forget_sku(env: &Env, sku: &SkuId) {
+pub(crate) async fn forget_sku(env: &Env, sku: &SkuId) {
     let keys: Vec<SkuKeys> = flashgate::buckets::sales(sku, 3)
         .iter()
         .chain(&flashgate::buckets::sales(sku, 2))
+        .chain(&flashgate::buckets::sales(sku, 1))
         .map(SkuKeys::new)
         .collect();
     lose(env, &keys).await;
@@ -639,7 +654,7 @@ async fn stock_line(env: &Env, world: &World) -> String {
     }
 }
 
-async fn check(env: &Env, world: &World) -> Result<(), String> {
+pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     let put_in_flight = *world.put_in_flight.lock().unwrap();
     let stock = mysql_stock(&env.pool, &world.sku)
         .await?
@@ -770,7 +785,7 @@ async fn mysql_sold_per_bucket(
 /// After the actors: the finisher, the sweep, the flush and the reconciler run until
 /// nothing is left to do; then the SKU adds up exactly and every payment answered is a
 /// sale or a compensation in MySQL.
-async fn settle_and_check_money(env: &Env, world: &World) -> Result<(), String> {
+pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(), String> {
     let store = env.observer.clone().with_timing(TIMING);
     let worker = Worker::new(store.clone(), env.pool.clone());
     tokio::time::sleep(TIMING.stale).await;
