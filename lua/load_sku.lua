@@ -31,7 +31,8 @@
 --          {'missing'}  ARGV[12] is '1' and Redis has no state for it: nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
--- their deadline are expired first, so they never count as committed.
+-- their deadline are expired first, so they never count as committed; a waiting room's
+-- unused admissions never exceed available (the newest are revoked).
 local K = sale_keys()
 local meta = K.meta
 
@@ -45,6 +46,19 @@ local function freeze_admissions(was_paused, paused, starts_at, now)
       and redis.call('HGET', state, 'started') == '1')
   if stopped then
     redis.call('HSETNX', state, 'frozen_at', string.format('%d', now))
+  end
+end
+
+-- Less stock than the admissions not yet used: the newest of them are revoked (their
+-- tickets say closed, lapsed), so no unit is ever promised twice (queue.lua).
+local function revoke_admissions(available, now)
+  local admits = KEYS[11]
+  -- While the sale stands still, the admissions unused when it stopped are still owed
+  -- (lib.lua thaw_admissions gives them their time back).
+  local since = redis.call('HGET', KEYS[13], 'frozen_at') or string.format('%d', now)
+  local over = redis.call('ZCOUNT', admits, '(' .. since, '+inf') - available
+  if over > 0 then
+    redis.call('ZREM', admits, unpack(redis.call('ZRANGE', admits, -over, -1)))
   end
 end
 
@@ -73,6 +87,7 @@ if ARGV[8] ~= '1' then
   if (ARGV[14] or '') ~= '' then
     redis.call('HSET', meta, 'wr_ms', ARGV[14], 'wr_rate', ARGV[15], 'wr_shuffle', ARGV[16])
     freeze_admissions(m[5] == '1', (ARGV[13] or '0') == '1', ARGV[4], now_ms())
+    revoke_admissions(available, now_ms())
   else
     redis.call('HDEL', meta, 'wr_ms', 'wr_rate', 'wr_shuffle')
     if m[6] then

@@ -710,3 +710,35 @@ async fn a_look_at_a_retired_waiting_room_writes_nothing_back() {
     .await;
     assert_eq!(join(&app, &sku, "next").await["position"], Value::Null);
 }
+
+#[tokio::test]
+async fn less_stock_than_the_unused_admissions_revokes_the_newest_so_no_unit_is_promised_twice() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-cut", 3).await;
+    for user in ["a", "b", "c", "d"] {
+        join(&app, &sku, user).await;
+    }
+    assert_eq!(admissions(&app, &sku).await.len(), 3);
+    app.create_sku(&sku, json!({"stock": 1, "waiting_room": {}}))
+        .await;
+    let left = admissions(&app, &sku).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(app.sku(&sku).await["available"], 1);
+    let (kept, _) = &left[0];
+    let mut closed = 0;
+    for user in ["a", "b", "c"] {
+        let t = ticket(&app, &sku, user).await;
+        if user == kept {
+            assert_eq!(t["state"], "admitted", "{t}");
+        } else {
+            assert_eq!(
+                (t["state"].as_str(), t["lapsed"].as_bool()),
+                (Some("closed"), Some(true)),
+                "{t}"
+            );
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2);
+    assert_eq!(ticket(&app, &sku, "d").await["state"], "waiting");
+}

@@ -51,6 +51,10 @@ struct Queue {
     /// Odd while an operator's pause may be in force: bumped before the pause and after
     /// the resume (a pause moves admission deadlines on, lib.lua thaw_admissions).
     pauses: AtomicU64,
+    /// An operator changes the stock: less stock than the unused admissions revokes the
+    /// newest of them (load_sku.lua), so an admitted user may be refused before its
+    /// deadline.
+    stock_changes: bool,
 }
 
 /// What the users' tickets said.
@@ -144,6 +148,7 @@ pub async fn run_seed(
         active: Mutex::new(HashMap::new()),
         tickets: Mutex::new(Tickets::default()),
         pauses: AtomicU64::new(0),
+        stock_changes: with_admin,
     });
 
     // Buyer tasks by process (gateways), and the services' tasks.
@@ -477,13 +482,17 @@ impl Queue {
                 }
                 reservation.reservation_id
             }
-            Err(Error::Refused(Refusal::SoldOut)) if quantity == 1 && answered_at < until => {
+            Err(Error::Refused(Refusal::SoldOut))
+                if quantity == 1 && answered_at < until && !self.stock_changes =>
+            {
                 // Its admission holds a unit for it until admitted_until.
                 return self.broke(format!(
                     "{user}, admitted until {until}, was answered sold_out for one unit (an admission keeps one unit for its user)"
                 ));
             }
-            Err(Error::Refused(Refusal::AdmissionRequired)) if answered_at < until => {
+            Err(Error::Refused(Refusal::AdmissionRequired))
+                if answered_at < until && !self.stock_changes =>
+            {
                 return self.broke(format!(
                     "{user}, admitted until {until}, was answered admission_required at {answered_at}"
                 ));
