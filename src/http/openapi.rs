@@ -418,8 +418,23 @@ mod tests {
             "hold_seconds",
             "starts_at",
             "ends_at",
+            "waiting_room",
         ] {
             assert!(sku.contains(&field), "SkuView.{field}");
+        }
+        let ticket = properties(&doc, "TicketView");
+        for field in [
+            "sku",
+            "user_id",
+            "position",
+            "state",
+            "ahead",
+            "eta_seconds",
+            "admission_token",
+            "admitted_until",
+            "retry_after_ms",
+        ] {
+            assert!(ticket.contains(&field), "TicketView.{field}");
         }
         let compensation = properties(&doc, "CompensationView");
         for field in [
@@ -471,7 +486,12 @@ mod tests {
                     "starts_at",
                     "ends_at",
                     "buckets",
+                    "waiting_room",
                 ][..],
+            ),
+            (
+                "WaitingRoomBody",
+                &["admission_seconds", "admit_per_second", "prequeue_shuffle"],
             ),
             ("ReserveBody", &["quantity"]),
             ("PaymentBody", &["payment_ref"]),
