@@ -5,7 +5,7 @@
 //! sale sells out with half of the admitted buyers walking away.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::StreamExt;
 use reqwest::{Client, StatusCode};
@@ -76,23 +76,28 @@ async fn a_gateway_killed_mid_admission_leaves_one_place_per_buyer_and_no_unit_p
     )
     .await;
 
-    // Every buyer joins through the doomed gateway first; it dies part-way.
+    // Every buyer joins through the doomed gateway first; it is SIGKILLed as the
+    // third of them is answered, with up to 31 more joins (and their admissions) under
+    // way inside it.
     let doomed_base = doomed.base.clone();
+    let answered_so_far = AtomicUsize::new(0);
     let joins = futures::stream::iter(0..BUYERS)
         .map(|i| {
             let (client, base, sku) = (client.clone(), doomed_base.clone(), sku.clone());
+            let (answered_so_far, doomed) = (&answered_so_far, &doomed);
             async move {
-                queue_call(&client, &base, &sku, &format!("buyer-{i}"), true)
+                let ok = queue_call(&client, &base, &sku, &format!("buyer-{i}"), true)
                     .await
-                    .is_ok()
+                    .is_ok();
+                if ok && answered_so_far.fetch_add(1, Ordering::SeqCst) + 1 == BUYERS / 3 {
+                    doomed.proc.signal("KILL");
+                }
+                ok
             }
         })
         .buffer_unordered(32);
-    let killer = async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        doomed.proc.kill();
-    };
-    let (answered, ()) = tokio::join!(joins.collect::<Vec<bool>>(), killer);
+    let answered = joins.collect::<Vec<bool>>().await;
+    doomed.proc.kill(); // reaped
     let through_doomed = answered.iter().filter(|ok| **ok).count();
     assert!(
         through_doomed < BUYERS,
