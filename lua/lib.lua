@@ -639,6 +639,8 @@ local function thaw_admissions(admits, state, now)
     return
   end
   redis.call('HDEL', state, 'frozen_at')
+  -- Lapsed before the sale stopped (not swept yet): they stay lapsed.
+  redis.call('ZREMRANGEBYSCORE', admits, '-inf', frozen_at)
   local delay = now - tonumber(frozen_at)
   if delay <= 0 then
     return

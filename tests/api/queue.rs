@@ -742,3 +742,37 @@ async fn less_stock_than_the_unused_admissions_revokes_the_newest_so_no_unit_is_
     assert_eq!(closed, 2);
     assert_eq!(ticket(&app, &sku, "d").await["state"], "waiting");
 }
+
+#[tokio::test]
+async fn an_admission_that_lapsed_before_a_pause_stays_lapsed_after_it() {
+    let app = spawn_app().await;
+    let sku = waiting_room_sku(&app, "wr-pause-lapsed", 1).await;
+    assert_eq!(join(&app, &sku, "a").await["state"], "admitted");
+    join(&app, &sku, "b").await;
+    // Time made fast: a's admission ran out 10 s ago, and nobody looked since.
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let now = chrono::Utc::now().timestamp_millis();
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.queue_admits())
+        .arg("XX")
+        .arg(now - 10_000)
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for action in ["pause", "resume"] {
+        let response = app
+            .client
+            .post(app.url(&format!("/v1/admin/skus/{sku}/{action}")))
+            .bearer_auth(SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // The pause gives back only the time it stood still, not a lapse before it.
+    assert_eq!(ticket(&app, &sku, "a").await["lapsed"], true);
+    assert_eq!(ticket(&app, &sku, "b").await["state"], "admitted");
+    assert!(admissions(&app, &sku).await.len() <= 1);
+}
