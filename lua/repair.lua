@@ -4,6 +4,7 @@
 -- adding the difference found at T makes them right now, whatever was sold meanwhile.
 --
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:used
+-- KEYS[3] fg:{sku}:q:admits   KEYS[4] fg:{sku}:q:state (the waiting room, queue.lua)
 -- ARGV[1] stock_total (MySQL, the source of truth); '' keeps the sale's own (a bucket of
 --         a split SKU: its share moves with transfers; the SKU-wide sum is checked apart)
 -- ARGV[2] held correction (live holds at T - held at T)
@@ -17,7 +18,8 @@
 --            available is set to 0 so nothing more can be sold; operators must act
 --        {'missing'}  no state in Redis (the caller reloads the SKU from MySQL)
 --
--- Invariant restored: available + held + sold == stock_total, available >= 0, with
+-- Invariant restored: available + held + sold == stock_total, available >= 0 and a
+-- waiting room's unused admissions <= available (the newest are revoked), with
 -- held equal to the live holds and sold never below what MySQL has recorded;
 -- the user's units = the user's live holds + purchases. MySQL wins for sales: sold only ever
 -- moves up here, so no unit is sold twice.
@@ -50,6 +52,14 @@ redis.call('HSET', meta, 'stock_total', string.format('%d', stock_total),
   'available', string.format('%d', available), 'held', string.format('%d', held),
   'sold', string.format('%d', sold), 'per_user_limit', ARGV[4], 'hold_ms', ARGV[5],
   'starts_at', ARGV[6], 'ends_at', ARGV[7], 'paused', ARGV[8])
+-- Less available than the waiting room's unused admissions: the newest are revoked, as
+-- for an operator's stock cut (load_sku.lua); those still owed while the sale stands
+-- still count too (lib.lua thaw_admissions).
+local since = redis.call('HGET', KEYS[4], 'frozen_at') or string.format('%d', now_ms())
+local over = redis.call('ZCOUNT', KEYS[3], '(' .. since, '+inf') - available
+if over > 0 then
+  redis.call('ZREM', KEYS[3], unpack(redis.call('ZRANGE', KEYS[3], -over, -1)))
+end
 -- MySQL's terms win, also over a retirement Redis made under older ones (the caller
 -- puts the SKU back in the index).
 redis.call('HDEL', meta, 'retired')

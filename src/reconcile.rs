@@ -1561,6 +1561,8 @@ async fn repair_counters(
     invocation
         .key(&keys.meta)
         .key(&keys.used)
+        .key(keys.queue_admits())
+        .key(keys.queue_state())
         .arg(match scope.split() {
             true => String::new(),
             false => definition.stock_total.to_string(),
