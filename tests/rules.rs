@@ -1481,6 +1481,18 @@ async fn reserve_admitted_at(
     key: &str,
     quantity: u64,
 ) -> String {
+    reserve_with_admission_at(sale, now, user, key, quantity, "1").await
+}
+
+/// reserve.lua at `now`; `admission` is its ARGV[10] ('0': no token, '1': a good one).
+async fn reserve_with_admission_at(
+    sale: &Sale,
+    now: i64,
+    user: &str,
+    key: &str,
+    quantity: u64,
+    admission: &str,
+) -> String {
     let reply: Vec<String> = with_sale_keys(
         &script_with_clock(include_str!("../lua/reserve.lua"), now),
         &sale.keys,
@@ -1498,7 +1510,7 @@ async fn reserve_admitted_at(
     .arg(16)
     .arg(0)
     .arg("0")
-    .arg("1")
+    .arg(admission)
     .invoke_async(&mut sale.conn())
     .await
     .unwrap();
@@ -1591,28 +1603,10 @@ async fn a_reserve_without_an_admission_is_refused_on_a_sku_with_a_waiting_room(
         "admission_required"
     );
     assert_eq!(reserve_admitted_at(&sale, T0, "a", "k", 1).await, "created");
-    let reply: Vec<String> = with_sale_keys(
-        &script_with_clock(include_str!("../lua/reserve.lua"), T0),
-        &sale.keys,
-    )
-    .key(sale.keys.idempotency("a", "k"))
-    .key(sale.keys.queue_admits())
-    .key(sale.keys.queue_used())
-    .key(sale.keys.queue_state())
-    .arg("a")
-    .arg(1)
-    .arg(ids::IdKey::derive(common::JWT_SECRET).new_reservation_id(&sale.sku))
-    .arg("k")
-    .arg(86_400_000)
-    .arg(GRACE_MS)
-    .arg(16)
-    .arg(0)
-    .arg("0")
-    .arg("0")
-    .invoke_async(&mut sale.conn())
-    .await
-    .unwrap();
-    assert_eq!(reply[0], "admission_required");
+    assert_eq!(
+        reserve_with_admission_at(&sale, T0, "a", "k", 1, "0").await,
+        "admission_required"
+    );
 }
 
 #[tokio::test]
