@@ -10,11 +10,24 @@
 -- (TRYAGAIN / ASK before it runs); an index read through redis.pcall (lib.lua
 -- load_hold) is checked by the script itself, before anything that depends on it.
 --
--- Shadows `redis` with a table that checks each call and then forwards it.
-local redis = (function(real)
-  local known = {}
-  for _, k in ipairs(KEYS) do
-    known[k] = true
+-- Shadows `redis` with a table that checks each call and then forwards it. KEYS is read
+-- per call, not once: in the function library (src/lua.rs) one chunk serves every
+-- call, and `redis` there is looked up when a call runs (while the library loads it
+-- is only the loading API).
+local redis = (function()
+  local function real()
+    return redis
+  end
+  local known, known_of = {}, nil
+  -- The keys this call declared (KEYS of this call), plus those read through pcall.
+  local function declared()
+    if known_of ~= KEYS then
+      known, known_of = {}, KEYS
+      for _, k in ipairs(KEYS) do
+        known[k] = true
+      end
+    end
+    return known
   end
   -- Where the key arguments of a command are: first index, and whether every later
   -- argument is a key too.
@@ -34,24 +47,30 @@ local redis = (function(real)
     if not first then
       return
     end
+    local keys = declared()
     for i = first, all and #args or first do
-      if not known[args[i]] then
+      if not keys[args[i]] then
         error('undeclared key ' .. tostring(args[i]) .. ' in ' .. cmd, 3)
       end
     end
   end
-  local checked = setmetatable({}, { __index = real })
+  -- Only what the scripts use (call, pcall, error_reply): a library's code may not
+  -- call setmetatable while it loads.
+  local checked = {}
+  checked.error_reply = function(...)
+    return real().error_reply(...)
+  end
   checked.call = function(...)
     check({ ... })
-    return real.call(...)
+    return real().call(...)
   end
   checked.pcall = function(...)
     local args = { ... }
-    local reply = real.pcall(...)
+    local reply = real().pcall(...)
     if type(reply) ~= 'table' or not reply.err then
-      known[args[2]] = true
+      declared()[args[2]] = true
     end
     return reply
   end
   return checked
-end)(redis)
+end)()

@@ -1,5 +1,5 @@
 -- lib.lua: the reservation state machine shared by every script.
--- It is prepended to each script in lua/ at build time (see src/store.rs), so
+-- With every script it makes one Redis function library (src/lua.rs), so
 -- every transition of a hold lives here, in one place, and runs atomically
 -- inside whichever script calls it.
 --

@@ -81,7 +81,8 @@ pub async fn mysql_step(call: &'static str) -> Option<Permit> {
     }
 }
 
-/// `EVALSHA <sha> <numkeys> <first key>`, or the command and its first argument.
+/// `FCALL <function> <first key>` (`EVALSHA <sha> <first key>`), or the command and
+/// its first argument.
 fn describe(cmd: &redis::Cmd) -> String {
     let words: Vec<String> = cmd
         .args_iter()
@@ -92,7 +93,7 @@ fn describe(cmd: &redis::Cmd) -> String {
         })
         .collect();
     match words.first().map(String::as_str) {
-        Some("EVALSHA") | Some("EVAL") => words
+        Some("FCALL") | Some("EVALSHA") | Some("EVAL") => words
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != 2)

@@ -18,6 +18,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod limits;
+pub mod lua;
 pub mod queue;
 pub mod readiness;
 pub mod reconcile;

@@ -4,8 +4,7 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamId;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
-use std::sync::LazyLock;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::RedisArgs;
 use crate::error::{Error, Outcome, Result};
@@ -19,83 +18,7 @@ use crate::reservation::{
     WaitingRoom,
 };
 
-/// The shared state machine, prepended to every script.
-const LUA_LIB: &str = include_str!("../lua/lib.lua");
-
-/// Debug builds (every test) check that each script names only keys it declared
-/// (lua/check_keys.lua): what keeps scripts whole while a cluster slot migrates.
-const LUA_KEY_CHECK: &str = if cfg!(debug_assertions) {
-    concat!(include_str!("../lua/check_keys.lua"), "\n")
-} else {
-    ""
-};
-
-fn script(source: &str) -> Script {
-    Script::new(&format!("{LUA_KEY_CHECK}{LUA_LIB}\n{source}"))
-}
-
-/// Every script, compiled once; invoked by EVALSHA and reloaded on NOSCRIPT.
-pub struct Scripts {
-    pub reserve: Script,
-    pub reserve_batch: Script,
-    pub confirm: Script,
-    pub cancel: Script,
-    pub payment_pending: Script,
-    pub sweep: Script,
-    pub view: Script,
-    pub sku_view: Script,
-    pub load_sku: Script,
-    pub recon_begin: Script,
-    pub recon_holds: Script,
-    pub recon_used: Script,
-    pub recon_end: Script,
-    pub repair: Script,
-    pub resolve_compensation: Script,
-    pub reap_consumers: Script,
-    pub mark_changed: Script,
-    pub trim_outbox: Script,
-    pub probe_keys: Script,
-    pub transfer_take: Script,
-    pub transfer_give: Script,
-    pub transfer_done: Script,
-    pub bucket_stock: Script,
-    pub reserve_moved: Script,
-    pub transfer_stale: Script,
-    pub restore_usage: Script,
-    pub restore_announced: Script,
-    pub queue: Script,
-}
-
-pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    reserve: script(include_str!("../lua/reserve.lua")),
-    reserve_batch: script(include_str!("../lua/reserve_batch.lua")),
-    confirm: script(include_str!("../lua/confirm.lua")),
-    cancel: script(include_str!("../lua/cancel.lua")),
-    payment_pending: script(include_str!("../lua/payment_pending.lua")),
-    sweep: script(include_str!("../lua/sweep.lua")),
-    view: script(include_str!("../lua/view.lua")),
-    sku_view: script(include_str!("../lua/sku_view.lua")),
-    load_sku: script(include_str!("../lua/load_sku.lua")),
-    recon_begin: script(include_str!("../lua/recon_begin.lua")),
-    recon_holds: script(include_str!("../lua/recon_holds.lua")),
-    recon_used: script(include_str!("../lua/recon_used.lua")),
-    recon_end: script(include_str!("../lua/recon_end.lua")),
-    repair: script(include_str!("../lua/repair.lua")),
-    resolve_compensation: script(include_str!("../lua/resolve_compensation.lua")),
-    reap_consumers: script(include_str!("../lua/reap_consumers.lua")),
-    mark_changed: script(include_str!("../lua/mark_changed.lua")),
-    trim_outbox: script(include_str!("../lua/trim_outbox.lua")),
-    probe_keys: script(include_str!("../lua/probe_keys.lua")),
-    transfer_take: script(include_str!("../lua/transfer_take.lua")),
-    transfer_give: script(include_str!("../lua/transfer_give.lua")),
-    transfer_done: script(include_str!("../lua/transfer_done.lua")),
-    bucket_stock: script(include_str!("../lua/bucket_stock.lua")),
-    reserve_moved: script(include_str!("../lua/reserve_moved.lua")),
-    transfer_stale: script(include_str!("../lua/transfer_stale.lua")),
-    restore_usage: script(include_str!("../lua/restore_usage.lua")),
-    restore_announced: script(include_str!("../lua/restore_announced.lua")),
-    queue: script(include_str!("../lua/queue.lua")),
-});
+pub use crate::lua::{script_with_clock, with_sale_keys, FunctionCall, SCRIPTS};
 
 /// What a reserve's admission token told the gateway (src/queue.rs, lua/reserve.lua).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,61 +55,6 @@ impl Default for TransferTiming {
             give_window: limits::TRANSFER_GIVE_WINDOW,
         }
     }
-}
-
-/// An invocation of a script that changes a sale, with the sale's keys declared first
-/// (KEYS[1..9], see `SkuKeys::sale`).
-pub fn with_sale_keys<'a>(script: &'a Script, keys: &SkuKeys) -> ScriptInvocation<'a> {
-    let mut invocation = script.prepare_invoke();
-    for key in keys.sale() {
-        invocation.key(key);
-    }
-    invocation
-}
-
-/// Every script, as `load_scripts` uploads them.
-fn all_scripts() -> [&'static Script; 28] {
-    let s = &*SCRIPTS;
-    [
-        &s.reserve,
-        &s.reserve_batch,
-        &s.confirm,
-        &s.cancel,
-        &s.payment_pending,
-        &s.sweep,
-        &s.view,
-        &s.sku_view,
-        &s.load_sku,
-        &s.recon_begin,
-        &s.recon_holds,
-        &s.recon_used,
-        &s.recon_end,
-        &s.repair,
-        &s.resolve_compensation,
-        &s.reap_consumers,
-        &s.mark_changed,
-        &s.trim_outbox,
-        &s.probe_keys,
-        &s.transfer_take,
-        &s.transfer_give,
-        &s.transfer_done,
-        &s.bucket_stock,
-        &s.reserve_moved,
-        &s.transfer_stale,
-        &s.restore_usage,
-        &s.restore_announced,
-        &s.queue,
-    ]
-}
-
-/// A script whose clock reads `now_ms` instead of Redis `TIME` (script-level tests of
-/// the state machine at a chosen millisecond). Never used by the gateway.
-#[doc(hidden)]
-pub fn script_with_clock(source: &str, now_ms: i64) -> Script {
-    let clock = "return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
-    assert!(LUA_LIB.contains(clock), "lib.lua's clock moved");
-    let lib = LUA_LIB.replace(clock, &format!("return {now_ms}"));
-    Script::new(&format!("{LUA_KEY_CHECK}{lib}\n{source}"))
 }
 
 /// One multiplexed connection, cloned per request (no pool checkout round trip).
@@ -386,7 +254,7 @@ impl ReplicatedWrites {
     /// primary and a failover now could lose it; a retry tells.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        invocation: &FunctionCall<'_>,
         slot_key: &str,
     ) -> Result<T> {
         let mut wait = redis::cmd("WAIT");
@@ -707,28 +575,12 @@ impl Store {
         Ok(())
     }
 
-    /// Uploads only the scripts Redis does not have (one SCRIPT EXISTS when it has all).
+    /// Loads the script library when the Redis this reaches lacks it (the readiness
+    /// check; calls load it themselves when Redis answers "Function not found").
     pub async fn ensure_scripts(&self) -> Result<()> {
         let mut conn = self.conn.clone();
-        let mut exists = redis::cmd("SCRIPT");
-        exists.arg("EXISTS");
-        for script in all_scripts() {
-            exists.arg(script.get_hash());
-        }
-        let present: Vec<bool> = exists.query_async(&mut conn).await?;
-        for (script, present) in all_scripts().into_iter().zip(present) {
-            if !present {
-                script.prepare_invoke().load_async(&mut conn).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Loads every script (readiness: the first request after a restart needs no reload).
-    pub async fn load_scripts(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        for script in all_scripts() {
-            script.prepare_invoke().load_async(&mut conn).await?;
+        if !crate::lua::has_library(&mut conn).await? {
+            crate::lua::load_library(&mut conn).await?;
         }
         Ok(())
     }
@@ -2099,11 +1951,7 @@ fn refusal_of(reply: &[String]) -> Error {
 /// `{'replayed', view...}` or `{refusal code}`.
 /// Declares each request's layout-1 idempotency key and passes its user, quantity,
 /// new reservation id and key, in order (lua/reserve_batch.lua, lua/reserve_moved.lua).
-fn push_reserves(
-    invocation: &mut ScriptInvocation<'_>,
-    keys: &SkuKeys,
-    requests: &[ReserveRequest],
-) {
+fn push_reserves(invocation: &mut FunctionCall<'_>, keys: &SkuKeys, requests: &[ReserveRequest]) {
     for request in requests {
         invocation
             .key(keys.idempotency(&request.user_id, &request.idempotency_key))
@@ -2197,9 +2045,10 @@ fn parse_view(sku: &SkuId, view: &[String]) -> Result<Reservation> {
 pub mod inspect {
     use std::collections::HashMap;
 
-    use super::{script, RedisConnection};
+    use super::RedisConnection;
     use crate::error::Result;
     use crate::keys::SkuKeys;
+    use crate::lua::script;
 
     /// A hold record: `fg:{sku}:holds` field (the reservation's tail).
     #[derive(Debug, Clone, PartialEq, Eq)]

@@ -84,32 +84,46 @@ async fn connection_reconnects_after_redis_restarts() {
     app.store.ping().await.expect("store reconnects");
 }
 
+/// Whether this Redis has the library (`FUNCTION LIST LIBRARYNAME`).
+async fn has_library(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> bool {
+    let listed: Vec<redis::Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .unwrap();
+    !listed.is_empty()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scripts_reload_after_script_flush_and_restart() {
+async fn functions_reload_after_function_flush_and_survive_an_aof_restart() {
+    let library = &flashgate::lua::LIBRARY.name;
     let mut redis = RedisServer::start(Some("everysec")).await;
     let app = app_on(&redis).await;
-    let sku = unique_sku("pit-noscript");
+    let sku = unique_sku("pit-nofunction");
     app.create_sku(&sku, json!({ "stock": 100, "per_user_limit": 1 }))
         .await;
     let rid = app.hold(&sku, "a").await;
 
-    // SCRIPT FLUSH: the very next script call must succeed (EVALSHA, NOSCRIPT, load, retry).
+    // FUNCTION FLUSH: the very next call must succeed ("Function not found", load, call).
     let mut conn = redis.client().await;
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
         .unwrap();
+    assert!(!has_library(&mut conn, library).await);
     let (status, view) = app.reserve(&sku, "b", "k-b", 1).await;
     assert_eq!(
         status,
         StatusCode::CREATED,
-        "first reserve after SCRIPT FLUSH: {view}"
+        "first reserve after FUNCTION FLUSH: {view}"
     );
+    assert!(has_library(&mut conn, library).await, "the call loaded it");
 
-    // A restart empties the script cache too. Wait for the connection with a plain
-    // read (HMGET, no script, and not /readyz, which would load the scripts), then
-    // the first script call must succeed at once.
+    // Redis keeps functions in its AOF: after a restart the library is there before
+    // any call (a plain read, not /readyz, waits for the connection).
     redis.stop();
     redis.restart().await;
     until_status(Duration::from_secs(10), StatusCode::OK, || async {
@@ -124,16 +138,9 @@ async fn scripts_reload_after_script_flush_and_restart() {
     })
     .await;
     let mut conn = redis.client().await;
-    let loaded: Vec<bool> = redis::cmd("SCRIPT")
-        .arg("EXISTS")
-        .arg(flashgate::store::SCRIPTS.confirm.get_hash())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        loaded,
-        vec![false],
-        "the restarted Redis has no scripts yet"
+    assert!(
+        has_library(&mut conn, library).await,
+        "the restarted Redis loaded the library from its AOF"
     );
     let (status, view) = app.confirm(&rid, "pay-a").await;
     assert_eq!(
@@ -144,6 +151,58 @@ async fn scripts_reload_after_script_flush_and_restart() {
     assert_eq!(view["status"], "confirmed");
     let (status, view) = app.reserve(&sku, "c", "k-c", 1).await;
     assert_eq!(status, StatusCode::CREATED, "{view}");
+    assert_equation(&app.store, &sku).await;
+}
+
+/// A rolling upgrade: gateways of two versions on one Redis each call their own
+/// library, and neither's loading removes the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_versions_of_the_library_serve_side_by_side() {
+    let redis = RedisServer::start(None).await;
+    let sources = flashgate::lua::SOURCES;
+    let changed: Vec<(&str, String)> = sources
+        .iter()
+        .map(|(name, source)| match *name {
+            "sku_view" => (*name, format!("{source}\n-- the next version\n")),
+            _ => (*name, source.to_string()),
+        })
+        .collect();
+    let changed: Vec<(&str, &str)> = changed.iter().map(|(n, s)| (*n, s.as_str())).collect();
+    let other = flashgate::lua::Library::build(&changed);
+    assert_ne!(other.name, flashgate::lua::LIBRARY.name);
+    let mut conn = redis.client().await;
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(&other.source)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let app = app_on(&redis).await;
+    let sku = unique_sku("pit-versions");
+    app.create_sku(&sku, json!({ "stock": 10, "per_user_limit": 1 }))
+        .await;
+    app.hold(&sku, "a").await;
+    assert!(has_library(&mut conn, &other.name).await);
+    assert!(has_library(&mut conn, &flashgate::lua::LIBRARY.name).await);
+
+    // The other version's SKU view reads the same sale.
+    let keys = flashgate::keys::SkuKeys::new(&flashgate::ids::SkuId::parse(&sku).unwrap());
+    let mut call = redis::cmd("FCALL");
+    call.arg(other.function_name("sku_view"))
+        .arg(keys.sale().len());
+    for key in keys.sale() {
+        call.arg(key);
+    }
+    call.arg(100); // the sweep batch
+    let fields: Vec<Option<String>> = call.query_async(&mut conn).await.unwrap();
+    let ours: Vec<Option<String>> =
+        flashgate::store::with_sale_keys(&flashgate::store::SCRIPTS.sku_view, &keys)
+            .arg(100)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(fields, ours, "both versions read the same sale");
     assert_equation(&app.store, &sku).await;
 }
 

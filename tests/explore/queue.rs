@@ -241,8 +241,8 @@ pub async fn run_seed(
             },
         )));
     }
-    let queue_script = flashgate::store::SCRIPTS.queue.get_hash().to_owned();
-    let reserve_script = flashgate::store::SCRIPTS.reserve.get_hash().to_owned();
+    let queue_script = flashgate::store::SCRIPTS.queue.name().to_owned();
+    let reserve_script = flashgate::store::SCRIPTS.reserve.name().to_owned();
     let mut seen = Seen::default();
     let mut faults = 0u64;
     let mut failure = None;

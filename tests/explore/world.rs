@@ -256,7 +256,7 @@ pub async fn run_seed(
                 ));
                 // A gateway between the take of a transfer and its give, if any.
                 let mid_transfer = scheduler
-                    .waiting_on(flashgate::store::SCRIPTS.reserve_moved.get_hash())
+                    .waiting_on(flashgate::store::SCRIPTS.reserve_moved.name())
                     .filter(|p| gateways.contains(p));
                 match fault {
                     Fault::KillGateway | Fault::CutTransfer => {
