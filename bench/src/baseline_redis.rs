@@ -40,7 +40,7 @@ pub struct RedisBenchmark {
 
 pub struct Outcome {
     pub sha: String,
-    /// The running gateway had loaded this very script (SCRIPT EXISTS before our load).
+    /// The running gateway's function library holds this very lib.lua and reserve.lua.
     pub gateway_has_script: bool,
     pub runs: Vec<RedisBenchmark>,
 }
@@ -176,12 +176,7 @@ pub async fn run(
     let mut conn = crate::redis_connection(redis_url).await?;
     let script = redis::Script::new(&gateway::reserve_script());
     let sha = script.get_hash().to_string();
-    let exists: Vec<bool> = redis::cmd("SCRIPT")
-        .arg("EXISTS")
-        .arg(&sha)
-        .query_async(&mut conn)
-        .await?;
-    let gateway_has_script = exists.first().copied().unwrap_or(false);
+    let gateway_has_script = gateway::gateway_runs_this_reserve(&mut conn).await?;
     let loaded = script.prepare_invoke().load_async(&mut conn).await?;
     if loaded != sha {
         bail!("SCRIPT LOAD answered {loaded}, expected {sha}");

@@ -3,9 +3,11 @@
 //! redis-benchmark ceiling), taken from this checkout's `lua/` at build time.
 //!
 //! Kept in step with src/auth.rs (`issue_user_token`: HS256, claims `sub` + `exp`),
-//! src/keys.rs (`SkuKeys`), src/store.rs (a script is `lua/lib.lua` + "\n" + the
-//! script) and src/limits.rs (`RESERVE_RECLAIM_BATCH`). At run time the harness checks
-//! with SCRIPT EXISTS that the running gateway loaded the very same reserve script.
+//! src/keys.rs (`SkuKeys`), src/lua.rs (the gateway loads `lua/lib.lua` and every
+//! script as one function library; the harness's reference script is lib.lua + "\n" +
+//! the script, run by EVALSHA) and src/limits.rs (`RESERVE_RECLAIM_BATCH`). At run time
+//! the harness checks that a library the gateway loaded holds this lib.lua and
+//! reserve.lua (`gateway_runs_this_reserve`).
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde::Serialize;
@@ -21,12 +23,36 @@ pub const IDEMPOTENCY_TTL_MS: u64 = 86_400_000;
 /// The gateway's default FLASHGATE_PAYMENT_GRACE_SECONDS, in ms: ARGV[6] of reserve.
 pub const PAYMENT_GRACE_MS: u64 = 300_000;
 
-/// The reserve script exactly as the gateway sends it to Redis.
+/// The reference reserve script: lib.lua + reserve.lua, what the gateway's library
+/// function `reserve_<tag>` runs (the ceiling redis-benchmark measures by EVALSHA).
 pub fn reserve_script() -> String {
     format!("{LUA_LIB}\n{LUA_RESERVE}")
 }
 
-/// The SKU-definition script (admin PUT) as the gateway sends it.
+/// Whether Redis has a gateway library (`flashgate_*`, src/lua.rs) made of this
+/// checkout's lib.lua and reserve.lua, so that the reference script is the gateway's.
+pub async fn gateway_runs_this_reserve(
+    conn: &mut impl redis::aio::ConnectionLike,
+) -> redis::RedisResult<bool> {
+    let libraries: Vec<Vec<redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("flashgate_*")
+        .arg("WITHCODE")
+        .query_async(conn)
+        .await?;
+    Ok(libraries.iter().any(|fields| {
+        fields.iter().any(|field| match field {
+            redis::Value::BulkString(code) => {
+                let code = String::from_utf8_lossy(code);
+                code.contains(LUA_LIB) && code.contains(LUA_RESERVE)
+            }
+            _ => false,
+        })
+    }))
+}
+
+/// The SKU-definition script (admin PUT), lib.lua + the script.
 pub fn load_sku_script() -> String {
     format!("{LUA_LIB}\n{LUA_LOAD_SKU}")
 }

@@ -724,9 +724,9 @@ async fn run(args: Args) -> Result<bool> {
                         "  script sha {} ({})",
                         outcome.sha,
                         if outcome.gateway_has_script {
-                            "the gateway had loaded this very script"
+                            "the gateway's function library holds this very lib.lua and reserve.lua"
                         } else {
-                            "WARNING: the gateway had not loaded this script: this checkout's lua/ differs from the running gateway's"
+                            "WARNING: no function library of the gateway holds this lib.lua and reserve.lua: this checkout's lua/ differs from the running gateway's"
                         }
                     );
                     for r in &outcome.runs {

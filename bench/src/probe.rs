@@ -384,9 +384,10 @@ pub struct Resources {
     pub redis_commands_per_request: Option<f64>,
     /// Time Redis spent executing commands per request (INFO commandstats usec).
     pub redis_exec_us_per_request: Option<f64>,
-    /// EVALSHA calls in the phase and their mean execution time inside Redis.
-    pub evalsha_calls: Option<u64>,
-    pub evalsha_us_per_call: Option<f64>,
+    /// Script calls in the phase (FCALL of the gateway's functions, EVALSHA of
+    /// scripts) and their mean execution time inside Redis.
+    pub script_calls: Option<u64>,
+    pub script_us_per_call: Option<f64>,
     /// Each command's calls in the phase (those called at least once).
     pub redis_calls: BTreeMap<String, u64>,
     /// Forks of Redis in the phase (AOF rewrite, BGSAVE).
@@ -428,8 +429,8 @@ pub fn delta(before: &Snapshot, after: &Snapshot, requests: u64) -> Resources {
         mysql_cpu_us_per_request: mysql.map(|s| s * 1e6 / n),
         redis_commands_per_request: None,
         redis_exec_us_per_request: None,
-        evalsha_calls: None,
-        evalsha_us_per_call: None,
+        script_calls: None,
+        script_us_per_call: None,
         redis_calls: BTreeMap::new(),
         redis_forks: match (before.redis_forks, after.redis_forks) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -443,12 +444,17 @@ pub fn delta(before: &Snapshot, after: &Snapshot, requests: u64) -> Resources {
         let (calls_b, usec_b) = b.total();
         resources.redis_commands_per_request = Some(calls_b.saturating_sub(calls_a) as f64 / n);
         resources.redis_exec_us_per_request = Some(usec_b.saturating_sub(usec_a) as f64 / n);
-        let (ec_a, eu_a) = a.get("evalsha");
-        let (ec_b, eu_b) = b.get("evalsha");
-        let calls = ec_b.saturating_sub(ec_a);
-        resources.evalsha_calls = Some(calls);
+        let scripts = |s: &CommandStats| {
+            let (evalsha, evalsha_us) = s.get("evalsha");
+            let (fcall, fcall_us) = s.get("fcall");
+            (evalsha + fcall, evalsha_us + fcall_us)
+        };
+        let (sc_a, su_a) = scripts(a);
+        let (sc_b, su_b) = scripts(b);
+        let calls = sc_b.saturating_sub(sc_a);
+        resources.script_calls = Some(calls);
         if calls > 0 {
-            resources.evalsha_us_per_call = Some(eu_b.saturating_sub(eu_a) as f64 / calls as f64);
+            resources.script_us_per_call = Some(su_b.saturating_sub(su_a) as f64 / calls as f64);
         }
         for (name, (calls_after, _)) in &b.commands {
             let calls = calls_after.saturating_sub(a.get(name).0);

@@ -267,9 +267,9 @@ pub fn print_phase(p: &PhaseReport) {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             println!(
-                "  redis    {cmds:.2} commands/req, {} µs executing/req, EVALSHA {} µs/call; calls: {}",
+                "  redis    {cmds:.2} commands/req, {} µs executing/req, script {} µs/call; calls: {}",
                 opt(r.redis_exec_us_per_request, 1),
-                opt(r.evalsha_us_per_call, 1),
+                opt(r.script_us_per_call, 1),
                 calls.join(", ")
             );
         }

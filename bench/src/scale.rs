@@ -1057,12 +1057,8 @@ impl Scale {
             bail!("defining the hold SKUs: {}", samples.join(" | "));
         }
         let script = redis::Script::new(&gateway::reserve_script());
-        let loaded: Vec<bool> = redis::cmd("SCRIPT")
-            .arg("EXISTS")
-            .arg(script.get_hash())
-            .query_async(&mut self.redis)
-            .await?;
-        if loaded.first() != Some(&true) {
+        let loaded = gateway::gateway_runs_this_reserve(&mut self.redis).await?;
+        if !loaded {
             println!(
                 "  WARNING the gateway has not loaded this checkout's reserve script (lua/ differs from the running gateway's): the holds are written by this checkout's"
             );

@@ -92,8 +92,31 @@ async fn the_scripts_run_unchanged_on_redis_cluster() {
     let (status, ready) = body(app.client.get(app.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
 
-    // Enough SKUs that their slots land on every node.
-    let skus: Vec<String> = (0..6).map(|_| unique_sku("cluster")).collect();
+    // The script library is on every primary (FUNCTION LOAD goes to each). One that
+    // loses it gets it back from the first call it answers "Function not found".
+    let library_on = |port: u16| async move {
+        let listed: Vec<redis::Value> = query(
+            port,
+            redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg(&flashgate::lua::LIBRARY.name),
+        )
+        .await;
+        !listed.is_empty()
+    };
+    for node in &nodes {
+        assert!(library_on(node.port).await, "library on {}", node.port);
+    }
+    let _: () = query(nodes[1].port, redis::cmd("FUNCTION").arg("FLUSH")).await;
+    assert!(!library_on(nodes[1].port).await);
+
+    // Enough SKUs that their slots land on every node; the first on the node that lost
+    // the library.
+    let mut skus: Vec<String> = (0..6).map(|_| unique_sku("cluster")).collect();
+    while !serves(nodes[1].port, &skus[0]).await {
+        skus[0] = unique_sku("cluster");
+    }
     for sku in &skus {
         app.create_sku(sku, json!({"stock": 3, "hold_seconds": 1}))
             .await;
@@ -122,6 +145,7 @@ async fn the_scripts_run_unchanged_on_redis_cluster() {
             1
         );
     }
+    assert!(library_on(nodes[1].port).await, "loaded again");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.worker.sweep_once().await.unwrap();
     for sku in &skus {
