@@ -4,11 +4,15 @@
 --
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:q:line   KEYS[3] fg:{sku}:q:admits
 -- KEYS[4] fg:{sku}:q:used   KEYS[5] fg:{sku}:q:state
--- ARGV[1] 'join' | 'ticket' | 'watch'
+-- ARGV[1] 'join' | 'ticket' | 'watch', or 'batch' (several joins and tickets, below)
 -- ARGV[2] user id ('' for watch)
 -- ARGV[3] join: a secret random integer in [0, 2^52) from the gateway's CSPRNG, the
 --         user's place in the shuffled pre-queue (used only before the start)
 -- ARGV[4] most admissions in this call (bounds its time)
+-- 'batch': ARGV[2] most admissions, then one (mode, user id, draw) triple per request,
+--         mode 'join' or 'ticket': the requests are taken in order (joins in arrival
+--         order), then the call admits once, then each gets its reply as a call of its
+--         own made then would (src/queue.rs QueueReads batches a SKU's joins and polls).
 --
 -- Keys (meta `wr_ms` = admission_seconds in ms, `wr_rate` = admit_per_second (0: as fast
 -- as stock allows), `wr_shuffle` = '1' to shuffle the pre-queue):
@@ -22,7 +26,7 @@
 --                   first_burst (the first admissions, made at once),
 --                   rate_at / rate_n (the current second's admissions)
 --
--- Replies:
+-- Replies ('batch': one join / ticket reply per request, in order):
 --   {'not_found'}        the SKU has no state in Redis
 --   {'no_waiting_room'}
 --   join / ticket: {state, position ('' before the start), served, line length,
@@ -46,16 +50,37 @@
 -- once (`served` only grows); unused admissions <= available after every admission,
 -- since each takes one unit of `available - unused` (reserve.lua keeps it on spending).
 local meta, line, admits, used, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local mode, user = ARGV[1], ARGV[2]
+local mode = ARGV[1]
+-- The joins and tickets of this call: {mode, user, draw} each.
+local requests, admit_max = {}, tonumber(ARGV[4])
+if mode == 'batch' then
+  admit_max = tonumber(ARGV[2])
+  for i = 3, #ARGV, 3 do
+    requests[#requests + 1] = { ARGV[i], ARGV[i + 1], ARGV[i + 2] }
+  end
+elseif mode ~= 'watch' then
+  requests[1] = { mode, ARGV[2], ARGV[3] }
+end
 local AFTER_START = 4503599627370496 -- 2^52: every draw and pre-queue count is below it
 
 local m = redis.call('HMGET', meta, 'available', 'sold', 'stock_total', 'starts_at',
   'ends_at', 'wr_ms', 'wr_rate', 'wr_shuffle', 'retired', 'paused')
+-- The reply of every request when there is no waiting room to read.
+local function to_all(word)
+  if mode ~= 'batch' then
+    return { word }
+  end
+  local replies = {}
+  for i = 1, #requests do
+    replies[i] = { word }
+  end
+  return replies
+end
 if not m[3] then
-  return { 'not_found' }
+  return to_all('not_found')
 end
 if not m[6] or m[6] == '' then
-  return { 'no_waiting_room' }
+  return to_all('no_waiting_room')
 end
 local now = now_ms()
 local available, sold, stock_total = tonumber(m[1]), tonumber(m[2]), tonumber(m[3])
@@ -84,19 +109,21 @@ if phase ~= 'pre' and phase ~= 'closed' and not started then
   started = true
 end
 
-local score = nil
-if mode ~= 'watch' then
-  score = redis.call('ZSCORE', line, user)
-  if mode == 'join' and not score and (phase == 'open' or phase == 'pre') then
+-- Each request's place (nil: none), joins taken in order.
+local scores = {}
+for i, r in ipairs(requests) do
+  local score = redis.call('ZSCORE', line, r[2])
+  if r[1] == 'join' and not score and (phase == 'open' or phase == 'pre') then
     if started then
       score = string.format('%d', AFTER_START + redis.call('HINCRBY', state, 'arrivals', 1))
     elseif m[8] == '1' then
-      score = ARGV[3]
+      score = r[3]
     else
       score = redis.call('HINCRBY', state, 'pre_arrivals', 1)
     end
-    redis.call('ZADD', line, score, user)
+    redis.call('ZADD', line, score, r[2])
   end
+  scores[i] = score or false
 end
 
 -- Admissions do not run down while nobody may use them (paused, before the start):
@@ -109,8 +136,7 @@ local first_admit_at = s[3] or ''
 local first_burst = s[6] or '0'
 local total = redis.call('ZCARD', line)
 if phase == 'open' and not paused then
-  local n = math.min(available - redis.call('ZCARD', admits), total - served,
-    tonumber(ARGV[4]))
+  local n = math.min(available - redis.call('ZCARD', admits), total - served, admit_max)
   local rate_at, rate_n = tonumber(s[4] or '0'), tonumber(s[5] or '0')
   if rate > 0 then
     if now - rate_at >= 1000 then
@@ -152,30 +178,42 @@ if mode == 'watch' then
   return with_tail({ phase, served, total, first_admit_at, now_text, rate })
 end
 
-if not score then
-  -- Over: everyone is told so, with or without a place (none is made now).
-  if phase == 'sold_out' or phase == 'closed' then
-    return with_tail({ phase, '', served, total, '', first_admit_at, now_text, rate })
+-- One join / ticket reply.
+local function reply_to(user, score)
+  if not score then
+    -- Over: everyone is told so, with or without a place (none is made now).
+    if phase == 'sold_out' or phase == 'closed' then
+      return with_tail({ phase, '', served, total, '', first_admit_at, now_text, rate })
+    end
+    return with_tail({ 'none', '', served, total, '', first_admit_at, now_text, rate })
   end
-  return with_tail({ 'none', '', served, total, '', first_admit_at, now_text, rate })
-end
-local position = ''
-if started then
-  position = redis.call('ZRANK', line, user) + 1
-end
-local ticket, admitted_until = 'waiting', redis.call('ZSCORE', admits, user)
-if admitted_until then
-  ticket = 'admitted'
-else
-  admitted_until = redis.call('HGET', used, user)
+  local position = ''
+  if started then
+    position = redis.call('ZRANK', line, user) + 1
+  end
+  local ticket, admitted_until = 'waiting', redis.call('ZSCORE', admits, user)
   if admitted_until then
-    ticket = 'used'
-  elseif started and position <= served then
-    ticket = 'lapsed'
+    ticket = 'admitted'
+  else
+    admitted_until = redis.call('HGET', used, user)
+    if admitted_until then
+      ticket = 'used'
+    elseif started and position <= served then
+      ticket = 'lapsed'
+    end
   end
+  if (phase == 'sold_out' or phase == 'closed') and (ticket == 'waiting' or ticket == 'admitted') then
+    ticket = phase
+  end
+  return with_tail({ ticket, position, served, total, admitted_until or '', first_admit_at,
+    now_text, rate })
 end
-if (phase == 'sold_out' or phase == 'closed') and (ticket == 'waiting' or ticket == 'admitted') then
-  ticket = phase
+
+local replies = {}
+for i, r in ipairs(requests) do
+  replies[i] = reply_to(r[2], scores[i])
 end
-return with_tail({ ticket, position, served, total, admitted_until or '', first_admit_at,
-  now_text, rate })
+if mode == 'batch' then
+  return replies
+end
+return replies[1]

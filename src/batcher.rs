@@ -3,11 +3,12 @@
 //! wait and go together in the next call. No task outlives the work: a SKU's queue is
 //! dropped as soon as it is empty.
 //!
-//! Three kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
+//! Four kinds of work use it: reserves (one `reserve_batch.lua` call decides a batch in
 //! order, exactly as single calls would); while a SKU's sold-out flag is up, the
 //! idempotency probes that tell a replay from a refusal (one script call per batch);
-//! and, for a split SKU, the reads of its buckets and moves of stock for reserves that
-//! found their home bucket short.
+//! for a split SKU, the reads of its buckets and moves of stock for reserves that
+//! found their home bucket short; and the joins and polls of a waiting room (one
+//! `queue.lua` call per batch).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +21,7 @@ use crate::keys::SkuKeys;
 use crate::limits::{BATCHES_IN_FLIGHT, BATCH_MAX};
 use crate::reservation::Refusal;
 use crate::store::{
-    BucketState, Give, ReserveOutcome, ReserveRequest, ReserveSettings, Store, Taken,
+    BucketState, Give, QueueRequest, ReserveOutcome, ReserveRequest, ReserveSettings, Store, Taken,
 };
 
 /// What one batch call does: one outcome per request, in order.
@@ -174,6 +175,25 @@ impl BatchWork for IdempotencyProbes {
     async fn run(&self, sku: &SkuId, requests: Vec<(String, String)>) -> Vec<Result<bool>> {
         match self.store.idempotency_keys_exist(sku, &requests).await {
             Ok(found) => found.into_iter().map(Ok).collect(),
+            Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// Joins and ticket reads of a waiting room: a batch is one `queue.lua` call that takes
+/// them in order and admits once (lua/queue.lua 'batch'); each reply is the one a call
+/// of its own would have got then. A burst of joins costs a few calls, not one each.
+pub struct QueueReads {
+    pub store: Store,
+}
+
+impl BatchWork for QueueReads {
+    type Request = QueueRequest;
+    type Outcome = Vec<String>;
+
+    async fn run(&self, sku: &SkuId, requests: Vec<QueueRequest>) -> Vec<Result<Vec<String>>> {
+        match self.store.queue_batch(sku, &requests).await {
+            Ok(replies) => replies.into_iter().map(Ok).collect(),
             Err(e) => requests.iter().map(|_| Err(e.duplicate())).collect(),
         }
     }

@@ -6,7 +6,9 @@
 use sqlx::mysql::MySqlPool;
 
 use crate::auth::Caller;
-use crate::batcher::{Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Moved, Reserves};
+use crate::batcher::{
+    Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Moved, QueueReads, Reserves,
+};
 use crate::buckets;
 use crate::config::GatewaySettings;
 use crate::db;
@@ -20,7 +22,8 @@ use crate::reservation::{
 };
 use crate::sold_out::{FlagCheck, SoldOutFlags};
 use crate::store::{
-    BucketStock, ConfirmOutcome, Loaded, ReserveOutcome, ReserveRequest, ReserveSettings, Store,
+    BucketStock, ConfirmOutcome, Loaded, QueueMode, QueueRequest, ReserveOutcome, ReserveRequest,
+    ReserveSettings, Store,
 };
 use crate::telemetry;
 use std::collections::HashMap;
@@ -39,6 +42,8 @@ pub struct Gateway {
     reserves: Arc<Batcher<Reserves>>,
     replay_probes: Arc<Batcher<IdempotencyProbes>>,
     bucket_moves: Arc<Batcher<BucketMoves>>,
+    /// Joins and ticket reads of waiting rooms, batched per SKU.
+    queue_reads: Arc<Batcher<QueueReads>>,
     /// SKU -> its buckets (fixed when the SKU is created, so never stale).
     bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
     /// The waiting rooms streams follow on this gateway (src/queue.rs).
@@ -72,6 +77,9 @@ impl Gateway {
         let replay_probes = Arc::new(Batcher::new(IdempotencyProbes {
             store: store.clone(),
         }));
+        let queue_reads = Arc::new(Batcher::new(QueueReads {
+            store: store.clone(),
+        }));
         let bucket_moves = Arc::new(Batcher::one_at_a_time(
             BucketMoves::new(store.clone(), keys_ttl),
             limits::MOVES_BATCH_MAX,
@@ -84,6 +92,7 @@ impl Gateway {
             reserves,
             replay_probes,
             bucket_moves,
+            queue_reads,
             bucket_counts: Default::default(),
             queue_watchers: Default::default(),
             waiting_rooms: Default::default(),
@@ -120,23 +129,28 @@ impl Gateway {
         // The user's place in a shuffled pre-queue: drawn from the OS-seeded CSPRNG,
         // secret until the start, below 2^52 (lua/queue.lua).
         let draw = rand::random::<u64>() >> 12;
-        self.queue_read(sku, user_id, "join", &draw.to_string())
-            .await
+        self.queue_read(sku, user_id, QueueMode::Join, draw).await
     }
 
     /// The user's ticket in the SKU's waiting room (`not_found` when none).
     pub async fn queue_ticket(&self, sku: &SkuId, user_id: &str) -> Result<queue::Ticket> {
-        self.queue_read(sku, user_id, "ticket", "").await
+        self.queue_read(sku, user_id, QueueMode::Ticket, 0).await
     }
 
+    /// A join or a ticket read, batched with the SKU's others (`batcher::QueueReads`).
     async fn queue_read(
         &self,
         sku: &SkuId,
         user_id: &str,
-        mode: &str,
-        draw: &str,
+        mode: QueueMode,
+        draw: u64,
     ) -> Result<queue::Ticket> {
-        let reply = self.store.queue(sku, mode, user_id, draw).await?;
+        let request = QueueRequest {
+            mode,
+            user_id: user_id.to_string(),
+            draw,
+        };
+        let reply = self.queue_reads.submit(sku, request).await?;
         let read = queue::QueueRead::parse(&reply)?;
         Ok(queue::ticket(
             &self.settings.id_keys,

@@ -20,6 +20,30 @@ use crate::reservation::{
 
 pub use crate::lua::{script_with_clock, with_sale_keys, FunctionCall, SCRIPTS};
 
+/// A join or a ticket read of a waiting room, as `Store::queue_batch` sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRequest {
+    pub mode: QueueMode,
+    pub user_id: String,
+    /// join: the user's secret draw for a shuffled pre-queue (lua/queue.lua ARGV).
+    pub draw: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueMode {
+    Join,
+    Ticket,
+}
+
+impl QueueMode {
+    fn word(self) -> &'static str {
+        match self {
+            QueueMode::Join => "join",
+            QueueMode::Ticket => "ticket",
+        }
+    }
+}
+
 /// What a reserve's admission token told the gateway (src/queue.rs, lua/reserve.lua).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -648,6 +672,34 @@ impl Store {
             .arg(limits::QUEUE_ADMIT_BATCH)
             .invoke_async(&mut conn)
             .await?)
+    }
+
+    /// Several joins and ticket reads of one SKU in one call of lua/queue.lua ('batch'
+    /// mode): one reply per request, in order, each as its own call would answer.
+    pub async fn queue_batch(
+        &self,
+        sku: &SkuId,
+        requests: &[QueueRequest],
+    ) -> Result<Vec<Vec<String>>> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let mut call = SCRIPTS.queue.key(&keys.meta);
+        call.key(keys.queue_line())
+            .key(keys.queue_admits())
+            .key(keys.queue_used())
+            .key(keys.queue_state())
+            .arg("batch")
+            .arg(limits::QUEUE_ADMIT_BATCH);
+        for request in requests {
+            call.arg(request.mode.word())
+                .arg(&request.user_id)
+                .arg(request.draw);
+        }
+        let replies: Vec<Vec<String>> = call.invoke_async(&mut conn).await?;
+        if replies.len() != requests.len() {
+            return Err(bad_reply("queue batch arity"));
+        }
+        Ok(replies)
     }
 
     async fn run_reserve(

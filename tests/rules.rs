@@ -1645,6 +1645,76 @@ async fn nobody_is_admitted_before_the_start_and_the_prequeue_takes_the_order_of
     );
 }
 
+/// queue.lua's 'batch' at `now`: one reply per (mode, user, draw), in order.
+async fn queue_batch_at(
+    sale: &Sale,
+    now: i64,
+    requests: &[(&str, &str, &str)],
+) -> Vec<Vec<String>> {
+    let k = &sale.keys;
+    let script = script_with_clock(include_str!("../lua/queue.lua"), now);
+    let mut call = script.key(&k.meta);
+    call.key(k.queue_line())
+        .key(k.queue_admits())
+        .key(k.queue_used())
+        .key(k.queue_state())
+        .arg("batch")
+        .arg(1000);
+    for (mode, user, draw) in requests {
+        call.arg(*mode).arg(*user).arg(*draw);
+    }
+    call.invoke_async(&mut sale.conn()).await.unwrap()
+}
+
+/// A batch of joins and polls (how the gateway sends a burst of them) takes the joins
+/// in order, admits once, and answers each as a ticket read right after would: the
+/// same places and admissions as the calls one by one.
+#[tokio::test]
+async fn a_batch_of_joins_and_polls_makes_the_places_and_answers_of_the_calls_one_by_one() {
+    let requests = [
+        ("join", "u1", "0"),
+        ("ticket", "nobody", ""),
+        ("join", "u2", "0"),
+        ("join", "u1", "0"), // again: the same place
+        ("join", "u3", "0"),
+        ("ticket", "u2", ""),
+    ];
+    let one_by_one = queue_sale("q-single", 2, 1, room(60, 0), None).await;
+    for (mode, user, draw) in requests {
+        queue_at(&one_by_one, T0, mode, user, draw).await;
+    }
+    let mut expected = Vec::new();
+    for (_, user, _) in requests {
+        expected.push(queue_at(&one_by_one, T0, "ticket", user, "").await);
+    }
+    let batched = queue_sale("q-batch", 2, 1, room(60, 0), None).await;
+    let replies = queue_batch_at(&batched, T0, &requests).await;
+    // All but the last field (the first admissions' count: the batch made both of its
+    // admissions at once, the calls one by one made one, then one).
+    let head = |replies: &[Vec<String>]| -> Vec<Vec<String>> {
+        replies.iter().map(|r| r[..r.len() - 1].to_vec()).collect()
+    };
+    assert_eq!(head(&replies), head(&expected));
+    assert!(
+        replies.iter().all(|r| r.last().unwrap() == "2"),
+        "{replies:?}"
+    );
+    let states: Vec<&str> = replies.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        states,
+        ["admitted", "none", "admitted", "admitted", "waiting", "admitted"]
+    );
+    let positions: Vec<&str> = replies.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(positions, ["1", "", "2", "1", "3", "2"]);
+
+    // A SKU without a waiting room answers every request of the batch so.
+    let plain = Sale::with_stock("q-batch-plain", 2, 1).await;
+    assert_eq!(
+        queue_batch_at(&plain, T0, &[("join", "a", "0"), ("ticket", "b", "")]).await,
+        vec![vec!["no_waiting_room".to_string()]; 2]
+    );
+}
+
 #[tokio::test]
 async fn admissions_keep_to_admit_per_second() {
     let sale = queue_sale("q-rate", 10, 1, room(60, 2), None).await;
