@@ -1,7 +1,8 @@
 //! The waiting room of a SKU: buyers join a line and are admitted by stock, fairly.
 //!
 //! The line, the admissions and their counters live in Redis in the SKU's slot
-//! (lua/queue.lua; one call per join or read, which also admits whom the stock allows).
+//! (lua/queue.lua; one call per batch of a SKU's joins and reads, `batcher::QueueReads`,
+//! which also admits whom the stock allows).
 //! An admission is a signed token bound to the user, the SKU and its deadline; the
 //! gateway checks it before Redis, and the reserve script spends the admission (one
 //! admission, at most one hold). This module reads the script's replies into tickets,
