@@ -553,3 +553,152 @@ pub async fn delete_webhook(app: &TestApp, name: &str) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 }
+
+/// Our deliveries of `positions` to `name` in `status`.
+async fn deliveries_in(app: &TestApp, name: &str, positions: &[u64], status: &str) -> i64 {
+    let (low, high) = (positions[0], *positions.last().unwrap());
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_deliveries
+         WHERE webhook = ? AND position BETWEEN ? AND ? AND status LIKE ?",
+    )
+    .bind(name)
+    .bind(low)
+    .bind(high)
+    .bind(status)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+/// Waits (up to 10 s) for `done` to hold.
+async fn until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !done().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replay and a DELETE of an endpoint with a long history touch a bounded number of
+/// rows per statement, each committed on its own: a lock held on one delivery far down
+/// the history holds back only the batch it is in, never the batches before it.
+#[tokio::test]
+async fn replay_and_delete_work_in_bounded_batches() {
+    use flashgate::events::{event_id, EventType, NewEvent};
+    let app = spawn_app().await;
+    let name = unique_sku("bounded");
+    let (status, _) = put_webhook(
+        &app,
+        &name,
+        json!({"url": "http://127.0.0.1:9/none", "secret": SECRET, "types": ["sku.available"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // A history of 2500 events (written as the flush writes them).
+    let sku = unique_sku("history");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let after = {
+        let mut conn = app.db.acquire().await.unwrap();
+        flashgate::db::events::last_position(&mut conn)
+            .await
+            .unwrap()
+    };
+    let history: Vec<NewEvent> = (0..2500)
+        .map(|i| NewEvent {
+            id: event_id(EventType::SkuAvailable, &[&sku, &i.to_string()]),
+            kind: EventType::SkuAvailable,
+            sku: sku.clone(),
+            occurred_at_ms: now_ms,
+            data: json!({"sku": sku}),
+        })
+        .collect();
+    let mut tx = app.db.begin().await.unwrap();
+    let written = flashgate::db::events::write(&mut tx, history, now_ms)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let positions: Vec<u64> = written.iter().map(|e| e.position).collect();
+    let replay = || {
+        app.client
+            .post(app.url(&format!("/v1/admin/webhooks/{name}/replay")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({"after": flashgate::events::encode_cursor(after)}))
+            .send()
+    };
+    let (status, replayed) = body(replay().await.unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert!(replayed["queued"].as_u64().unwrap() >= 2500, "{replayed}");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions, "pending").await,
+        2500
+    );
+    // All delivered; then a replay while another transaction locks the 1500th.
+    sqlx::query("UPDATE webhook_deliveries SET status = 'delivered' WHERE webhook = ?")
+        .bind(&name)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let lock_row = |position: u64| {
+        let db = app.db.clone();
+        let name = name.clone();
+        async move {
+            let mut lock = db.begin().await.unwrap();
+            sqlx::query(
+                "SELECT status FROM webhook_deliveries WHERE webhook = ? AND position = ? FOR UPDATE",
+            )
+            .bind(&name)
+            .bind(position)
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+            lock
+        }
+    };
+    let lock = lock_row(positions[1499]).await;
+    let replaying = tokio::spawn(replay());
+    until("a replay commits nothing before the locked row", || async {
+        deliveries_in(&app, &name, &positions, "pending").await > 0
+    })
+    .await;
+    assert_eq!(
+        deliveries_in(&app, &name, &positions[1499..], "delivered").await,
+        1001,
+        "nothing at or past the locked row was replayed while it was locked"
+    );
+    lock.rollback().await.unwrap();
+    let (status, replayed) = body(replaying.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert!(replayed["queued"].as_u64().unwrap() >= 2500, "{replayed}");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions, "pending").await,
+        2500
+    );
+
+    // DELETE: the endpoint goes at once, its deliveries in batches.
+    let lock = lock_row(positions[1499]).await;
+    let client = app.client.clone();
+    let url = app.url(&format!("/v1/admin/webhooks/{name}"));
+    let deleting =
+        tokio::spawn(async move { client.delete(url).bearer_auth(SERVICE_TOKEN).send().await });
+    until("a delete commits nothing before the locked row", || async {
+        deliveries_in(&app, &name, &positions, "%").await < 2500
+    })
+    .await;
+    let (status, _) = admin_get(&app, &format!("/v1/admin/webhooks/{name}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the endpoint went first");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions[1499..], "%").await,
+        1001,
+        "nothing at or past the locked row was deleted while it was locked"
+    );
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        deleting.await.unwrap().unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(deliveries_in(&app, &name, &positions, "%").await, 0);
+}
