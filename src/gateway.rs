@@ -1041,7 +1041,11 @@ impl Gateway {
     }
 
     pub async fn delete_webhook(&self, name: &str) -> Result<bool> {
-        db::webhooks::delete(&self.db, name).await
+        let deleted = db::webhooks::delete(&self.db, name).await?;
+        // This process's series of it go now; a worker elsewhere drops its own at its
+        // next refresh of the endpoints (webhooks::Deliverer::run).
+        crate::telemetry::forget_webhook(name);
+        Ok(deleted)
     }
 
     pub async fn webhook_deliveries(

@@ -406,6 +406,9 @@ impl Deliverer {
         loop {
             match rows::list(&self.db).await {
                 Ok(mut endpoints) => {
+                    // A deleted endpoint's series go (its DELETE, answered by another
+                    // process perhaps, cannot reach this one's).
+                    telemetry::retain_webhooks(|name| endpoints.iter().any(|e| e.name == name));
                     if let Some(only) = &self.only {
                         endpoints.retain(|e| only.contains(&e.name));
                     }

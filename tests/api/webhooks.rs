@@ -702,3 +702,105 @@ async fn replay_and_delete_work_in_bounded_batches() {
     );
     assert_eq!(deliveries_in(&app, &name, &positions, "%").await, 0);
 }
+
+/// `/metrics` as a gateway started now renders it (each caches its page for 1 s).
+async fn fresh_metrics() -> String {
+    let fresh = spawn_app().await;
+    fresh
+        .client
+        .get(fresh.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A deleted endpoint's series (lag, attempts, failures) leave `/metrics`: at once in
+/// the process that answered the DELETE, at the next refresh of the endpoints in a
+/// worker elsewhere. Another endpoint's stay.
+#[tokio::test]
+async fn a_deleted_endpoints_series_leave_metrics() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let (gone, elsewhere, kept) = (
+        unique_sku("gone"),
+        unique_sku("elsewhere"),
+        unique_sku("kept"),
+    );
+    for name in [&gone, &elsewhere, &kept] {
+        let (status, _) = put_webhook(
+            &app,
+            name,
+            json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let sku = unique_sku("series");
+    app.create_sku(&sku, json!({"stock": 5})).await;
+    let id = app.hold(&sku, "s1").await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    let names = [gone.as_str(), elsewhere.as_str(), kept.as_str()];
+    let deliverer =
+        Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock)).only(&names);
+    let mut endpoints = Vec::new();
+    for name in names {
+        assert!(drain(&deliverer, &app, name).await.delivered >= 1);
+        endpoints.push(
+            flashgate::db::webhooks::get(&app.db, name)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    deliverer.measure_lag(&endpoints).await.unwrap();
+    let series = |name: &str| {
+        [
+            format!(r#"flashgate_webhook_lag_seconds{{webhook="{name}"}} 0"#),
+            format!(r#"flashgate_webhook_attempts_total{{webhook="{name}",outcome="delivered"}} "#),
+        ]
+    };
+    let page = fresh_metrics().await;
+    for name in names {
+        for line in series(name) {
+            assert!(page.contains(&line), "{line} missing");
+        }
+    }
+
+    delete_webhook(&app, &gone).await;
+    let page = fresh_metrics().await;
+    assert!(
+        !page.contains(&format!(r#"webhook="{gone}""#)),
+        "the deleted endpoint's series stayed"
+    );
+    for line in series(&kept) {
+        assert!(page.contains(&line), "{line} missing");
+    }
+
+    // Deleted by another process (straight in MySQL): a running worker drops its
+    // series when it reads the endpoints again.
+    assert!(flashgate::db::webhooks::delete(&app.db, &elsewhere)
+        .await
+        .unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(deliverer.clone().run(stopped));
+    until("the worker never dropped the series", || async {
+        !fresh_metrics()
+            .await
+            .contains(&format!(r#"webhook="{elsewhere}""#))
+    })
+    .await;
+    let page = fresh_metrics().await;
+    for line in series(&kept) {
+        assert!(page.contains(&line), "{line} missing");
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    delete_webhook(&app, &kept).await;
+}
