@@ -76,9 +76,38 @@ fn endpoint_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Endpoint> {
 
 const ENDPOINT_COLUMNS: &str = "name, url, secret, types, enabled, created_at, updated_at";
 
-/// Creates or replaces an endpoint; true when it was created. A new endpoint gets
-/// the events recorded from now on (replay sends older ones).
-pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<bool> {
+/// A delivery claimed for an attempt that may be in flight: its claim as the claim
+/// wrote it (the owner and the lease's end), so that a later claim of the same
+/// delivery is told apart from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub position: u64,
+    pub owner: String,
+    pub until_ms: i64,
+}
+
+/// What `put` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub created: bool,
+    /// The deliveries claimed under the endpoint's former settings whose lease had not
+    /// ended when the new ones were committed (at most LEASES_LISTED_MAX).
+    pub in_flight: Vec<Lease>,
+}
+
+/// Leases `put` lists at most: more than every worker's requests in flight to one
+/// endpoint (ENDPOINT_CONCURRENCY each) in any deployment we know.
+pub const LEASES_LISTED_MAX: u32 = 1000;
+
+/// Creates or replaces an endpoint. A new endpoint gets the events recorded from now
+/// on (replay sends older ones).
+///
+/// A replaced endpoint's row is written under its lock, which every claim reads the
+/// settings under (`claim_current`, in share mode): once this commits, no claim made
+/// under the former settings is still to come, and the ones made before are listed
+/// (`Written::in_flight`) for the caller to wait out. `updated_at` (the version claims
+/// compare) moves on by at least 1 ms, so two PUTs in one millisecond differ too.
+pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<Written> {
     if get(pool, &endpoint.name).await?.is_none() {
         // What a DELETE cut short left of an endpoint of this name (see `delete`).
         delete_deliveries(pool, &endpoint.name, STATEMENT_ROWS_MAX).await?;
@@ -90,7 +119,8 @@ pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<b
         "INSERT INTO webhooks (name, url, secret, types, enabled, queued_to, created_at, updated_at)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE url = VALUES(url), secret = VALUES(secret),
-           types = VALUES(types), enabled = VALUES(enabled), updated_at = VALUES(updated_at)",
+           types = VALUES(types), enabled = VALUES(enabled),
+           updated_at = GREATEST(VALUES(updated_at), updated_at + INTERVAL 1000 MICROSECOND)",
     )
     .bind(&endpoint.name)
     .bind(&endpoint.url)
@@ -102,9 +132,59 @@ pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<b
     .bind(ms_to_datetime(now_ms))
     .execute(&mut *tx)
     .await?;
+    // 1: inserted; 2: updated.
+    let created = done.rows_affected() == 1;
+    let mut in_flight = Vec::new();
+    if !created {
+        let rows: Vec<(u64, String, NaiveDateTime)> = sqlx::query_as(
+            "SELECT position, lease_owner, next_attempt_at FROM webhook_deliveries
+             WHERE webhook = ? AND status = 'pending' AND lease_owner IS NOT NULL
+               AND next_attempt_at > ?
+             LIMIT ?",
+        )
+        .bind(&endpoint.name)
+        .bind(ms_to_datetime(now_ms))
+        .bind(LEASES_LISTED_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
+        in_flight = rows
+            .into_iter()
+            .map(|(position, owner, until)| Lease {
+                position,
+                owner,
+                until_ms: datetime_to_ms(until),
+            })
+            .collect();
+    }
     tx.commit().await?;
-    // 1: inserted; 2: updated; 0: the same values again.
-    Ok(done.rows_affected() == 1)
+    Ok(Written { created, in_flight })
+}
+
+/// How many of `leases` are still held as they were (the attempt's outcome is not
+/// recorded yet).
+pub async fn leases_held(pool: &MySqlPool, name: &str, leases: &[Lease]) -> Result<u64> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let _turn = crate::explore::mysql_step("leases_held").await;
+    let mut query =
+        QueryBuilder::<MySql>::new("SELECT COUNT(*) FROM webhook_deliveries WHERE webhook = ");
+    query
+        .push_bind(name)
+        .push(" AND status = 'pending' AND (position, lease_owner, next_attempt_at) IN (");
+    let mut list = query.separated(", ");
+    for lease in leases {
+        list.push("(")
+            .push_bind_unseparated(lease.position)
+            .push_unseparated(", ")
+            .push_bind_unseparated(&lease.owner)
+            .push_unseparated(", ")
+            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
+            .push_unseparated(")");
+    }
+    query.push(")");
+    let held: i64 = query.build_query_scalar().fetch_one(pool).await?;
+    Ok(held as u64)
 }
 
 pub async fn get(pool: &MySqlPool, name: &str) -> Result<Option<Endpoint>> {
@@ -341,7 +421,12 @@ async fn claim_once(
     let mut tx = begin(pool).await?;
     if let Some(version) = version {
         let current: Option<(i8, NaiveDateTime)> =
-            sqlx::query_as("SELECT enabled, updated_at FROM webhooks WHERE name = ?")
+            // In share mode: a PUT's write of the row waits for this claim to commit,
+            // so it sees the claim's leases (and waits them out), and no claim under
+            // the former settings commits after it (`put`).
+            sqlx::query_as(
+                "SELECT enabled, updated_at FROM webhooks WHERE name = ? LOCK IN SHARE MODE",
+            )
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;

@@ -804,3 +804,98 @@ async fn a_deleted_endpoints_series_leave_metrics() {
         .unwrap();
     delete_webhook(&app, &kept).await;
 }
+
+/// Another secret than SECRET, for an endpoint that moved.
+const NEW_SECRET: &str = "whsec_dGhlIG5ldyBzZWNyZXQgb2YgYSBtb3ZlZCBlbmRwb2ludA==";
+
+/// Once a PUT that moved an endpoint to another URL and secret has answered, no request
+/// to the old URL is in flight and none starts later: every event after it goes to the
+/// new URL, signed with the new secret. The old receiver answers slowly, so that the
+/// PUT comes while requests to it are in flight.
+#[tokio::test]
+async fn once_a_put_answers_nothing_goes_to_the_old_url_or_with_the_old_secret() {
+    let app = spawn_app().await;
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.set_delay(Duration::from_millis(1500));
+    let name = unique_sku("moved");
+    let types = json!(["reservation.cancelled"]);
+    let (status, _) = put_webhook(
+        &app,
+        &name,
+        json!({"url": old.url, "secret": SECRET, "types": types}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(
+        Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock))
+            .only(&[&name])
+            .run(stopped),
+    );
+    let sku = unique_sku("moving");
+    app.create_sku(&sku, json!({"stock": 50})).await;
+    let cancel = |user: String| {
+        let (app, sku) = (&app, &sku);
+        async move {
+            let id = app.hold(sku, &user).await;
+            app.cancel(&id, SERVICE_TOKEN).await;
+        }
+    };
+    for i in 0..3 {
+        cancel(format!("before{i}")).await;
+    }
+    app.flush(&sku).await;
+    until("the old URL never got a request", || async {
+        old.in_flight_now() > 0
+    })
+    .await;
+
+    let (status, view) = put_webhook(
+        &app,
+        &name,
+        json!({"url": new.url, "secret": NEW_SECRET, "types": types}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        old.in_flight_now(),
+        0,
+        "a request to the old URL was in flight when the PUT answered"
+    );
+    let sent_to_old = old.received.lock().unwrap().len();
+
+    for i in 0..3 {
+        cancel(format!("after{i}")).await;
+    }
+    app.flush(&sku).await;
+    let after: Vec<Value> = feed_all(&app, &format!("sku={sku}"), 100)
+        .await
+        .into_iter()
+        .filter(|e| e["data"]["user_id"].as_str().unwrap().starts_with("after"))
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(after.len(), 3);
+    until("the new URL never got every later event", || async {
+        let got: Vec<Value> = new
+            .of_sku(&sku)
+            .iter()
+            .map(|r| json!(r.headers["webhook-id"]))
+            .collect();
+        after.iter().all(|id| got.contains(id))
+    })
+    .await;
+    assert_eq!(
+        old.received.lock().unwrap().len(),
+        sent_to_old,
+        "a request went to the old URL after the PUT answered"
+    );
+    // Every request to the new URL, the earlier events' retries too, carries the new
+    // secret's signature.
+    verify_independently(NEW_SECRET, &new.of_sku(&sku));
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    delete_webhook(&app, &name).await;
+}
