@@ -555,3 +555,61 @@ async fn a_split_sku_announces_sold_out_and_stock_back_for_the_whole_sku() {
     );
     assert_consecutive(&recorded_events(&app, &sku).await);
 }
+
+/// A split SKU sold out; Redis loses one bucket (holds and all) and the reconciler
+/// rebuilds it from MySQL with its held units available again: MySQL's record that the
+/// bucket was out goes back into Redis, so the stock back is announced (sku.available),
+/// once; a bucket rebuilt still out announces nothing.
+#[tokio::test]
+async fn a_rebuilt_bucket_announces_the_stock_it_brings_back() {
+    let app = spawn_app().await;
+    let sku = unique_sku("split-rebuild");
+    app.create_sku(&sku, json!({"stock": 4, "buckets": 2}))
+        .await;
+    let id = TestApp::sku_id(&sku);
+    for b in 0..2 {
+        let users: Vec<String> = (0..)
+            .map(|i| format!("r{i}"))
+            .filter(|u| flashgate::buckets::home(&id, u, 2) == b)
+            .take(2)
+            .collect();
+        for user in &users {
+            let rid = app.hold(&sku, user).await;
+            if b == 0 {
+                assert_eq!(
+                    app.confirm(&rid, &format!("pay-{user}")).await.0,
+                    StatusCode::OK
+                );
+            }
+        }
+    }
+    app.flush(&sku).await;
+    let stock_types = || async {
+        recorded_events(&app, &sku)
+            .await
+            .into_iter()
+            .filter(|e| e["type"].as_str().unwrap().starts_with("sku."))
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stock_types().await, ["sku.sold_out"]);
+    let sales = flashgate::buckets::sales(&id, 2);
+    let rebuild = |b: usize| {
+        let (app, sales, id, sku) = (&app, &sales, &id, &sku);
+        async move {
+            app.lose_sale(sales[b].as_str()).await;
+            flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(id), true)
+                .await
+                .unwrap();
+            app.flush(sku).await;
+        }
+    };
+    // Bucket 0 sold both its units: rebuilt, it is still out.
+    rebuild(0).await;
+    assert_eq!(stock_types().await, ["sku.sold_out"]);
+    // Bucket 1's holds are gone with it: rebuilt, its 2 units are available again.
+    rebuild(1).await;
+    assert_eq!(app.sku(&sku).await["available"], 2);
+    assert_eq!(stock_types().await, ["sku.sold_out", "sku.available"]);
+    assert_consecutive(&recorded_events(&app, &sku).await);
+}
