@@ -9,7 +9,9 @@
 --                                layout ('2' for a SKU created with this layout),
 --                                paused ('1' while an operator paused its sale),
 --                                sold_out ('1' between the outbox's sku_sold_out and
---                                the next sku_available, announce_stock)
+--                                the next sku_available, announce_stock),
+--                                giving (a bucket's transfers taken and not done yet,
+--                                transfer_take.lua / transfer_done.lua)
 --   fg:{sku}:holds       HASH   reservation tail -> hold record (below), from its creation
 --                                until the flush has written its end to MySQL
 --   fg:{sku}:used        HASH   user id -> usage record (below)
@@ -358,15 +360,20 @@ end
 -- after that appends 'sku_available'; meta `sold_out` ('1' from the one to the other)
 -- pairs them, so each is appended once per crossing. Callers call it only when a
 -- crossing may have happened (available 0 after a reserve wrote it, or 0 before a
--- release): a write that leaves stock on both sides costs nothing more. A SKU split
--- over buckets has no such events here (one bucket's stock is not the SKU's).
+-- release, a transfer's end): a write that leaves stock on both sides costs nothing
+-- more. A bucket of a SKU split over buckets (src/buckets.rs) announces its own
+-- crossings, each with its hash tag (`sale`): one bucket's stock is not the SKU's, so
+-- the flush makes them the SKU's events (sold out once every bucket is out, back when
+-- one is back: db::apply_events_in_order). Units a bucket gave that are on their way to
+-- another (meta `giving`: its transfers taken and not done) are still the SKU's: the
+-- bucket is not out until the transfer ends (transfer_done.lua).
 local function announce_stock(K, now)
   local m = redis.call('HMGET', K.meta, 'available', 'sold_out', 'buckets', 'stock_total',
-    'held', 'sold')
-  if not m[1] or tonumber(m[3] or '1') > 1 then
+    'held', 'sold', 'giving')
+  if not m[1] then
     return
   end
-  local out = tonumber(m[1]) == 0
+  local out = tonumber(m[1]) == 0 and tonumber(m[7] or '0') <= 0
   if out == (m[2] == '1') then
     return
   end
@@ -376,8 +383,9 @@ local function announce_stock(K, now)
     redis.call('HDEL', K.meta, 'sold_out')
   end
   redis.call('XADD', K.outbox, '*', 'type', out and 'sku_sold_out' or 'sku_available',
-    'sku', sku_of_prefix(K.prefix), 'stock_total', m[4], 'available', m[1],
-    'held', m[5] or '0', 'sold', m[6] or '0', 'at', ms(now))
+    'sku', sku_of_prefix(K.prefix), 'sale', string.sub(K.prefix, 5, #K.prefix - 2),
+    'stock_total', m[4], 'available', m[1], 'held', m[5] or '0', 'sold', m[6] or '0',
+    'at', ms(now))
 end
 
 -- Ends a live hold `h` as `final_status` ('cancelled' or 'expired') and returns its

@@ -46,4 +46,7 @@ for i = 1, #KEYS - 10 do
     churn_cap, now)
 end
 save_sale(K, sale)
+-- Units given to a bucket that was out, and not all taken by these reserves, bring it
+-- back (save_sale announces only a bucket left at 0).
+announce_stock(K, now)
 return replies

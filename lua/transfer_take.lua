@@ -34,4 +34,7 @@ redis.call('HSET', transfers, 'out:' .. id, ms(taken) .. ' ' .. ms(now) .. ' ' .
 -- Counts this bucket's stock moves: a reader of several buckets (lua/bucket_stock.lua)
 -- that sees it unchanged twice knows no transfer touched the bucket in between.
 redis.call('HINCRBY', meta, 'moves', 1)
+-- Until transfer_done.lua drops `out:<id>`, the units are the SKU's still: the donor is
+-- not announced out of stock meanwhile (lib.lua announce_stock).
+redis.call('HINCRBY', meta, 'giving', 1)
 return { taken, now }

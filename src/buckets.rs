@@ -94,6 +94,14 @@ pub fn sku_of_tag(tag: &str) -> &str {
     tag.split_once('~').map_or(tag, |(sku, _)| sku)
 }
 
+/// The bucket of a hash tag: b of `{sku}~b~n`, 0 for the SKU's own tag.
+pub fn bucket_of_tag(tag: &str) -> u32 {
+    tag.split('~')
+        .nth(1)
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Of `users` (user, units), those whose home is bucket `b` of `k`.
 pub fn home_users(sku: &SkuId, users: &[(String, i64)], k: u32, b: u32) -> Vec<(String, i64)> {
     users

@@ -610,6 +610,9 @@ pub async fn apply_events_in_order(
     // crossing again, or stock back that was never announced sold out: neither is an
     // event.
     let mut announced: HashMap<&str, (Option<bool>, bool)> = HashMap::new();
+    // Per split SKU: its buckets out of stock (`skus.buckets_sold_out`), and whether
+    // this batch changed them.
+    let mut buckets_out: HashMap<&str, (u32, bool)> = HashMap::new();
     let mut new_events = Vec::new();
     for event in events {
         match event {
@@ -657,6 +660,27 @@ pub async fn apply_events_in_order(
                 let Some(record) = skus.get(sku.as_str()).cloned().flatten() else {
                     continue; // a SKU MySQL does not know has no view to report
                 };
+                let k = record.definition.buckets;
+                // A bucket's crossing is the SKU's only when it makes every bucket out,
+                // or the first one back.
+                let sold_out = if k > 1 {
+                    let bits = match buckets_out.get(sku.as_str()) {
+                        Some((bits, _)) => *bits,
+                        None => buckets_sold_out_in(&mut tx, sku).await?,
+                    };
+                    let bit = 1u32 << crate::buckets::bucket_of_tag(sale).min(k - 1);
+                    let next = if *sold_out { bits | bit } else { bits & !bit };
+                    let all = (1u32 << k) - 1;
+                    let changed = buckets_out.get(sku.as_str()).is_some_and(|(_, c)| *c);
+                    buckets_out.insert(sku.as_str(), (next, changed || next != bits));
+                    if (bits == all) == (next == all) {
+                        continue;
+                    }
+                    next == all
+                } else {
+                    *sold_out
+                };
+                let sold_out = &sold_out;
                 let last = match announced.get(sku.as_str()) {
                     Some((last, _)) => *last,
                     None => announced_sold_out_in(&mut tx, sku).await?,
@@ -672,6 +696,20 @@ pub async fn apply_events_in_order(
                 }
                 announced.insert(sku.as_str(), (Some(*sold_out), true));
                 let d = &record.definition;
+                // A bucket's counters are not the SKU's: its stock and what MySQL
+                // records as sold (this batch's sales included), `available` the
+                // bucket's own (0 when every bucket is out), held the rest.
+                let counters = if k > 1 {
+                    let available = if *sold_out { 0 } else { counters.available };
+                    StockCounters {
+                        stock_total: d.stock_total,
+                        available,
+                        held: d.stock_total.saturating_sub(record.sold + available),
+                        sold: record.sold,
+                    }
+                } else {
+                    *counters
+                };
                 let view = crate::reservation::Sku {
                     sku: sku.clone(),
                     stock_total: counters.stock_total,
@@ -700,6 +738,15 @@ pub async fn apply_events_in_order(
                 .await?;
         }
     }
+    for (sku, (bits, changed)) in &buckets_out {
+        if *changed {
+            sqlx::query("UPDATE skus SET buckets_sold_out = ? WHERE sku = ?")
+                .bind(*bits)
+                .bind(*sku)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     drop(turn);
     applied.events = events::write(&mut tx, new_events, now_ms).await?;
     tx.commit().await?;
@@ -715,6 +762,16 @@ pub async fn announced_sold_out_in(conn: &mut MySqlConnection, sku: &str) -> Res
             .fetch_optional(&mut *conn)
             .await?;
     Ok(state.flatten())
+}
+
+/// The buckets of a split SKU that last announced themselves out of stock: bit b for
+/// bucket b (migrations/0011).
+pub async fn buckets_sold_out_in(conn: &mut MySqlConnection, sku: &str) -> Result<u32> {
+    let bits: Option<u32> = sqlx::query_scalar("SELECT buckets_sold_out FROM skus WHERE sku = ?")
+        .bind(sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(bits.unwrap_or(0))
 }
 
 async fn compensation_in(conn: &mut MySqlConnection, id: &str) -> Result<Option<Compensation>> {

@@ -1037,7 +1037,12 @@ impl Gateway {
         endpoint: &db::webhooks::Endpoint,
     ) -> Result<(bool, db::webhooks::Endpoint)> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let created = db::webhooks::put(&self.db, endpoint, now_ms).await?;
+        let written = db::webhooks::put(&self.db, endpoint, now_ms).await?;
+        // Answered only once no request under the former URL or secret is in flight:
+        // after the answer, every request goes to the new URL, signed with the new
+        // secret (contract; see webhooks::wait_out for the bound).
+        crate::webhooks::wait_out(&self.db, &endpoint.name, &written.in_flight).await?;
+        let created = written.created;
         let recorded = db::webhooks::get(&self.db, &endpoint.name)
             .await?
             .ok_or_else(|| crate::error::Error::Internal("webhook gone after its write".into()))?;
@@ -1055,7 +1060,11 @@ impl Gateway {
     }
 
     pub async fn delete_webhook(&self, name: &str) -> Result<bool> {
-        db::webhooks::delete(&self.db, name).await
+        let deleted = db::webhooks::delete(&self.db, name).await?;
+        // This process's series of it go now; a worker elsewhere drops its own at its
+        // next refresh of the endpoints (webhooks::Deliverer::run).
+        crate::telemetry::forget_webhook(name);
+        Ok(deleted)
     }
 
     pub async fn webhook_deliveries(

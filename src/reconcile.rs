@@ -1167,6 +1167,11 @@ async fn restore_missing(
                 .load_bucket(sku, &record.definition, &stock, sold)
                 .await?;
             store.restore_usage(sku, &home, &usage.claims).await?;
+            // The bucket's last announcement (its bit of skus.buckets_sold_out), as
+            // for an unsplit SKU below: stock it comes back with after it was out is
+            // announced, a bucket still out is not announced again.
+            let out = db::buckets_sold_out_in(&mut *tx, scope.sku.as_str()).await?;
+            store.restore_announced(sku, out & (1 << b) != 0).await?;
         } else {
             store
                 .restore_usage(sku, &usage.bought, &usage.claims)

@@ -1755,6 +1755,7 @@ impl Store {
         invocation
             .key(&to.meta)
             .key(&to.transfers)
+            .key(&to.outbox)
             .arg(id)
             .arg(units)
             .arg(from.tag())
@@ -1772,6 +1773,8 @@ impl Store {
         let dropped: u64 = SCRIPTS
             .transfer_done
             .key(&bucket.transfers)
+            .key(&bucket.meta)
+            .key(&bucket.outbox)
             .arg(record)
             .invoke_async(&mut self.conn.clone())
             .await?;

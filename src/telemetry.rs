@@ -50,18 +50,6 @@ fn describe() {
         "HTTP request latency by route"
     );
     describe_counter!(
-        "flashgate_webhook_attempts_total",
-        "Webhook delivery attempts by endpoint and outcome (delivered, retried, failed)"
-    );
-    describe_counter!(
-        "flashgate_webhook_failed_total",
-        "Webhook deliveries given up after the retry window (listed as failed, replayable)"
-    );
-    describe_gauge!(
-        "flashgate_webhook_lag_seconds",
-        "Age of the endpoint's oldest event not delivered yet (0: none waiting)"
-    );
-    describe_counter!(
         "flashgate_events_recorded_total",
         "Events written to MySQL with their facts"
     );
@@ -188,20 +176,120 @@ pub fn flushed(count: u64) {
 pub fn webhook_attempt(webhook: &str, attempt: &crate::db::webhooks::Attempt) {
     use crate::db::webhooks::Attempt;
     let outcome = match attempt {
-        Attempt::Delivered { .. } => "delivered",
-        Attempt::Retry { .. } => "retried",
-        Attempt::Failed { .. } => "failed",
+        Attempt::Delivered { .. } => 0,
+        Attempt::Retry { .. } => 1,
+        Attempt::Failed { .. } => 2,
     };
-    counter!("flashgate_webhook_attempts_total", "webhook" => webhook.to_owned(), "outcome" => outcome)
-        .increment(1);
-    if matches!(attempt, Attempt::Failed { .. }) {
-        counter!("flashgate_webhook_failed_total", "webhook" => webhook.to_owned()).increment(1);
-    }
+    webhook_series().update(webhook, |s| s.attempts[outcome] += 1);
 }
 
 /// How old the endpoint's oldest event not yet delivered is (0: none waiting).
 pub fn webhook_lag(webhook: &str, lag: Duration) {
-    gauge!("flashgate_webhook_lag_seconds", "webhook" => webhook.to_owned()).set(lag.as_secs_f64());
+    webhook_series().update(webhook, |s| s.lag_seconds = Some(lag.as_secs_f64()));
+}
+
+/// A deleted endpoint's series leave `/metrics` at once.
+pub fn forget_webhook(webhook: &str) {
+    webhook_series().lock().remove(webhook);
+}
+
+/// Keeps the series of the endpoints `exists` says MySQL still has (the worker's
+/// refresh of the endpoints: one deleted by another process goes within it).
+pub fn retain_webhooks(exists: impl Fn(&str) -> bool) {
+    webhook_series().lock().retain(|name, _| exists(name));
+}
+
+/// Per-endpoint series live here, not in the recorder, for the reason the per-SKU ones
+/// do: the recorder cannot drop one series, and a deleted endpoint's lag would stay at
+/// its last value forever (and set off the lag alert). At most as many as endpoints the
+/// worker runs (db::webhooks::list, 1000).
+#[derive(Default)]
+struct WebhookSeries(std::sync::Mutex<std::collections::BTreeMap<String, WebhookCounts>>);
+
+#[derive(Default)]
+struct WebhookCounts {
+    /// Attempts delivered, retried, failed.
+    attempts: [u64; 3],
+    lag_seconds: Option<f64>,
+}
+
+fn webhook_series() -> &'static WebhookSeries {
+    static SERIES: OnceLock<WebhookSeries> = OnceLock::new();
+    SERIES.get_or_init(WebhookSeries::default)
+}
+
+impl WebhookSeries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, WebhookCounts>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, webhook: &str, change: impl FnOnce(&mut WebhookCounts)) {
+        let mut series = self.lock();
+        match series.get_mut(webhook) {
+            Some(counts) => change(counts),
+            None => change(series.entry(webhook.to_owned()).or_default()),
+        }
+    }
+
+    /// The series in Prometheus text format.
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let series = self.lock();
+        let mut page = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+            if lines.is_empty() {
+                return;
+            }
+            let _ = writeln!(page, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for line in lines {
+                let _ = writeln!(page, "{name}{line}");
+            }
+            page.push('\n');
+        };
+        // Endpoint names are [A-Za-z0-9_-]: nothing to escape in a label value.
+        let mut attempts = Vec::new();
+        for (webhook, counts) in series.iter() {
+            for (outcome, n) in ["delivered", "retried", "failed"]
+                .iter()
+                .zip(counts.attempts)
+            {
+                if n > 0 {
+                    attempts.push(format!(
+                        "{{webhook=\"{webhook}\",outcome=\"{outcome}\"}} {n}"
+                    ));
+                }
+            }
+        }
+        family(
+            "flashgate_webhook_attempts_total",
+            "counter",
+            "Webhook delivery attempts by endpoint and outcome (delivered, retried, failed)",
+            attempts,
+        );
+        family(
+            "flashgate_webhook_failed_total",
+            "counter",
+            "Webhook deliveries given up after the retry window (listed as failed, replayable)",
+            series
+                .iter()
+                .filter(|(_, c)| c.attempts[2] > 0)
+                .map(|(webhook, c)| format!("{{webhook=\"{webhook}\"}} {}", c.attempts[2]))
+                .collect(),
+        );
+        family(
+            "flashgate_webhook_lag_seconds",
+            "gauge",
+            "Age of the endpoint's oldest event not delivered yet (0: none waiting)",
+            series
+                .iter()
+                .filter_map(|(webhook, c)| {
+                    c.lag_seconds
+                        .map(|lag| format!("{{webhook=\"{webhook}\"}} {lag}"))
+                })
+                .collect(),
+        );
+        page
+    }
 }
 
 /// Events (src/events.rs) written to MySQL with their facts.
@@ -545,6 +633,7 @@ impl MetricsPage {
         }
         let mut text = handle.render();
         text.push_str(&sku_series().render());
+        text.push_str(&webhook_series().render());
         let page = bytes::Bytes::from(text);
         *last = Some((std::time::Instant::now(), page.clone()));
         page

@@ -79,6 +79,34 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often the set of endpoints is read again.
 const ENDPOINTS_REFRESH: Duration = Duration::from_secs(2);
 
+/// How often a PUT that changed an endpoint looks whether the requests under its
+/// former settings have ended.
+const WAIT_OUT_POLL: Duration = Duration::from_millis(10);
+
+/// Waits until the attempts of `leases` (deliveries claimed under an endpoint's former
+/// settings, db::webhooks::put) have ended and been recorded, or their leases have
+/// ended: then no request under those settings is in flight, and none can start (no
+/// claim is made under them any more). At most LEASE (a worker killed holding a claim
+/// never records it); normally one request's time (DELIVERY_TIMEOUT at most). False
+/// when it stopped at the bound.
+pub async fn wait_out(db: &MySqlPool, name: &str, leases: &[rows::Lease]) -> Result<bool> {
+    let started = std::time::Instant::now();
+    let now_ms = SystemClock.now_ms();
+    let last_end_ms = leases.iter().map(|l| l.until_ms).max().unwrap_or(now_ms);
+    let bound = Duration::from_millis((last_end_ms - now_ms).max(0) as u64).min(LEASE);
+    loop {
+        if rows::leases_held(db, name, leases).await? == 0 {
+            return Ok(true);
+        }
+        if started.elapsed() >= bound {
+            tracing::warn!(webhook = %name, leases = leases.len(),
+                "webhook changed while claims under its former settings were held; their leases ended");
+            return Ok(false);
+        }
+        tokio::time::sleep(WAIT_OUT_POLL).await;
+    }
+}
+
 /// Now, in ms since the epoch: the system's, or a test's that moves when told.
 pub trait Clock: Send + Sync {
     fn now_ms(&self) -> i64;
@@ -402,29 +430,46 @@ impl Deliverer {
     /// its own: an endpoint that hangs holds only its own task), re-reading the
     /// endpoints every ENDPOINTS_REFRESH.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut tasks: HashMap<String, (Endpoint, tokio::task::JoinHandle<()>)> = HashMap::new();
+        type Task = (Endpoint, tokio::task::JoinHandle<()>, watch::Sender<bool>);
+        let mut tasks: HashMap<String, Task> = HashMap::new();
+        // Tasks of endpoints changed or disabled since they started: told to stop, they
+        // claim nothing more and end once their attempts in flight are recorded (the
+        // PUT that changed the endpoint waits for those, webhooks::wait_out).
+        let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         loop {
             match rows::list(&self.db).await {
                 Ok(mut endpoints) => {
+                    // A deleted endpoint's series go (its DELETE, answered by another
+                    // process perhaps, cannot reach this one's).
+                    telemetry::retain_webhooks(|name| endpoints.iter().any(|e| e.name == name));
                     if let Some(only) = &self.only {
                         endpoints.retain(|e| only.contains(&e.name));
                     }
-                    tasks.retain(|name, (known, task)| {
-                        let keep = endpoints.iter().any(|e| e == known && e.enabled)
-                            && !task.is_finished();
-                        if !keep {
+                    draining.retain(|task| !task.is_finished());
+                    let stale: Vec<String> = tasks
+                        .iter()
+                        .filter(|(_, (known, task, _))| {
+                            task.is_finished() || !endpoints.iter().any(|e| e == known && e.enabled)
+                        })
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for name in stale {
+                        let (_, task, stop) = tasks.remove(&name).expect("listed above");
+                        if endpoints.iter().any(|e| e.name == name) {
+                            let _ = stop.send(true);
+                            draining.push(task);
+                        } else {
+                            // Deleted: its deliveries are gone, nothing to record.
                             task.abort();
-                            tracing::debug!(webhook = %name, "webhook task stopped");
                         }
-                        keep
-                    });
+                        tracing::debug!(webhook = %name, "webhook task stopped");
+                    }
                     for endpoint in endpoints.iter().filter(|e| e.enabled) {
                         if !tasks.contains_key(&endpoint.name) {
-                            let task = tokio::spawn(
-                                self.clone()
-                                    .endpoint_loop(endpoint.clone(), shutdown.clone()),
-                            );
-                            tasks.insert(endpoint.name.clone(), (endpoint.clone(), task));
+                            let (stop, stopped) = watch::channel(false);
+                            let task =
+                                tokio::spawn(self.clone().endpoint_loop(endpoint.clone(), stopped));
+                            tasks.insert(endpoint.name.clone(), (endpoint.clone(), task, stop));
                         }
                     }
                     if let Err(e) = self.measure_lag(&endpoints).await {
@@ -439,12 +484,16 @@ impl Deliverer {
             }
         }
         // In-flight attempts are cut short: their claims come due again after LEASE.
-        for (_, (_, task)) in tasks {
+        for (_, (_, task, _)) in tasks {
+            task.abort();
+        }
+        for task in draining {
             task.abort();
         }
     }
 
-    /// One endpoint until shutdown (or until `run` aborts it: attempts in flight are
+    /// One endpoint until `stop` (then it claims nothing more and returns once its
+    /// attempts in flight are recorded) or until `run` aborts it (attempts in flight are
     /// cut short, their claims come due again after the lease): new events queued as
     /// they are written, requests pipelined, outcomes recorded in batches.
     async fn endpoint_loop(self, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
@@ -577,6 +626,9 @@ impl Deliverer {
                 }
             }
         }
+        // Told to stop: the attempts in flight end (each within the request's timeout)
+        // and hand their outcomes over, so their claims are recorded, not left to lapse.
+        while attempts.join_next().await.is_some() {}
     }
 
     /// Records the outcomes as they come, all that are waiting in one transaction (up

@@ -963,7 +963,9 @@ pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
         let sku = field("sku")?;
         return Some(OutboxEvent::StockCrossed {
             sold_out: kind == "sku_sold_out",
-            sale: sku.clone(),
+            // The bucket's hash tag (entries written before buckets announced carry
+            // none: theirs is the SKU's own).
+            sale: field("sale").unwrap_or_else(|| sku.clone()),
             stream_id: entry.stream_id.clone(),
             sku,
             counters: StockCounters {

@@ -76,9 +76,42 @@ fn endpoint_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Endpoint> {
 
 const ENDPOINT_COLUMNS: &str = "name, url, secret, types, enabled, created_at, updated_at";
 
-/// Creates or replaces an endpoint; true when it was created. A new endpoint gets
-/// the events recorded from now on (replay sends older ones).
-pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<bool> {
+/// A delivery claimed for an attempt that may be in flight: its claim as the claim
+/// wrote it (the owner and the lease's end), so that a later claim of the same
+/// delivery is told apart from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub position: u64,
+    pub owner: String,
+    pub until_ms: i64,
+}
+
+/// What `put` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub created: bool,
+    /// The deliveries claimed under the endpoint's former settings whose lease had not
+    /// ended when the new ones were committed (at most LEASES_LISTED_MAX).
+    pub in_flight: Vec<Lease>,
+}
+
+/// Leases `put` lists at most: more than every worker's requests in flight to one
+/// endpoint (ENDPOINT_CONCURRENCY each) in any deployment we know.
+pub const LEASES_LISTED_MAX: u32 = 1000;
+
+/// Creates or replaces an endpoint. A new endpoint gets the events recorded from now
+/// on (replay sends older ones).
+///
+/// A replaced endpoint's row is written under its lock, which every claim reads the
+/// settings under (`claim_current`, in share mode): once this commits, no claim made
+/// under the former settings is still to come, and the ones made before are listed
+/// (`Written::in_flight`) for the caller to wait out. `updated_at` (the version claims
+/// compare) moves on by at least 1 ms, so two PUTs in one millisecond differ too.
+pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<Written> {
+    if get(pool, &endpoint.name).await?.is_none() {
+        // What a DELETE cut short left of an endpoint of this name (see `delete`).
+        delete_deliveries(pool, &endpoint.name, STATEMENT_ROWS_MAX).await?;
+    }
     let _turn = crate::explore::mysql_step("put_webhook").await;
     let mut tx = pool.begin().await?;
     let from = event_rows::last_position(&mut tx).await?;
@@ -86,7 +119,8 @@ pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<b
         "INSERT INTO webhooks (name, url, secret, types, enabled, queued_to, created_at, updated_at)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE url = VALUES(url), secret = VALUES(secret),
-           types = VALUES(types), enabled = VALUES(enabled), updated_at = VALUES(updated_at)",
+           types = VALUES(types), enabled = VALUES(enabled),
+           updated_at = GREATEST(VALUES(updated_at), updated_at + INTERVAL 1000 MICROSECOND)",
     )
     .bind(&endpoint.name)
     .bind(&endpoint.url)
@@ -98,9 +132,59 @@ pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<b
     .bind(ms_to_datetime(now_ms))
     .execute(&mut *tx)
     .await?;
+    // 1: inserted; 2: updated.
+    let created = done.rows_affected() == 1;
+    let mut in_flight = Vec::new();
+    if !created {
+        let rows: Vec<(u64, String, NaiveDateTime)> = sqlx::query_as(
+            "SELECT position, lease_owner, next_attempt_at FROM webhook_deliveries
+             WHERE webhook = ? AND status = 'pending' AND lease_owner IS NOT NULL
+               AND next_attempt_at > ?
+             LIMIT ?",
+        )
+        .bind(&endpoint.name)
+        .bind(ms_to_datetime(now_ms))
+        .bind(LEASES_LISTED_MAX)
+        .fetch_all(&mut *tx)
+        .await?;
+        in_flight = rows
+            .into_iter()
+            .map(|(position, owner, until)| Lease {
+                position,
+                owner,
+                until_ms: datetime_to_ms(until),
+            })
+            .collect();
+    }
     tx.commit().await?;
-    // 1: inserted; 2: updated; 0: the same values again.
-    Ok(done.rows_affected() == 1)
+    Ok(Written { created, in_flight })
+}
+
+/// How many of `leases` are still held as they were (the attempt's outcome is not
+/// recorded yet).
+pub async fn leases_held(pool: &MySqlPool, name: &str, leases: &[Lease]) -> Result<u64> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let _turn = crate::explore::mysql_step("leases_held").await;
+    let mut query =
+        QueryBuilder::<MySql>::new("SELECT COUNT(*) FROM webhook_deliveries WHERE webhook = ");
+    query
+        .push_bind(name)
+        .push(" AND status = 'pending' AND (position, lease_owner, next_attempt_at) IN (");
+    let mut list = query.separated(", ");
+    for lease in leases {
+        list.push("(")
+            .push_bind_unseparated(lease.position)
+            .push_unseparated(", ")
+            .push_bind_unseparated(&lease.owner)
+            .push_unseparated(", ")
+            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
+            .push_unseparated(")");
+    }
+    query.push(")");
+    let held: i64 = query.build_query_scalar().fetch_one(pool).await?;
+    Ok(held as u64)
 }
 
 pub async fn get(pool: &MySqlPool, name: &str) -> Result<Option<Endpoint>> {
@@ -125,20 +209,59 @@ pub async fn list(pool: &MySqlPool) -> Result<Vec<Endpoint>> {
     rows.iter().map(endpoint_from_row).collect()
 }
 
-/// Deletes the endpoint and its deliveries; false when there was none.
+/// Rows one statement of a replay or a delete touches at most, each statement its own
+/// transaction: an endpoint with millions of deliveries never holds that many row
+/// locks (nor an undo log that size) in one transaction, and the flush, the claims and
+/// the other endpoints' queries wait on at most this many rows at a time.
+pub const STATEMENT_ROWS_MAX: u32 = 1000;
+
+/// Deletes the endpoint, then its deliveries, STATEMENT_ROWS_MAX per statement; false
+/// when there was no endpoint. The endpoint goes first, in its own statement: no
+/// worker queues or claims for it after that. Deliveries a delete cut short (a crash
+/// between two batches) leave no trace anyone sees: every read is by an existing
+/// endpoint's name, and the next PUT or DELETE of the name removes them first.
 pub async fn delete(pool: &MySqlPool, name: &str) -> Result<bool> {
-    let _turn = crate::explore::mysql_step("delete_webhook").await;
-    let mut tx = pool.begin().await?;
+    let turn = crate::explore::mysql_step("delete_webhook").await;
     let done = sqlx::query("DELETE FROM webhooks WHERE name = ?")
         .bind(name)
-        .execute(&mut *tx)
+        .execute(pool)
         .await?;
-    sqlx::query("DELETE FROM webhook_deliveries WHERE webhook = ?")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    drop(turn);
+    delete_deliveries(pool, name, STATEMENT_ROWS_MAX).await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// Deletes every delivery of `name`, at most `batch` rows per statement; how many.
+/// Each batch's positions are read first, without locks, and deleted by key: a
+/// `DELETE … ORDER BY … LIMIT` may be planned as a scan of every row of the endpoint
+/// (locking each) before the sort, the very unbounded statement this avoids.
+pub async fn delete_deliveries(pool: &MySqlPool, name: &str, batch: u32) -> Result<u64> {
+    let mut deleted = 0;
+    loop {
+        let _turn = crate::explore::mysql_step("delete_deliveries").await;
+        let positions: Vec<u64> = sqlx::query_scalar(
+            "SELECT position FROM webhook_deliveries WHERE webhook = ? ORDER BY position LIMIT ?",
+        )
+        .bind(name)
+        .bind(batch)
+        .fetch_all(pool)
+        .await?;
+        if positions.is_empty() {
+            return Ok(deleted);
+        }
+        let mut delete =
+            QueryBuilder::<MySql>::new("DELETE FROM webhook_deliveries WHERE webhook = ");
+        delete.push_bind(name).push(" AND position IN (");
+        let mut list = delete.separated(", ");
+        for position in &positions {
+            list.push_bind(*position);
+        }
+        delete.push(")");
+        deleted += delete.build().execute(pool).await?.rows_affected();
+        if positions.len() < batch as usize {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// Queues a delivery for each event of a wanted type recorded after the endpoint's
@@ -298,7 +421,12 @@ async fn claim_once(
     let mut tx = begin(pool).await?;
     if let Some(version) = version {
         let current: Option<(i8, NaiveDateTime)> =
-            sqlx::query_as("SELECT enabled, updated_at FROM webhooks WHERE name = ?")
+            // In share mode: a PUT's write of the row waits for this claim to commit,
+            // so it sees the claim's leases (and waits them out), and no claim under
+            // the former settings commits after it (`put`).
+            sqlx::query_as(
+                "SELECT enabled, updated_at FROM webhooks WHERE name = ? LOCK IN SHARE MODE",
+            )
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -582,46 +710,77 @@ pub async fn deliveries(
 /// ones too), due now, with a fresh retry window. A delivery still pending is left as
 /// it is: it is queued already, and resetting its lease would let a second worker send
 /// it while the first one's attempt runs. Returns how many events are queued.
+///
+/// In batches of STATEMENT_ROWS_MAX events, each batch one statement committed on its
+/// own, oldest first: a replay of a long history locks a batch's rows at a time. Cut
+/// short (a crash), the batches done stay queued and a second replay queues the rest
+/// (it leaves pending ones as they are).
 pub async fn replay(pool: &MySqlPool, endpoint: &Endpoint, after: u64, now_ms: i64) -> Result<u64> {
-    let _turn = crate::explore::mysql_step("replay_deliveries").await;
+    replay_in_batches(pool, endpoint, after, now_ms, STATEMENT_ROWS_MAX).await
+}
+
+/// `replay`, `batch` events per statement.
+pub async fn replay_in_batches(
+    pool: &MySqlPool,
+    endpoint: &Endpoint,
+    after: u64,
+    now_ms: i64,
+    batch: u32,
+) -> Result<u64> {
     let now = ms_to_datetime(now_ms);
     let filter = event_rows::Filter {
         after,
         types: endpoint.types.clone(),
         sku: None,
     };
-    let mut count = QueryBuilder::<MySql>::new("SELECT COUNT(*) FROM events WHERE position > ");
-    count.push_bind(after);
-    event_rows::push_filter(&mut count, &filter);
-    let mut query = QueryBuilder::<MySql>::new(
-        "INSERT INTO webhook_deliveries
-         (webhook, position, event_id, status, attempts, first_queued_at, next_attempt_at)
-         SELECT ",
-    );
-    query
-        .push_bind(&endpoint.name)
-        .push(", position, id, 'pending', 0, ")
-        .push_bind(now)
-        .push(", ")
-        .push_bind(now)
-        .push(" FROM events WHERE position > ")
-        .push_bind(after);
-    event_rows::push_filter(&mut query, &filter);
-    // `status` last: MySQL applies these in order, and the others read the old status.
-    query.push(
-        " ON DUPLICATE KEY UPDATE
-           attempts = IF(status = 'pending', attempts, 0),
-           first_queued_at = IF(status = 'pending', first_queued_at, VALUES(first_queued_at)),
-           next_attempt_at = IF(status = 'pending', next_attempt_at, VALUES(next_attempt_at)),
-           lease_owner = IF(status = 'pending', lease_owner, NULL),
-           delivered_at = IF(status = 'pending', delivered_at, NULL),
-           status = 'pending'",
-    );
-    let mut tx = pool.begin().await?;
-    let queued: i64 = count.build_query_scalar().fetch_one(&mut *tx).await?;
-    query.build().execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(queued as u64)
+    let mut queued = 0u64;
+    let mut from = after;
+    loop {
+        let _turn = crate::explore::mysql_step("replay_deliveries").await;
+        // The batch's last position first (an index range of the events), so that the
+        // statement below touches exactly this batch and the next one starts after it.
+        let mut positions =
+            QueryBuilder::<MySql>::new("SELECT position FROM events WHERE position > ");
+        positions.push_bind(from);
+        event_rows::push_filter(&mut positions, &filter);
+        positions.push(" ORDER BY position LIMIT ").push_bind(batch);
+        let found: Vec<u64> = positions.build_query_scalar().fetch_all(pool).await?;
+        let Some(&last) = found.last() else {
+            return Ok(queued);
+        };
+        let mut query = QueryBuilder::<MySql>::new(
+            "INSERT INTO webhook_deliveries
+             (webhook, position, event_id, status, attempts, first_queued_at, next_attempt_at)
+             SELECT ",
+        );
+        query
+            .push_bind(&endpoint.name)
+            .push(", position, id, 'pending', 0, ")
+            .push_bind(now)
+            .push(", ")
+            .push_bind(now)
+            .push(" FROM events WHERE position > ")
+            .push_bind(from)
+            .push(" AND position <= ")
+            .push_bind(last);
+        event_rows::push_filter(&mut query, &filter);
+        // `status` last: MySQL applies these in order, and the others read the old status.
+        query.push(
+            " ON DUPLICATE KEY UPDATE
+               attempts = IF(status = 'pending', attempts, 0),
+               first_queued_at = IF(status = 'pending', first_queued_at, VALUES(first_queued_at)),
+               next_attempt_at = IF(status = 'pending', next_attempt_at, VALUES(next_attempt_at)),
+               lease_owner = IF(status = 'pending', lease_owner, NULL),
+               delivered_at = IF(status = 'pending', delivered_at, NULL),
+               status = 'pending'",
+        );
+        query.build().execute(pool).await?;
+        queued += found.len() as u64;
+        if found.len() < batch as usize {
+            return Ok(queued);
+        }
+        from = last;
+    }
 }
 
 /// Per endpoint: when the oldest event not yet delivered (pending) was recorded.

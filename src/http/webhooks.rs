@@ -100,7 +100,9 @@ pub(super) struct WebhookList {
 }
 
 /// Create or replace a webhook endpoint. A new one gets the events recorded from
-/// now on (`replay` sends older ones).
+/// now on (`replay` sends older ones). A replace answers once no request under the
+/// former URL or secret is in flight (at most the 10 s delivery timeout; 30 s if a
+/// worker died holding some).
 #[utoipa::path(
     put, path = "/v1/admin/webhooks/{name}", tag = "events",
     params(WebhookPath),
@@ -189,7 +191,7 @@ pub(super) async fn get_webhook(
     }
 }
 
-/// Delete a webhook endpoint and its deliveries.
+/// Delete a webhook endpoint and its deliveries (1000 per statement).
 #[utoipa::path(
     delete, path = "/v1/admin/webhooks/{name}", tag = "events",
     params(WebhookPath),

@@ -438,3 +438,178 @@ async fn two_workers_flushing_one_sku_at_once_keep_its_sequence_in_outbox_order(
         "the last hold sold out, the first cancel brought stock back"
     );
 }
+
+/// The outbox entries of every bucket of a split SKU still in their streams, parsed as
+/// the flush would, bucket by bucket.
+async fn split_outbox_events(app: &TestApp, sku: &str, k: u32) -> Vec<flashgate::db::OutboxEvent> {
+    let mut events = Vec::new();
+    for sale in flashgate::buckets::sales(&TestApp::sku_id(sku), k) {
+        let keys = flashgate::keys::SkuKeys::new(&sale);
+        let mut conn = app.store.connection();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&keys.outbox)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for id in reply.ids {
+            let entry = flashgate::store::OutboxEntry {
+                stream_id: id.id.clone(),
+                fields: id,
+            };
+            events.push(flashgate::worker::parse_event(&entry).expect("a readable entry"));
+        }
+    }
+    events
+}
+
+/// A SKU split over buckets announces its stock as one SKU: `sku.sold_out` once no
+/// bucket has a unit left (not when one bucket runs dry and takes the others' units),
+/// `sku.available` when a unit comes back in any bucket; a re-flush of the same outbox
+/// entries makes no second event, and the sequence stays consecutive.
+#[tokio::test]
+async fn a_split_sku_announces_sold_out_and_stock_back_for_the_whole_sku() {
+    let app = spawn_app().await;
+    let sku = unique_sku("split-cross");
+    app.create_sku(&sku, json!({"stock": 4, "buckets": 2}))
+        .await;
+    let id = TestApp::sku_id(&sku);
+    let stock_events = || async {
+        recorded_events(&app, &sku)
+            .await
+            .into_iter()
+            .filter(|e| e["type"].as_str().unwrap().starts_with("sku."))
+            .collect::<Vec<_>>()
+    };
+    // Buyers all homed in bucket 0: it runs dry after 2, then takes bucket 1's units.
+    let users: Vec<String> = (0..)
+        .map(|i| format!("s{i}"))
+        .filter(|u| flashgate::buckets::home(&id, u, 2) == 0)
+        .take(5)
+        .collect();
+    let mut holds = Vec::new();
+    for user in &users[..2] {
+        holds.push(app.hold(&sku, user).await);
+    }
+    app.flush(&sku).await;
+    assert_eq!(
+        stock_events().await,
+        Vec::<Value>::new(),
+        "bucket 0 ran dry, not the SKU"
+    );
+    for user in &users[2..4] {
+        holds.push(app.hold(&sku, user).await);
+    }
+    assert_eq!(app.sku(&sku).await["available"], 0);
+    app.flush(&sku).await;
+    let events = stock_events().await;
+    assert_eq!(types_of(&events), ["sku.sold_out"], "{events:#?}");
+    assert_eq!(events[0]["data"]["available"], 0);
+    assert_eq!(events[0]["data"]["stock_total"], 4);
+    assert_eq!(events[0]["data"]["held"], 4);
+    assert_eq!(events[0]["sku"], json!(sku));
+
+    // One unit back, in whichever bucket: the SKU has stock again.
+    let flushed = split_outbox_events(&app, &sku, 2).await;
+    assert_eq!(app.cancel(&holds[3], SERVICE_TOKEN).await.0, StatusCode::OK);
+    let batch: Vec<_> = split_outbox_events(&app, &sku, 2)
+        .await
+        .into_iter()
+        .filter(|e| !flushed.contains(e))
+        .collect();
+    app.flush(&sku).await;
+    let events = stock_events().await;
+    assert_eq!(
+        types_of(&events),
+        ["sku.sold_out", "sku.available"],
+        "{events:#?}"
+    );
+    assert_eq!(events[1]["data"]["available"], 1);
+
+    // The same entries written again (a crash between the commit and the XACK) make
+    // nothing new.
+    let all = recorded_events(&app, &sku).await;
+    assert!(!batch.is_empty());
+    let again = flashgate::db::apply_events(&app.db, &batch).await.unwrap();
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert_eq!(recorded_events(&app, &sku).await, all);
+    assert_consecutive(&all);
+
+    // Sold out again, then the stock grows: announced once each.
+    app.hold(&sku, &users[4]).await;
+    app.flush(&sku).await;
+    app.create_sku(&sku, json!({"stock": 6, "buckets": 2}))
+        .await;
+    app.flush(&sku).await;
+    let events = stock_events().await;
+    assert_eq!(
+        types_of(&events),
+        [
+            "sku.sold_out",
+            "sku.available",
+            "sku.sold_out",
+            "sku.available"
+        ],
+        "{events:#?}"
+    );
+    assert_consecutive(&recorded_events(&app, &sku).await);
+}
+
+/// A split SKU sold out; Redis loses one bucket (holds and all) and the reconciler
+/// rebuilds it from MySQL with its held units available again: MySQL's record that the
+/// bucket was out goes back into Redis, so the stock back is announced (sku.available),
+/// once; a bucket rebuilt still out announces nothing.
+#[tokio::test]
+async fn a_rebuilt_bucket_announces_the_stock_it_brings_back() {
+    let app = spawn_app().await;
+    let sku = unique_sku("split-rebuild");
+    app.create_sku(&sku, json!({"stock": 4, "buckets": 2}))
+        .await;
+    let id = TestApp::sku_id(&sku);
+    for b in 0..2 {
+        let users: Vec<String> = (0..)
+            .map(|i| format!("r{i}"))
+            .filter(|u| flashgate::buckets::home(&id, u, 2) == b)
+            .take(2)
+            .collect();
+        for user in &users {
+            let rid = app.hold(&sku, user).await;
+            if b == 0 {
+                assert_eq!(
+                    app.confirm(&rid, &format!("pay-{user}")).await.0,
+                    StatusCode::OK
+                );
+            }
+        }
+    }
+    app.flush(&sku).await;
+    let stock_types = || async {
+        recorded_events(&app, &sku)
+            .await
+            .into_iter()
+            .filter(|e| e["type"].as_str().unwrap().starts_with("sku."))
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stock_types().await, ["sku.sold_out"]);
+    let sales = flashgate::buckets::sales(&id, 2);
+    let rebuild = |b: usize| {
+        let (app, sales, id, sku) = (&app, &sales, &id, &sku);
+        async move {
+            app.lose_sale(sales[b].as_str()).await;
+            flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(id), true)
+                .await
+                .unwrap();
+            app.flush(sku).await;
+        }
+    };
+    // Bucket 0 sold both its units: rebuilt, it is still out.
+    rebuild(0).await;
+    assert_eq!(stock_types().await, ["sku.sold_out"]);
+    // Bucket 1's holds are gone with it: rebuilt, its 2 units are available again.
+    rebuild(1).await;
+    assert_eq!(app.sku(&sku).await["available"], 2);
+    assert_eq!(stock_types().await, ["sku.sold_out", "sku.available"]);
+    assert_consecutive(&recorded_events(&app, &sku).await);
+}

@@ -553,3 +553,349 @@ pub async fn delete_webhook(app: &TestApp, name: &str) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
 }
+
+/// Our deliveries of `positions` to `name` in `status`.
+async fn deliveries_in(app: &TestApp, name: &str, positions: &[u64], status: &str) -> i64 {
+    let (low, high) = (positions[0], *positions.last().unwrap());
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_deliveries
+         WHERE webhook = ? AND position BETWEEN ? AND ? AND status LIKE ?",
+    )
+    .bind(name)
+    .bind(low)
+    .bind(high)
+    .bind(status)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+/// Waits (up to 10 s) for `done` to hold.
+async fn until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !done().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replay and a DELETE of an endpoint with a long history touch a bounded number of
+/// rows per statement, each committed on its own: a lock held on one delivery far down
+/// the history holds back only the batch it is in, never the batches before it.
+#[tokio::test]
+async fn replay_and_delete_work_in_bounded_batches() {
+    use flashgate::events::{event_id, EventType, NewEvent};
+    let app = spawn_app().await;
+    let name = unique_sku("bounded");
+    let (status, _) = put_webhook(
+        &app,
+        &name,
+        json!({"url": "http://127.0.0.1:9/none", "secret": SECRET, "types": ["sku.available"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // A history of 2500 events (written as the flush writes them).
+    let sku = unique_sku("history");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let after = {
+        let mut conn = app.db.acquire().await.unwrap();
+        flashgate::db::events::last_position(&mut conn)
+            .await
+            .unwrap()
+    };
+    let history: Vec<NewEvent> = (0..2500)
+        .map(|i| NewEvent {
+            id: event_id(EventType::SkuAvailable, &[&sku, &i.to_string()]),
+            kind: EventType::SkuAvailable,
+            sku: sku.clone(),
+            occurred_at_ms: now_ms,
+            data: json!({"sku": sku}),
+        })
+        .collect();
+    let mut tx = app.db.begin().await.unwrap();
+    let written = flashgate::db::events::write(&mut tx, history, now_ms)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let positions: Vec<u64> = written.iter().map(|e| e.position).collect();
+    let replay = || {
+        app.client
+            .post(app.url(&format!("/v1/admin/webhooks/{name}/replay")))
+            .bearer_auth(SERVICE_TOKEN)
+            .json(&json!({"after": flashgate::events::encode_cursor(after)}))
+            .send()
+    };
+    let (status, replayed) = body(replay().await.unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert!(replayed["queued"].as_u64().unwrap() >= 2500, "{replayed}");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions, "pending").await,
+        2500
+    );
+    // All delivered; then a replay while another transaction locks the 1500th.
+    sqlx::query("UPDATE webhook_deliveries SET status = 'delivered' WHERE webhook = ?")
+        .bind(&name)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let lock_row = |position: u64| {
+        let db = app.db.clone();
+        let name = name.clone();
+        async move {
+            let mut lock = db.begin().await.unwrap();
+            sqlx::query(
+                "SELECT status FROM webhook_deliveries WHERE webhook = ? AND position = ? FOR UPDATE",
+            )
+            .bind(&name)
+            .bind(position)
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+            lock
+        }
+    };
+    let lock = lock_row(positions[1499]).await;
+    let replaying = tokio::spawn(replay());
+    until("a replay commits nothing before the locked row", || async {
+        deliveries_in(&app, &name, &positions, "pending").await > 0
+    })
+    .await;
+    assert_eq!(
+        deliveries_in(&app, &name, &positions[1499..], "delivered").await,
+        1001,
+        "nothing at or past the locked row was replayed while it was locked"
+    );
+    lock.rollback().await.unwrap();
+    let (status, replayed) = body(replaying.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replayed}");
+    assert!(replayed["queued"].as_u64().unwrap() >= 2500, "{replayed}");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions, "pending").await,
+        2500
+    );
+
+    // DELETE: the endpoint goes at once, its deliveries in batches.
+    let lock = lock_row(positions[1499]).await;
+    let client = app.client.clone();
+    let url = app.url(&format!("/v1/admin/webhooks/{name}"));
+    let deleting =
+        tokio::spawn(async move { client.delete(url).bearer_auth(SERVICE_TOKEN).send().await });
+    until("a delete commits nothing before the locked row", || async {
+        deliveries_in(&app, &name, &positions, "%").await < 2500
+    })
+    .await;
+    let (status, _) = admin_get(&app, &format!("/v1/admin/webhooks/{name}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the endpoint went first");
+    assert_eq!(
+        deliveries_in(&app, &name, &positions[1499..], "%").await,
+        1001,
+        "nothing at or past the locked row was deleted while it was locked"
+    );
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        deleting.await.unwrap().unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(deliveries_in(&app, &name, &positions, "%").await, 0);
+}
+
+/// `/metrics` as a gateway started now renders it (each caches its page for 1 s).
+async fn fresh_metrics() -> String {
+    let fresh = spawn_app().await;
+    fresh
+        .client
+        .get(fresh.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A deleted endpoint's series (lag, attempts, failures) leave `/metrics`: at once in
+/// the process that answered the DELETE, at the next refresh of the endpoints in a
+/// worker elsewhere. Another endpoint's stay.
+#[tokio::test]
+async fn a_deleted_endpoints_series_leave_metrics() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let (gone, elsewhere, kept) = (
+        unique_sku("gone"),
+        unique_sku("elsewhere"),
+        unique_sku("kept"),
+    );
+    for name in [&gone, &elsewhere, &kept] {
+        let (status, _) = put_webhook(
+            &app,
+            name,
+            json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let sku = unique_sku("series");
+    app.create_sku(&sku, json!({"stock": 5})).await;
+    let id = app.hold(&sku, "s1").await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+    app.flush(&sku).await;
+    let names = [gone.as_str(), elsewhere.as_str(), kept.as_str()];
+    let deliverer =
+        Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock)).only(&names);
+    let mut endpoints = Vec::new();
+    for name in names {
+        assert!(drain(&deliverer, &app, name).await.delivered >= 1);
+        endpoints.push(
+            flashgate::db::webhooks::get(&app.db, name)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    deliverer.measure_lag(&endpoints).await.unwrap();
+    let series = |name: &str| {
+        [
+            format!(r#"flashgate_webhook_lag_seconds{{webhook="{name}"}} 0"#),
+            format!(r#"flashgate_webhook_attempts_total{{webhook="{name}",outcome="delivered"}} "#),
+        ]
+    };
+    let page = fresh_metrics().await;
+    for name in names {
+        for line in series(name) {
+            assert!(page.contains(&line), "{line} missing");
+        }
+    }
+
+    delete_webhook(&app, &gone).await;
+    let page = fresh_metrics().await;
+    assert!(
+        !page.contains(&format!(r#"webhook="{gone}""#)),
+        "the deleted endpoint's series stayed"
+    );
+    for line in series(&kept) {
+        assert!(page.contains(&line), "{line} missing");
+    }
+
+    // Deleted by another process (straight in MySQL): a running worker drops its
+    // series when it reads the endpoints again.
+    assert!(flashgate::db::webhooks::delete(&app.db, &elsewhere)
+        .await
+        .unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(deliverer.clone().run(stopped));
+    until("the worker never dropped the series", || async {
+        !fresh_metrics()
+            .await
+            .contains(&format!(r#"webhook="{elsewhere}""#))
+    })
+    .await;
+    let page = fresh_metrics().await;
+    for line in series(&kept) {
+        assert!(page.contains(&line), "{line} missing");
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    delete_webhook(&app, &kept).await;
+}
+
+/// Another secret than SECRET, for an endpoint that moved.
+const NEW_SECRET: &str = "whsec_dGhlIG5ldyBzZWNyZXQgb2YgYSBtb3ZlZCBlbmRwb2ludA==";
+
+/// Once a PUT that moved an endpoint to another URL and secret has answered, no request
+/// to the old URL is in flight and none starts later: every event after it goes to the
+/// new URL, signed with the new secret. The old receiver answers slowly, so that the
+/// PUT comes while requests to it are in flight.
+#[tokio::test]
+async fn once_a_put_answers_nothing_goes_to_the_old_url_or_with_the_old_secret() {
+    let app = spawn_app().await;
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.set_delay(Duration::from_millis(1500));
+    let name = unique_sku("moved");
+    let types = json!(["reservation.cancelled"]);
+    let (status, _) = put_webhook(
+        &app,
+        &name,
+        json!({"url": old.url, "secret": SECRET, "types": types}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(
+        Deliverer::new(app.db.clone(), Arc::new(flashgate::webhooks::SystemClock))
+            .only(&[&name])
+            .run(stopped),
+    );
+    let sku = unique_sku("moving");
+    app.create_sku(&sku, json!({"stock": 50})).await;
+    let cancel = |user: String| {
+        let (app, sku) = (&app, &sku);
+        async move {
+            let id = app.hold(sku, &user).await;
+            app.cancel(&id, SERVICE_TOKEN).await;
+        }
+    };
+    for i in 0..3 {
+        cancel(format!("before{i}")).await;
+    }
+    app.flush(&sku).await;
+    until("the old URL never got a request", || async {
+        old.in_flight_now() > 0
+    })
+    .await;
+
+    let (status, view) = put_webhook(
+        &app,
+        &name,
+        json!({"url": new.url, "secret": NEW_SECRET, "types": types}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(
+        old.in_flight_now(),
+        0,
+        "a request to the old URL was in flight when the PUT answered"
+    );
+    let sent_to_old = old.received.lock().unwrap().len();
+
+    for i in 0..3 {
+        cancel(format!("after{i}")).await;
+    }
+    app.flush(&sku).await;
+    let after: Vec<Value> = feed_all(&app, &format!("sku={sku}"), 100)
+        .await
+        .into_iter()
+        .filter(|e| e["data"]["user_id"].as_str().unwrap().starts_with("after"))
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(after.len(), 3);
+    until("the new URL never got every later event", || async {
+        let got: Vec<Value> = new
+            .of_sku(&sku)
+            .iter()
+            .map(|r| json!(r.headers["webhook-id"]))
+            .collect();
+        after.iter().all(|id| got.contains(id))
+    })
+    .await;
+    assert_eq!(
+        old.received.lock().unwrap().len(),
+        sent_to_old,
+        "a request went to the old URL after the PUT answered"
+    );
+    // Every request to the new URL, the earlier events' retries too, carries the new
+    // secret's signature.
+    verify_independently(NEW_SECRET, &new.of_sku(&sku));
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    delete_webhook(&app, &name).await;
+}

@@ -84,6 +84,11 @@ impl Receiver {
         *self.delay.lock().unwrap() = delay;
     }
 
+    /// Requests it is answering now.
+    pub fn in_flight_now(&self) -> usize {
+        self.in_flight.lock().unwrap().0
+    }
+
     pub fn most_at_once(&self) -> usize {
         self.in_flight.lock().unwrap().1
     }

@@ -376,6 +376,46 @@ async fn a_gateway_killed_mid_transfer_loses_no_unit_of_a_split_sku() {
     );
     let run = reconcile_cli(&redis.url(), &database_url, &["--sku", &sku]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
+    // Its stock events, once the worker flushed every bucket: however the transfers
+    // were cut, they alternate from sku.sold_out and end on it (nothing is available),
+    // numbered with the SKU's other events without a gap.
+    eventually(
+        Duration::from_secs(30),
+        "the buckets' outboxes drain",
+        || async {
+            for sale in &sales {
+                if store.outbox_backlog(sale).await.unwrap() > 0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let db = shared_db().await;
+    assert_events_in_sequence(&db, &sku).await;
+    let stock: Vec<String> = sqlx::query_scalar(
+        "SELECT type FROM events WHERE sku = ? AND type LIKE 'sku.%' ORDER BY sequence",
+    )
+    .bind(&sku)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        !stock.is_empty(),
+        "sold out, never announced: {}",
+        worker.log()
+    );
+    for (i, kind) in stock.iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            "sku.sold_out"
+        } else {
+            "sku.available"
+        };
+        assert_eq!(kind, expected, "{stock:?}");
+    }
+    assert_eq!(stock.last().unwrap(), "sku.sold_out", "{stock:?}");
 }
 
 /// Open transfer records (`out:`, and `in:` not marked done) over a split SKU's
