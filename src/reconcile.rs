@@ -886,10 +886,10 @@ async fn reconcile_sku(
         Some(record) => record.definition.buckets,
         None => store.bucket_count(sku).await?.unwrap_or(1),
     };
-    if buckets <= 1 {
-        return reconcile_sale(store, pool, &Scope::whole(sku), repair).await;
+    if buckets <= 1 && !repair {
+        return reconcile_sale(store, pool, &Scope::whole(sku), false).await;
     }
-    if !repair || old_rebuild {
+    if buckets > 1 && (!repair || old_rebuild) {
         let mut findings = Vec::new();
         for sale in crate::buckets::sales(sku, buckets) {
             let mut scope = Scope::bucket(&sale, buckets);
@@ -899,15 +899,22 @@ async fn reconcile_sku(
         findings.extend(check_split_stock_now(store, pool, sku, buckets, repair).await?);
         return Ok(findings);
     }
-    // A repair of a split SKU runs under its admin lock (`db::SkuLock`), whole: an admin
-    // PUT changes MySQL's stock, then each bucket's, and a repair in between would
-    // either apply the change again (the SKU-wide stock) or, correcting a bucket by
-    // what it found before the PUT changed that bucket, raise the bucket's stock_total
-    // past its share (the explorer's operator actor found both).
+    // A repair runs under the SKU's admin lock (`db::SkuLock`), whole. An admin PUT
+    // commits MySQL's new definition, then loads Redis, and puts MySQL's old one back
+    // if Redis refuses (reserves took the units a cut counted on): a repair in between
+    // would set Redis to a stock that MySQL then takes back (and, below the committed
+    // units, report `overcommitted` with units left unsold: the explorer's waiting room
+    // with an operator found it). For a split SKU the PUT changes each bucket in turn,
+    // and a repair in between would either apply the change again (the SKU-wide stock)
+    // or, correcting a bucket by what it found before the PUT changed that bucket,
+    // raise the bucket's stock_total past its share (the explorer's operator found both).
     let mut conn = pool.acquire().await?;
     conn.close_on_drop();
     db::SkuLock::acquire(&mut conn, sku).await?;
-    let findings = repair_split_sku(store, pool, &mut conn, sku, buckets).await;
+    let findings = match buckets {
+        0 | 1 => reconcile_sale(store, pool, &Scope::whole(sku), true).await,
+        _ => repair_split_sku(store, pool, &mut conn, sku, buckets).await,
+    };
     db::SkuLock::release(&mut conn, sku).await?;
     findings
 }

@@ -372,3 +372,69 @@ async fn healthz_names_the_version_and_the_build() {
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
     assert!(!health["build"].as_str().unwrap().is_empty());
 }
+
+/// A repair never applies what an admin PUT takes back. A PUT commits MySQL's new stock,
+/// then loads Redis, and puts MySQL's old stock back when Redis refuses (reserves took the
+/// units a cut counted on). The reconciler's repair waits for the SKU's admin lock, so it
+/// sees the stock the PUT leaves, never the one it took back (explorer `--queue --admin`
+/// seed 4: a repair in between set Redis to 4 units, `overcommitted`, while MySQL went
+/// back to 6, and 2 units were left unsold).
+#[tokio::test]
+async fn a_repair_waits_for_an_admin_put_and_never_applies_the_stock_it_takes_back() {
+    use flashgate::db::SkuLock;
+    let app = spawn_app().await;
+    let sku = unique_sku("repair-vs-put");
+    app.create_sku(&sku, json!({"stock": 6, "per_user_limit": 1}))
+        .await;
+    for buyer in 0..4 {
+        app.hold(&sku, &format!("buyer-{buyer}")).await;
+    }
+    let id = TestApp::sku_id(&sku);
+    // A PUT of 3 units half-way, as `Gateway::define_sku` runs it: the SKU's admin lock
+    // held, MySQL's new stock committed (its check ran before the last hold), Redis not
+    // loaded yet.
+    let previous = flashgate::db::sku_record(&app.db, &id).await.unwrap();
+    let mut admin = app.db.acquire().await.unwrap();
+    admin.close_on_drop();
+    SkuLock::acquire(&mut admin, &id).await.unwrap();
+    sqlx::query("UPDATE skus SET stock_total = 3 WHERE sku = ?")
+        .bind(id.as_str())
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let repair = {
+        let (store, db, id) = (app.store.clone(), app.db.clone(), id.clone());
+        tokio::spawn(async move {
+            flashgate::reconcile::run_skus(&store, &db, std::slice::from_ref(&id), true).await
+        })
+    };
+    // The repair goes as far as it can while the PUT is half-way: to its end, or to the
+    // admin lock (a session of this database waiting in GET_LOCK).
+    let waiting_for_the_lock = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+             WHERE DB = DATABASE() AND STATE = 'User lock' AND INFO LIKE '%GET_LOCK%'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+            > 0
+    };
+    while !repair.is_finished() && !waiting_for_the_lock().await {
+        tokio::task::yield_now().await;
+    }
+    // Redis refuses the cut (4 units held): the PUT puts MySQL's stock back, lets go.
+    flashgate::db::restore_sku(&mut admin, &id, previous.as_ref())
+        .await
+        .unwrap();
+    SkuLock::release(&mut admin, &id).await.unwrap();
+    let report = repair.await.unwrap().unwrap();
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(
+        (&view["stock_total"], &view["available"], &view["held"]),
+        (&json!(6), &json!(2), &json!(4)),
+        "the repair applied the stock the PUT took back: {view}, {:?}",
+        report.findings
+    );
+    assert!(!report.drift_found(), "{:?}", report.findings);
+}

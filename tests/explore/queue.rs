@@ -273,7 +273,9 @@ pub async fn run_seed(
                 break;
             }
         }
-        if scheduler.steps < FAULT_STEPS {
+        // One roll per step, not per look (the looks between two steps are as many as
+        // real time lets the scheduler find nothing to run).
+        if scheduler.steps < FAULT_STEPS && scheduler.first_look() {
             if let Some(fault) = Fault::pick(&mut rng) {
                 faults += 1;
                 scheduler.trace.push(format!(

@@ -81,7 +81,16 @@ pub struct Scheduler {
     pub last_ran: Option<String>,
     /// When (ms since the epoch) the last step's call was let through: it ran after.
     pub last_granted_ms: i64,
+    /// The step count at the last `first_look`.
+    looked_at: Option<u64>,
+    /// Processes let through to the SKU's admin lock (`db::SkuLock`, MySQL GET_LOCK)
+    /// and not yet to its release: another process's acquire would wait in MySQL.
+    lock_holders: Vec<u32>,
 }
+
+/// The labels of the admin lock's calls (src/db.rs `SkuLock`).
+const LOCK_ACQUIRE: &str = "mysql acquire";
+const LOCK_RELEASE: &str = "mysql release";
 
 impl Scheduler {
     pub fn new(turnstile: &Turnstile, rng: StdRng) -> Scheduler {
@@ -97,7 +106,18 @@ impl Scheduler {
             blocked_calls: 0,
             last_ran: None,
             last_granted_ms: 0,
+            looked_at: None,
+            lock_holders: Vec::new(),
         }
+    }
+
+    /// True the first time it is asked after each step (and before the first): what a
+    /// world rolls its faults on, so that they strike at the same steps however often
+    /// it finds nothing to run in between.
+    pub fn first_look(&mut self) -> bool {
+        let first = self.looked_at != Some(self.steps);
+        self.looked_at = Some(self.steps);
+        first
     }
 
     fn arrivals(&self) -> u64 {
@@ -164,8 +184,7 @@ impl Scheduler {
         self.last_ran = None;
         let chosen = {
             let mut queue = self.turnstile.queue.lock().unwrap();
-            // Arrival order is the tasks' own order; the seed picks among them.
-            let runnable: Vec<usize> = (0..queue.waiting.len())
+            let mut runnable: Vec<usize> = (0..queue.waiting.len())
                 .filter(|&i| {
                     let p = queue.waiting[i].step.process;
                     !self.dead.contains(&p)
@@ -175,6 +194,23 @@ impl Scheduler {
                             .is_none_or(|&until| until <= self.steps)
                 })
                 .collect();
+            // The seed picks among the calls in process order, not in the order they
+            // arrived (which the time of real I/O decides).
+            runnable.sort_by_key(|&i| queue.waiting[i].step.process);
+            // An acquire of the admin lock another live process holds would wait in
+            // MySQL until the scheduler gives up on it (BLOCKED_AFTER of real time, in
+            // which timers fire): it waits at the gate instead while anything else can
+            // run.
+            let would_wait = |w: &Waiting| {
+                w.step.label == LOCK_ACQUIRE
+                    && self
+                        .lock_holders
+                        .iter()
+                        .any(|&h| h != w.step.process && !self.dead.contains(&h))
+            };
+            if runnable.iter().any(|&i| !would_wait(&queue.waiting[i])) {
+                runnable.retain(|&i| !would_wait(&queue.waiting[i]));
+            }
             if runnable.is_empty() {
                 None
             } else {
@@ -191,6 +227,11 @@ impl Scheduler {
             return false;
         };
         self.steps += 1;
+        match chosen.step.label.as_str() {
+            LOCK_ACQUIRE => self.lock_holders.push(chosen.step.process),
+            LOCK_RELEASE => self.lock_holders.retain(|&h| h != chosen.step.process),
+            _ => {}
+        }
         self.trace.push(format!(
             "{:>5} p{} {}",
             self.steps, chosen.step.process, chosen.step.label
