@@ -16,6 +16,9 @@
 //!   REPLACE`, on every primary of a cluster) and calls again, as EVALSHA did on
 //!   NOSCRIPT. Redis keeps functions in its RDB and AOF files and replicates them, so a
 //!   restart with persistence or a failover needs no reload.
+//! - **Refused before running** (at maxmemory, too few replicas, a failed save: Redis
+//!   checks a function that may write once, up front), a call runs its script by
+//!   EVALSHA instead, which Redis refuses only at a first write that needs memory.
 //! - **Each script still reads KEYS and ARGV**: the library declares them once and every
 //!   function sets them to its call's keys and arguments before its script's body runs
 //!   (Redis runs one function at a time).
@@ -26,7 +29,9 @@
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use crate::keys::SkuKeys;
 
@@ -45,6 +50,9 @@ pub(crate) const LUA_KEY_CHECK: &str = if cfg!(debug_assertions) {
 pub struct LuaFunction {
     /// `<script>_<tag>`: what FCALL names.
     name: String,
+    /// The same script for EVALSHA (lib.lua + the script): what runs when Redis refuses
+    /// the function before it starts (`refused_before_running`).
+    eval: Script,
 }
 
 impl LuaFunction {
@@ -91,7 +99,10 @@ macro_rules! scripts {
 
         fn scripts_of(library: &Library) -> Scripts {
             Scripts {
-                $($name: LuaFunction { name: library.function_name(stringify!($name)) },)*
+                $($name: LuaFunction {
+                    name: library.function_name(stringify!($name)),
+                    eval: script(include_str!(concat!("../lua/", stringify!($name), ".lua"))),
+                },)*
             }
         }
     };
@@ -138,33 +149,31 @@ pub struct Library {
 }
 
 impl Library {
-    /// The library of these scripts (name, source), named by a digest of its body.
-    /// The gateway's is `LIBRARY`; tests build others (another version's).
+    /// The library of these scripts (name, source), named by a digest of its whole
+    /// source (the registration included: a library that registers its functions in
+    /// another way is another version). The gateway's is `LIBRARY`; tests build others.
     #[doc(hidden)]
     pub fn build(scripts: &[(&str, &str)]) -> Library {
-        // Taken before check_keys.lua shadows `redis` (debug builds).
-        let mut body =
-            String::from("local KEYS, ARGV\nlocal register_function = redis.register_function\n");
-        body.push_str(LUA_KEY_CHECK);
-        body.push_str(LUA_LIB);
-        let tag = {
-            let mut digest = Sha256::new();
-            digest.update(body.as_bytes());
-            for (name, source) in scripts {
-                digest.update(name.as_bytes());
-                digest.update(source.as_bytes());
-            }
-            hex::encode(&digest.finalize()[..6])
-        };
-        let name = format!("flashgate_{tag}");
-        let mut source = format!("#!lua name={name}\n{body}\n");
+        const TAG: &str = "@TAG@";
+        // register_function is taken before check_keys.lua shadows `redis` (debug builds).
+        let mut source = format!(
+            "#!lua name=flashgate_{TAG}\n\
+             local KEYS, ARGV\n\
+             local register_function = redis.register_function\n\
+             {LUA_KEY_CHECK}{LUA_LIB}\n"
+        );
         for (script, text) in scripts {
             source.push_str(&format!(
-                "register_function('{script}_{tag}', function(keys, args)\n\
+                "register_function('{script}_{TAG}', function(keys, args)\n\
                  KEYS, ARGV = keys, args\n{text}\nend)\n"
             ));
         }
-        Library { name, tag, source }
+        let tag = hex::encode(&Sha256::digest(source.as_bytes())[..6]);
+        Library {
+            name: format!("flashgate_{tag}"),
+            source: source.replace(TAG, &tag),
+            tag,
+        }
     }
 
     /// The name of a script's function in this library.
@@ -206,37 +215,96 @@ impl FunctionCall<'_> {
         cmd
     }
 
-    /// FCALL; loads the library and calls again when Redis does not have it.
+    /// FCALL; loads the library and calls again when Redis does not have it. When
+    /// Redis refuses the function before it starts (out of memory, too few replicas,
+    /// a failed save), the same script runs by EVALSHA: Redis then refuses only a
+    /// script's first write that needs memory, so reads, replays and the scripts that
+    /// free memory still run, as they did before scripts were functions.
     pub async fn invoke_async<T: FromRedisValue>(
         &self,
         conn: &mut impl ConnectionLike,
     ) -> RedisResult<T> {
         let call = self.command();
-        match call.query_async(conn).await {
-            Err(e) if is_missing_function(&e) => {
-                // One reload at a time per process: a restarted Redis answers every
-                // call in flight "not found", and each load compiles the whole library.
-                let _one_load = RELOAD.lock().await;
-                match call.query_async(conn).await {
-                    Err(e) if is_missing_function(&e) => {
-                        load_library(conn).await?;
-                        call.query_async(conn).await
-                    }
-                    done => done,
+        let loads_seen = LOADS.load(Ordering::SeqCst);
+        let mut result = call.query_async(conn).await;
+        // A second "not found" after another call's load (of another Redis, in a
+        // process that talks to several) loads it here.
+        for after_loads in [Some(loads_seen), None] {
+            match &result {
+                Err(e) if is_missing_function(e) => {
+                    reload(conn, after_loads, e).await?;
+                    result = call.query_async(conn).await;
                 }
+                _ => break,
             }
+        }
+        match result {
+            Err(e) if refused_before_running(&e) => self.eval().invoke_async(conn).await,
             done => done,
+        }
+    }
+
+    /// This call as an EVALSHA of lib.lua + the script.
+    fn eval(&self) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.function.eval.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        for arg in &self.args {
+            invocation.arg(arg);
+        }
+        invocation
+    }
+}
+
+/// Loads of the library this process made; a call that saw "Function not found"
+/// before the latest load only calls again.
+static LOADS: AtomicU64 = AtomicU64::new(0);
+
+/// One load at a time per process (a restarted Redis answers every call in flight
+/// "not found", and each load compiles the whole library), and none within
+/// RELOAD_BACKOFF of a failed one: the time of the last failure.
+static RELOAD: tokio::sync::Mutex<Option<Instant>> = tokio::sync::Mutex::const_new(None);
+
+const RELOAD_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Loads the library unless another call did since `after_loads` (when given); the
+/// calls waiting for it call again at once, side by side. `missing`: the answer that
+/// asked for it, returned while a failed load's backoff runs.
+async fn reload(
+    conn: &mut impl ConnectionLike,
+    after_loads: Option<u64>,
+    missing: &redis::RedisError,
+) -> RedisResult<()> {
+    let mut last_failure = RELOAD.lock().await;
+    if after_loads.is_some_and(|seen| LOADS.load(Ordering::SeqCst) != seen) {
+        return Ok(());
+    }
+    if last_failure.is_some_and(|at| at.elapsed() < RELOAD_BACKOFF) {
+        return Err(missing.clone());
+    }
+    match load_library(conn).await {
+        Ok(()) => {
+            LOADS.fetch_add(1, Ordering::SeqCst);
+            *last_failure = None;
+            Ok(())
+        }
+        Err(e) => {
+            *last_failure = Some(Instant::now());
+            Err(e)
         }
     }
 }
 
-static RELOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Redis's answer to FCALL of a function no library it has defines.
 fn is_missing_function(e: &redis::RedisError) -> bool {
-    e.detail()
-        .is_some_and(|d| d.starts_with("Function not found"))
-        || e.to_string().contains("Function not found")
+    e.code() == Some("ERR") && e.detail().is_some_and(|d| d == "Function not found")
+}
+
+/// Redis's refusals of a function as a whole, before it runs (a function that may
+/// write is checked once, up front; EVAL without flags is checked at its first write).
+fn refused_before_running(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("OOM" | "NOREPLICAS" | "MISCONF"))
 }
 
 /// `FUNCTION LOAD REPLACE` of the library: on every primary of a cluster. Replacing a
@@ -334,6 +402,17 @@ mod tests {
             );
         }
         assert_eq!(SCRIPTS.reserve.name(), library.function_name("reserve"));
+    }
+
+    #[test]
+    fn the_tag_is_a_digest_of_the_whole_source_its_registration_included() {
+        let library = &*LIBRARY;
+        let template = library.source.replace(&library.tag, "@TAG@");
+        assert!(template.contains("register_function('reserve_@TAG@', function(keys, args)"));
+        assert_eq!(
+            hex::encode(&Sha256::digest(template.as_bytes())[..6]),
+            library.tag
+        );
     }
 
     #[test]

@@ -154,6 +154,112 @@ async fn functions_reload_after_function_flush_and_survive_an_aof_restart() {
     assert_equation(&app.store, &sku).await;
 }
 
+/// Redis at maxmemory (`noeviction`) refuses a function that may write as a whole,
+/// before it runs; the gateway then runs the same script by EVALSHA, which Redis refuses
+/// only at its first write that needs memory: reads and replays answer, a new hold is
+/// refused (503, nothing changed), and the SKU adds up once memory is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_maxmemory_reads_and_replays_answer_and_a_new_hold_is_refused() {
+    let redis = RedisServer::start(None).await;
+    let app = app_on(&redis).await;
+    let sku = unique_sku("pit-oom");
+    app.create_sku(&sku, json!({ "stock": 10, "per_user_limit": 1 }))
+        .await;
+    let rid = app.hold(&sku, "a").await;
+    let (status, first) = app.reserve(&sku, "b", "key-b", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let mut conn = redis.client().await;
+    let set_maxmemory = |bytes: u64| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxmemory").arg(bytes);
+        cmd
+    };
+    let _: () = set_maxmemory(1).query_async(&mut conn).await.unwrap();
+    let (view_status, view) = app.reservation(&rid, &common::user_token("a")).await;
+    let (replay_status, replay) = app.reserve(&sku, "b", "key-b", 1).await;
+    let (new_status, refused) = app.reserve(&sku, "c", "key-c", 1).await;
+    let (sku_status, sku_view) = body(
+        app.client
+            .get(app.url(&format!("/v1/skus/{sku}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let _: () = set_maxmemory(0).query_async(&mut conn).await.unwrap();
+    assert_eq!(view_status, StatusCode::OK, "a read at maxmemory: {view}");
+    assert_eq!(
+        (replay_status, &replay["id"]),
+        (StatusCode::CREATED, &first["id"]),
+        "a replay at maxmemory: {replay}"
+    );
+    assert_eq!(
+        sku_status,
+        StatusCode::OK,
+        "the SKU view at maxmemory: {sku_view}"
+    );
+    assert_eq!(
+        new_status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a new hold at maxmemory: {refused}"
+    );
+    assert_eq!(refused["outcome"], "not_applied", "{refused}");
+    let view = app.assert_stock_adds_up(&sku).await;
+    assert_eq!(view["held"], 2, "{view}");
+    let (status, view) = app.reserve(&sku, "c", "key-c", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "once memory is back: {view}");
+}
+
+/// After `FUNCTION FLUSH`, the calls in flight load the library once between them and
+/// all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_function_flush_the_calls_in_flight_load_the_library_once() {
+    let redis = RedisServer::start(None).await;
+    let mut conn = redis.client().await;
+    let keys = flashgate::keys::SkuKeys::new(&flashgate::ids::SkuId::parse("pit-flush").unwrap());
+    flashgate::lua::load_library(&mut conn).await.unwrap();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = (0..500).map(|_| {
+        let mut conn = conn.clone();
+        let keys = &keys;
+        async move {
+            flashgate::store::with_sale_keys(&flashgate::store::SCRIPTS.sku_view, keys)
+                .arg(100)
+                .invoke_async::<redis::Value>(&mut conn)
+                .await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "{:?}",
+        answers.iter().find(|a| a.is_err())
+    );
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let loads = stats
+        .lines()
+        .find(|line| line.starts_with("cmdstat_function|load:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        loads.starts_with("cmdstat_function|load:calls=1,"),
+        "{loads}"
+    );
+}
+
 /// A rolling upgrade: gateways of two versions on one Redis each call their own
 /// library, and neither's loading removes the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
