@@ -739,14 +739,45 @@ impl Store {
         reserve_outcome(sku, request, &reply).map(Some)
     }
 
-    /// For each (user id, idempotency key) of the SKU: whether it is recorded (it
-    /// created a hold). One script call (lua/probe_keys.lua).
+    /// For each (user id, idempotency key) of the SKU: whether it may have created a
+    /// hold. The sold-out flag's answer costs one read of the users' records (layout 2:
+    /// `HMGET used`), no script: a key named anywhere in its user's claims counts as
+    /// found, so a claim past its time only sends that request to the reserve script,
+    /// which answers it exactly. Layout 1 (an upgrade's older sales) asks
+    /// lua/probe_keys.lua.
     pub async fn idempotency_keys_exist(
         &self,
         sku: &SkuId,
         user_keys: &[(String, String)],
     ) -> Result<Vec<bool>> {
         let keys = SkuKeys::new(sku);
+        let mut users: Vec<&str> = user_keys.iter().map(|(user, _)| user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut conn = self.conn.clone();
+        let (layout, records): (Option<String>, Vec<Option<String>>) = redis::pipe()
+            .hget(&keys.meta, "layout")
+            .cmd("HMGET")
+            .arg(&keys.used)
+            .arg(&users)
+            .query_async(&mut conn)
+            .await?;
+        if layout.as_deref() == Some("2") {
+            if records.len() != users.len() {
+                return Err(bad_reply("probe arity"));
+            }
+            return Ok(user_keys
+                .iter()
+                .map(|(user, key)| {
+                    let at = users
+                        .binary_search(&user.as_str())
+                        .expect("every user was read");
+                    records[at]
+                        .as_deref()
+                        .is_some_and(|record| usage_names_key(record, key))
+                })
+                .collect());
+        }
         let mut invocation = SCRIPTS.probe_keys.prepare_invoke();
         invocation.key(&keys.meta).key(&keys.used);
         for (user_id, key) in user_keys {
@@ -755,7 +786,6 @@ impl Store {
                 .arg(user_id)
                 .arg(key);
         }
-        let mut conn = self.conn.clone();
         let found: Vec<u8> = invocation.invoke_async(&mut conn).await?;
         if found.len() != user_keys.len() {
             return Err(bad_reply("probe arity"));
@@ -1990,6 +2020,16 @@ fn number(raw: &str) -> Result<u64> {
     raw.parse().map_err(|_| bad_reply("counter"))
 }
 
+/// Whether a user's usage record (lib.lua `load_usage`: "units released window_end",
+/// then one " <key>|<claim>" per idempotency key) names idempotency key `key`. Keys hold
+/// no space, so " <key>|" matches only where a claim starts (or inside a longer key
+/// with a '|': a false "found", which costs only the reserve script's exact answer).
+fn usage_names_key(record: &str, key: &str) -> bool {
+    record
+        .match_indices(key)
+        .any(|(at, _)| record[..at].ends_with(' ') && record[at + key.len()..].starts_with('|'))
+}
+
 fn bad_reply(what: &str) -> Error {
     Error::Internal(format!("unexpected script reply ({what})"))
 }
@@ -2326,6 +2366,21 @@ pub mod inspect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_usage_record_names_the_keys_of_its_claims_and_no_other() {
+        let record = "2 1 1700000000000 k1|+aaaa:1:0 a|b|-bbbb:1:1700000009000 k10|+cc:1:0";
+        for key in ["k1", "a|b", "k10"] {
+            assert!(usage_names_key(record, key), "{key}");
+        }
+        for key in ["k", "1", "b", "aaaa", "k100", "0", "1700000000000"] {
+            assert!(!usage_names_key(record, key), "{key}");
+        }
+        // A key ending where a longer key's '|' sits: found, which only costs the script.
+        assert!(usage_names_key(record, "a"));
+        assert!(!usage_names_key("3", "3"), "a bare count names no key");
+        assert!(!usage_names_key("1 0 5", "5"));
+    }
 
     #[test]
     fn a_replay_of_our_own_new_id_is_a_creation() {
