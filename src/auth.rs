@@ -171,6 +171,46 @@ pub struct Authenticator {
     require_iss: bool,
     require_aud: bool,
     service_token_digest: [u8; 32],
+    /// User tokens verified lately (shared by the clones).
+    verified: Arc<VerifiedTokens>,
+}
+
+/// What verifying a user token found, kept for its next requests.
+#[derive(Clone)]
+struct Verified {
+    sub: String,
+    exp: u64,
+    /// The JWK set's keys it was verified with (None: a secret, fixed for the
+    /// process): a later set without them verifies it again.
+    keys: Option<Arc<jwks::Keys>>,
+}
+
+/// Bytes of verified tokens kept: each weighs its bearer, its subject and 128 bytes of
+/// overhead, so about 80,000 tokens of 250 bytes; the least used go first.
+const VERIFIED_BYTES: u64 = 32 << 20;
+
+#[derive(Clone)]
+struct TokenWeight;
+
+impl quick_cache::Weighter<String, Verified> for TokenWeight {
+    fn weight(&self, bearer: &String, verified: &Verified) -> u64 {
+        (bearer.len() + verified.sub.len() + 128) as u64
+    }
+}
+
+/// Bearer → what its verification found. A user sends the same token with each of
+/// its requests; a hit spares the signature check, the base64 and the JSON of the
+/// header and claims (most of what a refused or replayed reserve costs the gateway).
+/// Only tokens that verified are kept, so no caller can fill it with its own; the
+/// claims that change with time (`exp`) are checked again on every hit.
+type VerifiedTokens = quick_cache::sync::Cache<String, Verified, TokenWeight>;
+
+fn verified_tokens() -> Arc<VerifiedTokens> {
+    Arc::new(VerifiedTokens::with_weighter(
+        (VERIFIED_BYTES / 400) as usize,
+        VERIFIED_BYTES,
+        TokenWeight,
+    ))
 }
 
 impl Authenticator {
@@ -203,6 +243,7 @@ impl Authenticator {
             require_iss: false,
             require_aud: false,
             service_token_digest: Sha256::digest(service_token.as_bytes()).into(),
+            verified: verified_tokens(),
         }
     }
 
@@ -210,6 +251,7 @@ impl Authenticator {
     /// current one, only when its signature does not match). Ignored without a current
     /// secret (the configuration refuses that).
     pub fn with_previous_secrets<S: AsRef<str>>(mut self, previous: &[S]) -> Authenticator {
+        self.verified = verified_tokens(); // other rules: what verified before may not
         if !self.secrets.is_empty() {
             let mut secrets = self.secrets.to_vec();
             secrets.extend(
@@ -224,6 +266,7 @@ impl Authenticator {
 
     /// RS256 and ES256 tokens verify against the keys of this set.
     pub fn with_key_set(mut self, key_set: Arc<KeySet>) -> Authenticator {
+        self.verified = verified_tokens(); // other rules: what verified before may not
         self.key_set = Some(key_set);
         self
     }
@@ -234,6 +277,7 @@ impl Authenticator {
 
     /// Every user token must have `iss` equal to this.
     pub fn with_issuer(mut self, issuer: &str) -> Authenticator {
+        self.verified = verified_tokens(); // other rules: what verified before may not
         for validation in self.validations() {
             validation.set_issuer(&[issuer]);
         }
@@ -245,6 +289,7 @@ impl Authenticator {
     /// Without one, a token that has an `aud` is refused (RFC 7519 4.1.3: we cannot
     /// tell it is meant for us).
     pub fn with_audience(mut self, audience: &str) -> Authenticator {
+        self.verified = verified_tokens(); // other rules: what verified before may not
         for validation in self.validations() {
             validation.set_audience(&[audience]);
         }
@@ -255,6 +300,7 @@ impl Authenticator {
     /// Allows `leeway` of clock skew between the token issuer and us on `exp` and
     /// `nbf` (whole seconds, as the claims are).
     pub fn with_leeway(mut self, leeway: std::time::Duration) -> Authenticator {
+        self.verified = verified_tokens(); // other rules: what verified before may not
         self.leeway_seconds = leeway.as_secs();
         for validation in self.validations() {
             validation.leeway = leeway.as_secs();
@@ -296,14 +342,33 @@ impl Authenticator {
     /// [`Authenticator::user`] with the keys at hand: never waits, and answers
     /// `UnknownKey` where `user` may first refresh the JWK set.
     pub fn user_now(&self, bearer: &str) -> Result<String, AuthFailure> {
+        self.user_at(bearer, unix_now())
+    }
+
+    /// [`Authenticator::user_now`] at `now` (Unix seconds; tests move it).
+    fn user_at(&self, bearer: &str, now: u64) -> Result<String, AuthFailure> {
         if bearer.is_empty() {
             return Err(AuthFailure::MissingBearer);
         }
-        let claims = match self.secrets.split_first() {
+        if let Some(verified) = self.verified.get(bearer) {
+            let keys_current = match (&verified.keys, &self.key_set) {
+                (None, _) => true,
+                (Some(keys), Some(key_set)) => Arc::ptr_eq(keys, &key_set.keys()),
+                (Some(_), None) => false,
+            };
+            if keys_current {
+                if verified.exp.saturating_add(self.leeway_seconds) <= now {
+                    self.verified.remove(bearer);
+                    return Err(AuthFailure::Expired);
+                }
+                return Ok(verified.sub);
+            }
+        }
+        let (claims, keys) = match self.secrets.split_first() {
             Some((current, previous)) => match decode::<Claims>(bearer, current, &self.hs256) {
-                Ok(data) => data.claims,
+                Ok(data) => (data.claims, None),
                 Err(error) => match error.kind() {
-                    ErrorKind::InvalidSignature => self.previous_secrets(bearer, previous)?,
+                    ErrorKind::InvalidSignature => (self.previous_secrets(bearer, previous)?, None),
                     // Not HS256: maybe a key of the set.
                     ErrorKind::InvalidAlgorithm => self.public_key(bearer)?,
                     _ => return Err(failure(&error, bearer)),
@@ -311,7 +376,17 @@ impl Authenticator {
             },
             None => self.public_key(bearer)?,
         };
-        self.subject(claims)
+        let exp = claims.exp;
+        let sub = self.subject(claims, now)?;
+        if let Some(exp) = exp {
+            let verified = Verified {
+                sub: sub.clone(),
+                exp,
+                keys,
+            };
+            self.verified.insert(bearer.to_owned(), verified);
+        }
+        Ok(sub)
     }
 
     fn previous_secrets(
@@ -329,8 +404,9 @@ impl Authenticator {
         Err(AuthFailure::BadSignature)
     }
 
-    /// An RS256/ES256 token, by the key of the set its `kid` names.
-    fn public_key(&self, bearer: &str) -> Result<Claims, AuthFailure> {
+    /// An RS256/ES256 token, by the key of the set its `kid` names; and the set's keys
+    /// it was verified with.
+    fn public_key(&self, bearer: &str) -> Result<(Claims, Option<Arc<jwks::Keys>>), AuthFailure> {
         let header = decode_header(bearer).map_err(|error| failure(&error, bearer))?;
         let validation = match header.alg {
             Algorithm::RS256 => &self.rs256,
@@ -344,16 +420,17 @@ impl Authenticator {
         let kid = header.kid.as_deref().ok_or(AuthFailure::KidMissing)?;
         let keys = key_set.keys();
         let key = keys.find(kid, header.alg)?;
-        decode::<Claims>(bearer, key, validation)
+        let claims = decode::<Claims>(bearer, key, validation)
             .map(|data| data.claims)
-            .map_err(|error| failure(&error, bearer))
+            .map_err(|error| failure(&error, bearer))?;
+        Ok((claims, Some(keys)))
     }
 
-    fn subject(&self, claims: Claims) -> Result<String, AuthFailure> {
+    fn subject(&self, claims: Claims, now: u64) -> Result<String, AuthFailure> {
         let exp = claims.exp.ok_or(AuthFailure::ClaimMissing(Claim::Exp))?;
         // jsonwebtoken still accepts `exp == now`; RFC 7519 4.1.4 says "on or after"
         // `exp` the token must be refused.
-        if exp.saturating_add(self.leeway_seconds) <= unix_now() {
+        if exp.saturating_add(self.leeway_seconds) <= now {
             return Err(AuthFailure::Expired);
         }
         let sub = claims.sub.ok_or(AuthFailure::ClaimMissing(Claim::Sub))?;

@@ -636,3 +636,78 @@ fn small_rsa_keys_points_off_the_curve_and_keys_without_kid_are_ignored() {
     assert!(Keys::from_json(b"{\"keys\": 5}").is_err());
     assert!(Keys::from_json(b"{\"keys\": []}").unwrap().is_empty());
 }
+
+#[test]
+fn a_verified_token_is_kept_until_its_exp_and_nothing_else_rides_on_it() {
+    let auth = auth();
+    let now = unix_now();
+    let token = signed(json!({"sub": "alice", "exp": now + 60}));
+    assert_eq!(auth.user_at(&token, now).as_deref(), Ok("alice"));
+    assert!(auth.verified.get(&token).is_some(), "kept");
+    assert_eq!(
+        auth.clone().user_at(&token, now + 59).as_deref(),
+        Ok("alice")
+    );
+    // Its exp still ends it, on the kept verdict as on a fresh one.
+    assert_eq!(auth.user_at(&token, now + 60), Err(Expired));
+    assert_eq!(auth.user_at(&token, now + 59).as_deref(), Ok("alice"));
+    // A token that differs from a kept one in any byte is verified on its own.
+    let (body, signature) = token.rsplit_once('.').unwrap();
+    let flipped = if signature.ends_with('A') { "B" } else { "A" };
+    let forged = format!("{body}.{}{flipped}", &signature[..signature.len() - 1]);
+    assert_eq!(auth.user_at(&forged, now), Err(BadSignature));
+    let claims = body.split('.').nth(1).unwrap();
+    let other_claims = URL_SAFE_NO_PAD.encode(r#"{"sub":"mallory","exp":9999999999}"#);
+    let swapped = token.replace(claims, &other_claims);
+    assert_eq!(auth.user_at(&swapped, now), Err(BadSignature));
+    // Refusals are not kept.
+    assert!(auth.verified.get(&forged).is_none());
+    // Leeway applies to a kept verdict as to a fresh one.
+    let lenient = auth.clone().with_leeway(Duration::from_secs(10));
+    assert_eq!(lenient.user_at(&token, now).as_deref(), Ok("alice"));
+    assert_eq!(lenient.user_at(&token, now + 69).as_deref(), Ok("alice"));
+    assert_eq!(lenient.user_at(&token, now + 70), Err(Expired));
+}
+
+#[test]
+fn new_rules_verify_again_what_the_old_ones_kept() {
+    let now = unix_now();
+    let token = signed(json!({"sub": "alice", "exp": now + 60}));
+    let base = auth();
+    assert_eq!(base.user_at(&token, now).as_deref(), Ok("alice"));
+    let with_issuer = base.clone().with_issuer("https://id.example");
+    assert_eq!(
+        with_issuer.user_at(&token, now),
+        Err(ClaimMissing(Claim::Iss))
+    );
+    let with_audience = base.clone().with_audience("flashgate");
+    assert_eq!(
+        with_audience.user_at(&token, now),
+        Err(ClaimMissing(Claim::Aud))
+    );
+    let rotated = Authenticator::new(A, SERVICE).with_previous_secrets(&[SECRET]);
+    assert_eq!(rotated.user_at(&token, now).as_deref(), Ok("alice"));
+    let dropped = Authenticator::new(A, SERVICE);
+    assert_eq!(dropped.user_at(&token, now), Err(BadSignature));
+}
+
+#[tokio::test]
+async fn a_kept_token_of_a_key_the_set_no_longer_has_is_refused() {
+    let set = key_set(vec![fixture_jwk(
+        "rsa1",
+        json!({"use": "sig", "alg": "RS256"}),
+    )]);
+    let auth = auth().with_key_set(set.clone());
+    let token = rs256(RSA1, Some("rsa1"), &valid_claims());
+    assert_eq!(auth.user_now(&token).as_deref(), Ok("alice"));
+    assert!(auth.verified.get(&token).is_some(), "kept");
+    assert_eq!(auth.user_now(&token).as_deref(), Ok("alice"));
+    // The identity provider rotated rsa1 out.
+    let body = json!({ "keys": [fixture_jwk("ec1", json!({"use": "sig", "alg": "ES256"}))] });
+    set.set_keys(Keys::from_json(body.to_string().as_bytes()).unwrap());
+    assert_eq!(auth.user_now(&token), Err(UnknownKey));
+    // Refreshed with the same key again: verified again, and kept again.
+    let body = json!({ "keys": [fixture_jwk("rsa1", json!({"use": "sig", "alg": "RS256"}))] });
+    set.set_keys(Keys::from_json(body.to_string().as_bytes()).unwrap());
+    assert_eq!(auth.user_now(&token).as_deref(), Ok("alice"));
+}
