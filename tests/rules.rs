@@ -635,6 +635,18 @@ impl Sale {
         (rid, expires_at)
     }
 
+    /// The sold-out flag's probe: whether each (user, key) may have made a hold.
+    async fn probe(&self, user_keys: &[(&str, &str)]) -> Vec<bool> {
+        let user_keys: Vec<(String, String)> = user_keys
+            .iter()
+            .map(|(user, key)| (user.to_string(), key.to_string()))
+            .collect();
+        self.store
+            .idempotency_keys_exist(&self.sku, &user_keys)
+            .await
+            .unwrap()
+    }
+
     async fn exists(&self, key: &str) -> bool {
         let n: u32 = redis::cmd("EXISTS")
             .arg(key)
@@ -658,6 +670,12 @@ async fn layout_1_holds_are_read_and_moved_by_their_next_transition() {
     assert_eq!(sale.status_at(&expiring, now).await, "held");
     assert_eq!(sale.reserve_at("u", "k", now).await, "replayed");
     assert_eq!(sale.reserve_at("u", "k2", now).await, "limit_exceeded");
+    // The sold-out flag's probe finds layout 1's keys too (they are not in `used`).
+    assert_eq!(
+        sale.probe(&[("u", "k"), ("u", "k2"), ("w", "k"), ("v", "k")])
+            .await,
+        [true, false, false, true]
+    );
 
     // The sweep expires the layout-1 hold and moves it.
     assert_eq!(sale.sweep_at(expires_at, 10).await, (1, 0));
@@ -715,6 +733,11 @@ async fn keys_that_spell_claim_syntax_replay_only_their_own_hold() {
         format!("|+{first_tail}:1:{}", i64::MAX),
     ];
     let mut holds = vec![("a|b".to_string(), first.clone())];
+    assert_eq!(
+        sale.probe(&[("u", "a|b"), ("u", "a"), ("u", "b"), ("v", "a|b")]).await,
+        [true, true, false, false],
+        "the probe: a key's own claim, or a prefix of one before its '|' (found: the script decides)"
+    );
     for key in &hostile {
         holds.push((key.clone(), sale.hold("u", key, 1).await.0));
     }
