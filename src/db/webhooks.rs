@@ -266,9 +266,24 @@ pub async fn delete_deliveries(pool: &MySqlPool, name: &str, batch: u32) -> Resu
 
 /// Queues a delivery for each event of a wanted type recorded after the endpoint's
 /// `queued_to`, at most `batch` events looked at; returns how many were looked at.
-/// The endpoint's row is locked meanwhile: two workers queue each event once.
+///
+/// Optimistic: the endpoint's row is read without a lock, and the transaction keeps
+/// its deliveries only if the row is still as read when `queued_to` moves on at the
+/// end (same `updated_at`, same `queued_to`), else it rolls back and looks again. The
+/// row's write lock is held for the commit only, not for the reads and the insert of a
+/// batch: the claims read that row in share mode, and under a sale's burst a queueing
+/// that held it throughout (batch after batch) kept the claims, and the sending,
+/// waiting. Two workers still queue each event once (the delivery's key; the second
+/// one's update finds `queued_to` moved and rolls back), and a PUT or DELETE that
+/// commits first makes the batch roll back (the endpoint it was read for is gone).
 pub async fn enqueue(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
-    retried(|| enqueue_once(pool, name, now_ms, batch)).await
+    for _ in 0..4 {
+        if let Some(looked) = retried(|| enqueue_once(pool, name, now_ms, batch)).await? {
+            return Ok(looked);
+        }
+    }
+    // Changed under each try (another worker queueing too): the next step looks again.
+    Ok(0)
 }
 
 /// Deadlocks between claims, queueing and outcomes of one endpoint (InnoDB picks a
@@ -300,18 +315,25 @@ async fn begin(pool: &MySqlPool) -> Result<sqlx::Transaction<'static, MySql>> {
     Ok(sqlx::Transaction::begin(conn, None).await?)
 }
 
-async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
+/// None: the endpoint's row changed meanwhile, nothing was queued.
+async fn enqueue_once(
+    pool: &MySqlPool,
+    name: &str,
+    now_ms: i64,
+    batch: u32,
+) -> Result<Option<u64>> {
     let _turn = crate::explore::mysql_step("enqueue_deliveries").await;
     let mut tx = begin(pool).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ? FOR UPDATE"
+        "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ?"
     )))
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
-        return Ok(0);
+        return Ok(Some(0));
     };
+    let version: NaiveDateTime = row.try_get("updated_at")?;
     let endpoint = endpoint_from_row(&row)?;
     let queued_to: u64 = row.try_get("queued_to")?;
     let events: Vec<(u64, String, String)> = sqlx::query_as(
@@ -322,7 +344,7 @@ async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> 
     .fetch_all(&mut *tx)
     .await?;
     let Some(last) = events.last().map(|e| e.0) else {
-        return Ok(0);
+        return Ok(Some(0));
     };
     let wanted: Vec<&(u64, String, String)> = events
         .iter()
@@ -345,13 +367,22 @@ async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> 
         });
         insert.build().execute(&mut *tx).await?;
     }
-    sqlx::query("UPDATE webhooks SET queued_to = ? WHERE name = ?")
-        .bind(last)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    // `last` > `queued_to`: a row still as read always changes, so 0 rows is "changed".
+    let moved = sqlx::query(
+        "UPDATE webhooks SET queued_to = ? WHERE name = ? AND queued_to = ? AND updated_at = ?",
+    )
+    .bind(last)
+    .bind(name)
+    .bind(queued_to)
+    .bind(version)
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
     tx.commit().await?;
-    Ok(events.len() as u64)
+    Ok(Some(events.len() as u64))
 }
 
 /// A delivery claimed for one attempt.
@@ -492,6 +523,48 @@ async fn claim_once(
             })
             .collect(),
     ))
+}
+
+/// Gives back deliveries claimed and not sent (`leases`, as their claims wrote them):
+/// due at `now_ms`, the claim's attempt not counted. A lease that is no longer as
+/// written (it ended and another claim took the delivery) is left alone.
+pub async fn release(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
+    for chunk in leases.chunks(STATEMENT_ROWS_MAX as usize) {
+        retried(|| release_once(pool, name, chunk, now_ms)).await?;
+    }
+    Ok(())
+}
+
+async fn release_once(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
+    let _turn = crate::explore::mysql_step("release_deliveries").await;
+    let mut update = QueryBuilder::<MySql>::new(
+        "UPDATE webhook_deliveries SET attempts = attempts - 1, lease_owner = NULL, next_attempt_at = ",
+    );
+    update
+        .push_bind(ms_to_datetime(now_ms))
+        .push(" WHERE webhook = ")
+        .push_bind(name)
+        .push(" AND status = 'pending' AND attempts > 0 AND position IN (");
+    // By key first (the row constructor below may not use the index): the statement
+    // locks these rows only.
+    let mut positions = update.separated(", ");
+    for lease in leases {
+        positions.push_bind(lease.position);
+    }
+    update.push(") AND (position, lease_owner, next_attempt_at) IN (");
+    let mut list = update.separated(", ");
+    for lease in leases {
+        list.push("(")
+            .push_bind_unseparated(lease.position)
+            .push_unseparated(", ")
+            .push_bind_unseparated(&lease.owner)
+            .push_unseparated(", ")
+            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
+            .push_unseparated(")");
+    }
+    update.push(")");
+    update.build().execute(pool).await?;
+    Ok(())
 }
 
 /// How one attempt ended.
