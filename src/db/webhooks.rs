@@ -95,9 +95,14 @@ pub struct Written {
     pub in_flight: Vec<Lease>,
 }
 
-/// Leases `put` lists at most: more than every worker's requests in flight to one
-/// endpoint (ENDPOINT_CONCURRENCY each) in any deployment we know.
-pub const LEASES_LISTED_MAX: u32 = 1000;
+/// Leases `put` lists at most: more than every worker's deliveries claimed for one
+/// endpoint (in flight, at most its concurrency, and claimed ahead, at most
+/// CLAIM_AHEAD) in any deployment we know: 19 workers at the highest concurrency.
+pub const LEASES_LISTED_MAX: u32 = 10_000;
+const _: () = assert!(
+    LEASES_LISTED_MAX as usize
+        >= 16 * (crate::webhooks::CLAIM_AHEAD + crate::webhooks::ENDPOINT_CONCURRENCY_MAX)
+);
 
 /// Creates or replaces an endpoint. A new endpoint gets the events recorded from now
 /// on (replay sends older ones).
