@@ -291,7 +291,7 @@ impl Deliverer {
     }
 
     /// At most `concurrency` requests in flight to one endpoint (1 to
-    /// ENDPOINT_CONCURRENCY_MAX), and claims of at most as many deliveries.
+    /// ENDPOINT_CONCURRENCY_MAX); `step` claims as many at a time.
     pub fn with_concurrency(mut self, concurrency: usize) -> Deliverer {
         self.concurrency = concurrency.clamp(1, ENDPOINT_CONCURRENCY_MAX);
         self.client = client(self.timeout, self.concurrency);
