@@ -13,8 +13,7 @@
 //! it was queued, then failed (listed, replayable).
 //!
 //! Latency: an endpoint's task queues new events as soon as the flush of this process
-//! wrote some (and every IDLE_POLL for other writers), without holding the endpoint's
-//! row (which the claims read) for more than its commit; it claims deliveries ahead of
+//! wrote some (and every IDLE_POLL for other writers); it claims deliveries ahead of
 //! its requests (up to CLAIM_AHEAD, one transaction for many) and starts each as soon
 //! as a request's place is free, so no request waits for a claim; the outcomes are
 //! recorded in batches, one commit for many.

@@ -271,24 +271,9 @@ pub async fn delete_deliveries(pool: &MySqlPool, name: &str, batch: u32) -> Resu
 
 /// Queues a delivery for each event of a wanted type recorded after the endpoint's
 /// `queued_to`, at most `batch` events looked at; returns how many were looked at.
-///
-/// Optimistic: the endpoint's row is read without a lock, and the transaction keeps
-/// its deliveries only if the row is still as read when `queued_to` moves on at the
-/// end (same `updated_at`, same `queued_to`), else it rolls back and looks again. The
-/// row's write lock is held for the commit only, not for the reads and the insert of a
-/// batch: the claims read that row in share mode, and under a sale's burst a queueing
-/// that held it throughout (batch after batch) kept the claims, and the sending,
-/// waiting. Two workers still queue each event once (the delivery's key; the second
-/// one's update finds `queued_to` moved and rolls back), and a PUT or DELETE that
-/// commits first makes the batch roll back (the endpoint it was read for is gone).
+/// The endpoint's row is locked meanwhile: two workers queue each event once.
 pub async fn enqueue(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
-    for _ in 0..4 {
-        if let Some(looked) = retried(|| enqueue_once(pool, name, now_ms, batch)).await? {
-            return Ok(looked);
-        }
-    }
-    // Changed under each try (another worker queueing too): the next step looks again.
-    Ok(0)
+    retried(|| enqueue_once(pool, name, now_ms, batch)).await
 }
 
 /// Deadlocks between claims, queueing and outcomes of one endpoint (InnoDB picks a
@@ -320,25 +305,18 @@ async fn begin(pool: &MySqlPool) -> Result<sqlx::Transaction<'static, MySql>> {
     Ok(sqlx::Transaction::begin(conn, None).await?)
 }
 
-/// None: the endpoint's row changed meanwhile, nothing was queued.
-async fn enqueue_once(
-    pool: &MySqlPool,
-    name: &str,
-    now_ms: i64,
-    batch: u32,
-) -> Result<Option<u64>> {
+async fn enqueue_once(pool: &MySqlPool, name: &str, now_ms: i64, batch: u32) -> Result<u64> {
     let _turn = crate::explore::mysql_step("enqueue_deliveries").await;
     let mut tx = begin(pool).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ?"
+        "SELECT {ENDPOINT_COLUMNS}, queued_to FROM webhooks WHERE name = ? FOR UPDATE"
     )))
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
-        return Ok(Some(0));
+        return Ok(0);
     };
-    let version: NaiveDateTime = row.try_get("updated_at")?;
     let endpoint = endpoint_from_row(&row)?;
     let queued_to: u64 = row.try_get("queued_to")?;
     let events: Vec<(u64, String, String)> = sqlx::query_as(
@@ -349,7 +327,7 @@ async fn enqueue_once(
     .fetch_all(&mut *tx)
     .await?;
     let Some(last) = events.last().map(|e| e.0) else {
-        return Ok(Some(0));
+        return Ok(0);
     };
     let wanted: Vec<&(u64, String, String)> = events
         .iter()
@@ -372,22 +350,13 @@ async fn enqueue_once(
         });
         insert.build().execute(&mut *tx).await?;
     }
-    // `last` > `queued_to`: a row still as read always changes, so 0 rows is "changed".
-    let moved = sqlx::query(
-        "UPDATE webhooks SET queued_to = ? WHERE name = ? AND queued_to = ? AND updated_at = ?",
-    )
-    .bind(last)
-    .bind(name)
-    .bind(queued_to)
-    .bind(version)
-    .execute(&mut *tx)
-    .await?;
-    if moved.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(None);
-    }
+    sqlx::query("UPDATE webhooks SET queued_to = ? WHERE name = ?")
+        .bind(last)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
-    Ok(Some(events.len() as u64))
+    Ok(events.len() as u64)
 }
 
 /// A delivery claimed for one attempt.

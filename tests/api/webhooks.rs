@@ -989,13 +989,14 @@ async fn claimed_deliveries_not_sent_are_given_back_and_only_under_their_own_lea
         .map(|r| r.headers["webhook-id"].clone())
         .collect();
     assert!(sent.contains(&claimed[0].event_id) && sent.contains(&claimed[1].event_id));
-    assert!(!sent.contains(&claimed[2].event_id), "sent under another's lease");
+    assert!(
+        !sent.contains(&claimed[2].event_id),
+        "sent under another's lease"
+    );
     delete_webhook(&app, &name).await;
 }
 
-/// Queueing reads the endpoint without a lock and keeps its batch only if the endpoint
-/// is still as read (`queued_to` and the version): two workers queueing at once queue
-/// each event once, the second one looking again after the first.
+/// Two workers queueing one endpoint's events at once queue each event once.
 #[tokio::test]
 async fn two_workers_queueing_at_once_queue_each_event_once() {
     use flashgate::db::webhooks as rows;
