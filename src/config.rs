@@ -110,6 +110,13 @@ pub struct WorkerSettings {
     #[arg(long, env = "FLASHGATE_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..=10_000))]
     pub webhook_timeout_ms: u64,
+    /// Requests in flight to one webhook endpoint at most, per worker (src/webhooks.rs):
+    /// what one endpoint takes per second is about this over its answer's time (plus a
+    /// claim's). Each is one connection to it.
+    #[arg(long, env = "FLASHGATE_WEBHOOK_CONCURRENCY",
+          default_value_t = crate::webhooks::ENDPOINT_CONCURRENCY as u64,
+          value_parser = clap::value_parser!(u64).range(1..=crate::webhooks::ENDPOINT_CONCURRENCY_MAX as u64))]
+    pub webhook_concurrency: u64,
 }
 
 impl WorkerSettings {

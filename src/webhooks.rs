@@ -13,14 +13,16 @@
 //! it was queued, then failed (listed, replayable).
 //!
 //! Latency: an endpoint's task queues new events as soon as the flush of this process
-//! wrote some (and every IDLE_POLL for other writers), and keeps its requests
-//! pipelined: a claim takes as many due deliveries as requests may start now, so a
-//! new one starts as each attempt ends instead of after the slowest of a round; the
-//! outcomes are recorded in batches, one commit for many.
+//! wrote some (and every IDLE_POLL for other writers); it claims deliveries ahead of
+//! its requests (up to CLAIM_AHEAD, one transaction for many) and starts each as soon
+//! as a request's place is free, so no request waits for a claim; the outcomes are
+//! recorded in batches, one commit for many.
 //!
-//! Isolation: each endpoint has its own task, at most ENDPOINT_CONCURRENCY requests in
-//! flight (each claimed delivery is sent at once, so none waits out its lease unsent)
-//! and at most RECORD_BATCH outcomes waiting to be recorded, and reads at most
+//! Isolation: each endpoint has its own task, at most its concurrency
+//! (FLASHGATE_WEBHOOK_CONCURRENCY, ENDPOINT_CONCURRENCY by default) of requests in
+//! flight, at most CLAIM_AHEAD deliveries claimed and not sent (each started within
+//! START_WINDOW_TIMEOUTS of its claim or released, so none outlives its lease) and at
+//! most RECORD_BATCH outcomes waiting to be recorded, and reads at most
 //! RESPONSE_BODY_MAX bytes of an answer: a slow, dead or hostile endpoint holds
 //! bounded memory and delays only itself.
 
@@ -30,7 +32,7 @@ use futures::stream::{self, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::mysql::MySqlPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,21 +49,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of an answer read at most (kept for the delivery's `last_error`); the rest is
 /// never read.
 pub const RESPONSE_BODY_MAX: usize = 16 * 1024;
-/// A claim's lease, in request timeouts: longer than one claim can take (a claim is at
-/// most as many deliveries as requests may start at once, all sent at once, each
-/// bounded by the timeout, their outcomes recorded right after), so a live worker's
-/// claim never ends under it and no second worker sends one of them meanwhile; a
-/// killed worker's deliveries come due again after it.
+/// A claim's lease, in request timeouts: longer than a claimed delivery can take (it
+/// starts within START_WINDOW_TIMEOUTS of its claim, its request is bounded by the
+/// timeout, its outcome recorded right after), so a live worker's claim never ends
+/// under it and no second worker sends it meanwhile; a killed worker's deliveries come
+/// due again after it.
 pub const LEASE_TIMEOUTS: u32 = 3;
+/// A claimed delivery starts within this many request timeouts of its claim, or is
+/// released unsent: the rest of the lease (LEASE_TIMEOUTS − this) covers its request
+/// and the record of its outcome, with a timeout to spare.
+pub const START_WINDOW_TIMEOUTS: u32 = 1;
+const _: () = assert!(START_WINDOW_TIMEOUTS + 2 <= LEASE_TIMEOUTS);
+/// Deliveries one endpoint's task holds claimed ahead of its requests at most (claimed,
+/// not sent yet), topped up by a claim once half are sent. A claim is one MySQL
+/// transaction, a few round trips and a commit whatever its size: claimed a few at a
+/// time, as requests ended, the claims bounded the sending (~2,400 deliveries/s to one
+/// endpoint during a sale on 2 cores, behind a burst of ~4,700 events). Each holds its
+/// event's document (a few hundred bytes).
+pub const CLAIM_AHEAD: usize = 256;
 /// The lease with the contract's timeout.
 pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
-/// Requests in flight to one endpoint at most.
+/// Requests in flight to one endpoint at most, by default
+/// (FLASHGATE_WEBHOOK_CONCURRENCY, at most ENDPOINT_CONCURRENCY_MAX).
 pub const ENDPOINT_CONCURRENCY: usize = 32;
-/// Deliveries one endpoint claims at a time: requests that may start at once, never
-/// more (a claim sent in several rounds could outlive its lease, and another worker
-/// would send the last rounds' deliveries at the same time). The endpoint's task asks
-/// for the requests free at that moment; `step` for a whole round.
-pub const CLAIM_BATCH: u32 = ENDPOINT_CONCURRENCY as u32;
+/// The most FLASHGATE_WEBHOOK_CONCURRENCY may be: what one endpoint may cost this
+/// process at most (connections, attempts' tasks, answers' prefixes).
+pub const ENDPOINT_CONCURRENCY_MAX: usize = 256;
 /// Outcomes of one endpoint recorded in one transaction at most; also how many may
 /// wait to be recorded (attempts that ended hold their request's place until then).
 pub const RECORD_BATCH: usize = 256;
@@ -202,6 +215,15 @@ pub fn backoff(attempts: u32, jitter: f64) -> Duration {
     base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
 }
 
+/// A claimed delivery not sent yet (`send_loop`).
+struct Ready {
+    claimed: Claimed,
+    /// Started after this, its request could outlast the lease: released instead.
+    start_by_ms: i64,
+    /// The lease's end as the claim wrote it (`next_attempt_at`).
+    leased_until_ms: i64,
+}
+
 /// What one step of one endpoint did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StepReport {
@@ -223,6 +245,9 @@ pub struct Deliverer {
     only: Option<Vec<String>>,
     /// How long a claim holds (LEASE_TIMEOUTS request timeouts).
     lease: Duration,
+    /// Requests in flight to one endpoint at most (ENDPOINT_CONCURRENCY by default).
+    concurrency: usize,
+    timeout: Duration,
     /// Changes when this process's flush wrote events (Worker::events_written).
     wake: Option<watch::Receiver<()>>,
 }
@@ -231,11 +256,13 @@ impl Deliverer {
     pub fn new(db: MySqlPool, clock: Arc<dyn Clock>) -> Deliverer {
         Deliverer {
             db,
-            client: client(DELIVERY_TIMEOUT),
+            client: client(DELIVERY_TIMEOUT, ENDPOINT_CONCURRENCY),
             clock,
             owner: format!("{}-{}", std::process::id(), crate::ids::random_name()),
             only: None,
             lease: LEASE,
+            concurrency: ENDPOINT_CONCURRENCY,
+            timeout: DELIVERY_TIMEOUT,
             wake: None,
         }
     }
@@ -256,13 +283,22 @@ impl Deliverer {
     /// Another request timeout than the contract's DELIVERY_TIMEOUT (tests, which
     /// make the network's time short instead of sleeping it).
     pub fn with_timeout(mut self, timeout: Duration) -> Deliverer {
-        self.client = client(timeout);
+        self.client = client(timeout, self.concurrency);
+        self.timeout = timeout;
         self.lease = timeout * LEASE_TIMEOUTS;
         self
     }
 
+    /// At most `concurrency` requests in flight to one endpoint (1 to
+    /// ENDPOINT_CONCURRENCY_MAX); `step` claims as many at a time.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Deliverer {
+        self.concurrency = concurrency.clamp(1, ENDPOINT_CONCURRENCY_MAX);
+        self.client = client(self.timeout, self.concurrency);
+        self
+    }
+
     /// One step for one endpoint: queue its new events, claim what is due, send it
-    /// (ENDPOINT_CONCURRENCY at a time), record each outcome. Call until it attempts
+    /// (all at once, at most the concurrency), record each outcome. Call until it attempts
     /// nothing to drain what is due now.
     pub async fn step(&self, endpoint: &Endpoint) -> Result<StepReport> {
         let mut report = StepReport::default();
@@ -280,7 +316,7 @@ impl Deliverer {
             &self.owner,
             now_ms,
             self.lease.as_millis() as i64,
-            CLAIM_BATCH,
+            self.concurrency as u32,
         )
         .await?
         else {
@@ -313,7 +349,7 @@ impl Deliverer {
                     Ok(attempt)
                 }
             })
-            .buffer_unordered(ENDPOINT_CONCURRENCY)
+            .buffer_unordered(self.concurrency)
             .collect()
             .await;
         for outcome in outcomes {
@@ -554,10 +590,15 @@ impl Deliverer {
         }
     }
 
-    /// Claims as many due deliveries as requests may start now (at least one), starts
-    /// each at once, and claims again as soon as a request's place is free: no attempt
-    /// waits for another's answer, and none waits unsent under its lease. Each outcome
-    /// goes to `record_loop`; its place is free once it is handed over.
+    /// Keeps up to CLAIM_AHEAD due deliveries claimed ahead of the requests (a claim of
+    /// many while the last claim's requests run, topped up once half are sent), and
+    /// starts each as soon as a request's place is free: no request waits for a claim's
+    /// transaction, and one claim feeds many requests. A claimed delivery starts only
+    /// within START_WINDOW_TIMEOUTS of its claim, so its lease outlasts its request and the
+    /// record of its outcome; one that could not start by then (all places held by a
+    /// slow endpoint) is released, due again at once. Each outcome goes to
+    /// `record_loop`; its place is free once it is handed over. Told to stop, it
+    /// releases what it has not sent.
     async fn send_loop(
         self: Arc<Self>,
         endpoint: Arc<Endpoint>,
@@ -566,69 +607,146 @@ impl Deliverer {
         ended: mpsc::Sender<(u64, Attempt)>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let places = Arc::new(Semaphore::new(ENDPOINT_CONCURRENCY));
+        type Claiming = std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = (usize, i64, Result<Option<Vec<Claimed>>>)> + Send,
+            >,
+        >;
+        let places = Arc::new(Semaphore::new(self.concurrency));
         // Aborted with this task.
         let mut attempts = tokio::task::JoinSet::new();
+        // Claimed, not sent yet, oldest first.
+        let mut ready: VecDeque<Ready> = VecDeque::new();
+        let mut claiming: Option<Claiming> = None;
+        // Nothing more was due, or the claim failed: no claim before this (or, when
+        // idle, before new events are queued).
+        let mut rest_until: Option<tokio::time::Instant> = None;
         let mut backoff_ms = 0u64;
-        while !*shutdown.borrow() {
-            let first = tokio::select! {
-                place = places.clone().acquire_owned() => place.expect("never closed"),
-                changed = shutdown.changed() => if changed.is_err() { break } else { continue },
-            };
-            let mut free = vec![first];
-            while let Ok(place) = places.clone().try_acquire_owned() {
-                free.push(place);
+        let lease_ms = self.lease.as_millis() as i64;
+        let start_window_ms = (self.timeout * START_WINDOW_TIMEOUTS).as_millis() as i64;
+        loop {
+            while attempts.try_join_next().is_some() {}
+            if *shutdown.borrow() {
+                break;
             }
-            let asked = free.len();
-            let claimed = rows::claim_current(
-                &self.db,
-                &endpoint,
-                &self.owner,
-                self.clock.now_ms(),
-                self.lease.as_millis() as i64,
-                asked as u32,
-            )
-            .await;
-            let wait = match claimed {
-                Ok(Some(claimed)) => {
-                    backoff_ms = 0;
-                    let all_due = claimed.len() < asked;
-                    for (claimed, place) in claimed.into_iter().zip(free.drain(..)) {
-                        let (this, endpoint, key, ended) =
-                            (self.clone(), endpoint.clone(), key.clone(), ended.clone());
-                        attempts.spawn(async move {
-                            let attempt =
-                                this.attempt(&endpoint, &endpoint.url, &key, &claimed).await;
-                            telemetry::webhook_attempt(&endpoint.name, &attempt);
-                            let _ = ended.send((claimed.position, attempt)).await;
-                            drop(place);
-                        });
+            if claiming.is_none() && rest_until.is_none() && ready.len() <= CLAIM_AHEAD / 2 {
+                let asked = CLAIM_AHEAD - ready.len();
+                let (this, endpoint) = (self.clone(), endpoint.clone());
+                claiming = Some(Box::pin(async move {
+                    let now_ms = this.clock.now_ms();
+                    let claimed = rows::claim_current(
+                        &this.db,
+                        &endpoint,
+                        &this.owner,
+                        now_ms,
+                        lease_ms,
+                        asked as u32,
+                    )
+                    .await;
+                    (asked, now_ms, claimed)
+                }));
+            }
+            tokio::select! {
+                (asked, claimed_at_ms, claimed) = async { claiming.as_mut().expect("guarded").await },
+                    if claiming.is_some() =>
+                {
+                    claiming = None;
+                    match claimed {
+                        Ok(Some(claimed)) => {
+                            backoff_ms = 0;
+                            // Fewer than asked: nothing else is due until new events are
+                            // queued or a retry comes due.
+                            if claimed.len() < asked {
+                                rest_until = Some(tokio::time::Instant::now() + IDLE_POLL);
+                            }
+                            ready.extend(claimed.into_iter().map(|claimed| Ready {
+                                claimed,
+                                start_by_ms: claimed_at_ms + start_window_ms,
+                                leased_until_ms: claimed_at_ms + lease_ms,
+                            }));
+                        }
+                        // Changed since this task started: the next refresh replaces it.
+                        // What it claimed under the former settings is not sent (the
+                        // PUT that changed them waits for it to be given back).
+                        Ok(None) => {
+                            attempts.spawn(self.clone().release(endpoint.clone(), ready.drain(..).collect()));
+                            rest_until = Some(tokio::time::Instant::now() + IDLE_POLL);
+                        }
+                        Err(e) => {
+                            backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
+                            tracing::warn!(webhook = %endpoint.name, error = %e, "webhook deliveries could not be claimed");
+                            rest_until = Some(tokio::time::Instant::now() + Duration::from_millis(backoff_ms));
+                        }
                     }
-                    while attempts.try_join_next().is_some() {}
-                    // Fewer than asked: nothing else is due until new events are queued
-                    // or a retry comes due.
-                    all_due.then_some(IDLE_POLL)
                 }
-                // Changed since this task started: the next refresh replaces it.
-                Ok(None) => Some(IDLE_POLL),
-                Err(e) => {
-                    backoff_ms = (backoff_ms * 2).clamp(250, 5_000);
-                    tracing::warn!(webhook = %endpoint.name, error = %e, "webhook deliveries could not be claimed");
-                    Some(Duration::from_millis(backoff_ms))
+                place = places.clone().acquire_owned(), if !ready.is_empty() => {
+                    let place = place.expect("never closed");
+                    let now_ms = self.clock.now_ms();
+                    if ready.front().is_some_and(|r| r.start_by_ms < now_ms) {
+                        // Claims are made one after another: the late ones are in front.
+                        let mut late = Vec::new();
+                        while ready.front().is_some_and(|r| r.start_by_ms < now_ms) {
+                            late.push(ready.pop_front().expect("checked"));
+                        }
+                        attempts.spawn(self.clone().release(endpoint.clone(), late));
+                        continue;
+                    }
+                    let claimed = ready.pop_front().expect("guarded").claimed;
+                    let (this, endpoint, key, ended) =
+                        (self.clone(), endpoint.clone(), key.clone(), ended.clone());
+                    attempts.spawn(async move {
+                        let attempt = this.attempt(&endpoint, &endpoint.url, &key, &claimed).await;
+                        telemetry::webhook_attempt(&endpoint.name, &attempt);
+                        let _ = ended.send((claimed.position, attempt)).await;
+                        drop(place);
+                    });
                 }
-            };
-            drop(free);
-            if let Some(wait) = wait {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = queued.notified(), if backoff_ms == 0 => {}
-                    changed = shutdown.changed() => if changed.is_err() { break },
-                }
+                _ = tokio::time::sleep_until(rest_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if rest_until.is_some() && claiming.is_none() => rest_until = None,
+                _ = queued.notified(), if rest_until.is_some() && backoff_ms == 0 => rest_until = None,
+                changed = shutdown.changed() => if changed.is_err() { break },
             }
         }
-        // Told to stop: the attempts in flight end (each within the request's timeout)
-        // and hand their outcomes over, so their claims are recorded, not left to lapse.
+        // Told to stop: a claim under way ends (its transaction may have committed), and
+        // what was claimed and not sent is released, so no lease is left to lapse (a PUT
+        // that changed the endpoint waits for them: `wait_out`).
+        if let Some(claiming) = claiming.take() {
+            if let (_, claimed_at_ms, Ok(Some(claimed))) = claiming.await {
+                ready.extend(claimed.into_iter().map(|claimed| Ready {
+                    claimed,
+                    start_by_ms: claimed_at_ms,
+                    leased_until_ms: claimed_at_ms + lease_ms,
+                }));
+            }
+        }
+        attempts.spawn(
+            self.clone()
+                .release(endpoint.clone(), ready.drain(..).collect()),
+        );
+        // The attempts in flight end (each within the request's timeout) and hand their
+        // outcomes over, so their claims are recorded, not left to lapse.
         while attempts.join_next().await.is_some() {}
+    }
+
+    /// Gives claimed deliveries that were not sent back: due at once, their attempt not
+    /// counted. Not released (MySQL down), they are due again when their lease ends.
+    async fn release(self: Arc<Self>, endpoint: Arc<Endpoint>, unsent: Vec<Ready>) {
+        if unsent.is_empty() {
+            return;
+        }
+        let leases: Vec<rows::Lease> = unsent
+            .iter()
+            .map(|r| rows::Lease {
+                position: r.claimed.position,
+                owner: self.owner.clone(),
+                until_ms: r.leased_until_ms,
+            })
+            .collect();
+        if let Err(e) = rows::release(&self.db, &endpoint.name, &leases, self.clock.now_ms()).await
+        {
+            tracing::warn!(webhook = %endpoint.name, error = %e, deliveries = unsent.len(),
+                "claimed webhook deliveries could not be released; due again when their lease ends");
+        }
     }
 
     /// Records the outcomes as they come, all that are waiting in one transaction (up
@@ -675,13 +793,13 @@ async fn woken(wake: &mut Option<watch::Receiver<()>>) {
 
 /// No redirects (a redirect is a failed attempt), a timeout over the whole exchange
 /// (an answer trickling in byte by byte counts), few idle connections per endpoint.
-fn client(timeout: Duration) -> reqwest::Client {
+fn client(timeout: Duration, concurrency: usize) -> reqwest::Client {
     crate::auth::jwks::install_tls_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-        .pool_max_idle_per_host(ENDPOINT_CONCURRENCY)
+        .pool_max_idle_per_host(concurrency)
         .user_agent(concat!("flashgate-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("the webhook client builds")

@@ -721,6 +721,7 @@ impl Worker {
                 std::sync::Arc::new(crate::webhooks::SystemClock)
             )
             .with_timeout(Duration::from_millis(settings.webhook_timeout_ms))
+            .with_concurrency(settings.webhook_concurrency as usize)
             .woken_by(self.events_written.subscribe())
             .run(shutdown.clone()),
             self.reconcile_loop(reconcile_every, settings.reconcile_repair, shutdown),

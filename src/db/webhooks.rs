@@ -95,9 +95,14 @@ pub struct Written {
     pub in_flight: Vec<Lease>,
 }
 
-/// Leases `put` lists at most: more than every worker's requests in flight to one
-/// endpoint (ENDPOINT_CONCURRENCY each) in any deployment we know.
-pub const LEASES_LISTED_MAX: u32 = 1000;
+/// Leases `put` lists at most: more than every worker's deliveries claimed for one
+/// endpoint (in flight, at most its concurrency, and claimed ahead, at most
+/// CLAIM_AHEAD) in any deployment we know: 19 workers at the highest concurrency.
+pub const LEASES_LISTED_MAX: u32 = 10_000;
+const _: () = assert!(
+    LEASES_LISTED_MAX as usize
+        >= 16 * (crate::webhooks::CLAIM_AHEAD + crate::webhooks::ENDPOINT_CONCURRENCY_MAX)
+);
 
 /// Creates or replaces an endpoint. A new endpoint gets the events recorded from now
 /// on (replay sends older ones).
@@ -492,6 +497,48 @@ async fn claim_once(
             })
             .collect(),
     ))
+}
+
+/// Gives back deliveries claimed and not sent (`leases`, as their claims wrote them):
+/// due at `now_ms`, the claim's attempt not counted. A lease that is no longer as
+/// written (it ended and another claim took the delivery) is left alone.
+pub async fn release(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
+    for chunk in leases.chunks(STATEMENT_ROWS_MAX as usize) {
+        retried(|| release_once(pool, name, chunk, now_ms)).await?;
+    }
+    Ok(())
+}
+
+async fn release_once(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
+    let _turn = crate::explore::mysql_step("release_deliveries").await;
+    let mut update = QueryBuilder::<MySql>::new(
+        "UPDATE webhook_deliveries SET attempts = attempts - 1, lease_owner = NULL, next_attempt_at = ",
+    );
+    update
+        .push_bind(ms_to_datetime(now_ms))
+        .push(" WHERE webhook = ")
+        .push_bind(name)
+        .push(" AND status = 'pending' AND attempts > 0 AND position IN (");
+    // By key first (the row constructor below may not use the index): the statement
+    // locks these rows only.
+    let mut positions = update.separated(", ");
+    for lease in leases {
+        positions.push_bind(lease.position);
+    }
+    update.push(") AND (position, lease_owner, next_attempt_at) IN (");
+    let mut list = update.separated(", ");
+    for lease in leases {
+        list.push("(")
+            .push_bind_unseparated(lease.position)
+            .push_unseparated(", ")
+            .push_bind_unseparated(&lease.owner)
+            .push_unseparated(", ")
+            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
+            .push_unseparated(")");
+    }
+    update.push(")");
+    update.build().execute(pool).await?;
+    Ok(())
 }
 
 /// How one attempt ended.

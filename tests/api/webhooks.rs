@@ -899,3 +899,140 @@ async fn once_a_put_answers_nothing_goes_to_the_old_url_or_with_the_old_secret()
         .unwrap();
     delete_webhook(&app, &name).await;
 }
+
+/// A worker gives back what it claimed and did not send (told to stop, or too late to
+/// start within its lease): due at once, the attempt not counted. A lease that is no
+/// longer as its claim wrote it (it ended and another claim took the delivery) is left
+/// to that claim.
+#[tokio::test]
+async fn claimed_deliveries_not_sent_are_given_back_and_only_under_their_own_lease() {
+    use flashgate::db::webhooks::{self as rows, Lease};
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("given");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("given-back");
+    app.create_sku(&sku, json!({"stock": 10})).await;
+    for i in 0..3 {
+        let id = app.hold(&sku, &format!("g{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    app.flush(&sku).await;
+    let clock = ManualClock::default();
+    let now = clock_now(&clock);
+    rows::enqueue(&app.db, &name, now, 1000).await.unwrap();
+    let lease_ms = 30_000;
+    let claimed = rows::claim(&app.db, &name, "w", now, lease_ms, 1000)
+        .await
+        .unwrap();
+    assert!(claimed.len() >= 3, "{}", claimed.len());
+    let lease = |position, until_ms| Lease {
+        position,
+        owner: "w".into(),
+        until_ms,
+    };
+    // The first two under their lease; the third under a lease it no longer has.
+    let leases = [
+        lease(claimed[0].position, now + lease_ms),
+        lease(claimed[1].position, now + lease_ms),
+        lease(claimed[2].position, now + lease_ms + 1),
+    ];
+    clock.advance(Duration::from_millis(5));
+    rows::release(&app.db, &name, &leases, clock_now(&clock))
+        .await
+        .unwrap();
+    let row = |position: u64| {
+        let db = app.db.clone();
+        let name = name.clone();
+        async move {
+            sqlx::query_as::<_, (u32, Option<String>, chrono::NaiveDateTime)>(
+                "SELECT attempts, lease_owner, next_attempt_at FROM webhook_deliveries
+                 WHERE webhook = ? AND position = ?",
+            )
+            .bind(&name)
+            .bind(position)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    for given in &claimed[..2] {
+        let (attempts, owner, due) = row(given.position).await;
+        assert_eq!((attempts, owner), (0, None), "given back, not counted");
+        assert_eq!(
+            due.and_utc().timestamp_millis(),
+            clock_now(&clock),
+            "due at once"
+        );
+    }
+    let (attempts, owner, due) = row(claimed[2].position).await;
+    assert_eq!(
+        (attempts, owner.as_deref()),
+        (1, Some("w")),
+        "left to its claim"
+    );
+    assert_eq!(due.and_utc().timestamp_millis(), now + lease_ms);
+    // What was given back is claimed (and sent) at once; the other waits out its lease.
+    let d = Deliverer::new(app.db.clone(), Arc::new(clock.clone())).only(&[&name]);
+    drain(&d, &app, &name).await;
+    // (The endpoint also gets other tests' events: the claim may hold some of them.)
+    let sent: Vec<String> = receiver
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    assert!(sent.contains(&claimed[0].event_id) && sent.contains(&claimed[1].event_id));
+    assert!(
+        !sent.contains(&claimed[2].event_id),
+        "sent under another's lease"
+    );
+    delete_webhook(&app, &name).await;
+}
+
+/// Two workers queueing one endpoint's events at once queue each event once.
+#[tokio::test]
+async fn two_workers_queueing_at_once_queue_each_event_once() {
+    use flashgate::db::webhooks as rows;
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("requeue");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("requeued");
+    app.create_sku(&sku, json!({"stock": 10})).await;
+    for i in 0..4 {
+        let id = app.hold(&sku, &format!("q{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    app.flush(&sku).await;
+    // Two workers queue at once: each event once.
+    let now = chrono::Utc::now().timestamp_millis();
+    let (a, b) = tokio::join!(
+        rows::enqueue(&app.db, &name, now, 1000),
+        rows::enqueue(&app.db, &name, now, 1000)
+    );
+    a.unwrap();
+    b.unwrap();
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM webhook_deliveries d JOIN events e ON e.position = d.position
+         WHERE d.webhook = ? AND e.sku = ?",
+    )
+    .bind(&name)
+    .bind(&sku)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(queued, 4, "each cancel queued once");
+    delete_webhook(&app, &name).await;
+}

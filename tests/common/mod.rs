@@ -90,6 +90,7 @@ pub fn serve_args(redis_url: &str, database_url: &str) -> ServeArgs {
             flush_claim_idle_ms: 30_000,
             events_retention_hours: 72,
             webhook_timeout_ms: 10_000,
+            webhook_concurrency: flashgate::webhooks::ENDPOINT_CONCURRENCY as u64,
         },
     }
 }
