@@ -156,6 +156,13 @@ pub struct Args {
     #[arg(long, env = "FLASHGATE_BENCH_SOLDOUT_STOCK", default_value_t = 100)]
     pub soldout_stock: u64,
 
+    /// Sold-out phase: its reserves come from this many users taken in turn, each with
+    /// one token for the run, as an outside probe's users send again and again (the
+    /// gateway then answers their tokens from its verified-token cache); a user who
+    /// holds a unit may be told `limit_exceeded`. 0: a fresh user and token per reserve.
+    #[arg(long, env = "FLASHGATE_BENCH_SOLDOUT_USERS", default_value_t = 0)]
+    pub soldout_users: u64,
+
     /// Sold-out phase: holds cancelled half-way; each unit must be sold again within 1 s.
     #[arg(long, env = "FLASHGATE_BENCH_REOPEN_UNITS", default_value_t = 10)]
     pub reopen_units: u64,

@@ -274,8 +274,9 @@ pub enum Workload {
         next: AtomicU64,
         endpoint: Endpoint,
     },
-    /// Reserves by fresh users on a SKU that is sold out (after its first units).
-    SoldOut { sku: String },
+    /// Reserves on a SKU that is sold out (after its first units): by fresh users, or
+    /// by these users' tokens taken in turn (--soldout-users).
+    SoldOut { sku: String, tokens: Vec<String> },
     /// The flash sale: reserve, then pay / cancel / abandon, retries, duplicate webhooks.
     Mixed { skus: Vec<String> },
     /// GET /healthz: the cheapest answer the gateway gives, through the same client at
@@ -288,7 +289,21 @@ impl Workload {
     async fn flow(&self, ctx: &Ctx, rec: &Recorder, rng: &mut StdRng, intended: Instant) {
         match self {
             Workload::Reserve { sku } => reserve_only(ctx, rec, sku, intended, false, false).await,
-            Workload::SoldOut { sku } => reserve_only(ctx, rec, sku, intended, true, false).await,
+            Workload::SoldOut { sku, tokens } if tokens.is_empty() => {
+                reserve_only(ctx, rec, sku, intended, true, false).await
+            }
+            Workload::SoldOut { sku, tokens } => {
+                let n = ctx.next_flow();
+                let key = format!("k{n}");
+                let one = OneReserve {
+                    endpoint: Endpoint::Reserve,
+                    sku,
+                    token: &tokens[n as usize % tokens.len()],
+                    key: &key,
+                    may_hold_already: true,
+                };
+                reserve_checked(ctx, rec, one, intended, true, false).await
+            }
             Workload::Sheddable { sku } => reserve_only(ctx, rec, sku, intended, false, true).await,
             Workload::Users {
                 sku,
@@ -303,6 +318,7 @@ impl Workload {
                     sku,
                     token: &tokens[turn],
                     key: &key,
+                    may_hold_already: false,
                 };
                 reserve_checked(ctx, rec, one, intended, false, true).await
             }
@@ -348,6 +364,7 @@ async fn reserve_only(
         sku,
         token: &token,
         key: &key,
+        may_hold_already: false,
     };
     reserve_checked(ctx, rec, one, intended, track, admission).await
 }
@@ -358,6 +375,8 @@ struct OneReserve<'a> {
     sku: &'a str,
     token: &'a str,
     key: &'a str,
+    /// A user who sends again (a pool's): `limit_exceeded` is an allowed answer.
+    may_hold_already: bool,
 }
 
 /// Sends one reserve and files its answer: a new hold in the ledger (with when, if
@@ -377,6 +396,7 @@ async fn reserve_checked(
         sku,
         token,
         key,
+        may_hold_already,
     } = one;
     let (answer, fields) = ctx
         .reserve(rec, endpoint, sku, token, key, 1, intended)
@@ -397,6 +417,7 @@ async fn reserve_checked(
             });
         }
         409 if fields.code.as_deref() == Some("sold_out") => {}
+        409 if may_hold_already && fields.code.as_deref() == Some("limit_exceeded") => {}
         429 | 503 if admission && refused && answer.retry_after => {}
         429 | 503 if admission && refused => ctx.violations.add(format!(
             "admission refusal without Retry-After on {sku}: {}",

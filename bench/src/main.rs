@@ -825,12 +825,20 @@ async fn run(args: Args) -> Result<bool> {
                 "soldout",
                 Workload::SoldOut {
                     sku: soldout_sku.clone(),
+                    tokens: (0..args.soldout_users)
+                        .map(|i| ctx.token_for(&format!("{run_id}-s{i}")))
+                        .collect(),
                 },
                 args.soldout_duration,
                 vec![soldout_sku.clone()],
                 format!(
-                    "reserves by fresh users on one SKU of {} units, sold out at once; {} units cancelled half-way must sell again",
-                    args.soldout_stock, args.reopen_units
+                    "reserves by {} on one SKU of {} units, sold out at once; {} units cancelled half-way must sell again",
+                    match args.soldout_users {
+                        0 => "fresh users".to_string(),
+                        n => format!("{n} users taken in turn"),
+                    },
+                    args.soldout_stock,
+                    args.reopen_units
                 ),
             ),
             PhaseName::Ceiling => (
