@@ -43,6 +43,8 @@ struct Args {
     variant: world::Variant,
     /// An operator's stock PUTs among the actors.
     with_admin: bool,
+    /// Redis going back to a snapshot among the faults.
+    with_rollback: bool,
     /// The waiting room's world instead of the split SKU's.
     queue: bool,
     verbose: bool,
@@ -55,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
         minutes: None,
         variant: world::Variant::Current,
         with_admin: false,
+        with_rollback: false,
         queue: false,
         verbose: false,
     };
@@ -77,12 +80,16 @@ fn parse_args() -> Result<Args, String> {
             "--old-rebuild" => args.variant = world::Variant::OldRebuild,
             "--verbose" => args.verbose = true,
             "--admin" => args.with_admin = true,
+            "--rollback" => args.with_rollback = true,
             "--queue" => args.queue = true,
             // What `cargo test` may pass to every test binary.
             "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
             _ => {} // a test-name filter from `cargo test NAME`: the explorer runs whole
         }
+    }
+    if args.queue && args.with_rollback {
+        return Err("--rollback explores the split SKU's world, not --queue".into());
     }
     Ok(args)
 }
@@ -99,7 +106,7 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--queue] [--verbose]");
+            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--rollback] [--queue] [--verbose]");
             std::process::exit(2);
         }
     };
@@ -125,6 +132,7 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: true,
+            with_rollback: false,
             queue: false,
             verbose,
         };
@@ -138,6 +146,7 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: false,
+            with_rollback: false,
             queue: true,
             verbose,
         };
@@ -154,6 +163,7 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: true,
+            with_rollback: false,
             queue: true,
             verbose,
         };
@@ -177,6 +187,7 @@ fn main() {
                 minutes: None,
                 variant,
                 with_admin: false,
+                with_rollback: false,
                 queue: false,
                 verbose,
             };
@@ -213,6 +224,7 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
                 seed,
                 args.variant,
                 args.with_admin,
+                args.with_rollback,
                 args.verbose,
             )
             .await
@@ -222,7 +234,7 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
         faults += outcome.faults;
         if let Some(failure) = outcome.failure {
             println!(
-                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}",
+                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}{}",
                 outcome.steps,
                 if args.queue {
                     "the waiting room".to_owned()
@@ -231,7 +243,8 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
                 },
                 outcome.trace_tail,
                 if args.queue { " --queue" } else { args.variant.flag() },
-                if args.with_admin { " --admin" } else { "" }
+                if args.with_admin { " --admin" } else { "" },
+                if args.with_rollback { " --rollback" } else { "" }
             );
             return 1;
         }
