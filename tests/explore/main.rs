@@ -45,6 +45,8 @@ struct Args {
     with_admin: bool,
     /// Redis going back to a snapshot among the faults.
     with_rollback: bool,
+    /// Goes on after a failing seed (to count them); exits 1 at the end if any failed.
+    keep_going: bool,
     /// The waiting room's world instead of the split SKU's.
     queue: bool,
     verbose: bool,
@@ -58,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         variant: world::Variant::Current,
         with_admin: false,
         with_rollback: false,
+        keep_going: false,
         queue: false,
         verbose: false,
     };
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
             "--verbose" => args.verbose = true,
             "--admin" => args.with_admin = true,
             "--rollback" => args.with_rollback = true,
+            "--keep-going" => args.keep_going = true,
             "--queue" => args.queue = true,
             // What `cargo test` may pass to every test binary.
             "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
@@ -106,7 +110,7 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--rollback] [--queue] [--verbose]");
+            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--rollback] [--keep-going] [--queue] [--verbose]");
             std::process::exit(2);
         }
     };
@@ -133,6 +137,7 @@ fn main() {
             variant: world::Variant::Current,
             with_admin: true,
             with_rollback: false,
+            keep_going: false,
             queue: false,
             verbose,
         };
@@ -147,6 +152,7 @@ fn main() {
             variant: world::Variant::Current,
             with_admin: false,
             with_rollback: false,
+            keep_going: false,
             queue: true,
             verbose,
         };
@@ -164,6 +170,7 @@ fn main() {
             variant: world::Variant::Current,
             with_admin: true,
             with_rollback: false,
+            keep_going: false,
             queue: true,
             verbose,
         };
@@ -188,6 +195,7 @@ fn main() {
                 variant,
                 with_admin: false,
                 with_rollback: false,
+                keep_going: false,
                 queue: false,
                 verbose,
             };
@@ -205,7 +213,8 @@ fn main() {
 async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) -> i32 {
     let started = Instant::now();
     let deadline = args.minutes.map(|m| started + Duration::from_secs(m * 60));
-    let (mut ran, mut steps, mut faults) = (0u64, 0u64, 0u64);
+    let (mut ran, mut steps, mut faults, mut rollbacks) = (0u64, 0u64, 0u64, 0u64);
+    let mut failed = Vec::new();
     let mut seed = args.first;
     loop {
         let done = match deadline {
@@ -232,6 +241,7 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
         ran += 1;
         steps += outcome.steps;
         faults += outcome.faults;
+        rollbacks += outcome.rollbacks;
         if let Some(failure) = outcome.failure {
             println!(
                 "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}{}",
@@ -246,7 +256,12 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
                 if args.with_admin { " --admin" } else { "" },
                 if args.with_rollback { " --rollback" } else { "" }
             );
-            return 1;
+            if !args.keep_going {
+                return 1;
+            }
+            failed.push(seed);
+            seed += 1;
+            continue;
         }
         if args.verbose {
             println!(
@@ -258,10 +273,16 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "explore: {ran} seeds held ({} to {}), {steps} steps, {faults} faults in {secs:.0} s ({:.1} seeds/min)",
+        "explore: {} of {ran} seeds held ({} to {}), {steps} steps, {faults} faults ({rollbacks} rollbacks) in {secs:.0} s ({:.1} seeds/min)",
+        ran - failed.len() as u64,
         args.first,
         seed - 1,
         ran as f64 * 60.0 / secs.max(0.001)
     );
-    0
+    if failed.is_empty() {
+        0
+    } else {
+        println!("explore: seeds that failed: {failed:?}");
+        1
+    }
 }

@@ -363,6 +363,7 @@ pub async fn run_seed(
     Outcome {
         steps: scheduler.steps,
         faults,
+        rollbacks: 0,
         failure,
         trace_tail: scheduler.tail(60),
     }

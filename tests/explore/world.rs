@@ -49,6 +49,8 @@ pub(crate) const TIMING: TransferTiming = TransferTiming {
 const FAULT_STEPS: u64 = 500;
 /// A seed's steps at most.
 const MAX_STEPS: u64 = 2_500;
+/// How long the processes may call nothing before the seed fails as stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(20);
 
 pub struct Env {
     pub(crate) redis_url: String,
@@ -84,6 +86,8 @@ pub(crate) async fn connect_redis(url: &str) -> flashgate::store::RedisConnectio
 pub struct Outcome {
     pub steps: u64,
     pub faults: u64,
+    /// Rollbacks to a snapshot that happened (`--rollback`).
+    pub rollbacks: u64,
     pub failure: Option<String>,
     pub trace_tail: String,
 }
@@ -273,6 +277,7 @@ pub async fn run_seed(
     let mut faults = 0u64;
     let mut failure = None;
     let mut snapshot: Option<Snapshot> = None;
+    let mut last_step = std::time::Instant::now();
     let mut last_stock = String::new();
     loop {
         scheduler.settle().await;
@@ -376,9 +381,25 @@ pub async fn run_seed(
                 scheduler.settle().await;
             }
         }
-        if !scheduler.step().await {
+        if scheduler.step().await {
+            last_step = std::time::Instant::now();
+        } else {
             // Nothing waits at the gate: tasks are sleeping on timers.
             tokio::time::sleep(Duration::from_millis(2)).await;
+            // Every timer of the product and the actors is far shorter: live processes
+            // that call nothing for this long are stuck.
+            if last_step.elapsed() > STUCK_AFTER {
+                let stuck: Vec<u32> = processes
+                    .iter()
+                    .filter(|(_, p)| p.tasks.iter().any(|t| !t.is_finished()))
+                    .map(|(&p, _)| p)
+                    .collect();
+                failure = Some(format!(
+                    "stuck: processes {stuck:?} live but no call for {} s",
+                    STUCK_AFTER.as_secs()
+                ));
+                break;
+            }
         }
     }
     for process in processes.values() {
@@ -388,7 +409,18 @@ pub async fn run_seed(
     }
     flashgate::explore::skew_host_clock(0);
     if failure.is_none() {
-        failure = settle_and_check_money(env, &world).await.err();
+        failure = match tokio::time::timeout(
+            STUCK_AFTER * 3,
+            settle_and_check_money(env, &world),
+        )
+        .await
+        {
+            Ok(result) => result.err(),
+            Err(_) => Some(format!(
+                "stuck: the repair and flush after the actors took over {} s",
+                (STUCK_AFTER * 3).as_secs()
+            )),
+        };
     }
     if verbose {
         eprintln!(
@@ -405,9 +437,11 @@ pub async fn run_seed(
     if std::env::var_os("EXPLORE_DUMP").is_some() {
         eprintln!("{}", scheduler.trace.join("\n"));
     }
+    let rollbacks = world.journal.lock().unwrap().rollbacks;
     Outcome {
         steps: scheduler.steps,
         faults,
+        rollbacks,
         failure,
         trace_tail: scheduler.tail(60),
     }
