@@ -123,12 +123,6 @@ pub(crate) struct Journal {
     /// Snapshots taken so far, and whether one is pending (not yet rolled back to).
     pub(crate) snapshots: u64,
     pub(crate) snapshot_pending: bool,
-    /// The most stock MySQL had since the pending (or last) snapshot: what a rollback
-    /// may hand the buckets back.
-    pub(crate) stock_since_snapshot: u64,
-    /// Set by a rollback of one bucket: the others kept their transfers' takes or gives,
-    /// so Σ over buckets is off until the repair (checked at the end).
-    pub(crate) buckets_disagree: bool,
 }
 
 impl Journal {
@@ -350,11 +344,9 @@ pub async fn run_seed(
                         // An older snapshot stays: the replica lags further behind.
                         if snapshot.is_none() {
                             snapshot = Some(Snapshot::take(env, &world.keys).await);
-                            let stock = check_stock(env, &world).await.unwrap_or(0);
                             let mut journal = world.journal.lock().unwrap();
                             journal.snapshots += 1;
                             journal.snapshot_pending = true;
-                            journal.stock_since_snapshot = stock;
                         }
                     }
                     Fault::RollBack | Fault::RollBackBucket => {
@@ -374,7 +366,6 @@ pub async fn run_seed(
                             journal.rollbacks += 1;
                             let era = journal.era();
                             journal.rollback_eras.push(era);
-                            journal.buckets_disagree |= buckets.len() < world.keys.len();
                         }
                     }
                 }
@@ -863,31 +854,18 @@ async fn stock_line(env: &Env, world: &World) -> String {
     }
 }
 
-/// The SKU's stock in MySQL, or the larger one a PUT in flight moves between.
-async fn check_stock(env: &Env, world: &World) -> Result<u64, String> {
-    let put_in_flight = *world.put_in_flight.lock().unwrap();
-    Ok(mysql_stock(&env.pool, &world.sku)
-        .await?
-        .max(put_in_flight.unwrap_or(0)))
-}
-
 pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     let put_in_flight = *world.put_in_flight.lock().unwrap();
-    let stock = check_stock(env, world).await?;
-    // What the buckets may hold: the stock, or after a rollback the most stock MySQL
-    // had since its snapshot (the buckets went back to some stock of that time), until
-    // the repair (checked exactly at the end, by `settle_and_check_money`).
-    let ceiling = {
-        let mut journal = world.journal.lock().unwrap();
-        if journal.snapshot_pending {
-            journal.stock_since_snapshot = journal.stock_since_snapshot.max(stock);
-        }
-        match journal.rollbacks {
-            0 => stock,
-            _ => stock.max(journal.stock_since_snapshot),
-        }
-    };
-    let buckets_disagree = world.journal.lock().unwrap().buckets_disagree;
+    let stock = mysql_stock(&env.pool, &world.sku)
+        .await?
+        .max(put_in_flight.unwrap_or(0));
+    // After a rollback the buckets may hold more than the stock until the repair
+    // (checked exactly at the end, by `settle_and_check_money`): they went back to the
+    // stock of the snapshot's time (a PUT since may have lowered it), a give whose take
+    // the donor forgot counts its units twice (also when only one bucket went back),
+    // and the repair's `overcommitted` raises a bucket's stock_total to what it holds
+    // and sold.
+    let rolled_back = world.journal.lock().unwrap().rollbacks > 0;
     let mut conn = env.observer.connection();
     let mut present_total = 0u64;
     let mut missing = Vec::new();
@@ -929,9 +907,9 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     let sold_per_bucket = mysql_sold_per_bucket(&env.pool, &world.sku, &sales).await?;
     let committed_missing: u64 = missing.iter().map(|&b| sold_per_bucket[b]).sum();
     let allocated = present_total + in_transit + committed_missing;
-    if allocated > ceiling && !buckets_disagree {
+    if allocated > stock && !rolled_back {
         return Err(format!(
-            "over-allocated: Σ stock_total {present_total} + in transit {in_transit} + sold in lost buckets {committed_missing} = {allocated} > stock {ceiling} (invariant 1; missing buckets {missing:?})"
+            "over-allocated: Σ stock_total {present_total} + in transit {in_transit} + sold in lost buckets {committed_missing} = {allocated} > stock {stock} (invariant 1; missing buckets {missing:?})"
         ));
     }
     if missing.is_empty() && put_in_flight.is_none() && present_total + in_transit != stock {
