@@ -400,18 +400,7 @@ pub async fn run_seed(
     }
     flashgate::explore::skew_host_clock(0);
     if failure.is_none() {
-        failure = match tokio::time::timeout(
-            STUCK_AFTER * 3,
-            settle_and_check_money(env, &world),
-        )
-        .await
-        {
-            Ok(result) => result.err(),
-            Err(_) => Some(format!(
-                "stuck: the repair and flush after the actors took over {} s",
-                (STUCK_AFTER * 3).as_secs()
-            )),
-        };
+        failure = settle_and_check_money(env, &world).await.err();
     }
     if verbose {
         eprintln!(
@@ -506,6 +495,41 @@ impl Snapshot {
             let _: () = pipe.query_async(&mut conn).await.expect("restore");
         }
     }
+}
+
+/// The rollback fault itself (the plain run checks it in a few ms): a snapshot, then
+/// writes (a counter changed, a key made, a key deleted), then the rollback puts back
+/// exactly the copy, a key's deadline included.
+pub async fn check_rollback_fault(env: &Env) -> Result<(), String> {
+    let sku = SkuId::parse("explore-rollback-fault").unwrap();
+    let keys = vec![SkuKeys::new(&sku)];
+    lose(env, &keys).await;
+    let mut conn = env.observer.connection();
+    let k = &keys[0];
+    let e = |e: redis::RedisError| e.to_string();
+    let _: () = conn.hset(&k.meta, "available", 3).await.map_err(e)?;
+    let _: () = conn.pset_ex(&k.used, "claim", 60_000).await.map_err(e)?;
+    let snapshot = Snapshot::take(env, &keys).await;
+    let _: () = conn.hset(&k.meta, "available", 2).await.map_err(e)?;
+    let _: () = conn.set(&k.holds, "made since").await.map_err(e)?;
+    let _: () = conn.del(&k.used).await.map_err(e)?;
+    snapshot.restore(env, &keys, &[0]).await;
+    let available: Option<i64> = conn.hget(&k.meta, "available").await.map_err(e)?;
+    let made_since: bool = conn.exists(&k.holds).await.map_err(e)?;
+    let used: Option<String> = conn.get(&k.used).await.map_err(e)?;
+    let deadline_ms: i64 = conn.pttl(&k.used).await.map_err(e)?;
+    lose(env, &keys).await;
+    if available != Some(3) || made_since || used.as_deref() != Some("claim") {
+        return Err(format!(
+            "rollback left available {available:?}, a key made since: {made_since}, the deleted key: {used:?}"
+        ));
+    }
+    if !(0 < deadline_ms && deadline_ms <= 60_000) {
+        return Err(format!(
+            "rollback left the key's deadline {deadline_ms} ms away"
+        ));
+    }
+    Ok(())
 }
 
 /// Every key of one bucket (they share its hash tag).
@@ -996,19 +1020,26 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     let store = env.observer.clone().with_timing(TIMING);
     let worker = Worker::new(store.clone(), env.pool.clone());
     tokio::time::sleep(TIMING.stale).await;
+    // Each pass bounded, so that a stuck one is named.
+    let bounded = |what: &'static str| move |_| format!("stuck: the {what}, over {STUCK_AFTER:?}");
     for _ in 0..3 {
-        world.finish(&store).await;
-        world
-            .reconcile(&store, &env.pool)
+        tokio::time::timeout(STUCK_AFTER, world.finish(&store))
             .await
+            .map_err(bounded("finisher"))?;
+        tokio::time::timeout(STUCK_AFTER, world.reconcile(&store, &env.pool))
+            .await
+            .map_err(bounded("reconciler"))?
             .map_err(|e| e.to_string())?;
-        world
-            .each_bucket(|sale| {
+        tokio::time::timeout(
+            STUCK_AFTER,
+            world.each_bucket(|sale| {
                 let worker = &worker;
                 async move { worker.flush_sku(&sale).await }
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            }),
+        )
+        .await
+        .map_err(bounded("flush"))?
+        .map_err(|e| e.to_string())?;
     }
     check(env, world).await?;
     check_events(env, world).await?;
