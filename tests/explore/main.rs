@@ -283,10 +283,15 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "explore: {} of {ran} seeds held ({} to {}), {steps} steps, {faults} faults ({rollbacks} rollbacks) in {secs:.0} s ({:.1} seeds/min)",
+        "explore: {} of {ran} seeds held ({} to {}), {steps} steps, {faults} faults{} in {secs:.0} s ({:.1} seeds/min)",
         ran - failed.len() as u64,
         args.first,
         seed - 1,
+        if args.with_rollback {
+            format!(" ({rollbacks} rollbacks)")
+        } else {
+            String::new()
+        },
         ran as f64 * 60.0 / secs.max(0.001)
     );
     if failed.is_empty() {

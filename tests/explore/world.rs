@@ -51,6 +51,8 @@ const FAULT_STEPS: u64 = 500;
 const MAX_STEPS: u64 = 2_500;
 /// How long the processes may call nothing before the seed fails as stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(20);
+/// A seed's real time at most before it fails as stuck (they take 4 to 8 s).
+const SEED_TIME_MAX: Duration = Duration::from_secs(90);
 
 pub struct Env {
     pub(crate) redis_url: String,
@@ -371,6 +373,15 @@ pub async fn run_seed(
                 }
                 scheduler.settle().await;
             }
+        }
+        // A seed takes seconds; one whose processes only poll (a reconciler waiting on
+        // a check that will not end) would take the rest of MAX_STEPS at their pace.
+        if started.elapsed() > SEED_TIME_MAX {
+            failure = Some(format!(
+                "stuck: still running after {SEED_TIME_MAX:?} ({} steps)",
+                scheduler.steps
+            ));
+            break;
         }
         if scheduler.step().await {
             last_step = std::time::Instant::now();
