@@ -1,11 +1,13 @@
-//! The interleaving explorer: `scripts/dev explore [--seeds N] [--seed S] [--minutes M]`.
+//! The interleaving explorer: `scripts/dev explore [--seeds N] [--seed S] [--minutes M]
+//! [--admin] [--rollback] [--keep-going]`.
 //!
 //! Real gateway, worker, finisher and reconciler code against the real Redis (the real
 //! Lua scripts) and MariaDB, a split SKU sold by several simulated processes at once.
 //! Every Redis command and MySQL call waits at a gate (flashgate::explore) and a
 //! scheduler seeded by the seed picks which waiting call runs next; between calls it
 //! injects faults (a process killed, a process stalled past its leases, Redis losing
-//! the SKU or one bucket, a host clock off from Redis's). After every call it checks
+//! the SKU or one bucket, a host clock off from Redis's; with `--rollback`, Redis going
+//! back to a snapshot of the SKU's keys). After every call it checks
 //! the invariants of the contract (tests/explore/world.rs). A failure prints its seed
 //! and the schedule's tail; `--seed S` runs the same seed again.
 //!
@@ -43,6 +45,10 @@ struct Args {
     variant: world::Variant,
     /// An operator's stock PUTs among the actors.
     with_admin: bool,
+    /// Redis going back to a snapshot among the faults.
+    with_rollback: bool,
+    /// Goes on after a failing seed (to count them); exits 1 at the end if any failed.
+    keep_going: bool,
     /// The waiting room's world instead of the split SKU's.
     queue: bool,
     verbose: bool,
@@ -55,6 +61,8 @@ fn parse_args() -> Result<Args, String> {
         minutes: None,
         variant: world::Variant::Current,
         with_admin: false,
+        with_rollback: false,
+        keep_going: false,
         queue: false,
         verbose: false,
     };
@@ -77,12 +85,17 @@ fn parse_args() -> Result<Args, String> {
             "--old-rebuild" => args.variant = world::Variant::OldRebuild,
             "--verbose" => args.verbose = true,
             "--admin" => args.with_admin = true,
+            "--rollback" => args.with_rollback = true,
+            "--keep-going" => args.keep_going = true,
             "--queue" => args.queue = true,
             // What `cargo test` may pass to every test binary.
             "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
             _ => {} // a test-name filter from `cargo test NAME`: the explorer runs whole
         }
+    }
+    if args.queue && args.with_rollback {
+        return Err("--rollback explores the split SKU's world, not --queue".into());
     }
     Ok(args)
 }
@@ -99,7 +112,7 @@ fn main() {
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--queue] [--verbose]");
+            eprintln!("explore: {e}\nusage: explore [--seeds N] [--seed S] [--from S] [--minutes M] [--old-finisher|--old-rebuild] [--admin] [--rollback] [--keep-going] [--queue] [--verbose]");
             std::process::exit(2);
         }
     };
@@ -125,6 +138,8 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: true,
+            with_rollback: false,
+            keep_going: false,
             queue: false,
             verbose,
         };
@@ -138,6 +153,8 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: false,
+            with_rollback: false,
+            keep_going: false,
             queue: true,
             verbose,
         };
@@ -154,6 +171,8 @@ fn main() {
             minutes: None,
             variant: world::Variant::Current,
             with_admin: true,
+            with_rollback: false,
+            keep_going: false,
             queue: true,
             verbose,
         };
@@ -161,6 +180,14 @@ fn main() {
         if code != 0 {
             return code;
         }
+        // Seeds with `--rollback` are not in the plain run yet: they find that a
+        // rollback resells units MySQL records as sold (issue 21). The fault itself is
+        // checked here.
+        if let Err(e) = world::check_rollback_fault(&env).await {
+            println!("explore: the rollback fault is broken: {e}");
+            return 1;
+        }
+        println!("explore: the rollback fault puts Redis back to its snapshot");
         for (variant, what) in [
             (
                 world::Variant::OldFinisher,
@@ -177,6 +204,8 @@ fn main() {
                 minutes: None,
                 variant,
                 with_admin: false,
+                with_rollback: false,
+                keep_going: false,
                 queue: false,
                 verbose,
             };
@@ -194,7 +223,8 @@ fn main() {
 async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) -> i32 {
     let started = Instant::now();
     let deadline = args.minutes.map(|m| started + Duration::from_secs(m * 60));
-    let (mut ran, mut steps, mut faults) = (0u64, 0u64, 0u64);
+    let (mut ran, mut steps, mut faults, mut rollbacks) = (0u64, 0u64, 0u64, 0u64);
+    let mut failed = Vec::new();
     let mut seed = args.first;
     loop {
         let done = match deadline {
@@ -213,6 +243,7 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
                 seed,
                 args.variant,
                 args.with_admin,
+                args.with_rollback,
                 args.verbose,
             )
             .await
@@ -220,9 +251,10 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
         ran += 1;
         steps += outcome.steps;
         faults += outcome.faults;
+        rollbacks += outcome.rollbacks;
         if let Some(failure) = outcome.failure {
             println!(
-                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}",
+                "explore: seed {seed} FAILED after {} steps ({}): {failure}\n--- schedule (last steps) ---\n{}\n---\nreplay: scripts/dev explore --seed {seed}{}{}{}",
                 outcome.steps,
                 if args.queue {
                     "the waiting room".to_owned()
@@ -231,9 +263,15 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
                 },
                 outcome.trace_tail,
                 if args.queue { " --queue" } else { args.variant.flag() },
-                if args.with_admin { " --admin" } else { "" }
+                if args.with_admin { " --admin" } else { "" },
+                if args.with_rollback { " --rollback" } else { "" }
             );
-            return 1;
+            if !args.keep_going {
+                return 1;
+            }
+            failed.push(seed);
+            seed += 1;
+            continue;
         }
         if args.verbose {
             println!(
@@ -245,10 +283,21 @@ async fn explore(env: &world::Env, turnstile: &schedule::Turnstile, args: Args) 
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "explore: {ran} seeds held ({} to {}), {steps} steps, {faults} faults in {secs:.0} s ({:.1} seeds/min)",
+        "explore: {} of {ran} seeds held ({} to {}), {steps} steps, {faults} faults{} in {secs:.0} s ({:.1} seeds/min)",
+        ran - failed.len() as u64,
         args.first,
         seed - 1,
+        if args.with_rollback {
+            format!(" ({rollbacks} rollbacks)")
+        } else {
+            String::new()
+        },
         ran as f64 * 60.0 / secs.max(0.001)
     );
-    0
+    if failed.is_empty() {
+        0
+    } else {
+        println!("explore: seeds that failed: {failed:?}");
+        1
+    }
 }

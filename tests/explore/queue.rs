@@ -363,6 +363,7 @@ pub async fn run_seed(
     Outcome {
         steps: scheduler.steps,
         faults,
+        rollbacks: 0,
         failure,
         trace_tail: scheduler.tail(60),
     }
@@ -681,13 +682,13 @@ impl Queue {
 
     fn record_hold(&self, user: &str, key: &str, rid: &str) {
         let mut journal = self.world.journal.lock().unwrap();
-        let losses = journal.losses;
+        let era = journal.era();
         let seen = journal
             .holds
             .entry((user.to_owned(), key.to_owned()))
             .or_default();
         if !seen.iter().any(|(r, _)| r == rid) {
-            seen.push((rid.to_owned(), losses));
+            seen.push((rid.to_owned(), era));
             journal.reservations.push(rid.to_owned());
         }
     }
