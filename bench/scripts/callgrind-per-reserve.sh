@@ -5,12 +5,14 @@
 # /metrics, and prints (Ir_long - Ir_short) / (reserves_long - reserves_short):
 # start-up and set-up cancel out.
 #
-#   bench/scripts/callgrind-per-reserve.sh BINARY [PORT] [PHASE]
-# PHASE: reserve (default), or soldout (instructions per sold-out answer).
+#   bench/scripts/callgrind-per-reserve.sh BINARY [PORT] [PHASE] [HARNESS FLAGS...]
+# PHASE: reserve (default), or soldout (instructions per sold-out answer); e.g.
+# `... soldout --soldout-users 1000` for users who send again.
 # Needs valgrind, the dev servers (scripts/dev up) and a release flashgate-bench.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="$(realpath "$1")" port="${2:-8095}" phase="${3:-reserve}"
+extra=("${@:4}")
 out="$(mktemp -d)"
 cd "$ROOT" && eval "$(scripts/dev env)"
 run() { # seconds -> "reserves instructions"
@@ -20,7 +22,7 @@ run() { # seconds -> "reserves instructions"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.5; done
   target/release/flashgate-bench --base-url "http://127.0.0.1:$port" --phases "$phase" --baseline none \
     --duration "$1s" --soldout-duration "$1s" --warmup 3s --validate-sample 0 -c 32 --end-sales --no-progress \
-    --output-dir "$out/run.$1" --gateway-pid "$vpid" --flush-timeout 1s >"$out/bench.$1.txt" 2>&1 || true
+    --output-dir "$out/run.$1" --gateway-pid "$vpid" --flush-timeout 1s "${extra[@]}" >"$out/bench.$1.txt" 2>&1 || true
   local n
   n=$(curl -s "http://127.0.0.1:$port/metrics" |
     awk '/^flashgate_requests_total\{route="\/v1\/skus\/\{sku\}\/reservations"/ {s += $2} END {print s}')
