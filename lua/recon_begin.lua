@@ -7,7 +7,8 @@
 -- KEYS[1] fg:{sku}:meta   KEYS[2] fg:{sku}:deadlines   KEYS[3] fg:{sku}:outbox
 -- KEYS[4] fg:{sku}:rlog
 -- ARGV[1] ms past its deadline after which a still counted hold is a ghost
--- ARGV[2] ms the creation log may stay on (a check that takes longer is incomplete)
+-- ARGV[2] the claim's lease, ms: the check renews it as it reads (recon_renew.lua); a
+--         check that lets it run out is incomplete
 -- ARGV[3] this check's id: one check of a SKU at a time (the log is the SKU's)
 --
 -- Reply: {'missing'} when the SKU has no state in Redis,

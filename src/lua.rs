@@ -122,6 +122,7 @@ scripts!(
     recon_holds,
     recon_used,
     recon_end,
+    recon_renew,
     repair,
     resolve_compensation,
     reap_consumers,

@@ -51,9 +51,14 @@ async fn pace(slice: usize, slice_started: std::time::Instant) {
 /// How long a check waits for another check of the same SKU to end.
 const CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// How long one SKU's check may take (its creation log stays on this long at most);
-/// a check that takes longer is incomplete: drift unknown.
-const CHECK_WINDOW_MS: i64 = 15 * 60 * 1000;
+/// A check's claim on the SKU's creation log (lua/recon_begin.lua) is a lease this
+/// long, renewed as the check reads (`CheckLease`): a check that died, or a claim a
+/// Redis rollback brought back, keeps the SKU's other checks waiting this long at
+/// most. A check that goes longer without renewing (stalled) is incomplete: drift
+/// unknown.
+const CHECK_LEASE_MS: i64 = 10_000;
+/// How often a check renews its lease: well inside it.
+const CHECK_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Holds this far past their deadline and still counted are ghosts: the sweeper
 /// (interval 1 s by default) should have returned them long ago.
 pub const GHOST_AFTER_MS: i64 = 10_000;
@@ -252,7 +257,7 @@ async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
             .key(&keys.outbox)
             .key(&keys.rlog)
             .arg(GHOST_AFTER_MS)
-            .arg(CHECK_WINDOW_MS)
+            .arg(CHECK_LEASE_MS)
             .arg(&check_id)
             .invoke_async(&mut conn)
             .await?;
@@ -270,7 +275,12 @@ async fn snapshot(store: &Store, sku: &SkuId) -> Result<Option<Snapshot>> {
         return Ok(None);
     };
     let position_t = head[8].clone();
-    let read = read_slices(store, &keys, &position_t).await;
+    let mut lease = CheckLease {
+        keys: &keys,
+        check_id: &check_id,
+        renewed: std::time::Instant::now(),
+    };
+    let read = read_slices(store, &keys, &position_t, &mut lease).await;
     // Whatever happened, the log stops here.
     let incomplete: i64 = SCRIPTS
         .recon_end
@@ -427,7 +437,39 @@ impl Slices {
     }
 }
 
-async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<Slices> {
+/// A running check's claim on its SKU's creation log, renewed every CHECK_RENEW_EVERY
+/// as the check reads (lua/recon_renew.lua). A claim that ran out or was taken over is
+/// not renewed: recon_end.lua then says the check is incomplete.
+struct CheckLease<'a> {
+    keys: &'a SkuKeys,
+    check_id: &'a str,
+    renewed: std::time::Instant,
+}
+
+impl CheckLease<'_> {
+    async fn keep(&mut self, conn: &mut crate::store::RedisConnection) -> Result<()> {
+        if self.renewed.elapsed() < CHECK_RENEW_EVERY {
+            return Ok(());
+        }
+        let _held: i64 = SCRIPTS
+            .recon_renew
+            .key(&self.keys.meta)
+            .key(&self.keys.rlog)
+            .arg(self.check_id)
+            .arg(CHECK_LEASE_MS)
+            .invoke_async(conn)
+            .await?;
+        self.renewed = std::time::Instant::now();
+        Ok(())
+    }
+}
+
+async fn read_slices(
+    store: &Store,
+    keys: &SkuKeys,
+    position_t: &str,
+    lease: &mut CheckLease<'_>,
+) -> Result<Slices> {
     let mut conn = store.connection();
     let mut slices = Slices::default();
     let t = EntryId::parse(position_t)?;
@@ -435,6 +477,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
     // 1. The live holds.
     let mut cursor = "0".to_string();
     for slice in 0.. {
+        lease.keep(&mut conn).await?;
         let started = std::time::Instant::now();
         let reply: Vec<String> = SCRIPTS
             .recon_holds
@@ -465,6 +508,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
     // 2. The per-user usage, with the position of each read.
     let mut cursor = "0".to_string();
     for slice in 0.. {
+        lease.keep(&mut conn).await?;
         let started = std::time::Instant::now();
         let (next, read) = read_used(
             &mut conn,
@@ -485,6 +529,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
     // 3. The confirmations in the outbox up to T.
     let mut from = "-".to_string();
     loop {
+        lease.keep(&mut conn).await?;
         let page = read_outbox(&mut conn, keys, &from, position_t).await?;
         for (id, event) in &page {
             if event.get("type").map(String::as_str) == Some("confirmed") {
@@ -502,7 +547,9 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
     // log, read after the outbox so that every hold that ended is also there if it
     // was made after T).
     let mut ended_to = t;
+    lease.keep(&mut conn).await?;
     read_ended(&mut conn, keys, &mut slices, &mut ended_to, None).await?;
+    lease.keep(&mut conn).await?;
     let mut log_read = 0;
     read_created(&mut conn, keys, &mut slices, &mut log_read, None).await?;
 
@@ -521,6 +568,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
     missing.sort();
     let (mut log_needed, mut outbox_needed) = (log_read, ended_to);
     for users in missing.chunks(SLICE) {
+        lease.keep(&mut conn).await?;
         let mut args = vec!["users".to_string()];
         args.extend(users.iter().cloned());
         let (_, read) = read_used(&mut conn, keys, &args).await?;
@@ -530,6 +578,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
             slices.seen_used.entry(user).or_insert(entry);
         }
     }
+    lease.keep(&mut conn).await?;
     read_ended(
         &mut conn,
         keys,
@@ -538,6 +587,7 @@ async fn read_slices(store: &Store, keys: &SkuKeys, position_t: &str) -> Result<
         Some(outbox_needed),
     )
     .await?;
+    lease.keep(&mut conn).await?;
     read_created(
         &mut conn,
         keys,

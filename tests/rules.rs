@@ -1801,3 +1801,93 @@ async fn a_paused_or_sold_out_sale_admits_nobody_and_sold_out_reaches_every_tick
     );
     assert_eq!(ticket_at(&sale, T0 + 4, "a").await, "used");
 }
+
+impl Sale {
+    /// A reconciler check's first step at `now` (its claim a lease of `lease_ms`): the
+    /// reply's first word, 'ok' or 'busy'.
+    async fn check_begin_at(&self, check: &str, now: i64, lease_ms: i64) -> String {
+        let reply: Vec<String> = script_with_clock(include_str!("../lua/recon_begin.lua"), now)
+            .key(&self.keys.meta)
+            .key(&self.keys.deadlines)
+            .key(&self.keys.outbox)
+            .key(&self.keys.rlog)
+            .arg(10_000)
+            .arg(lease_ms)
+            .arg(check)
+            .invoke_async(&mut self.conn())
+            .await
+            .unwrap();
+        reply[0].clone()
+    }
+
+    /// recon_renew.lua at `now`: whether the check still holds its claim.
+    async fn check_renew_at(&self, check: &str, now: i64, lease_ms: i64) -> bool {
+        let held: i64 = script_with_clock(include_str!("../lua/recon_renew.lua"), now)
+            .key(&self.keys.meta)
+            .key(&self.keys.rlog)
+            .arg(check)
+            .arg(lease_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .unwrap();
+        held == 1
+    }
+
+    /// recon_end.lua at `now`: whether the check is incomplete.
+    async fn check_end_at(&self, check: &str, now: i64) -> bool {
+        let incomplete: i64 = script_with_clock(include_str!("../lua/recon_end.lua"), now)
+            .key(&self.keys.meta)
+            .key(&self.keys.rlog)
+            .arg(check)
+            .invoke_async(&mut self.conn())
+            .await
+            .unwrap();
+        incomplete == 1
+    }
+
+    async fn check_until(&self) -> Option<i64> {
+        redis::cmd("HGET")
+            .arg(&self.keys.meta)
+            .arg("rlog_until")
+            .query_async(&mut self.conn())
+            .await
+            .unwrap()
+    }
+}
+
+/// A reconciler check's claim on the SKU's creation log is a lease its owner renews as
+/// it reads: renewed by its owner only, and only while it holds (never revived: holds
+/// made after it ran out went unlogged, so the check is told it is incomplete). A claim
+/// nobody renews (a check that died, or one a Redis rollback brought back) frees the
+/// SKU's checks after one lease.
+#[tokio::test]
+async fn a_check_claim_is_a_lease_its_owner_renews_and_that_lapses() {
+    let sale = Sale::new("rule-check-lease", 1).await;
+    let t = chrono::Utc::now().timestamp_millis();
+    assert_eq!(sale.check_begin_at("a", t, 1_000).await, "ok");
+    assert_eq!(sale.check_begin_at("b", t + 10, 1_000).await, "busy");
+    assert!(!sale.check_renew_at("b", t + 10, 1_000).await, "not b's");
+    assert!(sale.check_renew_at("a", t + 500, 1_000).await);
+    assert_eq!(sale.check_until().await, Some(t + 1_500));
+    assert_eq!(sale.check_begin_at("b", t + 1_499, 1_000).await, "busy");
+    // Ran out: not revived, and the check is incomplete.
+    assert!(!sale.check_renew_at("a", t + 1_500, 1_000).await);
+    assert_eq!(sale.check_until().await, Some(t + 1_500));
+    assert!(sale.check_end_at("a", t + 1_600).await, "incomplete");
+
+    // A check that renews in time is complete, however long it reads.
+    assert_eq!(sale.check_begin_at("c", t + 2_000, 1_000).await, "ok");
+    for step in 1..=5 {
+        assert!(
+            sale.check_renew_at("c", t + 2_000 + step * 900, 1_000)
+                .await
+        );
+    }
+    assert!(!sale.check_end_at("c", t + 6_600).await, "complete");
+
+    // A claim nobody renews holds the SKU for one lease, not longer.
+    assert_eq!(sale.check_begin_at("dead", t + 7_000, 1_000).await, "ok");
+    assert_eq!(sale.check_begin_at("d", t + 7_999, 1_000).await, "busy");
+    assert_eq!(sale.check_begin_at("d", t + 8_000, 1_000).await, "ok");
+    assert!(!sale.check_end_at("d", t + 8_100).await);
+}
