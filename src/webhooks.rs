@@ -684,11 +684,15 @@ impl Deliverer {
                     let now_ms = self.clock.now_ms();
                     if ready.front().is_some_and(|r| r.start_by_ms < now_ms) {
                         // Claims are made one after another: the late ones are in front.
-                        let mut late = Vec::new();
-                        while ready.front().is_some_and(|r| r.start_by_ms < now_ms) {
-                            late.push(ready.pop_front().expect("checked"));
-                        }
-                        attempts.spawn(self.clone().release(endpoint.clone(), late));
+                        // Given back with everything claimed after them, so that the
+                        // next claim takes them again in their order: sent now, the
+                        // later ones would overtake them (one SKU's events out of
+                        // sequence at an endpoint that is only slow). Awaited: a claim
+                        // made before the release commits would skip them and take the
+                        // later ones first.
+                        drop(place);
+                        let unsent = ready.drain(..).collect();
+                        self.clone().release(endpoint.clone(), unsent).await;
                         continue;
                     }
                     let claimed = ready.pop_front().expect("guarded").claimed;

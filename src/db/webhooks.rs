@@ -118,7 +118,11 @@ pub async fn put(pool: &MySqlPool, endpoint: &Endpoint, now_ms: i64) -> Result<W
         delete_deliveries(pool, &endpoint.name, STATEMENT_ROWS_MAX).await?;
     }
     let _turn = crate::explore::mysql_step("put_webhook").await;
-    let mut tx = pool.begin().await?;
+    // READ COMMITTED: the leases are read after the write below has waited for the
+    // claims holding the row in share mode, and must see what those committed. Under
+    // REPEATABLE READ the snapshot of the first read (`last_position`, before that
+    // wait) hid them, and the PUT answered without waiting for their requests.
+    let mut tx = begin(pool).await?;
     let from = event_rows::last_position(&mut tx).await?;
     let done = sqlx::query(
         "INSERT INTO webhooks (name, url, secret, types, enabled, queued_to, created_at, updated_at)
@@ -500,7 +504,9 @@ async fn claim_once(
 }
 
 /// Gives back deliveries claimed and not sent (`leases`, as their claims wrote them):
-/// due at `now_ms`, the claim's attempt not counted. A lease that is no longer as
+/// due at once, in their place as when they were queued (`first_queued_at`, at the
+/// latest `now_ms`: a delivery given back is not overtaken by ones queued after it),
+/// the claim's attempt not counted. A lease that is no longer as
 /// written (it ended and another claim took the delivery) is left alone.
 pub async fn release(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
     for chunk in leases.chunks(STATEMENT_ROWS_MAX as usize) {
@@ -512,11 +518,12 @@ pub async fn release(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64
 async fn release_once(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i64) -> Result<()> {
     let _turn = crate::explore::mysql_step("release_deliveries").await;
     let mut update = QueryBuilder::<MySql>::new(
-        "UPDATE webhook_deliveries SET attempts = attempts - 1, lease_owner = NULL, next_attempt_at = ",
+        "UPDATE webhook_deliveries SET attempts = attempts - 1, lease_owner = NULL,
+           next_attempt_at = LEAST(first_queued_at, ",
     );
     update
         .push_bind(ms_to_datetime(now_ms))
-        .push(" WHERE webhook = ")
+        .push(") WHERE webhook = ")
         .push_bind(name)
         .push(" AND status = 'pending' AND attempts > 0 AND position IN (");
     // By key first (the row constructor below may not use the index): the statement

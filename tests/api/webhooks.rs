@@ -964,11 +964,8 @@ async fn claimed_deliveries_not_sent_are_given_back_and_only_under_their_own_lea
     for given in &claimed[..2] {
         let (attempts, owner, due) = row(given.position).await;
         assert_eq!((attempts, owner), (0, None), "given back, not counted");
-        assert_eq!(
-            due.and_utc().timestamp_millis(),
-            clock_now(&clock),
-            "due at once"
-        );
+        // Due at once, in its place among the others: as when it was queued.
+        assert_eq!(due.and_utc().timestamp_millis(), now, "due at once");
     }
     let (attempts, owner, due) = row(claimed[2].position).await;
     assert_eq!(
@@ -1034,5 +1031,293 @@ async fn two_workers_queueing_at_once_queue_each_event_once() {
     .await
     .unwrap();
     assert_eq!(queued, 4, "each cancel queued once");
+    delete_webhook(&app, &name).await;
+}
+
+/// The positions of one SKU's events, in sequence.
+async fn positions_of(app: &TestApp, sku: &str) -> Vec<u64> {
+    sqlx::query_scalar("SELECT position FROM events WHERE sku = ? ORDER BY sequence")
+        .bind(sku)
+        .fetch_all(&app.db)
+        .await
+        .unwrap()
+}
+
+/// How many of `positions` of `name` are claimed (leased, not recorded).
+async fn claimed_now(app: &TestApp, name: &str, positions: &[u64]) -> usize {
+    let mut count = 0;
+    for position in positions {
+        let leased: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT lease_owner FROM webhook_deliveries
+             WHERE webhook = ? AND position = ? AND status = 'pending'",
+        )
+        .bind(name)
+        .bind(position)
+        .fetch_optional(&app.db)
+        .await
+        .unwrap();
+        count += usize::from(matches!(leased, Some(Some(_))));
+    }
+    count
+}
+
+/// A slow but healthy endpoint (never an error) gets one SKU's events in sequence with
+/// one request at a time, as before the claims ahead: deliveries claimed ahead that
+/// could not start within their window are given back, and the ones claimed after them
+/// must not overtake them.
+#[tokio::test]
+async fn given_back_deliveries_are_not_overtaken_by_later_ones() {
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let held = receiver.hold().await;
+    let name = unique_sku("inorder");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("in-order");
+    app.create_sku(&sku, json!({"stock": 20})).await;
+    let cancel = |user: String| {
+        let (app, sku) = (&app, &sku);
+        async move {
+            let id = app.hold(sku, &user).await;
+            app.cancel(&id, SERVICE_TOKEN).await;
+        }
+    };
+    for i in 0..4 {
+        cancel(format!("e{i}")).await;
+    }
+    app.flush(&sku).await;
+    let early = positions_of(&app, &sku).await;
+    assert_eq!(early.len(), 4);
+    let clock = ManualClock::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(
+        Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
+            .only(&[&name])
+            .with_concurrency(1)
+            .run(stopped),
+    );
+    // One request in flight (held), the rest of the early events claimed ahead.
+    until("no request held", || async {
+        receiver.in_flight_now() == 1
+    })
+    .await;
+    until("the early events were not claimed", || async {
+        claimed_now(&app, &name, &early).await == 4
+    })
+    .await;
+    // Past their start window (within their lease): they are given back once the
+    // request's place is free. Meanwhile later events are queued and claimed.
+    clock.advance(flashgate::webhooks::DELIVERY_TIMEOUT + Duration::from_secs(1));
+    for i in 0..2 {
+        cancel(format!("f{i}")).await;
+    }
+    app.flush(&sku).await;
+    let all = positions_of(&app, &sku).await;
+    assert_eq!(all.len(), 6);
+    until("the later events were not claimed", || async {
+        claimed_now(&app, &name, &all[4..]).await == 2
+    })
+    .await;
+    clock.advance(Duration::from_secs(1));
+    drop(held);
+    until("not every event arrived", || async {
+        receiver.of_sku(&sku).len() >= 6
+    })
+    .await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut seen = Vec::new();
+    for got in receiver.of_sku(&sku) {
+        let sequence = got.event()["sequence"].as_u64().unwrap();
+        if !seen.contains(&sequence) {
+            seen.push(sequence);
+        }
+    }
+    assert_eq!(seen, (1..=6).collect::<Vec<u64>>(), "arrival order");
+    delete_webhook(&app, &name).await;
+}
+
+/// A claim that read the endpoint's former settings (and took their deliveries) while
+/// a PUT was changing them commits before the PUT's write: the PUT must list its
+/// leases (and wait for them), or the old task sends them after the PUT answered. The
+/// claim is held just before its commit by a lock on `events` (its last read).
+#[tokio::test]
+async fn a_put_lists_the_leases_of_a_claim_that_committed_while_it_waited() {
+    use flashgate::db::webhooks as rows;
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("racing");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("raced");
+    app.create_sku(&sku, json!({"stock": 10})).await;
+    for i in 0..3 {
+        let id = app.hold(&sku, &format!("r{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    app.flush(&sku).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    rows::enqueue(&app.db, &name, now, 1000).await.unwrap();
+    let endpoint = rows::get(&app.db, &name).await.unwrap().unwrap();
+
+    let mut lock = app.db.acquire().await.unwrap();
+    sqlx::raw_sql("LOCK TABLES events WRITE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let claiming = tokio::spawn({
+        let (db, endpoint) = (app.db.clone(), endpoint.clone());
+        async move { rows::claim_current(&db, &endpoint, "old", now, 30_000, 1000).await }
+    });
+    // The claim has read the settings and leased the deliveries (not committed yet:
+    // read uncommitted, without taking a lock it would skip).
+    until("the claim leased nothing", || async {
+        let mut conn = app.db.acquire().await.unwrap();
+        sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook = ? AND lease_owner = 'old'",
+        )
+        .bind(&name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        leased >= 3
+    })
+    .await;
+    let putting = tokio::spawn({
+        let db = app.db.clone();
+        let moved = rows::Endpoint {
+            url: "http://127.0.0.1:1/moved".into(),
+            ..endpoint.clone()
+        };
+        async move {
+            rows::put(&db, &moved, chrono::Utc::now().timestamp_millis())
+                .await
+                .unwrap()
+        }
+    });
+    // Its write waits for the claim's share lock (after the PUT's first read).
+    until("the PUT did not wait for the claim", || async {
+        let writing: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+             WHERE INFO LIKE 'INSERT INTO webhooks%'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        writing > 0
+    })
+    .await;
+    assert!(!putting.is_finished(), "the PUT did not wait for the claim");
+    sqlx::raw_sql("UNLOCK TABLES")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    drop(lock);
+    let claimed = claiming
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("claimed before the PUT");
+    assert!(claimed.len() >= 3, "{}", claimed.len());
+    let written = putting.await.unwrap();
+    let listed: Vec<u64> = written.in_flight.iter().map(|l| l.position).collect();
+    let missed: Vec<u64> = claimed
+        .iter()
+        .map(|c| c.position)
+        .filter(|p| !listed.contains(p))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "the PUT answered without waiting for {} deliveries claimed under the former settings",
+        missed.len()
+    );
+    delete_webhook(&app, &name).await;
+}
+
+/// A delivery given back keeps its place: deliveries queued after it (due before it was
+/// given back) are not claimed before it, so a backlog does not overtake it.
+#[tokio::test]
+async fn a_delivery_given_back_keeps_its_place_in_the_queue() {
+    use flashgate::db::webhooks::{self as rows, Lease};
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let name = unique_sku("place");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("in-place");
+    app.create_sku(&sku, json!({"stock": 10})).await;
+    let cancel = |user: String| {
+        let (app, sku) = (&app, &sku);
+        async move {
+            let id = app.hold(sku, &user).await;
+            app.cancel(&id, SERVICE_TOKEN).await;
+        }
+    };
+    let clock = ManualClock::default();
+    for i in 0..2 {
+        cancel(format!("e{i}")).await;
+    }
+    app.flush(&sku).await;
+    rows::enqueue(&app.db, &name, clock_now(&clock), 1000)
+        .await
+        .unwrap();
+    let lease_ms = 30_000;
+    let claimed = rows::claim(&app.db, &name, "w", clock_now(&clock), lease_ms, 1000)
+        .await
+        .unwrap();
+    let early = positions_of(&app, &sku).await;
+    assert!(early
+        .iter()
+        .all(|p| claimed.iter().any(|c| c.position == *p)));
+    // Later events queued while those are claimed, then those given back.
+    clock.advance(Duration::from_secs(5));
+    for i in 0..2 {
+        cancel(format!("f{i}")).await;
+    }
+    app.flush(&sku).await;
+    rows::enqueue(&app.db, &name, clock_now(&clock), 1000)
+        .await
+        .unwrap();
+    let leases: Vec<Lease> = claimed
+        .iter()
+        .map(|c| Lease {
+            position: c.position,
+            owner: "w".into(),
+            until_ms: clock_now(&clock) - 5_000 + lease_ms,
+        })
+        .collect();
+    clock.advance(Duration::from_secs(6));
+    rows::release(&app.db, &name, &leases, clock_now(&clock))
+        .await
+        .unwrap();
+    let again: Vec<u64> = rows::claim(&app.db, &name, "w2", clock_now(&clock), lease_ms, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.position)
+        .collect();
+    let all = positions_of(&app, &sku).await;
+    let order: Vec<u64> = again.into_iter().filter(|p| all.contains(p)).collect();
+    assert_eq!(order, all, "claimed again in their order");
     delete_webhook(&app, &name).await;
 }

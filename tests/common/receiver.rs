@@ -52,6 +52,8 @@ pub struct Receiver {
     in_flight: Arc<Mutex<(usize, usize)>>,
     /// Delay before answering (slow, but within the timeout).
     delay: Arc<Mutex<Duration>>,
+    /// Answers wait while the test holds this (`hold`).
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Receiver {
@@ -63,6 +65,7 @@ impl Receiver {
             mode: Arc::new(Mutex::new(Mode::Ok)),
             in_flight: Default::default(),
             delay: Default::default(),
+            gate: Default::default(),
         };
         let me = receiver.clone();
         tokio::spawn(async move {
@@ -82,6 +85,12 @@ impl Receiver {
 
     pub fn set_delay(&self, delay: Duration) {
         *self.delay.lock().unwrap() = delay;
+    }
+
+    /// Holds every answer (requests are still received and recorded) until the guard
+    /// is dropped: the test decides when an attempt ends, without sleeping.
+    pub async fn hold(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// Requests it is answering now.
@@ -136,6 +145,7 @@ impl Receiver {
         });
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
+        drop(self.gate.read().await);
         let answer = |status: &str, extra: &str| {
             format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n{extra}\r\nok")
         };
