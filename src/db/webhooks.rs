@@ -181,16 +181,7 @@ pub async fn leases_held(pool: &MySqlPool, name: &str, leases: &[Lease]) -> Resu
     query
         .push_bind(name)
         .push(" AND status = 'pending' AND (position, lease_owner, next_attempt_at) IN (");
-    let mut list = query.separated(", ");
-    for lease in leases {
-        list.push("(")
-            .push_bind_unseparated(lease.position)
-            .push_unseparated(", ")
-            .push_bind_unseparated(&lease.owner)
-            .push_unseparated(", ")
-            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
-            .push_unseparated(")");
-    }
+    push_leases(&mut query, leases);
     query.push(")");
     let held: i64 = query.build_query_scalar().fetch_one(pool).await?;
     Ok(held as u64)
@@ -503,6 +494,21 @@ async fn claim_once(
     ))
 }
 
+/// `(position, lease_owner, next_attempt_at), ...` of `leases`, as their claims wrote
+/// them: the rows still under exactly these leases.
+fn push_leases(query: &mut QueryBuilder<MySql>, leases: &[Lease]) {
+    let mut list = query.separated(", ");
+    for lease in leases {
+        list.push("(")
+            .push_bind_unseparated(lease.position)
+            .push_unseparated(", ")
+            .push_bind_unseparated(&lease.owner)
+            .push_unseparated(", ")
+            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
+            .push_unseparated(")");
+    }
+}
+
 /// Gives back deliveries claimed and not sent (`leases`, as their claims wrote them):
 /// due at once, in their place as when they were queued (`first_queued_at`, at the
 /// latest `now_ms`: a delivery given back is not overtaken by ones queued after it),
@@ -533,16 +539,7 @@ async fn release_once(pool: &MySqlPool, name: &str, leases: &[Lease], now_ms: i6
         positions.push_bind(lease.position);
     }
     update.push(") AND (position, lease_owner, next_attempt_at) IN (");
-    let mut list = update.separated(", ");
-    for lease in leases {
-        list.push("(")
-            .push_bind_unseparated(lease.position)
-            .push_unseparated(", ")
-            .push_bind_unseparated(&lease.owner)
-            .push_unseparated(", ")
-            .push_bind_unseparated(ms_to_datetime(lease.until_ms))
-            .push_unseparated(")");
-    }
+    push_leases(&mut update, leases);
     update.push(")");
     update.build().execute(pool).await?;
     Ok(())
