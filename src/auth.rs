@@ -200,7 +200,7 @@ impl quick_cache::Weighter<String, Verified> for TokenWeight {
 
 /// Bearer → what its verification found. A user sends the same token with each of
 /// its requests; a hit spares the signature check, the base64 and the JSON of the
-/// header and claims (most of what a refused or replayed reserve costs the gateway).
+/// header and claims (a third of the instructions of a sold-out answer).
 /// Only tokens that verified are kept, so no caller can fill it with its own; the
 /// claims that change with time (`exp`) are checked again on every hit.
 type VerifiedTokens = quick_cache::sync::Cache<String, Verified, TokenWeight>;
