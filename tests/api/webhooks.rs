@@ -376,12 +376,15 @@ async fn two_pipelined_workers_deliver_each_event_once_and_record_it() {
     while receiver.of_sku(&sku).len() < 150 && started.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The last outcomes are recorded a moment after their answers.
+    // The last outcomes are recorded a moment after their answers. Only this SKU's
+    // deliveries: the endpoint also gets the cancellations of tests running beside.
     let pending = || async {
         sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM webhook_deliveries WHERE webhook = ? AND status <> 'delivered'",
+            "SELECT COUNT(*) FROM webhook_deliveries d JOIN events e ON e.position = d.position
+             WHERE d.webhook = ? AND e.sku = ? AND d.status <> 'delivered'",
         )
         .bind(&name)
+        .bind(&sku)
         .fetch_one(&app.db)
         .await
         .unwrap()
