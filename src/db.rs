@@ -392,9 +392,12 @@ impl FoundBy {
 /// What a flushed batch did besides writing sales.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Applied {
-    /// Compensations the flush itself recorded: a second payment for a reservation
-    /// MySQL already records as sold under another payment_ref.
-    pub duplicate_payments: Vec<Compensation>,
+    /// Compensations the flush itself recorded, for payments Redis took but MySQL
+    /// cannot make sales (both only after a Redis rollback): a second payment for a
+    /// reservation MySQL records as sold under another payment_ref
+    /// (`duplicate_payment`), or a sale of a unit MySQL records as sold to another
+    /// reservation (`sold_out`: the stock is sold already).
+    pub refused_payments: Vec<Compensation>,
     /// The events written (those MySQL had already are not).
     pub events: Vec<crate::events::Event>,
     /// Nothing was written: `in_order` said an earlier outbox entry of the SKU is not
@@ -475,11 +478,17 @@ pub async fn apply_events_in_order(
         .collect();
     locked.sort_unstable();
     locked.dedup();
+    // SKU -> units it can still sell in MySQL (stock_total - sold), read under the lock.
+    let mut unsold: HashMap<&str, u64> = HashMap::new();
     for sku in &locked {
-        sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
-            .bind(*sku)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row: Option<(u64, u64)> =
+            sqlx::query_as("SELECT stock_total, sold FROM skus WHERE sku = ? FOR UPDATE")
+                .bind(*sku)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((stock_total, sold)) = row {
+            unsold.insert(*sku, stock_total.saturating_sub(sold));
+        }
     }
     drop(turn);
     if let Some(check) = in_order {
@@ -506,6 +515,8 @@ pub async fn apply_events_in_order(
             .into_keys()
             .collect()
     };
+    // Confirmations that are not sales (refused, or refunded already): (rid, payment_ref).
+    let mut not_sales: HashSet<(String, String)> = HashSet::new();
     if !confirmations.is_empty() {
         let mut skus: Vec<&str> = confirmations.iter().map(|r| r.sku.as_str()).collect();
         skus.sort_unstable();
@@ -516,27 +527,54 @@ pub async fn apply_events_in_order(
             .collect();
         // reservation id -> the payment_ref its sale is recorded under
         let mut sold_under: HashMap<String, String> = recorded_sales(&mut tx, &rids, None).await?;
+        // Payments whose outcome MySQL already records as a compensation.
+        let refunded = compensated_payments(&mut tx, &rids).await?;
         let mut new: Vec<&Reservation> = Vec::new();
         for r in &confirmations {
             let payment_ref = r.payment_ref.as_deref().unwrap_or_default();
+            let refused = |reason| Compensation {
+                id: ids::compensation_id(&r.reservation_id, payment_ref),
+                reservation_id: r.reservation_id.clone(),
+                sku: r.sku.clone(),
+                user_id: r.user_id.clone(),
+                quantity: r.quantity,
+                payment_ref: payment_ref.to_owned(),
+                reason,
+                resolved: false,
+                created_at_ms: confirmed_at(events, &r.reservation_id, payment_ref),
+                resolution: Resolution::default(),
+            };
+            let payment = (r.reservation_id.clone(), payment_ref.to_owned());
             match sold_under.get(&r.reservation_id) {
+                Some(recorded) if recorded == payment_ref => {} // a replayed event
+                Some(_) => {
+                    applied
+                        .refused_payments
+                        .push(refused(CompensationReason::DuplicatePayment));
+                    not_sales.insert(payment);
+                }
+                // One payment, one outcome: a payment MySQL records as refunded (a
+                // replay after it was refused below, or a rollback that let it pay a
+                // hold that had ended) stays refunded.
+                None if refunded.contains(&payment) => {
+                    not_sales.insert(payment);
+                }
                 None => {
+                    // Only a Redis rollback resells units MySQL records as sold (a unit
+                    // sold and flushed, then forgotten): the later sale is refused, so
+                    // MySQL never records more sales than the stock (invariant 2).
+                    let room = unsold.entry(r.sku.as_str()).or_insert(u64::MAX);
+                    if r.quantity > *room {
+                        applied
+                            .refused_payments
+                            .push(refused(CompensationReason::SoldOut));
+                        not_sales.insert(payment);
+                        continue;
+                    }
+                    *room -= r.quantity;
                     sold_under.insert(r.reservation_id.clone(), payment_ref.to_owned());
                     new.push(r);
                 }
-                Some(recorded) if recorded == payment_ref => {} // a replayed event
-                Some(_) => applied.duplicate_payments.push(Compensation {
-                    id: ids::compensation_id(&r.reservation_id, payment_ref),
-                    reservation_id: r.reservation_id.clone(),
-                    sku: r.sku.clone(),
-                    user_id: r.user_id.clone(),
-                    quantity: r.quantity,
-                    payment_ref: payment_ref.to_owned(),
-                    reason: CompensationReason::DuplicatePayment,
-                    resolved: false,
-                    created_at_ms: confirmed_at(events, &r.reservation_id, payment_ref),
-                    resolution: Resolution::default(),
-                }),
             }
         }
         if !new.is_empty() {
@@ -572,14 +610,9 @@ pub async fn apply_events_in_order(
             }
         }
     }
-    compensations.extend(
-        applied
-            .duplicate_payments
-            .iter()
-            .map(|c| (c, FoundBy::Flush)),
-    );
+    compensations.extend(applied.refused_payments.iter().map(|c| (c, FoundBy::Flush)));
     insert_compensations(&mut tx, &compensations).await?;
-    record_reservations(&mut tx, events).await?;
+    record_reservations(&mut tx, events, &not_sales).await?;
     // Resolves made before the flush wrote the compensation (one row each: rare).
     let mut resolved: HashMap<&str, Compensation> = HashMap::new();
     for event in events {
@@ -620,10 +653,15 @@ pub async fn apply_events_in_order(
                 reservation, at_ms, ..
             } => {
                 let payment_ref = reservation.payment_ref.as_deref().unwrap_or_default();
-                match applied.duplicate_payments.iter().find(|c| {
+                match applied.refused_payments.iter().find(|c| {
                     c.reservation_id == reservation.reservation_id && c.payment_ref == payment_ref
                 }) {
                     Some(c) => new_events.push(crate::events::compensation_created(c)),
+                    // Refunded already: its compensation.created was written then.
+                    None if not_sales.contains(&(
+                        reservation.reservation_id.clone(),
+                        payment_ref.to_owned(),
+                    )) => {}
                     None => {
                         new_events.extend(crate::events::reservation_ended(reservation, *at_ms))
                     }
@@ -829,8 +867,13 @@ async fn insert_compensations(
 
 /// Records every ended reservation of the batch. A sale's record is never overwritten
 /// (after a Redis rollback the same hold may end again, differently); an earlier
-/// cancelled/expired record gives way to a sale.
-async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent]) -> Result<()> {
+/// cancelled/expired record gives way to a sale. A confirmation the flush did not make a
+/// sale (`not_sales`: its payment is refunded) is recorded `cancelled`, with its key.
+async fn record_reservations(
+    conn: &mut MySqlConnection,
+    events: &[OutboxEvent],
+    not_sales: &HashSet<(String, String)>,
+) -> Result<()> {
     let ended: Vec<(&Reservation, i64, &Option<KeyClaim>)> = events
         .iter()
         .filter_map(|e| match e {
@@ -860,7 +903,7 @@ async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent])
             .push_bind(&r.sku)
             .push_bind(&r.user_id)
             .push_bind(r.quantity)
-            .push_bind(r.status.as_str())
+            .push_bind(status_recorded(r, not_sales).as_str())
             .push_bind(r.payment_ref.as_deref())
             .push_bind(ms_to_datetime(r.created_at_ms))
             .push_bind(ms_to_datetime(r.expires_at_ms))
@@ -879,6 +922,40 @@ async fn record_reservations(conn: &mut MySqlConnection, events: &[OutboxEvent])
     );
     insert.build().execute(&mut *conn).await?;
     Ok(())
+}
+
+fn status_recorded(r: &Reservation, not_sales: &HashSet<(String, String)>) -> Status {
+    let payment = (
+        r.reservation_id.clone(),
+        r.payment_ref.clone().unwrap_or_default(),
+    );
+    if r.status == Status::Confirmed && not_sales.contains(&payment) {
+        Status::Cancelled
+    } else {
+        r.status
+    }
+}
+
+/// The (reservation, payment_ref) pairs of these reservations that MySQL records as
+/// compensations: payments whose outcome is a refund.
+pub async fn compensated_payments(
+    conn: &mut MySqlConnection,
+    reservation_ids: &[&str],
+) -> Result<HashSet<(String, String)>> {
+    let mut found = HashSet::new();
+    for chunk in reservation_ids.chunks(1000) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT reservation_id, payment_ref FROM compensations WHERE reservation_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for rid in chunk {
+            list.push_bind(*rid);
+        }
+        query.push(")");
+        let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
+        found.extend(rows);
+    }
+    Ok(found)
 }
 
 /// Which of these reservations MySQL records as sales (confirmed before `before_ms`,

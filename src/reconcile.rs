@@ -216,9 +216,9 @@ struct Snapshot {
     live_held: Option<i64>,
     /// Holds more than GHOST_AFTER_MS past their deadline.
     ghosts: i64,
-    /// Confirmations whose events are in the outbox (reservation id, quantity, user);
-    /// None when the outbox was too long to read.
-    outbox_confirms: Option<Vec<(String, i64, String)>>,
+    /// Confirmations whose events are in the outbox; None when the outbox was too long
+    /// to read.
+    outbox_confirms: Option<Vec<OutboxConfirm>>,
     /// Units of the live holds per user; None when too many holds to count.
     live_per_user: Option<HashMap<String, i64>>,
     /// The `used` hash; None when too many users to read.
@@ -370,7 +370,7 @@ struct Slices {
     seen_holds: HashMap<String, (i64, String)>,
     /// `used` as read: user -> (units, log length and outbox position of the read).
     seen_used: HashMap<String, (i64, usize, EntryId)>,
-    confirms_before_t: Vec<(String, i64, String)>,
+    confirms_before_t: Vec<OutboxConfirm>,
     /// Holds created after T, in order: (rid, quantity, user).
     created: Vec<(String, i64, String)>,
     ended: Vec<Ended>,
@@ -534,7 +534,12 @@ async fn read_slices(
         for (id, event) in &page {
             if event.get("type").map(String::as_str) == Some("confirmed") {
                 let (rid, quantity, user) = event_hold(event)?;
-                slices.confirms_before_t.push((rid, quantity, user));
+                slices.confirms_before_t.push(OutboxConfirm {
+                    rid,
+                    quantity,
+                    user,
+                    payment_ref: event.get("payment_ref").cloned().unwrap_or_default(),
+                });
             }
             from = format!("({id}");
         }
@@ -660,6 +665,15 @@ async fn read_outbox(
             Ok((entry.id, fields))
         })
         .collect()
+}
+
+/// A confirmation whose event is in the outbox.
+#[derive(Debug, Clone)]
+struct OutboxConfirm {
+    rid: String,
+    quantity: i64,
+    user: String,
+    payment_ref: String,
 }
 
 fn event_hold(event: &HashMap<String, String>) -> Result<(String, i64, String)> {
@@ -1494,20 +1508,21 @@ async fn expected_sold(
     tx: &mut MySqlConnection,
     sales: &db::SalesOf,
     snap: &Snapshot,
-    outbox_confirms: &[(String, i64, String)],
+    outbox_confirms: &[OutboxConfirm],
 ) -> Result<ExpectedSold> {
     let (_, sold_before) = db::sales_totals(tx, sales, snap.now_ms).await?;
-    let rids: Vec<&str> = outbox_confirms
-        .iter()
-        .map(|(rid, _, _)| rid.as_str())
-        .collect();
+    let rids: Vec<&str> = outbox_confirms.iter().map(|c| c.rid.as_str()).collect();
     let recorded = db::sales_recorded_before(tx, &rids, snap.now_ms).await?;
+    // Flushed but not sales: payments MySQL records as refunded (the flush refused a
+    // sale of units MySQL had sold, after a Redis rollback: db::apply_events_in_order).
+    let refunded = db::compensated_payments(tx, &rids).await?;
     let mut unflushed = 0;
     let mut unflushed_per_user: HashMap<String, i64> = HashMap::new();
-    for (rid, quantity, user) in outbox_confirms {
-        if !recorded.contains(rid) {
-            unflushed += (*quantity).max(0) as u64;
-            *unflushed_per_user.entry(user.clone()).or_default() += quantity;
+    for c in outbox_confirms {
+        if !recorded.contains(&c.rid) && !refunded.contains(&(c.rid.clone(), c.payment_ref.clone()))
+        {
+            unflushed += c.quantity.max(0) as u64;
+            *unflushed_per_user.entry(c.user.clone()).or_default() += c.quantity;
         }
     }
     Ok(ExpectedSold {

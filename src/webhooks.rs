@@ -67,6 +67,10 @@ const _: () = assert!(START_WINDOW_TIMEOUTS + 2 <= LEASE_TIMEOUTS);
 /// endpoint during a sale on 2 cores, behind a burst of ~4,700 events). Each holds its
 /// event's document (a few hundred bytes).
 pub const CLAIM_AHEAD: usize = 256;
+
+/// Beyond the request timeout, how long a stopping worker waits for its endpoints'
+/// tasks to give back their claims and record their outcomes (MySQL's round trips).
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The lease with the contract's timeout.
 pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
 /// Requests in flight to one endpoint at most, by default
@@ -519,18 +523,27 @@ impl Deliverer {
                 changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
             }
         }
-        // In-flight attempts are cut short: their claims come due again after LEASE.
-        for (_, (_, task, _)) in tasks {
-            task.abort();
+        // Told to stop, each endpoint's task claims nothing more, gives back what it
+        // claimed ahead (due again at once, for another worker) and records its
+        // attempts in flight, which end within the request's timeout. What is still
+        // running after that is cut short: its claims come due again after the lease.
+        let mut stopping: Vec<tokio::task::JoinHandle<()>> = draining;
+        for (_, (_, task, stop)) in tasks {
+            let _ = stop.send(true);
+            stopping.push(task);
         }
-        for task in draining {
-            task.abort();
+        let deadline = tokio::time::Instant::now() + self.timeout + STOP_GRACE;
+        for task in &mut stopping {
+            if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+                task.abort();
+            }
         }
     }
 
-    /// One endpoint until `stop` (then it claims nothing more and returns once its
-    /// attempts in flight are recorded) or until `run` aborts it (attempts in flight are
-    /// cut short, their claims come due again after the lease): new events queued as
+    /// One endpoint until `stop` (then it claims nothing more, gives back what it
+    /// claimed ahead and returns once its attempts in flight are recorded) or until
+    /// `run` aborts it (a deleted endpoint, or a stop that outlasted its grace: attempts
+    /// in flight are cut short, their claims come due again after the lease): new events queued as
     /// they are written, requests pipelined, outcomes recorded in batches.
     async fn endpoint_loop(self, endpoint: Endpoint, mut shutdown: watch::Receiver<bool>) {
         let Some(key) = parse_secret(&endpoint.secret) else {

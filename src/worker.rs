@@ -543,11 +543,18 @@ impl Worker {
         if !applied.events.is_empty() {
             self.events_written.send_replace(());
         }
-        for c in &applied.duplicate_payments {
-            tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
-                compensation_id = %c.id,
-                "a second payment for a sale MySQL already records (Redis lost the first confirmation): compensation recorded");
-            telemetry::compensation_recorded("duplicate_payment_after_rollback");
+        for c in &applied.refused_payments {
+            if c.reason == CompensationReason::SoldOut {
+                tracing::error!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
+                    compensation_id = %c.id,
+                    "a sale of a unit MySQL records as sold already (Redis lost sales it had flushed and sold their units again): not recorded, compensation recorded");
+                telemetry::compensation_recorded("sold_out_after_rollback");
+            } else {
+                tracing::warn!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
+                    compensation_id = %c.id,
+                    "a second payment for a sale MySQL already records (Redis lost the first confirmation): compensation recorded");
+                telemetry::compensation_recorded("duplicate_payment_after_rollback");
+            }
         }
         // MySQL has the compensations (and resolves) now: Redis forgets its copies.
         let written: Vec<String> = events

@@ -1147,6 +1147,96 @@ async fn given_back_deliveries_are_not_overtaken_by_later_ones() {
     delete_webhook(&app, &name).await;
 }
 
+/// A worker told to stop (a deploy, a scale-down) gives back the deliveries it claimed
+/// ahead and records the one in flight: none is left leased to a worker that is gone,
+/// to wait out its lease (issue 25's audit: the stop used to cut every task short).
+#[tokio::test]
+async fn a_stopping_worker_gives_back_what_it_claimed_ahead() {
+    use flashgate::webhooks::Clock;
+    let app = spawn_app().await;
+    let receiver = Receiver::start().await;
+    let held = receiver.hold().await;
+    let name = unique_sku("stopping");
+    put_webhook(
+        &app,
+        &name,
+        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+    )
+    .await;
+    let sku = unique_sku("stopping");
+    app.create_sku(&sku, json!({"stock": 20})).await;
+    for i in 0..4 {
+        let id = app.hold(&sku, &format!("s{i}")).await;
+        app.cancel(&id, SERVICE_TOKEN).await;
+    }
+    app.flush(&sku).await;
+    let positions = positions_of(&app, &sku).await;
+    assert_eq!(positions.len(), 4);
+    let clock = ManualClock::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(
+        Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
+            .only(&[&name])
+            .with_concurrency(1)
+            .run(stopped),
+    );
+    // One request in flight (held), the rest claimed ahead of it. (The endpoint gets
+    // the cancellations of tests running beside too: the request in flight may be
+    // one of theirs.)
+    until("no request held", || async {
+        receiver.in_flight_now() == 1
+    })
+    .await;
+    until("the events were not claimed", || async {
+        claimed_now(&app, &name, &positions).await == 4
+    })
+    .await;
+    stop.send(true).unwrap();
+    until("the events claimed ahead were not given back", || async {
+        claimed_now(&app, &name, &positions).await <= 1
+    })
+    .await;
+    // The request in flight ends (within its timeout) and its outcome is recorded.
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the worker stopped within the request timeout and its grace")
+        .unwrap();
+    assert_eq!(
+        claimed_now(&app, &name, &positions).await,
+        0,
+        "nothing left leased"
+    );
+    let mut delivered = 0;
+    for position in &positions {
+        let row: (String, u32, i64) = sqlx::query_as(
+            "SELECT status, attempts, next_attempt_at <= ? FROM webhook_deliveries
+             WHERE webhook = ? AND position = ?",
+        )
+        .bind(flashgate::db::ms_to_datetime(clock.now_ms()))
+        .bind(&name)
+        .bind(position)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        match (row.0.as_str(), row.1) {
+            ("delivered", 1) => delivered += 1,
+            // Given back unsent: due at once, no attempt counted.
+            _ => assert_eq!(
+                (row.0.as_str(), row.1, row.2),
+                ("pending", 0, 1),
+                "{position}"
+            ),
+        }
+    }
+    assert!(
+        delivered <= 1,
+        "only the request in flight was sent: {delivered}"
+    );
+    assert_eq!(receiver.of_sku(&sku).len(), delivered);
+    delete_webhook(&app, &name).await;
+}
+
 /// A claim that read the endpoint's former settings (and took their deliveries) while
 /// a PUT was changing them commits before the PUT's write: the PUT must list its
 /// leases (and wait for them), or the old task sends them after the PUT answered. The

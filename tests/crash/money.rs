@@ -152,10 +152,9 @@ async fn hold_when_up(app: &TestApp, sku: &str, user: &str) -> String {
 
 /// Issue 21, found by the explorer's rollback fault (`scripts/dev explore --rollback`,
 /// seed 13): a unit sold and flushed after the copy Redis goes back to is `available`
-/// again in Redis, and nothing stops its second sale before the reconciler raises
-/// `sold` (MySQL is not on the reserve path, and the flush records every new sale):
-/// MySQL records 2 sold of a stock of 1, against invariant 2.
-#[ignore = "issue 21: a Redis rollback resells units MySQL records as sold (not fixed)"]
+/// again in Redis, and Redis sells it again (MySQL is not on the reserve path). The
+/// flush refuses that second sale: MySQL already records the whole stock as sold, so
+/// the payment becomes a `sold_out` compensation, never a second sale (invariants 2, 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     let mut redis = RedisServer::start(Some("always")).await;
@@ -178,16 +177,76 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     redis.restart().await;
     let second = hold_when_up(&app, &sku, "second").await;
     let (status, view) = confirm_when_up(&app, &second, "pay-2").await;
+    assert_eq!(status, StatusCode::OK, "Redis took the payment: {view}");
     app.flush(&sku).await;
+    app.flush(&sku).await; // a second flush of the same outbox changes nothing
 
     let sold: u64 = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ?")
         .bind(&sku)
         .fetch_one(&app.db)
         .await
         .unwrap();
+    assert_eq!(sold, 1, "MySQL records {sold} sold of a stock of 1");
+    let sales: Vec<(String, String)> =
+        sqlx::query_as("SELECT reservation_id, payment_ref FROM sales WHERE sku = ?")
+            .bind(&sku)
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(sales, vec![(first.clone(), "pay-1".to_owned())]);
+    // The second payment is followed: one compensation, in the feed of refunds owed.
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(comps[0]["reason"], "sold_out", "{comps:?}");
+    assert_eq!(comps[0]["reservation_id"], second.as_str());
+    assert_eq!(comps[0]["payment_ref"], "pay-2");
+    assert_eq!(comps[0]["user_id"], "second");
+    assert_eq!(comps[0]["quantity"], 1);
+    assert_eq!(
+        comps[0]["id"],
+        flashgate::ids::compensation_id(&second, "pay-2")
+    );
+    // MySQL's record of that reservation is not a sale.
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM reservations WHERE reservation_id = ?")
+            .bind(&second)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(status, "cancelled");
+    // One event for the refund, none for a sale that is not one.
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT type FROM events WHERE sku = ? AND data LIKE ? ORDER BY sequence",
+    )
+    .bind(&sku)
+    .bind(format!("%{second}%"))
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
     assert!(
-        sold <= 1,
-        "MySQL records {sold} sold of a stock of 1 (the second confirm answered {status}: {view})"
+        kinds.iter().any(|k| k == "compensation.created"),
+        "{kinds:?}"
+    );
+    assert!(
+        !kinds.iter().any(|k| k == "reservation.confirmed"),
+        "{kinds:?}"
+    );
+
+    // The reconciler reports it (exit 1) until an operator resolves the refund.
+    let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("payment_after_rollback"),
+        "{}",
+        run.stdout
+    );
+    // Redis's sold (the second sale) matches MySQL's (the first): the refused sale is
+    // flushed, not a sale MySQL lacks.
+    assert!(!run.stdout.contains("sold_behind_mysql"), "{}", run.stdout);
+    assert!(
+        !run.stdout.contains("sold_ahead_of_mysql"),
+        "{}",
+        run.stdout
     );
 }
 

@@ -962,6 +962,23 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
             "MySQL records {sold} sold of {stock} (invariant 2)"
         ));
     }
+    // The flush refuses a sale of a unit MySQL records as sold (a `sold_out`
+    // compensation): only a Redis rollback can make Redis sell one. Without one, a
+    // refusal means Redis oversold and the flush hid it.
+    if !rolled_back {
+        let refused: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM compensations WHERE sku = ? AND reason = 'sold_out'",
+        )
+        .bind(world.sku.as_str())
+        .fetch_one(&env.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        if refused > 0 {
+            return Err(format!(
+                "the flush refused {refused} sale(s) of units MySQL had sold, with no Redis rollback: Redis oversold (invariant 2)"
+            ));
+        }
+    }
     let journal = world.journal.lock().unwrap();
     for ((user, key), rids) in &journal.holds {
         // Two holds for one key with no Redis loss between them.
