@@ -395,14 +395,18 @@ pub struct Applied {
     /// Compensations the flush itself recorded, for payments Redis took but MySQL
     /// cannot make sales (both only after a Redis rollback): a second payment for a
     /// reservation MySQL records as sold under another payment_ref
-    /// (`duplicate_payment`), or a sale of a unit MySQL records as sold to another
-    /// reservation (`sold_out`: the stock is sold already).
+    /// (`duplicate_payment`), or a sale of units MySQL records as sold to other
+    /// reservations (`cancelled`: the whole stock is sold, so MySQL records the
+    /// reservation cancelled).
     pub refused_payments: Vec<Compensation>,
     /// The events written (those MySQL had already are not).
     pub events: Vec<crate::events::Event>,
     /// Nothing was written: `in_order` said an earlier outbox entry of the SKU is not
     /// in MySQL yet (pending on another consumer). The batch waits for it.
     pub out_of_order: bool,
+    /// Nothing was written: a sale would be refused for lack of stock, which only
+    /// MySQL's settled stock may decide. Apply the batch again under the admin locks.
+    pub needs_admin_locks: bool,
 }
 
 /// Asked by `apply_events_in_order` under the SKU's locks, before anything is written:
@@ -427,7 +431,11 @@ pub type OrderCheck<'a> =
 /// Compensations are idempotent by their keys (`INSERT IGNORE`); ended reservations
 /// are recorded once, and a sale's record is never overwritten.
 pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Applied> {
-    apply_events_in_order(pool, events, None).await
+    let applied = apply_events_in_order(pool, events, None, false).await?;
+    if applied.needs_admin_locks {
+        return apply_events_in_order(pool, events, None, true).await;
+    }
+    Ok(applied)
 }
 
 /// `apply_events`, and each fact's event (src/events.rs) in the same transaction, in
@@ -435,18 +443,65 @@ pub async fn apply_events(pool: &MySqlPool, events: &[OutboxEvent]) -> Result<Ap
 /// stream is still pending elsewhere) runs once the SKU's row is locked: a batch that
 /// overtook an earlier one writes nothing (`Applied::out_of_order`), so a SKU's
 /// sequence numbers follow the order of its outbox.
+///
+/// `under_admin_locks`: the batch runs holding the admin lock (`SkuLock`) of each of its
+/// SKUs, so no admin PUT is half-way (MySQL's new stock committed, Redis not loaded
+/// yet, or the PUT about to be taken back): asked for (`Applied::needs_admin_locks`)
+/// when a sale would be refused for lack of stock, so that only MySQL's settled stock
+/// refuses one. Rare (a Redis rollback), so the flush pays for those locks only then.
 pub async fn apply_events_in_order(
     pool: &MySqlPool,
     events: &[OutboxEvent],
     in_order: Option<OrderCheck<'_>>,
+    under_admin_locks: bool,
+) -> Result<Applied> {
+    if events.is_empty() {
+        return Ok(Applied::default());
+    }
+    let mut conn = pool.acquire().await?;
+    if !under_admin_locks {
+        return apply_on(&mut conn, events, in_order, false).await;
+    }
+    // A connection that fails while it holds a named lock is closed, not pooled.
+    conn.close_on_drop();
+    let mut skus: Vec<SkuId> = events
+        .iter()
+        .filter_map(|e| SkuId::parse(event_sku(e)?))
+        .collect();
+    skus.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    skus.dedup_by(|a, b| a.as_str() == b.as_str());
+    for sku in &skus {
+        SkuLock::acquire(&mut conn, sku).await?;
+    }
+    let applied = apply_on(&mut conn, events, in_order, true).await;
+    for sku in skus.iter().rev() {
+        SkuLock::release(&mut conn, sku).await?;
+    }
+    applied
+}
+
+/// The SKU whose row a batch's event locks (none for a resolve).
+fn event_sku(event: &OutboxEvent) -> Option<&str> {
+    match event {
+        OutboxEvent::Confirmed { reservation, .. } | OutboxEvent::Ended { reservation, .. } => {
+            Some(reservation.sku.as_str())
+        }
+        OutboxEvent::Compensation(c) => Some(c.sku.as_str()),
+        OutboxEvent::StockCrossed { sku, .. } => Some(sku.as_str()),
+        OutboxEvent::CompensationResolved { .. } => None,
+    }
+}
+
+async fn apply_on(
+    conn: &mut MySqlConnection,
+    events: &[OutboxEvent],
+    in_order: Option<OrderCheck<'_>>,
+    under_admin_locks: bool,
 ) -> Result<Applied> {
     // The explorer's steps: up to the order check, the check (a Redis command), the
     // rest of the writes, the events (db::events::write).
     let turn = crate::explore::mysql_step("apply_events").await;
     let mut applied = Applied::default();
-    if events.is_empty() {
-        return Ok(applied);
-    }
     let confirmations: Vec<&Reservation> = events
         .iter()
         .filter_map(|e| match e {
@@ -461,21 +516,11 @@ pub async fn apply_events_in_order(
             _ => None,
         })
         .collect();
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // Every SKU of the batch is locked first, not only those with sales: a reconciler
     // check holds the same lock, and while it runs no event of its SKU may be written
     // (and so trimmed from the outbox), which its sliced read relies on (reconcile.rs).
-    let mut locked: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match e {
-            OutboxEvent::Confirmed { reservation, .. } | OutboxEvent::Ended { reservation, .. } => {
-                Some(reservation.sku.as_str())
-            }
-            OutboxEvent::Compensation(c) => Some(c.sku.as_str()),
-            OutboxEvent::StockCrossed { sku, .. } => Some(sku.as_str()),
-            OutboxEvent::CompensationResolved { .. } => None,
-        })
-        .collect();
+    let mut locked: Vec<&str> = events.iter().filter_map(event_sku).collect();
     locked.sort_unstable();
     locked.dedup();
     // SKU -> units it can still sell in MySQL (stock_total - sold), read under the lock.
@@ -515,8 +560,8 @@ pub async fn apply_events_in_order(
             .into_keys()
             .collect()
     };
-    // Confirmations that are not sales (refused, or refunded already): (rid, payment_ref).
-    let mut not_sales: HashSet<(String, String)> = HashSet::new();
+    // Confirmations of payments that are not sales: (rid, payment_ref) -> why.
+    let mut not_sales: HashMap<(String, String), NotSale> = HashMap::new();
     if !confirmations.is_empty() {
         let mut skus: Vec<&str> = confirmations.iter().map(|r| r.sku.as_str()).collect();
         skus.sort_unstable();
@@ -547,17 +592,14 @@ pub async fn apply_events_in_order(
             let payment = (r.reservation_id.clone(), payment_ref.to_owned());
             match sold_under.get(&r.reservation_id) {
                 Some(recorded) if recorded == payment_ref => {} // a replayed event
-                Some(_) => {
-                    applied
-                        .refused_payments
-                        .push(refused(CompensationReason::DuplicatePayment));
-                    not_sales.insert(payment);
-                }
+                Some(_) => applied
+                    .refused_payments
+                    .push(refused(CompensationReason::DuplicatePayment)),
                 // One payment, one outcome: a payment MySQL records as refunded (a
                 // replay after it was refused below, or a rollback that let it pay a
                 // hold that had ended) stays refunded.
                 None if refunded.contains(&payment) => {
-                    not_sales.insert(payment);
+                    not_sales.insert(payment, NotSale::RefundedAlready);
                 }
                 None => {
                     // Only a Redis rollback resells units MySQL records as sold (a unit
@@ -565,10 +607,15 @@ pub async fn apply_events_in_order(
                     // MySQL never records more sales than the stock (invariant 2).
                     let room = unsold.entry(r.sku.as_str()).or_insert(u64::MAX);
                     if r.quantity > *room {
+                        if !under_admin_locks {
+                            tx.rollback().await?;
+                            applied.needs_admin_locks = true;
+                            return Ok(applied);
+                        }
                         applied
                             .refused_payments
-                            .push(refused(CompensationReason::SoldOut));
-                        not_sales.insert(payment);
+                            .push(refused(CompensationReason::Cancelled));
+                        not_sales.insert(payment, NotSale::NoStock);
                         continue;
                     }
                     *room -= r.quantity;
@@ -653,15 +700,23 @@ pub async fn apply_events_in_order(
                 reservation, at_ms, ..
             } => {
                 let payment_ref = reservation.payment_ref.as_deref().unwrap_or_default();
+                let payment = (reservation.reservation_id.clone(), payment_ref.to_owned());
                 match applied.refused_payments.iter().find(|c| {
                     c.reservation_id == reservation.reservation_id && c.payment_ref == payment_ref
                 }) {
-                    Some(c) => new_events.push(crate::events::compensation_created(c)),
+                    Some(c) => {
+                        if not_sales.get(&payment) == Some(&NotSale::NoStock) {
+                            // As MySQL records it: cancelled, and its payment refunded.
+                            let cancelled = Reservation {
+                                status: Status::Cancelled,
+                                ..reservation.clone()
+                            };
+                            new_events.extend(crate::events::reservation_ended(&cancelled, *at_ms));
+                        }
+                        new_events.push(crate::events::compensation_created(c));
+                    }
                     // Refunded already: its compensation.created was written then.
-                    None if not_sales.contains(&(
-                        reservation.reservation_id.clone(),
-                        payment_ref.to_owned(),
-                    )) => {}
+                    None if not_sales.contains_key(&payment) => {}
                     None => {
                         new_events.extend(crate::events::reservation_ended(reservation, *at_ms))
                     }
@@ -865,15 +920,33 @@ async fn insert_compensations(
     Ok(())
 }
 
+/// Why the flush did not make a confirmation a sale (besides a duplicate payment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotSale {
+    /// MySQL records the whole stock as sold: refused, refunded, recorded `cancelled`.
+    NoStock,
+    /// MySQL records this payment as refunded already: one payment, one outcome.
+    RefundedAlready,
+}
+
 /// Records every ended reservation of the batch. A sale's record is never overwritten
 /// (after a Redis rollback the same hold may end again, differently); an earlier
-/// cancelled/expired record gives way to a sale. A confirmation the flush did not make a
-/// sale (`not_sales`: its payment is refunded) is recorded `cancelled`, with its key.
+/// cancelled/expired record gives way to a sale. A confirmation refused for lack of
+/// stock is recorded `cancelled` (with its key); one whose payment was refunded
+/// already leaves the record as it is.
 async fn record_reservations(
     conn: &mut MySqlConnection,
     events: &[OutboxEvent],
-    not_sales: &HashSet<(String, String)>,
+    not_sales: &HashMap<(String, String), NotSale>,
 ) -> Result<()> {
+    let not_sale = |r: &Reservation| {
+        not_sales
+            .get(&(
+                r.reservation_id.clone(),
+                r.payment_ref.clone().unwrap_or_default(),
+            ))
+            .copied()
+    };
     let ended: Vec<(&Reservation, i64, &Option<KeyClaim>)> = events
         .iter()
         .filter_map(|e| match e {
@@ -881,8 +954,10 @@ async fn record_reservations(
                 reservation,
                 at_ms,
                 key,
+            } if not_sale(reservation) != Some(NotSale::RefundedAlready) => {
+                Some((reservation, *at_ms, key))
             }
-            | OutboxEvent::Ended {
+            OutboxEvent::Ended {
                 reservation,
                 at_ms,
                 key,
@@ -903,7 +978,11 @@ async fn record_reservations(
             .push_bind(&r.sku)
             .push_bind(&r.user_id)
             .push_bind(r.quantity)
-            .push_bind(status_recorded(r, not_sales).as_str())
+            .push_bind(if not_sale(r) == Some(NotSale::NoStock) {
+                Status::Cancelled.as_str()
+            } else {
+                r.status.as_str()
+            })
             .push_bind(r.payment_ref.as_deref())
             .push_bind(ms_to_datetime(r.created_at_ms))
             .push_bind(ms_to_datetime(r.expires_at_ms))
@@ -922,18 +1001,6 @@ async fn record_reservations(
     );
     insert.build().execute(&mut *conn).await?;
     Ok(())
-}
-
-fn status_recorded(r: &Reservation, not_sales: &HashSet<(String, String)>) -> Status {
-    let payment = (
-        r.reservation_id.clone(),
-        r.payment_ref.clone().unwrap_or_default(),
-    );
-    if r.status == Status::Confirmed && not_sales.contains(&payment) {
-        Status::Cancelled
-    } else {
-        r.status
-    }
 }
 
 /// The (reservation, payment_ref) pairs of these reservations that MySQL records as

@@ -817,6 +817,10 @@ impl Gateway {
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let sold_in_mysql = db::upsert_sku(&mut tx, sku, definition).await?;
+        // Redis checks its own sold, which a rollback may have taken below MySQL's.
+        if definition.stock_total < sold_in_mysql {
+            return Err(Error::Refused(Refusal::StockBelowCommitted));
+        }
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
         // Redis lost this SKU (a wipe before any reconcile) or retired it: its buyers'

@@ -1267,7 +1267,8 @@ async fn restore_missing(
                 fix.held = live - snap.held;
             }
             if let Some(confirms) = &snap.outbox_confirms {
-                let expected = expected_sold(tx, &scope.sales, &snap, confirms).await?;
+                let room = record.definition.stock_total.saturating_sub(record.sold);
+                let expected = expected_sold(tx, &scope.sales, &snap, confirms, room).await?;
                 fix.sold = (expected.total as i64 - snap.sold).max(0);
                 if let (Some(used), Some(live)) = (&snap.used, &snap.live_per_user) {
                     let per_user = sold_per_user(tx, &scope.sales, &expected).await?;
@@ -1393,7 +1394,8 @@ async fn compare(
     };
     match &snap.outbox_confirms {
         Some(confirms) => {
-            let breakdown = expected_sold(tx, &scope.sales, &snap, confirms).await?;
+            let room = record.definition.stock_total.saturating_sub(mysql_sold);
+            let breakdown = expected_sold(tx, &scope.sales, &snap, confirms, room).await?;
             let (sold_before_snapshot, unflushed) = (breakdown.recorded, breakdown.unflushed);
             let expected = breakdown.total as i64;
             fix.sold = (expected - snap.sold).max(0);
@@ -1509,21 +1511,30 @@ async fn expected_sold(
     sales: &db::SalesOf,
     snap: &Snapshot,
     outbox_confirms: &[OutboxConfirm],
+    room: u64,
 ) -> Result<ExpectedSold> {
     let (_, sold_before) = db::sales_totals(tx, sales, snap.now_ms).await?;
     let rids: Vec<&str> = outbox_confirms.iter().map(|c| c.rid.as_str()).collect();
     let recorded = db::sales_recorded_before(tx, &rids, snap.now_ms).await?;
-    // Flushed but not sales: payments MySQL records as refunded (the flush refused a
-    // sale of units MySQL had sold, after a Redis rollback: db::apply_events_in_order).
+    // Not sales, flushed or not: payments MySQL records as refunded, and those the
+    // flush will refuse because MySQL has no stock left for them (the same rule, in
+    // outbox order: db::apply_events_in_order). Both only after a Redis rollback
+    // resold units MySQL had sold; counting them would push Redis past the stock.
     let refunded = db::compensated_payments(tx, &rids).await?;
+    let mut room = room;
     let mut unflushed = 0;
     let mut unflushed_per_user: HashMap<String, i64> = HashMap::new();
     for c in outbox_confirms {
-        if !recorded.contains(&c.rid) && !refunded.contains(&(c.rid.clone(), c.payment_ref.clone()))
+        let quantity = c.quantity.max(0) as u64;
+        if recorded.contains(&c.rid)
+            || refunded.contains(&(c.rid.clone(), c.payment_ref.clone()))
+            || quantity > room
         {
-            unflushed += c.quantity.max(0) as u64;
-            *unflushed_per_user.entry(c.user.clone()).or_default() += c.quantity;
+            continue;
         }
+        room -= quantity;
+        unflushed += quantity;
+        *unflushed_per_user.entry(c.user.clone()).or_default() += c.quantity;
     }
     Ok(ExpectedSold {
         at_ms: snap.now_ms,

@@ -101,9 +101,6 @@ pub enum CompensationReason {
     Expired,
     Cancelled,
     DuplicatePayment,
-    /// Only from the flush after a Redis rollback: MySQL already records the SKU's
-    /// whole stock as sold, so this payment cannot be a sale (db::apply_events_in_order).
-    SoldOut,
 }
 
 impl CompensationReason {
@@ -112,7 +109,6 @@ impl CompensationReason {
             "expired" => CompensationReason::Expired,
             "cancelled" => CompensationReason::Cancelled,
             "duplicate_payment" => CompensationReason::DuplicatePayment,
-            "sold_out" => CompensationReason::SoldOut,
             _ => return None,
         })
     }
@@ -122,7 +118,6 @@ impl CompensationReason {
             CompensationReason::Expired => "expired",
             CompensationReason::Cancelled => "cancelled",
             CompensationReason::DuplicatePayment => "duplicate_payment",
-            CompensationReason::SoldOut => "sold_out",
         }
     }
 }
@@ -261,7 +256,7 @@ mod tests {
         for s in ["held", "paying", "confirmed", "cancelled", "expired"] {
             assert_eq!(Status::parse(s).unwrap().as_str(), s);
         }
-        for r in ["expired", "cancelled", "duplicate_payment", "sold_out"] {
+        for r in ["expired", "cancelled", "duplicate_payment"] {
             assert_eq!(CompensationReason::parse(r).unwrap().as_str(), r);
         }
         assert_eq!(Status::parse("HELD"), None);

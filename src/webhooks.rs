@@ -68,8 +68,9 @@ const _: () = assert!(START_WINDOW_TIMEOUTS + 2 <= LEASE_TIMEOUTS);
 /// event's document (a few hundred bytes).
 pub const CLAIM_AHEAD: usize = 256;
 
-/// Beyond the request timeout, how long a stopping worker waits for its endpoints'
-/// tasks to give back their claims and record their outcomes (MySQL's round trips).
+/// How long a stopping worker waits for its endpoints' tasks to give back their claims
+/// and record the outcomes of their requests in flight (a deploy should not wait for a
+/// hanging endpoint's full timeout).
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The lease with the contract's timeout.
 pub const LEASE: Duration = Duration::from_secs(DELIVERY_TIMEOUT.as_secs() * LEASE_TIMEOUTS as u64);
@@ -524,15 +525,15 @@ impl Deliverer {
             }
         }
         // Told to stop, each endpoint's task claims nothing more, gives back what it
-        // claimed ahead (due again at once, for another worker) and records its
-        // attempts in flight, which end within the request's timeout. What is still
-        // running after that is cut short: its claims come due again after the lease.
+        // claimed ahead (due again at once, for another worker) and records the
+        // attempts in flight that end within STOP_GRACE. What is still running then (a
+        // slow or hanging endpoint) is cut short: its claims come due after the lease.
         let mut stopping: Vec<tokio::task::JoinHandle<()>> = draining;
         for (_, (_, task, stop)) in tasks {
             let _ = stop.send(true);
             stopping.push(task);
         }
-        let deadline = tokio::time::Instant::now() + self.timeout + STOP_GRACE;
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
         for task in &mut stopping {
             if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
                 task.abort();

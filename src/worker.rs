@@ -521,10 +521,16 @@ impl Worker {
         // A SKU's events take their sequence numbers in the order of its outbox: a
         // batch read while an earlier entry is pending on another consumer (which may
         // commit after us) waits for it (db::apply_events_in_order).
-        let first = entries[0].stream_id.clone();
-        let check: db::OrderCheck<'_> =
-            Box::pin(async move { Ok(!self.pending_before(sku, &first).await?) });
-        let applied = db::apply_events_in_order(&self.db, &events, Some(check)).await?;
+        let first = &entries[0].stream_id;
+        let check = || -> db::OrderCheck<'_> {
+            Box::pin(async move { Ok(!self.pending_before(sku, first).await?) })
+        };
+        let mut applied =
+            db::apply_events_in_order(&self.db, &events, Some(check()), false).await?;
+        if applied.needs_admin_locks {
+            // A sale MySQL has no stock for: decided again with no admin PUT half-way.
+            applied = db::apply_events_in_order(&self.db, &events, Some(check()), true).await?;
+        }
         if applied.out_of_order {
             // Whoever holds the earlier entries writes them first; a dead consumer's
             // are taken over here once idle for claim_idle, then read with ours.
@@ -544,7 +550,7 @@ impl Worker {
             self.events_written.send_replace(());
         }
         for c in &applied.refused_payments {
-            if c.reason == CompensationReason::SoldOut {
+            if c.reason == CompensationReason::Cancelled {
                 tracing::error!(sku = %sku, reservation_id = %c.reservation_id, payment_ref = %c.payment_ref,
                     compensation_id = %c.id,
                     "a sale of a unit MySQL records as sold already (Redis lost sales it had flushed and sold their units again): not recorded, compensation recorded");

@@ -741,3 +741,69 @@ async fn the_flush_makes_a_second_payment_for_a_recorded_sale_one_compensation()
         "one compensation, for the second payment"
     );
 }
+
+/// The flush refuses a sale MySQL has no stock for (after a Redis rollback), but only
+/// on MySQL's settled stock: an admin PUT that lowered the stock commits MySQL first
+/// and takes it back if Redis refuses (reserves took the units meanwhile). A flush in
+/// that window waits for the PUT's admin lock and records the sales Redis made.
+#[tokio::test]
+async fn a_sale_flushed_while_an_admin_put_is_half_way_is_recorded() {
+    use sqlx::Connection;
+    let app = spawn_app().await;
+    let sku = unique_sku("put-window");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    for user in ["a", "b"] {
+        let rid = app.hold(&sku, user).await;
+        assert_eq!(
+            app.confirm(&rid, &format!("pay-{user}")).await.0,
+            StatusCode::OK
+        );
+    }
+    // A PUT of stock 1, half-way: its lock held, MySQL's lower stock committed, Redis
+    // about to refuse it (2 sold).
+    let mut put = sqlx::MySqlConnection::connect(&common::database_url())
+        .await
+        .unwrap();
+    let lock = format!("flashgate:sku:{sku}");
+    let got: i64 = sqlx::query_scalar("SELECT GET_LOCK(?, 5)")
+        .bind(&lock)
+        .fetch_one(&mut put)
+        .await
+        .unwrap();
+    assert_eq!(got, 1);
+    sqlx::query("UPDATE skus SET stock_total = 1 WHERE sku = ?")
+        .bind(&sku)
+        .execute(&mut put)
+        .await
+        .unwrap();
+    let take_back = async {
+        // Once the flush waits for the lock, the PUT takes its stock back and ends.
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+                 WHERE INFO LIKE 'SELECT GET_LOCK%' AND ID <> CONNECTION_ID()",
+            )
+            .fetch_one(&mut put)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        sqlx::query("UPDATE skus SET stock_total = 2 WHERE sku = ?")
+            .bind(&sku)
+            .execute(&mut put)
+            .await
+            .unwrap();
+        sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(&lock)
+            .execute(&mut put)
+            .await
+            .unwrap();
+    };
+    tokio::join!(app.flush(&sku), take_back);
+    assert_eq!(app.mysql_sales_count(&sku).await, 2);
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert!(comps.is_empty(), "{comps:?}");
+}

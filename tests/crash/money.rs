@@ -154,7 +154,9 @@ async fn hold_when_up(app: &TestApp, sku: &str, user: &str) -> String {
 /// seed 13): a unit sold and flushed after the copy Redis goes back to is `available`
 /// again in Redis, and Redis sells it again (MySQL is not on the reserve path). The
 /// flush refuses that second sale: MySQL already records the whole stock as sold, so
-/// the payment becomes a `sold_out` compensation, never a second sale (invariants 2, 5).
+/// its reservation is recorded `cancelled` and its payment becomes a compensation,
+/// never a second sale (invariants 2 and 5). Neither a repair before that flush nor an
+/// operator's PUT may push the stock below what MySQL records as sold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     let mut redis = RedisServer::start(Some("always")).await;
@@ -175,9 +177,43 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     redis.stop();
     restore_data(before.path(), redis.dir());
     redis.restart().await;
+    // Redis (sold 0) would take a stock of 0; MySQL records 1 sold.
+    let mut put = (StatusCode::SERVICE_UNAVAILABLE, json!(null));
+    for _ in 0..50 {
+        put = app.put_sku(&sku, json!({ "stock": 0 })).await;
+        if put.0 != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(put.0, StatusCode::CONFLICT, "{}", put.1);
+    assert_eq!(put.1["code"], "stock_below_committed", "{}", put.1);
+
     let second = hold_when_up(&app, &sku, "second").await;
     let (status, view) = confirm_when_up(&app, &second, "pay-2").await;
     assert_eq!(status, StatusCode::OK, "Redis took the payment: {view}");
+    // A repair before the flush counts MySQL's sale, not the one it will refuse.
+    let run = reconcile_cli(
+        &redis.url(),
+        &common::database_url(),
+        &["--sku", &sku, "--repair"],
+    )
+    .await;
+    assert!(
+        run.stdout.contains("checked 1 SKU") && run.stdout.contains("0 need attention"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(!run.stdout.contains("overcommitted"), "{}", run.stdout);
+    let sku_id = TestApp::sku_id(&sku);
+    let view = app.store.sku(&sku_id).await.unwrap();
+    assert_eq!(
+        (view.stock_total, view.available, view.held, view.sold),
+        (1, 0, 0, 1),
+        "{}",
+        run.stdout
+    );
     app.flush(&sku).await;
     app.flush(&sku).await; // a second flush of the same outbox changes nothing
 
@@ -194,10 +230,10 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
             .await
             .unwrap();
     assert_eq!(sales, vec![(first.clone(), "pay-1".to_owned())]);
-    // The second payment is followed: one compensation, in the feed of refunds owed.
+    // The second payment is followed: one compensation, in the list of refunds owed.
     let comps = app.compensations(&format!("sku={sku}")).await;
     assert_eq!(comps.len(), 1, "{comps:?}");
-    assert_eq!(comps[0]["reason"], "sold_out", "{comps:?}");
+    assert_eq!(comps[0]["reason"], "cancelled", "{comps:?}");
     assert_eq!(comps[0]["reservation_id"], second.as_str());
     assert_eq!(comps[0]["payment_ref"], "pay-2");
     assert_eq!(comps[0]["user_id"], "second");
@@ -214,7 +250,7 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
             .await
             .unwrap();
     assert_eq!(status, "cancelled");
-    // One event for the refund, none for a sale that is not one.
+    // Its events say what MySQL records: cancelled, and a refund owed.
     let kinds: Vec<String> = sqlx::query_scalar(
         "SELECT type FROM events WHERE sku = ? AND data LIKE ? ORDER BY sequence",
     )
@@ -223,16 +259,14 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     .fetch_all(&app.db)
     .await
     .unwrap();
-    assert!(
-        kinds.iter().any(|k| k == "compensation.created"),
-        "{kinds:?}"
-    );
-    assert!(
-        !kinds.iter().any(|k| k == "reservation.confirmed"),
+    assert_eq!(
+        kinds,
+        vec!["reservation.cancelled", "compensation.created"],
         "{kinds:?}"
     );
 
-    // The reconciler reports it (exit 1) until an operator resolves the refund.
+    // The reconciler reports the refund (exit 1) until an operator resolves it; Redis
+    // (sold 1: the second sale) and MySQL (sold 1: the first) agree on the counts.
     let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -240,14 +274,9 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
         "{}",
         run.stdout
     );
-    // Redis's sold (the second sale) matches MySQL's (the first): the refused sale is
-    // flushed, not a sale MySQL lacks.
-    assert!(!run.stdout.contains("sold_behind_mysql"), "{}", run.stdout);
-    assert!(
-        !run.stdout.contains("sold_ahead_of_mysql"),
-        "{}",
-        run.stdout
-    );
+    for kind in ["sold_behind_mysql", "sold_ahead_of_mysql", "overcommitted"] {
+        assert!(!run.stdout.contains(kind), "{}", run.stdout);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -962,12 +962,14 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
             "MySQL records {sold} sold of {stock} (invariant 2)"
         ));
     }
-    // The flush refuses a sale of a unit MySQL records as sold (a `sold_out`
-    // compensation): only a Redis rollback can make Redis sell one. Without one, a
-    // refusal means Redis oversold and the flush hid it.
+    // The flush refuses a sale of a unit MySQL records as sold (a `cancelled`
+    // compensation the flush found: db::apply_events_in_order): only a Redis rollback
+    // can make Redis sell one. Without one, a refusal means Redis oversold and the
+    // flush hid it.
     if !rolled_back {
         let refused: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM compensations WHERE sku = ? AND reason = 'sold_out'",
+            "SELECT COUNT(*) FROM compensations
+             WHERE sku = ? AND reason = 'cancelled' AND found_by = 'flush'",
         )
         .bind(world.sku.as_str())
         .fetch_one(&env.pool)
