@@ -1186,7 +1186,7 @@ enum Recorded {
 /// How a change of a split SKU's stock is spread over its buckets: an increase goes
 /// to bucket 0; a decrease comes from the buckets with the most available. None when
 /// the buckets together have less available than the decrease.
-fn stock_changes(change: i64, available: &[u64]) -> Option<Vec<i64>> {
+pub(crate) fn stock_changes(change: i64, available: &[u64]) -> Option<Vec<i64>> {
     let mut changes = vec![0i64; available.len()];
     if change >= 0 {
         changes[0] = change;

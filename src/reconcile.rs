@@ -1019,9 +1019,10 @@ async fn reconcile_sale(
 }
 
 /// A split SKU's stock over all its buckets: Σ stock_total + in transit == MySQL's
-/// stock_total. Drift only when every reading agrees on it; the repair changes bucket
-/// 0's stock_total by the difference (transfers spread it), never below its committed
-/// units. A repair runs under the SKU's admin lock (`reconcile_sku`).
+/// stock_total. Drift only when every reading agrees on it; the repair adds what is
+/// missing to bucket 0 (transfers spread it) and takes what is too much from the
+/// buckets with the most available, never below a bucket's committed units. A repair
+/// runs under the SKU's admin lock (`reconcile_sku`).
 async fn check_split_stock_now(
     store: &Store,
     pool: &MySqlPool,
@@ -1068,30 +1069,43 @@ async fn check_split_stock_now(
         repaired: false,
     };
     if repair {
-        let fix = crate::store::BucketStock {
-            if_new: None,
-            change: Some(change),
+        // More goes to bucket 0 (transfers carry it on); less is taken from the buckets
+        // with the most available, as an admin PUT does (gateway::stock_changes).
+        let available = if change < 0 {
+            store.split_stock_still(&sales).await?.available
+        } else {
+            vec![0; sales.len()]
         };
-        let bucket_0 = match stock[0] {
-            Some(_) => {
-                store
-                    .check_bucket(&sales[0], &record.definition, &fix, 0)
-                    .await
-            }
-            None => Err(Error::Refused(crate::reservation::Refusal::NotFound)),
+        let Some(changes) = crate::gateway::stock_changes(change, &available) else {
+            finding.detail += "; not repaired: the buckets lack the units available";
+            return Ok(vec![finding]);
         };
-        match bucket_0 {
-            Ok(()) => {
-                store
-                    .load_bucket(&sales[0], &record.definition, &fix, 0)
-                    .await?;
-                finding.after = Some(format!("stock_total={}", record.definition.stock_total));
-                finding.repaired = true;
+        let mut taken = 0i64;
+        for (b, sale) in sales.iter().enumerate() {
+            if changes[b] == 0 {
+                continue;
             }
-            Err(Error::Refused(_)) => {
-                finding.detail += "; not repaired: bucket 0 lacks the units (or its state)";
+            let fix = crate::store::BucketStock {
+                if_new: None,
+                change: Some(changes[b]),
+            };
+            // Reserves may have taken the units since the reading: what a bucket
+            // refuses is left to the next pass.
+            match store.check_bucket(sale, &record.definition, &fix, 0).await {
+                Ok(()) => {
+                    store.load_bucket(sale, &record.definition, &fix, 0).await?;
+                    taken += changes[b];
+                }
+                Err(Error::Refused(_)) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+        if taken == change {
+            finding.after = Some(format!("stock_total={}", record.definition.stock_total));
+            finding.repaired = true;
+        } else {
+            finding.detail +=
+                &format!("; changed by {taken} of {change}: the buckets lack the units available");
         }
     }
     Ok(vec![finding])
@@ -1436,6 +1450,22 @@ async fn compare(
                         snap.sold
                     ),
                 );
+            } else if snap.sold > expected
+                && (snap.sold - expected) as u64 <= db::refused_units(tx, &scope.sales).await?
+            {
+                // Sales the flush refused (MySQL had sold those units before a Redis
+                // rollback took its sales back): MySQL records them cancelled, so
+                // Redis gives their units back. Never without such a refusal.
+                finding(
+                    "refused_sales_counted",
+                    format!(
+                        "Redis sold {} > MySQL sold {sold_before_snapshot} + unflushed {unflushed}: \
+                         sales the flush refused (after a Redis rollback) still counted; \
+                         their units given back",
+                        snap.sold
+                    ),
+                );
+                fix.sold = expected - snap.sold;
             } else if snap.sold > expected {
                 finding(
                     "sold_ahead_of_mysql",
@@ -1615,7 +1645,8 @@ pub fn paused_arg(paused: bool) -> &'static str {
 struct Corrections {
     /// Live holds at T - `held` at T.
     held: i64,
-    /// MySQL sold + unflushed confirmations at T - `sold` at T, when positive.
+    /// MySQL sold + unflushed confirmations at T - `sold` at T, when positive; negative
+    /// only for sales the flush refused (`refused_sales_counted`).
     sold: i64,
     /// Per user: live holds + purchases at T - `used` at T.
     used: HashMap<String, i64>,

@@ -279,6 +279,92 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
     }
 }
 
+/// A refused sale of more units than the rollback freed (2 for 1): Redis counts 2 sold
+/// where MySQL records 1, and the refused 2 as cancelled. The repair gives back to Redis
+/// the units of the refused sale that MySQL does not count (`refused_sales_counted`),
+/// so the one unit MySQL has not sold is sold again, not stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_of_a_refused_sale_come_back_to_be_sold() {
+    let mut redis = RedisServer::start(Some("always")).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku("refused-back");
+    app.create_sku(&sku, json!({ "stock": 2, "per_user_limit": 2 }))
+        .await;
+    let before = TempDir::new("refused-back-copy");
+    redis.stop();
+    copy_data(redis.dir(), before.path());
+    redis.restart().await;
+    let first = hold_when_up(&app, &sku, "first").await;
+    assert_eq!(app.confirm(&first, "pay-1").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+
+    redis.stop();
+    restore_data(before.path(), redis.dir());
+    redis.restart().await;
+    let mut two = json!(null);
+    for _ in 0..50 {
+        let (status, value) = app.reserve(&sku, "second", "key-second", 2).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(status, StatusCode::CREATED, "{value}");
+            two = value;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = two["reservation_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        confirm_when_up(&app, &second, "pay-2").await.0,
+        StatusCode::OK
+    );
+    app.flush(&sku).await;
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(
+        (comps[0]["reason"].as_str(), comps[0]["quantity"].as_u64()),
+        (Some("cancelled"), Some(2))
+    );
+
+    let run = reconcile_cli(
+        &redis.url(),
+        &common::database_url(),
+        &["--sku", &sku, "--repair"],
+    )
+    .await;
+    assert!(
+        run.stdout.contains("refused_sales_counted"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let view = app.store.sku(&TestApp::sku_id(&sku)).await.unwrap();
+    assert_eq!(
+        (view.stock_total, view.available, view.held, view.sold),
+        (2, 1, 0, 1),
+        "{}",
+        run.stdout
+    );
+    // The unit MySQL has not sold is sold, and the SKU adds up in both.
+    let third = app.hold(&sku, "third").await;
+    assert_eq!(app.confirm(&third, "pay-3").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 2);
+    let sold: u64 = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ?")
+        .bind(&sku)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(sold, 2);
+    let run = reconcile_cli(&redis.url(), &common::database_url(), &["--sku", &sku]).await;
+    for kind in [
+        "sold_behind_mysql",
+        "sold_ahead_of_mysql",
+        "refused_sales_counted",
+        "overcommitted",
+    ] {
+        assert!(!run.stdout.contains(kind), "{}", run.stdout);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirm_that_timed_out_says_its_outcome_is_unknown() {
     let redis = RedisServer::start(None).await;
