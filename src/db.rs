@@ -1009,20 +1009,10 @@ pub async fn compensated_payments(
     conn: &mut MySqlConnection,
     reservation_ids: &[&str],
 ) -> Result<HashSet<(String, String)>> {
-    let mut found = HashSet::new();
-    for chunk in reservation_ids.chunks(1000) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT reservation_id, payment_ref FROM compensations WHERE reservation_id IN (",
-        );
-        let mut list = query.separated(", ");
-        for rid in chunk {
-            list.push_bind(*rid);
-        }
-        query.push(")");
-        let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
-        found.extend(rows);
-    }
-    Ok(found)
+    Ok(payments_in(conn, "compensations", reservation_ids, None)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Which of these reservations MySQL records as sales (confirmed before `before_ms`,
@@ -1032,20 +1022,35 @@ async fn recorded_sales(
     reservation_ids: &[&str],
     before_ms: Option<i64>,
 ) -> Result<HashMap<String, String>> {
-    let mut found = HashMap::new();
+    let before = before_ms.map(|ms| ("confirmed_at", ms));
+    Ok(payments_in(conn, "sales", reservation_ids, before)
+        .await?
+        .into_iter()
+        .collect())
+}
+
+/// The (reservation, payment_ref) rows of `table` ("sales" or "compensations") for these
+/// reservations, those with `column` before the instant when `before` names one.
+async fn payments_in(
+    conn: &mut MySqlConnection,
+    table: &'static str,
+    reservation_ids: &[&str],
+    before: Option<(&'static str, i64)>,
+) -> Result<Vec<(String, String)>> {
+    let mut found = Vec::new();
     for chunk in reservation_ids.chunks(1000) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT reservation_id, payment_ref FROM sales WHERE reservation_id IN (",
-        );
+        let mut query = QueryBuilder::<MySql>::new(format!(
+            "SELECT reservation_id, payment_ref FROM {table} WHERE reservation_id IN ("
+        ));
         let mut list = query.separated(", ");
         for rid in chunk {
             list.push_bind(*rid);
         }
         query.push(")");
-        if let Some(before_ms) = before_ms {
+        if let Some((column, ms)) = before {
             query
-                .push(" AND confirmed_at < ")
-                .push_bind(ms_to_datetime(before_ms));
+                .push(format!(" AND {column} < "))
+                .push_bind(ms_to_datetime(ms));
         }
         let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *conn).await?;
         found.extend(rows);

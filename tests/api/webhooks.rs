@@ -1064,6 +1064,75 @@ async fn claimed_now(app: &TestApp, name: &str, positions: &[u64]) -> usize {
     count
 }
 
+/// An endpoint of one request at a time whose answers wait (`held`), four of its SKU's
+/// cancellations queued, and a worker on a manual clock: one request in flight, the
+/// rest claimed ahead of it. (The endpoint gets the cancellations of tests running
+/// beside too: the request in flight may be one of theirs.)
+struct HeldEndpoint {
+    receiver: Receiver,
+    held: tokio::sync::OwnedRwLockWriteGuard<()>,
+    name: String,
+    sku: String,
+    positions: Vec<u64>,
+    clock: ManualClock,
+    stop: tokio::sync::watch::Sender<bool>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl HeldEndpoint {
+    async fn start(app: &TestApp, prefix: &str) -> HeldEndpoint {
+        let receiver = Receiver::start().await;
+        let held = receiver.hold().await;
+        let name = unique_sku(prefix);
+        put_webhook(
+            app,
+            &name,
+            json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
+        )
+        .await;
+        let sku = unique_sku(prefix);
+        app.create_sku(&sku, json!({"stock": 20})).await;
+        for i in 0..4 {
+            cancel_one(app, &sku, &format!("e{i}")).await;
+        }
+        app.flush(&sku).await;
+        let positions = positions_of(app, &sku).await;
+        assert_eq!(positions.len(), 4);
+        let clock = ManualClock::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = tokio::spawn(
+            Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
+                .only(&[&name])
+                .with_concurrency(1)
+                .run(stopped),
+        );
+        until("no request held", || async {
+            receiver.in_flight_now() == 1
+        })
+        .await;
+        until("the events were not claimed", || async {
+            claimed_now(app, &name, &positions).await == 4
+        })
+        .await;
+        HeldEndpoint {
+            receiver,
+            held,
+            name,
+            sku,
+            positions,
+            clock,
+            stop,
+            running,
+        }
+    }
+}
+
+/// A hold of `user` on `sku`, cancelled.
+async fn cancel_one(app: &TestApp, sku: &str, user: &str) {
+    let id = app.hold(sku, user).await;
+    app.cancel(&id, SERVICE_TOKEN).await;
+}
+
 /// A slow but healthy endpoint (never an error) gets one SKU's events in sequence with
 /// one request at a time, as before the claims ahead: deliveries claimed ahead that
 /// could not start within their window are given back, and the ones claimed after them
@@ -1071,52 +1140,21 @@ async fn claimed_now(app: &TestApp, name: &str, positions: &[u64]) -> usize {
 #[tokio::test]
 async fn given_back_deliveries_are_not_overtaken_by_later_ones() {
     let app = spawn_app().await;
-    let receiver = Receiver::start().await;
-    let held = receiver.hold().await;
-    let name = unique_sku("inorder");
-    put_webhook(
-        &app,
-        &name,
-        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
-    )
-    .await;
-    let sku = unique_sku("in-order");
-    app.create_sku(&sku, json!({"stock": 20})).await;
-    let cancel = |user: String| {
-        let (app, sku) = (&app, &sku);
-        async move {
-            let id = app.hold(sku, &user).await;
-            app.cancel(&id, SERVICE_TOKEN).await;
-        }
-    };
-    for i in 0..4 {
-        cancel(format!("e{i}")).await;
-    }
-    app.flush(&sku).await;
-    let early = positions_of(&app, &sku).await;
-    assert_eq!(early.len(), 4);
-    let clock = ManualClock::default();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(
-        Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
-            .only(&[&name])
-            .with_concurrency(1)
-            .run(stopped),
-    );
-    // One request in flight (held), the rest of the early events claimed ahead.
-    until("no request held", || async {
-        receiver.in_flight_now() == 1
-    })
-    .await;
-    until("the early events were not claimed", || async {
-        claimed_now(&app, &name, &early).await == 4
-    })
-    .await;
+    let HeldEndpoint {
+        receiver,
+        held,
+        name,
+        sku,
+        positions: _,
+        clock,
+        stop,
+        running,
+    } = HeldEndpoint::start(&app, "inorder").await;
     // Past their start window (within their lease): they are given back once the
     // request's place is free. Meanwhile later events are queued and claimed.
     clock.advance(flashgate::webhooks::DELIVERY_TIMEOUT + Duration::from_secs(1));
     for i in 0..2 {
-        cancel(format!("f{i}")).await;
+        cancel_one(&app, &sku, &format!("f{i}")).await;
     }
     app.flush(&sku).await;
     let all = positions_of(&app, &sku).await;
@@ -1154,43 +1192,16 @@ async fn given_back_deliveries_are_not_overtaken_by_later_ones() {
 async fn a_stopping_worker_gives_back_what_it_claimed_ahead() {
     use flashgate::webhooks::Clock;
     let app = spawn_app().await;
-    let receiver = Receiver::start().await;
-    let held = receiver.hold().await;
-    let name = unique_sku("stopping");
-    put_webhook(
-        &app,
-        &name,
-        json!({"url": receiver.url, "secret": SECRET, "types": ["reservation.cancelled"]}),
-    )
-    .await;
-    let sku = unique_sku("stopping");
-    app.create_sku(&sku, json!({"stock": 20})).await;
-    for i in 0..4 {
-        let id = app.hold(&sku, &format!("s{i}")).await;
-        app.cancel(&id, SERVICE_TOKEN).await;
-    }
-    app.flush(&sku).await;
-    let positions = positions_of(&app, &sku).await;
-    assert_eq!(positions.len(), 4);
-    let clock = ManualClock::default();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(
-        Deliverer::new(app.db.clone(), Arc::new(clock.clone()))
-            .only(&[&name])
-            .with_concurrency(1)
-            .run(stopped),
-    );
-    // One request in flight (held), the rest claimed ahead of it. (The endpoint gets
-    // the cancellations of tests running beside too: the request in flight may be
-    // one of theirs.)
-    until("no request held", || async {
-        receiver.in_flight_now() == 1
-    })
-    .await;
-    until("the events were not claimed", || async {
-        claimed_now(&app, &name, &positions).await == 4
-    })
-    .await;
+    let HeldEndpoint {
+        receiver,
+        held,
+        name,
+        sku,
+        positions,
+        clock,
+        stop,
+        running,
+    } = HeldEndpoint::start(&app, "stopping").await;
     stop.send(true).unwrap();
     until("the events claimed ahead were not given back", || async {
         claimed_now(&app, &name, &positions).await <= 1

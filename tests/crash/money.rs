@@ -150,6 +150,31 @@ async fn hold_when_up(app: &TestApp, sku: &str, user: &str) -> String {
     panic!("Redis did not come back");
 }
 
+/// A SKU of `terms` on a Redis (AOF always) that sold one unit to "first", flushed to
+/// MySQL, and then went back to a copy of its data taken before that sale: Redis has
+/// forgotten the sale MySQL records, and its unit is available again.
+async fn sold_then_rolled_back(
+    prefix: &str,
+    terms: serde_json::Value,
+) -> (RedisServer, TestApp, String, String) {
+    let mut redis = RedisServer::start(Some("always")).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku(prefix);
+    app.create_sku(&sku, terms).await;
+    let before = TempDir::new(&format!("{prefix}-copy"));
+    redis.stop();
+    copy_data(redis.dir(), before.path());
+    redis.restart().await;
+    let first = hold_when_up(&app, &sku, "first").await;
+    assert_eq!(app.confirm(&first, "pay-1").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    redis.stop();
+    restore_data(before.path(), redis.dir());
+    redis.restart().await;
+    (redis, app, sku, first)
+}
+
 /// Issue 21, found by the explorer's rollback fault (`scripts/dev explore --rollback`,
 /// seed 13): a unit sold and flushed after the copy Redis goes back to is `available`
 /// again in Redis, and Redis sells it again (MySQL is not on the reserve path). The
@@ -159,24 +184,7 @@ async fn hold_when_up(app: &TestApp, sku: &str, user: &str) -> String {
 /// operator's PUT may push the stock below what MySQL records as sold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
-    let mut redis = RedisServer::start(Some("always")).await;
-    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
-    let sku = unique_sku("resold");
-    app.create_sku(&sku, json!({ "stock": 1 })).await;
-    let before = TempDir::new("resold-copy");
-    redis.stop();
-    copy_data(redis.dir(), before.path());
-    redis.restart().await;
-
-    let first = hold_when_up(&app, &sku, "first").await;
-    assert_eq!(app.confirm(&first, "pay-1").await.0, StatusCode::OK);
-    app.flush(&sku).await;
-    assert_eq!(app.mysql_sales_count(&sku).await, 1);
-
-    // The rollback: Redis forgets the sale MySQL has, and its unit is available again.
-    redis.stop();
-    restore_data(before.path(), redis.dir());
-    redis.restart().await;
+    let (redis, app, sku, first) = sold_then_rolled_back("resold", json!({ "stock": 1 })).await;
     // Redis (sold 0) would take a stock of 0; MySQL records 1 sold.
     let mut put = (StatusCode::SERVICE_UNAVAILABLE, json!(null));
     for _ in 0..50 {
@@ -285,22 +293,8 @@ async fn a_unit_sold_before_a_redis_rollback_is_not_sold_again() {
 /// so the one unit MySQL has not sold is sold again, not stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_of_a_refused_sale_come_back_to_be_sold() {
-    let mut redis = RedisServer::start(Some("always")).await;
-    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
-    let sku = unique_sku("refused-back");
-    app.create_sku(&sku, json!({ "stock": 2, "per_user_limit": 2 }))
-        .await;
-    let before = TempDir::new("refused-back-copy");
-    redis.stop();
-    copy_data(redis.dir(), before.path());
-    redis.restart().await;
-    let first = hold_when_up(&app, &sku, "first").await;
-    assert_eq!(app.confirm(&first, "pay-1").await.0, StatusCode::OK);
-    app.flush(&sku).await;
-
-    redis.stop();
-    restore_data(before.path(), redis.dir());
-    redis.restart().await;
+    let (redis, app, sku, _) =
+        sold_then_rolled_back("refused-back", json!({ "stock": 2, "per_user_limit": 2 })).await;
     let mut two = json!(null);
     for _ in 0..50 {
         let (status, value) = app.reserve(&sku, "second", "key-second", 2).await;
