@@ -8,9 +8,7 @@
 -- ARGV[1] stock_total (MySQL, the source of truth); '' keeps the sale's own (a bucket of
 --         a split SKU: its share moves with transfers; the SKU-wide sum is checked apart)
 -- ARGV[2] held correction (live holds at T - held at T)
--- ARGV[3] sold correction (MySQL sold + unflushed confirmations at T - sold at T: >= 0,
---         or < 0 only for sales the flush refused after a Redis rollback, which MySQL
---         records cancelled: their units come back)
+-- ARGV[3] sold correction (>= 0: MySQL sold + unflushed confirmations at T - sold at T)
 -- ARGV[4] per_user_limit  ARGV[5] hold_ms  ARGV[6] starts_at ms or ''  ARGV[7] ends_at ms or ''
 -- ARGV[8] paused ('1' or '0')
 -- ARGV[9] JSON {user: correction of used}, or '' for none
@@ -23,15 +21,15 @@
 -- Invariant restored: available + held + sold == stock_total, available >= 0 and a
 -- waiting room's unused admissions <= available (the newest are revoked), with
 -- held equal to the live holds and sold never below what MySQL has recorded;
--- the user's units = the user's live holds + purchases. MySQL wins for sales: sold moves
--- down only by sales MySQL refused (never below 0), so no unit is sold twice.
+-- the user's units = the user's live holds + purchases. MySQL wins for sales: sold only ever
+-- moves up here, so no unit is sold twice.
 local meta, used = KEYS[1], KEYS[2]
 if redis.call('EXISTS', meta) == 0 then
   return { 'missing' }
 end
 local m = redis.call('HMGET', meta, 'held', 'sold')
 local held = math.max(0, tonumber(m[1] or '0') + tonumber(ARGV[2]))
-local sold = math.max(0, tonumber(m[2] or '0') + tonumber(ARGV[3]))
+local sold = tonumber(m[2] or '0') + math.max(0, tonumber(ARGV[3]))
 if ARGV[9] ~= '' then
   local K, now = { used = used }, now_ms()
   for user, correction in pairs(cjson.decode(ARGV[9])) do

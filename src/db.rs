@@ -1388,22 +1388,6 @@ impl SalesOf {
     }
 }
 
-/// Units of the sales the flush refused because MySQL had sold the whole stock (after
-/// a Redis rollback: `apply_events_in_order`), which Redis counted as sold.
-pub async fn refused_units(conn: &mut MySqlConnection, of: &SalesOf) -> Result<u64> {
-    let units: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED) FROM compensations
-         WHERE sku = ? AND found_by = 'flush' AND reason = 'cancelled'
-           AND LEFT(reservation_id, ?) = ?",
-    )
-    .bind(of.sku.as_str())
-    .bind(of.head.len() as u64)
-    .bind(&of.head)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(units.max(0) as u64)
-}
-
 /// Units MySQL records as sold: (all of them, those confirmed before `before_ms`).
 pub async fn sales_totals(
     conn: &mut MySqlConnection,

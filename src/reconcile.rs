@@ -1071,10 +1071,16 @@ async fn check_split_stock_now(
     if repair {
         // More goes to bucket 0 (transfers carry it on); less is taken from the buckets
         // with the most available, as an admin PUT does (gateway::stock_changes).
-        let available = if change < 0 {
-            store.split_stock_still(&sales).await?.available
+        let (change, available) = if change < 0 {
+            // Read again while no transfer runs: the change and where units are.
+            let now = store.split_stock_still(&sales).await?;
+            let Some(total) = now.stock_total.iter().copied().sum::<Option<u64>>() else {
+                return Ok(vec![finding]); // a bucket lost meanwhile: its rebuild plans
+            };
+            let change = record.definition.stock_total as i64 - (total + now.in_transit) as i64;
+            (change, now.available)
         } else {
-            vec![0; sales.len()]
+            (change, vec![0; sales.len()])
         };
         let Some(changes) = crate::gateway::stock_changes(change, &available) else {
             finding.detail += "; not repaired: the buckets lack the units available";
@@ -1090,12 +1096,9 @@ async fn check_split_stock_now(
                 change: Some(changes[b]),
             };
             // Reserves may have taken the units since the reading: what a bucket
-            // refuses is left to the next pass.
-            match store.check_bucket(sale, &record.definition, &fix, 0).await {
-                Ok(()) => {
-                    store.load_bucket(sale, &record.definition, &fix, 0).await?;
-                    taken += changes[b];
-                }
+            // refuses (atomically, in its load) is left to the next pass.
+            match store.load_bucket(sale, &record.definition, &fix, 0).await {
+                Ok(_) => taken += changes[b],
                 Err(Error::Refused(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -1450,22 +1453,6 @@ async fn compare(
                         snap.sold
                     ),
                 );
-            } else if snap.sold > expected
-                && (snap.sold - expected) as u64 <= db::refused_units(tx, &scope.sales).await?
-            {
-                // Sales the flush refused (MySQL had sold those units before a Redis
-                // rollback took its sales back): MySQL records them cancelled, so
-                // Redis gives their units back. Never without such a refusal.
-                finding(
-                    "refused_sales_counted",
-                    format!(
-                        "Redis sold {} > MySQL sold {sold_before_snapshot} + unflushed {unflushed}: \
-                         sales the flush refused (after a Redis rollback) still counted; \
-                         their units given back",
-                        snap.sold
-                    ),
-                );
-                fix.sold = expected - snap.sold;
             } else if snap.sold > expected {
                 finding(
                     "sold_ahead_of_mysql",
@@ -1645,8 +1632,7 @@ pub fn paused_arg(paused: bool) -> &'static str {
 struct Corrections {
     /// Live holds at T - `held` at T.
     held: i64,
-    /// MySQL sold + unflushed confirmations at T - `sold` at T, when positive; negative
-    /// only for sales the flush refused (`refused_sales_counted`).
+    /// MySQL sold + unflushed confirmations at T - `sold` at T, when positive.
     sold: i64,
     /// Per user: live holds + purchases at T - `used` at T.
     used: HashMap<String, i64>,

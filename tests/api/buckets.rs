@@ -630,6 +630,30 @@ async fn the_reconciler_repairs_a_split_sku_bucket_by_bucket() {
     assert!(reconcile(true).await.findings.iter().all(|f| f.repaired));
     assert!(!reconcile(false).await.drift_found());
     assert_eq!(app.sku(&sku).await["stock_total"], 30);
+    // Too much again, and bucket 0 has nothing available (its units moved to bucket
+    // 1): the excess is taken from the bucket that has it.
+    let meta_0 = flashgate::keys::SkuKeys::new(&sales[0]).meta;
+    let available_0: i64 = redis::AsyncCommands::hget(&mut conn, &meta_0, "available")
+        .await
+        .unwrap();
+    for (meta, by) in [(&meta_0, -available_0), (&meta, available_0 + 3)] {
+        for field in ["stock_total", "available"] {
+            let _: i64 = redis::AsyncCommands::hincr(&mut conn, meta, field, by)
+                .await
+                .unwrap();
+        }
+    }
+    let repaired = reconcile(true).await;
+    assert!(
+        repaired
+            .findings
+            .iter()
+            .all(|f| f.kind == "stock_total_mismatch" && f.repaired),
+        "{:?}",
+        repaired.findings
+    );
+    assert!(!reconcile(false).await.drift_found());
+    assert_eq!(app.sku(&sku).await["stock_total"], 30);
     // Redis loses bucket 2 (4 units sold there, MySQL has them).
     let keys = flashgate::keys::SkuKeys::new(&sales[2]);
     let _: () = redis::pipe()
