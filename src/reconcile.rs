@@ -1541,11 +1541,15 @@ async fn expected_sold(
     let mut room = room;
     let mut unflushed = 0;
     let mut unflushed_per_user: HashMap<String, i64> = HashMap::new();
+    // A reservation is sold once: after a rollback the outbox may confirm it twice
+    // (under two payment_refs), and the flush makes the second a compensation.
+    let mut counted: HashSet<&str> = HashSet::new();
     for c in outbox_confirms {
         let quantity = c.quantity.max(0) as u64;
         if recorded.contains(&c.rid)
             || refunded.contains(&(c.rid.clone(), c.payment_ref.clone()))
             || quantity > room
+            || !counted.insert(c.rid.as_str())
         {
             continue;
         }
