@@ -807,3 +807,43 @@ async fn a_sale_flushed_while_an_admin_put_is_half_way_is_recorded() {
     let comps = app.compensations(&format!("sku={sku}")).await;
     assert!(comps.is_empty(), "{comps:?}");
 }
+
+/// A confirmation flushed again (a worker that died between its commit and its
+/// acknowledgement, a rollback that brought the outbox entry back) changes nothing: no
+/// second sale, and no compensation for the payment the sale was recorded under.
+#[tokio::test]
+async fn a_confirmation_applied_twice_is_one_sale_and_no_refund() {
+    let app = spawn_app().await;
+    let sku = unique_sku("replayed");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let read: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, &keys.outbox)
+            .await
+            .unwrap();
+    let events: Vec<flashgate::db::OutboxEvent> = read
+        .ids
+        .iter()
+        .filter_map(|entry| {
+            flashgate::worker::parse_event(&flashgate::store::OutboxEntry {
+                stream_id: entry.id.clone(),
+                fields: entry.clone(),
+            })
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, flashgate::db::OutboxEvent::Confirmed { .. })),
+        "{events:?}"
+    );
+    for _ in 0..2 {
+        flashgate::db::apply_events(&app.db, &events).await.unwrap();
+    }
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert!(comps.is_empty(), "{comps:?}");
+}
