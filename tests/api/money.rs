@@ -847,3 +847,37 @@ async fn a_confirmation_applied_twice_is_one_sale_and_no_refund() {
     let comps = app.compensations(&format!("sku={sku}")).await;
     assert!(comps.is_empty(), "{comps:?}");
 }
+
+/// One payment, one outcome: a payment MySQL already records as refunded (after a
+/// Redis rollback the gateway answered it from MySQL's record, and the rolled-back
+/// Redis then took it as a confirmation) does not become a sale when that confirmation
+/// is flushed; the refund stands.
+#[tokio::test]
+async fn a_payment_recorded_as_refunded_is_not_made_a_sale_by_the_flush() {
+    use flashgate::reservation::{Compensation, CompensationReason, Resolution};
+    let app = spawn_app().await;
+    let sku = unique_sku("refunded-first");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let refund = Compensation {
+        id: flashgate::ids::compensation_id(&rid, "pay-1"),
+        reservation_id: rid.clone(),
+        sku: sku.clone(),
+        user_id: "payer".into(),
+        quantity: 1,
+        payment_ref: "pay-1".into(),
+        reason: CompensationReason::Expired,
+        resolved: false,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        resolution: Resolution::default(),
+    };
+    flashgate::db::record_compensation(&app.db, &refund, flashgate::db::FoundBy::Record)
+        .await
+        .unwrap();
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 0);
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(comps[0]["payment_ref"], "pay-1");
+}
