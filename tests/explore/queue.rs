@@ -688,7 +688,13 @@ impl Queue {
             .entry((user.to_owned(), key.to_owned()))
             .or_default();
         if !seen.iter().any(|(r, _)| r == rid) {
-            seen.push((rid.to_owned(), era));
+            seen.push((
+                rid.to_owned(),
+                crate::world::Span {
+                    started: era,
+                    ended: era,
+                },
+            ));
             journal.reservations.push(rid.to_owned());
         }
     }

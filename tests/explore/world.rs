@@ -100,7 +100,7 @@ pub(crate) struct Journal {
     /// (user, key) -> the reservations it was answered with, and the era of each (how
     /// often Redis forgot before it: a live hold's key is lost with Redis; an ended
     /// one's is restored by a rebuild, not by a rollback).
-    pub(crate) holds: HashMap<(String, String), Vec<(String, u64)>>,
+    pub(crate) holds: HashMap<(String, String), Vec<(String, Span)>>,
     /// Reservations made, for the payments and cancels to pick from.
     pub(crate) reservations: Vec<String>,
     /// (reservation, payment_ref) answered 200: a sale (or, if Redis forgot it, a
@@ -633,24 +633,30 @@ impl World {
                 let user = self.users[rng.random_range(0..self.users.len())].clone();
                 let key = format!("k{}", rng.random_range(0..3));
                 let quantity = if one_in(&mut rng, 5) { 2 } else { 1 };
+                // The era the call started in: a rollback or loss while the call ran
+                // (between its script and its answer) may already have taken its hold.
+                let era = self.journal.lock().unwrap().era();
                 match gateway.reserve(&self.sku, &user, quantity, &key).await {
                     Ok((reservation, _)) => {
                         let rid = reservation.reservation_id.clone();
                         let earlier: Vec<String> = {
                             let mut journal = self.journal.lock().unwrap();
-                            let era = journal.era();
+                            let span = Span {
+                                started: era,
+                                ended: journal.era(),
+                            };
                             let seen = journal.holds.entry((user, key.clone())).or_default();
                             if seen.iter().any(|(r, _)| *r == rid) {
                                 continue;
                             }
-                            let seen_before: Vec<(String, u64)> = seen.clone();
-                            seen.push((rid.clone(), era));
+                            let seen_before: Vec<(String, Span)> = seen.clone();
+                            seen.push((rid.clone(), span));
                             journal.reservations.push(rid.clone());
                             // A rollback forgets the key's claim and rebuilds nothing:
                             // the contract promises the replay after a rebuild only.
                             seen_before
                                 .into_iter()
-                                .filter(|(_, e)| !journal.rolled_back_since(*e))
+                                .filter(|(_, made)| !journal.rolled_back_since(made.started))
                                 .map(|(r, _)| r)
                                 .collect()
                         };
@@ -889,6 +895,15 @@ async fn stock_line(env: &Env, world: &World) -> String {
     }
 }
 
+/// The eras (Redis losses and rollbacks so far) at the start and at the end of the call
+/// that made a hold: one that ran across a loss or rollback may have lost its hold's
+/// claim already (Redis forgot it) or made it after the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub started: u64,
+    pub ended: u64,
+}
+
 pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     let put_in_flight = *world.put_in_flight.lock().unwrap();
     let stock = mysql_stock(&env.pool, &world.sku)
@@ -985,7 +1000,7 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     for ((user, key), rids) in &journal.holds {
         // Two holds for one key with no Redis loss between them.
         for pair in rids.windows(2) {
-            if pair[0].1 == pair[1].1 {
+            if pair[1].1.ended == pair[0].1.started {
                 return Err(format!(
                     "key {key} of {user} made two holds: {} and {} (invariant 3)",
                     pair[0].0, pair[1].0
