@@ -880,4 +880,40 @@ async fn a_payment_recorded_as_refunded_is_not_made_a_sale_by_the_flush() {
     let comps = app.compensations(&format!("sku={sku}")).await;
     assert_eq!(comps.len(), 1, "{comps:?}");
     assert_eq!(comps[0]["payment_ref"], "pay-1");
+    // Nor an event saying it was sold.
+    let confirmed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM events WHERE sku = ? AND type = 'reservation.confirmed'",
+    )
+    .bind(&sku)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(confirmed, 0);
+}
+
+/// Two confirmations in one flushed batch where MySQL has room for one (its record of
+/// the stock is below what Redis sold: what a rollback leaves): the first is a sale,
+/// the second is refused; never both.
+#[tokio::test]
+async fn a_batch_with_more_sales_than_mysql_has_stock_for_records_only_what_fits() {
+    let app = spawn_app().await;
+    let sku = unique_sku("batch-room");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    for user in ["a", "b"] {
+        let rid = app.hold(&sku, user).await;
+        assert_eq!(
+            app.confirm(&rid, &format!("pay-{user}")).await.0,
+            StatusCode::OK
+        );
+    }
+    sqlx::query("UPDATE skus SET stock_total = 1 WHERE sku = ?")
+        .bind(&sku)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(comps[0]["reason"], "cancelled");
 }
