@@ -889,6 +889,14 @@ async fn a_payment_recorded_as_refunded_is_not_made_a_sale_by_the_flush() {
     .await
     .unwrap();
     assert_eq!(confirmed, 0);
+    // And MySQL's record of the reservation does not say it was sold.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM reservations WHERE reservation_id = ?")
+            .bind(&rid)
+            .fetch_optional(&app.db)
+            .await
+            .unwrap();
+    assert_ne!(status.as_deref(), Some("confirmed"));
 }
 
 /// Two confirmations in one flushed batch where MySQL has room for one (its record of
