@@ -210,9 +210,7 @@ async fn a_claim_never_outlives_its_lease_so_no_second_worker_sends_its_events_a
     // lease, orders the (now equal) next_attempt_at by position, so sends the same 8
     // in its 1st wave.
     let now = chrono::Utc::now().timestamp_millis();
-    flashgate::db::webhooks::enqueue(&app.db, &name, now, 1000)
-        .await
-        .unwrap();
+    crate::webhooks::enqueue_all(&app, &name, now).await;
     // Other tests cancel at the same time: only this SKU's events stay queued.
     sqlx::query(
         "DELETE FROM webhook_deliveries WHERE webhook = ?

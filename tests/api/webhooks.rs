@@ -41,6 +41,16 @@ pub async fn admin_get(app: &TestApp, path: &str) -> (StatusCode, Value) {
     .await
 }
 
+/// Queues every delivery of `name` up to the feed's end. One `enqueue` looks at 1000
+/// events of every SKU; the other tests write that many between a PUT and a queueing.
+pub async fn enqueue_all(app: &TestApp, name: &str, now_ms: i64) {
+    while flashgate::db::webhooks::enqueue(&app.db, name, now_ms, 1000)
+        .await
+        .unwrap()
+        > 0
+    {}
+}
+
 /// Steps the endpoint until nothing due is left; the sum of the reports.
 pub async fn drain(deliverer: &Deliverer, app: &TestApp, name: &str) -> StepReport {
     let endpoint = flashgate::db::webhooks::get(&app.db, name)
@@ -311,9 +321,7 @@ async fn two_workers_never_send_one_event_at_once_and_a_dead_ones_claim_comes_du
     let id = app.hold(&sku, "dead").await;
     app.cancel(&id, SERVICE_TOKEN).await;
     app.flush(&sku).await;
-    flashgate::db::webhooks::enqueue(&app.db, &name, clock_now(&clock), 1000)
-        .await
-        .unwrap();
+    enqueue_all(&app, &name, clock_now(&clock)).await;
     let claimed = flashgate::db::webhooks::claim(
         &app.db,
         &name,
@@ -928,7 +936,7 @@ async fn claimed_deliveries_not_sent_are_given_back_and_only_under_their_own_lea
     app.flush(&sku).await;
     let clock = ManualClock::default();
     let now = clock_now(&clock);
-    rows::enqueue(&app.db, &name, now, 1000).await.unwrap();
+    enqueue_all(&app, &name, now).await;
     let lease_ms = 30_000;
     let claimed = rows::claim(&app.db, &name, "w", now, lease_ms, 1000)
         .await
@@ -1024,6 +1032,7 @@ async fn two_workers_queueing_at_once_queue_each_event_once() {
     );
     a.unwrap();
     b.unwrap();
+    enqueue_all(&app, &name, now).await;
     let queued: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM webhook_deliveries d JOIN events e ON e.position = d.position
          WHERE d.webhook = ? AND e.sku = ?",
@@ -1272,7 +1281,7 @@ async fn a_put_lists_the_leases_of_a_claim_that_committed_while_it_waited() {
     }
     app.flush(&sku).await;
     let now = chrono::Utc::now().timestamp_millis();
-    rows::enqueue(&app.db, &name, now, 1000).await.unwrap();
+    enqueue_all(&app, &name, now).await;
     let endpoint = rows::get(&app.db, &name).await.unwrap().unwrap();
 
     let mut lock = app.db.acquire().await.unwrap();
@@ -1382,9 +1391,7 @@ async fn a_delivery_given_back_keeps_its_place_in_the_queue() {
         cancel(format!("e{i}")).await;
     }
     app.flush(&sku).await;
-    rows::enqueue(&app.db, &name, clock_now(&clock), 1000)
-        .await
-        .unwrap();
+    enqueue_all(&app, &name, clock_now(&clock)).await;
     let lease_ms = 30_000;
     let claimed = rows::claim(&app.db, &name, "w", clock_now(&clock), lease_ms, 1000)
         .await
@@ -1399,9 +1406,7 @@ async fn a_delivery_given_back_keeps_its_place_in_the_queue() {
         cancel(format!("f{i}")).await;
     }
     app.flush(&sku).await;
-    rows::enqueue(&app.db, &name, clock_now(&clock), 1000)
-        .await
-        .unwrap();
+    enqueue_all(&app, &name, clock_now(&clock)).await;
     let leases: Vec<Lease> = claimed
         .iter()
         .map(|c| Lease {
