@@ -1154,14 +1154,43 @@ pub async fn reservation(pool: &MySqlPool, reservation_id: &str) -> Result<Optio
 
 /// Records a compensation straight in MySQL (a payment for a reservation only MySQL
 /// remembers, or none does) and returns the one recorded for its (reservation,
-/// payment_ref): the existing one when a retry arrives.
+/// payment_ref): the existing one when a retry arrives. None when MySQL records this
+/// very payment as the reservation's sale: the caller answers from that record.
+///
+/// One payment, one outcome: under the SKU's row lock, which the flush holds while it
+/// decides a confirmation (`apply_on`), the sales are read again. Either the flush
+/// recorded the sale first (seen here: no refund), or this refund commits first (the
+/// flush then finds it and makes no sale); never both. A sale of the reservation under
+/// another payment makes this one a duplicate payment.
 pub async fn record_compensation(
     pool: &MySqlPool,
     compensation: &Compensation,
     found_by: FoundBy,
-) -> Result<Compensation> {
-    // Its inner calls are the explorer's steps.
+) -> Result<Option<Compensation>> {
+    let turn = crate::explore::mysql_step("record_compensation").await;
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT sku FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(&compensation.sku)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let sold_under = recorded_sales(&mut tx, &[compensation.reservation_id.as_str()], None)
+        .await?
+        .remove(&compensation.reservation_id);
+    let duplicate;
+    let compensation = match sold_under {
+        Some(payment_ref) if payment_ref == compensation.payment_ref => {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        Some(_) => {
+            duplicate = Compensation {
+                reason: CompensationReason::DuplicatePayment,
+                ..compensation.clone()
+            };
+            &duplicate
+        }
+        None => compensation,
+    };
     insert_compensations(&mut tx, &[(compensation, found_by)]).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COMPENSATION_COLUMNS} FROM compensations WHERE reservation_id = ? AND payment_ref = ?"
@@ -1171,6 +1200,7 @@ pub async fn record_compensation(
     .fetch_one(&mut *tx)
     .await?;
     let recorded = compensation_from_row(&row)?;
+    drop(turn);
     // Its event in the same transaction (a retry finds it by id and writes nothing).
     let now_ms = chrono::Utc::now().timestamp_millis();
     events::write(
@@ -1180,7 +1210,7 @@ pub async fn record_compensation(
     )
     .await?;
     tx.commit().await?;
-    Ok(recorded)
+    Ok(Some(recorded))
 }
 
 pub async fn compensation(pool: &MySqlPool, id: &str) -> Result<Option<Compensation>> {

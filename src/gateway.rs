@@ -523,6 +523,15 @@ impl Gateway {
             db::FoundBy::Record,
         )
         .await?;
+        let Some(compensation) = compensation else {
+            // The flush recorded this very payment as the sale meanwhile.
+            return self.forgotten(reservation_id).await;
+        };
+        // A sale of the reservation under another payment, seen under the SKU's lock.
+        let refusal = match compensation.reason {
+            CompensationReason::DuplicatePayment => Refusal::AlreadyConfirmed,
+            _ => refusal,
+        };
         telemetry::compensation_recorded(refusal.code());
         Err(Error::RefundRequired {
             refusal,

@@ -925,3 +925,66 @@ async fn a_batch_with_more_sales_than_mysql_has_stock_for_records_only_what_fits
     assert_eq!(comps.len(), 1, "{comps:?}");
     assert_eq!(comps[0]["reason"], "cancelled");
 }
+
+/// One payment, one outcome, when a payment retried for a reservation Redis forgot
+/// meets the flush of that very payment's confirmation: the flush holds the SKU's row
+/// while it records the sale; the retry's refund waits for that row, then sees the
+/// sale and answers it (200), so MySQL records a sale and no refund. Before, the refund
+/// committed beside the flush and the payment was both sold and refunded.
+#[tokio::test]
+async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() {
+    let app = spawn_app().await;
+    let sku = unique_sku("retry-vs-flush");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    // Redis forgets it (its retention) before the confirmation reaches MySQL.
+    forget(&app, &sku, &rid, "payer").await;
+
+    // The flush, half-way: the SKU's row locked, the sale about to be written.
+    let mut flush = app.db.begin().await.unwrap();
+    sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(&sku)
+        .fetch_one(&mut *flush)
+        .await
+        .unwrap();
+    let waiting_for_the_row = || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+             WHERE INFO LIKE 'SELECT sku FROM skus WHERE sku = % FOR UPDATE'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        waiting > 0
+    };
+    let ((status, answer), ()) = tokio::join!(app.confirm(&rid, "pay-1"), async {
+        crate::webhooks::until("the retried payment waits for the SKU's row", || {
+            waiting_for_the_row()
+        })
+        .await;
+        sqlx::query(
+            "INSERT INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at)
+             VALUES (?, ?, 'payer', 1, 'pay-1', NOW(3))",
+        )
+        .bind(&rid)
+        .bind(&sku)
+        .execute(&mut *flush)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE skus SET sold = sold + 1 WHERE sku = ?")
+            .bind(&sku)
+            .execute(&mut *flush)
+            .await
+            .unwrap();
+        flush.commit().await.unwrap();
+    });
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "confirmed");
+    assert_eq!(answer["payment_ref"], "pay-1");
+    assert_eq!(app.mysql_compensations(&sku).await, 0, "refunded too");
+    // The real flush of that confirmation later: a replay, still one sale, no refund.
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    assert_eq!(app.mysql_compensations(&sku).await, 0);
+}

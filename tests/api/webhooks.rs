@@ -582,7 +582,7 @@ async fn deliveries_in(app: &TestApp, name: &str, positions: &[u64], status: &st
 }
 
 /// Waits (up to 10 s) for `done` to hold.
-async fn until<F, Fut>(what: &str, mut done: F)
+pub async fn until<F, Fut>(what: &str, mut done: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -1135,6 +1135,21 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
             ));
         }
     }
+    // One payment, one outcome, whatever Redis lost: never both a sale and a refund.
+    let both: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.reservation_id, s.payment_ref FROM sales s JOIN compensations c
+         ON c.reservation_id = s.reservation_id AND c.payment_ref = s.payment_ref
+         WHERE s.sku = ?",
+    )
+    .bind(world.sku.as_str())
+    .fetch_all(&env.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some((rid, payment_ref)) = both.first() {
+        return Err(format!(
+            "payment {payment_ref} for {rid} is both a sale and a compensation in MySQL (invariant 5)"
+        ));
+    }
     // Answers a rollback may have taken back before they were flushed are not
     // promised without `WAIT` (docs/design.md, "Durability"); every other one is.
     let (losses, sold, compensated) = {
