@@ -80,6 +80,41 @@ pub fn home(sku: &SkuId, user_id: &str, buckets: u32) -> u32 {
     (word % u64::from(buckets)) as u32
 }
 
+/// How many buckets a SKU's buyers are homed over: all of them, or only bucket 0 when
+/// the SKU has a waiting room. Every reserve there spends an admission, and the
+/// admissions live in bucket 0's slot with the line (lua/queue.lua), so the hold is
+/// made in the same atomic call as the spend: buyers, and so the stock, stay in bucket
+/// 0. The other buckets hold nothing (`split_for`); reserves come at the pace of
+/// admissions, which one slot serves. Whether a split SKU has a waiting room is fixed
+/// at its creation, as its number of buckets (a change would move buyers' homes, and
+/// their per-user limits with them).
+pub fn homes(buckets: u32, waiting_room: bool) -> u32 {
+    if waiting_room {
+        1
+    } else {
+        buckets
+    }
+}
+
+/// How a SKU is split: its buckets, and how many of them its buyers are homed over
+/// (`homes`). Both are fixed at the SKU's creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub buckets: u32,
+    pub homes: u32,
+}
+
+/// `split` for a SKU whose buyers are homed over `homes` buckets of `buckets`: the
+/// stock all in bucket 0 when that is their only home.
+pub fn split_for(stock: u64, buckets: u32, homes: u32) -> Vec<u64> {
+    if homes == 1 {
+        let mut all_in_first = vec![0; buckets.max(1) as usize];
+        all_in_first[0] = stock;
+        return all_in_first;
+    }
+    split(stock, buckets)
+}
+
 /// The stock of each bucket of a new SKU: `stock` split as evenly as it goes, the
 /// first buckets one unit more.
 pub fn split(stock: u64, buckets: u32) -> Vec<u64> {
@@ -128,6 +163,9 @@ mod tests {
         assert_eq!(split(10, 3), vec![4, 3, 3]);
         assert_eq!(split(2, 4), vec![1, 1, 0, 0]);
         assert_eq!(split(7, 1), vec![7]);
+        assert_eq!(split_for(10, 3, 3), vec![4, 3, 3]);
+        assert_eq!(split_for(10, 3, homes(3, true)), vec![10, 0, 0]);
+        assert_eq!(homes(3, false), 3);
         let sku = SkuId::parse("hot").unwrap();
         let mut homes = [0u32; 4];
         for u in 0..4_000 {

@@ -9,7 +9,7 @@ use crate::auth::Caller;
 use crate::batcher::{
     Batcher, BucketMoves, IdempotencyProbes, MoveRequest, Moved, QueueReads, Reserves,
 };
-use crate::buckets;
+use crate::buckets::{self, Layout};
 use crate::config::GatewaySettings;
 use crate::db;
 use crate::error::{Error, Outcome, Result};
@@ -30,8 +30,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// SKUs whose bucket count a gateway remembers; past it the memory starts over.
-const BUCKET_COUNTS_MAX: usize = 65_536;
+/// SKUs whose layout a gateway remembers; past it the memory starts over.
+const LAYOUTS_MAX: usize = 65_536;
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -44,8 +44,9 @@ pub struct Gateway {
     bucket_moves: Arc<Batcher<BucketMoves>>,
     /// Joins and ticket reads of waiting rooms, batched per SKU.
     queue_reads: Arc<Batcher<QueueReads>>,
-    /// SKU -> its buckets (fixed when the SKU is created, so never stale).
-    bucket_counts: Arc<RwLock<HashMap<SkuId, u32>>>,
+    /// SKU -> its buckets and its buyers' homes (fixed when the SKU is created, so
+    /// never stale).
+    layouts: Arc<RwLock<HashMap<SkuId, Layout>>>,
     /// The waiting rooms streams follow on this gateway (src/queue.rs).
     pub queue_watchers: Arc<queue::Watchers>,
     /// SKUs that refused a reserve without an admission token lately.
@@ -93,7 +94,7 @@ impl Gateway {
             replay_probes,
             bucket_moves,
             queue_reads,
-            bucket_counts: Default::default(),
+            layouts: Default::default(),
             queue_watchers: Default::default(),
             waiting_rooms: Default::default(),
         }
@@ -102,26 +103,28 @@ impl Gateway {
     /// The buckets a SKU is split over: from memory, else from Redis (None when Redis
     /// has no state for the SKU's bucket 0).
     async fn bucket_count(&self, sku: &SkuId) -> Result<Option<u32>> {
-        if let Some(&k) = self
-            .bucket_counts
+        Ok(self.layout(sku).await?.map(|layout| layout.buckets))
+    }
+
+    /// The SKU's buckets and its buyers' homes: from memory, else from Redis.
+    async fn layout(&self, sku: &SkuId) -> Result<Option<Layout>> {
+        if let Some(&layout) = self
+            .layouts
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(sku)
         {
-            return Ok(Some(k));
+            return Ok(Some(layout));
         }
-        let Some(k) = Box::pin(self.store.bucket_count(sku)).await? else {
+        let Some(layout) = Box::pin(self.store.layout(sku)).await? else {
             return Ok(None);
         };
-        let mut counts = self
-            .bucket_counts
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if counts.len() >= BUCKET_COUNTS_MAX {
-            counts.clear();
+        let mut layouts = self.layouts.write().unwrap_or_else(|e| e.into_inner());
+        if layouts.len() >= LAYOUTS_MAX {
+            layouts.clear();
         }
-        counts.insert(sku.clone(), k);
-        Ok(Some(k))
+        layouts.insert(sku.clone(), layout);
+        Ok(Some(layout))
     }
 
     /// Joins the SKU's waiting room (or answers the ticket the user has).
@@ -192,7 +195,9 @@ impl Gateway {
         let Ok(admission) = checked else {
             return self.reserve(sku, user_id, quantity, idempotency_key).await;
         };
-        if self.bucket_count(sku).await? != Some(1) {
+        // Admissions are spent in bucket 0, where the SKU's buyers are homed when it
+        // has a waiting room (buckets::homes).
+        if self.layout(sku).await?.map(|layout| layout.homes) != Some(1) {
             return self.reserve(sku, user_id, quantity, idempotency_key).await;
         }
         let request = ReserveRequest {
@@ -221,8 +226,8 @@ impl Gateway {
         }
         // A user's reserves of a SKU always go to one bucket: the limit and the key
         // are decided there, in one script, as for an unsplit SKU.
-        let k = match self.bucket_count(sku).await? {
-            Some(k) => k,
+        let Layout { buckets: k, homes } = match self.layout(sku).await? {
+            Some(layout) => layout,
             // Redis has no state for the SKU (never defined, retired long ago, or lost
             // and being rebuilt): the reserve says why, or replays its key, but makes
             // no hold in bucket 0 of a SKU split meanwhile (a user homed elsewhere
@@ -241,13 +246,16 @@ impl Gateway {
                 match Box::pin(self.store.reserve_if_unsplit(sku, &request, keys_ttl)).await {
                     Ok(Some(outcome)) => return self.answer(sku, Ok(outcome)).await,
                     Err(e) => return self.answer(sku, Err(e)).await,
-                    Ok(None) => self.bucket_count(sku).await?.unwrap_or(1),
+                    Ok(None) => self.layout(sku).await?.unwrap_or(Layout {
+                        buckets: 1,
+                        homes: 1,
+                    }),
                 }
             }
         };
-        let home = buckets::home(sku, user_id, k);
-        let sale = match k {
-            1 => sku.clone(),
+        let home = buckets::home(sku, user_id, homes);
+        let sale = match home {
+            0 => sku.clone(),
             _ => buckets::sales(sku, k).swap_remove(home as usize),
         };
         // The flag spares the script, not the replay: a key that created a hold
@@ -269,10 +277,10 @@ impl Gateway {
         };
         let outcome = match self
             .reserves
-            .submit_sharing(&sale, request.clone(), k)
+            .submit_sharing(&sale, request.clone(), homes)
             .await
         {
-            Err(Error::Refused(Refusal::SoldOut)) if k > 1 => {
+            Err(Error::Refused(Refusal::SoldOut)) if homes > 1 => {
                 Box::pin(self.reserve_with_transfer(sku, k, home, request)).await
             }
             other => other,
@@ -808,10 +816,9 @@ impl Gateway {
         // locking read of a row not there yet would take gap locks that deadlock
         // concurrent inserts of other new SKUs.
         let previous = db::sku_record_in(&mut *conn, sku).await?;
-        if previous
-            .as_ref()
-            .is_some_and(|p| p.definition.buckets != definition.buckets)
-        {
+        if previous.as_ref().is_some_and(|p| {
+            p.definition.buckets != definition.buckets || p.definition.homes() != definition.homes()
+        }) {
             return Err(Error::Refused(Refusal::BucketsChanged));
         }
         // A PUT keeps the SKU's pause: only pause and resume change it.
@@ -903,7 +910,11 @@ impl Gateway {
             .iter()
             .map(|s| sold.get(s.as_str()).copied().unwrap_or(0))
             .collect();
-        let fresh = buckets::split(definition.stock_total - sold.iter().sum::<u64>(), k);
+        let fresh = buckets::split_for(
+            definition.stock_total - sold.iter().sum::<u64>(),
+            k,
+            definition.homes(),
+        );
         let changes = match &previous {
             None => vec![0; k as usize],
             Some(_) => {
@@ -940,7 +951,7 @@ impl Gateway {
                     recorded = Some(db::recorded_usage(&mut *conn, sku).await?);
                 }
                 let usage = recorded.as_ref().expect("read above");
-                let bought = buckets::home_users(sku, &usage.bought, k, b as u32);
+                let bought = buckets::home_users(sku, &usage.bought, definition.homes(), b as u32);
                 self.store
                     .restore_usage(sale, &bought, &usage.claims)
                     .await?;
@@ -992,7 +1003,7 @@ impl Gateway {
                 None => db::recorded_usage(&mut *conn, sku).await?,
             };
             for (b, sale) in sales.iter().enumerate() {
-                let bought = buckets::home_users(sku, &usage.bought, k, b as u32);
+                let bought = buckets::home_users(sku, &usage.bought, definition.homes(), b as u32);
                 self.store
                     .restore_usage(sale, &bought, &usage.claims)
                     .await?;

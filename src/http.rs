@@ -289,7 +289,8 @@ fn refusal_detail(refusal: Refusal) -> &'static str {
         Refusal::ReservationCancelled => "the reservation was cancelled",
         Refusal::StockBelowCommitted => "the new stock is below the units held and sold",
         Refusal::BucketsChanged => {
-            "a SKU keeps the number of buckets it was created with; define a new SKU instead"
+            "a SKU keeps the number of buckets it was created with, and a split SKU whether \
+             it has a waiting room; define a new SKU instead"
         }
         Refusal::Paused => "an operator paused the sale of this SKU; retry later",
         Refusal::AdmissionRequired => {
@@ -652,7 +653,8 @@ struct DefineSku {
     #[schema(default = 1, minimum = 1, maximum = 16)]
     buckets: u64,
     /// Buyers queue and are admitted by stock (`/v1/skus/{sku}/queue`); absent or null:
-    /// no waiting room. Only for a SKU of one bucket.
+    /// no waiting room. On a SKU of more than one bucket: fixed when it is created (409
+    /// `buckets_changed`), and its stock and buyers stay in bucket 0.
     #[serde(default)]
     waiting_room: Option<WaitingRoomBody>,
 }
@@ -736,11 +738,6 @@ impl DefineSku {
                 .map(WaitingRoomBody::terms)
                 .transpose()?,
         };
-        if definition.waiting_room.is_some() && definition.buckets > 1 {
-            return Err(Problem::invalid(
-                "a waiting room admits by the stock of one bucket: `buckets` must be 1",
-            ));
-        }
         if let (Some(starts), Some(ends)) = (definition.starts_at_ms, definition.ends_at_ms) {
             if ends <= starts {
                 return Err(Problem::invalid("`ends_at` must be after `starts_at`"));

@@ -1178,7 +1178,15 @@ pub(crate) async fn rebuild_lost_buckets(
         .definition
         .stock_total
         .saturating_sub(held + lost_sold);
-    let shares = crate::buckets::split(free, lost.len() as u32);
+    // Buyers homed in bucket 0 alone (a waiting room): the free units go there, or, if
+    // bucket 0 is not lost, to no lost bucket (the stock check adds them to bucket 0).
+    let shares = if record.definition.homes() == 1 {
+        lost.iter()
+            .map(|&(b, _)| if b == 0 { free } else { 0 })
+            .collect()
+    } else {
+        crate::buckets::split(free, lost.len() as u32)
+    };
     let mut findings = Vec::new();
     for ((b, sold), share) in lost.into_iter().zip(shares) {
         let mut scope = Scope::bucket(&sales[b], buckets);
@@ -1247,7 +1255,8 @@ async fn restore_missing(
                 change: None,
             };
             let b = sales.iter().position(|s| s == sku).unwrap_or(0) as u32;
-            let home = crate::buckets::home_users(&scope.sku, &usage.bought, scope.buckets, b);
+            let homes = record.definition.homes();
+            let home = crate::buckets::home_users(&scope.sku, &usage.bought, homes, b);
             // Usage first, so no reserve finds the bucket without it; again after the
             // load for the bucket's claims_until (restore_usage.lua).
             store.restore_usage(sku, &home, &usage.claims).await?;

@@ -95,6 +95,13 @@ pub struct SkuDefinition {
     pub waiting_room: Option<WaitingRoom>,
 }
 
+impl SkuDefinition {
+    /// The buckets its buyers are homed over (`buckets::homes`).
+    pub fn homes(&self) -> u32 {
+        crate::buckets::homes(self.buckets, self.waiting_room.is_some())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CompensationReason {

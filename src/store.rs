@@ -1337,14 +1337,28 @@ impl Store {
     /// The buckets a SKU is split over, from its bucket 0 (the SKU's own tag): None
     /// when Redis has no sale for it; 1 for a SKU defined before buckets existed.
     pub async fn bucket_count(&self, sku: &SkuId) -> Result<Option<u32>> {
+        Ok(self.layout(sku).await?.map(|layout| layout.buckets))
+    }
+
+    /// The SKU's buckets and its buyers' homes (src/buckets.rs), from bucket 0's meta:
+    /// None when Redis has no state for it.
+    pub async fn layout(&self, sku: &SkuId) -> Result<Option<crate::buckets::Layout>> {
         let mut conn = self.conn.clone();
-        let (stock_total, buckets): (Option<String>, Option<u32>) = redis::cmd("HMGET")
-            .arg(SkuKeys::new(sku).meta)
-            .arg("stock_total")
-            .arg("buckets")
-            .query_async(&mut conn)
-            .await?;
-        Ok(stock_total.map(|_| buckets.unwrap_or(1)))
+        let (stock_total, buckets, waiting_room): (Option<String>, Option<u32>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(SkuKeys::new(sku).meta)
+                .arg("stock_total")
+                .arg("buckets")
+                .arg("wr_ms")
+                .query_async(&mut conn)
+                .await?;
+        Ok(stock_total.map(|_| {
+            let buckets = buckets.unwrap_or(1);
+            crate::buckets::Layout {
+                buckets,
+                homes: crate::buckets::homes(buckets, waiting_room.is_some_and(|w| !w.is_empty())),
+            }
+        }))
     }
 
     /// For each of these sales (buckets of one SKU): what lua/bucket_stock.lua reads

@@ -126,7 +126,6 @@ async fn the_definition_carries_the_waiting_room_and_refuses_bad_terms() {
     );
     assert_eq!(app.sku(&sku).await["waiting_room"], view["waiting_room"]);
     for bad in [
-        json!({"stock": 3, "buckets": 2, "waiting_room": {}}),
         json!({"stock": 3, "waiting_room": {"admission_seconds": 0}}),
         json!({"stock": 3, "waiting_room": {"admission_seconds": 86401}}),
         json!({"stock": 3, "waiting_room": {"admit_per_second": -1}}),
@@ -775,4 +774,209 @@ async fn an_admission_that_lapsed_before_a_pause_stays_lapsed_after_it() {
     assert_eq!(ticket(&app, &sku, "a").await["lapsed"], true);
     assert_eq!(ticket(&app, &sku, "b").await["state"], "admitted");
     assert!(admissions(&app, &sku).await.len() <= 1);
+}
+
+/// Each bucket's (stock_total, available, held, sold) as Redis has them.
+async fn bucket_counters(app: &TestApp, sku: &str, k: u32) -> Vec<[u64; 4]> {
+    let mut out = Vec::new();
+    for sale in flashgate::buckets::sales(&TestApp::sku_id(sku), k) {
+        let (view, _) = app.store.sale_view(&sale).await.unwrap();
+        out.push([view.stock_total, view.available, view.held, view.sold]);
+    }
+    out
+}
+
+/// A split SKU with a waiting room: its stock and every buyer in bucket 0, where the
+/// admissions are spent with the holds (buckets::homes). Admission by stock, one hold
+/// per token, returned units admitting the next user and `sold_out` for those still
+/// waiting work as with one bucket; the other buckets hold nothing, also after a
+/// restock and after Redis loses bucket 0; whether it has a waiting room cannot
+/// change.
+#[tokio::test]
+async fn a_split_sku_with_a_waiting_room_admits_and_sells_from_bucket_0() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-split");
+    let k = 3;
+    app.create_sku(
+        &sku,
+        json!({"stock": 3, "buckets": k, "waiting_room": {"admission_seconds": 600}}),
+    )
+    .await;
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[3, 3, 0, 0], [0; 4], [0; 4]]
+    );
+    let users: Vec<String> = (0..5).map(|i| format!("split-{i}")).collect();
+    for user in &users {
+        join(&app, &sku, user).await;
+    }
+    // Three units: the first three admitted, the others wait.
+    let mut tickets = Vec::new();
+    for user in &users {
+        tickets.push(ticket(&app, &sku, user).await);
+    }
+    let states: Vec<&str> = tickets
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["admitted", "admitted", "admitted", "waiting", "waiting"]
+    );
+    // Without a token: refused, whatever bucket the user's hash would pick.
+    let (status, problem) = reserve_with(&app, &sku, &users[3], "k", None).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("admission_required")),
+        "{problem}"
+    );
+    let mut holds = Vec::new();
+    for (user, ticket) in users.iter().zip(&tickets).take(3) {
+        let (status, hold) = reserve_with(&app, &sku, user, "k", Some(token_of(ticket))).await;
+        assert_eq!(status, StatusCode::CREATED, "{hold}");
+        let rid = hold["reservation_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            flashgate::ids::sale_of_reservation(&rid),
+            Some(TestApp::sku_id(&sku)),
+            "held in bucket 0"
+        );
+        holds.push(rid);
+    }
+    // A token makes one hold.
+    let (status, problem) =
+        reserve_with(&app, &sku, &users[0], "k2", Some(token_of(&tickets[0]))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[3, 0, 3, 0], [0; 4], [0; 4]]
+    );
+    // A unit comes back: the next user in line is admitted and holds it.
+    assert_eq!(app.cancel(&holds[2], SERVICE_TOKEN).await.0, StatusCode::OK);
+    let next = ticket(&app, &sku, &users[3]).await;
+    assert_eq!(next["state"], "admitted", "{next}");
+    let (status, hold) = reserve_with(&app, &sku, &users[3], "k", Some(token_of(&next))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    holds[2] = hold["reservation_id"].as_str().unwrap().to_owned();
+    // A restock goes to bucket 0 and admits the last user.
+    app.create_sku(
+        &sku,
+        json!({"stock": 4, "buckets": k, "waiting_room": {"admission_seconds": 600}}),
+    )
+    .await;
+    assert_eq!(bucket_counters(&app, &sku, k).await[1..], [[0; 4], [0; 4]]);
+    let last = ticket(&app, &sku, &users[4]).await;
+    assert_eq!(last["state"], "admitted", "{last}");
+    let (status, hold) = reserve_with(&app, &sku, &users[4], "k", Some(token_of(&last))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    holds.push(hold["reservation_id"].as_str().unwrap().to_owned());
+    for (i, rid) in holds.iter().enumerate() {
+        assert_eq!(
+            app.confirm(rid, &format!("pay-{i}")).await.0,
+            StatusCode::OK
+        );
+    }
+    // Sold out: terminal for anyone who joins now.
+    let late = join(&app, &sku, "split-late").await;
+    assert_eq!(late["state"], "sold_out", "{late}");
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[4, 0, 0, 4], [0; 4], [0; 4]]
+    );
+
+    // Whether a split SKU has a waiting room is fixed: removing it, or adding one to a
+    // split SKU created without, is refused and changes nothing.
+    let (status, problem) = app.put_sku(&sku, json!({"stock": 4, "buckets": k})).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("buckets_changed")),
+        "{problem}"
+    );
+    assert!(app.sku(&sku).await["waiting_room"].is_object());
+    let plain = unique_sku("wr-split-plain");
+    app.create_sku(&plain, json!({"stock": 2, "buckets": 2}))
+        .await;
+    let (status, problem) = app
+        .put_sku(
+            &plain,
+            json!({"stock": 2, "buckets": 2, "waiting_room": {}}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("buckets_changed")),
+        "{problem}"
+    );
+    let (status, _) = queue_call(&app, &plain, "u1", true).await;
+    assert_eq!(status, StatusCode::CONFLICT, "still no waiting room");
+}
+
+/// Redis loses a split SKU with a waiting room: the rebuild gives the units
+/// MySQL does not record as sold back to bucket 0, none to another bucket, and admitted
+/// buyers hold them there.
+#[tokio::test]
+async fn a_lost_split_waiting_room_gets_its_free_units_back_in_bucket_0() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-split-lost");
+    let k = 2;
+    app.create_sku(&sku, json!({"stock": 3, "buckets": k, "waiting_room": {}}))
+        .await;
+    // A buyer whose hash would home them in bucket 1 (they buy in bucket 0).
+    let id = TestApp::sku_id(&sku);
+    let buyer = (0..)
+        .map(|n| format!("lost-{n}"))
+        .find(|user| flashgate::buckets::home(&id, user, k) == 1)
+        .unwrap();
+    join(&app, &sku, &buyer).await;
+    let admitted = ticket(&app, &sku, &buyer).await;
+    let (status, hold) = reserve_with(&app, &sku, &buyer, "k", Some(token_of(&admitted))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
+    let rid = hold["reservation_id"].as_str().unwrap();
+    assert_eq!(app.confirm(rid, "pay-lost").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    // A wipe: every bucket lost, and the line with bucket 0.
+    for sale in flashgate::buckets::sales(&TestApp::sku_id(&sku), k) {
+        app.lose_sale(sale.as_str()).await;
+    }
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
+    let mut conn = app.store.connection();
+    let _: () = redis::cmd("DEL")
+        .arg(keys.queue_line())
+        .arg(keys.queue_admits())
+        .arg(keys.queue_used())
+        .arg(keys.queue_state())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let report =
+        flashgate::reconcile::run_skus(&app.store, &app.db, &[TestApp::sku_id(&sku)], true)
+            .await
+            .unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.kind == "redis_state_missing" && f.repaired),
+        "{:?}",
+        report.findings
+    );
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[3, 2, 0, 1], [0; 4]]
+    );
+    // The line went with bucket 0. The buyer's limit (1) counts what they bought, in
+    // bucket 0: admitted again, they hold nothing more.
+    join(&app, &sku, &buyer).await;
+    let again = ticket(&app, &sku, &buyer).await;
+    let (status, problem) = reserve_with(&app, &sku, &buyer, "k2", Some(token_of(&again))).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("limit_exceeded")),
+        "{problem}"
+    );
+    // A new buyer joins and holds a unit there.
+    join(&app, &sku, "lost-1").await;
+    let admitted = ticket(&app, &sku, "lost-1").await;
+    assert_eq!(admitted["state"], "admitted", "{admitted}");
+    let (status, hold) = reserve_with(&app, &sku, "lost-1", "k", Some(token_of(&admitted))).await;
+    assert_eq!(status, StatusCode::CREATED, "{hold}");
 }

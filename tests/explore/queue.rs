@@ -95,6 +95,9 @@ pub async fn run_seed(
     let mut scheduler = Scheduler::new(turnstile, seed_rng(seed, 1));
     let stock = rng.random_range(3..=8u64);
     let users = stock as usize + rng.random_range(3..=8usize);
+    // Half the seeds split the SKU: its buyers and stock stay in bucket 0
+    // (buckets::homes), the other buckets must hold nothing.
+    let buckets = if one_in(&mut rng, 2) { 2 } else { 1 };
     let sku = SkuId::parse(&format!("explore-q-{seed}")).unwrap();
     world::forget_sku(env, &sku).await;
     let redis_now = redis_now_ms(env).await;
@@ -113,7 +116,7 @@ pub async fn run_seed(
         hold_seconds: 1,
         starts_at_ms,
         ends_at_ms: None,
-        buckets: 1,
+        buckets,
         paused: false,
         waiting_room: Some(waiting_room),
     };
@@ -133,7 +136,10 @@ pub async fn run_seed(
     let names: Vec<String> = (0..users).map(|u| format!("q{u}")).collect();
     let world = Arc::new(World {
         sku: sku.clone(),
-        keys: vec![SkuKeys::new(&sku)],
+        keys: flashgate::buckets::sales(&sku, buckets)
+            .iter()
+            .map(SkuKeys::new)
+            .collect(),
         users: names.clone(),
         journal: Mutex::new(Journal::default()),
         variant: world::Variant::Current,
@@ -739,6 +745,21 @@ async fn check_queue(
     after_queue_call: Option<i64>,
 ) -> Result<(), String> {
     let keys = &queue.world.keys[0];
+    // A split SKU's other buckets hold nothing: no stock, no hold, no sale.
+    for other in &queue.world.keys[1..] {
+        let counters: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&other.meta)
+            .arg(&["stock_total", "available", "held", "sold"])
+            .query_async(&mut env.observer.connection())
+            .await
+            .map_err(|e| format!("bucket look: {e}"))?;
+        if counters.iter().flatten().any(|v| v != "0") {
+            return Err(format!(
+                "bucket {} of a waiting room's SKU holds [stock_total, available, held, sold] = {counters:?}, not nothing",
+                other.meta
+            ));
+        }
+    }
     type Look = (
         (i64, i64),
         Vec<Option<String>>,
