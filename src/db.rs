@@ -227,15 +227,20 @@ pub async fn restore_sku(
     match previous {
         Some(record) => {
             let d = &record.definition;
+            // Every column `upsert_sku` writes, the waiting room too.
             sqlx::query(
                 "UPDATE skus SET stock_total = ?, per_user_limit = ?, hold_seconds = ?,
-                   starts_at = ?, ends_at = ? WHERE sku = ?",
+                   starts_at = ?, ends_at = ?, waiting_room = ? WHERE sku = ?",
             )
             .bind(d.stock_total)
             .bind(d.per_user_limit)
             .bind(d.hold_seconds)
             .bind(d.starts_at_ms.map(ms_to_datetime))
             .bind(d.ends_at_ms.map(ms_to_datetime))
+            .bind(
+                d.waiting_room
+                    .map(|w| serde_json::to_string(&w).expect("plain struct")),
+            )
             .bind(sku.as_str())
             .execute(&mut *conn)
             .await?;

@@ -175,8 +175,8 @@ impl Gateway {
     /// the reserve script on a SKU with a waiting room (one admission, one hold; a token
     /// past its deadline only replays its key). A token that is not good counts as none:
     /// a SKU without a waiting room does not need one, and one with a waiting room
-    /// refuses the reserve (from this gateway's memory once Redis said so). A SKU split
-    /// over buckets has no waiting room.
+    /// refuses the reserve (from this gateway's memory once Redis said so). A split SKU
+    /// with a waiting room spends it in bucket 0, its buyers' only home.
     pub async fn reserve_admitted(
         &self,
         sku: &SkuId,
@@ -482,33 +482,19 @@ impl Gateway {
         reservation_id: &str,
         payment_ref: &str,
     ) -> Result<Reservation> {
-        let (refusal, reason, record) = match self.recorded(reservation_id).await? {
+        let (reason, record) = match self.recorded(reservation_id).await? {
             Recorded::Reservation(r) => match r.status {
                 Status::Confirmed if r.payment_ref.as_deref() == Some(payment_ref) => return Ok(r),
-                Status::Confirmed => (
-                    Refusal::AlreadyConfirmed,
-                    CompensationReason::DuplicatePayment,
-                    Some(r),
-                ),
-                Status::Cancelled => (
-                    Refusal::ReservationCancelled,
-                    CompensationReason::Cancelled,
-                    Some(r),
-                ),
-                Status::Held | Status::Paying | Status::Expired => (
-                    Refusal::ReservationExpired,
-                    CompensationReason::Expired,
-                    Some(r),
-                ),
+                Status::Confirmed => (CompensationReason::DuplicatePayment, Some(r)),
+                Status::Cancelled => (CompensationReason::Cancelled, Some(r)),
+                Status::Held | Status::Paying | Status::Expired => {
+                    (CompensationReason::Expired, Some(r))
+                }
             },
             // The hold is gone with its stock (the reconciler returns the units): it
             // can no longer be sold, so the payment is refunded as for an expired hold.
             // Who held it and how many are unknown: recorded as '' and 0.
-            Recorded::Lost => (
-                Refusal::ReservationExpired,
-                CompensationReason::Expired,
-                None,
-            ),
+            Recorded::Lost => (CompensationReason::Expired, None),
         };
         let now_ms = crate::explore::host_clock_ms();
         let compensation = db::record_compensation(
@@ -535,10 +521,13 @@ impl Gateway {
             // The flush recorded this very payment as the sale meanwhile.
             return self.forgotten(reservation_id).await;
         };
-        // A sale of the reservation under another payment, seen under the SKU's lock.
+        // The answer says what the record says: a sale of the reservation under
+        // another payment seen under the SKU's lock, or a compensation recorded
+        // before (the flush's, after a rollback) with its own reason.
         let refusal = match compensation.reason {
             CompensationReason::DuplicatePayment => Refusal::AlreadyConfirmed,
-            _ => refusal,
+            CompensationReason::Cancelled => Refusal::ReservationCancelled,
+            CompensationReason::Expired => Refusal::ReservationExpired,
         };
         telemetry::compensation_recorded(refusal.code());
         Err(Error::RefundRequired {
@@ -816,9 +805,20 @@ impl Gateway {
         // locking read of a row not there yet would take gap locks that deadlock
         // concurrent inserts of other new SKUs.
         let previous = db::sku_record_in(&mut *conn, sku).await?;
-        if previous.as_ref().is_some_and(|p| {
-            p.definition.buckets != definition.buckets || p.definition.homes() != definition.homes()
-        }) {
+        let layout = Layout {
+            buckets: definition.buckets,
+            homes: definition.homes(),
+        };
+        let was = match &previous {
+            Some(p) => Some(Layout {
+                buckets: p.definition.buckets,
+                homes: p.definition.homes(),
+            }),
+            // MySQL lost the row (a restore, a failover that lost the commit) while
+            // Redis kept the sale: its layout is the one the buyers live in.
+            None => self.store.layout(sku).await?,
+        };
+        if was.is_some_and(|was| was != layout) {
             return Err(Error::Refused(Refusal::BucketsChanged));
         }
         // A PUT keeps the SKU's pause: only pause and resume change it.

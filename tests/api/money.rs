@@ -988,3 +988,36 @@ async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() 
     assert_eq!(app.mysql_sales_count(&sku).await, 1);
     assert_eq!(app.mysql_compensations(&sku).await, 0);
 }
+
+/// A payment answered from MySQL's record whose compensation is already recorded (the
+/// flush refused its sale after a Redis rollback: reason `cancelled`) is answered with
+/// that compensation's reason, not the one the reservation's record alone suggests.
+#[tokio::test]
+async fn a_refund_answered_from_the_record_says_the_recorded_reason() {
+    use flashgate::reservation::{Compensation, CompensationReason, Resolution};
+    let app = spawn_app().await;
+    let sku = unique_sku("recorded-reason");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    forget(&app, &sku, &rid, "payer").await;
+    let refused = Compensation {
+        id: flashgate::ids::compensation_id(&rid, "pay-1"),
+        reservation_id: rid.clone(),
+        sku: sku.clone(),
+        user_id: "payer".into(),
+        quantity: 1,
+        payment_ref: "pay-1".into(),
+        reason: CompensationReason::Cancelled,
+        resolved: false,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        resolution: Resolution::default(),
+    };
+    flashgate::db::record_compensation(&app.db, &refused, flashgate::db::FoundBy::Flush)
+        .await
+        .unwrap();
+    let (status, problem) = app.confirm(&rid, "pay-1").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "reservation_cancelled", "{problem}");
+    assert_eq!(problem["compensation_id"], refused.id.as_str());
+    assert_eq!(app.mysql_compensations(&sku).await, 1);
+}

@@ -980,3 +980,71 @@ async fn a_lost_split_waiting_room_gets_its_free_units_back_in_bucket_0() {
     let (status, hold) = reserve_with(&app, &sku, "lost-1", "k", Some(token_of(&admitted))).await;
     assert_eq!(status, StatusCode::CREATED, "{hold}");
 }
+
+/// MySQL lost a split SKU's row (a restore, a failover that lost the commit) while Redis
+/// kept its sale: a PUT may not change where its buyers live (Redis's layout counts as
+/// the one it was created with), and the same layout is defined again.
+#[tokio::test]
+async fn a_split_sku_mysql_forgot_keeps_the_layout_redis_sells_under() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-split-forgot");
+    app.create_sku(&sku, json!({"stock": 4, "buckets": 2, "waiting_room": {}}))
+        .await;
+    sqlx::query("DELETE FROM skus WHERE sku = ?")
+        .bind(&sku)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (status, problem) = app.put_sku(&sku, json!({"stock": 4, "buckets": 2})).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("buckets_changed")),
+        "{problem}"
+    );
+    assert_eq!(
+        bucket_counters(&app, &sku, 2).await,
+        vec![[4, 4, 0, 0], [0; 4]],
+        "nothing moved"
+    );
+    let view = app
+        .create_sku(&sku, json!({"stock": 4, "buckets": 2, "waiting_room": {}}))
+        .await;
+    assert!(view["waiting_room"].is_object(), "{view}");
+}
+
+/// A definition written back after Redis refused a PUT (`db::restore_sku`) is the whole
+/// former one, its waiting room too: MySQL and Redis do not disagree about it after.
+#[tokio::test]
+async fn a_definition_written_back_keeps_its_waiting_room() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-restore");
+    app.create_sku(&sku, json!({"stock": 2})).await;
+    let id = TestApp::sku_id(&sku);
+    let before = flashgate::db::sku_record(&app.db, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(before.definition.waiting_room.is_none());
+    let with_room = flashgate::reservation::SkuDefinition {
+        waiting_room: Some(flashgate::reservation::WaitingRoom {
+            admission_seconds: 30,
+            admit_per_second: 0,
+            prequeue_shuffle: true,
+        }),
+        ..before.definition.clone()
+    };
+    let mut tx = app.db.begin().await.unwrap();
+    flashgate::db::upsert_sku(&mut tx, &id, &with_room)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = app.db.acquire().await.unwrap();
+    flashgate::db::restore_sku(&mut conn, &id, Some(&before))
+        .await
+        .unwrap();
+    let after = flashgate::db::sku_record(&app.db, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.definition, before.definition);
+}
