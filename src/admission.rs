@@ -142,6 +142,8 @@ struct Keyed<K: Hash + Eq + Clone> {
     max_keys: usize,
     limiter: RwLock<DefaultKeyedRateLimiter<K>>,
     checks: AtomicUsize,
+    /// The check count at which the next trim runs (`trim` plans it).
+    next_trim: AtomicUsize,
 }
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
@@ -152,6 +154,7 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
             max_keys,
             limiter: RwLock::new(RateLimiter::dashmap(quota)),
             checks: AtomicUsize::new(0),
+            next_trim: AtomicUsize::new(limits::RATE_TRIM_EVERY),
         }
     }
 
@@ -161,9 +164,7 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 
     /// `owned` makes the map's key from a borrowed one (a `&str` user id).
     fn check_with<Q: ?Sized>(&self, key: &Q, owned: impl FnOnce(&Q) -> K) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % limits::RATE_TRIM_EVERY
-            == limits::RATE_TRIM_EVERY - 1
-        {
+        if self.checks.fetch_add(1, Ordering::Relaxed) >= self.next_trim.load(Ordering::Relaxed) {
             self.trim();
         }
         let limiter = self.limiter.read().expect("limiter lock");
@@ -174,18 +175,26 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
     }
 
     /// Drops keys whose bucket is full again; starts over when that leaves less room
-    /// than the checks until the next trim could fill, so `len() <= max_keys` holds.
+    /// than RATE_TRIM_EVERY. Then plans the next trim: after a quarter as many checks
+    /// as keys are left, so a check pays for looking at 4 keys at most however many
+    /// users are active (a trim every RATE_TRIM_EVERY checks looked at all of them:
+    /// with 60,000 users, 234 keys per check), and never after more checks than keys
+    /// still fit (a check adds one key at most), so `len() <= max_keys` holds.
     fn trim(&self) {
-        let over = {
+        let checked = self.checks.load(Ordering::Relaxed);
+        let mut left = {
             let limiter = self.limiter.read().expect("limiter lock");
             limiter.retain_recent();
-            limiter.len() + limits::RATE_TRIM_EVERY > self.max_keys
+            limiter.len()
         };
-        if over {
+        if left + limits::RATE_TRIM_EVERY > self.max_keys {
             *self.limiter.write().expect("limiter lock") = RateLimiter::dashmap(self.quota);
             metrics::counter!("flashgate_rate_limiter_resets_total", "limiter" => self.name)
                 .increment(1);
+            left = 0;
         }
+        let next = (left / 4).clamp(limits::RATE_TRIM_EVERY, self.max_keys - left);
+        self.next_trim.store(checked + next, Ordering::Relaxed);
         metrics::gauge!("flashgate_rate_limiter_keys", "limiter" => self.name)
             .set(self.len() as f64);
     }
@@ -522,6 +531,25 @@ mod tests {
         }
         assert!(most.0 <= 1000 && most.1 <= 1000, "keys grew to {most:?}");
         assert!(most.0 > 500, "the limiter did remember keys: {most:?}");
+    }
+
+    #[test]
+    fn a_trim_is_paid_for_by_checks_of_a_quarter_of_the_keys_it_keeps() {
+        let admission = Admission::new(&AdmissionSettings {
+            rate_max_keys: 100_000,
+            ..settings()
+        })
+        .unwrap();
+        for n in 0..40_000u32 {
+            let _ = admission.check_reserve(Some(&format!("active-{n}")), None);
+        }
+        let users = admission.users.as_ref().unwrap();
+        users.trim();
+        let kept = users.len();
+        assert!(kept > 30_000, "the active users are kept: {kept}");
+        let until_next =
+            users.next_trim.load(Ordering::Relaxed) - users.checks.load(Ordering::Relaxed);
+        assert_eq!(until_next, kept / 4);
     }
 
     #[test]

@@ -207,7 +207,8 @@ pub const RATE_PER_USER_BURST: u32 = 10;
 /// invents cannot grow memory past this; when idle keys dropped do not make room, the
 /// limiter starts over.
 pub const RATE_MAX_KEYS: usize = 100_000;
-/// A rate limiter drops its idle keys after this many checks.
+/// A rate limiter drops its idle keys after this many checks at least (after a quarter
+/// as many checks as it keeps keys, when that is more: admission.rs `Keyed::trim`).
 pub const RATE_TRIM_EVERY: usize = 256;
 /// Requests in flight at most before new ones are shed (503): far above what two cores
 /// answer in one Redis round trip, low enough that a flood waits in no queue.
