@@ -1,7 +1,12 @@
 //! Logs and metrics. Metric names live here, so every module counts the same way.
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -121,11 +126,38 @@ fn describe() {
     );
 }
 
-/// Static labels: no allocation per request on the hot path.
+thread_local! {
+    /// (route, outcome), by the addresses of the static strings -> the request's
+    /// counter and latency histogram. Made once per thread and pair: a request then
+    /// builds no label list and looks nothing up in the registry (the macros do both on
+    /// every call: ~0.5 µs of a 15 µs `GET /healthz`, bench/README.md).
+    static REQUEST_SERIES: RefCell<HashMap<(usize, usize), (Counter, Histogram)>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Counts a request and records its latency.
 pub fn request(route: &'static str, outcome: &'static str, elapsed: Duration) {
-    counter!("flashgate_requests_total", "route" => route, "outcome" => outcome).increment(1);
-    histogram!("flashgate_request_duration_seconds", "route" => route)
-        .record(elapsed.as_secs_f64());
+    let series = || {
+        (
+            counter!("flashgate_requests_total", "route" => route, "outcome" => outcome),
+            histogram!("flashgate_request_duration_seconds", "route" => route),
+        )
+    };
+    if PROMETHEUS.get().is_none() {
+        // No recorder yet: a handle made now would count nowhere, forever.
+        let (requests, latency) = series();
+        requests.increment(1);
+        latency.record(elapsed.as_secs_f64());
+        return;
+    }
+    REQUEST_SERIES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let (requests, latency) = cache
+            .entry((route.as_ptr() as usize, outcome.as_ptr() as usize))
+            .or_insert_with(series);
+        requests.increment(1);
+        latency.record(elapsed.as_secs_f64());
+    });
 }
 
 pub fn transition(to: &'static str) {
