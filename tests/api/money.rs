@@ -28,6 +28,26 @@ async fn overdue(app: &TestApp, sku: &str, rid: &str) {
     assert!(moved, "{rid} has no record");
 }
 
+/// A compensation for user "payer"'s 1 unit paid with "pay-1", as MySQL records one.
+fn payer_refund(
+    sku: &str,
+    rid: &str,
+    reason: flashgate::reservation::CompensationReason,
+) -> flashgate::reservation::Compensation {
+    flashgate::reservation::Compensation {
+        id: flashgate::ids::compensation_id(rid, "pay-1"),
+        reservation_id: rid.to_owned(),
+        sku: sku.to_owned(),
+        user_id: "payer".into(),
+        quantity: 1,
+        payment_ref: "pay-1".into(),
+        reason,
+        resolved: false,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        resolution: Default::default(),
+    }
+}
+
 async fn get_compensation(app: &TestApp, id: &str) -> (StatusCode, serde_json::Value) {
     body(
         app.client
@@ -854,24 +874,13 @@ async fn a_confirmation_applied_twice_is_one_sale_and_no_refund() {
 /// is flushed; the refund stands.
 #[tokio::test]
 async fn a_payment_recorded_as_refunded_is_not_made_a_sale_by_the_flush() {
-    use flashgate::reservation::{Compensation, CompensationReason, Resolution};
+    use flashgate::reservation::CompensationReason;
     let app = spawn_app().await;
     let sku = unique_sku("refunded-first");
     app.create_sku(&sku, json!({ "stock": 1 })).await;
     let rid = app.hold(&sku, "payer").await;
     assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
-    let refund = Compensation {
-        id: flashgate::ids::compensation_id(&rid, "pay-1"),
-        reservation_id: rid.clone(),
-        sku: sku.clone(),
-        user_id: "payer".into(),
-        quantity: 1,
-        payment_ref: "pay-1".into(),
-        reason: CompensationReason::Expired,
-        resolved: false,
-        created_at_ms: chrono::Utc::now().timestamp_millis(),
-        resolution: Resolution::default(),
-    };
+    let refund = payer_refund(&sku, &rid, CompensationReason::Expired);
     flashgate::db::record_compensation(&app.db, &refund, flashgate::db::FoundBy::Record)
         .await
         .unwrap();
@@ -994,24 +1003,13 @@ async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() 
 /// that compensation's reason, not the one the reservation's record alone suggests.
 #[tokio::test]
 async fn a_refund_answered_from_the_record_says_the_recorded_reason() {
-    use flashgate::reservation::{Compensation, CompensationReason, Resolution};
+    use flashgate::reservation::CompensationReason;
     let app = spawn_app().await;
     let sku = unique_sku("recorded-reason");
     app.create_sku(&sku, json!({ "stock": 1 })).await;
     let rid = app.hold(&sku, "payer").await;
     forget(&app, &sku, &rid, "payer").await;
-    let refused = Compensation {
-        id: flashgate::ids::compensation_id(&rid, "pay-1"),
-        reservation_id: rid.clone(),
-        sku: sku.clone(),
-        user_id: "payer".into(),
-        quantity: 1,
-        payment_ref: "pay-1".into(),
-        reason: CompensationReason::Cancelled,
-        resolved: false,
-        created_at_ms: chrono::Utc::now().timestamp_millis(),
-        resolution: Resolution::default(),
-    };
+    let refused = payer_refund(&sku, &rid, CompensationReason::Cancelled);
     flashgate::db::record_compensation(&app.db, &refused, flashgate::db::FoundBy::Flush)
         .await
         .unwrap();
