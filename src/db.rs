@@ -665,6 +665,7 @@ async fn apply_on(
     compensations.extend(applied.refused_payments.iter().map(|c| (c, FoundBy::Flush)));
     insert_compensations(&mut tx, &compensations).await?;
     record_reservations(&mut tx, events, &not_sales).await?;
+    record_refunded_payments(&mut tx, events, &not_sales).await?;
     // Resolves made before the flush wrote the compensation (one row each: rare).
     let mut resolved: HashMap<&str, Compensation> = HashMap::new();
     for event in events {
@@ -922,6 +923,62 @@ async fn insert_compensations(
             .push_bind(found_by.as_str());
     });
     insert.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Confirmations of payments MySQL records as refunded already: refunds the gateway
+/// recorded from MySQL's record while Redis had forgotten the hold (`confirm_forgotten`).
+/// A refund for a hold MySQL had no record of was recorded without its user and units
+/// (`''`, 0); the confirmation knows them: the refund gets them, and the reservation is
+/// recorded (if MySQL has no record of it) as the refund's reason says it ended, so the
+/// refund names a reservation a read finds. Rare: one statement pair each.
+async fn record_refunded_payments(
+    conn: &mut MySqlConnection,
+    events: &[OutboxEvent],
+    not_sales: &HashMap<(String, String), NotSale>,
+) -> Result<()> {
+    for event in events {
+        let OutboxEvent::Confirmed {
+            reservation: r,
+            at_ms,
+            ..
+        } = event
+        else {
+            continue;
+        };
+        let payment_ref = r.payment_ref.clone().unwrap_or_default();
+        let payment = (r.reservation_id.clone(), payment_ref);
+        if not_sales.get(&payment) != Some(&NotSale::RefundedAlready) {
+            continue;
+        }
+        sqlx::query(
+            "UPDATE compensations SET user_id = ?, quantity = ?
+             WHERE reservation_id = ? AND payment_ref = ? AND user_id = '' AND quantity = 0",
+        )
+        .bind(&r.user_id)
+        .bind(r.quantity)
+        .bind(&payment.0)
+        .bind(&payment.1)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT IGNORE INTO reservations
+             (reservation_id, sku, user_id, quantity, status, created_at, expires_at, ended_at)
+             SELECT ?, ?, ?, ?, IF(reason = 'cancelled', 'cancelled', 'expired'), ?, ?, ?
+             FROM compensations WHERE reservation_id = ? AND payment_ref = ?",
+        )
+        .bind(&r.reservation_id)
+        .bind(&r.sku)
+        .bind(&r.user_id)
+        .bind(r.quantity)
+        .bind(ms_to_datetime(r.created_at_ms))
+        .bind(ms_to_datetime(r.expires_at_ms))
+        .bind(ms_to_datetime(*at_ms))
+        .bind(&payment.0)
+        .bind(&payment.1)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 

@@ -1019,3 +1019,37 @@ async fn a_refund_answered_from_the_record_says_the_recorded_reason() {
     assert_eq!(problem["compensation_id"], refused.id.as_str());
     assert_eq!(app.mysql_compensations(&sku).await, 1);
 }
+
+/// A payment retried for a hold Redis lost before anything of it reached MySQL is
+/// refunded from the record, which knows neither the user nor the units ('' and 0).
+/// When the confirmation Redis had made of that same payment is flushed, the refund
+/// gets them, and the reservation gets a record: a read finds it ended, not a sale.
+#[tokio::test]
+async fn a_refund_recorded_without_its_hold_gets_its_user_and_units_from_the_flush() {
+    let app = spawn_app().await;
+    let sku = unique_sku("refund-filled");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    forget(&app, &sku, &rid, "payer").await;
+    let (status, problem) = app.confirm(&rid, "pay-1").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let id = problem["compensation_id"].as_str().unwrap().to_owned();
+    let (_, before) = get_compensation(&app, &id).await;
+    assert_eq!(
+        (before["user_id"].as_str(), before["quantity"].as_u64()),
+        (Some(""), Some(0)),
+        "{before}"
+    );
+    app.flush(&sku).await;
+    let (_, after) = get_compensation(&app, &id).await;
+    assert_eq!(
+        (after["user_id"].as_str(), after["quantity"].as_u64()),
+        (Some("payer"), Some(1)),
+        "{after}"
+    );
+    assert_eq!(app.mysql_sales_count(&sku).await, 0);
+    let (status, view) = app.reservation(&rid, SERVICE_TOKEN).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["status"], "expired", "{view}");
+}
