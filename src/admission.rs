@@ -144,6 +144,9 @@ struct Keyed<K: Hash + Eq + Clone> {
     checks: AtomicUsize,
     /// The check count at which the next trim runs (`trim` plans it).
     next_trim: AtomicUsize,
+    /// Held by the one trim running: the checks that reach `next_trim` meanwhile (and
+    /// the periodic trim) do not scan the keys again, nor start the limiter over twice.
+    trimming: std::sync::Mutex<()>,
 }
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
@@ -155,6 +158,7 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
             limiter: RwLock::new(RateLimiter::dashmap(quota)),
             checks: AtomicUsize::new(0),
             next_trim: AtomicUsize::new(limits::RATE_TRIM_EVERY),
+            trimming: std::sync::Mutex::new(()),
         }
     }
 
@@ -181,6 +185,9 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
     /// with 60,000 users, 234 keys per check), and never after more checks than keys
     /// still fit (a check adds one key at most), so `len() <= max_keys` holds.
     fn trim(&self) {
+        let Ok(_trimming) = self.trimming.try_lock() else {
+            return;
+        };
         let checked = self.checks.load(Ordering::Relaxed);
         let mut left = {
             let limiter = self.limiter.read().expect("limiter lock");

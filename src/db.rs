@@ -930,8 +930,9 @@ async fn insert_compensations(
 /// recorded from MySQL's record while Redis had forgotten the hold (`confirm_forgotten`).
 /// A refund for a hold MySQL had no record of was recorded without its user and units
 /// (`''`, 0); the confirmation knows them: the refund gets them, and the reservation is
-/// recorded (if MySQL has no record of it) as the refund's reason says it ended, so the
-/// refund names a reservation a read finds. Rare: one statement pair each.
+/// recorded (if MySQL has no record of it) as the refund's reason says it ended, with
+/// the key that made it, so the refund names a reservation a read finds. No event: the
+/// refund's was written when it was recorded. Rare: one statement pair each.
 async fn record_refunded_payments(
     conn: &mut MySqlConnection,
     events: &[OutboxEvent],
@@ -941,7 +942,7 @@ async fn record_refunded_payments(
         let OutboxEvent::Confirmed {
             reservation: r,
             at_ms,
-            ..
+            key,
         } = event
         else {
             continue;
@@ -953,7 +954,8 @@ async fn record_refunded_payments(
         }
         sqlx::query(
             "UPDATE compensations SET user_id = ?, quantity = ?
-             WHERE reservation_id = ? AND payment_ref = ? AND user_id = '' AND quantity = 0",
+             WHERE reservation_id = ? AND payment_ref = ? AND user_id = '' AND quantity = 0
+               AND status = 'open'",
         )
         .bind(&r.user_id)
         .bind(r.quantity)
@@ -961,11 +963,16 @@ async fn record_refunded_payments(
         .bind(&payment.1)
         .execute(&mut *conn)
         .await?;
+        // With the key that made it: a rebuild puts the key back (`ended_claims`), so
+        // the key replays this reservation rather than make another hold.
         sqlx::query(
-            "INSERT IGNORE INTO reservations
-             (reservation_id, sku, user_id, quantity, status, created_at, expires_at, ended_at)
-             SELECT ?, ?, ?, ?, IF(reason = 'cancelled', 'cancelled', 'expired'), ?, ?, ?
-             FROM compensations WHERE reservation_id = ? AND payment_ref = ?",
+            "INSERT INTO reservations
+             (reservation_id, sku, user_id, quantity, status, created_at, expires_at, ended_at,
+              idempotency_key, keep_until)
+             SELECT ?, ?, ?, ?, reason, ?, ?, ?, ?, ?
+             FROM compensations
+             WHERE reservation_id = ? AND payment_ref = ? AND reason IN ('expired', 'cancelled')
+             ON DUPLICATE KEY UPDATE reservation_id = reservations.reservation_id",
         )
         .bind(&r.reservation_id)
         .bind(&r.sku)
@@ -974,6 +981,8 @@ async fn record_refunded_payments(
         .bind(ms_to_datetime(r.created_at_ms))
         .bind(ms_to_datetime(r.expires_at_ms))
         .bind(ms_to_datetime(*at_ms))
+        .bind(key.as_ref().map(|k| k.key.as_str()))
+        .bind(key.as_ref().map(|k| ms_to_datetime(k.keep_until_ms)))
         .bind(&payment.0)
         .bind(&payment.1)
         .execute(&mut *conn)

@@ -126,12 +126,15 @@ fn describe() {
     );
 }
 
+/// A request's (route, outcome) labels.
+type RouteOutcome = (&'static str, &'static str);
+
 thread_local! {
-    /// (route, outcome), by the addresses of the static strings -> the request's
-    /// counter and latency histogram. Made once per thread and pair: a request then
-    /// builds no label list and looks nothing up in the registry (the macros do both on
-    /// every call: ~0.5 µs of a 15 µs `GET /healthz`, bench/README.md).
-    static REQUEST_SERIES: RefCell<HashMap<(usize, usize), (Counter, Histogram)>> =
+    /// (route, outcome) -> the request's counter and latency histogram. Made once per
+    /// thread and pair (both come from small static sets): a request then builds no
+    /// label list and looks nothing up in the shared registry (the macros do both on
+    /// every call: ~0.6 µs of a sold-out answer, bench/README.md).
+    static REQUEST_SERIES: RefCell<HashMap<RouteOutcome, (Counter, Histogram)>> =
         RefCell::new(HashMap::new());
 }
 
@@ -152,9 +155,7 @@ pub fn request(route: &'static str, outcome: &'static str, elapsed: Duration) {
     }
     REQUEST_SERIES.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let (requests, latency) = cache
-            .entry((route.as_ptr() as usize, outcome.as_ptr() as usize))
-            .or_insert_with(series);
+        let (requests, latency) = cache.entry((route, outcome)).or_insert_with(series);
         requests.increment(1);
         latency.record(elapsed.as_secs_f64());
     });

@@ -1052,4 +1052,12 @@ async fn a_refund_recorded_without_its_hold_gets_its_user_and_units_from_the_flu
     let (status, view) = app.reservation(&rid, SERVICE_TOKEN).await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(view["status"], "expired", "{view}");
+    // With the key that made it: a rebuild puts the key back, so it replays this hold.
+    let key: Option<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM reservations WHERE reservation_id = ?")
+            .bind(&rid)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(key.is_some(), "recorded without its idempotency key");
 }
