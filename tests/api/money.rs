@@ -935,6 +935,57 @@ async fn a_batch_with_more_sales_than_mysql_has_stock_for_records_only_what_fits
     assert_eq!(comps[0]["reason"], "cancelled");
 }
 
+/// A confirm of `retried` for `rid` (a hold of "payer" Redis forgot, so answered from
+/// MySQL's record) while the flush, half-way, holds the SKU's row and records `rid`'s
+/// sale under `sold`: the confirm's answer, once that flush committed.
+async fn confirm_meeting_a_flush(
+    app: &TestApp,
+    sku: &str,
+    rid: &str,
+    retried: &str,
+    sold: &str,
+) -> (StatusCode, serde_json::Value) {
+    let mut flush = app.db.begin().await.unwrap();
+    sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(sku)
+        .fetch_one(&mut *flush)
+        .await
+        .unwrap();
+    let waiting_for_the_row = || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
+             WHERE INFO LIKE 'SELECT sku FROM skus WHERE sku = % FOR UPDATE'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        waiting > 0
+    };
+    let (answer, ()) = tokio::join!(app.confirm(rid, retried), async {
+        crate::webhooks::until("the retried payment waits for the SKU's row", || {
+            waiting_for_the_row()
+        })
+        .await;
+        sqlx::query(
+            "INSERT INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at)
+             VALUES (?, ?, 'payer', 1, ?, NOW(3))",
+        )
+        .bind(rid)
+        .bind(sku)
+        .bind(sold)
+        .execute(&mut *flush)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE skus SET sold = sold + 1 WHERE sku = ?")
+            .bind(sku)
+            .execute(&mut *flush)
+            .await
+            .unwrap();
+        flush.commit().await.unwrap();
+    });
+    answer
+}
+
 /// One payment, one outcome, when a payment retried for a reservation Redis forgot
 /// meets the flush of that very payment's confirmation: the flush holds the SKU's row
 /// while it records the sale; the retry's refund waits for that row, then sees the
@@ -949,45 +1000,7 @@ async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() 
     assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
     // Redis forgets it (its retention) before the confirmation reaches MySQL.
     forget(&app, &sku, &rid, "payer").await;
-
-    // The flush, half-way: the SKU's row locked, the sale about to be written.
-    let mut flush = app.db.begin().await.unwrap();
-    sqlx::query("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
-        .bind(&sku)
-        .fetch_one(&mut *flush)
-        .await
-        .unwrap();
-    let waiting_for_the_row = || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM information_schema.PROCESSLIST
-             WHERE INFO LIKE 'SELECT sku FROM skus WHERE sku = % FOR UPDATE'",
-        )
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-        waiting > 0
-    };
-    let ((status, answer), ()) = tokio::join!(app.confirm(&rid, "pay-1"), async {
-        crate::webhooks::until("the retried payment waits for the SKU's row", || {
-            waiting_for_the_row()
-        })
-        .await;
-        sqlx::query(
-            "INSERT INTO sales (reservation_id, sku, user_id, quantity, payment_ref, confirmed_at)
-             VALUES (?, ?, 'payer', 1, 'pay-1', NOW(3))",
-        )
-        .bind(&rid)
-        .bind(&sku)
-        .execute(&mut *flush)
-        .await
-        .unwrap();
-        sqlx::query("UPDATE skus SET sold = sold + 1 WHERE sku = ?")
-            .bind(&sku)
-            .execute(&mut *flush)
-            .await
-            .unwrap();
-        flush.commit().await.unwrap();
-    });
+    let (status, answer) = confirm_meeting_a_flush(&app, &sku, &rid, "pay-1", "pay-1").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["status"], "confirmed");
     assert_eq!(answer["payment_ref"], "pay-1");
@@ -996,6 +1009,29 @@ async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() 
     app.flush(&sku).await;
     assert_eq!(app.mysql_sales_count(&sku).await, 1);
     assert_eq!(app.mysql_compensations(&sku).await, 0);
+}
+
+/// Another payment for the same reservation meeting that flush: the sale it waited for
+/// is under another payment_ref, so this one is a duplicate payment (409
+/// `already_confirmed`, a `duplicate_payment` refund), not an expired hold's refund.
+#[tokio::test]
+async fn a_second_payment_meeting_the_flush_of_the_first_is_a_duplicate() {
+    let app = spawn_app().await;
+    let sku = unique_sku("second-vs-flush");
+    app.create_sku(&sku, json!({ "stock": 2 })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    forget(&app, &sku, &rid, "payer").await;
+    let (status, problem) = confirm_meeting_a_flush(&app, &sku, &rid, "pay-2", "pay-1").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "already_confirmed", "{problem}");
+    let id = problem["compensation_id"].as_str().unwrap().to_owned();
+    let (_, refund) = get_compensation(&app, &id).await;
+    assert_eq!(
+        (refund["reason"].as_str(), refund["payment_ref"].as_str()),
+        (Some("duplicate_payment"), Some("pay-2")),
+        "{refund}"
+    );
 }
 
 /// A payment answered from MySQL's record whose compensation is already recorded (the
