@@ -28,6 +28,16 @@ async fn overdue(app: &TestApp, sku: &str, rid: &str) {
     assert!(moved, "{rid} has no record");
 }
 
+/// A SKU of `stock` units named from `prefix`, and a hold of "payer" on it that Redis
+/// confirmed with "pay-1" (not flushed yet): (sku, reservation id).
+async fn paid_hold(app: &TestApp, prefix: &str, stock: u64) -> (String, String) {
+    let sku = unique_sku(prefix);
+    app.create_sku(&sku, json!({ "stock": stock })).await;
+    let rid = app.hold(&sku, "payer").await;
+    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    (sku, rid)
+}
+
 /// A compensation for user "payer"'s 1 unit paid with "pay-1", as MySQL records one.
 fn payer_refund(
     sku: &str,
@@ -834,10 +844,7 @@ async fn a_sale_flushed_while_an_admin_put_is_half_way_is_recorded() {
 #[tokio::test]
 async fn a_confirmation_applied_twice_is_one_sale_and_no_refund() {
     let app = spawn_app().await;
-    let sku = unique_sku("replayed");
-    app.create_sku(&sku, json!({ "stock": 1 })).await;
-    let rid = app.hold(&sku, "payer").await;
-    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let (sku, _) = paid_hold(&app, "replayed", 1).await;
     let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(&sku));
     let mut conn = app.store.connection();
     let read: redis::streams::StreamRangeReply =
@@ -876,10 +883,7 @@ async fn a_confirmation_applied_twice_is_one_sale_and_no_refund() {
 async fn a_payment_recorded_as_refunded_is_not_made_a_sale_by_the_flush() {
     use flashgate::reservation::CompensationReason;
     let app = spawn_app().await;
-    let sku = unique_sku("refunded-first");
-    app.create_sku(&sku, json!({ "stock": 1 })).await;
-    let rid = app.hold(&sku, "payer").await;
-    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let (sku, rid) = paid_hold(&app, "refunded-first", 1).await;
     let refund = payer_refund(&sku, &rid, CompensationReason::Expired);
     flashgate::db::record_compensation(&app.db, &refund, flashgate::db::FoundBy::Record)
         .await
@@ -994,10 +998,7 @@ async fn confirm_meeting_a_flush(
 #[tokio::test]
 async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() {
     let app = spawn_app().await;
-    let sku = unique_sku("retry-vs-flush");
-    app.create_sku(&sku, json!({ "stock": 2 })).await;
-    let rid = app.hold(&sku, "payer").await;
-    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let (sku, rid) = paid_hold(&app, "retry-vs-flush", 2).await;
     // Redis forgets it (its retention) before the confirmation reaches MySQL.
     forget(&app, &sku, &rid, "payer").await;
     let (status, answer) = confirm_meeting_a_flush(&app, &sku, &rid, "pay-1", "pay-1").await;
@@ -1017,10 +1018,7 @@ async fn a_retried_payment_meeting_the_flush_of_its_sale_is_not_also_refunded() 
 #[tokio::test]
 async fn a_second_payment_meeting_the_flush_of_the_first_is_a_duplicate() {
     let app = spawn_app().await;
-    let sku = unique_sku("second-vs-flush");
-    app.create_sku(&sku, json!({ "stock": 2 })).await;
-    let rid = app.hold(&sku, "payer").await;
-    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let (sku, rid) = paid_hold(&app, "second-vs-flush", 2).await;
     forget(&app, &sku, &rid, "payer").await;
     let (status, problem) = confirm_meeting_a_flush(&app, &sku, &rid, "pay-2", "pay-1").await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
@@ -1063,10 +1061,7 @@ async fn a_refund_answered_from_the_record_says_the_recorded_reason() {
 #[tokio::test]
 async fn a_refund_recorded_without_its_hold_gets_its_user_and_units_from_the_flush() {
     let app = spawn_app().await;
-    let sku = unique_sku("refund-filled");
-    app.create_sku(&sku, json!({ "stock": 2 })).await;
-    let rid = app.hold(&sku, "payer").await;
-    assert_eq!(app.confirm(&rid, "pay-1").await.0, StatusCode::OK);
+    let (sku, rid) = paid_hold(&app, "refund-filled", 2).await;
     forget(&app, &sku, &rid, "payer").await;
     let (status, problem) = app.confirm(&rid, "pay-1").await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
