@@ -666,6 +666,7 @@ async fn apply_on(
     insert_compensations(&mut tx, &compensations).await?;
     record_reservations(&mut tx, events, &not_sales).await?;
     record_refunded_payments(&mut tx, events, &not_sales).await?;
+    let voided = void_refunds_of_sales(&mut tx, events).await?;
     // Resolves made before the flush wrote the compensation (one row each: rare).
     let mut resolved: HashMap<&str, Compensation> = HashMap::new();
     for event in events {
@@ -735,7 +736,12 @@ async fn apply_on(
                     new_events.extend(crate::events::reservation_ended(reservation, *at_ms));
                 }
             }
-            OutboxEvent::Compensation(c) => new_events.push(crate::events::compensation_created(c)),
+            OutboxEvent::Compensation(c) => {
+                new_events.push(crate::events::compensation_created(c));
+                if let Some(void) = voided.iter().find(|v| v.id == c.id) {
+                    new_events.push(crate::events::compensation_resolved(void, now_ms));
+                }
+            }
             OutboxEvent::CompensationResolved { id, .. } => {
                 if let Some(c) = resolved.get(id.as_str()) {
                     new_events.push(crate::events::compensation_resolved(c, now_ms));
@@ -924,6 +930,60 @@ async fn insert_compensations(
     });
     insert.build().execute(&mut *conn).await?;
     Ok(())
+}
+
+/// The note of a refund the flush resolved because its payment is the reservation's
+/// sale: no refund is due (the explorer's one-payment-one-outcome check reads it).
+pub const NO_REFUND_DUE: &str =
+    "no refund due: MySQL records this payment as the reservation's sale (Redis had gone back to before it)";
+
+/// Refunds the confirm script made for payments MySQL records as the reservation's
+/// sale: Redis went back to before that sale (a rollback), the hold then expired or
+/// was cancelled there, and a retry of the same payment was refused. The payment is
+/// the sale; its refund is recorded resolved with NO_REFUND_DUE (the 409's
+/// compensation id still reads), so one payment keeps one outcome. Rare: one
+/// indexed read per batch with compensations.
+async fn void_refunds_of_sales(
+    conn: &mut MySqlConnection,
+    events: &[OutboxEvent],
+) -> Result<Vec<Compensation>> {
+    let refunds: Vec<&Compensation> = events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Compensation(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if refunds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rids: Vec<&str> = refunds.iter().map(|c| c.reservation_id.as_str()).collect();
+    let sold_under = recorded_sales(conn, &rids, None).await?;
+    let mut voided = Vec::new();
+    for c in refunds {
+        if sold_under.get(&c.reservation_id) != Some(&c.payment_ref) {
+            continue;
+        }
+        let done = sqlx::query(
+            "UPDATE compensations SET status = 'resolved', resolved_at = CURRENT_TIMESTAMP(3),
+               note = ? WHERE status = 'open' AND id = ?",
+        )
+        .bind(NO_REFUND_DUE)
+        .bind(&c.id)
+        .execute(&mut *conn)
+        .await?;
+        if done.rows_affected() > 0 {
+            tracing::warn!(
+                compensation = %c.id,
+                reservation = %c.reservation_id,
+                "a refund Redis answered after a rollback is for a payment MySQL records as the sale: resolved, no refund due"
+            );
+            if let Some(void) = compensation_in(conn, &c.id).await? {
+                voided.push(void);
+            }
+        }
+    }
+    Ok(voided)
 }
 
 /// Confirmations of payments MySQL records as refunded already: refunds the gateway

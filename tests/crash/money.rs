@@ -419,3 +419,58 @@ async fn an_admin_write_redis_cannot_take_is_not_recorded_in_mysql() {
         "MySQL keeps the terms Redis sells under"
     );
 }
+
+/// An answer until Redis is back: `call` again while it answers 503 (a restart).
+async fn when_up<F, Fut>(mut call: F) -> (StatusCode, serde_json::Value)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (StatusCode, serde_json::Value)>,
+{
+    for _ in 0..50 {
+        let answer = call().await;
+        if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Redis did not come back");
+}
+
+/// One payment, one outcome, through Redis: a unit sold and flushed, then Redis goes
+/// back to a copy taken while it was only held; the hold is cancelled there and a retry
+/// of the same payment is refused with a refund. MySQL records that payment as the
+/// sale, so the flush records the refund resolved, no refund due (the 409's
+/// compensation id still reads): never a sale and an open refund for one payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_redis_gives_after_a_rollback_for_a_recorded_sale_is_no_refund_due() {
+    let mut redis = RedisServer::start(Some("always")).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
+    let sku = unique_sku("no-refund-due");
+    app.create_sku(&sku, json!({ "stock": 1 })).await;
+    let rid = hold_when_up(&app, &sku, "first").await;
+    let held = TempDir::new("no-refund-due-copy");
+    redis.stop();
+    copy_data(redis.dir(), held.path());
+    redis.restart().await;
+    let (status, _) = when_up(|| app.confirm(&rid, "pay-1")).await;
+    assert_eq!(status, StatusCode::OK);
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    redis.stop();
+    restore_data(held.path(), redis.dir());
+    redis.restart().await;
+    // Held again in Redis: cancelled there, then the payment's retry is refused.
+    let (status, _) = when_up(|| app.cancel(&rid, common::SERVICE_TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, problem) = when_up(|| app.confirm(&rid, "pay-1")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let id = problem["compensation_id"].as_str().unwrap().to_owned();
+    app.flush(&sku).await;
+    assert_eq!(app.mysql_sales_count(&sku).await, 1);
+    let comps = app.compensations(&format!("sku={sku}")).await;
+    assert_eq!(comps.len(), 1, "{comps:?}");
+    assert_eq!(comps[0]["id"], id.as_str());
+    assert_eq!(comps[0]["status"], "resolved", "{comps:?}");
+    assert_eq!(comps[0]["note"], flashgate::db::NO_REFUND_DUE);
+    drop(redis);
+}

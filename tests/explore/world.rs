@@ -1139,9 +1139,10 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     let both: Vec<(String, String)> = sqlx::query_as(
         "SELECT s.reservation_id, s.payment_ref FROM sales s JOIN compensations c
          ON c.reservation_id = s.reservation_id AND c.payment_ref = s.payment_ref
-         WHERE s.sku = ?",
+         WHERE s.sku = ? AND NOT (c.status = 'resolved' AND c.note <=> ?)",
     )
     .bind(world.sku.as_str())
+    .bind(flashgate::db::NO_REFUND_DUE)
     .fetch_all(&env.pool)
     .await
     .map_err(|e| e.to_string())?;
