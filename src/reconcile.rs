@@ -1071,7 +1071,7 @@ async fn check_split_stock_now(
     if repair {
         // More goes to bucket 0 (transfers carry it on); less is taken from the buckets
         // with the most available, as an admin PUT does (gateway::stock_changes).
-        let (change, available) = if change < 0 {
+        let (needed, available) = if change < 0 {
             // Read again while no transfer runs: the change and where units are.
             let now = store.split_stock_still(&sales).await?;
             let Some(total) = now.stock_total.iter().copied().sum::<Option<u64>>() else {
@@ -1082,9 +1082,15 @@ async fn check_split_stock_now(
         } else {
             (change, vec![0; sales.len()])
         };
+        // Too much stock with too little of it available (a rolled-back bucket gave a
+        // transfer's units again, and they sold): take every unit still on sale, as
+        // the repair of one bucket sets available to 0 (`overcommitted`), so that
+        // Redis sells no unit MySQL has not left; the rest is held or sold already.
+        let change = needed.max(-(available.iter().sum::<u64>() as i64));
         let Some(changes) = crate::gateway::stock_changes(change, &available) else {
-            finding.detail += "; not repaired: the buckets lack the units available";
-            return Ok(vec![finding]);
+            return Err(Error::Internal(format!(
+                "stock change {change} over available {available:?}"
+            )));
         };
         let mut taken = 0i64;
         for (b, sale) in sales.iter().enumerate() {
@@ -1103,12 +1109,20 @@ async fn check_split_stock_now(
                 Err(e) => return Err(e),
             }
         }
-        if taken == change {
+        if taken == needed {
             finding.after = Some(format!("stock_total={}", record.definition.stock_total));
             finding.repaired = true;
+        } else if taken == change {
+            let now = record.definition.stock_total as i64 - needed;
+            let after = format!("stock_total={}", now + change);
+            finding.after = Some(after.clone());
+            return Ok(vec![
+                finding,
+                overcommitted(sku, format!("stock_total={now}"), after),
+            ]);
         } else {
             finding.detail +=
-                &format!("; changed by {taken} of {change}: the buckets lack the units available");
+                &format!("; changed by {taken} of {needed}: the buckets lack the units available");
         }
     }
     Ok(vec![finding])

@@ -705,6 +705,79 @@ async fn the_reconciler_repairs_a_split_sku_bucket_by_bucket() {
     );
 }
 
+/// More stock than MySQL's with less of it on sale than the excess (a bucket rolled
+/// back after giving a transfer gives it again, and the copies sold): the repair takes
+/// every unit still on sale and reports `overcommitted`, so Redis sells nothing MySQL
+/// has not left, and takes units that come back later too (explorer `--rollback`
+/// seed 305).
+#[tokio::test]
+async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-overcommit");
+    app.create_sku(
+        &sku,
+        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
+    )
+    .await;
+    let id = TestApp::sku_id(&sku);
+    let sales = buckets::sales(&id, 2);
+    let mut holds = Vec::new();
+    for u in 0..8 {
+        let (status, held) = reserve_retrying(&app, &sku, &format!("oc-{u}"), "k", 1).await;
+        assert_eq!(status, StatusCode::CREATED, "{held}");
+        holds.push(held["reservation_id"].as_str().unwrap().to_string());
+    }
+    // Bucket 1 counts 5 units more, all sold: 15 units, 2 of them on sale.
+    let mut conn = app.store.connection();
+    let meta = flashgate::keys::SkuKeys::new(&sales[1]).meta;
+    for field in ["stock_total", "sold"] {
+        let _: i64 = redis::AsyncCommands::hincr(&mut conn, &meta, field, 5)
+            .await
+            .unwrap();
+    }
+    let repair = || {
+        let (store, db, only) = (app.store.clone(), app.db.clone(), [id.clone()]);
+        async move {
+            flashgate::reconcile::run_skus(&store, &db, &only, true)
+                .await
+                .unwrap()
+        }
+    };
+    let found = repair().await;
+    let overcommitted = found
+        .findings
+        .iter()
+        .find(|f| f.kind == "overcommitted")
+        .unwrap_or_else(|| panic!("{:?}", found.findings));
+    assert_eq!(
+        overcommitted.after.as_deref(),
+        Some("stock_total=13"),
+        "{:?}",
+        found.findings
+    );
+    let available = |counters: Vec<[u64; 4]>| counters.iter().map(|c| c[1]).sum::<u64>();
+    assert_eq!(available(bucket_counters(&app, &sku, 2).await), 0);
+    let (status, refused) = reserve_retrying(&app, &sku, "oc-late", "k", 1).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{refused}"
+    );
+    // A unit comes back: the next repair takes it too.
+    assert_eq!(
+        app.cancel(&holds[0], &user_token("oc-0")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(available(bucket_counters(&app, &sku, 2).await), 1);
+    let found = repair().await;
+    assert!(
+        found.findings.iter().any(|f| f.kind == "overcommitted"),
+        "{:?}",
+        found.findings
+    );
+    assert_eq!(available(bucket_counters(&app, &sku, 2).await), 0);
+}
+
 /// Users of a split SKU homed in bucket `bucket` (of `k`).
 fn homed_in(sku: &str, bucket: u32, k: u32, how_many: usize) -> Vec<String> {
     let id = TestApp::sku_id(sku);

@@ -1107,6 +1107,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
         // never be: Σ below the stock (units lost), or more units on sale than MySQL
         // has left (an oversell Redis could still make).
         let mut counted = (0u64, 0u64, 0u64); // available, held, sold
+        let mut per_bucket = Vec::new();
         let mut conn = env.observer.connection();
         for keys in &world.keys {
             let (available, held, sold): (Option<u64>, Option<u64>, Option<u64>) =
@@ -1118,20 +1119,19 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| e.to_string())?;
+            per_bucket.push((available, held, sold));
             counted.0 += available.unwrap_or(0);
             counted.1 += held.unwrap_or(0);
             counted.2 += sold.unwrap_or(0);
         }
         let (available, held, redis_sold) = counted;
-        let mysql_sold: u64 = mysql_sold_per_bucket(&env.pool, &world.sku, &sales)
-            .await?
-            .iter()
-            .sum();
+        let mysql_sold_per_bucket = mysql_sold_per_bucket(&env.pool, &world.sku, &sales).await?;
+        let mysql_sold: u64 = mysql_sold_per_bucket.iter().sum();
         let sold_ahead = redis_sold.saturating_sub(mysql_sold);
         let explained = rolled_back && total > stock && total - stock <= sold_ahead;
         if !explained || available + in_transit + held + mysql_sold > stock {
             return Err(format!(
-                "after repair: Σ stock_total {totals:?} + in transit {in_transit} != stock {stock} (Redis: available {available}, held {held}, sold {redis_sold}; MySQL sold {mysql_sold})"
+                "after repair: Σ stock_total {totals:?} + in transit {in_transit} != stock {stock} (Redis: available {available}, held {held}, sold {redis_sold}; MySQL sold {mysql_sold}; per bucket (available, held, sold) {per_bucket:?}, MySQL sold {mysql_sold_per_bucket:?})"
             ));
         }
     }
