@@ -778,6 +778,64 @@ async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
     assert_eq!(available(bucket_counters(&app, &sku, 2).await), 0);
 }
 
+/// A lost bucket other than bucket 0 is rebuilt with the usage of its own buyers: a
+/// buyer whose key is past its lifetime (so no key claim brings the usage back) is
+/// still at their limit after the rebuild (a rebuild with bucket 0's buyers' usage
+/// lets them buy again: a mutant of restore_missing's bucket look-up).
+#[tokio::test]
+async fn a_rebuilt_bucket_keeps_its_own_buyers_limits_past_their_keys_lifetime() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-rebuild-usage");
+    app.create_sku(
+        &sku,
+        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
+    )
+    .await;
+    let id = TestApp::sku_id(&sku);
+    let sales = buckets::sales(&id, 2);
+    let buyer = &homed_in(&sku, 1, 2, 1)[0];
+    let (status, held) = reserve_retrying(&app, &sku, buyer, "k", 1).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    let rid = held["reservation_id"].as_str().unwrap();
+    assert_eq!(app.confirm(rid, "pay-rebuild").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    // The key's lifetime passes; then Redis loses bucket 1.
+    sqlx::query(
+        "UPDATE reservations SET keep_until = NOW() - INTERVAL 1 DAY WHERE reservation_id = ?",
+    )
+    .bind(rid)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let keys = flashgate::keys::SkuKeys::new(&sales[1]);
+    let mut conn = app.store.connection();
+    let _: () = redis::pipe()
+        .del(&keys.meta)
+        .del(&keys.used)
+        .del(&keys.holds)
+        .del(&keys.deadlines)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let report = flashgate::reconcile::run_skus(&app.store, &app.db, &[id.clone()], true)
+        .await
+        .unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.kind == "redis_state_missing" && f.repaired),
+        "{:?}",
+        report.findings
+    );
+    let (status, refused) = reserve_retrying(&app, &sku, buyer, "k2", 1).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (StatusCode::CONFLICT, Some("limit_exceeded")),
+        "{refused}"
+    );
+}
+
 /// Users of a split SKU homed in bucket `bucket` (of `k`).
 fn homed_in(sku: &str, bucket: u32, k: u32, how_many: usize) -> Vec<String> {
     let id = TestApp::sku_id(sku);
