@@ -817,9 +817,10 @@ async fn a_rebuilt_bucket_keeps_its_own_buyers_limits_past_their_keys_lifetime()
         .query_async(&mut conn)
         .await
         .unwrap();
-    let report = flashgate::reconcile::run_skus(&app.store, &app.db, &[id.clone()], true)
-        .await
-        .unwrap();
+    let report =
+        flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(&id), true)
+            .await
+            .unwrap();
     assert!(
         report
             .findings
