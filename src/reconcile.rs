@@ -71,7 +71,8 @@ pub struct Finding {
     /// `redis_state_missing`, `mysql_record_missing`, `equation_broken`, `held_mismatch`,
     /// `ghost_holds`, `stock_total_mismatch`, `terms_mismatch`, `used_mismatch`,
     /// `mysql_sold_mismatch`, `sold_behind_mysql`, `sold_ahead_of_mysql`,
-    /// `overcommitted`, `payment_after_rollback`, and the drift-unknown ones:
+    /// `overcommitted`, `payment_after_rollback`, `units_outside_home`, and the
+    /// drift-unknown ones:
     /// `check_skipped` (a part too large to check), `check_failed` (an error)
     pub kind: &'static str,
     pub detail: String,
@@ -961,6 +962,7 @@ async fn reconcile_sku(
             findings.extend(reconcile_sale(store, pool, &scope, repair).await?);
         }
         findings.extend(check_split_stock_now(store, pool, sku, buckets, repair).await?);
+        findings.extend(bring_units_home(store, pool, sku, buckets, repair).await?);
         return Ok(findings);
     }
     // A repair runs under the SKU's admin lock (`db::SkuLock`), whole. An admin PUT
@@ -997,7 +999,83 @@ async fn repair_split_sku(
         findings.extend(reconcile_sale(store, pool, &scope, true).await?);
     }
     findings.extend(check_split_stock_now(store, pool, sku, buckets, true).await?);
+    findings.extend(bring_units_home(store, pool, sku, buckets, true).await?);
     Ok(findings)
+}
+
+/// A split SKU whose buyers are all homed in bucket 0 (a waiting room: buckets::homes)
+/// sells only there, and no transfer runs: units on sale in another bucket (put there
+/// by a gateway older than that rule, say) would never sell. The repair moves them to
+/// bucket 0, taking them first and giving them after: a stop in between leaves the SKU
+/// short, which the next pass's stock check gives back to bucket 0, never more units
+/// on sale than its stock. Holds and sales stay where they are. A repair runs under
+/// the SKU's admin lock (`reconcile_sku`).
+async fn bring_units_home(
+    store: &Store,
+    pool: &MySqlPool,
+    sku: &SkuId,
+    buckets: u32,
+    repair: bool,
+) -> Result<Vec<Finding>> {
+    let Some(record) = db::sku_record(pool, sku).await? else {
+        return Ok(Vec::new());
+    };
+    if record.definition.homes() != 1 || sale_over(&record) {
+        return Ok(Vec::new());
+    }
+    let sales = crate::buckets::sales(sku, buckets);
+    let now = store.split_stock_still(&sales).await?;
+    if now.stock_total.iter().any(Option::is_none) {
+        return Ok(Vec::new()); // a lost bucket: its rebuild plans
+    }
+    let away: u64 = now.available.iter().skip(1).sum();
+    if away == 0 {
+        return Ok(Vec::new());
+    }
+    let mut finding = Finding {
+        sku: sku.to_string(),
+        kind: "units_outside_home",
+        detail: format!(
+            "a SKU whose buyers are all homed in bucket 0 has units on sale in other buckets: \
+             available {:?}",
+            now.available
+        ),
+        before: format!("available outside bucket 0={away}"),
+        after: None,
+        repaired: false,
+    };
+    if !repair {
+        return Ok(vec![finding]);
+    }
+    let mut moved = 0u64;
+    for (sale, &available) in sales.iter().zip(&now.available).skip(1) {
+        if available == 0 {
+            continue;
+        }
+        let take = crate::store::BucketStock {
+            if_new: None,
+            change: Some(-(available as i64)),
+        };
+        // Reserves may have taken some since the reading (an older gateway): a bucket
+        // refuses atomically, and the next pass moves what is left.
+        match store.load_bucket(sale, &record.definition, &take, 0).await {
+            Ok(_) => moved += available,
+            Err(Error::Refused(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if moved > 0 {
+        let give = crate::store::BucketStock {
+            if_new: None,
+            change: Some(moved as i64),
+        };
+        store
+            .load_bucket(&sales[0], &record.definition, &give, 0)
+            .await?;
+    }
+    finding.repaired = moved == away;
+    finding.after = Some(format!("available outside bucket 0={}", away - moved));
+    Ok(vec![finding])
 }
 
 async fn reconcile_sale(

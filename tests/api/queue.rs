@@ -981,6 +981,68 @@ async fn a_lost_split_waiting_room_gets_its_free_units_back_in_bucket_0() {
     assert_eq!(status, StatusCode::CREATED, "{hold}");
 }
 
+/// Units on sale outside bucket 0 of a split SKU with a waiting room (an older gateway
+/// put them there) reach no buyer: the repair moves them to bucket 0, where the next
+/// admitted buyer holds one.
+#[tokio::test]
+async fn a_split_waiting_rooms_units_outside_bucket_0_are_moved_home() {
+    let app = spawn_app().await;
+    let sku = unique_sku("wr-split-stray");
+    let k = 2;
+    app.create_sku(&sku, json!({"stock": 4, "buckets": k, "waiting_room": {}}))
+        .await;
+    // Two of bucket 0's units moved to bucket 1.
+    let sales = flashgate::buckets::sales(&TestApp::sku_id(&sku), k);
+    let mut conn = app.store.connection();
+    for (sale, by) in [(&sales[0], -2i64), (&sales[1], 2)] {
+        let meta = flashgate::keys::SkuKeys::new(sale).meta;
+        for field in ["stock_total", "available"] {
+            let _: i64 = redis::AsyncCommands::hincr(&mut conn, &meta, field, by)
+                .await
+                .unwrap();
+        }
+    }
+    let reconcile = |repair| {
+        let (store, db, only) = (app.store.clone(), app.db.clone(), [TestApp::sku_id(&sku)]);
+        async move {
+            flashgate::reconcile::run_skus(&store, &db, &only, repair)
+                .await
+                .unwrap()
+        }
+    };
+    let found = reconcile(false).await;
+    let kinds: Vec<&str> = found.findings.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, ["units_outside_home"], "{:?}", found.findings);
+    assert!(!found.findings[0].repaired);
+    let repaired = reconcile(true).await;
+    assert!(
+        repaired
+            .findings
+            .iter()
+            .all(|f| f.kind == "units_outside_home" && f.repaired),
+        "{:?}",
+        repaired.findings
+    );
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[4, 4, 0, 0], [0; 4]]
+    );
+    assert!(!reconcile(false).await.drift_found());
+    // All four units sell, in bucket 0.
+    for n in 0..4 {
+        let user = format!("stray-{n}");
+        join(&app, &sku, &user).await;
+        let admitted = ticket(&app, &sku, &user).await;
+        assert_eq!(admitted["state"], "admitted", "{admitted}");
+        let (status, hold) = reserve_with(&app, &sku, &user, "k", Some(token_of(&admitted))).await;
+        assert_eq!(status, StatusCode::CREATED, "{hold}");
+    }
+    assert_eq!(
+        bucket_counters(&app, &sku, k).await,
+        vec![[4, 0, 4, 0], [0; 4]]
+    );
+}
+
 /// MySQL lost a split SKU's row (a restore, a failover that lost the commit) while Redis
 /// kept its sale: a PUT may not change where its buyers live (Redis's layout counts as
 /// the one it was created with), and the same layout is defined again.
