@@ -1006,10 +1006,9 @@ async fn repair_split_sku(
 /// A split SKU whose buyers are all homed in bucket 0 (a waiting room: buckets::homes)
 /// sells only there, and no transfer runs: units on sale in another bucket (put there
 /// by a gateway older than that rule, say) would never sell. The repair moves them to
-/// bucket 0, taking them first and giving them after: a stop in between leaves the SKU
-/// short, which the next pass's stock check gives back to bucket 0, never more units
-/// on sale than its stock. Holds and sales stay where they are. A repair runs under
-/// the SKU's admin lock (`reconcile_sku`).
+/// bucket 0 by the transfer protocol (`Store::move_units`): the SKU adds up at every
+/// instant, and a move cut short is given by the finisher. Holds and sales stay where
+/// they are.
 async fn bring_units_home(
     store: &Store,
     pool: &MySqlPool,
@@ -1047,31 +1046,15 @@ async fn bring_units_home(
     if !repair {
         return Ok(vec![finding]);
     }
+    let home = SkuKeys::new(&sales[0]);
     let mut moved = 0u64;
     for (sale, &available) in sales.iter().zip(&now.available).skip(1) {
-        if available == 0 {
-            continue;
+        if available > 0 {
+            // Fewer when reserves (an older gateway's) took some since the reading.
+            moved += store
+                .move_units(&SkuKeys::new(sale), &home, available)
+                .await?;
         }
-        let take = crate::store::BucketStock {
-            if_new: None,
-            change: Some(-(available as i64)),
-        };
-        // Reserves may have taken some since the reading (an older gateway): a bucket
-        // refuses atomically, and the next pass moves what is left.
-        match store.load_bucket(sale, &record.definition, &take, 0).await {
-            Ok(_) => moved += available,
-            Err(Error::Refused(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if moved > 0 {
-        let give = crate::store::BucketStock {
-            if_new: None,
-            change: Some(moved as i64),
-        };
-        store
-            .load_bucket(&sales[0], &record.definition, &give, 0)
-            .await?;
     }
     finding.repaired = moved == away;
     finding.after = Some(format!("available outside bucket 0={}", away - moved));
@@ -1150,6 +1133,11 @@ async fn check_split_stock_now(
         // More goes to bucket 0 (transfers carry it on); less is taken from the buckets
         // with the most available, as an admin PUT does (gateway::stock_changes).
         let (needed, available) = if change < 0 {
+            // Cut transfers given first: their units would go on sale after the take.
+            let keys: Vec<SkuKeys> = sales.iter().map(SkuKeys::new).collect();
+            store
+                .finish_transfers(&keys, store.transfer_timing.stale)
+                .await?;
             // Read again while no transfer runs: the change and where units are.
             let now = store.split_stock_still(&sales).await?;
             let Some(total) = now.stock_total.iter().copied().sum::<Option<u64>>() else {
@@ -1164,6 +1152,8 @@ async fn check_split_stock_now(
         // transfer's units again, and they sold): take every unit still on sale, as
         // the repair of one bucket sets available to 0 (`overcommitted`), so that
         // Redis sells no unit MySQL has not left; the rest is held or sold already.
+        // Units Redis counts as sold and MySQL does not (`sold_ahead_of_mysql`) count
+        // as sold here, as for an unsplit SKU: never resold, an operator decides.
         let change = needed.max(-(available.iter().sum::<u64>() as i64));
         let Some(changes) = crate::gateway::stock_changes(change, &available) else {
             return Err(Error::Internal(format!(
@@ -1190,17 +1180,21 @@ async fn check_split_stock_now(
         if taken == needed {
             finding.after = Some(format!("stock_total={}", record.definition.stock_total));
             finding.repaired = true;
-        } else if taken == change {
-            let now = record.definition.stock_total as i64 - needed;
-            let after = format!("stock_total={}", now + change);
-            finding.after = Some(after.clone());
+            return Ok(vec![finding]);
+        }
+        let now = record.definition.stock_total as i64 - needed;
+        let after = format!("stock_total={}", now + taken);
+        if taken != change {
+            finding.detail += &format!(
+                "; changed by {taken} of {change}: reserves took units meanwhile (the next pass takes more)"
+            );
+        }
+        finding.after = Some(after.clone());
+        if change != needed {
             return Ok(vec![
                 finding,
                 overcommitted(sku, format!("stock_total={now}"), after),
             ]);
-        } else {
-            finding.detail +=
-                &format!("; changed by {taken} of {needed}: the buckets lack the units available");
         }
     }
     Ok(vec![finding])

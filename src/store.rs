@@ -1655,6 +1655,28 @@ impl Store {
         }))
     }
 
+    /// Moves up to `wanted` available units from one bucket of a SKU to another by the
+    /// transfer protocol (take, give, records dropped), so Σ stock_total + in transit
+    /// stays the SKU's stock at every instant. A give past the lease is left to
+    /// `finish_transfers` (the units stay in transit meanwhile): never two givers.
+    /// Returns the units taken.
+    pub async fn move_units(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<u64> {
+        let Some(taken) = self.take(from, to, wanted).await? else {
+            return Ok(0);
+        };
+        if taken.within_lease(self.transfer_timing.lease) {
+            let id = &taken.id;
+            let read_at = Some(taken.taken_at_ms);
+            let gave = self
+                .transfer_give_read(from, to, id, taken.units, read_at)
+                .await?;
+            if gave == "given" || gave == "already" {
+                self.drop_transfer_records(&taken, to).await?;
+            }
+        }
+        Ok(taken.units)
+    }
+
     /// The reserves `requests` (all homed in the bucket `sale`) together with the gives
     /// of the units `gives` took for them, in one atomic call (lua/reserve_moved.lua):
     /// the moved units go to these reserves before any other can take them. Returns

@@ -1096,16 +1096,17 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
         .collect();
     let (totals, in_transit) = store.split_stock(&sales).await.map_err(|e| e.to_string())?;
     let total: u64 = totals.iter().flatten().sum::<u64>() + in_transit;
-    if totals.iter().all(Option::is_some) && total != stock {
+    if totals.iter().all(Option::is_some) {
         let rolled_back = world.journal.lock().unwrap().rollbacks > 0;
         // After a rollback Redis may count as sold units MySQL does not record as sales
         // (a sale the flush refused because MySQL had sold its units; a rebuild that
         // counted confirmations of its outbox the flush then did not make sales): they
         // are never resold (`sold_ahead_of_mysql` is reported, not repaired), and a
         // repair that raised a bucket's stock_total for a sale Redis forgot
-        // (`overcommitted`) leaves Σ above the stock by at most those units. What may
-        // never be: Σ below the stock (units lost), or more units on sale than MySQL
-        // has left (an oversell Redis could still make).
+        // (`overcommitted`) leaves Σ above the stock by at most those units; and the
+        // units on sale, held or sold in MySQL fall short of the stock by at most those
+        // units. What may never be: Σ below the stock, units lost beyond those, or more
+        // units on sale than MySQL has left (an oversell Redis could still make).
         let mut counted = (0u64, 0u64, 0u64); // available, held, sold
         let mut per_bucket = Vec::new();
         let mut conn = env.observer.connection();
@@ -1127,11 +1128,20 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
         let (available, held, redis_sold) = counted;
         let mysql_sold_per_bucket = mysql_sold_per_bucket(&env.pool, &world.sku, &sales).await?;
         let mysql_sold: u64 = mysql_sold_per_bucket.iter().sum();
-        let sold_ahead = redis_sold.saturating_sub(mysql_sold);
-        let explained = rolled_back && total > stock && total - stock <= sold_ahead;
-        if !explained || available + in_transit + held + mysql_sold > stock {
+        // Per bucket: one bucket ahead does not cancel another behind.
+        let sold_ahead: u64 = per_bucket
+            .iter()
+            .zip(&mysql_sold_per_bucket)
+            .map(|((_, _, sold), mysql)| sold.unwrap_or(0).saturating_sub(*mysql))
+            .sum();
+        let accounted = available + in_transit + held + mysql_sold;
+        let lost = stock.saturating_sub(accounted);
+        let total_explained =
+            total == stock || (rolled_back && total > stock && total - stock <= sold_ahead);
+        let lost_explained = lost == 0 || (rolled_back && lost <= sold_ahead);
+        if !total_explained || !lost_explained || accounted > stock {
             return Err(format!(
-                "after repair: Σ stock_total {totals:?} + in transit {in_transit} != stock {stock} (Redis: available {available}, held {held}, sold {redis_sold}; MySQL sold {mysql_sold}; per bucket (available, held, sold) {per_bucket:?}, MySQL sold {mysql_sold_per_bucket:?})"
+                "after repair: Σ stock_total {totals:?} + in transit {in_transit} (stock {stock}); on sale, held or sold in MySQL {accounted} (Redis: available {available}, held {held}, sold {redis_sold}; MySQL sold {mysql_sold}; per bucket (available, held, sold) {per_bucket:?}, MySQL sold {mysql_sold_per_bucket:?})"
             ));
         }
     }
