@@ -742,13 +742,6 @@ async fn redis_now_ms(env: &Env) -> i64 {
     secs * 1000 + micros / 1000
 }
 
-/// The waiting room's invariants, read from Redis in one atomic look:
-/// - unused admissions (admitted_until after Redis's now) <= available;
-/// - one admission, one hold: no user has two holds, every user with a hold is in
-///   q:used, and every user in q:used has (had) a hold;
-/// - `served` <= the line's length, and neither ever goes back; once the line is
-///   ordered (the start) no user's rank moves;
-/// - admissions in rank order: every admitted or used user ranks below `served`;
 /// Moves 1 to 3 of bucket 0's units not spoken for (available less every admission in
 /// q:admits, lapsed or not) to bucket 1, atomically; nothing on an unsplit SKU. The
 /// actors wait at their gates meanwhile.
@@ -783,6 +776,13 @@ async fn put_units_astray(env: &Env, queue: &Queue, rng: &mut StdRng) -> Result<
     Ok(())
 }
 
+/// The waiting room's invariants, read from Redis in one atomic look:
+/// - unused admissions (admitted_until after Redis's now) <= available;
+/// - one admission, one hold: no user has two holds, every user with a hold is in
+///   q:used, and every user in q:used has (had) a hold;
+/// - `served` <= the line's length, and neither ever goes back; once the line is
+///   ordered (the start) no user's rank moves;
+/// - admissions in rank order: every admitted or used user ranks below `served`;
 /// - right after a queue call (`after_queue_call`: when it was let through): no
 ///   admission lapsed by then is left in q:admits, and with no rate set and the sale
 ///   open no unit is left unoffered while someone waits (available - unused = 0, or
