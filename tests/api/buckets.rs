@@ -778,6 +778,65 @@ async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
     assert_eq!(available(bucket_counters(&app, &sku, 2).await), 0);
 }
 
+/// The same with units in a cut transfer: the repair gives them first (the finisher
+/// would put them on sale after the take), then takes every unit on sale, so nothing
+/// is on sale once the finisher has run.
+#[tokio::test]
+async fn a_repair_of_excess_stock_gives_cut_transfers_before_it_takes() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-overcommit-cut");
+    app.create_sku(
+        &sku,
+        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
+    )
+    .await;
+    let id = TestApp::sku_id(&sku);
+    let sales = buckets::sales(&id, 2);
+    for u in 0..6 {
+        let (status, held) = reserve_retrying(&app, &sku, &format!("occ-{u}"), "k", 1).await;
+        assert_eq!(status, StatusCode::CREATED, "{held}");
+    }
+    // A cut transfer of 2 units from the bucket that has them, past its staleness.
+    let keys: Vec<_> = sales.iter().map(flashgate::keys::SkuKeys::new).collect();
+    let counters = bucket_counters(&app, &sku, 2).await;
+    let (from, to) = if counters[0][1] >= 2 { (0, 1) } else { (1, 0) };
+    assert_eq!(
+        app.store
+            .transfer_take(&keys[from], &keys[to], "cut", 2)
+            .await
+            .unwrap(),
+        2
+    );
+    age_transfer(&app, &keys[from], "out:cut").await;
+    // Bucket 1 counts 5 units more, all sold: 2 on sale, 2 in transit.
+    let mut conn = app.store.connection();
+    for field in ["stock_total", "sold"] {
+        let _: i64 = redis::AsyncCommands::hincr(&mut conn, &keys[1].meta, field, 5)
+            .await
+            .unwrap();
+    }
+    let found = flashgate::reconcile::run_skus(&app.store, &app.db, &[id.clone()], true)
+        .await
+        .unwrap();
+    assert!(
+        found.findings.iter().any(|f| f.kind == "overcommitted"),
+        "{:?}",
+        found.findings
+    );
+    app.store
+        .finish_transfers(&keys, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let (stock, in_transit) = app.store.split_stock(&sales).await.unwrap();
+    assert_eq!(in_transit, 0, "{stock:?}");
+    let available: u64 = bucket_counters(&app, &sku, 2)
+        .await
+        .iter()
+        .map(|c| c[1])
+        .sum();
+    assert_eq!(available, 0, "{stock:?}");
+}
+
 /// A lost bucket other than bucket 0 is rebuilt with the usage of its own buyers: a
 /// buyer whose key is past its lifetime (so no key claim brings the usage back) is
 /// still at their limit after the rebuild (a rebuild with bucket 0's buyers' usage
