@@ -815,9 +815,10 @@ async fn a_repair_of_excess_stock_gives_cut_transfers_before_it_takes() {
             .await
             .unwrap();
     }
-    let found = flashgate::reconcile::run_skus(&app.store, &app.db, &[id.clone()], true)
-        .await
-        .unwrap();
+    let found =
+        flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(&id), true)
+            .await
+            .unwrap();
     assert!(
         found.findings.iter().any(|f| f.kind == "overcommitted"),
         "{:?}",
