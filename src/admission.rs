@@ -560,6 +560,29 @@ mod tests {
     }
 
     #[test]
+    fn a_trim_never_plans_more_checks_than_keys_still_fit() {
+        let admission = Admission::new(&AdmissionSettings {
+            rate_max_keys: 2_000,
+            ..settings()
+        })
+        .unwrap();
+        let users = admission.users.as_ref().unwrap();
+        for n in 0..1_700u32 {
+            let _ = admission.check_reserve(Some(&format!("near-{n}")), None);
+        }
+        // 1,700 active keys: a quarter of them (425) is more than the 300 that fit.
+        users.trim();
+        let kept = users.len();
+        let until_next =
+            users.next_trim.load(Ordering::Relaxed) - users.checks.load(Ordering::Relaxed);
+        assert_eq!((kept, until_next), (1_700, 300));
+        for n in 0..600u32 {
+            let _ = admission.check_reserve(Some(&format!("more-{n}")), None);
+            assert!(users.len() <= 2_000, "{} keys after {n} more", users.len());
+        }
+    }
+
+    #[test]
     fn zero_turns_a_limit_off() {
         let admission = Admission::new(&AdmissionSettings::off()).unwrap();
         for _ in 0..1000 {

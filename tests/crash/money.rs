@@ -472,5 +472,39 @@ async fn a_refund_redis_gives_after_a_rollback_for_a_recorded_sale_is_no_refund_
     assert_eq!(comps[0]["id"], id.as_str());
     assert_eq!(comps[0]["status"], "resolved", "{comps:?}");
     assert_eq!(comps[0]["note"], flashgate::db::NO_REFUND_DUE);
+    // The feed tells it once: created, then resolved (a flush of the same batch again
+    // adds nothing).
+    app.flush(&sku).await;
+    let (status, feed) = common::body(
+        app.client
+            .get(app.url(&format!(
+                "/v1/events?sku={sku}&types=compensation.created,compensation.resolved&limit=100"
+            )))
+            .bearer_auth(common::SERVICE_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{feed}");
+    let told: Vec<(&str, &str)> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["data"]["id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("compensation.created", id.as_str()),
+            ("compensation.resolved", id.as_str())
+        ],
+        "{feed}"
+    );
     drop(redis);
 }
