@@ -522,8 +522,9 @@ impl Worker {
         // batch read while an earlier entry is pending on another consumer (which may
         // commit after us) waits for it (db::apply_events_in_order).
         let first = &entries[0].stream_id;
+        let events_ref = &events;
         let check = || -> db::OrderCheck<'_> {
-            Box::pin(async move { Ok(!self.pending_before(sku, first).await?) })
+            Box::pin(async move { self.may_write(sku, first, events_ref).await })
         };
         let mut applied =
             db::apply_events_in_order(&self.db, &events, Some(check()), false).await?;
@@ -590,25 +591,72 @@ impl Worker {
         Ok(Flushed::Written(ids.len() as u64))
     }
 
-    /// Whether an entry before `stream_id` is still pending in the flush group (on
-    /// any consumer: this one's own pending entries are always read first, so they
-    /// are never before a batch it reads).
-    async fn pending_before(&self, sku: &SkuId, stream_id: &str) -> Result<bool> {
+    /// Run under the row locks of the batch's SKUs (db::apply_on), before MySQL
+    /// writes the batch: false while an entry before the batch's `first` is still
+    /// pending in the flush group (on any consumer: this one's own pending entries are
+    /// always read first, so they are never before a batch it reads). And when `first`
+    /// itself is pending no more, Redis lost the batch since it was read (a failover, a
+    /// wipe): the sale may have been rebuilt from MySQL already, which did not have
+    /// these reservations then, so their keys' claims go back to Redis now, before
+    /// MySQL records them; else a key MySQL records a reservation for could make a
+    /// second hold (contract invariant 3). A rebuild reads MySQL under the same row
+    /// lock: it is done, or it will read what this batch writes. (Another consumer
+    /// that wrote the batch already is the harmless other case: a claim is never
+    /// written over.)
+    async fn may_write(&self, sku: &SkuId, first: &str, events: &[OutboxEvent]) -> Result<bool> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.store.connection();
+        // The two oldest pending entries up to `first`.
         let reply: Value = redis::cmd("XPENDING")
             .arg(&keys.outbox)
             .arg(FLUSH_GROUP)
             .arg("-")
-            .arg(format!("({stream_id}"))
-            .arg(1)
+            .arg(first)
+            .arg(2)
             .query_async(&mut conn)
             .await
             .or_else(|e| match e.code() {
                 Some("NOGROUP") => Ok(Value::Nil),
                 _ => Err(e),
             })?;
-        Ok(matches!(reply, Value::Array(items) if !items.is_empty()))
+        let oldest = match &reply {
+            Value::Array(items) => items.first().and_then(|item| match item {
+                Value::Array(fields) => fields.first().and_then(|id| match id {
+                    Value::BulkString(id) => Some(String::from_utf8_lossy(id).into_owned()),
+                    _ => None,
+                }),
+                _ => None,
+            }),
+            _ => None,
+        };
+        match oldest {
+            Some(oldest) => Ok(oldest == first),
+            None => {
+                let claims: Vec<db::EndedClaim> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        OutboxEvent::Confirmed {
+                            reservation, key, ..
+                        }
+                        | OutboxEvent::Ended {
+                            reservation, key, ..
+                        } => Some(db::EndedClaim {
+                            reservation_id: reservation.reservation_id.clone(),
+                            user_id: reservation.user_id.clone(),
+                            quantity: reservation.quantity,
+                            claim: key.clone()?,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                if !claims.is_empty() {
+                    tracing::warn!(sku = %sku, claims = claims.len(),
+                        "Redis lost an outbox batch being flushed: its keys' claims are put back");
+                    self.store.restore_usage(sku, &[], &claims).await?;
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left

@@ -18,6 +18,7 @@
 //! step) and, if it brings a new way to fail, a fault to `world::Fault`; the
 //! scheduler needs nothing, since every call passes its gate.
 
+mod directed;
 mod queue;
 mod schedule;
 mod world;
@@ -92,6 +93,7 @@ fn parse_args() -> Result<Args, String> {
             "--rollback" => args.with_rollback = true,
             "--keep-going" => args.keep_going = true,
             "--queue" => args.queue = true,
+            "--directed" => {} // the directed schedules alone (tests/explore/directed.rs)
             // What `cargo test` may pass to every test binary.
             "--nocapture" | "--quiet" | "-q" | "--test-threads" => {}
             other if other.starts_with("--") => return Err(format!("unknown flag {other}")),
@@ -132,6 +134,20 @@ fn main() {
         );
         let env = world::Env::connect().await;
         let verbose = args.verbose;
+        let directed_only = std::env::args().any(|a| a == "--directed");
+        if plain || directed_only {
+            match directed::run_all(&env, &turnstile).await {
+                Ok(n) if directed_only => {
+                    println!("explore: {n} directed schedule(s) held");
+                    return 0;
+                }
+                Ok(n) => println!("explore: {n} directed schedule(s) held"),
+                Err(e) => {
+                    println!("explore: directed schedule FAILED: {e}");
+                    return 1;
+                }
+            }
+        }
         let code = explore(&env, &turnstile, args).await;
         if code != 0 || !plain {
             return code;

@@ -862,7 +862,7 @@ pub(crate) async fn forget_sku(env: &Env, sku: &SkuId) {
 }
 
 /// Redis loses these buckets' every key (a restart without persistence, a wipe).
-async fn lose(env: &Env, buckets: &[SkuKeys]) {
+pub(crate) async fn lose(env: &Env, buckets: &[SkuKeys]) {
     let mut conn = env.observer.connection();
     for keys in buckets {
         let found = bucket_keys(env, keys).await;
