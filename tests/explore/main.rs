@@ -1,5 +1,5 @@
 //! The interleaving explorer: `scripts/dev explore [--seeds N] [--seed S] [--minutes M]
-//! [--admin] [--rollback] [--keep-going]`.
+//! [--admin] [--rollback] [--keep-going] [--queue] [--directed]`.
 //!
 //! Real gateway, worker, finisher and reconciler code against the real Redis (the real
 //! Lua scripts) and MariaDB, a split SKU sold by several simulated processes at once.
