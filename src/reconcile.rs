@@ -1050,7 +1050,8 @@ async fn bring_units_home(
     let mut moved = 0u64;
     for (sale, &available) in sales.iter().zip(&now.available).skip(1) {
         if available > 0 {
-            // Fewer when reserves (an older gateway's) took some since the reading.
+            // Fewer when reserves (an older gateway's) took some since the reading, or
+            // none when the give is left to the finisher (the next pass sees).
             moved += store
                 .move_units(&SkuKeys::new(sale), &home, available)
                 .await?;

@@ -1655,11 +1655,17 @@ impl Store {
         }))
     }
 
+    /// Whether Redis has the sale's state (its meta).
+    pub async fn sale_exists(&self, sale: &SkuId) -> Result<bool> {
+        let exists: bool = self.conn.clone().exists(SkuKeys::new(sale).meta).await?;
+        Ok(exists)
+    }
+
     /// Moves up to `wanted` available units from one bucket of a SKU to another by the
     /// transfer protocol (take, give, records dropped), so Σ stock_total + in transit
     /// stays the SKU's stock at every instant. A give past the lease is left to
     /// `finish_transfers` (the units stay in transit meanwhile): never two givers.
-    /// Returns the units taken.
+    /// Returns the units given now.
     pub async fn move_units(&self, from: &SkuKeys, to: &SkuKeys, wanted: u64) -> Result<u64> {
         let Some(taken) = self.take(from, to, wanted).await? else {
             return Ok(0);
@@ -1672,9 +1678,10 @@ impl Store {
                 .await?;
             if gave == "given" || gave == "already" {
                 self.drop_transfer_records(&taken, to).await?;
+                return Ok(taken.units);
             }
         }
-        Ok(taken.units)
+        Ok(0)
     }
 
     /// The reserves `requests` (all homed in the bucket `sale`) together with the gives

@@ -620,14 +620,22 @@ impl Worker {
                 _ => Err(e),
             })?;
         let oldest = match &reply {
-            Value::Array(items) => items.first().and_then(|item| match item {
-                Value::Array(fields) => fields.first().and_then(|id| match id {
-                    Value::BulkString(id) => Some(String::from_utf8_lossy(id).into_owned()),
+            Value::Nil => None,
+            Value::Array(items) if items.is_empty() => None,
+            Value::Array(items) => match &items[0] {
+                Value::Array(fields) => match fields.first() {
+                    Some(Value::BulkString(id)) => Some(String::from_utf8_lossy(id).into_owned()),
                     _ => None,
-                }),
+                },
                 _ => None,
-            }),
-            _ => None,
+            }
+            .map(Some)
+            .ok_or_else(|| Error::Internal(format!("unexpected XPENDING reply {reply:?}")))?,
+            _ => {
+                return Err(Error::Internal(format!(
+                    "unexpected XPENDING reply {reply:?}"
+                )))
+            }
         };
         match oldest {
             Some(oldest) => Ok(oldest == first),
@@ -649,7 +657,11 @@ impl Worker {
                         _ => None,
                     })
                     .collect();
-                if !claims.is_empty() {
+                // Only into a sale Redis has: one it lacks is rebuilt after this commit
+                // (the rebuild waits for the row lock) and reads the claims from MySQL;
+                // a usage record written before it would keep the rebuild from
+                // restoring that user's bought units.
+                if !claims.is_empty() && self.store.sale_exists(sku).await? {
                     tracing::warn!(sku = %sku, claims = claims.len(),
                         "Redis lost an outbox batch being flushed: its keys' claims are put back");
                     self.store.restore_usage(sku, &[], &claims).await?;
