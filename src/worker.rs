@@ -606,57 +606,23 @@ impl Worker {
     async fn may_write(&self, sku: &SkuId, first: &str, events: &[OutboxEvent]) -> Result<bool> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.store.connection();
-        // The two oldest pending entries up to `first`.
+        // The oldest entry pending up to `first` (inclusive).
         let reply: Value = redis::cmd("XPENDING")
             .arg(&keys.outbox)
             .arg(FLUSH_GROUP)
             .arg("-")
             .arg(first)
-            .arg(2)
+            .arg(1)
             .query_async(&mut conn)
             .await
             .or_else(|e| match e.code() {
                 Some("NOGROUP") => Ok(Value::Nil),
                 _ => Err(e),
             })?;
-        let oldest = match &reply {
-            Value::Nil => None,
-            Value::Array(items) if items.is_empty() => None,
-            Value::Array(items) => match &items[0] {
-                Value::Array(fields) => match fields.first() {
-                    Some(Value::BulkString(id)) => Some(String::from_utf8_lossy(id).into_owned()),
-                    _ => None,
-                },
-                _ => None,
-            }
-            .map(Some)
-            .ok_or_else(|| Error::Internal(format!("unexpected XPENDING reply {reply:?}")))?,
-            _ => {
-                return Err(Error::Internal(format!(
-                    "unexpected XPENDING reply {reply:?}"
-                )))
-            }
-        };
-        match oldest {
+        match first_pending(&reply)? {
             Some(oldest) => Ok(oldest == first),
             None => {
-                let claims: Vec<db::EndedClaim> = events
-                    .iter()
-                    .filter_map(|e| match e {
-                        OutboxEvent::Confirmed {
-                            reservation, key, ..
-                        }
-                        | OutboxEvent::Ended {
-                            reservation, key, ..
-                        } => Some(db::EndedClaim {
-                            reservation_id: reservation.reservation_id.clone(),
-                            user_id: reservation.user_id.clone(),
-                            quantity: reservation.quantity,
-                            claim: key.clone()?,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
+                let claims = claims_of(events);
                 // Only into a sale Redis has: one it lacks is rebuilt after this commit
                 // (the rebuild waits for the row lock) and reads the claims from MySQL;
                 // a usage record written before it would keep the rebuild from
@@ -1016,6 +982,45 @@ fn parse_entries(value: Value) -> Result<Vec<OutboxEntry>> {
     Ok(entries)
 }
 
+/// The id of the first entry of an XPENDING range reply (None: nothing pending).
+fn first_pending(reply: &Value) -> Result<Option<String>> {
+    let unexpected = || Error::Internal(format!("unexpected XPENDING reply {reply:?}"));
+    match reply {
+        Value::Nil => Ok(None),
+        Value::Array(items) => match items.first() {
+            None => Ok(None),
+            Some(Value::Array(fields)) => match fields.first() {
+                Some(Value::BulkString(id)) => Ok(Some(String::from_utf8_lossy(id).into_owned())),
+                _ => Err(unexpected()),
+            },
+            Some(_) => Err(unexpected()),
+        },
+        _ => Err(unexpected()),
+    }
+}
+
+/// The idempotency keys' claims of the reservations a batch records (confirmed or
+/// ended), as a rebuild restores them.
+fn claims_of(events: &[OutboxEvent]) -> Vec<db::EndedClaim> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            OutboxEvent::Confirmed {
+                reservation, key, ..
+            }
+            | OutboxEvent::Ended {
+                reservation, key, ..
+            } => Some(db::EndedClaim {
+                reservation_id: reservation.reservation_id.clone(),
+                user_id: reservation.user_id.clone(),
+                quantity: reservation.quantity,
+                claim: key.clone()?,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One outbox entry as the event the flush writes; None for one it cannot read.
 pub fn parse_event(entry: &OutboxEntry) -> Option<OutboxEvent> {
     let field = |name: &str| entry.fields.get::<String>(name);
@@ -1111,6 +1116,25 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_first_pending_entry_is_read_from_an_xpending_range() {
+        let entry = |id: &str| {
+            Value::Array(vec![
+                bulk(id),
+                bulk("consumer"),
+                Value::Int(5),
+                Value::Int(1),
+            ])
+        };
+        let two = Value::Array(vec![entry("1-0"), entry("2-0")]);
+        assert_eq!(first_pending(&two).unwrap().as_deref(), Some("1-0"));
+        assert_eq!(first_pending(&Value::Array(vec![])).unwrap(), None);
+        assert_eq!(first_pending(&Value::Nil).unwrap(), None);
+        // Not a range reply: an error, never "nothing pending" (a lost batch).
+        assert!(first_pending(&Value::Int(0)).is_err());
+        assert!(first_pending(&Value::Array(vec![Value::Int(1)])).is_err());
     }
 
     #[test]

@@ -705,6 +705,29 @@ async fn the_reconciler_repairs_a_split_sku_bucket_by_bucket() {
     );
 }
 
+/// A SKU of 10 units in 2 buckets, 1 per user, with `holds` units held by users named
+/// `<name>-<n>`: its name, its buckets and the holds' ids.
+async fn split_with_holds(
+    app: &TestApp,
+    name: &str,
+    holds: usize,
+) -> (String, Vec<flashgate::ids::SkuId>, Vec<String>) {
+    let sku = unique_sku(name);
+    app.create_sku(
+        &sku,
+        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for u in 0..holds {
+        let (status, held) = reserve_retrying(app, &sku, &format!("{name}-{u}"), "k", 1).await;
+        assert_eq!(status, StatusCode::CREATED, "{held}");
+        ids.push(held["reservation_id"].as_str().unwrap().to_string());
+    }
+    let sales = buckets::sales(&TestApp::sku_id(&sku), 2);
+    (sku, sales, ids)
+}
+
 /// More stock than MySQL's with less of it on sale than the excess (a bucket rolled
 /// back after giving a transfer gives it again, and the copies sold): the repair takes
 /// every unit still on sale and reports `overcommitted`, so Redis sells nothing MySQL
@@ -713,20 +736,7 @@ async fn the_reconciler_repairs_a_split_sku_bucket_by_bucket() {
 #[tokio::test]
 async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
     let app = spawn_app().await;
-    let sku = unique_sku("bk-overcommit");
-    app.create_sku(
-        &sku,
-        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
-    )
-    .await;
-    let id = TestApp::sku_id(&sku);
-    let sales = buckets::sales(&id, 2);
-    let mut holds = Vec::new();
-    for u in 0..8 {
-        let (status, held) = reserve_retrying(&app, &sku, &format!("oc-{u}"), "k", 1).await;
-        assert_eq!(status, StatusCode::CREATED, "{held}");
-        holds.push(held["reservation_id"].as_str().unwrap().to_string());
-    }
+    let (sku, sales, holds) = split_with_holds(&app, "bk-overcommit", 8).await;
     // Bucket 1 counts 5 units more, all sold: 15 units, 2 of them on sale.
     let mut conn = app.store.connection();
     let meta = flashgate::keys::SkuKeys::new(&sales[1]).meta;
@@ -735,15 +745,7 @@ async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
             .await
             .unwrap();
     }
-    let repair = || {
-        let (store, db, only) = (app.store.clone(), app.db.clone(), [id.clone()]);
-        async move {
-            flashgate::reconcile::run_skus(&store, &db, &only, true)
-                .await
-                .unwrap()
-        }
-    };
-    let found = repair().await;
+    let found = app.reconcile(&sku, true).await;
     let overcommitted = found
         .findings
         .iter()
@@ -765,11 +767,13 @@ async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
     );
     // A unit comes back: the next repair takes it too.
     assert_eq!(
-        app.cancel(&holds[0], &user_token("oc-0")).await.0,
+        app.cancel(&holds[0], &user_token("bk-overcommit-0"))
+            .await
+            .0,
         StatusCode::OK
     );
     assert_eq!(available(bucket_counters(&app, &sku, 2).await), 1);
-    let found = repair().await;
+    let found = app.reconcile(&sku, true).await;
     assert!(
         found.findings.iter().any(|f| f.kind == "overcommitted"),
         "{:?}",
@@ -784,18 +788,7 @@ async fn a_repair_takes_every_unit_on_sale_when_the_excess_is_held_or_sold() {
 #[tokio::test]
 async fn a_repair_of_excess_stock_gives_cut_transfers_before_it_takes() {
     let app = spawn_app().await;
-    let sku = unique_sku("bk-overcommit-cut");
-    app.create_sku(
-        &sku,
-        json!({ "stock": 10, "buckets": 2, "per_user_limit": 1 }),
-    )
-    .await;
-    let id = TestApp::sku_id(&sku);
-    let sales = buckets::sales(&id, 2);
-    for u in 0..6 {
-        let (status, held) = reserve_retrying(&app, &sku, &format!("occ-{u}"), "k", 1).await;
-        assert_eq!(status, StatusCode::CREATED, "{held}");
-    }
+    let (sku, sales, _) = split_with_holds(&app, "bk-overcommit-cut", 6).await;
     // A cut transfer of 2 units from the bucket that has them, past its staleness.
     let keys: Vec<_> = sales.iter().map(flashgate::keys::SkuKeys::new).collect();
     let counters = bucket_counters(&app, &sku, 2).await;
@@ -815,10 +808,7 @@ async fn a_repair_of_excess_stock_gives_cut_transfers_before_it_takes() {
             .await
             .unwrap();
     }
-    let found =
-        flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(&id), true)
-            .await
-            .unwrap();
+    let found = app.reconcile(&sku, true).await;
     assert!(
         found.findings.iter().any(|f| f.kind == "overcommitted"),
         "{:?}",
@@ -877,10 +867,7 @@ async fn a_rebuilt_bucket_keeps_its_own_buyers_limits_past_their_keys_lifetime()
         .query_async(&mut conn)
         .await
         .unwrap();
-    let report =
-        flashgate::reconcile::run_skus(&app.store, &app.db, std::slice::from_ref(&id), true)
-            .await
-            .unwrap();
+    let report = app.reconcile(&sku, true).await;
     assert!(
         report
             .findings

@@ -1002,19 +1002,11 @@ async fn a_split_waiting_rooms_units_outside_bucket_0_are_moved_home() {
                 .unwrap();
         }
     }
-    let reconcile = |repair| {
-        let (store, db, only) = (app.store.clone(), app.db.clone(), [TestApp::sku_id(&sku)]);
-        async move {
-            flashgate::reconcile::run_skus(&store, &db, &only, repair)
-                .await
-                .unwrap()
-        }
-    };
-    let found = reconcile(false).await;
+    let found = app.reconcile(&sku, false).await;
     let kinds: Vec<&str> = found.findings.iter().map(|f| f.kind).collect();
     assert_eq!(kinds, ["units_outside_home"], "{:?}", found.findings);
     assert!(!found.findings[0].repaired);
-    let repaired = reconcile(true).await;
+    let repaired = app.reconcile(&sku, true).await;
     assert!(
         repaired
             .findings
@@ -1027,7 +1019,7 @@ async fn a_split_waiting_rooms_units_outside_bucket_0_are_moved_home() {
         bucket_counters(&app, &sku, k).await,
         vec![[4, 4, 0, 0], [0; 4]]
     );
-    assert!(!reconcile(false).await.drift_found());
+    assert!(!app.reconcile(&sku, false).await.drift_found());
     // All four units sell, in bucket 0.
     for n in 0..4 {
         let user = format!("stray-{n}");

@@ -305,6 +305,17 @@ impl TestApp {
             .unwrap();
     }
 
+    /// One reconciler pass over this SKU alone, repairing or not.
+    pub async fn reconcile(
+        &self,
+        sku: &str,
+        repair: bool,
+    ) -> flashgate::reconcile::ReconcileReport {
+        flashgate::reconcile::run_skus(&self.store, &self.db, &[Self::sku_id(sku)], repair)
+            .await
+            .unwrap()
+    }
+
     pub async fn flush(&self, sku: &str) {
         let sku = Self::sku_id(sku);
         let buckets = self.store.bucket_count(&sku).await.unwrap().unwrap_or(1);

@@ -5,9 +5,8 @@
 use crate::schedule::{seed_rng, Scheduler, Turnstile};
 use crate::world::{self, Env};
 use flashgate::auth::Caller;
-use flashgate::config::GatewaySettings;
 use flashgate::gateway::Gateway;
-use flashgate::ids::{self, SkuId};
+use flashgate::ids::SkuId;
 use flashgate::keys::SkuKeys;
 use flashgate::reservation::SkuDefinition;
 use flashgate::store::Store;
@@ -32,13 +31,7 @@ async fn a_flush_batch_redis_lost_keeps_its_keys(
 ) -> Result<(), String> {
     let sku = SkuId::parse("explore-directed-flush-lost").unwrap();
     world::forget_sku(env, &sku).await;
-    let settings = GatewaySettings {
-        payment_grace: Duration::from_secs(1),
-        idempotency_ttl: Duration::from_secs(600),
-        released_holds_cap: 0,
-        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
-        id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
-    };
+    let settings = world::gateway_settings();
     let gateway = Gateway::new(env.observer.clone(), env.pool.clone(), settings);
     let definition = SkuDefinition {
         stock_total: 5,

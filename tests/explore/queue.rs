@@ -11,10 +11,9 @@
 use crate::schedule::{one_in, seed_rng, Scheduler, Turnstile};
 use crate::world::{self, Env, Journal, Outcome, Role, World, TIMING};
 use flashgate::auth::Caller;
-use flashgate::config::GatewaySettings;
 use flashgate::error::Error;
 use flashgate::gateway::Gateway;
-use flashgate::ids::{self, SkuId};
+use flashgate::ids::SkuId;
 use flashgate::keys::SkuKeys;
 use flashgate::queue::TicketState;
 use flashgate::reservation::{Refusal, SkuDefinition, WaitingRoom};
@@ -124,13 +123,7 @@ pub async fn run_seed(
         paused: false,
         waiting_room: Some(waiting_room),
     };
-    let settings = GatewaySettings {
-        payment_grace: Duration::from_secs(1),
-        idempotency_ttl: Duration::from_secs(600),
-        released_holds_cap: 0,
-        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
-        id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
-    };
+    let settings = world::gateway_settings();
     flashgate::explore::skew_host_clock(0);
     let admin = Gateway::new(env.observer.clone(), env.pool.clone(), settings.clone());
     admin

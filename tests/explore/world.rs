@@ -184,13 +184,7 @@ pub async fn run_seed(
         paused: false,
         waiting_room: None,
     };
-    let settings = GatewaySettings {
-        payment_grace: Duration::from_secs(1),
-        idempotency_ttl: Duration::from_secs(600),
-        released_holds_cap: 0,
-        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
-        id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
-    };
+    let settings = gateway_settings();
     flashgate::explore::skew_host_clock(0);
     let admin = Gateway::new(env.observer.clone(), env.pool.clone(), settings.clone());
     admin
@@ -826,6 +820,18 @@ impl World {
         if let Error::Internal(detail) = e {
             self.journal.lock().unwrap().internal.push(detail);
         }
+    }
+}
+
+/// The gateways' settings in every world: a payment grace of 1 s (late payments happen
+/// within a seed), keys kept 10 minutes.
+pub(crate) fn gateway_settings() -> GatewaySettings {
+    GatewaySettings {
+        payment_grace: Duration::from_secs(1),
+        idempotency_ttl: Duration::from_secs(600),
+        released_holds_cap: 0,
+        queue_polls_per_second: flashgate::limits::QUEUE_POLLS_PER_SECOND,
+        id_keys: ids::IdKeys::new(None, &[], &["explore-jwt-secret-0123456789abcdef"]).unwrap(),
     }
 }
 
