@@ -736,8 +736,8 @@ async fn redis_now_ms(env: &Env) -> i64 {
 }
 
 /// Moves 1 to 3 of bucket 0's units not spoken for (available less every admission in
-/// q:admits, lapsed or not) to bucket 1, atomically; nothing on an unsplit SKU. The
-/// actors wait at their gates meanwhile.
+/// q:admits, lapsed or not) to bucket 1, atomically, as an older gateway's transfer
+/// would; nothing on an unsplit SKU. The actors wait at their gates meanwhile.
 async fn put_units_astray(env: &Env, queue: &Queue, rng: &mut StdRng) -> Result<(), String> {
     let keys = &queue.world.keys;
     if keys.len() < 2 {
@@ -756,12 +756,16 @@ async fn put_units_astray(env: &Env, queue: &Queue, rng: &mut StdRng) -> Result<
     if units == 0 {
         return Ok(());
     }
+    // `moves` grows on both, as a transfer's take and give make it (lib.lua): a reading
+    // of the buckets (Store::split_stock_still) sees that units moved meanwhile.
     let _: () = redis::pipe()
         .atomic()
         .hincr(&keys[0].meta, "stock_total", -units)
         .hincr(&keys[0].meta, "available", -units)
+        .hincr(&keys[0].meta, "moves", 1)
         .hincr(&keys[1].meta, "stock_total", units)
         .hincr(&keys[1].meta, "available", units)
+        .hincr(&keys[1].meta, "moves", 1)
         .query_async(&mut conn)
         .await
         .map_err(|e| format!("stray move: {e}"))?;
