@@ -503,6 +503,49 @@ async fn apply_on(
     in_order: Option<OrderCheck<'_>>,
     under_admin_locks: bool,
 ) -> Result<Applied> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let applied = apply_in(&mut tx, events, in_order, under_admin_locks).await?;
+    finish_apply(tx, &applied).await?;
+    Ok(applied)
+}
+
+/// Commits what `apply_in` wrote, or rolls back when it wrote nothing.
+pub async fn finish_apply(tx: Transaction<'_, MySql>, applied: &Applied) -> Result<()> {
+    if applied.out_of_order || applied.needs_admin_locks {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// The flush's transaction, begun with the SKU's row locked before the flush reads its
+/// batch from the outbox. A rebuild of a lost sale reads MySQL under the same lock, so
+/// it runs before the read (the batch it would lose is never read) or after the
+/// commit (it reads what the batch wrote), never in between, where a key of the batch
+/// would be in neither Redis nor MySQL and could make a second hold (contract
+/// invariant 3). A SKU MySQL lacks locks the gap where its row would be.
+pub async fn begin_flush<'c>(
+    conn: &'c mut MySqlConnection,
+    sale: &SkuId,
+) -> Result<Transaction<'c, MySql>> {
+    let _turn = crate::explore::mysql_step("flush: lock the SKU").await;
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query("SELECT sku FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(sale.sku().as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// `apply_events_in_order` in the caller's transaction (`finish_apply` ends it): with
+/// `out_of_order` or `needs_admin_locks` nothing was written.
+pub async fn apply_in(
+    tx: &mut MySqlConnection,
+    events: &[OutboxEvent],
+    in_order: Option<OrderCheck<'_>>,
+    under_admin_locks: bool,
+) -> Result<Applied> {
     // The explorer's steps: up to the order check, the check (a Redis command), the
     // rest of the writes, the events (db::events::write).
     let turn = crate::explore::mysql_step("apply_events").await;
@@ -521,7 +564,6 @@ async fn apply_on(
             _ => None,
         })
         .collect();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // Every SKU of the batch is locked first, not only those with sales: a reconciler
     // check holds the same lock, and while it runs no event of its SKU may be written
     // (and so trimmed from the outbox), which its sliced read relies on (reconcile.rs).
@@ -543,7 +585,6 @@ async fn apply_on(
     drop(turn);
     if let Some(check) = in_order {
         if !check.await? {
-            tx.rollback().await?;
             applied.out_of_order = true;
             return Ok(applied);
         }
@@ -560,7 +601,7 @@ async fn apply_on(
     let sold_before: HashSet<String> = if ended_rids.is_empty() {
         HashSet::new()
     } else {
-        recorded_sales(&mut tx, &ended_rids, None)
+        recorded_sales(&mut *tx, &ended_rids, None)
             .await?
             .into_keys()
             .collect()
@@ -576,9 +617,9 @@ async fn apply_on(
             .map(|r| r.reservation_id.as_str())
             .collect();
         // reservation id -> the payment_ref its sale is recorded under
-        let mut sold_under: HashMap<String, String> = recorded_sales(&mut tx, &rids, None).await?;
+        let mut sold_under: HashMap<String, String> = recorded_sales(&mut *tx, &rids, None).await?;
         // Payments whose outcome MySQL already records as a compensation.
-        let refunded = compensated_payments(&mut tx, &rids).await?;
+        let refunded = compensated_payments(&mut *tx, &rids).await?;
         let mut new: Vec<&Reservation> = Vec::new();
         for r in &confirmations {
             let payment_ref = r.payment_ref.as_deref().unwrap_or_default();
@@ -613,7 +654,6 @@ async fn apply_on(
                     let room = unsold.entry(r.sku.as_str()).or_insert(u64::MAX);
                     if r.quantity > *room {
                         if !under_admin_locks {
-                            tx.rollback().await?;
                             applied.needs_admin_locks = true;
                             return Ok(applied);
                         }
@@ -663,10 +703,10 @@ async fn apply_on(
         }
     }
     compensations.extend(applied.refused_payments.iter().map(|c| (c, FoundBy::Flush)));
-    insert_compensations(&mut tx, &compensations).await?;
-    record_reservations(&mut tx, events, &not_sales).await?;
-    record_refunded_payments(&mut tx, events, &not_sales).await?;
-    let voided = void_refunds_of_sales(&mut tx, events).await?;
+    insert_compensations(&mut *tx, &compensations).await?;
+    record_reservations(&mut *tx, events, &not_sales).await?;
+    record_refunded_payments(&mut *tx, events, &not_sales).await?;
+    let voided = void_refunds_of_sales(&mut *tx, events).await?;
     // Resolves made before the flush wrote the compensation (one row each: rare).
     let mut resolved: HashMap<&str, Compensation> = HashMap::new();
     for event in events {
@@ -683,7 +723,7 @@ async fn apply_on(
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() > 0 {
-                if let Some(c) = compensation_in(&mut tx, id).await? {
+                if let Some(c) = compensation_in(&mut *tx, id).await? {
                     resolved.insert(id.as_str(), c);
                 }
             }
@@ -757,7 +797,7 @@ async fn apply_on(
             } => {
                 if !skus.contains_key(sku.as_str()) {
                     let record = match SkuId::parse(sku) {
-                        Some(id) => sku_record_in(&mut tx, &id).await?,
+                        Some(id) => sku_record_in(&mut *tx, &id).await?,
                         None => None,
                     };
                     skus.insert(sku.as_str(), record);
@@ -771,7 +811,7 @@ async fn apply_on(
                 let sold_out = if k > 1 {
                     let bits = match buckets_out.get(sku.as_str()) {
                         Some((bits, _)) => *bits,
-                        None => buckets_sold_out_in(&mut tx, sku).await?,
+                        None => buckets_sold_out_in(&mut *tx, sku).await?,
                     };
                     let bit = 1u32 << crate::buckets::bucket_of_tag(sale).min(k - 1);
                     let next = if *sold_out { bits | bit } else { bits & !bit };
@@ -788,7 +828,7 @@ async fn apply_on(
                 let sold_out = &sold_out;
                 let last = match announced.get(sku.as_str()) {
                     Some((last, _)) => *last,
-                    None => announced_sold_out_in(&mut tx, sku).await?,
+                    None => announced_sold_out_in(&mut *tx, sku).await?,
                 };
                 let repeat = if *sold_out {
                     last == Some(true)
@@ -853,8 +893,7 @@ async fn apply_on(
         }
     }
     drop(turn);
-    applied.events = events::write(&mut tx, new_events, now_ms).await?;
-    tx.commit().await?;
+    applied.events = events::write(&mut *tx, new_events, now_ms).await?;
     Ok(applied)
 }
 

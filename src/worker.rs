@@ -503,8 +503,13 @@ impl Worker {
     }
 
     async fn flush_batch(&self, sku: &SkuId) -> Result<Flushed> {
+        let mut conn = self.db.acquire().await?;
+        // The SKU's row is locked before the batch is read (db::begin_flush): no
+        // rebuild of the sale runs between the read and the commit.
+        let tx = db::begin_flush(&mut conn, sku).await?;
         let entries = self.read_batch(sku).await?;
         if entries.is_empty() {
+            tx.rollback().await?;
             return Ok(Flushed::Written(0));
         }
         let mut events = Vec::with_capacity(entries.len());
@@ -518,20 +523,27 @@ impl Worker {
                 }
             }
         }
-        // A SKU's events take their sequence numbers in the order of its outbox: a
-        // batch read while an earlier entry is pending on another consumer (which may
-        // commit after us) waits for it (db::apply_events_in_order).
         let first = &entries[0].stream_id;
-        let events_ref = &events;
-        let check = || -> db::OrderCheck<'_> {
-            Box::pin(async move { self.may_write(sku, first, events_ref).await })
-        };
-        let mut applied =
-            db::apply_events_in_order(&self.db, &events, Some(check()), false).await?;
+        let mut applied = self.apply(tx, sku, first, &events, false).await?;
         if applied.needs_admin_locks {
             // A sale MySQL has no stock for: decided again with no admin PUT half-way.
-            applied = db::apply_events_in_order(&self.db, &events, Some(check()), true).await?;
+            // The admin lock comes before the row lock (as an admin PUT takes them), so
+            // the row is locked again after it, and the batch read then is written.
+            // (A rebuild between the two locks is left: this batch, then lost, would
+            // give its keys back only after it, as `may_write` says. Both at once need
+            // a Redis rollback that resold units and a lost sale.)
+            let parent = sku.sku();
+            // A connection that fails while it holds a named lock is closed, not pooled.
+            conn.close_on_drop();
+            db::SkuLock::acquire(&mut conn, &parent).await?;
+            let again = match db::begin_flush(&mut conn, sku).await {
+                Ok(tx) => self.apply(tx, sku, first, &events, true).await,
+                Err(e) => Err(e),
+            };
+            db::SkuLock::release(&mut conn, &parent).await?;
+            applied = again?;
         }
+        drop(conn);
         if applied.out_of_order {
             // Whoever holds the earlier entries writes them first; a dead consumer's
             // are taken over here once idle for claim_idle, then read with ours.
@@ -591,18 +603,36 @@ impl Worker {
         Ok(Flushed::Written(ids.len() as u64))
     }
 
-    /// Run under the row locks of the batch's SKUs (db::apply_on), before MySQL
-    /// writes the batch: false while an entry before the batch's `first` is still
-    /// pending in the flush group (on any consumer: this one's own pending entries are
-    /// always read first, so they are never before a batch it reads). And when `first`
-    /// itself is pending no more, Redis lost the batch since it was read (a failover, a
-    /// wipe): the sale may have been rebuilt from MySQL already, which did not have
-    /// these reservations then, so their keys' claims go back to Redis now, before
-    /// MySQL records them; else a key MySQL records a reservation for could make a
-    /// second hold (contract invariant 3). A rebuild reads MySQL under the same row
-    /// lock: it is done, or it will read what this batch writes. (Another consumer
-    /// that wrote the batch already is the harmless other case: a claim is never
-    /// written over.)
+    /// Writes the batch in the flush's transaction (db::apply_in), and ends it. A
+    /// SKU's events take their sequence numbers in the order of its outbox: a batch
+    /// read while an earlier entry is pending on another consumer (which may commit
+    /// after us) waits for it (`may_write`, asked under the row lock).
+    async fn apply(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::MySql>,
+        sku: &SkuId,
+        first: &str,
+        events: &[OutboxEvent],
+        under_admin_locks: bool,
+    ) -> Result<db::Applied> {
+        let check: db::OrderCheck<'_> = Box::pin(self.may_write(sku, first, events));
+        let applied = db::apply_in(&mut tx, events, Some(check), under_admin_locks).await?;
+        db::finish_apply(tx, &applied).await?;
+        Ok(applied)
+    }
+
+    /// Run under the SKU's row lock, before MySQL writes the batch: false while an
+    /// entry before the batch's `first` is still pending in the flush group (on any
+    /// consumer: this one's own pending entries are always read first, so they are
+    /// never before a batch it reads). And when `first` itself is pending no more,
+    /// Redis lost the batch since it was read (a failover, a rollback, a wipe): a sale
+    /// Redis still has (a rollback) gets the batch's keys' claims back now, before
+    /// MySQL records them, so that a key MySQL records a reservation for replays it
+    /// (contract invariant 3; a reserve with the key between the rollback and now made
+    /// a hold of its own, which the contract allows: a rollback rebuilds nothing). A
+    /// sale Redis lacks is rebuilt after this commit, from MySQL: the rebuild reads
+    /// under the row lock the flush took before its read. (Another consumer that wrote
+    /// the batch already is the harmless other case: a claim is never written over.)
     async fn may_write(&self, sku: &SkuId, first: &str, events: &[OutboxEvent]) -> Result<bool> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.store.connection();
@@ -623,10 +653,8 @@ impl Worker {
             Some(oldest) => Ok(oldest == first),
             None => {
                 let claims = claims_of(events);
-                // Only into a sale Redis has: one it lacks is rebuilt after this commit
-                // (the rebuild waits for the row lock) and reads the claims from MySQL;
-                // a usage record written before it would keep the rebuild from
-                // restoring that user's bought units.
+                // Only into a sale Redis has: a usage record written into one it lacks
+                // would keep its rebuild from restoring that user's bought units.
                 if !claims.is_empty() && self.store.sale_exists(sku).await? {
                     tracing::warn!(sku = %sku, claims = claims.len(),
                         "Redis lost an outbox batch being flushed: its keys' claims are put back");

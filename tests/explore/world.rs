@@ -434,7 +434,7 @@ pub async fn run_seed(
 
 /// A copy of every key of the SKU's buckets at one instant, between two calls: what a
 /// replica that stopped replicating there, or the last RDB/AOF written there, holds.
-struct Snapshot {
+pub(crate) struct Snapshot {
     /// Per bucket, its keys.
     buckets: Vec<Vec<KeyCopy>>,
     at: std::time::Instant,
@@ -448,7 +448,7 @@ struct KeyCopy {
 }
 
 impl Snapshot {
-    async fn take(env: &Env, buckets: &[SkuKeys]) -> Snapshot {
+    pub(crate) async fn take(env: &Env, buckets: &[SkuKeys]) -> Snapshot {
         let mut conn = env.observer.connection();
         let mut copies = Vec::new();
         for keys in buckets {
@@ -480,7 +480,7 @@ impl Snapshot {
 
     /// These buckets go back to the copy: keys made since are gone, keys past their
     /// deadline by now stay gone (as Redis loads an older file).
-    async fn restore(&self, env: &Env, buckets: &[SkuKeys], which: &[usize]) {
+    pub(crate) async fn restore(&self, env: &Env, buckets: &[SkuKeys], which: &[usize]) {
         let mut conn = env.observer.connection();
         for &b in which {
             let mut pipe = redis::pipe();
