@@ -519,12 +519,12 @@ pub async fn finish_apply(tx: Transaction<'_, MySql>, applied: &Applied) -> Resu
     Ok(())
 }
 
-/// The flush's transaction, begun with the SKU's row locked before the flush reads its
-/// batch from the outbox. A rebuild of a lost sale reads MySQL under the same lock, so
-/// it runs before the read (the batch it would lose is never read) or after the
-/// commit (it reads what the batch wrote), never in between, where a key of the batch
-/// would be in neither Redis nor MySQL and could make a second hold (contract
-/// invariant 3). A SKU MySQL lacks locks the gap where its row would be.
+/// The flush's transaction, begun with the SKU's row locked before the flush reads the
+/// batch it writes. A rebuild of a lost sale (the reconciler's, an admin PUT's:
+/// `recorded_usage_locked`) reads MySQL under the same lock, so it runs before that
+/// read or after the commit (it reads what the batch wrote), never in between, where
+/// a key of the batch would be in neither Redis nor MySQL and could make a second hold
+/// (contract invariant 3). A SKU MySQL lacks has no row to lock (and no rebuild).
 pub async fn begin_flush<'c>(
     conn: &'c mut MySqlConnection,
     sale: &SkuId,
@@ -1234,6 +1234,25 @@ async fn payments_in(
 pub struct RecordedUsage {
     pub bought: Vec<(String, i64)>,
     pub claims: Vec<EndedClaim>,
+}
+
+/// `recorded_usage` read under the SKU's row lock: a flush that read a batch of the SKU
+/// before Redis lost it commits first (`begin_flush`), so that batch's keys are in
+/// what is read. For a rebuild that holds no lock of its own (an admin PUT's).
+pub async fn recorded_usage_locked(
+    conn: &mut MySqlConnection,
+    sku: &SkuId,
+) -> Result<RecordedUsage> {
+    let turn = crate::explore::mysql_step("recorded_usage_locked").await;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT sku FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(sku.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    drop(turn);
+    let usage = recorded_usage(&mut tx, sku).await?;
+    tx.commit().await?;
+    Ok(usage)
 }
 
 pub async fn recorded_usage(conn: &mut MySqlConnection, sku: &SkuId) -> Result<RecordedUsage> {

@@ -844,7 +844,7 @@ impl Gateway {
         // records. Restored before the load, so no reserve finds the SKU without them.
         let mut usage = None;
         if !self.store.sale_is_live(sku).await? {
-            let recorded = db::recorded_usage(&mut *conn, sku).await?;
+            let recorded = db::recorded_usage_locked(&mut *conn, sku).await?;
             self.store
                 .restore_usage(sku, &recorded.bought, &recorded.claims)
                 .await?;
@@ -857,7 +857,7 @@ impl Gateway {
                     // loss between the check and the load took.
                     let recorded = match usage {
                         Some(recorded) => recorded,
-                        None => db::recorded_usage(&mut *conn, sku).await?,
+                        None => db::recorded_usage_locked(&mut *conn, sku).await?,
                     };
                     self.store
                         .restore_usage(sku, &recorded.bought, &recorded.claims)
@@ -948,7 +948,7 @@ impl Gateway {
         for (b, sale) in sales.iter().enumerate() {
             if !self.store.sale_is_live(sale).await? {
                 if recorded.is_none() {
-                    recorded = Some(db::recorded_usage(&mut *conn, sku).await?);
+                    recorded = Some(db::recorded_usage_locked(&mut *conn, sku).await?);
                 }
                 let usage = recorded.as_ref().expect("read above");
                 let bought = buckets::home_users(sku, &usage.bought, definition.homes(), b as u32);
@@ -1000,7 +1000,7 @@ impl Gateway {
             // bucket; their keys replay what MySQL records (and claims_until is kept).
             let usage = match recorded {
                 Some(usage) => usage,
-                None => db::recorded_usage(&mut *conn, sku).await?,
+                None => db::recorded_usage_locked(&mut *conn, sku).await?,
             };
             for (b, sale) in sales.iter().enumerate() {
                 let bought = buckets::home_users(sku, &usage.bought, definition.homes(), b as u32);

@@ -66,6 +66,13 @@ pub struct SweepReport {
     pub expired: u64,
 }
 
+/// One batch of a sale's outbox as the flush writes it.
+struct Batch {
+    entries: Vec<OutboxEntry>,
+    /// The entries' events (a malformed entry has none).
+    events: Vec<OutboxEvent>,
+}
+
 /// What one batch of a SKU's flush did.
 enum Flushed {
     /// Entries written (or found written) and acknowledged.
@@ -503,47 +510,44 @@ impl Worker {
     }
 
     async fn flush_batch(&self, sku: &SkuId) -> Result<Flushed> {
-        let mut conn = self.db.acquire().await?;
-        // The SKU's row is locked before the batch is read (db::begin_flush): no
-        // rebuild of the sale runs between the read and the commit.
-        let tx = db::begin_flush(&mut conn, sku).await?;
-        let entries = self.read_batch(sku).await?;
-        if entries.is_empty() {
-            tx.rollback().await?;
+        // A first read without MySQL: most probes of a SKU find nothing to flush.
+        if self.read_batch(sku).await?.is_empty() {
             return Ok(Flushed::Written(0));
         }
-        let mut events = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            match parse_event(entry) {
-                Some(event) => events.push(event),
-                // A malformed (or deleted) entry can never be written; keeping it
-                // pending would retry it forever. Logged, and acknowledged below.
-                None => {
-                    tracing::error!(stream_id = %entry.stream_id, sku = %sku, "skipping malformed outbox entry")
-                }
+        let mut conn = self.db.acquire().await?;
+        let mut applied = match self.read_locked(&mut conn, sku).await? {
+            None => return Ok(Flushed::Written(0)),
+            Some((mut tx, batch)) => {
+                let applied = self.apply(&mut tx, sku, &batch, false).await?;
+                db::finish_apply(tx, &applied).await?;
+                (batch, applied)
             }
-        }
-        let first = &entries[0].stream_id;
-        let mut applied = self.apply(tx, sku, first, &events, false).await?;
-        if applied.needs_admin_locks {
+        };
+        if applied.1.needs_admin_locks {
             // A sale MySQL has no stock for: decided again with no admin PUT half-way.
             // The admin lock comes before the row lock (as an admin PUT takes them), so
-            // the row is locked again after it, and the batch read then is written.
-            // (A rebuild between the two locks is left: this batch, then lost, would
-            // give its keys back only after it, as `may_write` says. Both at once need
-            // a Redis rollback that resold units and a lost sale.)
+            // the batch is read again once both are held.
             let parent = sku.sku();
             // A connection that fails while it holds a named lock is closed, not pooled.
             conn.close_on_drop();
             db::SkuLock::acquire(&mut conn, &parent).await?;
-            let again = match db::begin_flush(&mut conn, sku).await {
-                Ok(tx) => self.apply(tx, sku, first, &events, true).await,
-                Err(e) => Err(e),
-            };
+            let again: Result<Option<(Batch, db::Applied)>> = async {
+                let Some((mut tx, batch)) = self.read_locked(&mut conn, sku).await? else {
+                    return Ok(None);
+                };
+                let applied = self.apply(&mut tx, sku, &batch, true).await?;
+                db::finish_apply(tx, &applied).await?;
+                Ok(Some((batch, applied)))
+            }
+            .await;
             db::SkuLock::release(&mut conn, &parent).await?;
-            applied = again?;
+            match again? {
+                Some(written) => applied = written,
+                None => return Ok(Flushed::Written(0)),
+            }
         }
         drop(conn);
+        let (Batch { entries, events }, applied) = applied;
         if applied.out_of_order {
             // Whoever holds the earlier entries writes them first; a dead consumer's
             // are taken over here once idle for claim_idle, then read with ours.
@@ -603,22 +607,52 @@ impl Worker {
         Ok(Flushed::Written(ids.len() as u64))
     }
 
-    /// Writes the batch in the flush's transaction (db::apply_in), and ends it. A
-    /// SKU's events take their sequence numbers in the order of its outbox: a batch
+    /// The flush's transaction with the SKU's row locked (db::begin_flush), and the
+    /// batch it writes: this consumer's pending entries, read under the lock (the read
+    /// before the lock made them this consumer's). A rebuild of the sale reads MySQL
+    /// under the same lock, so it never runs between this read and the commit, where a
+    /// key of the batch would be in neither Redis nor MySQL and a reserve with it could
+    /// make a second hold (contract invariant 3). Entries Redis lost before this read
+    /// are lost as if before any read. None: nothing pending (the transaction ended).
+    async fn read_locked<'c>(
+        &self,
+        conn: &'c mut sqlx::MySqlConnection,
+        sku: &SkuId,
+    ) -> Result<Option<(sqlx::Transaction<'c, sqlx::MySql>, Batch)>> {
+        let tx = db::begin_flush(conn, sku).await?;
+        let entries = self.read_group(sku, "0").await?;
+        if entries.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            match parse_event(entry) {
+                Some(event) => events.push(event),
+                // A malformed (or deleted) entry can never be written; keeping it
+                // pending would retry it forever. Logged, and acknowledged below.
+                None => {
+                    tracing::error!(stream_id = %entry.stream_id, sku = %sku, "skipping malformed outbox entry")
+                }
+            }
+        }
+        Ok(Some((tx, Batch { entries, events })))
+    }
+
+    /// Writes the batch in the flush's transaction (db::apply_in; the caller ends it).
+    /// A SKU's events take their sequence numbers in the order of its outbox: a batch
     /// read while an earlier entry is pending on another consumer (which may commit
     /// after us) waits for it (`may_write`, asked under the row lock).
     async fn apply(
         &self,
-        mut tx: sqlx::Transaction<'_, sqlx::MySql>,
+        tx: &mut sqlx::MySqlConnection,
         sku: &SkuId,
-        first: &str,
-        events: &[OutboxEvent],
+        batch: &Batch,
         under_admin_locks: bool,
     ) -> Result<db::Applied> {
-        let check: db::OrderCheck<'_> = Box::pin(self.may_write(sku, first, events));
-        let applied = db::apply_in(&mut tx, events, Some(check), under_admin_locks).await?;
-        db::finish_apply(tx, &applied).await?;
-        Ok(applied)
+        let first = &batch.entries[0].stream_id;
+        let check: db::OrderCheck<'_> = Box::pin(self.may_write(sku, first, &batch.events));
+        db::apply_in(tx, &batch.events, Some(check), under_admin_locks).await
     }
 
     /// Run under the SKU's row lock, before MySQL writes the batch: false while an

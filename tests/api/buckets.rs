@@ -577,6 +577,33 @@ async fn the_worker_finishes_a_transfer_its_gateway_never_did() {
     assert_eq!(app.assert_stock_adds_up(&sku).await["available"], 6);
 }
 
+/// A move of units whose give finds the receiver without state (Redis lost it) gives
+/// nothing and keeps the transfer's records: the units stay in transit, counted in the
+/// SKU's stock, for the finisher to give once the receiver is rebuilt.
+#[tokio::test]
+async fn a_move_to_a_bucket_redis_lost_keeps_its_units_in_transit() {
+    let app = spawn_app().await;
+    let sku = unique_sku("bk-move-lost");
+    app.create_sku(&sku, json!({ "stock": 4, "buckets": 2 }))
+        .await;
+    let sales = buckets::sales(&TestApp::sku_id(&sku), 2);
+    let (home, other) = (
+        flashgate::keys::SkuKeys::new(&sales[0]),
+        flashgate::keys::SkuKeys::new(&sales[1]),
+    );
+    let mut conn = app.store.connection();
+    let _: () = redis::AsyncCommands::del(&mut conn, &home.meta)
+        .await
+        .unwrap();
+    assert_eq!(app.store.move_units(&other, &home, 1).await.unwrap(), 0);
+    let (stock, in_transit) = app.store.split_stock(&sales).await.unwrap();
+    assert_eq!((stock, in_transit), (vec![None, Some(1)], 1));
+    let records: Vec<String> = redis::AsyncCommands::hvals(&mut conn, &other.transfers)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "the take's record stays: {records:?}");
+}
+
 /// The reconciler checks each bucket against the sales it made and the SKU's stock
 /// over all buckets: a bucket whose stock_total drifted is found and repaired (bucket 0
 /// takes the difference), and a bucket Redis lost is rebuilt with what it sold plus

@@ -8,7 +8,7 @@ use flashgate::auth::Caller;
 use flashgate::gateway::Gateway;
 use flashgate::ids::SkuId;
 use flashgate::keys::SkuKeys;
-use flashgate::reservation::{Reservation, SkuDefinition};
+use flashgate::reservation::{Refusal, Reservation, SkuDefinition};
 use flashgate::store::Store;
 use flashgate::worker::Worker;
 use std::time::Duration;
@@ -16,13 +16,20 @@ use tokio::task::JoinHandle;
 
 /// Every directed schedule, in turn: the first failure, by name.
 pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> {
-    a_flush_batch_redis_lost_keeps_its_keys(env, turnstile)
+    for rebuilder in [Rebuilder::Reconciler, Rebuilder::AdminPut] {
+        a_flush_batch_redis_lost_keeps_its_keys(env, turnstile, rebuilder)
+            .await
+            .map_err(|e| format!("a flush batch Redis lost keeps its keys ({rebuilder:?}): {e}"))?;
+    }
+    an_admin_puts_rebuild_waits_for_a_flush_that_read_before_the_loss(env, turnstile)
         .await
-        .map_err(|e| format!("a flush batch Redis lost keeps its keys: {e}"))?;
+        .map_err(|e| {
+            format!("an admin PUT's rebuild waits for a flush that read before the loss: {e}")
+        })?;
     a_flush_batch_a_rollback_lost_gives_its_keys_back(env, turnstile)
         .await
         .map_err(|e| format!("a flush batch a rollback lost gives its keys back: {e}"))?;
-    Ok(2)
+    Ok(4)
 }
 
 type Failure = String;
@@ -31,7 +38,7 @@ fn e(e: flashgate::error::Error) -> Failure {
     e.to_string()
 }
 
-/// A fresh one-bucket SKU of 5 units, and a gateway over it.
+/// A fresh one-bucket SKU of 5 units, 2 per user, and a gateway over it.
 async fn fresh_sku(env: &Env, name: &str) -> Result<(SkuId, Gateway), Failure> {
     let sku = SkuId::parse(name).unwrap();
     world::forget_sku(env, &sku).await;
@@ -40,18 +47,70 @@ async fn fresh_sku(env: &Env, name: &str) -> Result<(SkuId, Gateway), Failure> {
         env.pool.clone(),
         world::gateway_settings(),
     );
-    let definition = SkuDefinition {
+    gateway.define_sku(&sku, &definition()).await.map_err(e)?;
+    Ok((sku, gateway))
+}
+
+fn definition() -> SkuDefinition {
+    SkuDefinition {
         stock_total: 5,
-        per_user_limit: 5,
+        per_user_limit: 2,
         hold_seconds: 60,
         starts_at_ms: None,
         ends_at_ms: None,
         buckets: 1,
         paused: false,
         waiting_room: None,
-    };
-    gateway.define_sku(&sku, &definition).await.map_err(e)?;
-    Ok((sku, gateway))
+    }
+}
+
+/// Who rebuilds a sale Redis lost from MySQL.
+#[derive(Debug, Clone, Copy)]
+enum Rebuilder {
+    /// `reconcile --repair` (or the worker's scheduled repair).
+    Reconciler,
+    /// An operator's PUT of the SKU's definition, unchanged.
+    AdminPut,
+}
+
+/// u1 buys a unit with key k0, and MySQL records the sale.
+async fn bought_and_flushed(env: &Env, gateway: &Gateway, sku: &SkuId) -> Result<(), Failure> {
+    let (bought, _) = gateway.reserve(sku, "u1", 1, "k0").await.map_err(e)?;
+    gateway
+        .confirm(&bought.reservation_id, "pay-0")
+        .await
+        .map_err(e)?;
+    let worker = Worker::new(env.observer.clone(), env.pool.clone());
+    while worker.flush_sku(sku).await.map_err(e)? > 0 {}
+    Ok(())
+}
+
+/// u1 (who bought 1 of a limit of 2) may hold one more unit, and no other.
+async fn u1s_limit_counts_its_unit(gateway: &Gateway, sku: &SkuId) -> Result<(), Failure> {
+    gateway.reserve(sku, "u1", 1, "k2").await.map_err(e)?;
+    match gateway.reserve(sku, "u1", 1, "k3").await {
+        Err(flashgate::error::Error::Refused(Refusal::LimitExceeded)) => Ok(()),
+        other => Err(format!(
+            "u1 bought 1 and holds 1 of a limit of 2, yet a third reserve answered {other:?}"
+        )),
+    }
+}
+
+/// If the sale was rebuilt while the flush had yet to write the end of `held`, key k1
+/// must replay it all the same.
+async fn k1_replays_early(
+    gateway: &Gateway,
+    sku: &SkuId,
+    held: &Reservation,
+) -> Result<(), Failure> {
+    let (early, _) = gateway.reserve(sku, "u1", 1, "k1").await.map_err(e)?;
+    if early.reservation_id != held.reservation_id {
+        return Err(format!(
+            "the sale was rebuilt while the flush held a batch with the end of {}: key k1 made {} (invariant 3)",
+            held.reservation_id, early.reservation_id
+        ));
+    }
+    Ok(())
 }
 
 /// u1's hold with key k1, cancelled: its end waits in the outbox.
@@ -70,11 +129,21 @@ async fn flush_up_to_its_write(
     turnstile: &Turnstile,
     sku: &SkuId,
 ) -> Result<(Scheduler, JoinHandle<flashgate::error::Result<u64>>), Failure> {
-    let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
+    let scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
+    flush_up_to_its_write_with(env, scheduler, sku, 1).await
+}
+
+/// `flush_up_to_its_write` as `process`, under a scheduler already running others.
+async fn flush_up_to_its_write_with(
+    env: &Env,
+    mut scheduler: Scheduler,
+    sku: &SkuId,
+    process: u32,
+) -> Result<(Scheduler, JoinHandle<flashgate::error::Result<u64>>), Failure> {
     let store = Store::new(world::connect_redis(&env.redis_url).await);
     let worker = Worker::new(store, env.pool.clone());
     let flushed = sku.clone();
-    let flush = tokio::spawn(flashgate::explore::as_process(1, async move {
+    let flush = tokio::spawn(flashgate::explore::as_process(process, async move {
         worker.flush_sku(&flushed).await
     }));
     loop {
@@ -122,7 +191,8 @@ async fn k1_replays(gateway: &Gateway, sku: &SkuId, held: &Reservation) -> Resul
 }
 
 /// A flush reads a batch with the end of a hold; Redis loses the sale; the reconciler
-/// rebuilds it from MySQL, which does not have that end yet; then the flush writes it.
+/// (or an operator's PUT) rebuilds it from MySQL, which does not have that end yet;
+/// then the flush writes it.
 /// The hold's key must still replay it (contract invariant 3): the admin world's seed
 /// 4 once saw the key make a second hold ("key k1 made … though MySQL records its …").
 /// And no reserve with the key may make a hold of its own while the batch is read and
@@ -131,18 +201,28 @@ async fn k1_replays(gateway: &Gateway, sku: &SkuId, held: &Reservation) -> Resul
 async fn a_flush_batch_redis_lost_keeps_its_keys(
     env: &Env,
     turnstile: &Turnstile,
+    rebuilder: Rebuilder,
 ) -> Result<(), Failure> {
     let (sku, gateway) = fresh_sku(env, "explore-directed-flush-lost").await?;
+    bought_and_flushed(env, &gateway, &sku).await?;
     let held = ended_hold(&gateway, &sku).await?;
     let (scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
-    // Redis loses the sale, and the reconciler rebuilds it from MySQL: after the flush
-    // commits. If it is done before that, a reserve with the key must replay the hold.
+    // Redis loses the sale, and it is rebuilt from MySQL: after the flush commits. If
+    // it is done before that, a reserve with the key must replay the hold.
     world::lose(env, &[SkuKeys::new(&sku)]).await;
     let rebuild = {
         let (store, pool, sku) = (env.observer.clone(), env.pool.clone(), sku.clone());
-        // The explorer's own call, as the reconciler: it passes the gate at once.
+        let gateway = gateway.clone();
+        // The explorer's own call: it passes the gate at once.
         tokio::spawn(flashgate::explore::inherit(async move {
-            flashgate::reconcile::run_skus(&store, &pool, std::slice::from_ref(&sku), true).await
+            match rebuilder {
+                Rebuilder::Reconciler => {
+                    flashgate::reconcile::run_skus(&store, &pool, std::slice::from_ref(&sku), true)
+                        .await
+                        .map(drop)
+                }
+                Rebuilder::AdminPut => gateway.define_sku(&sku, &definition()).await.map(drop),
+            }
         }))
     };
     let waited = tokio::time::timeout(Duration::from_secs(1), async {
@@ -152,17 +232,74 @@ async fn a_flush_batch_redis_lost_keeps_its_keys(
     })
     .await;
     if waited.is_ok() {
-        let (early, _) = gateway.reserve(&sku, "u1", 1, "k1").await.map_err(e)?;
-        if early.reservation_id != held.reservation_id {
-            return Err(format!(
-                "the sale was rebuilt while the flush held a batch with the end of {}: key k1 made {} (invariant 3)",
-                held.reservation_id, early.reservation_id
-            ));
-        }
+        k1_replays_early(&gateway, &sku, &held).await?;
     }
     flush_to_its_end(scheduler, flush).await?;
     rebuild.await.map_err(|e| e.to_string())?.map_err(e)?;
-    k1_replays(&gateway, &sku, &held).await
+    k1_replays(&gateway, &sku, &held).await?;
+    // The rebuild gave u1 back the unit it bought (a usage record the flush wrote into
+    // the lost sale would have kept it out).
+    u1s_limit_counts_its_unit(&gateway, &sku).await
+}
+
+/// An operator's PUT commits the SKU's definition; a flush then reads a batch with the
+/// end of a hold; Redis loses the sale; the PUT, going on, finds the sale gone and
+/// rebuilds it from MySQL, which does not have that end yet (an outside review's
+/// interleaving). The PUT reads MySQL under the SKU's row lock, so it waits for the
+/// flush's commit, and the hold's key replays the hold.
+async fn an_admin_puts_rebuild_waits_for_a_flush_that_read_before_the_loss(
+    env: &Env,
+    turnstile: &Turnstile,
+) -> Result<(), Failure> {
+    const FLUSH: u32 = 1;
+    const PUT: u32 = 2;
+    let (sku, gateway) = fresh_sku(env, "explore-directed-put-rebuild").await?;
+    bought_and_flushed(env, &gateway, &sku).await?;
+    let held = ended_hold(&gateway, &sku).await?;
+    let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
+    // The PUT, up to its first look at Redis after its commit (is the sale live?).
+    let put = {
+        let (gateway, sku) = (gateway.clone(), sku.clone());
+        tokio::spawn(flashgate::explore::as_process(PUT, async move {
+            gateway.define_sku(&sku, &definition()).await.map(drop)
+        }))
+    };
+    loop {
+        scheduler.settle().await;
+        if scheduler.waiting_on("HMGET").is_some() {
+            break;
+        }
+        if put.is_finished() {
+            return Err("the PUT ended before it looked at the sale".into());
+        }
+        if !scheduler.step().await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    // The flush reads its batch while the PUT waits; then Redis loses the sale.
+    scheduler.stall(PUT, u64::MAX / 2);
+    let (mut scheduler, flush) = flush_up_to_its_write_with(env, scheduler, &sku, FLUSH).await?;
+    world::lose(env, &[SkuKeys::new(&sku)]).await;
+    // The PUT goes on while the flush waits, as long as it can.
+    scheduler.stall(PUT, 0);
+    scheduler.stall(FLUSH, u64::MAX / 2);
+    while !put.is_finished() {
+        scheduler.settle().await;
+        if put.is_finished() {
+            break;
+        }
+        if !scheduler.step().await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    if !flush.is_finished() {
+        k1_replays_early(&gateway, &sku, &held).await?;
+    }
+    scheduler.stall(FLUSH, 0);
+    flush_to_its_end(scheduler, flush).await?;
+    put.await.map_err(|e| e.to_string())?.map_err(e)?;
+    k1_replays(&gateway, &sku, &held).await?;
+    u1s_limit_counts_its_unit(&gateway, &sku).await
 }
 
 /// A flush reads a batch with the end of a hold; Redis goes back to before the hold (a
