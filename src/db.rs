@@ -521,10 +521,12 @@ pub async fn finish_apply(tx: Transaction<'_, MySql>, applied: &Applied) -> Resu
 
 /// The flush's transaction, begun with the SKU's row locked before the flush reads the
 /// batch it writes. A rebuild of a lost sale (the reconciler's, an admin PUT's:
-/// `recorded_usage_locked`) reads MySQL under the same lock, so it runs before that
+/// `lock_sku_sold`) reads MySQL under the same lock, so it runs before that
 /// read or after the commit (it reads what the batch wrote), never in between, where
 /// a key of the batch would be in neither Redis nor MySQL and could make a second hold
-/// (contract invariant 3). A SKU MySQL lacks has no row to lock (and no rebuild).
+/// (contract invariant 3). For a SKU MySQL lacks (a restore lost its row while Redis
+/// kept the sale; nothing rebuilds it) the gap where the row would be is locked: a new
+/// SKU whose id falls in it waits for the commit.
 pub async fn begin_flush<'c>(
     conn: &'c mut MySqlConnection,
     sale: &SkuId,
@@ -1236,20 +1238,30 @@ pub struct RecordedUsage {
     pub claims: Vec<EndedClaim>,
 }
 
-/// `recorded_usage` read under the SKU's row lock: a flush that read a batch of the SKU
-/// before Redis lost it commits first (`begin_flush`), so that batch's keys are in
-/// what is read. For a rebuild that holds no lock of its own (an admin PUT's).
+/// The SKU's row locked until the transaction ends, and the units MySQL records as
+/// sold (`skus.sold`; 0 without a row). A flush that read a batch of the SKU before
+/// Redis lost it holds the lock until it commits (`begin_flush`), so what is read
+/// under it includes that batch; a flush that reads later waits for the transaction.
+/// For a rebuild of a sale that holds no lock of its own (an admin PUT's).
+pub async fn lock_sku_sold<'c>(
+    conn: &'c mut MySqlConnection,
+    sku: &SkuId,
+) -> Result<(Transaction<'c, MySql>, u64)> {
+    let _turn = crate::explore::mysql_step("lock_sku_sold").await;
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let sold: Option<u64> = sqlx::query_scalar("SELECT sold FROM skus WHERE sku = ? FOR UPDATE")
+        .bind(sku.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    Ok((tx, sold.unwrap_or(0)))
+}
+
+/// `recorded_usage` read under the SKU's row lock (`lock_sku_sold`).
 pub async fn recorded_usage_locked(
     conn: &mut MySqlConnection,
     sku: &SkuId,
 ) -> Result<RecordedUsage> {
-    let turn = crate::explore::mysql_step("recorded_usage_locked").await;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("SELECT sku FROM skus WHERE sku = ? FOR UPDATE")
-        .bind(sku.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-    drop(turn);
+    let (mut tx, _) = lock_sku_sold(conn, sku).await?;
     let usage = recorded_usage(&mut tx, sku).await?;
     tx.commit().await?;
     Ok(usage)

@@ -839,42 +839,62 @@ impl Gateway {
         }
         self.store.check_sku(sku, definition, sold_in_mysql).await?;
         tx.commit().await?;
+        // Loaded with the SKU's row locked again: a flush that read a batch before Redis
+        // lost the sale holds that lock until it commits (db::begin_flush), so a sale
+        // rebuilt here counts the units that batch sold; a flush that reads later waits
+        // for the load. (With the upsert's `sold`, read before such a flush committed,
+        // the rebuilt sale would sell a unit MySQL records as sold.)
+        let (mut locked, sold_in_mysql) = db::lock_sku_sold(&mut *conn, sku).await?;
+        let loaded = self
+            .load_locked(&mut locked, sku, definition, sold_in_mysql)
+            .await;
+        locked.commit().await?;
+        match loaded {
+            Err(refused @ Error::Refused(_)) => {
+                db::restore_sku(&mut *conn, sku, previous.as_ref()).await?;
+                Err(refused)
+            }
+            other => other,
+        }
+    }
+
+    /// Loads a SKU's definition into Redis; `locked` holds the SKU's row
+    /// (db::lock_sku_sold), and `sold_in_mysql` was read under it.
+    async fn load_locked(
+        &self,
+        locked: &mut sqlx::MySqlConnection,
+        sku: &SkuId,
+        definition: &SkuDefinition,
+        sold_in_mysql: u64,
+    ) -> Result<Sku> {
         // Redis lost this SKU (a wipe before any reconcile) or retired it: its buyers'
         // limits must still count what they bought, and their keys replay what MySQL
         // records. Restored before the load, so no reserve finds the SKU without them.
         let mut usage = None;
         if !self.store.sale_is_live(sku).await? {
-            let recorded = db::recorded_usage_locked(&mut *conn, sku).await?;
+            let recorded = db::recorded_usage(&mut *locked, sku).await?;
             self.store
                 .restore_usage(sku, &recorded.bought, &recorded.claims)
                 .await?;
             usage = Some(recorded);
         }
-        match self.store.load_sku(sku, definition, sold_in_mysql).await {
-            Ok((loaded, how)) => {
-                if how != Loaded::Updated {
-                    // Again after the load: the sale's claims_until, and whatever a
-                    // loss between the check and the load took.
-                    let recorded = match usage {
-                        Some(recorded) => recorded,
-                        None => db::recorded_usage_locked(&mut *conn, sku).await?,
-                    };
-                    self.store
-                        .restore_usage(sku, &recorded.bought, &recorded.claims)
-                        .await?;
-                    let announced = db::announced_sold_out_in(&mut *conn, sku.as_str()).await?;
-                    self.store
-                        .restore_announced(sku, announced == Some(true))
-                        .await?;
-                }
-                Ok(loaded)
-            }
-            Err(refused @ Error::Refused(_)) => {
-                db::restore_sku(&mut *conn, sku, previous.as_ref()).await?;
-                Err(refused)
-            }
-            Err(e) => Err(e),
+        let (loaded, how) = self.store.load_sku(sku, definition, sold_in_mysql).await?;
+        if how != Loaded::Updated {
+            // Again after the load: the sale's claims_until, and whatever a loss
+            // between the check and the load took.
+            let recorded = match usage {
+                Some(recorded) => recorded,
+                None => db::recorded_usage(&mut *locked, sku).await?,
+            };
+            self.store
+                .restore_usage(sku, &recorded.bought, &recorded.claims)
+                .await?;
+            let announced = db::announced_sold_out_in(&mut *locked, sku.as_str()).await?;
+            self.store
+                .restore_announced(sku, announced == Some(true))
+                .await?;
         }
+        Ok(loaded)
     }
 
     /// `define_sku_locked` for a SKU split over buckets. Each bucket is loaded with the

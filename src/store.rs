@@ -1489,7 +1489,14 @@ impl Store {
 
     async fn trim_outbox_below_groups(&self, keys: &SkuKeys) -> Result<()> {
         let mut conn = self.conn.clone();
-        let groups: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&keys.outbox).await?;
+        let groups: redis::streams::StreamInfoGroupsReply =
+            match conn.xinfo_groups(&keys.outbox).await {
+                Ok(groups) => groups,
+                // No stream (lost, or retired, since the caller acknowledged; a PUT may
+                // be making it again): nothing to trim.
+                Err(e) if e.to_string().contains("no such key") => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
         let mut floor: Option<StreamPosition> = None;
         for group in &groups.groups {
             let bound = if group.pending > 0 {

@@ -66,6 +66,16 @@ pub struct SweepReport {
     pub expired: u64,
 }
 
+/// Where a batch read by the flush stands in its outbox's flush group.
+enum OutboxPosition {
+    /// No earlier entry is pending: the batch is written now.
+    First,
+    /// An earlier entry is pending on another consumer: the batch waits for it.
+    Behind,
+    /// The batch is pending no more: Redis lost it since it was read.
+    Lost,
+}
+
 /// One batch of a sale's outbox as the flush writes it.
 struct Batch {
     entries: Vec<OutboxEntry>,
@@ -642,7 +652,19 @@ impl Worker {
     /// Writes the batch in the flush's transaction (db::apply_in; the caller ends it).
     /// A SKU's events take their sequence numbers in the order of its outbox: a batch
     /// read while an earlier entry is pending on another consumer (which may commit
-    /// after us) waits for it (`may_write`, asked under the row lock).
+    /// after us) waits for it (`outbox_position`, asked under the row lock).
+    ///
+    /// A batch Redis lost since it was read under the lock (a failover, a rollback, a
+    /// wipe) is written all the same. A sale Redis still has (a rollback) gets the
+    /// batch's keys' claims back once the writes are settled, before the commit and
+    /// under the row lock, so that a key MySQL records a reservation for replays it
+    /// (contract invariant 3; a reserve with the key between the rollback and now made a
+    /// hold of its own, which the contract allows: a rollback rebuilds nothing). Not
+    /// before: a batch that writes nothing (out of order, or to be written again under
+    /// the admin locks, where a lost batch is read as empty) would leave claims of
+    /// reservations MySQL never records. A sale Redis lacks is rebuilt after the commit,
+    /// from MySQL, under the same row lock. (Another consumer that wrote the batch
+    /// already is the harmless other case: a claim is never written over.)
     async fn apply(
         &self,
         tx: &mut sqlx::MySqlConnection,
@@ -651,23 +673,37 @@ impl Worker {
         under_admin_locks: bool,
     ) -> Result<db::Applied> {
         let first = &batch.entries[0].stream_id;
-        let check: db::OrderCheck<'_> = Box::pin(self.may_write(sku, first, &batch.events));
-        db::apply_in(tx, &batch.events, Some(check), under_admin_locks).await
+        let lost = std::sync::atomic::AtomicBool::new(false);
+        let check: db::OrderCheck<'_> = Box::pin(async {
+            Ok(match self.outbox_position(sku, first).await? {
+                OutboxPosition::First => true,
+                OutboxPosition::Behind => false,
+                OutboxPosition::Lost => {
+                    lost.store(true, Relaxed);
+                    true
+                }
+            })
+        });
+        let applied = db::apply_in(tx, &batch.events, Some(check), under_admin_locks).await?;
+        let written = !applied.out_of_order && !applied.needs_admin_locks;
+        if written && lost.load(Relaxed) {
+            let claims = claims_of(&batch.events);
+            // Only into a sale Redis has: a usage record written into one it lacks
+            // would keep its rebuild from restoring that user's bought units.
+            if !claims.is_empty() && self.store.sale_exists(sku).await? {
+                tracing::warn!(sku = %sku, claims = claims.len(),
+                    "Redis lost an outbox batch being flushed: its keys' claims are put back");
+                self.store.restore_usage(sku, &[], &claims).await?;
+            }
+        }
+        Ok(applied)
     }
 
-    /// Run under the SKU's row lock, before MySQL writes the batch: false while an
-    /// entry before the batch's `first` is still pending in the flush group (on any
-    /// consumer: this one's own pending entries are always read first, so they are
-    /// never before a batch it reads). And when `first` itself is pending no more,
-    /// Redis lost the batch since it was read (a failover, a rollback, a wipe): a sale
-    /// Redis still has (a rollback) gets the batch's keys' claims back now, before
-    /// MySQL records them, so that a key MySQL records a reservation for replays it
-    /// (contract invariant 3; a reserve with the key between the rollback and now made
-    /// a hold of its own, which the contract allows: a rollback rebuilds nothing). A
-    /// sale Redis lacks is rebuilt after this commit, from MySQL: the rebuild reads
-    /// under the row lock the flush took before its read. (Another consumer that wrote
-    /// the batch already is the harmless other case: a claim is never written over.)
-    async fn may_write(&self, sku: &SkuId, first: &str, events: &[OutboxEvent]) -> Result<bool> {
+    /// Where the batch starting at `first` stands in the flush group, under the SKU's
+    /// row lock: first of what is pending (on any consumer: this one's own pending
+    /// entries are always read first, so they are never before a batch it reads),
+    /// behind an entry still pending, or pending no more (Redis lost it).
+    async fn outbox_position(&self, sku: &SkuId, first: &str) -> Result<OutboxPosition> {
         let keys = SkuKeys::new(sku);
         let mut conn = self.store.connection();
         // The oldest entry pending up to `first` (inclusive).
@@ -683,20 +719,11 @@ impl Worker {
                 Some("NOGROUP") => Ok(Value::Nil),
                 _ => Err(e),
             })?;
-        match first_pending(&reply)? {
-            Some(oldest) => Ok(oldest == first),
-            None => {
-                let claims = claims_of(events);
-                // Only into a sale Redis has: a usage record written into one it lacks
-                // would keep its rebuild from restoring that user's bought units.
-                if !claims.is_empty() && self.store.sale_exists(sku).await? {
-                    tracing::warn!(sku = %sku, claims = claims.len(),
-                        "Redis lost an outbox batch being flushed: its keys' claims are put back");
-                    self.store.restore_usage(sku, &[], &claims).await?;
-                }
-                Ok(true)
-            }
-        }
+        Ok(match first_pending(&reply)? {
+            Some(oldest) if oldest == first => OutboxPosition::First,
+            Some(_) => OutboxPosition::Behind,
+            None => OutboxPosition::Lost,
+        })
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left

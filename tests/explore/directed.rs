@@ -29,7 +29,10 @@ pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> 
     a_flush_batch_a_rollback_lost_gives_its_keys_back(env, turnstile)
         .await
         .map_err(|e| format!("a flush batch a rollback lost gives its keys back: {e}"))?;
-    Ok(4)
+    a_lost_batch_the_flush_does_not_write_gives_no_keys_back(env, turnstile)
+        .await
+        .map_err(|e| format!("a lost batch the flush does not write gives no keys back: {e}"))?;
+    Ok(5)
 }
 
 type Failure = String;
@@ -162,20 +165,27 @@ async fn flush_up_to_its_write_with(
 
 /// Runs the flush to its end: it must have written its batch.
 async fn flush_to_its_end(
-    mut scheduler: Scheduler,
+    scheduler: &mut Scheduler,
     flush: JoinHandle<flashgate::error::Result<u64>>,
 ) -> Result<(), Failure> {
+    if flush_entries_written(scheduler, flush).await? == 0 {
+        return Err("the flush wrote nothing".into());
+    }
+    Ok(())
+}
+
+/// Runs the flush to its end: the entries it wrote.
+async fn flush_entries_written(
+    scheduler: &mut Scheduler,
+    flush: JoinHandle<flashgate::error::Result<u64>>,
+) -> Result<u64, Failure> {
     while !flush.is_finished() {
         scheduler.settle().await;
         if !scheduler.step().await {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
-    let written = flush.await.map_err(|e| e.to_string())?.map_err(e)?;
-    if written == 0 {
-        return Err("the flush wrote nothing".into());
-    }
-    Ok(())
+    flush.await.map_err(|e| e.to_string())?.map_err(e)
 }
 
 /// Key k1 replays `held`, which MySQL records (contract invariant 3).
@@ -206,7 +216,7 @@ async fn a_flush_batch_redis_lost_keeps_its_keys(
     let (sku, gateway) = fresh_sku(env, "explore-directed-flush-lost").await?;
     bought_and_flushed(env, &gateway, &sku).await?;
     let held = ended_hold(&gateway, &sku).await?;
-    let (scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
+    let (mut scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
     // Redis loses the sale, and it is rebuilt from MySQL: after the flush commits. If
     // it is done before that, a reserve with the key must replay the hold.
     world::lose(env, &[SkuKeys::new(&sku)]).await;
@@ -234,7 +244,7 @@ async fn a_flush_batch_redis_lost_keeps_its_keys(
     if waited.is_ok() {
         k1_replays_early(&gateway, &sku, &held).await?;
     }
-    flush_to_its_end(scheduler, flush).await?;
+    flush_to_its_end(&mut scheduler, flush).await?;
     rebuild.await.map_err(|e| e.to_string())?.map_err(e)?;
     k1_replays(&gateway, &sku, &held).await?;
     // The rebuild gave u1 back the unit it bought (a usage record the flush wrote into
@@ -254,50 +264,90 @@ async fn an_admin_puts_rebuild_waits_for_a_flush_that_read_before_the_loss(
     const FLUSH: u32 = 1;
     const PUT: u32 = 2;
     let (sku, gateway) = fresh_sku(env, "explore-directed-put-rebuild").await?;
-    bought_and_flushed(env, &gateway, &sku).await?;
-    let held = ended_hold(&gateway, &sku).await?;
+    bought_and_flushed(env, &gateway, &sku)
+        .await
+        .map_err(|f| format!("u1's purchase: {f}"))?;
+    let held = ended_hold(&gateway, &sku)
+        .await
+        .map_err(|f| format!("u1's hold: {f}"))?;
+    // And u2's sale, in the same batch.
+    let (u2s, _) = gateway
+        .reserve(&sku, "u2", 1, "k9")
+        .await
+        .map_err(|f| format!("u2's reserve: {f}"))?;
+    gateway
+        .confirm(&u2s.reservation_id, "pay-9")
+        .await
+        .map_err(|f| format!("u2's confirm: {f}"))?;
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
-    // The PUT, up to its first look at Redis after its commit (is the sale live?).
+    // The PUT, up to its commit and no further (its load takes the row lock first).
     let put = {
         let (gateway, sku) = (gateway.clone(), sku.clone());
         tokio::spawn(flashgate::explore::as_process(PUT, async move {
             gateway.define_sku(&sku, &definition()).await.map(drop)
         }))
     };
+    scheduler.only(Some(PUT));
     loop {
         scheduler.settle().await;
-        if scheduler.waiting_on("HMGET").is_some() {
+        if scheduler.waiting_on("mysql lock_sku_sold").is_some() {
             break;
         }
         if put.is_finished() {
-            return Err("the PUT ended before it looked at the sale".into());
+            return Err("the PUT ended before its load".into());
         }
         if !scheduler.step().await {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
     // The flush reads its batch while the PUT waits; then Redis loses the sale.
-    scheduler.stall(PUT, u64::MAX / 2);
+    scheduler.only(Some(FLUSH));
     let (mut scheduler, flush) = flush_up_to_its_write_with(env, scheduler, &sku, FLUSH).await?;
     world::lose(env, &[SkuKeys::new(&sku)]).await;
-    // The PUT goes on while the flush waits, as long as it can.
-    scheduler.stall(PUT, 0);
-    scheduler.stall(FLUSH, u64::MAX / 2);
-    while !put.is_finished() {
+    // The PUT goes on while the flush waits, as long as it can: until it is done, or
+    // its call blocks (on the flush's row lock) and nothing else of it can run.
+    scheduler.only(Some(PUT));
+    let mut idle = 0;
+    while !put.is_finished() && idle < 50 {
         scheduler.settle().await;
         if put.is_finished() {
             break;
         }
+        if scheduler.step().await {
+            idle = 0;
+        } else {
+            idle += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if put.is_finished() && !flush.is_finished() {
+        k1_replays_early(&gateway, &sku, &held).await?;
+    }
+    scheduler.only(None);
+    flush_to_its_end(&mut scheduler, flush)
+        .await
+        .map_err(|f| format!("the flush: {f}"))?;
+    while !put.is_finished() {
+        scheduler.settle().await;
         if !scheduler.step().await {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
-    if !flush.is_finished() {
-        k1_replays_early(&gateway, &sku, &held).await?;
+    put.await
+        .map_err(|e| e.to_string())?
+        .map_err(|f| format!("the PUT: {f}"))?;
+    // The rebuilt sale counts both sales MySQL records, u2's included (the flush
+    // committed it after the PUT's upsert read MySQL's `sold`).
+    let view = gateway
+        .sku(&sku)
+        .await
+        .map_err(|f| format!("the sale after the PUT: {f}"))?;
+    if (view.sold, view.held, view.available) != (2, 0, 3) {
+        return Err(format!(
+            "the rebuilt sale has sold {}, held {}, available {}, where MySQL records 2 of 5 sold",
+            view.sold, view.held, view.available
+        ));
     }
-    scheduler.stall(FLUSH, 0);
-    flush_to_its_end(scheduler, flush).await?;
-    put.await.map_err(|e| e.to_string())?.map_err(e)?;
     k1_replays(&gateway, &sku, &held).await?;
     u1s_limit_counts_its_unit(&gateway, &sku).await
 }
@@ -305,7 +355,7 @@ async fn an_admin_puts_rebuild_waits_for_a_flush_that_read_before_the_loss(
 /// A flush reads a batch with the end of a hold; Redis goes back to before the hold (a
 /// failover to a replica that had not had it): the sale is there, without the hold,
 /// its key or the batch. The flush writes the batch and, finding it no longer pending,
-/// gives the key's claim back to the sale first (`Worker::may_write`): from then on
+/// gives the key's claim back to the sale with its writes (`Worker::apply`): from then on
 /// the key replays the hold MySQL records, as after a rebuild.
 async fn a_flush_batch_a_rollback_lost_gives_its_keys_back(
     env: &Env,
@@ -315,8 +365,47 @@ async fn a_flush_batch_a_rollback_lost_gives_its_keys_back(
     let keys = [SkuKeys::new(&sku)];
     let before = Snapshot::take(env, &keys).await;
     let held = ended_hold(&gateway, &sku).await?;
-    let (scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
+    let (mut scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
     before.restore(env, &keys, &[0]).await;
-    flush_to_its_end(scheduler, flush).await?;
+    flush_to_its_end(&mut scheduler, flush).await?;
     k1_replays(&gateway, &sku, &held).await
+}
+
+/// As above, but the batch also has a sale MySQL has no room for (a Redis rollback
+/// resold a unit), so the flush writes nothing at first and reads its batch again
+/// under the admin lock, where the lost batch is gone: nothing of it is written, and
+/// no key of it may be given back (an outside review's finding: the key then pointed
+/// at a reservation in neither Redis nor MySQL, and its reserves failed).
+async fn a_lost_batch_the_flush_does_not_write_gives_no_keys_back(
+    env: &Env,
+    turnstile: &Turnstile,
+) -> Result<(), Failure> {
+    let (sku, gateway) = fresh_sku(env, "explore-directed-flush-lost-unwritten").await?;
+    let keys = [SkuKeys::new(&sku)];
+    let before = Snapshot::take(env, &keys).await;
+    let held = ended_hold(&gateway, &sku).await?;
+    let (u2s, _) = gateway.reserve(&sku, "u2", 1, "k9").await.map_err(e)?;
+    gateway
+        .confirm(&u2s.reservation_id, "pay-9")
+        .await
+        .map_err(e)?;
+    // MySQL full: every unit sold already.
+    sqlx::query("UPDATE skus SET sold = stock_total WHERE sku = ?")
+        .bind(sku.as_str())
+        .execute(&env.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut scheduler, flush) = flush_up_to_its_write(env, turnstile, &sku).await?;
+    before.restore(env, &keys, &[0]).await;
+    flush_entries_written(&mut scheduler, flush).await?;
+    match gateway.reserve(&sku, "u1", 1, "k1").await {
+        Ok((again, _)) if again.reservation_id == held.reservation_id => Err(format!(
+            "key k1 replays {}, which MySQL does not record",
+            held.reservation_id
+        )),
+        Ok(_) => Ok(()),
+        Err(failed) => Err(format!(
+            "key k1, whose batch Redis lost before it was written, answers {failed}"
+        )),
+    }
 }

@@ -83,6 +83,8 @@ pub struct Scheduler {
     pub last_granted_ms: i64,
     /// The step count at the last `first_look`.
     looked_at: Option<u64>,
+    /// Set by a directed schedule: only this process's calls are granted.
+    only: Option<u32>,
     /// Processes let through to the SKU's admin lock (`db::SkuLock`, MySQL GET_LOCK)
     /// and not yet to its release: another process's acquire would wait in MySQL.
     lock_holders: Vec<u32>,
@@ -108,7 +110,14 @@ impl Scheduler {
             last_granted_ms: 0,
             looked_at: None,
             lock_holders: Vec::new(),
+            only: None,
         }
+    }
+
+    /// Grants only `process`'s calls from now on (None: every process's again): a
+    /// directed schedule holding the others where they wait.
+    pub fn only(&mut self, process: Option<u32>) {
+        self.only = process;
     }
 
     /// True the first time it is asked after each step (and before the first): what a
@@ -187,7 +196,8 @@ impl Scheduler {
             let mut runnable: Vec<usize> = (0..queue.waiting.len())
                 .filter(|&i| {
                     let p = queue.waiting[i].step.process;
-                    !self.dead.contains(&p)
+                    self.only.is_none_or(|only| only == p)
+                        && !self.dead.contains(&p)
                         && self
                             .stalled
                             .get(&p)
@@ -219,6 +229,9 @@ impl Scheduler {
             }
         };
         let Some(chosen) = chosen else {
+            if self.only.is_some() {
+                return false;
+            }
             // Only stalled processes wait: time passes for them.
             if let Some((&p, _)) = self.stalled.iter().min_by_key(|(_, &until)| until) {
                 self.stalled.remove(&p);
