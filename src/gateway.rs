@@ -904,7 +904,8 @@ impl Gateway {
     /// transit, read while no transfer ran), so a change that stopped half-way is
     /// completed by the same PUT again; more goes to bucket 0 (transfers carry it on),
     /// less is taken from the buckets with the most available. Buckets Redis lost are
-    /// rebuilt first, together (reconcile::rebuild_lost_buckets).
+    /// rebuilt first, together (reconcile::rebuild_lost_buckets), also those of a sale
+    /// that ended (the PUT may reopen it: a bucket without state gets no change).
     async fn define_buckets_locked(
         &self,
         conn: &mut sqlx::MySqlConnection,
@@ -914,7 +915,7 @@ impl Gateway {
     ) -> Result<Sku> {
         let k = definition.buckets;
         if previous.is_some() {
-            crate::reconcile::rebuild_lost_buckets(&self.store, &mut *conn, sku, k).await?;
+            crate::reconcile::rebuild_lost_buckets(&self.store, &mut *conn, sku, k, true).await?;
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let sales = buckets::sales(sku, k);

@@ -993,7 +993,7 @@ async fn repair_split_sku(
     sku: &SkuId,
     buckets: u32,
 ) -> Result<Vec<Finding>> {
-    let mut findings = rebuild_lost_buckets(store, conn, sku, buckets).await?;
+    let mut findings = rebuild_lost_buckets(store, conn, sku, buckets, false).await?;
     for sale in crate::buckets::sales(sku, buckets) {
         let scope = Scope::bucket(&sale, buckets);
         findings.extend(reconcile_sale(store, pool, &scope, true).await?);
@@ -1229,11 +1229,15 @@ async fn check_sku(
 /// among them: Σ stock_total over the buckets + in transit never exceeds the SKU's
 /// stock, also while the rebuild runs (a lost bucket's sold units are counted before
 /// any bucket is loaded). Units in transit to a lost bucket stay in transit.
+///
+/// A sale that ended is rebuilt only `for_a_put`: the reconciler has nothing to sell
+/// under it, but an admin PUT reopening it plans its change on every bucket's stock.
 pub(crate) async fn rebuild_lost_buckets(
     store: &Store,
     conn: &mut MySqlConnection,
     sku: &SkuId,
     buckets: u32,
+    for_a_put: bool,
 ) -> Result<Vec<Finding>> {
     let sales = crate::buckets::sales(sku, buckets);
     let (stock, _) = store.split_stock(&sales).await?;
@@ -1244,7 +1248,7 @@ pub(crate) async fn rebuild_lost_buckets(
     let Some(record) = db::lock_sku_record(&mut tx, sku).await? else {
         return Ok(Vec::new());
     };
-    if sale_over(&record) {
+    if sale_over(&record) && !for_a_put {
         return Ok(Vec::new());
     }
     let crate::store::SplitStock {

@@ -113,6 +113,36 @@ async fn a_key_replays_its_reservation_after_a_split_sku_lost_every_bucket() {
     .await;
 }
 
+/// A split SKU whose sale ended, then lost by Redis, is not rebuilt by the reconciler
+/// (nothing of an ended sale is sold); an operator's PUT reopens it, and its buyers'
+/// keys and limits come from MySQL's record into every bucket.
+#[tokio::test]
+async fn a_key_replays_its_reservation_after_an_ended_split_sku_lost_every_bucket_and_a_put_reopened_it(
+) {
+    let app = spawn_app().await;
+    let sku = unique_sku("key-split-reopen");
+    let ends_in = std::time::Duration::from_millis(800);
+    let ends_at = (chrono::Utc::now() + chrono::Duration::milliseconds(800))
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let start = tokio::time::Instant::now();
+    app.create_sku(
+        &sku,
+        json!({"stock": 8, "per_user_limit": 2, "buckets": 2, "ends_at": ends_at}),
+    )
+    .await;
+    keys_replay_after_a_rebuild(&app, &sku, async || {
+        tokio::time::sleep_until(start + ends_in).await;
+        let id = TestApp::sku_id(&sku);
+        for sale in flashgate::buckets::sales(&id, 2) {
+            app.lose_sale(sale.as_str()).await;
+        }
+        app.create_sku(&sku, json!({"stock": 8, "per_user_limit": 2, "buckets": 2}))
+            .await;
+    })
+    .await;
+}
+
 /// The id key is set (or rotated) on a running deployment: a hold issued under the key
 /// before, that Redis then lost, is still one flashgate issued: its payment answers 409
 /// with one compensation, never 404. An id no configured key issued is still 404.

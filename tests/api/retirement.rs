@@ -251,6 +251,43 @@ async fn a_retired_sale_put_back_while_its_tombstone_lives_keeps_its_counts() {
     assert!(indexed(&app, &sku).await);
 }
 
+/// A sale Redis lost and a PUT rebuilt keeps its keys' lifetime (`claims_until`, put
+/// back after the load): once it ends and retires, the buyers' usage records stay and
+/// a key replays its reservation instead of answering `ended`.
+#[tokio::test]
+async fn a_rebuilt_sale_retires_with_its_keys_still_replaying() {
+    let app = spawn_app().await;
+    let sku = unique_sku("retire-rebuilt");
+    let start = tokio::time::Instant::now();
+    let definition =
+        json!({"stock": 3, "per_user_limit": 1, "hold_seconds": 60, "ends_at": rfc3339_in(800)});
+    app.create_sku(&sku, definition.clone()).await;
+    let sold = app.hold(&sku, "gus").await;
+    assert_eq!(app.confirm(&sold, "pay-gus").await.0, StatusCode::OK);
+    app.flush(&sku).await;
+    app.lose_sale(&sku).await;
+    app.create_sku(&sku, definition).await;
+    wait_until(start + Duration::from_millis(800)).await;
+    flush_until_retired(&app, &sku).await;
+    let response = app.reserve_raw(&sku, "gus", "key-gus", 1).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    let (status, replayed) = crate::common::body(response).await;
+    assert_eq!(
+        (
+            status,
+            replayed["reservation_id"].as_str(),
+            replayed["status"].as_str()
+        ),
+        (StatusCode::CREATED, Some(sold.as_str()), Some("confirmed"))
+    );
+}
+
 #[tokio::test]
 async fn many_ended_sales_leave_the_sweep_at_once() {
     let app = spawn_app().await;
@@ -383,6 +420,17 @@ async fn calls_for_invented_skus_leave_no_flush_hint() {
 /// its buyers' limits intact.
 #[tokio::test]
 async fn a_split_sku_retires_bucket_by_bucket_and_reopens_whole() {
+    retire_split_and_reopen(false).await;
+}
+
+/// As above, but the buyers' usage records expired before the tombstones (the keys'
+/// lifetime, `--idempotency-ttl`, is shorter): the PUT takes their limits from MySQL.
+#[tokio::test]
+async fn a_split_sku_reopened_after_its_usage_records_expired_counts_what_was_bought() {
+    retire_split_and_reopen(true).await;
+}
+
+async fn retire_split_and_reopen(usage_expired: bool) {
     let app = spawn_app().await;
     let sku = unique_sku("retire-split");
     let start = tokio::time::Instant::now();
@@ -430,6 +478,15 @@ async fn a_split_sku_retires_bucket_by_bucket_and_reopens_whole() {
         (status, refused["code"].as_str()),
         (StatusCode::CONFLICT, Some("ended"))
     );
+    if usage_expired {
+        for sale in &sales {
+            let _: () = redis::cmd("DEL")
+                .arg(&SkuKeys::new(sale).used)
+                .query_async(&mut app.store.connection())
+                .await
+                .unwrap();
+        }
+    }
     // Reopened: every bucket on sale again, ann's purchase still counts for her limit.
     let view = app
         .create_sku(&sku, json!({"stock": 6, "per_user_limit": 1, "buckets": 3}))

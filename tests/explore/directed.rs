@@ -32,7 +32,10 @@ pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> 
     a_lost_batch_the_flush_does_not_write_gives_no_keys_back(env, turnstile)
         .await
         .map_err(|e| format!("a lost batch the flush does not write gives no keys back: {e}"))?;
-    Ok(5)
+    a_reserve_during_a_puts_rebuild_finds_its_buyers_usage(env, turnstile)
+        .await
+        .map_err(|e| format!("a reserve during a PUT's rebuild finds its buyers' usage: {e}"))?;
+    Ok(6)
 }
 
 type Failure = String;
@@ -408,4 +411,65 @@ async fn a_lost_batch_the_flush_does_not_write_gives_no_keys_back(
             "key k1, whose batch Redis lost before it was written, answers {failed}"
         )),
     }
+}
+
+/// Redis loses a sale; an operator's PUT rebuilds it, and reserves run the moment its
+/// load is done, before anything else of the PUT. The buyers' usage must be there
+/// already (restored before the load, `Gateway::load_locked`): u1's limit counts the
+/// unit it bought and its key replays that purchase.
+async fn a_reserve_during_a_puts_rebuild_finds_its_buyers_usage(
+    env: &Env,
+    turnstile: &Turnstile,
+) -> Result<(), Failure> {
+    const PUT: u32 = 1;
+    let (sku, gateway) = fresh_sku(env, "explore-directed-put-usage").await?;
+    let (bought, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
+    gateway
+        .confirm(&bought.reservation_id, "pay-0")
+        .await
+        .map_err(e)?;
+    let worker = Worker::new(env.observer.clone(), env.pool.clone());
+    while worker.flush_sku(&sku).await.map_err(e)? > 0 {}
+    world::lose(env, &[SkuKeys::new(&sku)]).await;
+    let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
+    scheduler.only(Some(PUT));
+    let put = {
+        let (gateway, sku) = (gateway.clone(), sku.clone());
+        tokio::spawn(flashgate::explore::as_process(PUT, async move {
+            gateway.define_sku(&sku, &definition()).await.map(drop)
+        }))
+    };
+    // Up to the load's last call (the outbox's group), and no further.
+    loop {
+        scheduler.settle().await;
+        if put.is_finished() {
+            return Err("the PUT ended before its load".into());
+        }
+        if !scheduler.step().await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        } else if scheduler
+            .last_ran
+            .as_deref()
+            .is_some_and(|step| step.starts_with("XGROUP"))
+        {
+            break;
+        }
+    }
+    let (again, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
+    if again.reservation_id != bought.reservation_id {
+        return Err(format!(
+            "key k0 made {} though MySQL records its {} (invariant 3)",
+            again.reservation_id, bought.reservation_id
+        ));
+    }
+    u1s_limit_counts_its_unit(&gateway, &sku).await?;
+    scheduler.only(None);
+    while !put.is_finished() {
+        scheduler.settle().await;
+        if !scheduler.step().await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    put.await.map_err(|e| e.to_string())?.map_err(e)?;
+    Ok(())
 }
