@@ -630,11 +630,13 @@ impl Worker {
         sku: &SkuId,
     ) -> Result<Option<(sqlx::Transaction<'c, sqlx::MySql>, Batch)>> {
         let tx = db::begin_flush(conn, sku).await?;
-        let entries = self.read_group(sku, "0").await?;
+        let mut entries = self.read_group(sku, "0").await?;
         if entries.is_empty() {
             tx.rollback().await?;
             return Ok(None);
         }
+        let run = self.run_before_foreign_pending(sku, &entries).await?;
+        entries.truncate(run);
         let mut events = Vec::with_capacity(entries.len());
         for entry in &entries {
             match parse_event(entry) {
@@ -724,6 +726,55 @@ impl Worker {
             Some(_) => OutboxPosition::Behind,
             None => OutboxPosition::Lost,
         })
+    }
+
+    /// How many of this consumer's pending entries (in stream order) come before the
+    /// first entry between them pending on another consumer, under the SKU's row lock
+    /// (whose holder alone acknowledges). Entries taken over from dead consumers (say
+    /// the 1st and the 3rd) may have a live consumer's (the 2nd) between them: that
+    /// one is written first, or a resolve would be written before its compensation and
+    /// the sequence numbers would leave the outbox's order. At least one: an entry
+    /// pending elsewhere before the first is `outbox_position`'s to wait for.
+    async fn run_before_foreign_pending(
+        &self,
+        sku: &SkuId,
+        entries: &[OutboxEntry],
+    ) -> Result<usize> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(0);
+        };
+        if entries.len() == 1 {
+            return Ok(1);
+        }
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.store.connection();
+        // [[id, consumer, idle ms, deliveries], ...] in stream order: the first entry
+        // pending elsewhere is among the first len + 1.
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&keys.outbox)
+            .arg(FLUSH_GROUP)
+            .arg(&first.stream_id)
+            .arg(&last.stream_id)
+            .arg(entries.len() + 1)
+            .query_async(&mut conn)
+            .await
+            .or_else(|e| match e.code() {
+                Some("NOGROUP") => Ok(Value::Nil),
+                _ => Err(e),
+            })?;
+        let Some(foreign) = first_pending_elsewhere(&reply, &self.consumer)? else {
+            return Ok(entries.len());
+        };
+        let foreign = stream_position(&foreign);
+        let run = entries
+            .iter()
+            .take_while(|e| stream_position(&e.stream_id) < foreign)
+            .count();
+        if run < entries.len() {
+            tracing::info!(sku = %sku, written = run, waiting = entries.len() - run,
+                "flush stops before an outbox entry pending on another consumer");
+        }
+        Ok(run.max(1))
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left
@@ -1086,6 +1137,38 @@ fn first_pending(reply: &Value) -> Result<Option<String>> {
         },
         _ => Err(unexpected()),
     }
+}
+
+/// The id of the first entry of an extended XPENDING reply pending on a consumer other
+/// than `consumer`.
+fn first_pending_elsewhere(reply: &Value, consumer: &str) -> Result<Option<String>> {
+    let unexpected = || Error::Internal(format!("unexpected XPENDING reply {reply:?}"));
+    let items = match reply {
+        Value::Nil => return Ok(None),
+        Value::Array(items) => items,
+        _ => return Err(unexpected()),
+    };
+    for item in items {
+        let Value::Array(fields) = item else {
+            return Err(unexpected());
+        };
+        let (Some(id), Some(owner)) = (
+            fields.first().and_then(string_of),
+            fields.get(1).and_then(string_of),
+        ) else {
+            return Err(unexpected());
+        };
+        if owner != consumer {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// A stream entry id ("<ms>-<seq>") as a number pair, for ordering ids.
+fn stream_position(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// The idempotency keys' claims of the reservations a batch records (confirmed or

@@ -613,3 +613,95 @@ async fn a_rebuilt_bucket_announces_the_stock_it_brings_back() {
     assert_eq!(stock_types().await, ["sku.sold_out", "sku.available"]);
     assert_consecutive(&recorded_events(&app, &sku).await);
 }
+
+/// A consumer of the flush group reads every new entry of the SKU's outbox; the ids.
+async fn read_new_as(app: &TestApp, sku: &str, consumer: &str) -> Vec<String> {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(flashgate::keys::FLUSH_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(&keys.outbox)
+        .arg(">")
+        .query_async(&mut app.store.connection())
+        .await
+        .unwrap();
+    let ids: Vec<String> = reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids.into_iter().map(|e| e.id))
+        .collect();
+    assert!(!ids.is_empty(), "{consumer} read nothing");
+    ids
+}
+
+/// Entries pending on `consumer` idle for an hour: what a consumer that read them and
+/// died leaves, ready to be taken over (time made fast).
+async fn leave_idle(app: &TestApp, sku: &str, consumer: &str, ids: &[String]) {
+    let keys = flashgate::keys::SkuKeys::new(&TestApp::sku_id(sku));
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&keys.outbox)
+        .arg(flashgate::keys::FLUSH_GROUP)
+        .arg(consumer)
+        .arg(0)
+        .arg(ids)
+        .arg("IDLE")
+        .arg(3_600_000)
+        .arg("JUSTID")
+        .query_async(&mut app.store.connection())
+        .await
+        .unwrap();
+}
+
+/// Two consumers died holding the 1st and the 3rd of a SKU's outbox entries while a
+/// live one holds the 2nd, a compensation whose resolve is the 3rd. The worker taking
+/// the dead ones' entries over writes the 1st alone, the live one its compensation,
+/// and only then the resolve: written first, it would find no compensation to
+/// resolve, and the compensation would stay open in MySQL though it was resolved.
+#[tokio::test]
+async fn entries_taken_over_from_dead_consumers_wait_for_one_pending_on_a_live_consumer() {
+    let app = spawn_app().await;
+    let sku = unique_sku("takeover-order");
+    app.create_sku(&sku, json!({"stock": 5})).await;
+    app.flush(&sku).await;
+    let sale = TestApp::sku_id(&sku);
+    let held = app.hold(&sku, "ann").await;
+    assert_eq!(app.cancel(&held, SERVICE_TOKEN).await.0, StatusCode::OK);
+    let first = read_new_as(&app, &sku, "dead-1").await;
+    let (status, late) = app.confirm(&held, "pay-late").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{late}");
+    let compensation = late["compensation_id"].as_str().unwrap().to_owned();
+    read_new_as(&app, &sku, "live").await;
+    resolve(&app, &compensation).await;
+    let third = read_new_as(&app, &sku, "dead-2").await;
+    leave_idle(&app, &sku, "dead-1", &first).await;
+    leave_idle(&app, &sku, "dead-2", &third).await;
+
+    let taker = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    let mut live = flashgate::worker::Worker::new(app.store.clone(), app.db.clone());
+    live.consumer = "live".into();
+    while taker.flush_sku(&sale).await.unwrap() > 0 {}
+    while live.flush_sku(&sale).await.unwrap() > 0 {}
+    while taker.flush_sku(&sale).await.unwrap() > 0 {}
+    assert_eq!(app.store.outbox_backlog(&sale).await.unwrap(), 0);
+
+    let status: String = sqlx::query_scalar("SELECT status FROM compensations WHERE id = ?")
+        .bind(&compensation)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "resolved", "the resolve was lost");
+    let events = recorded_events(&app, &sku).await;
+    assert_consecutive(&events);
+    assert_eq!(
+        types_of(&events),
+        [
+            "reservation.cancelled",
+            "compensation.created",
+            "compensation.resolved"
+        ]
+    );
+}
