@@ -450,6 +450,44 @@ pub async fn shared_db() -> MySqlPool {
     pool
 }
 
+/// A database of its own on the shared server, migrated; its URL and a pool. For a test
+/// whose workers must be alone on their MySQL: every worker process of every test
+/// delivers the webhooks of the database it is pointed at, to any SKU's events.
+pub async fn private_db(name: &str) -> (String, MySqlPool) {
+    let shared = crate::common::database_url();
+    let (server, _) = shared.rsplit_once('/').expect("a database URL with a path");
+    let database: String = format!("fg_{name}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(64)
+        .collect();
+    let admin = flashgate::db::connect(&shared).unwrap();
+    // The name is [A-Za-z0-9_] only (above).
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+    )))
+    .execute(&admin)
+    .await
+    .expect("a private test database");
+    let url = format!("{server}/{database}");
+    let pool = flashgate::db::connect(&url).unwrap();
+    flashgate::db::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("the private test database migrates");
+    (url, pool)
+}
+
+/// Drops a database of `private_db` (its test passed; a failed one keeps it to look at).
+pub async fn drop_private_db(url: &str) {
+    let (_, database) = url.rsplit_once('/').expect("a database URL with a path");
+    let admin = flashgate::db::connect(&crate::common::database_url()).unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE `{database}`")))
+        .execute(&admin)
+        .await
+        .expect("the private test database drops");
+}
+
 // ------------------------------------------------------------- flashgate processes
 
 /// `flashgate` with a clean environment pointing at these servers.

@@ -287,13 +287,15 @@ async fn concurrent_workers_flush_one_sku_exactly_once() {
 
 /// A worker SIGKILLed while a webhook delivery is in flight: its claim holds for the
 /// lease (three request timeouts), then another worker sends the event; the receiver
-/// gets it, signed as standardwebhooks verifies.
+/// gets it, signed as standardwebhooks verifies. On a database of its own: the
+/// webhook gets every SKU's events of its database, and other tests' workers (killed
+/// at will) would deliver to it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
     use crate::common::receiver::{verify_independently, Mode, Receiver, SECRET};
     let redis = RedisServer::start(None).await;
-    let app = spawn_app_with(common::serve_args(&redis.url(), &common::database_url())).await;
-    let db = shared_db().await;
+    let (database_url, db) = private_db(&unique_sku("kill-delivery")).await;
+    let app = spawn_app_with(common::serve_args(&redis.url(), &database_url)).await;
     let receiver = Receiver::start().await;
     receiver.set(Mode::Hang);
     let name = unique_sku("kill-hook");
@@ -319,13 +321,7 @@ async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
 
     let logs = TempDir::new("delivery-kill");
     let fast = [("FLASHGATE_WEBHOOK_TIMEOUT_MS", "1000")];
-    let mut first = WorkerProc::start_with(
-        &redis.url(),
-        &common::database_url(),
-        logs.path(),
-        30_000,
-        &fast,
-    );
+    let mut first = WorkerProc::start_with(&redis.url(), &database_url, logs.path(), 30_000, &fast);
     eventually(
         Duration::from_secs(20),
         "the first worker sends the event",
@@ -349,13 +345,7 @@ async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
     assert_eq!(attempts, 1);
 
     receiver.set(Mode::Ok);
-    let _second = WorkerProc::start_with(
-        &redis.url(),
-        &common::database_url(),
-        logs.path(),
-        30_000,
-        &fast,
-    );
+    let second = WorkerProc::start_with(&redis.url(), &database_url, logs.path(), 30_000, &fast);
     eventually(Duration::from_secs(20), "another worker delivers it", || {
         let (db, name, event_id) = (db.clone(), name.clone(), event_id.clone());
         async move {
@@ -388,4 +378,6 @@ async fn worker_sigkilled_mid_delivery_leaves_it_to_another_worker() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), reqwest::StatusCode::NO_CONTENT);
+    drop((app, second));
+    drop_private_db(&database_url).await;
 }
