@@ -27,8 +27,9 @@
 -- MySQL lacks. Its keys go; meta stays as a tombstone (`retired` = when) for
 -- ARGV[2] ms, so reserves answer `ended` and the SKU view answers without MySQL; the
 -- admin PUT takes the tombstone back into a sale (load_sku.lua). The usage records stay
--- until the last claim's key lifetime ends (meta `claims_until`), so idempotency keys
--- still replay (from MySQL's record); layout-1 keys keep their own TTLs.
+-- as long as the tombstone, and until the last claim's key lifetime ends (meta
+-- `claims_until`) if later, so idempotency keys still replay (from MySQL's record) and
+-- a PUT reopening the sale finds its buyers' units; layout-1 keys keep their own TTLs.
 --
 -- Invariant: each expired hold returns its units exactly once (see release()), so any
 -- number of sweepers and the reserve script's reclaim may run at the same time.
@@ -87,12 +88,11 @@ if m[2] ~= '' and now >= tonumber(m[2]) then
     redis.call('DEL', K.uholds, deadlines, outbox, K.comps, K.churn, K.holds)
     -- The waiting room ends with the sale (queue.lua).
     redis.call('DEL', KEYS[11], KEYS[12], KEYS[13], KEYS[14])
+    -- The usage records stay with the tombstone, and longer while a claim's key
+    -- replays: an admin PUT that looked at the sale live and reopens it after this
+    -- retirement must still find its buyers' bought units.
     local claims_until = tonumber(m[6] or '0')
-    if claims_until > now then
-      redis.call('PEXPIREAT', K.used, ms(claims_until))
-    else
-      redis.call('DEL', K.used)
-    end
+    redis.call('PEXPIREAT', K.used, ms(math.max(claims_until, now + tonumber(ARGV[2]))))
     redis.call('HSET', meta, 'retired', string.format('%d', now))
     redis.call('PEXPIRE', meta, ARGV[2])
     state = 'retired'

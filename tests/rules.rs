@@ -425,7 +425,28 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
     flushed_everything(&sale).await;
     assert_eq!(sale.sweep_state_at(end, 10).await.2, "retired");
     assert_eq!(sale.sweep_state_at(end + 1, 10).await.2, "retired");
-    assert_eq!(sale.usage("u").await, None, "the usage went with it");
+    // The usage records stay as long as the tombstone (an admin PUT reopening the sale
+    // counts each buyer's units from them), then expire with it.
+    assert!(sale.usage("u").await.is_some(), "the usage stays");
+    let ttl = |key: String| {
+        let mut conn = sale.conn();
+        async move {
+            let ms: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            ms
+        }
+    };
+    let (used_ttl, tombstone_ttl) = (
+        ttl(sale.keys.used.clone()).await,
+        ttl(sale.keys.meta.clone()).await,
+    );
+    assert!(
+        tombstone_ttl > 0 && used_ttl >= tombstone_ttl,
+        "the usage expires with the tombstone or later: {used_ttl} ms, {tombstone_ttl} ms"
+    );
 
     // A live hold past the end keeps the SKU until it ends and is flushed.
     let sale = Sale::new("rule-retire-live", 1).await;

@@ -423,8 +423,9 @@ async fn a_split_sku_retires_bucket_by_bucket_and_reopens_whole() {
     retire_split_and_reopen(false).await;
 }
 
-/// As above, but the buyers' usage records expired before the tombstones (the keys'
-/// lifetime, `--idempotency-ttl`, is shorter): the PUT takes their limits from MySQL.
+/// As above, but the buyers' usage records went before the tombstones (they expire
+/// with them at the earliest, but a Redis short of memory may evict keys with a TTL
+/// first): the PUT takes their limits from MySQL.
 #[tokio::test]
 async fn a_split_sku_reopened_after_its_usage_records_expired_counts_what_was_bought() {
     retire_split_and_reopen(true).await;

@@ -35,7 +35,12 @@ pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> 
     a_reserve_during_a_puts_rebuild_finds_its_buyers_usage(env, turnstile)
         .await
         .map_err(|e| format!("a reserve during a PUT's rebuild finds its buyers' usage: {e}"))?;
-    Ok(6)
+    a_sale_retired_during_a_put_reopening_it_keeps_its_buyers_usage(env, turnstile)
+        .await
+        .map_err(|e| {
+            format!("a sale retired during a PUT reopening it keeps its buyers' usage: {e}")
+        })?;
+    Ok(7)
 }
 
 type Failure = String;
@@ -440,36 +445,135 @@ async fn a_reserve_during_a_puts_rebuild_finds_its_buyers_usage(
         }))
     };
     // Up to the load's last call (the outbox's group), and no further.
+    step_until(&mut scheduler, &put, "the outbox's group", |s| {
+        s.last_ran
+            .as_deref()
+            .is_some_and(|step| step.starts_with("XGROUP"))
+    })
+    .await?;
+    u1s_usage_is_there(&gateway, &sku, &bought).await?;
+    finish(&mut scheduler, put).await
+}
+
+/// Runs the process of `task` (the scheduler's `only`) until `reached` holds after a
+/// step; an error if the task ends first.
+async fn step_until(
+    scheduler: &mut Scheduler,
+    task: &JoinHandle<flashgate::error::Result<()>>,
+    what: &str,
+    reached: impl Fn(&Scheduler) -> bool,
+) -> Result<(), Failure> {
     loop {
         scheduler.settle().await;
-        if put.is_finished() {
-            return Err("the PUT ended before its load".into());
+        if task.is_finished() {
+            return Err(format!("the task ended before {what}"));
         }
         if !scheduler.step().await {
             tokio::time::sleep(Duration::from_millis(2)).await;
-        } else if scheduler
-            .last_ran
-            .as_deref()
-            .is_some_and(|step| step.starts_with("XGROUP"))
-        {
-            break;
+        } else if reached(scheduler) {
+            return Ok(());
         }
     }
-    let (again, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
+}
+
+/// Every process runs until `task` ends; its result.
+async fn finish(
+    scheduler: &mut Scheduler,
+    task: JoinHandle<flashgate::error::Result<()>>,
+) -> Result<(), Failure> {
+    scheduler.only(None);
+    while !task.is_finished() {
+        scheduler.settle().await;
+        if !scheduler.step().await {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    task.await.map_err(|e| e.to_string())?.map_err(e)
+}
+
+/// u1 bought `bought` with key k0: the key replays it, and u1's limit counts it.
+async fn u1s_usage_is_there(
+    gateway: &Gateway,
+    sku: &SkuId,
+    bought: &Reservation,
+) -> Result<(), Failure> {
+    let (again, _) = gateway.reserve(sku, "u1", 1, "k0").await.map_err(e)?;
     if again.reservation_id != bought.reservation_id {
         return Err(format!(
             "key k0 made {} though MySQL records its {} (invariant 3)",
             again.reservation_id, bought.reservation_id
         ));
     }
-    u1s_limit_counts_its_unit(&gateway, &sku).await?;
-    scheduler.only(None);
-    while !put.is_finished() {
+    u1s_limit_counts_its_unit(gateway, sku).await
+}
+
+/// A sale ended and nothing of it is left to flush; an operator's PUT reopens it. The
+/// sweep retires it after the PUT looked at it (live: no usage restored first) and
+/// before its load, its keys' lifetime over: the load reopens the retired sale, and a
+/// reserve right after must still find u1's usage. The retirement keeps the usage
+/// records as long as the tombstone (sweep.lua); deleted with the keys' lifetime, they
+/// were back only once the PUT restored them after its load.
+async fn a_sale_retired_during_a_put_reopening_it_keeps_its_buyers_usage(
+    env: &Env,
+    turnstile: &Turnstile,
+) -> Result<(), Failure> {
+    const PUT: u32 = 1;
+    let (sku, gateway) = fresh_sku(env, "explore-directed-put-reopen").await?;
+    let (bought, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
+    gateway
+        .confirm(&bought.reservation_id, "pay-0")
+        .await
+        .map_err(e)?;
+    let worker = Worker::new(env.observer.clone(), env.pool.clone());
+    while worker.flush_sku(&sku).await.map_err(e)? > 0 {}
+    let ended = SkuDefinition {
+        ends_at_ms: Some(flashgate::explore::host_clock_ms() - 1_000),
+        ..definition()
+    };
+    gateway.define_sku(&sku, &ended).await.map_err(e)?;
+    let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
+    scheduler.only(Some(PUT));
+    let put = {
+        let (gateway, sku) = (gateway.clone(), sku.clone());
+        tokio::spawn(flashgate::explore::as_process(PUT, async move {
+            gateway.define_sku(&sku, &definition()).await.map(drop)
+        }))
+    };
+    // Past the commit (the row locked again for the load), up to the load.
+    step_until(&mut scheduler, &put, "its load's lock", |s| {
+        s.last_ran
+            .as_deref()
+            .is_some_and(|step| step.contains("lock_sku_sold"))
+    })
+    .await?;
+    loop {
         scheduler.settle().await;
-        if !scheduler.step().await {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        if scheduler.waiting_on("FCALL load_sku").is_some() {
+            break;
         }
+        step_until(&mut scheduler, &put, "its load", |_| true).await?;
     }
-    put.await.map_err(|e| e.to_string())?.map_err(e)?;
-    Ok(())
+    let keys = SkuKeys::new(&sku);
+    let mut conn = env.observer.connection();
+    // Every key's lifetime over, as far as the retirement looks.
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.meta)
+        .arg("claims_until")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    worker.sweep_sku(sku.clone()).await.map_err(e)?;
+    if !env.observer.is_retired(&sku).await.map_err(e)? {
+        return Err("the sweep did not retire the ended sale".into());
+    }
+    // The load, and nothing more of the PUT.
+    step_until(&mut scheduler, &put, "its load", |s| {
+        s.last_ran
+            .as_deref()
+            .is_some_and(|step| step.starts_with("FCALL load_sku"))
+    })
+    .await?;
+    u1s_usage_is_there(&gateway, &sku, &bought).await?;
+    finish(&mut scheduler, put).await
 }
