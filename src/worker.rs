@@ -733,8 +733,11 @@ impl Worker {
     /// (whose holder alone acknowledges). Entries taken over from dead consumers (say
     /// the 1st and the 3rd) may have a live consumer's (the 2nd) between them: that
     /// one is written first, or a resolve would be written before its compensation and
-    /// the sequence numbers would leave the outbox's order. At least one: an entry
-    /// pending elsewhere before the first is `outbox_position`'s to wait for.
+    /// the sequence numbers would leave the outbox's order. At least one: the first is
+    /// "elsewhere" only once claimed away or lost since the read, and writing it is
+    /// idempotent (`outbox_position` decides). Entries cut off here that a Redis
+    /// rollback took since the locked read are lost as if before it. One more round
+    /// trip per batch of more than one entry, under the row lock.
     async fn run_before_foreign_pending(
         &self,
         sku: &SkuId,
