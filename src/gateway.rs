@@ -905,7 +905,7 @@ impl Gateway {
     /// completed by the same PUT again; more goes to bucket 0 (transfers carry it on),
     /// less is taken from the buckets with the most available. Buckets Redis lost are
     /// rebuilt first, together (reconcile::rebuild_lost_buckets), also those of a sale
-    /// that ended (the PUT may reopen it: a bucket without state gets no change).
+    /// that ended (the PUT may reopen it, and plans its change on every bucket's stock).
     async fn define_buckets_locked(
         &self,
         conn: &mut sqlx::MySqlConnection,

@@ -1313,6 +1313,33 @@ mod tests {
     }
 
     #[test]
+    fn the_first_entry_pending_elsewhere_is_found_in_stream_order() {
+        let entry = |id: &str, consumer: &str| {
+            Value::Array(vec![bulk(id), bulk(consumer), Value::Int(5), Value::Int(1)])
+        };
+        let range = Value::Array(vec![
+            entry("9-0", "me"),
+            entry("10-0", "other"),
+            entry("11-0", "me"),
+        ]);
+        assert_eq!(
+            first_pending_elsewhere(&range, "me").unwrap().as_deref(),
+            Some("10-0")
+        );
+        assert_eq!(
+            first_pending_elsewhere(&range, "other").unwrap().as_deref(),
+            Some("9-0")
+        );
+        let mine = Value::Array(vec![entry("9-0", "me")]);
+        assert_eq!(first_pending_elsewhere(&mine, "me").unwrap(), None);
+        assert_eq!(first_pending_elsewhere(&Value::Nil, "me").unwrap(), None);
+        assert!(first_pending_elsewhere(&Value::Int(0), "me").is_err());
+        // Ids order by milliseconds, then sequence, as numbers (not as text).
+        assert!(stream_position("9-5") < stream_position("10-0"));
+        assert!(stream_position("10-2") < stream_position("10-10"));
+    }
+
+    #[test]
     fn stream_entries_parse_including_deleted_ones() {
         let value = Value::Array(vec![
             Value::Array(vec![
