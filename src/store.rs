@@ -2040,10 +2040,10 @@ fn parse_compensation(sku: &SkuId, id: &str, raw: &str) -> Result<Compensation> 
 
 /// A stream entry id `<ms>-<seq>`, ordered numerically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct StreamPosition(u64, u64);
+pub(crate) struct StreamPosition(u64, u64);
 
 impl StreamPosition {
-    fn parse(raw: &str) -> StreamPosition {
+    pub(crate) fn parse(raw: &str) -> StreamPosition {
         let (ms, seq) = raw.split_once('-').unwrap_or((raw, "0"));
         StreamPosition(ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
     }

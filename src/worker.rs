@@ -41,7 +41,7 @@ use crate::keys::{SkuKeys, FLUSH_GROUP};
 use crate::limits;
 use crate::reconcile;
 use crate::reservation::{Compensation, CompensationReason, Reservation, Resolution, Status};
-use crate::store::{OutboxEntry, SaleState, Store, Swept};
+use crate::store::{OutboxEntry, SaleState, Store, StreamPosition, Swept};
 use crate::telemetry;
 use std::sync::{Arc, Mutex};
 
@@ -768,10 +768,10 @@ impl Worker {
         let Some(foreign) = first_pending_elsewhere(&reply, &self.consumer)? else {
             return Ok(entries.len());
         };
-        let foreign = stream_position(&foreign);
+        let foreign = StreamPosition::parse(&foreign);
         let run = entries
             .iter()
-            .take_while(|e| stream_position(&e.stream_id) < foreign)
+            .take_while(|e| StreamPosition::parse(&e.stream_id) < foreign)
             .count();
         if run < entries.len() {
             tracing::info!(sku = %sku, written = run, waiting = entries.len() - run,
@@ -1168,12 +1168,6 @@ fn first_pending_elsewhere(reply: &Value, consumer: &str) -> Result<Option<Strin
     Ok(None)
 }
 
-/// A stream entry id ("<ms>-<seq>") as a number pair, for ordering ids.
-fn stream_position(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
 /// The idempotency keys' claims of the reservations a batch records (confirmed or
 /// ended), as a rebuild restores them.
 fn claims_of(events: &[OutboxEvent]) -> Vec<db::EndedClaim> {
@@ -1335,8 +1329,8 @@ mod tests {
         assert_eq!(first_pending_elsewhere(&Value::Nil, "me").unwrap(), None);
         assert!(first_pending_elsewhere(&Value::Int(0), "me").is_err());
         // Ids order by milliseconds, then sequence, as numbers (not as text).
-        assert!(stream_position("9-5") < stream_position("10-0"));
-        assert!(stream_position("10-2") < stream_position("10-10"));
+        assert!(StreamPosition::parse("9-5") < StreamPosition::parse("10-0"));
+        assert!(StreamPosition::parse("10-2") < StreamPosition::parse("10-10"));
     }
 
     #[test]
