@@ -706,26 +706,39 @@ impl Worker {
     /// entries are always read first, so they are never before a batch it reads),
     /// behind an entry still pending, or pending no more (Redis lost it).
     async fn outbox_position(&self, sku: &SkuId, first: &str) -> Result<OutboxPosition> {
-        let keys = SkuKeys::new(sku);
-        let mut conn = self.store.connection();
         // The oldest entry pending up to `first` (inclusive).
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(&keys.outbox)
-            .arg(FLUSH_GROUP)
-            .arg("-")
-            .arg(first)
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .or_else(|e| match e.code() {
-                Some("NOGROUP") => Ok(Value::Nil),
-                _ => Err(e),
-            })?;
+        let reply = self.pending_range(sku, "-", first, 1).await?;
         Ok(match first_pending(&reply)? {
             Some(oldest) if oldest == first => OutboxPosition::First,
             Some(_) => OutboxPosition::Behind,
             None => OutboxPosition::Lost,
         })
+    }
+
+    /// The flush group's pending entries from `start` to `end` (inclusive; `-` from the
+    /// first), at most `count`, oldest first: `[[id, consumer, idle ms, deliveries],
+    /// ...]`; Nil when the stream or its group is gone.
+    async fn pending_range(
+        &self,
+        sku: &SkuId,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Value> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.store.connection();
+        Ok(redis::cmd("XPENDING")
+            .arg(&keys.outbox)
+            .arg(FLUSH_GROUP)
+            .arg(start)
+            .arg(end)
+            .arg(count)
+            .query_async(&mut conn)
+            .await
+            .or_else(|e| match e.code() {
+                Some("NOGROUP") => Ok(Value::Nil),
+                _ => Err(e),
+            })?)
     }
 
     /// How many of this consumer's pending entries (in stream order) come before the
@@ -749,22 +762,10 @@ impl Worker {
         if entries.len() == 1 {
             return Ok(1);
         }
-        let keys = SkuKeys::new(sku);
-        let mut conn = self.store.connection();
-        // [[id, consumer, idle ms, deliveries], ...] in stream order: the first entry
-        // pending elsewhere is among the first len + 1.
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(&keys.outbox)
-            .arg(FLUSH_GROUP)
-            .arg(&first.stream_id)
-            .arg(&last.stream_id)
-            .arg(entries.len() + 1)
-            .query_async(&mut conn)
-            .await
-            .or_else(|e| match e.code() {
-                Some("NOGROUP") => Ok(Value::Nil),
-                _ => Err(e),
-            })?;
+        // The first entry pending elsewhere is among the first len + 1.
+        let reply = self
+            .pending_range(sku, &first.stream_id, &last.stream_id, entries.len() + 1)
+            .await?;
         let Some(foreign) = first_pending_elsewhere(&reply, &self.consumer)? else {
             return Ok(entries.len());
         };

@@ -85,7 +85,11 @@ enum Rebuilder {
 }
 
 /// u1 buys a unit with key k0, and MySQL records the sale.
-async fn bought_and_flushed(env: &Env, gateway: &Gateway, sku: &SkuId) -> Result<(), Failure> {
+async fn bought_and_flushed(
+    env: &Env,
+    gateway: &Gateway,
+    sku: &SkuId,
+) -> Result<Reservation, Failure> {
     let (bought, _) = gateway.reserve(sku, "u1", 1, "k0").await.map_err(e)?;
     gateway
         .confirm(&bought.reservation_id, "pay-0")
@@ -93,7 +97,19 @@ async fn bought_and_flushed(env: &Env, gateway: &Gateway, sku: &SkuId) -> Result
         .map_err(e)?;
     let worker = Worker::new(env.observer.clone(), env.pool.clone());
     while worker.flush_sku(sku).await.map_err(e)? > 0 {}
-    Ok(())
+    Ok(bought)
+}
+
+/// An operator's PUT of `definition()`, as `process`.
+fn put_as(
+    process: u32,
+    gateway: &Gateway,
+    sku: &SkuId,
+) -> JoinHandle<flashgate::error::Result<()>> {
+    let (gateway, sku) = (gateway.clone(), sku.clone());
+    tokio::spawn(flashgate::explore::as_process(process, async move {
+        gateway.define_sku(&sku, &definition()).await.map(drop)
+    }))
 }
 
 /// u1 (who bought 1 of a limit of 2) may hold one more unit, and no other.
@@ -289,12 +305,7 @@ async fn an_admin_puts_rebuild_waits_for_a_flush_that_read_before_the_loss(
         .map_err(|f| format!("u2's confirm: {f}"))?;
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
     // The PUT, up to its commit and no further (its load takes the row lock first).
-    let put = {
-        let (gateway, sku) = (gateway.clone(), sku.clone());
-        tokio::spawn(flashgate::explore::as_process(PUT, async move {
-            gateway.define_sku(&sku, &definition()).await.map(drop)
-        }))
-    };
+    let put = put_as(PUT, &gateway, &sku);
     scheduler.only(Some(PUT));
     loop {
         scheduler.settle().await;
@@ -428,22 +439,11 @@ async fn a_reserve_during_a_puts_rebuild_finds_its_buyers_usage(
 ) -> Result<(), Failure> {
     const PUT: u32 = 1;
     let (sku, gateway) = fresh_sku(env, "explore-directed-put-usage").await?;
-    let (bought, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
-    gateway
-        .confirm(&bought.reservation_id, "pay-0")
-        .await
-        .map_err(e)?;
-    let worker = Worker::new(env.observer.clone(), env.pool.clone());
-    while worker.flush_sku(&sku).await.map_err(e)? > 0 {}
+    let bought = bought_and_flushed(env, &gateway, &sku).await?;
     world::lose(env, &[SkuKeys::new(&sku)]).await;
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
     scheduler.only(Some(PUT));
-    let put = {
-        let (gateway, sku) = (gateway.clone(), sku.clone());
-        tokio::spawn(flashgate::explore::as_process(PUT, async move {
-            gateway.define_sku(&sku, &definition()).await.map(drop)
-        }))
-    };
+    let put = put_as(PUT, &gateway, &sku);
     // Up to the load's last call (the outbox's group), and no further.
     step_until(&mut scheduler, &put, "the outbox's group", |s| {
         s.last_ran
@@ -519,13 +519,8 @@ async fn a_sale_retired_during_a_put_reopening_it_keeps_its_buyers_usage(
 ) -> Result<(), Failure> {
     const PUT: u32 = 1;
     let (sku, gateway) = fresh_sku(env, "explore-directed-put-reopen").await?;
-    let (bought, _) = gateway.reserve(&sku, "u1", 1, "k0").await.map_err(e)?;
-    gateway
-        .confirm(&bought.reservation_id, "pay-0")
-        .await
-        .map_err(e)?;
+    let bought = bought_and_flushed(env, &gateway, &sku).await?;
     let worker = Worker::new(env.observer.clone(), env.pool.clone());
-    while worker.flush_sku(&sku).await.map_err(e)? > 0 {}
     let ended = SkuDefinition {
         ends_at_ms: Some(flashgate::explore::host_clock_ms() - 1_000),
         ..definition()
@@ -533,12 +528,7 @@ async fn a_sale_retired_during_a_put_reopening_it_keeps_its_buyers_usage(
     gateway.define_sku(&sku, &ended).await.map_err(e)?;
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
     scheduler.only(Some(PUT));
-    let put = {
-        let (gateway, sku) = (gateway.clone(), sku.clone());
-        tokio::spawn(flashgate::explore::as_process(PUT, async move {
-            gateway.define_sku(&sku, &definition()).await.map(drop)
-        }))
-    };
+    let put = put_as(PUT, &gateway, &sku);
     // Past the commit (the row locked again for the load), up to the load.
     step_until(&mut scheduler, &put, "its load's lock", |s| {
         s.last_ran
