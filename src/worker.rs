@@ -762,23 +762,20 @@ impl Worker {
         if entries.len() == 1 {
             return Ok(1);
         }
-        // The first entry pending elsewhere is among the first len + 1.
+        // One pending elsewhere lies before `last` (this consumer's): among the first
+        // len entries of the range.
         let reply = self
-            .pending_range(sku, &first.stream_id, &last.stream_id, entries.len() + 1)
+            .pending_range(sku, &first.stream_id, &last.stream_id, entries.len())
             .await?;
         let Some(foreign) = first_pending_elsewhere(&reply, &self.consumer)? else {
             return Ok(entries.len());
         };
-        let foreign = StreamPosition::parse(&foreign);
-        let run = entries
-            .iter()
-            .take_while(|e| StreamPosition::parse(&e.stream_id) < foreign)
-            .count();
+        let run = run_before(entries, &foreign);
         if run < entries.len() {
             tracing::info!(sku = %sku, written = run, waiting = entries.len() - run,
                 "flush stops before an outbox entry pending on another consumer");
         }
-        Ok(run.max(1))
+        Ok(run)
     }
 
     /// This consumer's unacknowledged entries first, then entries a dead consumer left
@@ -1143,6 +1140,17 @@ fn first_pending(reply: &Value) -> Result<Option<String>> {
     }
 }
 
+/// How many of `entries` (in stream order) come before the entry `foreign`; at least
+/// one (see `Worker::run_before_foreign_pending`).
+fn run_before(entries: &[OutboxEntry], foreign: &str) -> usize {
+    let foreign = StreamPosition::parse(foreign);
+    let run = entries
+        .iter()
+        .take_while(|e| StreamPosition::parse(&e.stream_id) < foreign)
+        .count();
+    run.max(1)
+}
+
 /// The id of the first entry of an extended XPENDING reply pending on a consumer other
 /// than `consumer`.
 fn first_pending_elsewhere(reply: &Value, consumer: &str) -> Result<Option<String>> {
@@ -1332,6 +1340,22 @@ mod tests {
         // Ids order by milliseconds, then sequence, as numbers (not as text).
         assert!(StreamPosition::parse("9-5") < StreamPosition::parse("10-0"));
         assert!(StreamPosition::parse("10-2") < StreamPosition::parse("10-10"));
+    }
+
+    #[test]
+    fn a_batch_is_cut_before_the_entry_pending_elsewhere() {
+        let entries: Vec<OutboxEntry> = ["9-5", "10-2", "10-11", "12-0"]
+            .iter()
+            .map(|id| OutboxEntry {
+                stream_id: id.to_string(),
+                fields: Default::default(),
+            })
+            .collect();
+        assert_eq!(run_before(&entries, "10-10"), 2);
+        assert_eq!(run_before(&entries, "11-0"), 3);
+        assert_eq!(run_before(&entries, "13-0"), 4);
+        // The first itself elsewhere since the read: it is written all the same.
+        assert_eq!(run_before(&entries, "9-0"), 1);
     }
 
     #[test]
