@@ -57,7 +57,12 @@ const SEED_TIME_MAX: Duration = Duration::from_secs(90);
 pub struct Env {
     pub(crate) redis_url: String,
     pub(crate) observer: Store,
+    /// The processes' MySQL pool (gateways, workers, reconcilers, as one deployment's).
     pub(crate) pool: MySqlPool,
+    /// The explorer's own reads of MySQL, for the invariants: a pool apart, so that
+    /// processes holding every connection of theirs (blocked on a lock a stalled
+    /// process holds) do not stop the checks.
+    pub(crate) checks: MySqlPool,
 }
 
 impl Env {
@@ -67,10 +72,12 @@ impl Env {
         let database_url = std::env::var("FLASHGATE_DATABASE_URL").expect("FLASHGATE_DATABASE_URL");
         let observer = Store::new(connect_redis(&redis_url).await);
         let pool = flashgate::db::connect(&database_url).expect("mysql");
+        let checks = flashgate::db::connect(&database_url).expect("mysql");
         Env {
             redis_url,
             observer,
             pool,
+            checks,
         }
     }
 }
@@ -912,7 +919,7 @@ pub(crate) struct Span {
 
 pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
     let put_in_flight = *world.put_in_flight.lock().unwrap();
-    let stock = mysql_stock(&env.pool, &world.sku)
+    let stock = mysql_stock(&env.checks, &world.sku)
         .await?
         .max(put_in_flight.unwrap_or(0));
     // After a rollback the buckets may hold more than the stock until the repair
@@ -960,7 +967,7 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     // A lost bucket's sales are committed still (MySQL has them).
-    let sold_per_bucket = mysql_sold_per_bucket(&env.pool, &world.sku, &sales).await?;
+    let sold_per_bucket = mysql_sold_per_bucket(&env.checks, &world.sku, &sales).await?;
     let committed_missing: u64 = missing.iter().map(|&b| sold_per_bucket[b]).sum();
     let allocated = present_total + in_transit + committed_missing;
     if allocated > stock && !rolled_back {
@@ -993,7 +1000,7 @@ pub(crate) async fn check(env: &Env, world: &World) -> Result<(), String> {
              WHERE sku = ? AND reason = 'cancelled' AND found_by = 'flush'",
         )
         .bind(world.sku.as_str())
-        .fetch_one(&env.pool)
+        .fetch_one(&env.checks)
         .await
         .map_err(|e| e.to_string())?;
         if refused > 0 {
@@ -1094,7 +1101,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     }
     check(env, world).await?;
     check_events(env, world).await?;
-    let stock = mysql_stock(&env.pool, &world.sku).await?;
+    let stock = mysql_stock(&env.checks, &world.sku).await?;
     let sales: Vec<SkuId> = world
         .keys
         .iter()
@@ -1132,7 +1139,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
             counted.2 += sold.unwrap_or(0);
         }
         let (available, held, redis_sold) = counted;
-        let mysql_sold_per_bucket = mysql_sold_per_bucket(&env.pool, &world.sku, &sales).await?;
+        let mysql_sold_per_bucket = mysql_sold_per_bucket(&env.checks, &world.sku, &sales).await?;
         let mysql_sold: u64 = mysql_sold_per_bucket.iter().sum();
         // Per bucket: one bucket ahead does not cancel another behind.
         let sold_ahead: u64 = per_bucket
@@ -1159,7 +1166,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     )
     .bind(world.sku.as_str())
     .bind(flashgate::db::NO_REFUND_DUE)
-    .fetch_all(&env.pool)
+    .fetch_all(&env.checks)
     .await
     .map_err(|e| e.to_string())?;
     if let Some((rid, payment_ref)) = both.first() {
@@ -1188,7 +1195,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     )
     .bind(world.sku.as_str())
     .bind(world.sku.as_str())
-    .fetch_all(&env.pool)
+    .fetch_all(&env.checks)
     .await
     .map_err(|e| e.to_string())?
     .into_iter()
@@ -1203,7 +1210,7 @@ pub(crate) async fn settle_and_check_money(env: &Env, world: &World) -> Result<(
     let compensations: HashSet<String> =
         sqlx::query_scalar::<_, String>("SELECT id FROM compensations WHERE sku = ?")
             .bind(world.sku.as_str())
-            .fetch_all(&env.pool)
+            .fetch_all(&env.checks)
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -1227,7 +1234,7 @@ async fn check_events(env: &Env, world: &World) -> Result<(), String> {
     let rows: Vec<(u64, String)> =
         sqlx::query_as("SELECT sequence, type FROM events WHERE sku = ? ORDER BY sequence")
             .bind(sku)
-            .fetch_all(&env.pool)
+            .fetch_all(&env.checks)
             .await
             .map_err(|e| e.to_string())?;
     for (i, (sequence, kind)) in rows.iter().enumerate() {
@@ -1245,7 +1252,7 @@ async fn check_events(env: &Env, world: &World) -> Result<(), String> {
     )
     .bind(sku)
     .bind(sku)
-    .fetch_one(&env.pool)
+    .fetch_one(&env.checks)
     .await
     .map_err(|e| e.to_string())?;
     if count("reservation.confirmed") != sales {
