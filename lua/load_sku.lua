@@ -105,7 +105,7 @@ if ARGV[8] ~= '1' then
     redis.call('HDEL', meta, 'retired')
     redis.call('PERSIST', meta)
   end
-  -- Usage records a retirement kept for their claims are the sale's again.
+  -- Usage records a retirement kept are the sale's again.
   redis.call('PERSIST', K.used)
   -- More or less stock may cross zero: sku.sold_out / sku.available (lib.lua).
   announce_stock(K, now_ms())

@@ -61,7 +61,9 @@ if over > 0 then
   redis.call('ZREM', KEYS[3], unpack(redis.call('ZRANGE', KEYS[3], -over, -1)))
 end
 -- MySQL's terms win, also over a retirement Redis made under older ones (the caller
--- puts the SKU back in the index).
+-- puts the SKU back in the index): the tombstone and the usage records it kept are the
+-- sale's again, with no expiry (else the buyers' units and claims would go mid-sale).
 redis.call('HDEL', meta, 'retired')
 redis.call('PERSIST', meta)
+redis.call('PERSIST', used)
 return { code, stock_total, available, held, sold }

@@ -20,6 +20,14 @@
 -- reservation from MySQL's record ('forgotten') and never counts as a live hold.
 local K = sale_keys()
 local now = now_ms()
+-- Usage records a retirement left to expire (sweep.lua) live a minute more: the load
+-- that follows takes them back (load_sku.lua); expiring between this call, which finds
+-- them and writes nothing, and that load, they would leave the reopened sale without
+-- its buyers' units.
+local ttl = redis.call('PTTL', K.used)
+if ttl >= 0 and ttl < 60000 then
+  redis.call('PEXPIRE', K.used, 60000)
+end
 local n = tonumber(ARGV[1])
 for i = 0, n - 1 do
   local user, units = ARGV[2 + 2 * i], ARGV[3 + 2 * i]

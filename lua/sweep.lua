@@ -18,7 +18,8 @@
 --         held, sold (false when not on sale)}
 --   state: 'open'    the sale can still take holds
 --          'ended'   ends_at passed; holds, unflushed events or compensations remain
---          'retired' retired (now or earlier): only the tombstone meta is left
+--          'retired' retired (now or earlier): only the tombstone meta and the usage
+--                    records are left
 --          'missing' no state at all
 --
 -- Retirement: once ends_at has passed no script creates a hold (the Redis clock decides

@@ -1068,7 +1068,8 @@ async fn reconcile_sale(
     scope: &Scope,
     repair: bool,
 ) -> Result<Vec<Finding>> {
-    // Retired: the sweep found nothing in Redis MySQL lacks, and dropped the rest.
+    // Retired: the sweep found nothing in Redis MySQL lacks, and dropped the rest but
+    // the tombstone and the usage records.
     if store.is_retired(&scope.sale).await? {
         return Ok(Vec::new());
     }

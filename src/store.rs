@@ -1055,7 +1055,7 @@ impl Store {
         Ok(matches!(state, (Some(_), None)))
     }
 
-    /// Whether only the tombstone of a retired sale is left.
+    /// Whether the sale is retired: only its tombstone and its usage records are left.
     pub async fn is_retired(&self, sku: &SkuId) -> Result<bool> {
         let mut conn = self.conn.clone();
         Ok(conn.hexists(SkuKeys::new(sku).meta, "retired").await?)

@@ -447,6 +447,49 @@ async fn a_sale_retires_from_its_end_millisecond_once_it_has_no_hold_and_mysql_h
         tombstone_ttl > 0 && used_ttl >= tombstone_ttl,
         "the usage expires with the tombstone or later: {used_ttl} ms, {tombstone_ttl} ms"
     );
+    // About to expire when a PUT reopening the sale restores its usage (which finds the
+    // records and writes nothing): they live on until the load takes them back.
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&sale.keys.used)
+        .arg(50)
+        .query_async(&mut sale.conn())
+        .await
+        .unwrap();
+    sale.store
+        .restore_usage(&sale.sku, &[("u".to_string(), 1)], &[])
+        .await
+        .unwrap();
+    let used_ttl = ttl(sale.keys.used.clone()).await;
+    assert!(used_ttl > 50_000, "a minute more: {used_ttl} ms");
+    assert!(sale.usage("u").await.is_some());
+    // The reconciler's repair takes the retired sale back (MySQL's terms say it goes
+    // on): its tombstone and its usage records are the sale's again, for good.
+    let reply: Vec<String> = flashgate::lua::script(include_str!("../lua/repair.lua"))
+        .key(&sale.keys.meta)
+        .key(&sale.keys.used)
+        .key(sale.keys.queue_admits())
+        .key(sale.keys.queue_state())
+        .arg("10")
+        .arg(0)
+        .arg(0)
+        .arg(1)
+        .arg(60_000)
+        .arg("")
+        .arg(end + 86_400_000)
+        .arg("0")
+        .arg("")
+        .invoke_async(&mut sale.conn())
+        .await
+        .unwrap();
+    assert_eq!(reply[0], "ok");
+    assert_eq!(
+        (
+            ttl(sale.keys.meta.clone()).await,
+            ttl(sale.keys.used.clone()).await
+        ),
+        (-1, -1),
+        "no expiry left on the taken-back sale"
+    );
 
     // A live hold past the end keeps the SKU until it ends and is flushed.
     let sale = Sale::new("rule-retire-live", 1).await;
