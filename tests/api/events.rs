@@ -704,4 +704,10 @@ async fn entries_taken_over_from_dead_consumers_wait_for_one_pending_on_a_live_c
             "compensation.resolved"
         ]
     );
+    // With nothing pending elsewhere, a batch is written whole, not cut.
+    for user in ["bob", "cid", "dan"] {
+        let held = app.hold(&sku, user).await;
+        assert_eq!(app.cancel(&held, SERVICE_TOKEN).await.0, StatusCode::OK);
+    }
+    assert_eq!(taker.flush_sku(&sale).await.unwrap(), 3);
 }
