@@ -53,6 +53,22 @@ async fn flush_until_retired(app: &TestApp, sku: &str) {
     panic!("{sku} was never retired");
 }
 
+/// The user's key (`key-<user>`, as `TestApp::hold` makes it) replays `rid`, whose status
+/// is `status` now.
+async fn key_replays(app: &TestApp, sku: &str, user: &str, rid: &str, status: &str) {
+    let response = app.reserve_raw(sku, user, &format!("key-{user}"), 1).await;
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    let (code, replayed) = crate::common::body(response).await;
+    assert_eq!(
+        (
+            code,
+            replayed["reservation_id"].as_str(),
+            replayed["status"].as_str()
+        ),
+        (StatusCode::CREATED, Some(rid), Some(status))
+    );
+}
+
 async fn wait_until(deadline: tokio::time::Instant) {
     tokio::time::sleep_until(deadline + Duration::from_millis(50)).await;
 }
@@ -114,21 +130,7 @@ async fn an_ended_sale_retires_once_nothing_is_left_and_comes_back_with_a_put() 
         .await
         .unwrap();
     assert!(used_ttl > 0, "the usage records expire: {used_ttl}");
-    let response = app.reserve_raw(&sku, "bob", "key-bob", 1).await;
-    assert_eq!(response.headers()["idempotent-replayed"], "true");
-    let (status, replayed) = crate::common::body(response).await;
-    assert_eq!(
-        (
-            status,
-            replayed["reservation_id"].as_str(),
-            replayed["status"].as_str()
-        ),
-        (
-            StatusCode::CREATED,
-            Some(cancelled.as_str()),
-            Some("cancelled")
-        )
-    );
+    key_replays(&app, &sku, "bob", &cancelled, "cancelled").await;
     assert!(!indexed(&app, &sku).await);
     assert!(!flashgate::telemetry::sku_series_contains(&sku));
     // A flush that acknowledged its last batch just before another worker's sweep
@@ -269,17 +271,7 @@ async fn a_rebuilt_sale_retires_with_its_keys_still_replaying() {
     app.create_sku(&sku, definition).await;
     wait_until(start + Duration::from_millis(800)).await;
     flush_until_retired(&app, &sku).await;
-    let response = app.reserve_raw(&sku, "gus", "key-gus", 1).await;
-    assert_eq!(response.headers()["idempotent-replayed"], "true");
-    let (status, replayed) = crate::common::body(response).await;
-    assert_eq!(
-        (
-            status,
-            replayed["reservation_id"].as_str(),
-            replayed["status"].as_str()
-        ),
-        (StatusCode::CREATED, Some(sold.as_str()), Some("confirmed"))
-    );
+    key_replays(&app, &sku, "gus", &sold, "confirmed").await;
 }
 
 #[tokio::test]
