@@ -81,6 +81,15 @@ pub async fn mysql_step(call: &'static str) -> Option<Permit> {
     }
 }
 
+/// A turn that calls nothing: an explorer actor's pause between two of its operations,
+/// so that the scheduler, not real time, decides when the actor goes on (a replay of a
+/// seed then finds the same calls waiting).
+pub async fn pause() {
+    if let Some(turn) = enter(|| "pause".to_owned()) {
+        drop(turn.await);
+    }
+}
+
 /// `FCALL <function> <first key>` (`EVALSHA <sha> <first key>`), or the command and
 /// its first argument.
 fn describe(cmd: &redis::Cmd) -> String {

@@ -766,7 +766,7 @@ impl World {
             if let Err(e) = result {
                 self.note_error(e);
             }
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+            flashgate::explore::pause().await;
         }
     }
 
