@@ -21,6 +21,9 @@
 --          pre-queue
 -- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
 --          a lost one is rebuilt only with the SKU's other lost buckets, from MySQL)
+-- KEYS[14] fg:{sku}:restored   ARGV[17] '1': the caller restored the buyers' usage just
+--          before (restore_usage.lua); a sale this load creates or reopens must find the
+--          marker that restore left, which it takes
 --
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
@@ -28,7 +31,9 @@
 --                 back on sale; its per-user usage may have gone with it (the caller
 --                 restores what is missing)
 --          {'stock_below_committed', held, sold}   nothing written
---          {'missing'}  ARGV[12] is '1' and Redis has no state for it: nothing written
+--          {'missing'}  ARGV[12] is '1' and Redis has no state for it, or ARGV[17] is
+--                 '1' and the restore's marker is gone (Redis lost the restored usage
+--                 since): nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
 -- their deadline are expired first, so they never count as committed; a waiting room's
@@ -71,10 +76,14 @@ local created = not m[2]
 if created and ARGV[12] == '1' then
   return { 'missing' }
 end
+local reopened = m[3] and true or false
+if (created or reopened) and ARGV[17] == '1' and ARGV[8] ~= '1'
+    and redis.call('DEL', KEYS[14]) == 0 then
+  return { 'missing' }
+end
 if ARGV[10] ~= '' and m[4] then
   stock_total = tonumber(m[4]) + tonumber(ARGV[10])
 end
-local reopened = m[3] and true or false
 local held, sold = tonumber(m[1] or '0'), tonumber(m[2] or ARGV[6])
 if stock_total < held + sold then
   return { 'stock_below_committed', held, sold }

@@ -4,11 +4,16 @@
 -- (so each key replays its reservation for its lifetime, contract invariant 3).
 --
 -- KEYS[1..9] the sale's keys (lib.lua, SkuKeys::sale)
+-- KEYS[10] fg:{sku}:restored, the marker a restore before a load leaves for the load
 -- ARGV[1] n: users with units, then n pairs: user, units bought
 -- then groups of five, one per claim: user, idempotency key, reservation tail, quantity,
 --      keep_until (ms)
 --
--- Reply: the number of claims restored.
+-- ARGV[last] '1' on the first call of a restore, '0' on the calls that go on with it
+--
+-- Reply: the number of claims restored; -1 when a call that goes on with a restore into a
+-- sale Redis has no live state for finds the marker gone (Redis lost what the earlier
+-- calls wrote: the caller starts over).
 --
 -- Called by a rebuild before it loads the sale (a reserve that finds the sale finds the
 -- usage with it: no second hold for a restored key, no limit passed in between), and
@@ -17,9 +22,22 @@
 -- Invariant: never overwrites what Redis has: a user's units are set only where Redis
 -- has no usage record, and a claim is added only for a key the user does not claim
 -- already (one key, at most one hold). A restored claim is ended ('-'): it replays the
--- reservation from MySQL's record ('forgotten') and never counts as a live hold.
+-- reservation from MySQL's record ('forgotten') and never counts as a live hold. Into a
+-- sale without live state (lost, or retired) the restore leaves the marker, for 60 s, and
+-- the load that follows takes it (load_sku.lua ARGV[17]): if Redis loses the bucket in
+-- between, the marker goes with the usage and the load refuses to create the sale without
+-- it (a reserve would find no claim for a key MySQL records: a second hold).
 local K = sale_keys()
 local now = now_ms()
+local marker, first = KEYS[10], table.remove(ARGV) == '1'
+local live = redis.call('HMGET', K.meta, 'sold', 'retired')
+if not live[1] or live[2] then
+  if first then
+    redis.call('SET', marker, '1', 'PX', 60000)
+  elseif redis.call('EXISTS', marker) == 0 then
+    return -1
+  end
+end
 -- Usage records a retirement left to expire (sweep.lua) live a minute more: the load
 -- that follows takes them back (load_sku.lua); expiring between this call, which finds
 -- them and writes nothing, and that load, they would leave the reopened sale without

@@ -777,6 +777,7 @@ impl Gateway {
         let unchanged = BucketStock {
             if_new: None,
             change: Some(0),
+            after_restore: false,
         };
         for sale in buckets::sales(sku, definition.buckets) {
             if !self.store.sale_is_live(&sale).await? {
@@ -878,7 +879,16 @@ impl Gateway {
                 .await?;
             usage = Some(recorded);
         }
-        let (loaded, how) = self.store.load_sku(sku, definition, sold_in_mysql).await?;
+        // A sale this creates or reopens must still have the usage restored above.
+        let stock = BucketStock {
+            after_restore: usage.is_some(),
+            ..BucketStock::whole(definition)
+        };
+        let how = self
+            .store
+            .load_bucket(sku, definition, &stock, sold_in_mysql)
+            .await?;
+        let loaded = self.store.sku(sku).await?;
         if how != Loaded::Updated {
             // Again after the load: the sale's claims_until, and whatever a loss
             // between the check and the load took.
@@ -949,12 +959,13 @@ impl Gateway {
                     .ok_or(Error::Refused(Refusal::StockBelowCommitted))?
             }
         };
-        let plan: Vec<BucketStock> = (0..k as usize)
+        let mut plan: Vec<BucketStock> = (0..k as usize)
             .map(|b| BucketStock {
                 // An existing SKU's buckets all have state (lost ones were rebuilt
                 // above); one lost since is not recreated from this plan.
                 if_new: previous.is_none().then_some(sold[b] + fresh[b]),
                 change: Some(changes[b]),
+                after_restore: false,
             })
             .collect();
         for (b, sale) in sales.iter().enumerate() {
@@ -976,6 +987,7 @@ impl Gateway {
                 self.store
                     .restore_usage(sale, &bought, &usage.claims)
                     .await?;
+                plan[b].after_restore = true;
             }
         }
         let mut usage_gone = false;
@@ -995,6 +1007,7 @@ impl Gateway {
                             let back = BucketStock {
                                 if_new: None,
                                 change: Some(-changes[done]),
+                                after_restore: false,
                             };
                             match self
                                 .store

@@ -113,6 +113,14 @@ impl SkuKeys {
         format!("{}q:state", self.prefix)
     }
 
+    /// Left by a rebuild's restore of the buyers' usage into a sale Redis has no live
+    /// state for, and taken by the load that follows (lua/restore_usage.lua,
+    /// lua/load_sku.lua): a load that does not find it knows Redis lost the restored
+    /// usage in between.
+    pub fn usage_restored(&self) -> String {
+        format!("{}restored", self.prefix)
+    }
+
     /// The hash tag of these keys: the SKU, or one of its buckets (src/buckets.rs).
     pub fn tag(&self) -> &str {
         &self.prefix[4..self.prefix.len() - 2]

@@ -1170,6 +1170,7 @@ async fn check_split_stock_now(
             let fix = crate::store::BucketStock {
                 if_new: None,
                 change: Some(changes[b]),
+                after_restore: false,
             };
             // Reserves may have taken the units since the reading: what a bucket
             // refuses (atomically, in its load) is left to the next pass.
@@ -1345,6 +1346,7 @@ async fn restore_missing(
             let stock = crate::store::BucketStock {
                 if_new: Some(if_new),
                 change: None,
+                after_restore: true,
             };
             let b = sales.iter().position(|s| s == sku).unwrap_or(0) as u32;
             let homes = record.definition.homes();
@@ -1365,7 +1367,13 @@ async fn restore_missing(
             store
                 .restore_usage(sku, &usage.bought, &usage.claims)
                 .await?;
-            store.load_sku(sku, &record.definition, sold).await?;
+            let stock = crate::store::BucketStock {
+                after_restore: true,
+                ..crate::store::BucketStock::whole(&record.definition)
+            };
+            store
+                .load_bucket(sku, &record.definition, &stock, sold)
+                .await?;
             store
                 .restore_usage(sku, &usage.bought, &usage.claims)
                 .await?;

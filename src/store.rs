@@ -543,6 +543,12 @@ pub struct BucketStock {
     /// When it has state: change its stock_total by this much instead of setting it
     /// (a bucketed SKU: transfers move stock between buckets, so only a change applies).
     pub change: Option<i64>,
+    /// The caller restored the buyers' usage into it just before (`restore_usage`): if
+    /// the load creates or reopens the sale, the restore's marker must still be there,
+    /// else Redis lost the restored usage in between and the load refuses
+    /// (Error::Unavailable; the caller restores again), so no reserve finds the sale
+    /// without its claims.
+    pub after_restore: bool,
 }
 
 impl BucketStock {
@@ -551,6 +557,7 @@ impl BucketStock {
         BucketStock {
             if_new: Some(definition.stock_total),
             change: None,
+            after_restore: false,
         }
     }
 }
@@ -1169,6 +1176,7 @@ impl Store {
             .key(keys.queue_admits())
             .key(keys.queue_used())
             .key(keys.queue_state())
+            .key(keys.usage_restored())
             .arg(stock.if_new.unwrap_or(0))
             .arg(definition.per_user_limit)
             .arg(definition.hold_seconds * 1000)
@@ -1190,6 +1198,7 @@ impl Store {
                 Some(w) if w.prequeue_shuffle => "1",
                 _ => "0",
             })
+            .arg(if stock.after_restore { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -1197,7 +1206,7 @@ impl Store {
             Some("missing") => Err(Error::Unavailable {
                 detail: format!(
                     "Redis lost {sale} during the change; retry (the SKU's lost buckets are \
-                     rebuilt first)"
+                     rebuilt first, with their buyers' usage)"
                 ),
                 outcome: crate::error::Outcome::Unknown,
             }),
@@ -1249,7 +1258,10 @@ impl Store {
     /// reservation MySQL records must replay it for its lifetime (contract invariant
     /// 3). `claims` may be the whole SKU's: only those of reservations of this sale
     /// (their id names it) go here. Never overwrites a count or a claim
-    /// (restore_usage.lua).
+    /// (restore_usage.lua). Into a sale without live state it leaves the marker the load
+    /// that follows takes (`BucketStock::after_restore`); if Redis lost what its first
+    /// calls wrote before its last one, it fails (Error::Unavailable) and the caller
+    /// starts over.
     pub async fn restore_usage(
         &self,
         sale: &SkuId,
@@ -1266,17 +1278,20 @@ impl Store {
                 (tag == sale.as_str()).then_some((c, tail))
             })
             .collect();
+        // One call at least: the first leaves the marker, also when there is nothing to
+        // put back.
+        let mut calls = Vec::new();
         for chunk in bought.chunks(limits::RESTORE_BATCH) {
             let mut call = with_sale_keys(&SCRIPTS.restore_usage, &keys);
-            call.arg(chunk.len());
+            call.key(keys.usage_restored()).arg(chunk.len());
             for (user, units) in chunk {
                 call.arg(user).arg(units);
             }
-            let _: u64 = call.invoke_async(&mut conn).await?;
+            calls.push(call);
         }
         for chunk in claims.chunks(limits::RESTORE_BATCH) {
             let mut call = with_sale_keys(&SCRIPTS.restore_usage, &keys);
-            call.arg(0);
+            call.key(keys.usage_restored()).arg(0);
             for (c, tail) in chunk {
                 call.arg(&c.user_id)
                     .arg(&c.claim.key)
@@ -1284,7 +1299,24 @@ impl Store {
                     .arg(c.quantity)
                     .arg(c.claim.keep_until_ms);
             }
-            let _: u64 = call.invoke_async(&mut conn).await?;
+            calls.push(call);
+        }
+        if calls.is_empty() {
+            let mut call = with_sale_keys(&SCRIPTS.restore_usage, &keys);
+            call.key(keys.usage_restored()).arg(0);
+            calls.push(call);
+        }
+        for (i, mut call) in calls.into_iter().enumerate() {
+            call.arg(if i == 0 { "1" } else { "0" });
+            let restored: i64 = call.invoke_async(&mut conn).await?;
+            if restored < 0 {
+                return Err(Error::Unavailable {
+                    detail: format!(
+                        "Redis lost {sale} while its buyers' usage was restored; retry"
+                    ),
+                    outcome: crate::error::Outcome::Unknown,
+                });
+            }
         }
         Ok(())
     }

@@ -1060,6 +1060,7 @@ async fn moved_units_are_sold_to_the_reserves_that_asked_for_them() {
         let stock = flashgate::store::BucketStock {
             if_new: Some(share),
             change: None,
+            after_restore: false,
         };
         store
             .load_bucket(sale_of_bucket, &definition, &stock, 0)
@@ -1475,6 +1476,7 @@ async fn a_change_to_a_lost_bucket_is_refused_and_creates_nothing() {
     let change = flashgate::store::BucketStock {
         if_new: None,
         change: Some(3),
+        after_restore: false,
     };
     let refused = sale
         .store
@@ -1494,6 +1496,7 @@ async fn a_change_to_a_lost_bucket_is_refused_and_creates_nothing() {
     let create = flashgate::store::BucketStock {
         if_new: Some(5),
         change: Some(3),
+        after_restore: false,
     };
     sale.store
         .load_bucket(&bucket, &definition, &create, 0)
