@@ -21,9 +21,12 @@
 --          pre-queue
 -- ARGV[12] '1': the sale must have state (a change to an existing bucket of a split SKU;
 --          a lost one is rebuilt only with the SKU's other lost buckets, from MySQL)
--- KEYS[14] fg:{sku}:restored   ARGV[17] '1': the caller restored the buyers' usage just
---          before (restore_usage.lua); a sale this load creates or reopens must find the
---          marker that restore left, which it takes
+-- KEYS[14] fg:{sku}:restored   ARGV[17] '1': the caller restored the buyers' usage before
+--          (restore_usage.lua) wherever Redis had no live sale when it looked; a sale this
+--          load creates must find the marker that restore left (a sale lost since the
+--          restore, or since a look that found it live, has none); a load that creates or
+--          reopens takes it (also when it then refuses the stock below; not on a check,
+--          ARGV[8])
 --
 -- Replies: {'ok', stock_total, available, held, sold}       redefined (or would be)
 --          {'created', stock_total, available, held, sold}  Redis had no state for it
@@ -32,8 +35,8 @@
 --                 restores what is missing)
 --          {'stock_below_committed', held, sold}   nothing written
 --          {'missing'}  ARGV[12] is '1' and Redis has no state for it, or ARGV[17] is
---                 '1' and the restore's marker is gone (Redis lost the restored usage
---                 since): nothing written
+--                 '1', Redis has no state for it and no restore's marker (Redis lost the
+--                 sale since the caller's restore or look): nothing written
 --
 -- Invariant: available = stock_total - held - sold >= 0 after every write; holds past
 -- their deadline are expired first, so they never count as committed; a waiting room's
@@ -77,9 +80,13 @@ if created and ARGV[12] == '1' then
   return { 'missing' }
 end
 local reopened = m[3] and true or false
-if (created or reopened) and ARGV[17] == '1' and ARGV[8] ~= '1'
-    and redis.call('DEL', KEYS[14]) == 0 then
-  return { 'missing' }
+if (created or reopened) and ARGV[17] == '1' and ARGV[8] ~= '1' then
+  -- A retired sale keeps its usage records (sweep.lua): only one Redis lost needs them
+  -- restored, and a loss takes the marker with them.
+  local restored = redis.call('DEL', KEYS[14]) == 1
+  if created and not restored then
+    return { 'missing' }
+  end
 end
 if ARGV[10] ~= '' and m[4] then
   stock_total = tonumber(m[4]) + tonumber(ARGV[10])

@@ -23,10 +23,13 @@
 -- has no usage record, and a claim is added only for a key the user does not claim
 -- already (one key, at most one hold). A restored claim is ended ('-'): it replays the
 -- reservation from MySQL's record ('forgotten') and never counts as a live hold. Into a
--- sale without live state (lost, or retired) the restore leaves the marker, for 60 s, and
--- the load that follows takes it (load_sku.lua ARGV[17]): if Redis loses the bucket in
--- between, the marker goes with the usage and the load refuses to create the sale without
--- it (a reserve would find no claim for a key MySQL records: a second hold).
+-- sale without live state (lost, or retired) the restore's first call leaves the marker,
+-- each later call finds it and gives it 60 s more, and the load that follows takes it
+-- (load_sku.lua ARGV[17]): if Redis loses the sale in between, the marker goes with the
+-- usage and the load refuses to create the sale without it (a reserve would find no
+-- claim for a key MySQL records: a second hold). Not covered: Redis going back to a
+-- snapshot taken between two calls of one restore (the marker of the first call stays,
+-- the later calls' writes go).
 local K = sale_keys()
 local now = now_ms()
 local marker, first = KEYS[10], table.remove(ARGV) == '1'
@@ -34,7 +37,7 @@ local live = redis.call('HMGET', K.meta, 'sold', 'retired')
 if not live[1] or live[2] then
   if first then
     redis.call('SET', marker, '1', 'PX', 60000)
-  elseif redis.call('EXISTS', marker) == 0 then
+  elseif redis.call('PEXPIRE', marker, 60000) == 0 then
     return -1
   end
 end

@@ -879,9 +879,11 @@ impl Gateway {
                 .await?;
             usage = Some(recorded);
         }
-        // A sale this creates or reopens must still have the usage restored above.
+        // A sale this creates or reopens must have the usage restored above, still: one
+        // live at the look but lost since was not restored for, and is refused too (the
+        // PUT answers 503; a retry restores it).
         let stock = BucketStock {
-            after_restore: usage.is_some(),
+            after_restore: true,
             ..BucketStock::whole(definition)
         };
         let how = self
@@ -959,13 +961,14 @@ impl Gateway {
                     .ok_or(Error::Refused(Refusal::StockBelowCommitted))?
             }
         };
-        let mut plan: Vec<BucketStock> = (0..k as usize)
+        let plan: Vec<BucketStock> = (0..k as usize)
             .map(|b| BucketStock {
                 // An existing SKU's buckets all have state (lost ones were rebuilt
                 // above); one lost since is not recreated from this plan.
                 if_new: previous.is_none().then_some(sold[b] + fresh[b]),
                 change: Some(changes[b]),
-                after_restore: false,
+                // A bucket this creates or reopens must have the usage restored below.
+                after_restore: true,
             })
             .collect();
         for (b, sale) in sales.iter().enumerate() {
@@ -987,7 +990,6 @@ impl Gateway {
                 self.store
                     .restore_usage(sale, &bought, &usage.claims)
                     .await?;
-                plan[b].after_restore = true;
             }
         }
         let mut usage_gone = false;

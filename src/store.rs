@@ -543,11 +543,12 @@ pub struct BucketStock {
     /// When it has state: change its stock_total by this much instead of setting it
     /// (a bucketed SKU: transfers move stock between buckets, so only a change applies).
     pub change: Option<i64>,
-    /// The caller restored the buyers' usage into it just before (`restore_usage`): if
-    /// the load creates or reopens the sale, the restore's marker must still be there,
-    /// else Redis lost the restored usage in between and the load refuses
-    /// (Error::Unavailable; the caller restores again), so no reserve finds the sale
-    /// without its claims.
+    /// The caller restored the buyers' usage into it (`restore_usage`) if Redis had no
+    /// live sale when it looked: if the load creates the sale, the restore's marker must
+    /// be there, else Redis lost the sale since that restore (or since a look that found
+    /// it live) and the load refuses (Error::Unavailable; the caller restores again), so
+    /// no reserve finds the sale without its claims. A retired sale it reopens kept its
+    /// usage records.
     pub after_restore: bool,
 }
 
@@ -1205,8 +1206,8 @@ impl Store {
             Some("ok") => Ok(Loaded::Updated),
             Some("missing") => Err(Error::Unavailable {
                 detail: format!(
-                    "Redis lost {sale} during the change; retry (the SKU's lost buckets are \
-                     rebuilt first, with their buyers' usage)"
+                    "Redis lost {sale} during the change; retry (a lost sale is rebuilt first, \
+                     with its buyers' usage)"
                 ),
                 outcome: crate::error::Outcome::Unknown,
             }),
@@ -1258,10 +1259,10 @@ impl Store {
     /// reservation MySQL records must replay it for its lifetime (contract invariant
     /// 3). `claims` may be the whole SKU's: only those of reservations of this sale
     /// (their id names it) go here. Never overwrites a count or a claim
-    /// (restore_usage.lua). Into a sale without live state it leaves the marker the load
-    /// that follows takes (`BucketStock::after_restore`); if Redis lost what its first
-    /// calls wrote before its last one, it fails (Error::Unavailable) and the caller
-    /// starts over.
+    /// (restore_usage.lua). Into a sale without live state its first call leaves the
+    /// marker the load that follows takes (`BucketStock::after_restore`); a later call
+    /// that finds the marker gone (Redis lost the sale since) fails (Error::Unavailable)
+    /// and the caller starts over.
     pub async fn restore_usage(
         &self,
         sale: &SkuId,

@@ -41,7 +41,11 @@ pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> 
             format!("a sale retired during a PUT reopening it keeps its buyers' usage: {e}")
         })?;
     for rebuilder in [Rebuilder::Reconciler, Rebuilder::AdminPut] {
-        for loss in [LossAt::BeforeTheLoad, LossAt::BetweenRestoreCalls] {
+        for loss in [
+            LossAt::BeforeTheLoad,
+            LossAt::BetweenRestoreCalls,
+            LossAt::AfterTheLook,
+        ] {
             a_loss_during_a_rebuilds_restore_puts_no_sale_on_sale(env, turnstile, rebuilder, loss)
                 .await
                 .map_err(|e| {
@@ -49,7 +53,7 @@ pub async fn run_all(env: &Env, turnstile: &Turnstile) -> Result<usize, String> 
                 })?;
         }
     }
-    Ok(11)
+    Ok(13)
 }
 
 type Failure = String;
@@ -471,6 +475,9 @@ enum LossAt {
     BeforeTheLoad,
     /// After the restore's first call (u1's units), before its next (k0's claim).
     BetweenRestoreCalls,
+    /// Redis still had the sale when the rebuild looked (so it restored nothing), and
+    /// loses it right after the look.
+    AfterTheLook,
 }
 
 /// Redis loses a sale; a rebuild from MySQL (the reconciler's, or an operator's PUT)
@@ -492,10 +499,14 @@ async fn a_loss_during_a_rebuilds_restore_puts_no_sale_on_sale(
         (Rebuilder::AdminPut, LossAt::BeforeTheLoad) => "explore-directed-restore-lost-p",
         (Rebuilder::Reconciler, LossAt::BetweenRestoreCalls) => "explore-directed-restore-cut-r",
         (Rebuilder::AdminPut, LossAt::BetweenRestoreCalls) => "explore-directed-restore-cut-p",
+        (Rebuilder::Reconciler, LossAt::AfterTheLook) => "explore-directed-look-lost-r",
+        (Rebuilder::AdminPut, LossAt::AfterTheLook) => "explore-directed-look-lost-p",
     };
     let (sku, gateway) = fresh_sku(env, name).await?;
     let bought = bought_and_flushed(env, &gateway, &sku).await?;
-    world::lose(env, &[SkuKeys::new(&sku)]).await;
+    if !matches!(loss, LossAt::AfterTheLook) {
+        world::lose(env, &[SkuKeys::new(&sku)]).await;
+    }
     let rebuild = |process: u32| {
         let (store, pool, sku) = (env.observer.clone(), env.pool.clone(), sku.clone());
         let gateway = gateway.clone();
@@ -513,18 +524,33 @@ async fn a_loss_during_a_rebuilds_restore_puts_no_sale_on_sale(
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
     scheduler.only(Some(REBUILDER));
     let first = rebuild(REBUILDER);
-    loop {
-        step_until(&mut scheduler, &first, "the usage restored", |s| {
+    if matches!(loss, LossAt::AfterTheLook) {
+        // The PUT's look (`sale_is_live`, its first read of the sale's meta) finds the
+        // sale; the reconciler finds nothing to rebuild.
+        let looked = step_until(&mut scheduler, &first, "the look", |s| {
             s.last_ran
                 .as_deref()
-                .is_some_and(|step| step.contains("restore_usage"))
+                .is_some_and(|step| step.starts_with("HMGET"))
         })
-        .await?;
-        scheduler.settle().await;
-        if matches!(loss, LossAt::BetweenRestoreCalls)
-            || scheduler.waiting_on("restore_usage").is_none()
-        {
-            break;
+        .await;
+        if looked.is_err() {
+            return first.await.map_err(|e| e.to_string())?.map_err(e);
+        }
+    }
+    if !matches!(loss, LossAt::AfterTheLook) {
+        loop {
+            step_until(&mut scheduler, &first, "the usage restored", |s| {
+                s.last_ran
+                    .as_deref()
+                    .is_some_and(|step| step.contains("restore_usage"))
+            })
+            .await?;
+            scheduler.settle().await;
+            if matches!(loss, LossAt::BetweenRestoreCalls)
+                || scheduler.waiting_on("restore_usage").is_none()
+            {
+                break;
+            }
         }
     }
     world::lose(env, &[SkuKeys::new(&sku)]).await;
