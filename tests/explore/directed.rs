@@ -97,6 +97,27 @@ enum Rebuilder {
     AdminPut,
 }
 
+/// What `rebuilder` runs to rebuild `sku` from MySQL.
+fn rebuild_of(
+    env: &Env,
+    gateway: &Gateway,
+    sku: &SkuId,
+    rebuilder: Rebuilder,
+) -> impl std::future::Future<Output = flashgate::error::Result<()>> + Send + 'static {
+    let (store, pool, sku) = (env.observer.clone(), env.pool.clone(), sku.clone());
+    let gateway = gateway.clone();
+    async move {
+        match rebuilder {
+            Rebuilder::Reconciler => {
+                flashgate::reconcile::run_skus(&store, &pool, std::slice::from_ref(&sku), true)
+                    .await
+                    .map(drop)
+            }
+            Rebuilder::AdminPut => gateway.define_sku(&sku, &definition()).await.map(drop),
+        }
+    }
+}
+
 /// u1 buys a unit with key k0, and MySQL records the sale.
 async fn bought_and_flushed(
     env: &Env,
@@ -257,21 +278,10 @@ async fn a_flush_batch_redis_lost_keeps_its_keys(
     // Redis loses the sale, and it is rebuilt from MySQL: after the flush commits. If
     // it is done before that, a reserve with the key must replay the hold.
     world::lose(env, &[SkuKeys::new(&sku)]).await;
-    let rebuild = {
-        let (store, pool, sku) = (env.observer.clone(), env.pool.clone(), sku.clone());
-        let gateway = gateway.clone();
-        // The explorer's own call: it passes the gate at once.
-        tokio::spawn(flashgate::explore::inherit(async move {
-            match rebuilder {
-                Rebuilder::Reconciler => {
-                    flashgate::reconcile::run_skus(&store, &pool, std::slice::from_ref(&sku), true)
-                        .await
-                        .map(drop)
-                }
-                Rebuilder::AdminPut => gateway.define_sku(&sku, &definition()).await.map(drop),
-            }
-        }))
-    };
+    // The explorer's own call: it passes the gate at once.
+    let rebuild = tokio::spawn(flashgate::explore::inherit(rebuild_of(
+        env, &gateway, &sku, rebuilder,
+    )));
     let waited = tokio::time::timeout(Duration::from_secs(1), async {
         while !rebuild.is_finished() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -508,18 +518,10 @@ async fn a_loss_during_a_rebuilds_restore_puts_no_sale_on_sale(
         world::lose(env, &[SkuKeys::new(&sku)]).await;
     }
     let rebuild = |process: u32| {
-        let (store, pool, sku) = (env.observer.clone(), env.pool.clone(), sku.clone());
-        let gateway = gateway.clone();
-        tokio::spawn(flashgate::explore::as_process(process, async move {
-            match rebuilder {
-                Rebuilder::Reconciler => {
-                    flashgate::reconcile::run_skus(&store, &pool, std::slice::from_ref(&sku), true)
-                        .await
-                        .map(drop)
-                }
-                Rebuilder::AdminPut => gateway.define_sku(&sku, &definition()).await.map(drop),
-            }
-        }))
+        tokio::spawn(flashgate::explore::as_process(
+            process,
+            rebuild_of(env, &gateway, &sku, rebuilder),
+        ))
     };
     let mut scheduler = Scheduler::new(turnstile, seed_rng(0, 0));
     scheduler.only(Some(REBUILDER));
